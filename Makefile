@@ -1,0 +1,63 @@
+# Two commands do all the set-up on a fresh machine: `make run` and `make test`.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.hwq-setup
+FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
+# Everything a tool caches or scratches goes under the repo, never /tmp/ray or ~/.cache.
+export HWQ_CACHE := $(CURDIR)/.cache
+export TORCH_EXTENSIONS_DIR := $(HWQ_CACHE)/torch_extensions
+export HF_HOME := $(HWQ_CACHE)/hf
+export MPLCONFIGDIR := $(HWQ_CACHE)/matplotlib
+export NUMBA_CACHE_DIR := $(HWQ_CACHE)/numba
+# Two CPU-heavy processes on few cores spin each other out of OpenMP otherwise (DESIGN §7).
+export OMP_WAIT_POLICY := PASSIVE
+export RAY_USAGE_STATS_ENABLED := 0
+
+CONFIG ?= configs/lenet5_fmnist.yaml
+STORE ?= runs/default
+ARGS ?=
+
+.PHONY: setup data run test lint bench bench-paper clean
+
+setup: $(STAMP) data
+
+$(STAMP): pyproject.toml constraints-cpu.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
+	# CPU torch first, pinned through the constraints file (a local wheel; no CUDA download).
+	$(BIN)/python -m pip install -q -c constraints-cpu.txt torch
+	$(BIN)/python -m pip install -q -c constraints-cpu.txt -e '.[dev]'
+	touch $(STAMP)
+
+# The Fashion-MNIST IDX files come from Debian's dataset-fashion-mnist package.
+data:
+	@if [ ! -f $(FMNIST_DIR)/train-images-idx3-ubyte.gz ]; then \
+	  if command -v apt-get >/dev/null; then \
+	    echo "installing dataset-fashion-mnist (Debian)"; \
+	    (apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+	     (apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null)); \
+	  else echo "no apt-get: put the Fashion-MNIST IDX files in $(FMNIST_DIR) or set data.root"; fi; \
+	fi
+
+run: setup
+	$(BIN)/hwq run $(CONFIG) --store $(STORE) $(ARGS)
+
+test: setup
+	$(BIN)/python -m pytest -q tests $(ARGS)
+
+lint: setup
+	$(BIN)/ruff check pipeline tests benchmarks jobs
+	$(BIN)/ruff format --check pipeline tests benchmarks jobs
+
+bench: setup
+	$(BIN)/python benchmarks/hessian_throughput.py
+	$(BIN)/python benchmarks/kmeans_throughput.py
+	$(BIN)/python benchmarks/coding_throughput.py
+
+bench-paper: setup
+	$(BIN)/python benchmarks/paper_table.py
+
+clean:
+	rm -rf runs .cache .pytest_cache

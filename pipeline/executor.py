@@ -1,0 +1,93 @@
+"""Where work runs: an embedded local Ray by default, or a cluster at an address.
+
+Ray is imported lazily so that importing `pipeline` never starts anything.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+__all__ = ["cache_dir", "init_ray", "shutdown_ray", "ray_has_gpus"]
+
+log = logging.getLogger(__name__)
+
+# Unix socket paths must stay under ~107 bytes; Ray's session folder adds ~60 more.
+_MAX_RAY_TMP = 45
+
+
+def cache_dir() -> Path:
+    """The project's scratch/cache root: $HWQ_CACHE, else ./.cache of the working directory."""
+    p = Path(os.environ.get("HWQ_CACHE") or Path.cwd() / ".cache").resolve()
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def _ray_temp_dir() -> str:
+    p = cache_dir() / "ray"
+    if len(str(p)) > _MAX_RAY_TMP:
+        # A deep checkout would overflow Ray's socket paths: use a short per-user folder instead.
+        p = Path(tempfile.gettempdir()) / f"hwq-ray-{os.getuid()}"
+    p.mkdir(parents=True, exist_ok=True)
+    return str(p)
+
+
+def _worker_env() -> dict[str, str]:
+    """Environment every Ray worker gets: caches under the project's folder, passive OpenMP."""
+    c = cache_dir()
+    env = {
+        "HWQ_CACHE": str(c),
+        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(c / "torch_extensions")),
+        "HF_HOME": os.environ.get("HF_HOME", str(c / "hf")),
+        "NUMBA_CACHE_DIR": os.environ.get("NUMBA_CACHE_DIR", str(c / "numba")),
+        "MPLCONFIGDIR": os.environ.get("MPLCONFIGDIR", str(c / "matplotlib")),
+        # Two CPU-heavy processes spin each other out of OpenMP otherwise (DESIGN §7).
+        "OMP_WAIT_POLICY": "PASSIVE",
+    }
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN"):
+        if k in os.environ:
+            env[k] = os.environ[k]
+    return env
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Start (or connect to) Ray once per process.
+
+    address: None starts an embedded local Ray with this machine's CPUs (temp dir under the
+    project's cache folder, not /tmp/ray); "auto" or "ray://host:port" joins a cluster.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    runtime_env = {"env_vars": _worker_env()}
+    if address:
+        log.info("connecting to Ray cluster at %s", address)
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+    else:
+        log.info("starting embedded local Ray (%s CPUs)", num_cpus or os.cpu_count())
+        ray.init(
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            _temp_dir=_ray_temp_dir(),
+            runtime_env=runtime_env,
+            log_to_driver=True,
+            configure_logging=True,
+            logging_level=logging.WARNING,
+        )
+
+
+def shutdown_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def ray_has_gpus() -> bool:
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0

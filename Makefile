@@ -4,6 +4,8 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.hwq-setup
+# pip.conf on some machines lists index folders that do not exist: keep the log readable.
+PIP := $(BIN)/python -m pip --disable-pip-version-check
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 # Everything a tool caches or scratches goes under the repo, never /tmp/ray or ~/.cache.
 export HWQ_CACHE := $(CURDIR)/.cache
@@ -23,12 +25,12 @@ ARGS ?=
 
 setup: $(STAMP) data
 
-$(STAMP): pyproject.toml constraints-cpu.txt
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
+	$(PIP) install -q --upgrade pip setuptools wheel
 	# CPU torch first, pinned through the constraints file (a local wheel; no CUDA download).
-	$(BIN)/python -m pip install -q -c constraints-cpu.txt torch
-	$(BIN)/python -m pip install -q -c constraints-cpu.txt -e '.[dev]'
+	$(PIP) install -q -c constraints.txt torch
+	$(PIP) install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 # The Fashion-MNIST IDX files come from Debian's dataset-fashion-mnist package.

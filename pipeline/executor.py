@@ -10,7 +10,7 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["cache_dir", "init_ray", "shutdown_ray", "ray_has_gpus"]
+__all__ = ["cache_dir", "init_ray", "shutdown_ray", "ray_has_gpus", "remote", "task_threads"]
 
 log = logging.getLogger(__name__)
 
@@ -91,3 +91,38 @@ def ray_has_gpus() -> bool:
     import ray
 
     return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def _cluster_cpus() -> int:
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def remote(fn, *, cpus: int | str = 1, gpus: float = 0, **options):
+    """`ray.remote` with resources chosen here: cpus="all" takes every CPU of the cluster
+    (on a multi-node cluster, of the largest node would be better; one small model fits)."""
+    import ray
+
+    n = _largest_node_cpus() if cpus == "all" else int(cpus)
+    return ray.remote(num_cpus=n, num_gpus=gpus, **options)(fn)
+
+
+def _largest_node_cpus() -> int:
+    import ray
+
+    per_node = [n.get("Resources", {}).get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
+    return max(1, int(max(per_node, default=_cluster_cpus())))
+
+
+def task_threads() -> int:
+    """Inside a Ray task: give torch exactly the CPUs Ray assigned (no oversubscription)."""
+    import ray
+    import torch
+
+    try:
+        n = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)) or 1
+    except Exception:
+        n = 1
+    torch.set_num_threads(max(1, n))
+    return n

@@ -1,0 +1,193 @@
+"""`hwq`: the command line.
+
+    hwq run CONFIG [--store URL] [--ray-address ADDR] [--set section.key=value ...] [--force STAGE]
+    hwq status ROOT          each stage of the last run: key, cached or run, seconds, headline
+    hwq report ROOT [--json] the run's report
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+__all__ = ["main"]
+
+EXAMPLES = """\
+examples:
+  hwq run configs/lenet5_fmnist.yaml                        # embedded Ray, ./runs/default
+  hwq run configs/lenet5_fmnist.yaml --set quantize.target_bits=2.5
+  hwq run configs/lenet5_fmnist.yaml --force quantize       # rerun quantize and downstream
+  hwq run configs/lenet5_fmnist.yaml --store s3://bucket/hwq --ray-address auto
+  hwq status runs/default
+  hwq report runs/default --json
+"""
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname).1s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("fsspec", "s3fs", "botocore", "aiobotocore", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _store_options(args) -> dict:
+    opts = {}
+    if getattr(args, "endpoint_url", None):
+        opts["client_kwargs"] = {"endpoint_url": args.endpoint_url}
+    return opts
+
+
+def _cmd_run(args) -> int:
+    from pipeline import driver
+    from pipeline.config import load_config
+
+    overrides = list(args.set or [])
+    if args.store:
+        overrides.append(f"store.url={args.store}")
+    if args.endpoint_url:
+        overrides.append(f"store.endpoint_url={args.endpoint_url}")
+    if args.ray_address:
+        overrides.append(f"executor.address={args.ray_address}")
+    cfg = load_config(args.config, overrides)
+    try:
+        report = driver.run(cfg, force=args.force or [])
+    finally:
+        from pipeline.executor import shutdown_ray
+
+        shutdown_ray()
+    print()
+    from pipeline.report import render_markdown
+
+    print(render_markdown(report))
+    return 0
+
+
+def _cmd_status(args) -> int:
+    from pipeline.driver import status
+    from pipeline.store import Store
+
+    rows = status(Store(args.root, _store_options(args)))
+    print(f"{'stage':<10} {'key':<18} {'state':<9} {'seconds':>8}  headline")
+    for r in rows:
+        state = "missing" if not r["complete"] else ("cached" if r["cached"] else "ran")
+        secs = f"{r['seconds']:.1f}" if r["seconds"] is not None else "–"
+        head = ", ".join(
+            f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in r["metrics"].items() if not isinstance(v, (dict, list))
+        )
+        print(f"{r['stage']:<10} {r['key']:<18} {state:<9} {secs:>8}  {head}")
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from pipeline.store import Store
+
+    store = Store(args.root, _store_options(args))
+    if args.json:
+        print(json.dumps(store.read_json("report.json"), indent=2))
+    else:
+        print(store.read_bytes("report.md").decode())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="hwq",
+        description="Compress trained networks with Hessian-weighted quantization and Huffman "
+        "coding (Choi et al., ICLR 2017), as resumable stages on Ray.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    r = sub.add_parser("run", help="run (or resume) every stage of a config",
+                       description="Run the stage graph. Stages whose key is already complete "
+                       "in the store are cache hits; a killed run resumes where it stopped.")
+    r.add_argument("config", help="YAML run config, e.g. configs/lenet5_fmnist.yaml")
+    r.add_argument("--store", metavar="URL",
+                   help="run root: a folder or s3://bucket/prefix (default: store.url)")
+    r.add_argument("--endpoint-url", metavar="URL", help="S3-compatible endpoint for the store")
+    r.add_argument("--ray-address", metavar="ADDR",
+                   help="join a Ray cluster ('auto', ray://host:10001); default: embedded local")
+    r.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set quantize.k=32 (repeatable)")
+    r.add_argument("--force", action="append", metavar="STAGE",
+                   help="recompute STAGE and everything downstream (repeatable)")
+    r.set_defaults(func=_cmd_run)
+
+    s = sub.add_parser("status", help="show the stages of the last run in a store")
+    s.add_argument("root", help="run root (folder or s3:// URL)")
+    s.add_argument("--endpoint-url", metavar="URL")
+    s.set_defaults(func=_cmd_status)
+
+    p = sub.add_parser("report", help="print a run's report")
+    p.add_argument("root", help="run root (folder or s3:// URL)")
+    p.add_argument("--json", action="store_true", help="report.json instead of report.md")
+    p.add_argument("--endpoint-url", metavar="URL")
+    p.set_defaults(func=_cmd_report)
+
+    for extra in _extra_commands():
+        extra(sub)
+    return ap
+
+
+def _extra_commands():
+    """Subcommands contributed by stage packages (decode/inspect, sweep)."""
+    out = []
+    try:
+        from pipeline.encode.cli import add_commands as enc
+    except ImportError:
+        enc = None
+    try:
+        from pipeline.sweep import add_commands as sweep
+    except ImportError:
+        sweep = None
+    for f in (enc, sweep):
+        if f is not None:
+            out.append(f)
+    return out
+
+
+def _user_error(e: BaseException) -> BaseException | None:
+    """The error to show a user without a traceback, unwrapping Ray's task errors."""
+    from pipeline.config import ConfigError
+    from pipeline.store import ArtifactError
+
+    try:
+        from ray.exceptions import RayTaskError
+    except ImportError:  # pragma: no cover
+        RayTaskError = ()  # noqa: N806
+    seen = 0
+    while isinstance(e, RayTaskError) and getattr(e, "cause", None) is not None and seen < 5:
+        e, seen = e.cause, seen + 1
+    if isinstance(e, (ConfigError, ArtifactError, ValueError, FileNotFoundError)):
+        return e
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("hwq: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - decide below what a user sees
+        shown = _user_error(e)
+        if shown is None or args.verbose:
+            raise
+        print(f"hwq: error: {shown}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,295 @@
+"""The run configuration: one typed `RunConfig`, a section per stage, loaded from YAML.
+
+Unknown keys are rejected with their full path (`prune.kep: unknown key; did you mean
+'keep'?`), values are validated on construction, and `--set section.key=value` overrides are
+applied before validation. Each stage's key hashes only the sections that decide its output
+(`stage_sections`), so changing a quantizer setting never retrains the model; `executor` and
+`store` say where the work runs, not what it computes, and are in no stage key.
+
+Example (configs/lenet5_fmnist.yaml)::
+
+    name: lenet5_fmnist
+    seed: 0
+    model: {name: lenet5}
+    data: {name: fashion_mnist, root: /usr/share/datasets/fashion-mnist}
+    train: {epochs: 12, batch_size: 128, lr: 0.001}
+    prune: {keep: {conv1.weight: 0.66, conv2.weight: 0.12, fc1.weight: 0.08, fc2.weight: 0.19}}
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+__all__ = [
+    "ConfigError",
+    "RunConfig",
+    "load_config",
+    "apply_overrides",
+    "digest",
+    "section_digest",
+]
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the key and says how to fix it."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    name: str = "lenet5"  # a name in pipeline.models.REGISTRY
+    # A safetensors checkpoint (path or fsspec URL) to start from instead of training.
+    checkpoint: str | None = None
+
+
+class DataConfig(_Section):
+    name: Literal["fashion_mnist"] = "fashion_mnist"
+    # Debian's dataset-fashion-mnist installs the IDX files here.
+    root: str = "/usr/share/datasets/fashion-mnist"
+    # Train on a seeded random subset of this many images (quick runs, tests); None = all.
+    train_samples: int | None = Field(None, ge=1)
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(12, ge=1)  # LeNet-5 passes 90% on Fashion-MNIST after ~8 epochs
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(1e-3, gt=0)  # Adam; its second moments feed the `adam` Hessian estimator
+    beta2: float = Field(0.999, gt=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    lr_decay: float = Field(0.85, gt=0, le=1)  # per-epoch multiplicative decay
+
+
+class PruneConfig(_Section):
+    enabled: bool = True
+    # Fraction of each tensor's weights kept, by parameter name. Han et al.'s LeNet-5 ratios,
+    # about 8.5% of all weights; tensors not named here are not pruned.
+    keep: dict[str, float] = Field(
+        default_factory=lambda: {
+            "conv1.weight": 0.66,
+            "conv2.weight": 0.12,
+            "fc1.weight": 0.08,
+            "fc2.weight": 0.19,
+        }
+    )
+    steps: int = Field(3, ge=1)  # prune gradually: geometric steps towards `keep`, retrain each
+    retrain_epochs: int = Field(3, ge=0)  # per step
+    lr: float = Field(5e-4, gt=0)
+    batch_size: int = Field(128, ge=1)
+
+    @model_validator(mode="after")
+    def _ratios(self) -> PruneConfig:
+        for name, r in self.keep.items():
+            if not 0.0 < r <= 1.0:
+                raise ValueError(f"keep ratio of {name!r} is {r}; it must be in (0, 1]")
+        return self
+
+
+class HessianConfig(_Section):
+    enabled: bool = True
+    estimator: Literal["ggn", "fisher", "hutchinson", "adam"] = "ggn"
+    mode: Literal["mc", "exact"] = "mc"  # ggn only: Monte-Carlo labels or exact K-pass diagonal
+    n_samples: int = Field(1, ge=1)  # ggn mc: labels per input; hutchinson: probes per batch
+    calibration_samples: int = Field(10000, ge=1)  # paper: 1,000 gave almost the 50,000 result
+    partitions: int = Field(2, ge=1)  # P data partitions ...
+    groups: int = Field(2, ge=1)  # ... times G parameter groups = Ray tasks
+    batch_size: int = Field(256, ge=1)
+    chunk_size: int = Field(1_000_000, ge=1)  # values per row of hessian.parquet
+
+
+class QuantizeConfig(_Section):
+    enabled: bool = True
+    method: Literal["kmeans", "hw_kmeans", "uniform", "ecsq"] = "uniform"
+    scope: Literal["network", "layer", "channel"] = "network"
+    k: int | None = Field(None, ge=1)  # fixed number of clusters ...
+    target_bits: float | None = Field(None, gt=0)  # ... or entropy of the indices, bits/weight
+    # Per-tensor k for layer scope (Deep Compression: 256 for conv, 32 for fc); overrides k.
+    layer_k: dict[str, int] | None = None
+    weighted_mean: bool = True  # uniform: shared values are Hessian-weighted means
+    n_init: int = Field(8, ge=1)  # best of several starts; one start stalls (DESIGN §7)
+    iters: int = Field(50, ge=1)
+    tol: float = Field(1e-7, ge=0)
+    actors: int = Field(2, ge=1)  # Ray actors holding parameter shards
+    quantize_biases: bool = False  # biases are few; stored raw unless asked
+    hessian_floor: float = Field(1e-12, ge=0)  # relative floor for units dead on all samples
+
+    @model_validator(mode="after")
+    def _rate(self) -> QuantizeConfig:
+        if self.k is None and self.target_bits is None and self.layer_k is None:
+            self.__dict__["target_bits"] = 3.0 if self.method in ("uniform", "ecsq") else None
+            self.__dict__["k"] = None if self.method in ("uniform", "ecsq") else 16
+        if self.k is not None and self.target_bits is not None:
+            raise ValueError("set either quantize.k or quantize.target_bits, not both")
+        if self.method in ("kmeans", "hw_kmeans") and self.target_bits is not None:
+            raise ValueError(
+                f"quantize.method={self.method} takes a fixed k; target_bits is for uniform/ecsq"
+            )
+        if self.layer_k is not None and self.scope != "layer":
+            raise ValueError("quantize.layer_k needs quantize.scope=layer")
+        return self
+
+
+class FinetuneConfig(_Section):
+    enabled: bool = True
+    workers: int = Field(2, ge=1)  # Ray Train workers, each with a DeepSpeed engine
+    epochs: float = Field(1.0, gt=0)
+    batch_size: int = Field(128, ge=1)  # global batch, split across workers
+    lr: float = Field(1e-4, gt=0)
+    zero_stage: int = Field(0, ge=0, le=3)
+    bf16: bool = False
+    grad: Literal["sum", "mean"] = "sum"  # centre gradient: sum (paper) or mean of members
+    train_unquantized: bool = False  # biases etc. stay frozen unless asked
+
+
+class EncodeConfig(_Section):
+    enabled: bool = True
+    fixed_length: bool = False  # fixed-length codes instead of Huffman, for comparison
+    code_sharing: Literal["network", "tensor"] = "network"
+    chunk_symbols: int = Field(4_000_000, ge=1024)
+
+
+class ExecutorConfig(_Section):
+    address: str | None = None  # None: embedded local Ray; "auto" or ray://host:10001
+    num_cpus: int | None = Field(None, ge=1)  # embedded Ray only; None = all cores
+
+
+class StoreConfig(_Section):
+    url: str = "runs/default"  # local folder or s3://bucket/prefix
+    endpoint_url: str | None = None  # S3-compatible server; else AWS_ENDPOINT_URL or AWS
+    key: str | None = None  # else AWS_ACCESS_KEY_ID / the usual credential chain
+    secret: str | None = None
+
+    def storage_options(self) -> dict[str, Any]:
+        opts: dict[str, Any] = {}
+        if self.url.startswith("s3://"):
+            if self.endpoint_url:
+                opts["client_kwargs"] = {"endpoint_url": self.endpoint_url}
+            if self.key:
+                opts["key"] = self.key
+            if self.secret:
+                opts["secret"] = self.secret
+        return opts
+
+
+class RunConfig(_Section):
+    name: str = "run"
+    seed: int = 0
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    prune: PruneConfig = Field(default_factory=PruneConfig)
+    hessian: HessianConfig = Field(default_factory=HessianConfig)
+    quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    encode: EncodeConfig = Field(default_factory=EncodeConfig)
+    executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+
+    def resolved(self) -> dict[str, Any]:
+        """Every setting with defaults filled in, as JSON-able data."""
+        return self.model_dump(mode="json")
+
+
+# Sections that say where work runs, not what it computes: in no digest.
+_PLACEMENT = ("executor", "store")
+
+
+def _canonical(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+def digest(cfg: RunConfig) -> str:
+    """Digest of everything that decides results (the placement sections excluded)."""
+    d = {k: v for k, v in cfg.resolved().items() if k not in _PLACEMENT}
+    return hashlib.sha256(_canonical(d)).hexdigest()[:16]
+
+
+def section_digest(obj: Any) -> str:
+    return hashlib.sha256(_canonical(obj)).hexdigest()[:16]
+
+
+def _known_keys(model: type[BaseModel], path: list[str]) -> list[str]:
+    for part in path:
+        field = model.model_fields.get(part)
+        ann = getattr(field, "annotation", None) if field else None
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            model = ann
+        else:
+            return []
+    return list(model.model_fields)
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = [str(p) for p in e["loc"]]
+        where = ".".join(loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            known = _known_keys(RunConfig, loc[:-1])
+            near = difflib.get_close_matches(loc[-1], known, n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            lines.append(f"{where}: unknown key{hint} (valid here: {', '.join(known)})")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"{where}: {msg} (got {e.get('input')!r})")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. quantize.k=32")
+    key, raw = item.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise ConfigError(f"--set {item!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {item!r}: value is not valid YAML ({e})") from None
+    return path, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` strings (values parsed as YAML) to raw config data."""
+    data = json.loads(json.dumps(data))  # deep copy of plain data
+    for item in overrides:
+        path, value = _parse_override(item)
+        node = data
+        for p in path[:-1]:
+            nxt = node.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set {item!r}: {p} is not a section")
+            node = nxt
+        node[path[-1]] = value
+    return data
+
+
+def from_dict(data: dict[str, Any]) -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run config (None: all defaults), apply overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} not found (see configs/ for examples)")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections")
+    return from_dict(apply_overrides(data, overrides or []))

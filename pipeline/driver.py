@@ -1,0 +1,267 @@
+"""The driver: plans the stage graph, skips what the store already holds, runs the rest.
+
+A stage's key is a digest of (its name, format version, the config sections that decide its
+output, its inputs' keys). Its files live under `<root>/stages/<name>-<key>/`, and its
+`manifest.json` — written last — lists every file's sha256. So:
+
+- a rerun whose stage key exists and verifies is a cache hit (nothing recomputed);
+- a sweep over quantizer settings shares the train/prune/hessian folders;
+- a run killed inside a stage left no manifest there, and resumes at that stage;
+- `--force NAME` reruns NAME and everything downstream of it, and so does a stage whose
+  inputs were recomputed in this run.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import platform
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from pipeline.config import RunConfig, digest, section_digest
+from pipeline.store import ArtifactError, StageDir, Store
+
+__all__ = ["Stage", "StageContext", "StagePlan", "plan", "run", "status", "open_store", "STAGES"]
+
+log = logging.getLogger("hwq")
+
+MANIFEST = "manifest.json"
+RUN_INDEX = "run.json"
+
+
+@dataclass
+class StageContext:
+    """What a stage's `run` receives: the config, its own folder, its inputs' folders."""
+
+    cfg: RunConfig
+    store: Store
+    out: StageDir
+    inputs: dict[str, StageDir]
+    log: logging.Logger = field(default_factory=lambda: log)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One node of the graph.
+
+    inputs(cfg): names of upstream stages (only enabled ones).
+    sections(cfg): the JSON-able settings that decide this stage's output (hashed in its key).
+    run(ctx): does the work (Ray tasks inside), writes files into ctx.out, returns metrics that
+        go into report.json's `metrics` (flat keys, or a dict under the stage's name).
+    headline: metric keys `hwq status` shows.
+    """
+
+    name: str
+    version: int
+    inputs: Callable[[RunConfig], tuple[str, ...]]
+    sections: Callable[[RunConfig], dict[str, Any]]
+    run: Callable[[StageContext], dict[str, Any]]
+    enabled: Callable[[RunConfig], bool] = lambda cfg: True
+    headline: tuple[str, ...] = ()
+
+
+def _stages() -> list[Stage]:
+    # Imported here so `import pipeline.driver` pulls in no torch/ray until a run starts.
+    from pipeline.train.stage import PRUNE, TRAIN
+
+    return [TRAIN, PRUNE]
+
+
+def STAGES() -> list[Stage]:  # noqa: N802 - a constant computed lazily
+    return _stages()
+
+
+@dataclass
+class StagePlan:
+    stage: Stage
+    key: str
+    inputs: dict[str, str]  # upstream name -> key
+    config: dict[str, Any]
+
+
+def plan(cfg: RunConfig, stages: list[Stage] | None = None) -> list[StagePlan]:
+    """The enabled stages in order, each with its key."""
+    stages = stages if stages is not None else _stages()
+    keys: dict[str, str] = {}
+    out = []
+    for st in stages:
+        if not st.enabled(cfg):
+            continue
+        inputs = {}
+        for name in st.inputs(cfg):
+            if name not in keys:
+                raise ValueError(f"stage {st.name} needs stage {name}, which is disabled")
+            inputs[name] = keys[name]
+        conf = st.sections(cfg)
+        key = section_digest(
+            {"stage": st.name, "version": st.version, "config": conf, "inputs": inputs}
+        )
+        keys[st.name] = key
+        out.append(StagePlan(st, key, inputs, conf))
+    return out
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("hwq", "torch", "ray", "deepspeed", "numpy", "pyarrow"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def open_store(cfg: RunConfig) -> Store:
+    return Store(cfg.store.url, cfg.store.storage_options())
+
+
+def _read_manifest(store: Store, sd: StageDir) -> dict[str, Any] | None:
+    try:
+        return store.read_json(sd.rel(MANIFEST))
+    except ArtifactError:
+        return None
+    except ValueError:  # a manifest that is not JSON: treat as incomplete
+        return None
+
+
+def _downstream(stages: list[StagePlan], names: Iterable[str]) -> set[str]:
+    closure = set(names)
+    for p in stages:
+        if closure & set(p.inputs):
+            closure.add(p.stage.name)
+    return closure
+
+
+def run(
+    cfg: RunConfig,
+    *,
+    force: Iterable[str] = (),
+    stages: list[Stage] | None = None,
+    report_prefix: str = "",
+    init_executor: bool = True,
+) -> dict[str, Any]:
+    """Run every enabled stage not already complete in the store; write the report.
+
+    force: stage names to recompute (with everything downstream).
+    report_prefix: folder (relative to the store root) for config/report files, so several
+        runs (a sweep) can share one store's stage cache.
+    Returns the report (the content of report.json).
+    """
+    store = open_store(cfg)
+    plans = plan(cfg, stages)
+    names = [p.stage.name for p in plans]
+    unknown = [f for f in force if f not in names]
+    if unknown:
+        raise ValueError(f"--force {unknown[0]}: not a stage of this run (stages: {names})")
+    forced = _downstream(plans, force)
+
+    pre = f"{report_prefix.strip('/')}/" if report_prefix else ""
+    store.write_text(f"{pre}config.yaml", yaml.safe_dump(cfg.resolved(), sort_keys=False))
+    if init_executor:
+        from pipeline.executor import init_ray
+
+        init_ray(cfg.executor.address, cfg.executor.num_cpus)
+
+    log.info("run %s: %d stages, store %s", cfg.name, len(plans), store.url)
+    dirs: dict[str, StageDir] = {}
+    records: dict[str, dict[str, Any]] = {}
+    recomputed: set[str] = set()
+    t_run = time.perf_counter()
+    for i, p in enumerate(plans, 1):
+        name = p.stage.name
+        sd = StageDir(store, name, p.key)
+        t0 = time.perf_counter()
+        manifest = None if name in forced else _read_manifest(store, sd)
+        stale_inputs = recomputed & set(p.inputs)
+        if manifest is not None and not stale_inputs:
+            sd.outputs = manifest["outputs"]
+            why = sd.verify()
+            if why is None:
+                dirs[name] = sd
+                records[name] = {
+                    "key": p.key,
+                    "cached": True,
+                    "seconds": round(time.perf_counter() - t0, 3),
+                    "compute_seconds": manifest["timings"]["seconds"],
+                    "metrics": manifest.get("metrics", {}),
+                }
+                log.info("[%d/%d] %-9s cached  (key %s)", i, len(plans), name, p.key)
+                continue
+            log.warning("[%d/%d] %s: cached artifacts fail verification (%s); recomputing",
+                        i, len(plans), name, why)
+        reason = ("forced" if name in forced else
+                  "inputs recomputed" if stale_inputs else
+                  "incomplete, resuming" if store.exists(sd.prefix) else "new")
+        log.info("[%d/%d] %-9s running (key %s, %s)", i, len(plans), name, p.key, reason)
+        store.remove(sd.prefix)  # a killed earlier attempt may have left partial files
+        sd.outputs = {}
+        ctx = StageContext(cfg, store, sd, {n: dirs[n] for n in p.inputs})
+        started = time.time()
+        metrics = p.stage.run(ctx) or {}
+        seconds = time.perf_counter() - t0
+        sd.outputs = sd.hash_outputs()
+        manifest = {
+            "stage": name,
+            "key": p.key,
+            "format_version": p.stage.version,
+            "config": p.config,
+            "config_digest": digest(cfg),
+            "inputs": p.inputs,
+            "outputs": sd.outputs,
+            "metrics": metrics,
+            "timings": {"started": started, "seconds": round(seconds, 3)},
+            "versions": _versions(),
+        }
+        store.write_json(sd.rel(MANIFEST), manifest)  # last: the stage is complete now
+        dirs[name] = sd
+        recomputed.add(name)
+        records[name] = {"key": p.key, "cached": False, "seconds": round(seconds, 3),
+                         "compute_seconds": round(seconds, 3), "metrics": metrics}
+        head = ", ".join(f"{k}={_fmt(metrics.get(k))}" for k in p.stage.headline if k in metrics)
+        log.info("[%d/%d] %-9s done in %.1f s %s", i, len(plans), name, seconds, head)
+
+    from pipeline.report import build_report, render_markdown
+
+    report = build_report(cfg, plans, records, time.perf_counter() - t_run)
+    store.write_json(f"{pre}report.json", report)
+    store.write_text(f"{pre}report.md", render_markdown(report))
+    store.write_json(f"{pre}{RUN_INDEX}", {"config_digest": report["config_digest"],
+                                           "stages": {n: records[n]["key"] for n in names}})
+    log.info("report: %s", store.full_url(f"{pre}report.md"))
+    return report
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def status(store: Store, report_prefix: str = "") -> list[dict[str, Any]]:
+    """Each stage of the last run in `store`: key, complete?, cached?, seconds, headline."""
+    pre = f"{report_prefix.strip('/')}/" if report_prefix else ""
+    try:
+        index = store.read_json(f"{pre}{RUN_INDEX}")
+    except ArtifactError:
+        raise ArtifactError(f"{store.full_url(pre or '.')} holds no hwq run (no {RUN_INDEX})") from None
+    try:
+        report = store.read_json(f"{pre}report.json")
+    except ArtifactError:
+        report = {"stages": {}}
+    rows = []
+    for name, key in index["stages"].items():
+        sd = StageDir(store, name, key)
+        manifest = _read_manifest(store, sd)
+        rec = report["stages"].get(name, {})
+        rows.append({
+            "stage": name,
+            "key": key,
+            "complete": manifest is not None,
+            "cached": rec.get("cached"),
+            "seconds": (manifest or {}).get("timings", {}).get("seconds"),
+            "metrics": (manifest or {}).get("metrics", {}),
+        })
+    return rows

@@ -1,0 +1,31 @@
+"""Test accuracy of a model state: the one measurement every stage reports."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pipeline.data import Split, batches
+
+__all__ = ["accuracy", "accuracy_of_state"]
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, split: Split, batch_size: int = 1000) -> float:
+    """Top-1 accuracy in [0, 1] of `model` on `split` (eval mode, no gradients)."""
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for x, y in batches(split, batch_size):
+        correct += int((model(x).argmax(1) == y).sum())
+    model.train(was_training)
+    return correct / max(len(split), 1)
+
+
+def accuracy_of_state(model_name: str, state: dict[str, torch.Tensor], split: Split) -> float:
+    """Accuracy of the registry model `model_name` loaded with `state` (strict)."""
+    from pipeline.models import build
+
+    model = build(model_name)
+    model.load_state_dict(state, strict=True)
+    return accuracy(model, split)

@@ -1,0 +1,19 @@
+"""Diagonal-Hessian estimation: plain-function estimators (``estimators``); stages orchestrate."""
+
+from pipeline.hessian.estimators import (
+    ESTIMATORS,
+    GGN_MODES,
+    HUTCHINSON_NONNEG,
+    HessianSums,
+    adam_diag,
+    estimate_diag,
+)
+
+__all__ = [
+    "ESTIMATORS",
+    "GGN_MODES",
+    "HUTCHINSON_NONNEG",
+    "HessianSums",
+    "adam_diag",
+    "estimate_diag",
+]

@@ -1,0 +1,319 @@
+"""The artifact store: one fsspec URL is the run root (a local folder, or s3://bucket/prefix).
+
+Every write is atomic: a local file is written under a temporary name and renamed; a remote
+file is staged locally and uploaded with one put, which S3 makes visible whole or not at all.
+A stage's files are hashed (sha256) into its manifest, written last, and `StageDir` checks the
+hash of every file it reads, so a corrupt or truncated artifact is an error naming the file,
+never a silently wrong number.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import posixpath
+import tempfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+
+__all__ = ["ArtifactError", "Store", "StageDir", "sha256_bytes"]
+
+_BUF = 1 << 22
+
+
+class ArtifactError(RuntimeError):
+    """A missing, corrupt or truncated artifact; the message says which and how to recover."""
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class Store:
+    """A folder of artifacts behind one URL.
+
+    url: a local path (created if missing) or an fsspec URL such as s3://bucket/prefix.
+    storage_options: passed to fsspec (for s3fs: key, secret, client_kwargs.endpoint_url).
+    Picklable, so Ray tasks receive a Store and read/write the same root.
+    """
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
+        self.storage_options = dict(storage_options or {})
+        if "://" not in url:
+            url = os.path.abspath(url)
+        self.url = url.rstrip("/")
+        self.fs, self.root = fsspec.core.url_to_fs(self.url, **self.storage_options)
+        self.root = self.root.rstrip("/")
+        self.is_local = self.fs.protocol in ("file", "local") or "file" in self.fs.protocol
+        if self.is_local:
+            os.makedirs(self.root, exist_ok=True)
+
+    def __repr__(self) -> str:
+        return f"Store({self.url!r})"
+
+    def __reduce__(self):
+        return (Store, (self.url, self.storage_options))
+
+    # -- paths ---------------------------------------------------------------------------
+    def path(self, rel: str) -> str:
+        """The filesystem path of `rel` (for fsspec calls)."""
+        return posixpath.join(self.root, rel) if rel else self.root
+
+    def full_url(self, rel: str) -> str:
+        """A URL a user can paste (`s3://...` or an absolute local path)."""
+        return self.path(rel) if self.is_local else f"{self.url}/{rel}"
+
+    def exists(self, rel: str) -> bool:
+        return self.fs.exists(self.path(rel))
+
+    def list(self, rel: str) -> list[str]:
+        """Files under `rel`, recursively, as paths relative to `rel`."""
+        base = self.path(rel)
+        if not self.fs.exists(base):
+            return []
+        out = []
+        for p in self.fs.find(base):
+            r = posixpath.relpath(p, base)
+            if not _is_temp(r):
+                out.append(r)
+        return sorted(out)
+
+    def list_dirs(self, rel: str) -> list[str]:
+        base = self.path(rel)
+        if not self.fs.exists(base):
+            return []
+        return sorted(
+            posixpath.basename(p.rstrip("/"))
+            for p in self.fs.ls(base, detail=False)
+            if self.fs.isdir(p)
+        )
+
+    def remove(self, rel: str) -> None:
+        p = self.path(rel)
+        if self.fs.exists(p):
+            self.fs.rm(p, recursive=True)
+
+    def size(self, rel: str) -> int:
+        return int(self.fs.size(self.path(rel)))
+
+    # -- atomic writes --------------------------------------------------------------------
+    @contextlib.contextmanager
+    def atomic_open(self, rel: str) -> Iterator[io.BufferedWriter]:
+        """Open `rel` for binary writing; it appears under its name only if the block succeeds."""
+        final = self.path(rel)
+        if self.is_local:
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+            tmp = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
+        else:
+            fd, tmp = tempfile.mkstemp(prefix="hwq-upload-", dir=_staging_dir())
+            os.close(fd)
+        try:
+            with open(tmp, "wb") as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            if self.is_local:
+                os.replace(tmp, final)
+            else:
+                self.fs.put_file(tmp, final)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+
+    def write_bytes(self, rel: str, data: bytes) -> str:
+        """Write atomically; returns the sha256 of what was written."""
+        with self.atomic_open(rel) as f:
+            f.write(data)
+        return sha256_bytes(data)
+
+    def write_json(self, rel: str, obj: Any) -> str:
+        return self.write_bytes(rel, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+    def write_text(self, rel: str, text: str) -> str:
+        return self.write_bytes(rel, text.encode())
+
+    # -- reads ------------------------------------------------------------------------------
+    def read_bytes(self, rel: str) -> bytes:
+        try:
+            return self.fs.cat_file(self.path(rel))
+        except FileNotFoundError:
+            raise ArtifactError(f"{self.full_url(rel)} does not exist") from None
+
+    def read_json(self, rel: str) -> Any:
+        return json.loads(self.read_bytes(rel))
+
+    def open(self, rel: str, mode: str = "rb"):
+        """A seekable file object for range reads (remote: only the bytes read are fetched)."""
+        return self.fs.open(self.path(rel), mode)
+
+    def sha256(self, rel: str) -> tuple[str, int]:
+        """Streamed sha256 and size of `rel`."""
+        h = hashlib.sha256()
+        n = 0
+        with self.fs.open(self.path(rel), "rb") as f:
+            while chunk := f.read(_BUF):
+                h.update(chunk)
+                n += len(chunk)
+        return h.hexdigest(), n
+
+
+def _is_temp(rel: str) -> bool:
+    return ".tmp-" in posixpath.basename(rel)
+
+
+def _staging_dir() -> str:
+    from pipeline.executor import cache_dir
+
+    d = cache_dir() / "upload"
+    d.mkdir(parents=True, exist_ok=True)
+    return str(d)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage folders
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StageDir:
+    """The folder of one stage: `<root>/stages/<name>-<key>/`.
+
+    Writes go through `write_*` (atomic). Reads through `read_*` check the file's sha256 against
+    the stage manifest (`outputs`), so a flipped byte is an `ArtifactError` that names the file.
+    Picklable: hand it to Ray tasks.
+    """
+
+    store: Store
+    name: str
+    key: str
+    outputs: dict[str, dict[str, Any]] = field(default_factory=dict)  # from the manifest
+
+    @property
+    def prefix(self) -> str:
+        return f"stages/{self.name}-{self.key}"
+
+    def rel(self, name: str) -> str:
+        return f"{self.prefix}/{name}"
+
+    def url(self, name: str) -> str:
+        return self.store.full_url(self.rel(name))
+
+    def _corrupt(self, name: str, why: str) -> ArtifactError:
+        return ArtifactError(
+            f"artifact {self.url(name)} is {why}: rerun with `--force {self.name}` "
+            "to recompute it"
+        )
+
+    # writes
+    def open(self, name: str):
+        return self.store.atomic_open(self.rel(name))
+
+    def write_bytes(self, name: str, data: bytes) -> str:
+        return self.store.write_bytes(self.rel(name), data)
+
+    def write_json(self, name: str, obj: Any) -> str:
+        return self.store.write_json(self.rel(name), obj)
+
+    def write_text(self, name: str, text: str) -> str:
+        return self.store.write_text(self.rel(name), text)
+
+    def write_safetensors(self, name: str, tensors: dict, metadata: dict[str, str] | None = None):
+        from safetensors.torch import save
+
+        tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        return self.write_bytes(name, save(tensors, metadata=metadata))
+
+    def write_table(self, name: str, table) -> str:
+        import pyarrow.parquet as pq
+
+        with self.open(name) as f:
+            pq.write_table(table, f, compression="zstd")
+        return name
+
+    # verified reads
+    def read_bytes(self, name: str) -> bytes:
+        expect = self.outputs.get(name)
+        if expect is None and self.outputs:
+            raise self._corrupt(name, "not listed in the stage manifest")
+        try:
+            data = self.store.read_bytes(self.rel(name))
+        except ArtifactError:
+            raise self._corrupt(name, "missing") from None
+        if expect is not None:
+            if len(data) != expect["bytes"]:
+                raise self._corrupt(
+                    name, f"truncated or resized ({len(data)} bytes, manifest says {expect['bytes']})"
+                )
+            if sha256_bytes(data) != expect["sha256"]:
+                raise self._corrupt(name, "corrupt (sha256 differs from the manifest)")
+        return data
+
+    def read_json(self, name: str) -> Any:
+        return json.loads(self.read_bytes(name))
+
+    def read_safetensors(self, name: str) -> dict:
+        from safetensors.torch import load
+
+        try:
+            return load(self.read_bytes(name))
+        except ArtifactError:
+            raise
+        except Exception as e:  # safetensors raises its own types on malformed input
+            raise self._corrupt(name, f"unreadable as safetensors ({e})") from None
+
+    def read_safetensors_metadata(self, name: str) -> dict[str, str]:
+        from safetensors import safe_open
+
+        data = self.read_bytes(name)
+        with tempfile.NamedTemporaryFile(dir=_staging_dir(), suffix=".safetensors") as tmp:
+            tmp.write(data)
+            tmp.flush()
+            with safe_open(tmp.name, framework="pt") as f:
+                return dict(f.metadata() or {})
+
+    def read_table(self, name: str):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.read_table(pa.BufferReader(self.read_bytes(name)))
+        except ArtifactError:
+            raise
+        except Exception as e:
+            raise self._corrupt(name, f"unreadable as Parquet ({e})") from None
+
+    def open_read(self, name: str):
+        """Unverified seekable reader for range reads of big files (verified at cache hit)."""
+        return self.store.open(self.rel(name))
+
+    def exists(self, name: str) -> bool:
+        return self.store.exists(self.rel(name))
+
+    def files(self) -> list[str]:
+        return [f for f in self.store.list(self.prefix) if f != "manifest.json"]
+
+    def hash_outputs(self) -> dict[str, dict[str, Any]]:
+        """sha256 and size of every file of the stage (the manifest excluded)."""
+        out = {}
+        for f in self.files():
+            digest, n = self.store.sha256(self.rel(f))
+            out[f] = {"sha256": digest, "bytes": n}
+        return out
+
+    def verify(self) -> str | None:
+        """None if every output listed in the manifest is present and hashes right; else why not."""
+        for f, meta in self.outputs.items():
+            try:
+                digest, n = self.store.sha256(self.rel(f))
+            except FileNotFoundError:
+                return f"{f} is missing"
+            if n != meta["bytes"] or digest != meta["sha256"]:
+                return f"{f} does not match its manifest digest"
+        return None

@@ -1,0 +1,210 @@
+"""The `train` and `prune` stages: a baseline model, then magnitude pruning with retraining.
+
+train  → model.safetensors (fp32 weights), adam.safetensors (Adam's exp_avg_sq; metadata step,
+         beta2 — for the `adam` Hessian estimator), history.json
+prune  → model.safetensors (pruned, retrained), masks.safetensors (uint8 1 = kept),
+         adam.safetensors, history.json
+Each runs as one Ray task (training one small model is not worth splitting).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from pipeline.config import RunConfig
+from pipeline.driver import Stage, StageContext
+from pipeline.executor import remote, task_threads
+from pipeline.store import StageDir
+
+__all__ = ["TRAIN", "PRUNE", "load_model_state", "load_masks", "load_adam"]
+
+
+def _checkpoint_digest(cfg: RunConfig) -> str | None:
+    """sha256 of the given checkpoint, so a changed file is a new train key."""
+    if not cfg.model.checkpoint:
+        return None
+    import fsspec
+
+    from pipeline.store import sha256_bytes
+
+    try:
+        with fsspec.open(cfg.model.checkpoint, "rb", **cfg.store.storage_options()) as f:
+            return sha256_bytes(f.read())
+    except FileNotFoundError:
+        raise ValueError(f"model.checkpoint {cfg.model.checkpoint!r} does not exist") from None
+
+
+def _write_adam(out: StageDir, adam) -> None:
+    out.write_safetensors(
+        "adam.safetensors", dict(adam), metadata={"step": str(adam.step), "beta2": str(adam.beta2)}
+    )
+
+
+def _progress(tag: str, epochs: int, n_samples: int, batch_size: int, history: list):
+    """Callbacks for train_adam: a batch-level bar plus one log line per epoch."""
+    from pipeline.progress import bar
+
+    t0 = time.perf_counter()
+    per_epoch = -(-n_samples // batch_size)
+    pbar = bar(epochs * per_epoch, tag, unit="batch")
+    pending = [0]
+
+    def on_batch() -> None:
+        pending[0] += 1
+        if pending[0] >= 20:  # a bar update is a message to the driver: batch them
+            pbar.update(pending[0])
+            pending[0] = 0
+
+    def on_epoch(epoch: int, loss: float) -> None:
+        pbar.update(pending[0])
+        pending[0] = 0
+        history.append({"stage": tag, "epoch": epoch, "loss": loss,
+                        "seconds": time.perf_counter() - t0})
+        print(f"{tag}: epoch {epoch + 1}/{epochs} loss {loss:.4f} "
+              f"({time.perf_counter() - t0:.0f} s)", flush=True)
+
+    return {"on_batch": on_batch, "on_epoch": on_epoch}, pbar
+
+
+def _train_task(cfg: RunConfig, out: StageDir) -> dict:
+    from pipeline.data import load_split
+    from pipeline.evaluate import accuracy
+    from pipeline.models import build, load_checkpoint, num_params
+    from pipeline.train import train_adam
+
+    task_threads()
+    torch.manual_seed(cfg.seed)
+    model = build(cfg.model.name)
+    test = load_split(cfg.data.root, "test")
+    history: list = []
+    if cfg.model.checkpoint:
+        model.load_state_dict(
+            load_checkpoint(cfg.model.checkpoint, model, cfg.store.storage_options())
+        )
+    else:
+        train = load_split(cfg.data.root, "train", cfg.data.train_samples, cfg.seed)
+        t = cfg.train
+        cbs, pbar = _progress("train", t.epochs, len(train), t.batch_size, history)
+        adam = train_adam(model, train, epochs=t.epochs, batch_size=t.batch_size, lr=t.lr,
+                          beta2=t.beta2, weight_decay=t.weight_decay, lr_decay=t.lr_decay,
+                          seed=cfg.seed, **cbs)
+        pbar.close()
+        _write_adam(out, adam)
+    acc = accuracy(model, test)
+    out.write_safetensors("model.safetensors", model.state_dict(),
+                          metadata={"model": cfg.model.name})
+    out.write_json("history.json", history)
+    return {"baseline_accuracy": acc, "params": num_params(model),
+            "source": cfg.model.checkpoint or "trained"}
+
+
+def _prune_task(cfg: RunConfig, out: StageDir, src: StageDir) -> dict:
+    from pipeline.data import load_split
+    from pipeline.evaluate import accuracy
+    from pipeline.models import build
+    from pipeline.train import kept_fraction, magnitude_masks, train_adam
+
+    task_threads()
+    torch.manual_seed(cfg.seed)
+    p = cfg.prune
+    model = build(cfg.model.name)
+    model.load_state_dict(load_model_state(src))
+    train = load_split(cfg.data.root, "train", cfg.data.train_samples, cfg.seed)
+    test = load_split(cfg.data.root, "test")
+    history: list = []
+    masks: dict[str, torch.Tensor] = {}
+    adam = None
+    for step in range(1, p.steps + 1):
+        # Geometric schedule: each step removes the same fraction of what is left.
+        ratios = {k: r ** (step / p.steps) for k, r in p.keep.items()}
+        masks = magnitude_masks(model.state_dict(), ratios)
+        tag = f"prune {step}/{p.steps}"
+        cbs, pbar = _progress(tag, p.retrain_epochs, len(train), p.batch_size, history)
+        adam = train_adam(model, train, epochs=p.retrain_epochs, batch_size=p.batch_size,
+                          lr=p.lr, seed=cfg.seed + step, masks=masks, **cbs)
+        pbar.close()
+        print(f"{tag}: keep {kept_fraction(model, masks):.4f}, "
+              f"test accuracy {accuracy(model, test):.4f}", flush=True)
+    acc = accuracy(model, test)
+    out.write_safetensors("model.safetensors", model.state_dict(),
+                          metadata={"model": cfg.model.name})
+    out.write_safetensors("masks.safetensors", {k: m.to(torch.uint8) for k, m in masks.items()})
+    if adam is not None and p.retrain_epochs > 0:
+        _write_adam(out, adam)
+    out.write_json("history.json", history)
+    per_layer = {k: float(m.float().mean()) for k, m in masks.items()}
+    return {"pruned_accuracy": acc, "kept_fraction": kept_fraction(model, masks),
+            "keep": per_layer}
+
+
+def load_model_state(sd: StageDir) -> dict[str, torch.Tensor]:
+    """The dense fp32 state dict a model stage (train/prune) wrote."""
+    return sd.read_safetensors("model.safetensors")
+
+
+def load_masks(sd: StageDir | None) -> dict[str, torch.Tensor]:
+    """{name: bool mask} from a prune stage; {} for an unpruned model."""
+    if sd is None or sd.name != "prune":
+        return {}
+    return {k: v.bool() for k, v in sd.read_safetensors("masks.safetensors").items()}
+
+
+def load_adam(sd: StageDir) -> tuple[dict[str, torch.Tensor], int, float]:
+    """(exp_avg_sq by name, step, beta2) of the model stage; a clear error if it has none."""
+    if "adam.safetensors" not in sd.outputs:
+        raise ValueError(
+            f"stage {sd.name} has no Adam state (the model was loaded from a checkpoint, or "
+            "pruned without retraining): the `adam` Hessian estimator needs it; use "
+            "hessian.estimator=ggn or fisher"
+        )
+    meta = sd.read_safetensors_metadata("adam.safetensors")
+    return sd.read_safetensors("adam.safetensors"), int(meta["step"]), float(meta["beta2"])
+
+
+def _run_train(ctx: StageContext) -> dict:
+    import ray
+
+    return ray.get(remote(_train_task, cpus="all").remote(ctx.cfg, ctx.out))
+
+
+def _run_prune(ctx: StageContext) -> dict:
+    import ray
+
+    return ray.get(remote(_prune_task, cpus="all").remote(ctx.cfg, ctx.out, ctx.inputs["train"]))
+
+
+def _train_sections(cfg: RunConfig) -> dict:
+    return {
+        "seed": cfg.seed,
+        "model": cfg.model.model_dump(mode="json"),
+        "checkpoint_sha256": _checkpoint_digest(cfg),
+        "data": cfg.data.model_dump(mode="json"),
+        "train": None if cfg.model.checkpoint else cfg.train.model_dump(mode="json"),
+    }
+
+
+TRAIN = Stage(
+    name="train",
+    version=1,
+    inputs=lambda cfg: (),
+    sections=_train_sections,
+    run=_run_train,
+    headline=("baseline_accuracy",),
+)
+
+PRUNE = Stage(
+    name="prune",
+    version=1,
+    inputs=lambda cfg: ("train",),
+    sections=lambda cfg: {"seed": cfg.seed, "prune": cfg.prune.model_dump(mode="json")},
+    run=_run_prune,
+    enabled=lambda cfg: cfg.prune.enabled,
+    headline=("pruned_accuracy", "kept_fraction"),
+)
+
+
+def model_stage(cfg: RunConfig) -> str:
+    """The stage whose model the later stages start from: prune if enabled, else train."""
+    return "prune" if cfg.prune.enabled else "train"

@@ -231,7 +231,7 @@ def run(
     store.write_json(f"{pre}report.json", report)
     store.write_text(f"{pre}report.md", render_markdown(report))
     store.write_json(f"{pre}{RUN_INDEX}", {"config_digest": report["config_digest"],
-                                           "stages": {n: records[n]["key"] for n in names}})
+                                           "stages": [[n, records[n]["key"]] for n in names]})
     log.info("report: %s", store.full_url(f"{pre}report.md"))
     return report
 
@@ -252,7 +252,7 @@ def status(store: Store, report_prefix: str = "") -> list[dict[str, Any]]:
     except ArtifactError:
         report = {"stages": {}}
     rows = []
-    for name, key in index["stages"].items():
+    for name, key in index["stages"]:
         sd = StageDir(store, name, key)
         manifest = _read_manifest(store, sd)
         rec = report["stages"].get(name, {})

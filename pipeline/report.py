@@ -17,16 +17,20 @@ def build_report(cfg: RunConfig, plans, records: dict[str, dict], seconds: float
     metrics: dict[str, Any] = {}
     for p in plans:
         metrics.update(records[p.stage.name].get("metrics", {}))
-    params = metrics.pop("params", None)
     metrics.pop("source", None)
+    params = metrics.pop("params", None)
+    if params is None:
+        from pipeline.models import build, num_params
+
+        params = num_params(build(cfg.model.name))
     return {
         "name": cfg.name,
         "config_digest": digest(cfg),
         "model": {"name": cfg.model.name, "params": params},
         "stages": {
-            p.stage.name: {k: records[p.stage.name][k]
-                           for k in ("key", "cached", "seconds", "compute_seconds")}
-            for p in plans
+            p.stage.name: {"order": i, **{k: records[p.stage.name][k]
+                                          for k in ("key", "cached", "seconds", "compute_seconds")}}
+            for i, p in enumerate(plans)
         },
         "metrics": metrics,
         "seconds": round(seconds, 3),
@@ -80,7 +84,7 @@ def render_markdown(report: dict) -> str:
             lines.append(f"| {k} | {v:,} | {100 * v / total:.1f}% |")
     lines += ["", "## Stages", "", "| stage | key | cached | seconds this run | compute seconds |",
               "|---|---|---|---|---|"]
-    for name, s in report["stages"].items():
+    for name, s in sorted(report["stages"].items(), key=lambda kv: kv[1].get("order", 0)):
         lines.append(f"| {name} | `{s['key']}` | {'yes' if s['cached'] else 'no'} | "
                      f"{s['seconds']:.1f} | {s['compute_seconds']:.1f} |")
     other = {k: v for k, v in m.items() if isinstance(v, dict) and k not in ("keep", "encode")}

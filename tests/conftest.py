@@ -14,3 +14,33 @@ def ray_local():
     init_ray(num_cpus=2)
     yield
     shutdown_ray()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 API on loopback (moto's server), the way s3fs tests itself."""
+    from moto.server import ThreadedMotoServer
+
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint):
+    """A fresh bucket; returns (url prefix, storage_options)."""
+    import uuid
+
+    import s3fs
+
+    opts = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": s3_endpoint}}
+    fs = s3fs.S3FileSystem(**opts)
+    name = f"hwq-{uuid.uuid4().hex[:10]}"
+    fs.mkdir(name)
+    s3fs.S3FileSystem.clear_instance_cache()
+    return f"s3://{name}/run", opts
+

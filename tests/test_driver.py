@@ -1,0 +1,99 @@
+"""The driver on synthetic stages: cache hits, invalidation, resume, --force."""
+
+import pytest
+
+from pipeline.config import load_config
+from pipeline.driver import Stage, plan, run, status
+from pipeline.store import Store
+
+CALLS: list[str] = []
+
+
+def _mk(name, inputs, section, crash=None):
+    def body(ctx):
+        CALLS.append(name)
+        upstream = {n: sd.read_json("out.json")["value"] for n, sd in ctx.inputs.items()}
+        ctx.out.write_json("partial.json", {"started": True})
+        if crash and crash.get(name):
+            raise RuntimeError(f"{name} killed")
+        value = sum(upstream.values()) + 1
+        ctx.out.write_json("out.json", {"value": value})
+        return {f"{name}_value": value}
+
+    return Stage(name=name, version=1, inputs=lambda cfg: inputs,
+                 sections=section, run=body, headline=(f"{name}_value",))
+
+
+def _stages(crash=None):
+    return [
+        _mk("train", (), lambda c: {"train": c.train.model_dump(), "seed": c.seed}, crash),
+        _mk("prune", ("train",), lambda c: {"prune": c.prune.model_dump()}, crash),
+        _mk("hessian", ("prune",), lambda c: {"hessian": c.hessian.model_dump()}, crash),
+        _mk("quantize", ("prune", "hessian"), lambda c: {"q": c.quantize.model_dump()}, crash),
+    ]
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    return lambda *sets: load_config(
+        "configs/lenet5_fmnist.yaml", [f"store.url={tmp_path / 'store'}", *sets])
+
+
+def _run(cfg, **kw):
+    CALLS.clear()
+    return run(cfg, stages=_stages(kw.pop("crash", None)), init_executor=False, **kw)
+
+
+def test_second_run_is_all_cache_hits(cfg):
+    r1 = _run(cfg())
+    assert CALLS == ["train", "prune", "hessian", "quantize"]
+    assert r1["metrics"]["quantize_value"] == 6
+    r2 = _run(cfg())
+    assert CALLS == []
+    assert all(s["cached"] for s in r2["stages"].values())
+    assert r2["metrics"] == r1["metrics"]
+    assert {s["key"] for s in r1["stages"].values()} == {s["key"] for s in r2["stages"].values()}
+
+
+def test_changing_one_setting_reruns_that_stage_and_downstream_only(cfg):
+    _run(cfg())
+    _run(cfg("hessian.n_samples=4"))
+    assert CALLS == ["hessian", "quantize"]
+    _run(cfg("quantize.target_bits=2"))
+    assert CALLS == ["quantize"]
+    # Both variants stay in the store: switching back is all hits (a sweep shares them).
+    _run(cfg("hessian.n_samples=4"))
+    assert CALLS == []
+
+
+def test_killed_run_resumes_in_the_stage_it_died_in(cfg, tmp_path):
+    with pytest.raises(RuntimeError, match="hessian killed"):
+        _run(cfg(), crash={"hessian": True})
+    assert CALLS == ["train", "prune", "hessian"]
+    _run(cfg())
+    assert CALLS == ["hessian", "quantize"]
+
+
+def test_force_reruns_stage_and_downstream(cfg):
+    _run(cfg())
+    _run(cfg(), force=["prune"])
+    assert CALLS == ["prune", "hessian", "quantize"]
+    with pytest.raises(ValueError, match="not a stage of this run"):
+        _run(cfg(), force=["nonsense"])
+
+
+def test_corrupt_cached_artifact_is_recomputed(cfg, tmp_path):
+    _run(cfg())
+    store = Store(str(tmp_path / "store"))
+    key = plan(cfg(), _stages())[1].key
+    store.write_json(f"stages/prune-{key}/out.json", {"value": 999})
+    _run(cfg())
+    assert CALLS == ["prune", "hessian", "quantize"]
+
+
+def test_status_lists_stages_with_headline(cfg, tmp_path):
+    _run(cfg())
+    rows = status(Store(str(tmp_path / "store")))
+    assert [r["stage"] for r in rows] == ["train", "prune", "hessian", "quantize"]
+    assert all(r["complete"] for r in rows)
+    assert rows[-1]["metrics"] == {"quantize_value": 6}

@@ -1,0 +1,77 @@
+"""The real thing, small: `hwq run` on embedded Ray with Fashion-MNIST, then a cached rerun."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+HWQ = [sys.executable, "-m", "pipeline.cli"]
+# Small and quick, but every stage real: a 3,000-image training subset, one epoch each.
+QUICK = [
+    "--set", "data.train_samples=3000",
+    "--set", "train.epochs=2",
+    "--set", "prune.steps=1",
+    "--set", "prune.retrain_epochs=1",
+    "--set", "hessian.calibration_samples=512",
+    "--set", "finetune.epochs=0.2",
+]
+
+
+def hwq(*args, check=True):
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", PYTHONUNBUFFERED="1")
+    p = subprocess.run([*HWQ, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=900)
+    if check and p.returncode != 0:
+        raise AssertionError(f"hwq {' '.join(args)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}")
+    return p
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    store = tmp_path_factory.mktemp("e2e") / "store"
+    t0 = time.perf_counter()
+    hwq("run", "configs/lenet5_fmnist.yaml", "--store", str(store), *QUICK)
+    return store, time.perf_counter() - t0
+
+
+def test_run_writes_report_with_the_contract(first_run):
+    store, _ = first_run
+    report = json.loads((store / "report.json").read_text())
+    assert report["model"] == {"name": "lenet5", "params": 431_080}
+    m = report["metrics"]
+    assert 0.5 < m["baseline_accuracy"] <= 1
+    assert 0.5 < m["pruned_accuracy"] <= 1
+    assert 0.08 < m["kept_fraction"] < 0.09
+    assert set(report["stages"]) >= {"train", "prune"}
+    assert not any(s["cached"] for s in report["stages"].values())
+    for name, s in report["stages"].items():
+        manifest = json.loads((store / "stages" / f"{name}-{s['key']}" / "manifest.json").read_text())
+        assert manifest["outputs"], name
+    assert "# hwq report" in (store / "report.md").read_text()
+
+
+def test_second_run_is_all_cache_hits_and_fast(first_run):
+    store, first_seconds = first_run
+    t0 = time.perf_counter()
+    hwq("run", "configs/lenet5_fmnist.yaml", "--store", str(store), *QUICK)
+    second = time.perf_counter() - t0
+    report = json.loads((store / "report.json").read_text())
+    assert all(s["cached"] for s in report["stages"].values())
+    assert second < first_seconds
+    out = hwq("status", str(store)).stdout
+    assert "train" in out and "cached" in out and "baseline_accuracy" in out
+
+
+def test_user_errors_are_one_line_not_tracebacks(tmp_path):
+    p = hwq("run", "configs/lenet5_fmnist.yaml", "--store", str(tmp_path),
+            "--set", "prune.kep=0.1", check=False)
+    assert p.returncode == 2 and "did you mean 'keep'" in p.stderr and "Traceback" not in p.stderr
+    p = hwq("run", "configs/lenet5_fmnist.yaml", "--store", str(tmp_path),
+            "--set", f"data.root={tmp_path}", "--set", "data.train_samples=100", check=False)
+    assert p.returncode == 2 and "dataset-fashion-mnist" in p.stderr
+    assert "Traceback" not in p.stderr

@@ -67,9 +67,10 @@ class Stage:
 
 def _stages() -> list[Stage]:
     # Imported here so `import pipeline.driver` pulls in no torch/ray until a run starts.
+    from pipeline.hessian.stage import HESSIAN
     from pipeline.train.stage import PRUNE, TRAIN
 
-    return [TRAIN, PRUNE]
+    return [TRAIN, PRUNE, HESSIAN]
 
 
 def STAGES() -> list[Stage]:  # noqa: N802 - a constant computed lazily

@@ -1,0 +1,268 @@
+"""The `hessian` stage: diagonal Hessian estimates, sharded over data × parameters on Ray.
+
+The calibration set (a seeded subset of the training images) is split into P partitions and
+the parameters into G groups balanced by element count. Each (partition, group) is one Ray task
+(one GPU each when the cluster has GPUs): it reads the model once from the store, runs its
+partition with gradients only for its group, and writes float64 partial sums to
+`partials/p{p}-g{g}.parquet`. A tree of Ray tasks sums the partitions of each group pairwise;
+a last task divides by the sample count and writes `hessian.parquet` (float32; see
+`pipeline.hessian.table`). The partials are removed once the final table is written.
+
+Output: hessian.parquet — what the quantizers read, shard by shard.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.config import RunConfig
+from pipeline.driver import Stage, StageContext
+from pipeline.executor import remote, task_threads
+from pipeline.store import StageDir
+
+__all__ = ["HESSIAN", "balance_groups", "read_hessian", "NONNEG_RULE"]
+
+TABLE = "hessian.parquet"
+# What the quantizers do with the stored values to get non-negative weights.
+NONNEG_RULE = {"ggn": "none (non-negative)", "fisher": "none (non-negative)",
+               "adam": "none (non-negative)", "hutchinson": "abs"}
+
+
+def balance_groups(sizes: dict[str, int], groups: int) -> list[list[str]]:
+    """Split parameter names into at most `groups` groups of near-equal element count
+    (largest first onto the lightest group). Names keep model order inside a group."""
+    order = {n: i for i, n in enumerate(sizes)}
+    g = max(1, min(groups, len(sizes)))
+    bins: list[list[str]] = [[] for _ in range(g)]
+    load = [0] * g
+    for name in sorted(sizes, key=lambda n: -sizes[n]):
+        i = load.index(min(load))
+        bins[i].append(name)
+        load[i] += sizes[name]
+    return [sorted(b, key=order.__getitem__) for b in bins if b]
+
+
+def _calibration_indices(cfg: RunConfig, n_train: int):
+    import torch
+
+    n = min(cfg.hessian.calibration_samples, n_train)
+    g = torch.Generator().manual_seed(cfg.seed + 7919)  # not the training subset's draw
+    return torch.randperm(n_train, generator=g)[:n]
+
+
+def _build_model(cfg: RunConfig, src: StageDir):
+    import torch
+
+    from pipeline.models import build
+    from pipeline.train.stage import load_model_state
+
+    model = build(cfg.model.name)
+    model.load_state_dict(load_model_state(src))
+    model.eval()
+    if torch.cuda.is_available():
+        model.cuda()
+    return model
+
+
+def _partial_task(cfg: RunConfig, out: StageDir, src: StageDir, part: int, n_parts: int,
+                  group: list[str], g: int) -> tuple[str, int]:
+    """One (partition, group) pair → partials/p{part}-g{g}.parquet of float64 sums."""
+    from pipeline.data import batches, load_split
+    from pipeline.hessian.estimators import estimate_diag
+    from pipeline.hessian.table import to_table
+
+    task_threads()
+    h = cfg.hessian
+    model = _build_model(cfg, src)
+    train = load_split(cfg.data.root, "train")
+    idx = _calibration_indices(cfg, len(train)).chunk(n_parts)[part]
+    sums = estimate_diag(model, batches(train, h.batch_size, indices=idx), h.estimator,
+                         params=group, mode=h.mode, n_samples=h.n_samples,
+                         seed=cfg.seed * 100_003 + part)
+    name = f"partials/p{part}-g{g}.parquet"
+    out.write_table(name, to_table(sums.sums, h.chunk_size, dtype=np.float64,
+                                   metadata={"n": sums.n}))
+    return name, sums.n
+
+
+def _sum_task(out: StageDir, a: str, b: str, dest: str) -> str:
+    """Add two partial tables of the same group (same rows, same chunking) → dest."""
+    from pipeline.hessian.table import table_metadata
+
+    ta, tb = (out.read_table(x) for x in (a, b))
+    if ta.column("tensor") != tb.column("tensor") or ta.column("offset") != tb.column("offset"):
+        raise ValueError(f"partials {a} and {b} do not have the same layout")
+    va = ta.column("values").combine_chunks()
+    vb = tb.column("values").combine_chunks()
+    summed = pa.ListArray.from_arrays(
+        va.offsets, pa.array(va.values.to_numpy() + vb.values.to_numpy(), pa.float64()))
+    n = int(table_metadata(ta)["n"]) + int(table_metadata(tb)["n"])
+    t = pa.table({"tensor": ta.column("tensor"), "offset": ta.column("offset"),
+                  "values": summed}).replace_schema_metadata({"n": str(n)})
+    out.write_table(dest, t)
+    return dest
+
+
+def _final_task(cfg: RunConfig, out: StageDir, src: StageDir, group_files: list[str],
+                param_order: list[str]) -> dict:
+    """Divide by the sample count, cast to float32, write hessian.parquet in model order."""
+    from pipeline.hessian.table import table_metadata
+
+    tables, n = [], None
+    for f in group_files:
+        t = out.read_table(f)
+        tn = int(table_metadata(t)["n"])
+        if n is not None and tn != n:
+            raise ValueError(f"groups saw different sample counts ({n} vs {tn})")
+        n = tn
+        v = t.column("values").combine_chunks()
+        mean = pa.ListArray.from_arrays(v.offsets, pa.array(
+            (v.values.to_numpy() / tn).astype(np.float32), pa.float32()))
+        tables.append(pa.table({"tensor": t.column("tensor"), "offset": t.column("offset"),
+                                "values": mean}))
+    table = pa.concat_tables(tables)
+    # Model order, so a reader streams tensors in the order the model lists them.
+    rank = {name: i for i, name in enumerate(param_order)}
+    keys = [(rank[nm], off) for nm, off in zip(table.column("tensor").to_pylist(),
+                                                table.column("offset").to_pylist(), strict=True)]
+    table = table.take(pa.array(sorted(range(len(keys)), key=keys.__getitem__)))
+    return _write_final(cfg, out, src, table, n)
+
+
+def _adam_task(cfg: RunConfig, out: StageDir, src: StageDir) -> dict:
+    from pipeline.hessian.estimators import adam_diag
+    from pipeline.hessian.table import to_table
+    from pipeline.models import build
+    from pipeline.train.stage import load_adam
+
+    names = [n for n, _ in build(cfg.model.name).named_parameters()]
+    v, step, beta2 = load_adam(src)
+    diag = adam_diag(v, step, beta2, params=names)
+    return _write_final(cfg, out, src, to_table(diag, cfg.hessian.chunk_size), None)
+
+
+def _write_final(cfg: RunConfig, out: StageDir, src: StageDir, table: pa.Table,
+                 n: int | None) -> dict:
+    h = cfg.hessian
+    meta = {
+        "estimator": h.estimator,
+        "mode": h.mode if h.estimator == "ggn" else "",
+        "n_samples": str(n or 0),
+        "draws_per_sample": str(h.n_samples),
+        "model_sha256": src.outputs["model.safetensors"]["sha256"],
+        "nonneg": NONNEG_RULE[h.estimator],
+        # The absolute scale depends on how the loss is averaged (DESIGN §7): relative use only.
+        "scale": "diagonal for the mean per-sample cross-entropy; use for relative weighting",
+    }
+    table = table.replace_schema_metadata(meta)
+    out.write_table(TABLE, table)
+    per_layer: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for name, vals in zip(table.column("tensor").to_pylist(),
+                          table.column("values").to_pylist(), strict=True):
+        per_layer[name] = per_layer.get(name, 0.0) + float(np.sum(vals, dtype=np.float64))
+        counts[name] = counts.get(name, 0) + len(vals)
+    return {"mean_h": {k: per_layer[k] / max(counts[k], 1) for k in per_layer},
+            "rows": table.num_rows, "n": n}
+
+
+def read_hessian(sd: StageDir, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """The full, verified Hessian table as {name: float32 array of the parameter's shape},
+    made non-negative by the estimator's rule."""
+    from pipeline.hessian.table import from_table, table_metadata
+
+    table = sd.read_table(TABLE)
+    out = from_table(table, shapes)
+    if table_metadata(table).get("nonneg") == "abs":
+        out = {k: np.abs(v) for k, v in out.items()}
+    return out
+
+
+def _run(ctx: StageContext) -> dict:
+    import ray
+
+    from pipeline.executor import ray_has_gpus
+    from pipeline.models import build
+    from pipeline.train.stage import model_stage
+
+    cfg, out = ctx.cfg, ctx.out
+    src = ctx.inputs[model_stage(cfg)]
+    h = cfg.hessian
+    t0 = time.perf_counter()
+    model = build(cfg.model.name)
+    sizes = {n: p.numel() for n, p in model.named_parameters()}
+    if h.estimator == "adam":
+        res = ray.get(remote(_adam_task).remote(cfg, out, src))
+        groups, n_parts = [list(sizes)], 0
+    else:
+        gpus = 1 if ray_has_gpus() else 0
+        groups = balance_groups(sizes, h.groups)
+        n_parts = min(h.partitions, h.calibration_samples)
+        task = remote(_partial_task, gpus=gpus)
+        refs = {(p, g): task.remote(cfg, out, src, p, n_parts, grp, g)
+                for p in range(n_parts) for g, grp in enumerate(groups)}
+        ctx.log.info("hessian: %s%s over %d samples: %d partitions × %d groups = %d Ray tasks",
+                     h.estimator, f"/{h.mode}" if h.estimator == "ggn" else "",
+                     h.calibration_samples, n_parts, len(groups), len(refs))
+        from pipeline.progress import bar
+
+        pbar = bar(len(refs), "hessian tasks", unit="task")
+        pending = list(refs.values())
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            ray.get(done)  # surface a failed task at once
+            pbar.update(len(done))
+        pbar.close()
+        # Tree reduce per group: pairs of partial files summed by Ray tasks, level by level.
+        summer = remote(_sum_task)
+        level = {g: [ray.get(refs[(p, g)])[0] for p in range(n_parts)] for g in range(len(groups))}
+        depth = 0
+        while any(len(files) > 1 for files in level.values()):
+            depth += 1
+            nxt: dict[int, list] = {}
+            for g, files in level.items():
+                nxt[g] = [
+                    summer.remote(out, files[i], files[i + 1], f"partials/r{depth}-g{g}-{i}.parquet")
+                    if i + 1 < len(files) else files[i]
+                    for i in range(0, len(files), 2)
+                ]
+            level = {g: [f if isinstance(f, str) else ray.get(f) for f in files]
+                     for g, files in nxt.items()}
+        finals = [level[g][0] for g in range(len(groups))]
+        res = ray.get(remote(_final_task).remote(cfg, out, src, finals, list(sizes)))
+        ctx.store.remove(out.rel("partials"))
+    return {
+        "hessian": {
+            "estimator": h.estimator,
+            "mode": h.mode if h.estimator == "ggn" else None,
+            "samples": res["n"] or 0,
+            "partitions": n_parts,
+            "groups": len(groups),
+            "seconds": round(time.perf_counter() - t0, 3),
+            "mean_h": res["mean_h"],
+        }
+    }
+
+
+def _sections(cfg: RunConfig) -> dict:
+    return {"seed": cfg.seed, "hessian": cfg.hessian.model_dump(mode="json")}
+
+
+def _inputs(cfg: RunConfig) -> tuple[str, ...]:
+    from pipeline.train.stage import model_stage
+
+    return (model_stage(cfg),)
+
+
+HESSIAN = Stage(
+    name="hessian",
+    version=1,
+    inputs=_inputs,
+    sections=_sections,
+    run=_run,
+    enabled=lambda cfg: cfg.hessian.enabled,
+    headline=(),
+)

@@ -1,0 +1,88 @@
+"""The quantized-model artifact: what `quantize` writes and `finetune`/`encode` read.
+
+Files in a quantize (or finetune) stage folder:
+
+- `codebooks.safetensors` — {codebook name: float32 [k] (network/layer scope) or [rows, k]
+  (channel scope: row r of the tensor uses codebook row r)}. Network scope has one codebook,
+  "network"; layer and channel scopes name each codebook after its tensor.
+- `indices.safetensors` — {tensor name: integer tensor of the parameter's full shape} (uint8
+  when k ≤ 256, else int32, as safetensors has no uint16): the cluster index of every
+  element. Pruned positions hold 0 and are ignored (the mask says which are kept).
+- `quantized.json` — {"scope", "method", "tensors": {name: {"codebook": str}}, "raw": [names
+  kept in fp32, e.g. biases]}.
+
+The dense weight of a quantized tensor is `codebook[index] * mask` (channel scope: `codebook[r,
+index[r, c]]`); everything else comes from the model stage's dense state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from pipeline.store import StageDir
+
+__all__ = ["QuantizedModel", "gather_weights"]
+
+
+def gather_weights(codebook: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Shared values of `index` (any shape): codebook [k] → codebook[index]; codebook [rows, k]
+    → row r of index [rows, ...] looks up codebook[r]. Differentiable in `codebook` (the
+    gradient of a centre is the sum of its members' gradients)."""
+    idx = index.long()
+    if codebook.dim() == 1:
+        return codebook[idx]
+    rows = codebook.shape[0]
+    flat = idx.reshape(rows, -1)
+    return torch.gather(codebook, 1, flat).reshape(index.shape)
+
+
+@dataclass
+class QuantizedModel:
+    scope: str
+    method: str
+    codebooks: dict[str, torch.Tensor]  # float32
+    indices: dict[str, torch.Tensor]  # integer, full parameter shape
+    assignment: dict[str, str]  # tensor name -> codebook name
+    raw: list[str] = field(default_factory=list)
+
+    def dense_state(
+        self, base: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """A full state dict: quantized tensors rebuilt, the rest taken from `base`."""
+        state = {k: v.clone() for k, v in base.items()}
+        for name, cb in self.assignment.items():
+            w = gather_weights(self.codebooks[cb], self.indices[name]).to(base[name].dtype)
+            if name in masks:
+                w = w * masks[name].to(w.dtype)
+            state[name] = w
+        return state
+
+    def write(self, sd: StageDir) -> None:
+        def compact(v: torch.Tensor) -> torch.Tensor:
+            top = int(v.max()) if v.numel() else 0
+            return v.to(torch.uint8) if top < 256 else v.to(torch.int32)
+
+        idx = {k: compact(v) for k, v in self.indices.items()}
+        sd.write_safetensors("codebooks.safetensors",
+                             {k: v.float() for k, v in self.codebooks.items()})
+        sd.write_safetensors("indices.safetensors", idx)
+        sd.write_json("quantized.json", {
+            "scope": self.scope, "method": self.method,
+            "tensors": {k: {"codebook": v} for k, v in self.assignment.items()},
+            "raw": self.raw,
+        })
+
+    @classmethod
+    def read(cls, sd: StageDir, codebooks_from: StageDir | None = None) -> QuantizedModel:
+        """Read from a quantize folder; `codebooks_from` (a finetune folder) replaces the
+        codebooks with fine-tuned ones."""
+        meta = sd.read_json("quantized.json")
+        cbs = (codebooks_from or sd).read_safetensors("codebooks.safetensors")
+        return cls(
+            scope=meta["scope"], method=meta["method"], codebooks=cbs,
+            indices=sd.read_safetensors("indices.safetensors"),
+            assignment={k: v["codebook"] for k, v in meta["tensors"].items()},
+            raw=list(meta.get("raw", [])),
+        )

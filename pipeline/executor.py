@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -45,6 +46,8 @@ def _worker_env() -> dict[str, str]:
         "MPLCONFIGDIR": os.environ.get("MPLCONFIGDIR", str(c / "matplotlib")),
         # Two CPU-heavy processes spin each other out of OpenMP otherwise (DESIGN §7).
         "OMP_WAIT_POLICY": "PASSIVE",
+        # Bars redraw in place on a terminal; in a log file they would repeat every update.
+        "HWQ_PROGRESS": os.environ.get("HWQ_PROGRESS", "1" if sys.stderr.isatty() else "0"),
     }
     for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN"):
         if k in os.environ:

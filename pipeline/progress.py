@@ -6,6 +6,9 @@ draws them in place instead of interleaving raw carriage returns from many worke
 
 from __future__ import annotations
 
+import os
+import sys
+
 __all__ = ["bar"]
 
 
@@ -18,8 +21,20 @@ def _in_ray_worker() -> bool:
         return False
 
 
+def _enabled() -> bool:
+    env = os.environ.get("HWQ_PROGRESS")
+    if env is not None:
+        return env != "0"
+    return sys.stderr.isatty()
+
+
 def bar(total: int | None, desc: str, unit: str = "it"):
-    """A tqdm-like bar: `update(n)`, `set_postfix(...)`? no; `set_description(str)`, `close()`."""
+    """A tqdm-like bar (`update(n)`, `close()`); silent when output is not a terminal
+    (HWQ_PROGRESS=1 forces bars, 0 hides them), where stages log lines instead."""
+    if not _enabled():
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, disable=True)
     if _in_ray_worker():
         from ray.experimental.tqdm_ray import tqdm
 

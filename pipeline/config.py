@@ -134,6 +134,11 @@ class QuantizeConfig(_Section):
             )
         if self.layer_k is not None and self.scope != "layer":
             raise ValueError("quantize.layer_k needs quantize.scope=layer")
+        if self.method == "ecsq" and self.k is not None:
+            raise ValueError("quantize.method=ecsq sets its rate by target_bits, not k")
+        if self.scope == "channel" and (self.method not in ("kmeans", "hw_kmeans") or
+                                        self.k is None):
+            raise ValueError("quantize.scope=channel runs kmeans or hw_kmeans with a fixed k")
         return self
 
 
@@ -147,6 +152,11 @@ class FinetuneConfig(_Section):
     bf16: bool = False
     grad: Literal["sum", "mean"] = "sum"  # centre gradient: sum (paper) or mean of members
     train_unquantized: bool = False  # biases etc. stay frozen unless asked
+    # Steps between DeepSpeed checkpoints, the points an interrupted fine-tune resumes from.
+    # Resuming is exact, so this (like max_failures) is not part of the stage key.
+    checkpoint_every: int = Field(200, ge=1)
+    # Ray Train restarts of a failed worker group; each restart resumes from the last checkpoint.
+    max_failures: int = Field(0, ge=0)
 
 
 class EncodeConfig(_Section):

@@ -68,9 +68,10 @@ class Stage:
 def _stages() -> list[Stage]:
     # Imported here so `import pipeline.driver` pulls in no torch/ray until a run starts.
     from pipeline.hessian.stage import HESSIAN
+    from pipeline.quantize.stage import QUANTIZE
     from pipeline.train.stage import PRUNE, TRAIN
 
-    return [TRAIN, PRUNE, HESSIAN]
+    return [TRAIN, PRUNE, HESSIAN, QUANTIZE]
 
 
 def STAGES() -> list[Stage]:  # noqa: N802 - a constant computed lazily

@@ -169,12 +169,26 @@ def _write_final(cfg: RunConfig, out: StageDir, src: StageDir, table: pa.Table,
             "rows": table.num_rows, "n": n}
 
 
-def read_hessian(sd: StageDir, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
-    """The full, verified Hessian table as {name: float32 array of the parameter's shape},
-    made non-negative by the estimator's rule."""
+def read_hessian(sd: StageDir, shapes: dict[str, tuple[int, ...]],
+                 names: list[str] | None = None) -> dict[str, np.ndarray]:
+    """Hessian diagonals as {name: float32 array of the parameter's shape}, made non-negative
+    by the estimator's rule.
+
+    names=None reads the whole table, verified against the manifest; a list of names reads
+    only those tensors' rows (a filtered range read — the file was verified when the stage
+    completed or was found cached)."""
+    import pyarrow.parquet as pq
+
     from pipeline.hessian.table import from_table, table_metadata
 
-    table = sd.read_table(TABLE)
+    if names is None:
+        table = sd.read_table(TABLE)
+    else:
+        with sd.open_read(TABLE) as f:
+            table = pq.read_table(f, filters=[("tensor", "in", list(names))])
+            meta = pq.read_schema(f).metadata
+        table = table.replace_schema_metadata(meta)
+        shapes = {n: shapes[n] for n in names}
     out = from_table(table, shapes)
     if table_metadata(table).get("nonneg") == "abs":
         out = {k: np.abs(v) for k, v in out.items()}

@@ -22,6 +22,11 @@ class DecodeError(ValueError):
     """A bitstream or code table is invalid (corrupt or hostile input)."""
 
 
+_BLOCK = 1 << 16
+"""Symbols per vectorized block in :func:`pack_codewords`: the block's temporaries (a few
+int64 arrays) stay in L2 instead of being page-faulted in afresh for a multi-MB chunk."""
+
+
 def pack_codewords(
     symbols: np.ndarray, codewords: np.ndarray, lengths: np.ndarray
 ) -> tuple[np.ndarray, int]:
@@ -29,50 +34,58 @@ def pack_codewords(
 
     Args:
         symbols: [n] unsigned ints, each < len(codewords).
-        codewords: [alphabet] uint64, the canonical codeword of each symbol (right-aligned).
+        codewords: [alphabet] uint64, the canonical codeword of each symbol (right-aligned,
+            < 2**24).
         lengths: [alphabet] uint8, codeword lengths in bits (1..24; 0 = symbol has no code).
 
     Returns:
         (data, n_bits): data is uint8 [ceil(n_bits / 8)], the last byte zero-padded.
 
-    Vectorized, no per-symbol Python loop: every symbol's codeword is shifted to its bit offset
-    inside a 64-bit word, the words are OR-reduced over the (contiguous) runs of symbols that
-    start in them, and the few codewords that straddle a word boundary add their low bits to
-    the next word. A codeword is at most 24 bits, so every word except possibly the last
-    contains the start of at least one codeword.
+    Vectorized numpy, no per-symbol Python loop (a loop per block of 65,536 symbols). Each
+    codeword is shifted so that its last bit lands at its place in the 64-bit word holding
+    that bit; the words are OR-reduced over the (contiguous) runs of codewords ending in
+    them; the high bits of the few codewords that straddle a word boundary are OR-ed into
+    the previous word. Codewords are at most 24 bits, so a boundary is straddled at most once.
     """
     sym = np.asarray(symbols)
     n = sym.shape[0]
     if n == 0:
         return np.zeros(0, np.uint8), 0
-    ln = lengths[sym].astype(np.int64)
-    if int(ln.min()) == 0:
+    ln_tab = np.asarray(lengths).astype(np.int64)
+    # One gather per symbol instead of two: codeword and length packed in one int64.
+    table = (np.asarray(codewords).astype(np.int64) << 5) | ln_tab
+    hist = np.bincount(sym, minlength=ln_tab.shape[0])
+    if hist.shape[0] > ln_tab.shape[0]:
+        raise ValueError(f"symbols must be < {ln_tab.shape[0]}")
+    if np.any(hist[ln_tab == 0]):
         raise ValueError("a symbol to encode has no codeword (its count was zero)")
-    cw = codewords[sym].astype(np.uint64, copy=False)
-    end = np.cumsum(ln)
-    n_bits = int(end[-1])
-    start = end - ln
-    del end
-    word = start >> 6
-    # Left shift that aligns the codeword's last bit inside its word; negative = straddles.
-    amt = 64 - (start & 63) - ln
-    spill = amt < 0
-    part = np.where(
-        spill,
-        cw >> np.where(spill, -amt, 0).astype(np.uint64),
-        cw << np.where(spill, 0, amt).astype(np.uint64),
-    )
-    run_starts = np.flatnonzero(np.diff(word)) + 1
-    run_starts = np.concatenate(([0], run_starts))
-    n_words = (n_bits + 63) >> 6
-    out = np.zeros(n_words, np.uint64)
-    out[word[run_starts]] = np.bitwise_or.reduceat(part, run_starts)
-    s = np.flatnonzero(spill)
-    if s.size:
-        # Low bits of a straddling codeword, aligned to the top of the next word.
-        low = cw[s] << (amt[s] + 64).astype(np.uint64)
-        out[word[s] + 1] |= low
-    data = out.astype(">u8").view(np.uint8)[: (n_bits + 7) >> 3]
+    n_bits = int(np.dot(hist, ln_tab))
+    out = np.zeros((n_bits + 63) >> 6, np.int64)
+    base = 0
+    for b0 in range(0, n, _BLOCK):
+        # intp indices: numpy converts narrower index arrays on every gather otherwise.
+        e = table[sym[b0 : b0 + _BLOCK].astype(np.intp)]
+        ln = e & 31
+        e >>= 5
+        end = np.cumsum(ln)
+        end += base
+        base = int(end[-1])
+        sh = -end
+        sh &= 63  # free bits after the codeword in its last word
+        low = e << sh  # int64 wraps: the bits that belong to the previous word fall off
+        np.subtract(63, sh, out=sh)
+        # e >> (64 - sh) without a shift by 64, which numpy handles on a slow path.
+        high = (e >> 1) >> sh
+        end -= 1
+        end >>= 6  # index of the word holding the codeword's last bit
+        runs = np.flatnonzero(end[1:] != end[:-1])
+        runs += 1
+        runs = np.concatenate(([0], runs))
+        out[end[runs]] |= np.bitwise_or.reduceat(low, runs)
+        spill = np.flatnonzero(high != 0)
+        if spill.size:
+            out[end[spill] - 1] |= high[spill]
+    data = out.view(np.uint64).astype(">u8").view(np.uint8)[: (n_bits + 7) >> 3]
     return data, n_bits
 
 

@@ -63,8 +63,14 @@ def symbols_to_positions(symbols: np.ndarray, max_gap: int) -> np.ndarray:
 
 
 def gap_histogram(gaps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(distinct gap values int64 [d], their counts int64 [d]) for gaps [n_kept]."""
-    vals, cnts = np.unique(np.asarray(gaps, np.int64), return_counts=True)
+    """(distinct gap values int64 [d], their counts int64 [d]) for gaps [n_kept] (>= 1)."""
+    g = np.asarray(gaps, np.int64)
+    if g.size and int(g.max()) < (1 << 24):
+        # O(n) instead of unique's sort: pruned LLM tensors have 10^8 gaps.
+        hist = np.bincount(g)
+        vals = np.flatnonzero(hist)
+        return vals.astype(np.int64), hist[vals].astype(np.int64)
+    vals, cnts = np.unique(g, return_counts=True)
     return vals, cnts.astype(np.int64)
 
 
@@ -72,8 +78,9 @@ def gap_symbol_counts(values: np.ndarray, counts: np.ndarray, max_gap: int) -> n
     """Symbol histogram int64 [max_gap + 1] of the gap stream, from a gap histogram."""
     v = np.asarray(values, np.int64)
     c = np.asarray(counts, np.int64)
-    hist = np.zeros(max_gap + 1, np.int64)
-    np.add.at(hist, (v - 1) % max_gap + 1, c)
+    # float64 weights are exact for counts below 2**53.
+    hist = np.bincount((v - 1) % max_gap + 1, weights=c, minlength=max_gap + 1)
+    hist = np.rint(hist).astype(np.int64)
     hist[0] = int(np.dot((v - 1) // max_gap, c))
     return hist
 

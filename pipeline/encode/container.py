@@ -1,0 +1,1167 @@
+"""The .hwq container: one file holding a quantized network (see docs/FORMAT.md).
+
+Layout: a 24-byte prefix (magic, version, header length, header CRC), a JSON header, zero
+padding to a multiple of 8, then the payload: codebooks, code tables, and per tensor its
+index chunks and position chunks (or its raw bytes). Every payload byte belongs to exactly
+one section with its own CRC-32, so a reader can fetch the header and then only the byte
+ranges of the tensors it wants (local files and object stores alike, through fsspec).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import uuid
+import zlib
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .bitio import MAX_CODE_LENGTH, DecodeError
+from .huffman import (
+    CodeTable,
+    EncodedChunk,
+    decode_chunk,
+    encode_chunk,
+    entropy_bits,
+    fixed_lengths,
+    pack_lengths,
+    symbol_dtype,
+    unpack_lengths,
+)
+from .positions import (
+    MAX_GAP_LIMIT,
+    choose_max_gap,
+    gap_histogram,
+    gap_symbol_counts,
+    gaps_from_mask,
+    gaps_to_symbols,
+    symbols_to_positions,
+)
+
+__all__ = [
+    "FORMAT_VERSION",
+    "MAGIC",
+    "HwqFormatError",
+    "HwqReader",
+    "TensorEntry",
+    "format_inspect",
+    "hwq_accounting",
+    "inspect_hwq",
+    "read_hwq",
+    "write_hwq",
+]
+
+MAGIC = b"HWQ1"
+FORMAT_VERSION = 1
+_PREFIX = struct.Struct("<4sHHQII")  # magic, version, flags, header_len, header_crc32, reserved
+PREFIX_BYTES = _PREFIX.size  # 24
+_ALIGN = 8  # payload starts 8-byte aligned so raw float64 tensors can be viewed in place
+MAX_HEADER_BYTES = 1 << 30
+DEFAULT_MAX_TENSOR_BYTES = 1 << 34
+"""Default cap on one decoded tensor (16 GiB): a pruned tensor's declared shape is not bounded
+by its payload (trailing pruned weights cost nothing), so the reader needs an explicit cap."""
+
+QUANTIZED_DTYPES = ("float32", "float16", "bfloat16", "float64")
+RAW_DTYPES = QUANTIZED_DTYPES + ("int64", "int32", "int16", "int8", "uint8", "bool")
+_MAX_NDIM = 32
+
+MapFn = Callable[[Callable[[Any], Any], Sequence[Any]], Iterable[Any]]
+
+
+class HwqFormatError(ValueError):
+    """A .hwq file is malformed, truncated, corrupt or hostile. ``path`` names the file."""
+
+    def __init__(self, path: str, problem: str):
+        super().__init__(f"{path}: {problem}")
+        self.path = path
+        self.problem = problem
+
+
+@dataclass
+class TensorEntry:
+    """One tensor to store.
+
+    Attributes:
+        name: unique name (e.g. a state-dict key).
+        shape: the tensor's shape.
+        dtype: decoded dtype: for ``quantized`` one of float32/float16/bfloat16/float64 (the
+            float32 codebook values are cast to it); for ``raw`` the array's dtype (one of
+            RAW_DTYPES; bfloat16 arrays are passed as uint16 bit patterns).
+        codes: [n_kept] unsigned ints, the codebook index of each KEPT element in flat C order.
+        mask: bool [prod(shape)] or ``shape``; None = dense (all kept).
+        codebook: name of a codebook in the ``codebooks`` dict: float32 [k] (one value per
+            code) or [shape[0], k] (per output channel: element (r, ...) uses row r).
+        raw: for kind ``raw``: the tensor itself, stored as is (little-endian).
+    """
+
+    name: str
+    shape: tuple[int, ...] = ()
+    dtype: str = "float32"
+    codes: np.ndarray | None = None
+    mask: np.ndarray | None = None
+    codebook: str | None = None
+    raw: np.ndarray | None = None
+
+    @property
+    def kind(self) -> str:
+        return "raw" if self.raw is not None else "quantized"
+
+    @classmethod
+    def quantized(
+        cls,
+        name: str,
+        shape: Sequence[int],
+        codes: np.ndarray,
+        codebook: str,
+        mask: np.ndarray | None = None,
+        dtype: str = "float32",
+    ) -> TensorEntry:
+        return cls(name, tuple(int(s) for s in shape), dtype, codes, mask, codebook, None)
+
+    @classmethod
+    def raw_tensor(cls, name: str, array: np.ndarray, dtype: str | None = None) -> TensorEntry:
+        """A tensor stored as is. dtype defaults to the array's (give "bfloat16" for uint16 bits)."""
+        a = np.asarray(array)
+        return cls(name, tuple(a.shape), dtype or _dtype_name(a), None, None, None, a)
+
+
+# ---------------------------------------------------------------------------------------------
+# dtype helpers
+
+
+def _dtype_name(a: np.ndarray) -> str:
+    if a.dtype.name == "bfloat16":  # ml_dtypes arrays, if the caller uses them
+        return "bfloat16"
+    return a.dtype.name
+
+
+def _np_dtype(name: str) -> np.dtype:
+    """Storage dtype (little-endian); bfloat16 is stored and returned as uint16 bit patterns."""
+    return np.dtype("<u2") if name == "bfloat16" else np.dtype(name).newbyteorder("<")
+
+
+def _f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 [...] -> uint16 [...] bfloat16 bit patterns, round to nearest even."""
+    u = np.ascontiguousarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    rounded = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    quiet_nan = (u >> 16) | 0x0040
+    return np.where(np.isnan(x), quiet_nan, rounded).astype(np.uint16)
+
+
+def _cast_codebook(cb: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "bfloat16":
+        return _f32_to_bf16_bits(cb)
+    return cb.astype(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+
+def _flat_mask(entry: TensorEntry, shape: tuple[int, ...], numel: int) -> np.ndarray | None:
+    if entry.mask is None:
+        return None
+    m = np.asarray(entry.mask)
+    if m.dtype != np.bool_:
+        raise ValueError(f"{entry.name}: mask must be bool, got {m.dtype}")
+    if m.size != numel or (m.ndim > 1 and tuple(m.shape) != shape):
+        raise ValueError(f"{entry.name}: mask shape {m.shape} does not match {shape}")
+    m = m.reshape(-1)
+    return None if m.all() else m
+
+
+@dataclass
+class _Prepared:
+    entry: TensorEntry
+    shape: tuple[int, ...]
+    numel: int
+    k: int = 0
+    codes: np.ndarray | None = None  # [n_kept]
+    mask: np.ndarray | None = None  # flat bool or None (dense)
+    raw_bytes: bytes = b""
+    scope: str | None = None
+    index_group: str | None = None
+    pos_group: str | None = None
+    gaps: np.ndarray | None = None
+
+
+def _prepare(
+    entries: Sequence[TensorEntry], codebooks: dict[str, np.ndarray], code_sharing: str
+) -> tuple[list[_Prepared], dict[str, np.ndarray]]:
+    cbs: dict[str, np.ndarray] = {}
+    for name, cb in codebooks.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"codebook names must be non-empty strings, got {name!r}")
+        a = np.ascontiguousarray(cb, dtype="<f4")
+        if a.ndim not in (1, 2) or a.shape[-1] < 1 or a.shape[-1] > (1 << MAX_CODE_LENGTH):
+            raise ValueError(f"codebook {name!r} must be [k] or [rows, k], 1 <= k, got {a.shape}")
+        cbs[name] = a
+    refs: dict[str, int] = {}
+    for e in entries:
+        if e.raw is None and e.codebook is not None:
+            refs[e.codebook] = refs.get(e.codebook, 0) + 1
+    seen: set[str] = set()
+    out = []
+    for e in entries:
+        if not isinstance(e.name, str) or not e.name:
+            raise ValueError(f"tensor names must be non-empty strings, got {e.name!r}")
+        if e.name in seen:
+            raise ValueError(f"duplicate tensor name {e.name!r}")
+        seen.add(e.name)
+        shape = tuple(int(s) for s in e.shape)
+        if any(s < 0 for s in shape) or len(shape) > _MAX_NDIM:
+            raise ValueError(f"{e.name}: invalid shape {shape}")
+        numel = math.prod(shape)
+        if e.raw is not None:
+            a = np.asarray(e.raw)
+            if tuple(a.shape) != shape:
+                raise ValueError(f"{e.name}: raw array shape {a.shape} != {shape}")
+            if e.dtype not in RAW_DTYPES:
+                raise ValueError(f"{e.name}: raw dtype {e.dtype!r} not in {RAW_DTYPES}")
+            if e.dtype == "bfloat16":
+                if a.dtype.name == "bfloat16":
+                    a = a.view(np.uint16)
+                if a.dtype != np.uint16:
+                    raise ValueError(f"{e.name}: bfloat16 raw tensors are uint16 bit patterns")
+            elif a.dtype != np.dtype(e.dtype):
+                raise ValueError(f"{e.name}: raw array dtype {a.dtype} != declared {e.dtype}")
+            data = np.ascontiguousarray(a, dtype=_np_dtype(e.dtype)).tobytes()
+            out.append(_Prepared(e, shape, numel, raw_bytes=data))
+            continue
+        if e.dtype not in QUANTIZED_DTYPES:
+            raise ValueError(f"{e.name}: quantized dtype {e.dtype!r} not in {QUANTIZED_DTYPES}")
+        if e.codebook not in cbs or e.codes is None:
+            raise ValueError(f"{e.name}: a quantized tensor needs codes and a known codebook")
+        cb = cbs[e.codebook]
+        k = int(cb.shape[-1])
+        if cb.ndim == 2 and (len(shape) == 0 or cb.shape[0] != shape[0]):
+            raise ValueError(f"{e.name}: channel codebook {cb.shape} needs shape[0] rows")
+        mask = _flat_mask(e, shape, numel)
+        codes = np.asarray(e.codes).reshape(-1)
+        if codes.size and codes.dtype.kind not in "ui":
+            raise ValueError(f"{e.name}: codes must be integers, got {codes.dtype}")
+        n_kept = numel if mask is None else int(mask.sum())
+        if codes.size != n_kept:
+            raise ValueError(f"{e.name}: {codes.size} codes for {n_kept} kept elements")
+        if codes.size and (int(codes.min()) < 0 or int(codes.max()) >= k):
+            raise ValueError(f"{e.name}: codes out of range [0, {k}) of codebook {e.codebook!r}")
+        codes = codes.astype(symbol_dtype(k), copy=False)
+        scope = "channel" if cb.ndim == 2 else ("network" if refs[e.codebook] > 1 else "tensor")
+        p = _Prepared(e, shape, numel, k, codes, mask, scope=scope)
+        p.index_group = e.codebook if code_sharing == "network" else e.name
+        if mask is not None:
+            p.gaps = gaps_from_mask(mask)
+            p.pos_group = "" if code_sharing == "network" else e.name
+        out.append(p)
+    return out, cbs
+
+
+def _default_map(fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+    return [fn(x) for x in items]
+
+
+def _encode_job(job: tuple[np.ndarray, CodeTable]) -> EncodedChunk:
+    return encode_chunk(job[0], job[1])
+
+
+def write_hwq(
+    path_or_url: str | os.PathLike,
+    entries: Sequence[TensorEntry],
+    codebooks: dict[str, np.ndarray],
+    *,
+    code_sharing: str = "network",
+    fixed_length: bool = False,
+    chunk_symbols: int = 4_000_000,
+    metadata: dict | None = None,
+    storage_options: dict | None = None,
+    map_fn: MapFn | None = None,
+) -> dict:
+    """Encode tensors into one .hwq file, atomically; return its bit accounting.
+
+    Args:
+        path_or_url: local path or fsspec URL (``s3://bucket/key`` ...).
+        entries: tensors in file order.
+        codebooks: name -> float32 [k] or [rows, k]. All are stored.
+        code_sharing: ``"network"``: one Huffman table per codebook (indices) and one for all
+            pruned tensors' positions; ``"tensor"``: one table per tensor for each stream.
+        fixed_length: fixed-length codes instead of Huffman (for comparison: Han et al.'s
+            fixed-width fields).
+        chunk_symbols: symbols per independently decodable chunk.
+        metadata: JSON-serializable dict stored in the header (e.g. the resolved run config).
+        storage_options: fsspec options for URLs (credentials, endpoint).
+        map_fn: ``map_fn(fn, jobs) -> results`` used to encode chunks, e.g. a Ray-backed map;
+            default: in-process, in order.
+
+    Returns:
+        The accounting dict (see :func:`hwq_accounting`).
+    """
+    if code_sharing not in ("network", "tensor"):
+        raise ValueError(f"code_sharing must be 'network' or 'tensor', got {code_sharing!r}")
+    if chunk_symbols < 1:
+        raise ValueError("chunk_symbols must be >= 1")
+    prepared, cbs = _prepare(entries, codebooks, code_sharing)
+
+    # Code tables: pooled histograms per group; a group with no symbols gets no table.
+    idx_hist: dict[str, np.ndarray] = {}
+    for p in prepared:
+        if p.codes is not None:
+            h = np.bincount(p.codes, minlength=p.k).astype(np.int64)
+            idx_hist[p.index_group] = idx_hist.get(p.index_group, 0) + h
+    pos_gaps: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+    for p in prepared:
+        if p.gaps is not None:
+            pos_gaps.setdefault(p.pos_group, []).append(gap_histogram(p.gaps))
+    tables: list[CodeTable] = []
+    table_hist: list[np.ndarray] = []
+    table_of: dict[tuple[str, str], int] = {}
+    for g, h in idx_hist.items():
+        if h.sum() > 0:
+            table_of[("i", g)] = len(tables)
+            tables.append(CodeTable.from_counts(h, fixed=fixed_length))
+            table_hist.append(h)
+    max_gap_of: dict[str, int] = {}
+    for g, hists in pos_gaps.items():
+        vals = np.concatenate([v for v, _ in hists])
+        cnts = np.concatenate([c for _, c in hists])
+        if vals.size == 0:
+            continue
+        m, table = choose_max_gap(vals, cnts, fixed=fixed_length)
+        max_gap_of[g] = m
+        table_of[("p", g)] = len(tables)
+        tables.append(table)
+        table_hist.append(gap_symbol_counts(vals, cnts, m))
+
+    # Chunk jobs, in payload order.
+    jobs: list[tuple[np.ndarray, CodeTable]] = []
+    plan: list[tuple[int, str, int]] = []  # (tensor index, stream, n chunks)
+    for ti, p in enumerate(prepared):
+        if p.codes is None:
+            continue
+        streams = [("indices", p.codes, table_of.get(("i", p.index_group)))]
+        if p.gaps is not None:
+            m = max_gap_of.get(p.pos_group, 1)
+            streams.append(
+                ("positions", gaps_to_symbols(p.gaps, m), table_of.get(("p", p.pos_group)))
+            )
+        for sname, sym, t in streams:
+            n_chunks = 0
+            for i in range(0, sym.shape[0], chunk_symbols):
+                jobs.append((sym[i : i + chunk_symbols], tables[t]))
+                n_chunks += 1
+            plan.append((ti, sname, n_chunks))
+    encoded = list((map_fn or _default_map)(_encode_job, jobs))
+    if len(encoded) != len(jobs):
+        raise RuntimeError(f"map_fn returned {len(encoded)} results for {len(jobs)} jobs")
+
+    # Payload layout and header.
+    parts: list[bytes] = []
+    offset = 0
+
+    def put(data: bytes) -> list[int]:
+        nonlocal offset
+        parts.append(data)
+        sec = [offset, len(data), zlib.crc32(data)]
+        offset += len(data)
+        return sec
+
+    h_codebooks = []
+    for name, a in cbs.items():
+        o, n, c = put(a.tobytes())
+        h_codebooks.append(
+            {"name": name, "shape": list(a.shape), "dtype": "float32", "offset": o, "length": n,
+             "crc32": c}
+        )  # fmt: skip
+    h_tables = []
+    for t in tables:
+        d: dict[str, Any] = {"kind": "fixed" if t.fixed else "huffman", "alphabet": t.alphabet}
+        if t.fixed:
+            d.update(fixed_length=t.max_length, width=None, offset=offset, length=0, crc32=0)
+        else:
+            data, width = pack_lengths(t.lengths)
+            o, n, c = put(data)
+            d.update(fixed_length=None, width=width, offset=o, length=n, crc32=c)
+        h_tables.append(d)
+    h_tensors = []
+    enc_iter = iter(encoded)
+    plan_iter = iter(plan)
+    for ti, p in enumerate(prepared):
+        e = p.entry
+        d = {"name": e.name, "kind": e.kind, "shape": list(p.shape), "dtype": e.dtype}
+        if p.codes is None:
+            o, n, c = put(p.raw_bytes)
+            d.update(offset=o, length=n, crc32=c)
+            h_tensors.append(d)
+            continue
+        d.update(scope=p.scope, codebook=e.codebook, n_kept=int(p.codes.shape[0]))
+        n_streams = 2 if p.gaps is not None else 1
+        d["positions"] = None
+        for _ in range(n_streams):
+            pti, sname, n_chunks = next(plan_iter)
+            assert pti == ti
+            chunks = []
+            for _ in range(n_chunks):
+                ch = next(enc_iter)
+                o, n, c = put(ch.data)
+                chunks.append([o, n, ch.n_symbols, c])
+            key = ("i", p.index_group) if sname == "indices" else ("p", p.pos_group)
+            stream = {"code_table": table_of.get(key), "chunks": chunks}
+            if sname == "positions":
+                stream["max_gap"] = max_gap_of.get(p.pos_group)
+            d[sname] = stream
+        h_tensors.append(d)
+    header = {
+        "format": "hwq",
+        "version": FORMAT_VERSION,
+        "payload_bytes": offset,
+        "code_sharing": code_sharing,
+        "fixed_length": bool(fixed_length),
+        "codebooks": h_codebooks,
+        "code_tables": h_tables,
+        "tensors": h_tensors,
+        "metadata": metadata or {},
+    }
+    hjson = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
+    payload_start = _payload_start(len(hjson))
+    prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, 0, len(hjson), zlib.crc32(hjson), 0)
+    pad = b"\0" * (payload_start - PREFIX_BYTES - len(hjson))
+    _atomic_write(str(path_or_url), [prefix, hjson, pad, *parts], storage_options)
+
+    parsed = _parse_header(str(path_or_url), header, payload_start + offset)
+    return _accounting(parsed, table_hist, payload_start)
+
+
+def _payload_start(header_len: int) -> int:
+    return -(-(PREFIX_BYTES + header_len) // _ALIGN) * _ALIGN
+
+
+def _url_to_fs(path_or_url: str, storage_options: dict | None):
+    from fsspec.core import url_to_fs
+
+    return url_to_fs(path_or_url, **(storage_options or {}))
+
+
+def _atomic_write(path_or_url: str, parts: list[bytes], storage_options: dict | None) -> None:
+    """Publish the file only once complete: local os.replace, object-store single put, or
+    write-to-temporary + move on other fsspec filesystems."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    fs, path = _url_to_fs(path_or_url, storage_options)
+    if isinstance(fs, LocalFileSystem):
+        d = os.path.dirname(path) or "."
+        os.makedirs(d, exist_ok=True)
+        tmp = os.path.join(d, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
+        try:
+            with open(tmp, "wb") as f:
+                for p in parts:
+                    f.write(p)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+        return
+    protocols = fs.protocol if isinstance(fs.protocol, tuple | list) else (fs.protocol,)
+    if set(protocols) & {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}:
+        # An object PUT (or a completed multipart upload) is atomic: readers see the old
+        # object or the whole new one.
+        fs.pipe_file(path, b"".join(parts))
+    else:
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        try:
+            fs.pipe_file(tmp, b"".join(parts))
+            fs.mv(tmp, path)
+        except BaseException:
+            if fs.exists(tmp):
+                fs.rm(tmp)
+            raise
+    fs.invalidate_cache(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# header validation (untrusted input)
+
+
+class _Bad(Exception):
+    """Internal: a validation failure, converted to HwqFormatError with the file name."""
+
+
+def _int(x: Any, what: str, lo: int = 0, hi: int | None = None) -> int:
+    if type(x) is not int:
+        raise _Bad(f"{what} must be an integer, got {type(x).__name__}")
+    if x < lo or (hi is not None and x > hi):
+        raise _Bad(f"{what} = {x} out of range [{lo}, {hi if hi is not None else 'inf'}]")
+    return x
+
+
+def _str(x: Any, what: str) -> str:
+    if type(x) is not str or not x:
+        raise _Bad(f"{what} must be a non-empty string")
+    return x
+
+
+def _dict(x: Any, what: str) -> dict:
+    if type(x) is not dict:
+        raise _Bad(f"{what} must be an object")
+    return x
+
+
+def _list(x: Any, what: str) -> list:
+    if type(x) is not list:
+        raise _Bad(f"{what} must be a list")
+    return x
+
+
+@dataclass
+class _Section:
+    offset: int
+    length: int
+    crc32: int
+    what: str
+
+
+@dataclass
+class _Stream:
+    table: int | None
+    chunks: list[tuple[_Section, int]]  # (section, n_symbols)
+    n_symbols: int
+    max_gap: int | None = None
+
+
+@dataclass
+class _Tensor:
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    dtype: str
+    numel: int
+    scope: str | None = None
+    codebook: str | None = None
+    n_kept: int = 0
+    indices: _Stream | None = None
+    positions: _Stream | None = None
+    raw: _Section | None = None
+
+
+@dataclass
+class _Table:
+    kind: str
+    alphabet: int
+    width: int | None
+    fixed_length: int | None
+    section: _Section
+
+
+@dataclass
+class _Header:
+    raw: dict
+    payload_bytes: int
+    codebooks: dict[str, tuple[tuple[int, ...], _Section]]
+    tables: list[_Table]
+    tensors: dict[str, _Tensor]
+
+
+def _section(d: dict, what: str, payload: int) -> _Section:
+    o = _int(d.get("offset"), f"{what}.offset", 0, payload)
+    n = _int(d.get("length"), f"{what}.length", 0, payload - o)
+    return _Section(o, n, _int(d.get("crc32"), f"{what}.crc32", 0, 0xFFFFFFFF), what)
+
+
+def _stream(d: Any, what: str, payload: int, n_tables: int) -> _Stream:
+    d = _dict(d, what)
+    t = d.get("code_table")
+    table = None if t is None else _int(t, f"{what}.code_table", 0, n_tables - 1)
+    chunks = []
+    total = 0
+    for i, c in enumerate(_list(d.get("chunks"), f"{what}.chunks")):
+        c = _list(c, f"{what}.chunks[{i}]")
+        if len(c) != 4:
+            raise _Bad(f"{what}.chunks[{i}] must be [offset, length, symbols, crc32]")
+        sec = _section(
+            {"offset": c[0], "length": c[1], "crc32": c[3]}, f"{what}.chunks[{i}]", payload
+        )
+        # Every codeword has at least one bit: bounds the allocation by the payload size.
+        n = _int(c[2], f"{what}.chunks[{i}].symbols", 1, 8 * sec.length)
+        chunks.append((sec, n))
+        total += n
+    if total and table is None:
+        raise _Bad(f"{what} has symbols but no code table")
+    return _Stream(table, chunks, total)
+
+
+def _parse_header(path: str, h: Any, file_bytes: int) -> _Header:
+    try:
+        return _parse_header_inner(h, file_bytes)
+    except _Bad as exc:
+        raise HwqFormatError(path, f"invalid header: {exc}") from None
+
+
+def _parse_header_inner(h: Any, file_bytes: int) -> _Header:
+    h = _dict(h, "header")
+    if h.get("format") != "hwq" or h.get("version") != FORMAT_VERSION:
+        raise _Bad("not an hwq v1 header")
+    payload = _int(h.get("payload_bytes"), "payload_bytes", 0, file_bytes)
+    if h.get("code_sharing") not in ("network", "tensor"):
+        raise _Bad("code_sharing must be 'network' or 'tensor'")
+    if type(h.get("fixed_length")) is not bool:
+        raise _Bad("fixed_length must be a boolean")
+    _dict(h.get("metadata"), "metadata")
+    sections: list[_Section] = []
+
+    codebooks: dict[str, tuple[tuple[int, ...], _Section]] = {}
+    for i, c in enumerate(_list(h.get("codebooks"), "codebooks")):
+        c = _dict(c, f"codebooks[{i}]")
+        name = _str(c.get("name"), f"codebooks[{i}].name")
+        if name in codebooks:
+            raise _Bad(f"duplicate codebook {name!r}")
+        if c.get("dtype") != "float32":
+            raise _Bad(f"codebook {name!r}: dtype must be float32")
+        shape = tuple(
+            _int(s, f"codebook {name!r} shape", 0) for s in _list(c.get("shape"), "shape")
+        )
+        if len(shape) not in (1, 2) or not 1 <= shape[-1] <= (1 << MAX_CODE_LENGTH):
+            raise _Bad(f"codebook {name!r}: shape {shape} must be [k] or [rows, k], k >= 1")
+        sec = _section(c, f"codebook {name!r}", payload)
+        if sec.length != 4 * math.prod(shape):
+            raise _Bad(f"codebook {name!r}: {sec.length} bytes for shape {shape}")
+        codebooks[name] = (shape, sec)
+        sections.append(sec)
+
+    tables: list[_Table] = []
+    for i, t in enumerate(_list(h.get("code_tables"), "code_tables")):
+        t = _dict(t, f"code_tables[{i}]")
+        kind = t.get("kind")
+        sec = _section(t, f"code_tables[{i}]", payload)
+        if kind == "huffman":
+            width = _int(t.get("width"), f"code_tables[{i}].width", 1, 5)
+            # The section size fixes the alphabet, so a table cannot claim more than it holds.
+            alphabet = _int(
+                t.get("alphabet"), f"code_tables[{i}].alphabet", 1, 1 << MAX_CODE_LENGTH
+            )
+            if sec.length != (alphabet * width + 7) >> 3:
+                raise _Bad(f"code_tables[{i}]: {sec.length} bytes for {alphabet} x {width} bits")
+            tables.append(_Table(kind, alphabet, width, None, sec))
+        elif kind == "fixed":
+            alphabet = _int(
+                t.get("alphabet"), f"code_tables[{i}].alphabet", 1, 1 << MAX_CODE_LENGTH
+            )
+            fl = _int(t.get("fixed_length"), f"code_tables[{i}].fixed_length", 1, MAX_CODE_LENGTH)
+            if fl != max(1, (alphabet - 1).bit_length()) or sec.length != 0:
+                raise _Bad(f"code_tables[{i}]: fixed table inconsistent with its alphabet")
+            tables.append(_Table(kind, alphabet, None, fl, sec))
+        else:
+            raise _Bad(f"code_tables[{i}].kind must be 'huffman' or 'fixed'")
+        sections.append(sec)
+
+    tensors: dict[str, _Tensor] = {}
+    for i, d in enumerate(_list(h.get("tensors"), "tensors")):
+        d = _dict(d, f"tensors[{i}]")
+        name = _str(d.get("name"), f"tensors[{i}].name")
+        if name in tensors:
+            raise _Bad(f"duplicate tensor {name!r}")
+        what = f"tensor {name!r}"
+        shape_l = _list(d.get("shape"), f"{what}.shape")
+        if len(shape_l) > _MAX_NDIM:
+            raise _Bad(f"{what}: more than {_MAX_NDIM} dimensions")
+        shape = tuple(_int(s, f"{what}.shape", 0) for s in shape_l)
+        numel = math.prod(shape)
+        kind = d.get("kind")
+        dtype = d.get("dtype")
+        if kind == "raw":
+            if dtype not in RAW_DTYPES:
+                raise _Bad(f"{what}: dtype {dtype!r} not in {RAW_DTYPES}")
+            sec = _section(d, what, payload)
+            if sec.length != numel * _np_dtype(dtype).itemsize:
+                raise _Bad(f"{what}: {sec.length} bytes for shape {shape} {dtype}")
+            tensors[name] = _Tensor(name, kind, shape, dtype, numel, raw=sec)
+            sections.append(sec)
+            continue
+        if kind != "quantized":
+            raise _Bad(f"{what}: kind must be 'quantized' or 'raw'")
+        if dtype not in QUANTIZED_DTYPES:
+            raise _Bad(f"{what}: dtype {dtype!r} not in {QUANTIZED_DTYPES}")
+        cbname = _str(d.get("codebook"), f"{what}.codebook")
+        if cbname not in codebooks:
+            raise _Bad(f"{what}: unknown codebook {cbname!r}")
+        cbshape = codebooks[cbname][0]
+        scope = d.get("scope")
+        if scope not in ("network", "tensor", "channel"):
+            raise _Bad(f"{what}: scope must be network, tensor or channel")
+        if (scope == "channel") != (len(cbshape) == 2):
+            raise _Bad(f"{what}: scope {scope} does not match codebook shape {cbshape}")
+        if len(cbshape) == 2 and (not shape or cbshape[0] != shape[0]):
+            raise _Bad(f"{what}: channel codebook {cbshape} needs {shape[:1]} rows")
+        n_kept = _int(d.get("n_kept"), f"{what}.n_kept", 0, numel)
+        ind = _stream(d.get("indices"), f"{what}.indices", payload, len(tables))
+        if ind.n_symbols != n_kept:
+            raise _Bad(f"{what}: {ind.n_symbols} index symbols for {n_kept} kept weights")
+        if ind.table is not None and tables[ind.table].alphabet > cbshape[-1]:
+            raise _Bad(f"{what}: code table alphabet exceeds codebook size {cbshape[-1]}")
+        pos = None
+        if d.get("positions") is not None:
+            pos = _stream(d.get("positions"), f"{what}.positions", payload, len(tables))
+            if pos.table is not None:
+                mg = _int(d["positions"].get("max_gap"), f"{what}.max_gap", 1, MAX_GAP_LIMIT)
+                if tables[pos.table].alphabet != mg + 1:
+                    raise _Bad(f"{what}: positions table alphabet != max_gap + 1")
+                pos.max_gap = mg
+            if pos.n_symbols < n_kept:
+                raise _Bad(f"{what}: {pos.n_symbols} position symbols for {n_kept} kept")
+        elif n_kept != numel:
+            raise _Bad(f"{what}: dense tensor with n_kept {n_kept} != {numel} elements")
+        tensors[name] = _Tensor(
+            name, kind, shape, dtype, numel, scope, cbname, n_kept, ind, pos, None
+        )
+        sections += [s for s, _ in ind.chunks] + ([s for s, _ in pos.chunks] if pos else [])
+
+    # Sections must tile the payload exactly: every payload byte is under one checksum.
+    end = 0
+    for s in sorted(sections, key=lambda s: (s.offset, s.length)):
+        if s.offset != end:
+            what = "overlaps" if s.offset < end else "leaves a gap before"
+            raise _Bad(f"{s.what} {what} byte {end} of the payload")
+        end += s.length
+    if end != payload:
+        raise _Bad(f"sections cover {end} of {payload} payload bytes")
+    return _Header(h, payload, codebooks, tables, tensors)
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+
+
+def _decode_job(job: tuple[bytes, int, CodeTable]) -> np.ndarray:
+    return decode_chunk(job[0], job[1], job[2])
+
+
+class HwqReader:
+    """Random access to a .hwq file: reads the header on open, then only what is asked for.
+
+    Attributes:
+        path: the path or URL.
+        file_bytes: size of the file.
+        header: the validated JSON header (dict).
+        names: tensor names in file order.
+        metadata: the writer's metadata dict.
+        bytes_read: bytes fetched from storage so far (prefix and header included).
+    """
+
+    def __init__(
+        self,
+        path_or_url: str | os.PathLike,
+        *,
+        storage_options: dict | None = None,
+        max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES,
+    ):
+        self.path = str(path_or_url)
+        self.max_tensor_bytes = max_tensor_bytes
+        self.bytes_read = 0
+        self._fs, self._fpath = _url_to_fs(self.path, storage_options)
+        self._tables: dict[int, CodeTable] = {}
+        self._codebooks: dict[str, np.ndarray] = {}
+        self.file_bytes = int(self._fs.size(self._fpath))
+        if self.file_bytes < PREFIX_BYTES:
+            self._fail(f"{self.file_bytes} bytes is too short for an hwq file")
+        magic, version, flags, hlen, hcrc, reserved = _PREFIX.unpack(self._read(0, PREFIX_BYTES))
+        if magic != MAGIC:
+            self._fail(f"bad magic {magic!r}, not an hwq file")
+        if version != FORMAT_VERSION:
+            self._fail(f"format version {version}, this reader supports {FORMAT_VERSION}")
+        if flags or reserved:
+            self._fail("reserved prefix fields are not zero")
+        if hlen > MAX_HEADER_BYTES or _payload_start(hlen) > self.file_bytes:
+            self._fail(f"header length {hlen} runs past the end of the {self.file_bytes}-byte file")
+        self.payload_start = _payload_start(hlen)
+        blob = self._read(PREFIX_BYTES, self.payload_start)
+        hjson, pad = blob[:hlen], blob[hlen:]
+        if zlib.crc32(hjson) != hcrc:
+            self._fail("header checksum mismatch")
+        if any(pad):
+            self._fail("header padding is not zero")
+        try:
+            obj = json.loads(hjson.decode("utf-8"), parse_constant=_reject_constant)
+        except (ValueError, RecursionError) as exc:
+            self._fail(f"header is not valid JSON: {exc}")
+        self._h = _parse_header(self.path, obj, self.file_bytes)
+        if self.payload_start + self._h.payload_bytes != self.file_bytes:
+            self._fail(
+                f"file has {self.file_bytes} bytes, header declares "
+                f"{self.payload_start + self._h.payload_bytes}"
+            )
+        self.header = obj
+        self.names = list(self._h.tensors)
+        self.metadata = obj["metadata"]
+
+    def _fail(self, problem: str):
+        raise HwqFormatError(self.path, problem)
+
+    def _read(self, start: int, end: int) -> bytes:
+        if end <= start:
+            return b""
+        data = self._fs.cat_file(self._fpath, start=start, end=end)
+        self.bytes_read += len(data)
+        if len(data) != end - start:
+            self._fail(f"short read: {len(data)} of {end - start} bytes at {start}")
+        return data
+
+    def _fetch(self, sections: list[_Section]) -> dict[int, bytes]:
+        """Fetch sections (coalescing adjacent ones); verify each CRC. Keyed by id(section)."""
+        secs = sorted({id(s): s for s in sections if s.length}.values(), key=lambda s: s.offset)
+        ranges: list[list] = []
+        for s in secs:
+            if ranges and ranges[-1][1] == s.offset:
+                ranges[-1][1] = s.offset + s.length
+                ranges[-1][2].append(s)
+            else:
+                ranges.append([s.offset, s.offset + s.length, [s]])
+        base = self.payload_start
+        if len(ranges) > 1:
+            blobs = self._fs.cat_ranges(
+                [self._fpath] * len(ranges), [base + r[0] for r in ranges],
+                [base + r[1] for r in ranges],
+            )  # fmt: skip
+        else:
+            blobs = [
+                self._fs.cat_file(self._fpath, start=base + r[0], end=base + r[1]) for r in ranges
+            ]
+        out: dict[int, bytes] = {id(s): b"" for s in sections}
+        for (start, end, members), blob in zip(ranges, blobs, strict=True):
+            if isinstance(blob, Exception):
+                raise blob
+            self.bytes_read += len(blob)
+            if len(blob) != end - start:
+                self._fail(f"short read: {len(blob)} of {end - start} payload bytes at {start}")
+            mv = memoryview(blob)
+            for s in members:
+                data = mv[s.offset - start : s.offset - start + s.length]
+                if zlib.crc32(data) != s.crc32:
+                    self._fail(f"checksum mismatch in {s.what}")
+                out[id(s)] = data
+        for s in sections:
+            if not s.length and s.crc32 != 0:
+                self._fail(f"checksum mismatch in {s.what}")
+        return out
+
+    def _table(self, i: int, data: dict[int, bytes]) -> CodeTable:
+        if i not in self._tables:
+            t = self._h.tables[i]
+            try:
+                if t.kind == "fixed":
+                    ct = CodeTable(fixed_lengths(t.alphabet), fixed=True)
+                else:
+                    ct = CodeTable(unpack_lengths(bytes(data[id(t.section)]), t.alphabet, t.width))
+            except DecodeError as exc:
+                self._fail(f"invalid code_tables[{i}]: {exc}")
+            self._tables[i] = ct
+        return self._tables[i]
+
+    def _needed(self, t: _Tensor) -> list[_Section]:
+        if t.kind == "raw":
+            return [t.raw]
+        secs = [self._h.codebooks[t.codebook][1]]
+        for st in (t.indices, t.positions):
+            if st is None:
+                continue
+            secs += [s for s, _ in st.chunks]
+            if st.table is not None and st.table not in self._tables:
+                secs.append(self._h.tables[st.table].section)
+        return secs
+
+    def _check_names(self, names: Iterable[str] | None) -> list[str]:
+        if names is None:
+            return list(self.names)
+        names = [names] if isinstance(names, str) else list(names)
+        for n in names:
+            if n not in self._h.tensors:
+                raise KeyError(f"{self.path}: no tensor named {n!r}")
+        return names
+
+    def _decode_stream(self, st: _Stream, data, map_fn) -> np.ndarray:
+        if not st.chunks:
+            return np.zeros(0, np.uint8)
+        table = self._table(st.table, data)
+        # Workers of a distributed map_fn need picklable bytes, not memoryviews.
+        jobs = [(bytes(data[id(s)]) if map_fn else data[id(s)], n, table) for s, n in st.chunks]
+        try:
+            parts = list((map_fn or _default_map)(_decode_job, jobs))
+        except DecodeError as exc:
+            self._fail(f"corrupt stream: {exc}")
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+    def _codes(self, t: _Tensor, data, map_fn) -> tuple[np.ndarray, np.ndarray | None]:
+        codes = self._decode_stream(t.indices, data, map_fn)
+        k = self._h.codebooks[t.codebook][0][-1]
+        if codes.size and int(codes.max()) >= k:
+            self._fail(f"tensor {t.name!r}: code out of range of its {k}-entry codebook")
+        positions = None
+        if t.positions is not None:
+            sym = self._decode_stream(t.positions, data, map_fn)
+            positions = symbols_to_positions(sym, t.positions.max_gap or 1)
+            if positions.size != t.n_kept:
+                self._fail(f"tensor {t.name!r}: positions give {positions.size} kept weights")
+            if positions.size and int(positions[-1]) >= t.numel:
+                self._fail(f"tensor {t.name!r}: a kept position lies beyond {t.numel} elements")
+        return codes, positions
+
+    def _check_size(self, t: _Tensor) -> None:
+        nbytes = t.numel * _np_dtype(t.dtype).itemsize
+        if nbytes > self.max_tensor_bytes:
+            self._fail(
+                f"tensor {t.name!r}: shape {t.shape} implies {nbytes} bytes, above the "
+                f"{self.max_tensor_bytes}-byte cap (max_tensor_bytes)"
+            )
+
+    def _load(self, names: list[str]) -> dict[int, bytes]:
+        tensors = [self._h.tensors[n] for n in names]
+        for t in tensors:
+            self._check_size(t)
+        if len(names) == len(self.names):
+            # Everything: one read of the whole payload, verifying every section's checksum.
+            secs = [s for t in self._h.tensors.values() for s in self._needed(t)]
+            secs += [s for _, s in self._h.codebooks.values()]
+            secs += [t.section for t in self._h.tables]
+        else:
+            secs = [s for t in tensors for s in self._needed(t)]
+        data = self._fetch(secs)
+        for i, t in enumerate(self._h.tables):
+            if id(t.section) in data:
+                self._table(i, data)
+        for name, (shape, sec) in self._h.codebooks.items():
+            if id(sec) in data and name not in self._codebooks:
+                self._codebooks[name] = np.frombuffer(data[id(sec)], "<f4").reshape(shape)
+        return data
+
+    def read(
+        self, names: Iterable[str] | str | None = None, *, map_fn: MapFn | None = None
+    ) -> dict[str, np.ndarray]:
+        """Dense decoded tensors {name: array of its shape and dtype} (bfloat16 as uint16 bits).
+
+        Quantized: codebook[codes] (per-channel: codebook[row, codes]) scattered into zeros
+        at the kept positions. Reads only the byte ranges these tensors need.
+        """
+        names = self._check_names(names)
+        data = self._load(names)
+        out = {}
+        for n in names:
+            t = self._h.tensors[n]
+            if t.kind == "raw":
+                a = np.frombuffer(data[id(t.raw)], _np_dtype(t.dtype)).reshape(t.shape)
+                if t.dtype == "bool" and a.view(np.uint8).max(initial=0) > 1:
+                    self._fail(f"tensor {n!r}: bool bytes other than 0 and 1")
+                out[n] = a.astype(a.dtype.newbyteorder("="))
+                continue
+            codes, positions = self._codes(t, data, map_fn)
+            cb = _cast_codebook(self._codebooks[t.codebook], t.dtype)
+            dense = np.zeros(t.numel, cb.dtype)
+            if cb.ndim == 2:
+                per_row = t.numel // t.shape[0] if t.shape[0] else 0
+                rows = (np.arange(t.numel) if positions is None else positions) // max(per_row, 1)
+                vals = cb[rows, codes]
+            else:
+                vals = cb[codes]
+            if positions is None:
+                dense[:] = vals
+            else:
+                dense[positions] = vals
+            out[n] = dense.reshape(t.shape)
+        return out
+
+    def read_codes(self, name: str) -> dict[str, Any]:
+        """The compressed form of one quantized tensor.
+
+        Returns {"codes": [n_kept] uint, "positions": int64 [n_kept] flat kept positions or
+        None (dense), "codebook": float32 [k] or [rows, k], "shape", "dtype"}.
+        """
+        (name,) = self._check_names([name])
+        t = self._h.tensors[name]
+        if t.kind != "quantized":
+            raise ValueError(f"{self.path}: tensor {name!r} is raw, not quantized")
+        data = self._load([name])
+        codes, positions = self._codes(t, data, None)
+        return {
+            "codes": codes, "positions": positions, "codebook": self._codebooks[t.codebook],
+            "shape": t.shape, "dtype": t.dtype,
+        }  # fmt: skip
+
+    def accounting(self, *, map_fn: MapFn | None = None) -> dict:
+        """The accounting dict write_hwq returned; decodes every stream (for the entropies)."""
+        data = self._load(list(self.names))
+        hist: list[np.ndarray] = [np.zeros(t.alphabet, np.int64) for t in self._h.tables]
+        for t in self._h.tensors.values():
+            for st in (t.indices, t.positions):
+                if st is not None and st.chunks:
+                    sym = self._decode_stream(st, data, map_fn)
+                    hist[st.table] += np.bincount(sym, minlength=hist[st.table].size)
+        return _accounting(self._h, hist, self.payload_start)
+
+    def inspect(self) -> list[dict]:
+        """Per-item rows from the header alone (see :func:`inspect_hwq`)."""
+        return _inspect_rows(self._h, self.payload_start, self.file_bytes)
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"non-finite number {name} in header")
+
+
+def read_hwq(
+    path_or_url: str | os.PathLike,
+    names: Iterable[str] | str | None = None,
+    *,
+    storage_options: dict | None = None,
+    max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES,
+    map_fn: MapFn | None = None,
+) -> dict[str, np.ndarray]:
+    """Decode tensors (all, or ``names``) from a .hwq file into dense arrays; see HwqReader."""
+    reader = HwqReader(
+        path_or_url, storage_options=storage_options, max_tensor_bytes=max_tensor_bytes
+    )
+    return reader.read(names, map_fn=map_fn)
+
+
+def hwq_accounting(path_or_url: str | os.PathLike, *, storage_options: dict | None = None) -> dict:
+    """Bit accounting of a file (reads and decodes it all). Keys:
+
+    - ``file_bytes``; ``bits``: {indices, positions, codebooks, code_tables, raw_tensors,
+      header}, summing exactly to 8 * file_bytes (chunk padding counts with its stream;
+      header = prefix + JSON + alignment padding);
+    - ``n_weights`` (elements of quantized tensors), ``n_kept``, ``n_raw_elements``;
+    - ``index_entropy_bits``: empirical entropy of the indices, bits per kept weight, of the
+      histograms the code tables were built from (pooled per table, then averaged);
+    - ``position_entropy_bits``: entropy of the gap-symbol streams, per kept weight;
+    - ``index_bits_per_weight``, ``position_bits_per_weight``: coded bits per kept weight;
+    - ``fixed_length_index_bits``: sum of n_kept * max(1, ceil(log2 k)) over tensors;
+      ``ratio_fixed_length_bits``: that divided by the coded index bits (None if none);
+    - ``compression_ratio``: (32 bits per quantized weight + raw tensor bits) / file bits.
+    """
+    return HwqReader(path_or_url, storage_options=storage_options).accounting()
+
+
+def _accounting(h: _Header, table_hist: list[np.ndarray], payload_start: int) -> dict:
+    bits = dict.fromkeys(
+        ("indices", "positions", "codebooks", "code_tables", "raw_tensors", "header"), 0
+    )
+    bits["header"] = 8 * payload_start
+    bits["codebooks"] = 8 * sum(s.length for _, s in h.codebooks.values())
+    bits["code_tables"] = 8 * sum(t.section.length for t in h.tables)
+    n_weights = n_kept = n_raw = fixed_bits = raw_baseline = 0
+    idx_entropy = pos_entropy = 0.0
+    idx_tables: set[int] = set()
+    pos_tables: set[int] = set()
+    for t in h.tensors.values():
+        if t.kind == "raw":
+            bits["raw_tensors"] += 8 * t.raw.length
+            n_raw += t.numel
+            raw_baseline += 8 * t.raw.length
+            continue
+        n_weights += t.numel
+        n_kept += t.n_kept
+        k = h.codebooks[t.codebook][0][-1]
+        fixed_bits += t.n_kept * max(1, (k - 1).bit_length())
+        bits["indices"] += 8 * sum(s.length for s, _ in t.indices.chunks)
+        if t.indices.table is not None:
+            idx_tables.add(t.indices.table)
+        if t.positions is not None:
+            bits["positions"] += 8 * sum(s.length for s, _ in t.positions.chunks)
+            if t.positions.table is not None:
+                pos_tables.add(t.positions.table)
+    for i in idx_tables:
+        idx_entropy += entropy_bits(table_hist[i]) * float(table_hist[i].sum())
+    for i in pos_tables:
+        pos_entropy += entropy_bits(table_hist[i]) * float(table_hist[i].sum())
+    file_bytes = payload_start + h.payload_bytes
+    assert sum(bits.values()) == 8 * file_bytes
+    per = 1.0 / n_kept if n_kept else 0.0
+    return {
+        "file_bytes": file_bytes,
+        "bits": bits,
+        "n_weights": n_weights,
+        "n_kept": n_kept,
+        "n_raw_elements": n_raw,
+        "index_entropy_bits": idx_entropy * per,
+        "position_entropy_bits": pos_entropy * per,
+        "index_bits_per_weight": bits["indices"] * per,
+        "position_bits_per_weight": bits["positions"] * per,
+        "fixed_length_index_bits": fixed_bits,
+        "ratio_fixed_length_bits": fixed_bits / bits["indices"] if bits["indices"] else None,
+        "compression_ratio": (32 * n_weights + raw_baseline) / (8 * file_bytes),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# inspection
+
+
+def _inspect_rows(h: _Header, payload_start: int, file_bytes: int) -> list[dict]:
+    rows: list[dict] = [{"kind": "header", "name": "(header)", "bytes": payload_start}]
+    for name, (shape, sec) in h.codebooks.items():
+        rows.append({"kind": "codebook", "name": name, "shape": shape, "bytes": sec.length})
+    for i, t in enumerate(h.tables):
+        rows.append(
+            {"kind": "code_table", "name": f"table {i} ({t.kind}, {t.alphabet} symbols)",
+             "bytes": t.section.length}
+        )  # fmt: skip
+    for t in h.tensors.values():
+        r: dict[str, Any] = {
+            "kind": t.kind, "name": t.name, "shape": t.shape, "dtype": t.dtype,
+            "numel": t.numel,
+        }  # fmt: skip
+        if t.kind == "raw":
+            r.update(bytes=t.raw.length, kept_fraction=1.0)
+        else:
+            ib = sum(s.length for s, _ in t.indices.chunks)
+            pb = sum(s.length for s, _ in t.positions.chunks) if t.positions else 0
+            r.update(
+                scope=t.scope, codebook=t.codebook, n_kept=t.n_kept,
+                kept_fraction=t.n_kept / t.numel if t.numel else 1.0,
+                index_bytes=ib, position_bytes=pb, bytes=ib + pb,
+                index_bits_per_kept=8 * ib / t.n_kept if t.n_kept else 0.0,
+                position_bits_per_kept=8 * pb / t.n_kept if t.n_kept else 0.0,
+            )  # fmt: skip
+        r["bits_per_weight"] = 8 * r["bytes"] / t.numel if t.numel else 0.0
+        rows.append(r)
+    for r in rows:
+        r["share"] = r["bytes"] / file_bytes if file_bytes else 0.0
+    return rows
+
+
+def inspect_hwq(
+    path_or_url: str | os.PathLike, *, storage_options: dict | None = None
+) -> list[dict]:
+    """One row per item of the file, from its header alone (no payload read).
+
+    Rows: the header; each codebook; each code table; each tensor with kind, shape, dtype,
+    numel, n_kept, kept_fraction, index/position bytes, bits_per_weight (its stream bytes
+    * 8 / numel), and ``share`` (its bytes / file bytes). The rows' bytes sum to the file size.
+    """
+    return HwqReader(path_or_url, storage_options=storage_options).inspect()
+
+
+def format_inspect(rows: list[dict]) -> str:
+    """A human-readable table of :func:`inspect_hwq` rows, with totals."""
+    head = f"{'name':<36} {'kind':<10} {'shape':<18} {'kept':>7} {'b/weight':>9} {'bytes':>12} {'share':>7}"
+    lines = [head, "-" * len(head)]
+    total = sum(r["bytes"] for r in rows)
+    n_weights = sum(r.get("numel", 0) for r in rows if r["kind"] == "quantized")
+    n_kept = sum(r.get("n_kept", 0) for r in rows if r["kind"] == "quantized")
+    for r in rows:
+        shape = "x".join(map(str, r["shape"])) if "shape" in r else ""
+        kept = f"{r['kept_fraction']:.2%}" if "kept_fraction" in r else ""
+        bpw = f"{r['bits_per_weight']:.3f}" if "bits_per_weight" in r else ""
+        name = r["name"] if len(r["name"]) <= 36 else "..." + r["name"][-33:]
+        lines.append(
+            f"{name:<36} {r['kind']:<10} {shape:<18} {kept:>7} {bpw:>9} {r['bytes']:>12,} "
+            f"{r['share']:>7.2%}"
+        )
+    lines.append("-" * len(head))
+    kept = f"{n_kept / n_weights:.2%}" if n_weights else ""
+    bpw = f"{8 * total / n_weights:.3f}" if n_weights else ""
+    lines.append(
+        f"{'total (quantized weights)':<36} {'':<10} {'':<18} {kept:>7} {bpw:>9} {total:>12,} {1:>7.2%}"
+    )
+    return "\n".join(lines)

@@ -1,0 +1,252 @@
+"""The quantizers' Ray twin: parameter sharding over actors, exact by construction.
+
+Each :class:`ShardActor` owns a block-aligned shard of (w, h) that it builds itself from a
+*loader* (a picklable zero-argument callable, e.g. one that reads its slice from the object
+store), so the driver never ships the data. :class:`RayBackend` implements
+``core.StatsBackend`` over the actors: per Lloyd iteration only the centres (and an ECSQ
+penalty) go out, and per-block statistics ``[n_blocks, 4, k]`` come back; the driver reduces the
+blocks of all shards, in global order, exactly as ``core.LocalBackend`` does, so every quantizer
+in ``core`` run on a RayBackend returns bit-identical results to its single-process run with
+the same ``block`` and seed.
+
+Channel scope needs no reduction: :func:`solve_channels_sharded` gives row ranges to Ray tasks
+and concatenates; every row depends only on its own data, the seed and its global index.
+
+Example::
+
+    ranges = shard_ranges(n, 2, BLOCK)
+    with RayBackend([SyntheticLoader(a, b) for a, b in ranges], [a for a, _ in ranges]) as be:
+        res = hw_kmeans(be, None, 32)
+"""
+
+from __future__ import annotations
+
+import resource
+from collections.abc import Callable, Sequence
+from itertools import pairwise
+from typing import Any
+
+import numpy as np
+import ray
+
+from .core import (
+    BLOCK,
+    ChannelResult,
+    DataSummary,
+    block_codes,
+    block_stats,
+    solve_channels,
+    synthetic_weights,
+)
+
+__all__ = [
+    "ArrayLoader",
+    "RayBackend",
+    "ShardActor",
+    "SyntheticLoader",
+    "shard_ranges",
+    "solve_channels_sharded",
+]
+
+Loader = Callable[[], tuple[np.ndarray, "np.ndarray | None"]]
+
+
+def shard_ranges(n: int, n_shards: int, block: int = BLOCK) -> list[tuple[int, int]]:
+    """n_shards contiguous [start, stop) ranges over n elements, starts multiples of block.
+
+    Balances element counts (whole blocks per shard, ±1 block); a shard is empty when there
+    are fewer blocks than shards.
+    """
+    if n_shards < 1 or block < 1 or n < 0:
+        raise ValueError("need n >= 0, n_shards >= 1, block >= 1")
+    n_blocks = -(-n // block)
+    cuts = [min(round(i * n_blocks / n_shards) * block, n) for i in range(n_shards + 1)]
+    return list(pairwise(cuts))
+
+
+class ArrayLoader:
+    """Loader over arrays already in memory (w float32 [n], h float32 [n] or None).
+
+    Pickles its arrays into the actor (Ray puts them in the object store once); for data
+    that lives elsewhere write a loader that reads its own shard instead.
+    """
+
+    def __init__(self, w: np.ndarray, h: np.ndarray | None = None):
+        self.w, self.h = w, h
+
+    def __call__(self) -> tuple[np.ndarray, np.ndarray | None]:
+        return self.w, self.h
+
+
+class SyntheticLoader:
+    """Loader that generates elements [start, stop) of ``core.synthetic_weights`` in the actor."""
+
+    def __init__(self, start: int, stop: int, seed: int = 0):
+        self.start, self.stop, self.seed = int(start), int(stop), int(seed)
+
+    def __call__(self) -> tuple[np.ndarray, np.ndarray]:
+        return synthetic_weights(self.start, self.stop, self.seed)
+
+
+@ray.remote
+class ShardActor:
+    """Holds one shard: w float32 [n_s], h float32 [n_s] or None, starting at a block boundary.
+
+    Methods mirror core.StatsBackend on the shard; stats() returns the shard's blocks
+    [ceil(n_s / block), 4, k], computed by the same code as LocalBackend.
+    """
+
+    def __init__(self, loader: Loader, block: int = BLOCK, threads: int = 1):
+        w, h = loader()
+        self.w = np.ascontiguousarray(np.asarray(w).ravel(), dtype=np.float32)
+        self.h = None if h is None else np.ascontiguousarray(np.asarray(h).ravel(),
+                                                             dtype=np.float32)
+        if self.h is not None and self.h.shape != self.w.shape:
+            raise ValueError(f"shard w and h differ in length: {self.w.shape} vs {self.h.shape}")
+        self.block = int(block)
+        self.threads = int(threads)
+
+    def info(self) -> tuple[int, DataSummary]:
+        return int(self.w.shape[0]), DataSummary.of(self.w, self.h)
+
+    def stats(self, centres, penalty, assign_h: bool, moment_h: bool) -> np.ndarray:
+        return block_stats(self.w, self.h, centres, penalty, assign_h=assign_h, moment_h=moment_h,
+                           block=self.block, threads=self.threads)
+
+    def sample(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        return self.w[idx], (None if self.h is None else self.h[idx])
+
+    def codes(self, centres, penalty, assign_h: bool) -> np.ndarray:
+        return block_codes(self.w, self.h, centres, penalty, assign_h=assign_h, block=self.block,
+                           threads=self.threads)
+
+    def peak_rss_bytes(self) -> int:
+        """Peak resident memory of this actor's process (Linux ru_maxrss is in KiB)."""
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+class RayBackend:
+    """core.StatsBackend over ShardActors, one per loader.
+
+    loaders: picklable zero-argument callables, loader i returning (w, h) of shard i.
+    block_offsets: global start of each shard (multiples of block, contiguous, in order); None
+    derives them from the shard lengths (then every shard but the last must be a whole number
+    of blocks). block: statistics block size (use the same as the LocalBackend it must match).
+    actor_options: passed to ShardActor.options (e.g. {"num_cpus": 1} to reserve a core each;
+    the default reserves none, so more actors than CPUs still start). threads: threads per
+    actor over its blocks.
+    Use as a context manager, or call close(), to free the actors.
+    """
+
+    def __init__(self, loaders: Sequence[Loader], block_offsets: Sequence[int] | None = None, *,
+                 block: int = BLOCK, actor_options: dict[str, Any] | None = None,
+                 threads: int = 1):
+        if not loaders:
+            raise ValueError("need at least one loader")
+        self.block = int(block)
+        if block_offsets is not None:
+            offs = np.asarray(block_offsets, dtype=np.int64)
+            # Fail before starting any actor.
+            if offs.shape != (len(loaders),) or np.any(offs % self.block):
+                raise ValueError(f"block_offsets {offs.tolist()} must give one start per loader, "
+                                 f"each a multiple of block={self.block}; use shard_ranges()")
+        opts = dict(actor_options or {})
+        self._actors = [ShardActor.options(**opts).remote(ld, self.block, threads)
+                        for ld in loaders]
+        infos = ray.get([a.info.remote() for a in self._actors])
+        lengths = [n for n, _ in infos]
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        if block_offsets is not None:
+            given = np.asarray(block_offsets, dtype=np.int64)
+            if given.shape != starts.shape or not np.array_equal(given, starts):
+                self.close()
+                raise ValueError(f"block_offsets {given.tolist()} do not match the shard lengths "
+                                 f"{lengths} (shards must be contiguous, in order)")
+        if np.any(starts % self.block):
+            self.close()
+            raise ValueError(f"shard starts {starts.tolist()} are not multiples of block="
+                             f"{self.block}; use shard_ranges() to cut the data")
+        self.starts = starts
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.n = int(self.lengths.sum())
+        self._summary = DataSummary.combine([s for _, s in infos])
+
+    # -- StatsBackend -----------------------------------------------------------------------
+
+    def summary(self) -> DataSummary:
+        return self._summary
+
+    def stats(self, centres, penalty=None, *, assign_h=True, moment_h=True) -> np.ndarray:
+        c = np.ascontiguousarray(centres, dtype=np.float64)
+        p = None if penalty is None else np.ascontiguousarray(penalty, dtype=np.float64)
+        parts = ray.get([a.stats.remote(c, p, assign_h, moment_h) for a in self._actors])
+        # Shards are block-aligned and in order: the concatenation is the global block array.
+        return np.concatenate(parts, axis=0)
+
+    def sample(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        idx = np.asarray(idx, dtype=np.int64)
+        bounds = np.searchsorted(idx, np.append(self.starts, self.n))
+        refs = [a.sample.remote(idx[bounds[i]:bounds[i + 1]] - self.starts[i])
+                for i, a in enumerate(self._actors)]
+        parts = ray.get(refs)
+        w = np.concatenate([p[0] for p in parts])
+        h = None if any(p[1] is None for p in parts) else np.concatenate([p[1] for p in parts])
+        return w, h
+
+    def codes(self, centres, penalty=None, *, assign_h=True) -> np.ndarray:
+        c = np.ascontiguousarray(centres, dtype=np.float64)
+        p = None if penalty is None else np.ascontiguousarray(penalty, dtype=np.float64)
+        return np.concatenate(ray.get([a.codes.remote(c, p, assign_h) for a in self._actors]))
+
+    # -- housekeeping -------------------------------------------------------------------------
+
+    def peak_rss_bytes(self) -> list[int]:
+        """Peak resident memory of each actor's process."""
+        return ray.get([a.peak_rss_bytes.remote() for a in self._actors])
+
+    def close(self) -> None:
+        for a in getattr(self, "_actors", []):
+            ray.kill(a)
+        self._actors = []
+
+    def __enter__(self) -> RayBackend:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@ray.remote
+def _solve_rows(W, H, mask, k, row_offset, opts) -> ChannelResult:
+    return solve_channels(W, H, k, mask=mask, row_offset=row_offset, **opts)
+
+
+def solve_channels_sharded(W: np.ndarray, H: np.ndarray | None, k: int, *,
+                           mask: np.ndarray | None = None, n_tasks: int | None = None,
+                           task_options: dict[str, Any] | None = None,
+                           **opts: Any) -> ChannelResult:
+    """core.solve_channels with row ranges spread over Ray tasks; bit-identical to it.
+
+    W, H, mask: [rows, cols] as in solve_channels; opts: its keyword options (weighted, n_init,
+    init_iter, max_iter, tol, seed, batch_rows, name). n_tasks: number of row ranges (default:
+    the cluster's CPU count), balanced by kept elements. task_options: Ray task options.
+    """
+    W = np.asarray(W)
+    if W.ndim != 2:
+        raise ValueError(f"W must be 2-D [rows, cols], got shape {W.shape}")
+    if "row_offset" in opts:
+        raise ValueError("row_offset is set per task")
+    R = W.shape[0]
+    if n_tasks is None:
+        n_tasks = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    n_tasks = max(1, min(int(n_tasks), R))
+    # Balance by kept elements (the cost), not by number of rows.
+    cost = np.cumsum(mask.sum(axis=1) if mask is not None else np.full(R, W.shape[1]))
+    total = cost[-1] if R else 0
+    cuts = [0] + [int(np.searchsorted(cost, total * i / n_tasks, side="left")) + 1
+                  for i in range(1, n_tasks)] + [R]
+    cuts = sorted(set(min(max(c, 0), R) for c in cuts))
+    fn = _solve_rows.options(**task_options) if task_options else _solve_rows
+    refs = [fn.remote(W[a:b], None if H is None else H[a:b], None if mask is None else mask[a:b],
+                      k, a, opts) for a, b in pairwise(cuts) if b > a]
+    return ChannelResult.concat(ray.get(refs))

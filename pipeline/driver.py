@@ -67,11 +67,12 @@ class Stage:
 
 def _stages() -> list[Stage]:
     # Imported here so `import pipeline.driver` pulls in no torch/ray until a run starts.
+    from pipeline.encode.stage import ENCODE
     from pipeline.hessian.stage import HESSIAN
     from pipeline.quantize.stage import QUANTIZE
     from pipeline.train.stage import PRUNE, TRAIN
 
-    return [TRAIN, PRUNE, HESSIAN, QUANTIZE]
+    return [TRAIN, PRUNE, HESSIAN, QUANTIZE, ENCODE]
 
 
 def STAGES() -> list[Stage]:  # noqa: N802 - a constant computed lazily

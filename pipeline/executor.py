@@ -11,7 +11,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-__all__ = ["cache_dir", "init_ray", "shutdown_ray", "ray_has_gpus", "remote", "task_threads"]
+__all__ = ["cache_dir", "init_ray", "shutdown_ray", "ray_has_gpus", "remote", "task_threads", "ray_map"]
 
 log = logging.getLogger(__name__)
 
@@ -129,3 +129,12 @@ def task_threads() -> int:
         n = 1
     torch.set_num_threads(max(1, n))
     return n
+
+
+def ray_map(fn, jobs, *, cpus: int = 1) -> list:
+    """[fn(j) for j in jobs], each call a Ray task; results in order (a `map_fn` for the
+    encoder/decoder's chunks)."""
+    import ray
+
+    task = remote(fn, cpus=cpus)
+    return ray.get([task.remote(j) for j in jobs])

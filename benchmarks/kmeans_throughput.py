@@ -6,7 +6,9 @@ hw_kmeans with k clusters for exactly --iters Lloyd iterations (tol=0) on synthe
 (core.synthetic_weights: Laplacian mixture, lognormal h) that every actor generates for its own
 shard; "weights/s" counts N × iterations over the Lloyd loop only, the init (best of n_init
 starts on a ≤1M-point sample) is reported separately. Memory is peak RSS (ru_maxrss) of the
-driver and of each actor process.
+driver (a high-water mark over the whole script, so later rows inherit earlier peaks) and of
+the largest actor process. Channel rows run to each row's exact fixed point (≤ --iters);
+for Ray tasks their time includes the init and the transfer of the matrix.
 
     python benchmarks/kmeans_throughput.py                       # 10M and 100M, 1 and 2 actors
     python benchmarks/kmeans_throughput.py --sizes 10e6 --actors 1 --channel 1024x1024

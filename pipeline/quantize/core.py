@@ -17,15 +17,21 @@ in-process :class:`LocalBackend`.
 
 Cost
 ----
-Centres of a 1-D problem are sorted, so nearest-centre assignment is a branch-free binary
-search over the midpoints (O(log k) per weight) fused with the accumulation of the four moments
-in one numba pass: no N×k distance matrix, no temporaries of size N. ECSQ's assignment
+Centres of a 1-D problem are sorted, so nearest-centre assignment is a search over the
+midpoints fused with the accumulation of the four moments in one numba pass: no N×k distance
+matrix, no temporaries of size N. ECSQ's assignment
 ``argmin_j h_i (w_i − c_j)² − λ log2 p_j`` is not a midpoint search when h_i varies, so the
 kernel starts at the nearest centre j0 and walks outwards in both directions, stopping as soon
-as the lower bound ``h_i (w_i − c_j)² + min_j pen_j`` of every further cluster is no better than
-the best cost so far. This is exact, and costs O(log k + m_i) where m_i is the number of
+as the lower bound ``h_i (w_i − c_j)² + min(pen of the clusters further out)`` is no better
+than the best cost so far. This is exact, and costs O(1 + m_i) where m_i is the number of
 clusters within ``sqrt(d0² + (pen_j0 − pen_min)/h_i)`` of w_i: a handful for ordinary weights,
-up to k for weights whose h_i is ~0 (for those the penalty alone decides).
+up to k for weights whose h_i is ~0 (for those the penalty alone decides). Measured on the
+synthetic Laplacian mixture with lognormal h at 3 bits (~150 clusters): ~6 candidates per
+weight, a pass ~5–10× the cost of a nearest-centre pass (data-dependent branches).
+
+Nearest-centre search uses a bucket table over the midpoints' range (O(1) expected; exact,
+see ``_lookup``); the channel kernels count midpoints linearly for k ≤ 64 (SIMD-friendly).
+Per 1-D pass: ~100–150M weights/s per core on 2-core CI-class machines (k = 32).
 
 Objectives (``history``) are means per weight: ``Σ h (w − ĉ)² / N`` (k-means variants,
 unweighted for ``kmeans``) and ``Σ h (w − ĉ)² / N + λ·H`` with H in bits per weight (ECSQ).

@@ -153,7 +153,12 @@ class RayBackend:
         opts = dict(actor_options or {})
         self._actors = [ShardActor.options(**opts).remote(ld, self.block, threads)
                         for ld in loaders]
-        infos = ray.get([a.info.remote() for a in self._actors])
+        try:
+            infos = ray.get([a.info.remote() for a in self._actors])
+        except Exception:
+            # A loader failed in its actor: do not leave the other actors holding their shards.
+            self.close()
+            raise
         lengths = [n for n, _ in infos]
         starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
         if block_offsets is not None:

@@ -1,0 +1,10 @@
+"""Fine-tuning the shared values of a quantized model (paper: only the cluster centres train).
+
+`transform` is plain torch (the module whose weights are codebook look-ups); `stage` is the
+`finetune` pipeline stage (Ray Train workers, a DeepSpeed engine each). Importing this package
+imports torch, not Ray or DeepSpeed.
+"""
+
+from pipeline.finetune.transform import QuantizedTrainable, member_counts
+
+__all__ = ["QuantizedTrainable", "member_counts"]

@@ -15,6 +15,7 @@ from pipeline.hessian import (
     HessianSums,
     adam_diag,
     estimate_diag,
+    estimators,
 )
 
 K = 3  # classes: small, so the dense Jacobians stay tiny
@@ -37,7 +38,7 @@ class Reuse(nn.Module):
 
 
 class Scale(nn.Module):
-    """A parameter no hook understands: goes through the torch.func fallback."""
+    """A parameter with no closed form here: per-sample gradients by torch.func on this module."""
 
     def __init__(self, n: int) -> None:
         super().__init__()
@@ -59,12 +60,50 @@ class PerPosition(nn.Module):
         return self.b(torch.tanh(self.a(x)))
 
 
+class Tied(nn.Module):
+    """Token ids [B, T] -> embedding -> mean -> head whose weight IS the embedding table."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(K, 4, padding_idx=0)
+        self.head = nn.Linear(4, K)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.emb(ids)).mean(1))
+
+
+class Gate(nn.Module):
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.linspace(-1.0, 1.0, n))
+
+    def forward(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(self.w * other)
+
+
+class Folded(nn.Module):
+    """Layers that do not see one row per sample: batch folded into rows ([B*T, D]) and a module
+    taking two tensors. Both must go through the whole-model torch.func fallback."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows = nn.Linear(4, 3)
+        self.gate = Gate(6)
+        self.out = nn.Linear(6, K)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        h = torch.tanh(self.rows(x.reshape(-1, 4))).reshape(b, 6)  # x: [B, 2, 4]
+        return self.out(self.gate(h, h))
+
+
 def _mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, K))
 
 
 def _cnn() -> nn.Module:
-    # Stride, dilation, padding and groups all go through the unfold path.
+    # Stride, dilation, padding and groups all go through the grouped-convolution path.
     return nn.Sequential(
         nn.Conv2d(2, 4, 3, padding=1),
         nn.Tanh(),
@@ -76,18 +115,72 @@ def _cnn() -> nn.Module:
     )
 
 
+def _inplace() -> nn.Module:
+    # In-place activations right after the layers (torchvision style): the gradient taken must
+    # be the one wrt the layer's output, not wrt the activated tensor that replaced it.
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3),
+        nn.ReLU(inplace=True),
+        _randomize_bn(nn.BatchNorm2d(3)),
+        nn.ReLU(inplace=True),
+        nn.Flatten(),
+        nn.Linear(3 * 2 * 2, 5),
+        nn.ReLU(inplace=True),
+        nn.Linear(5, K),
+    )
+
+
+def _randomize_bn(bn: nn.modules.batchnorm._BatchNorm) -> nn.modules.batchnorm._BatchNorm:
+    # Non-trivial running statistics and affine parameters, as after training.
+    bn.running_mean.uniform_(-0.5, 0.5)
+    bn.running_var.uniform_(0.5, 2.0)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    return bn
+
+
+def _norms() -> nn.Module:
+    # x [B, 3, 4]: LayerNorm over 3 positions per sample, then BatchNorm1d (eval) on features.
+    ln = nn.LayerNorm(4)
+    with torch.no_grad():
+        ln.weight.uniform_(0.5, 1.5)
+        ln.bias.uniform_(-0.5, 0.5)
+    return nn.Sequential(
+        nn.Linear(4, 4),
+        ln,
+        nn.Flatten(),
+        _randomize_bn(nn.BatchNorm1d(12)),
+        nn.Tanh(),
+        nn.Linear(12, K),
+    )
+
+
 def _mixed() -> nn.Module:
     return nn.Sequential(nn.Linear(4, 5), Scale(5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, K))
 
 
-MODELS = {"mlp": _mlp, "cnn": _cnn, "reuse": Reuse, "mixed": _mixed}
-INPUT = {"mlp": (4,), "cnn": (2, 4, 4), "reuse": (4,), "mixed": (4,)}
+def _randn(*shape: int):
+    return lambda n: torch.randn(n, *shape, dtype=torch.float64)
+
+
+MODELS = {
+    "mlp": (_mlp, _randn(4)),
+    "cnn": (_cnn, _randn(2, 4, 4)),
+    "reuse": (Reuse, _randn(4)),
+    "mixed": (_mixed, _randn(4)),
+    "inplace": (_inplace, _randn(2, 4, 4)),
+    "norms": (_norms, _randn(3, 4)),
+    "tied": (Tied, lambda n: torch.randint(0, K, (n, 5))),
+    "folded": (Folded, _randn(2, 4)),
+}
 
 
 def _setup(kind: str, n: int = 12, seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     torch.manual_seed(seed)
-    model = MODELS[kind]().double().eval()
-    x = torch.randn(n, *INPUT[kind], dtype=torch.float64)
+    factory, inputs = MODELS[kind]
+    model = factory().double().eval()
+    x = inputs(n)
     y = torch.randint(0, K, (n,))
     return model, x, y
 
@@ -151,12 +244,12 @@ def test_ggn_mc_converges_to_exact(kind: str) -> None:
     model, x, y = _setup(kind)
     exact = _flat(model, estimate_diag(model, _batches(x, y), "ggn", mode="exact").mean())
     errs = {}
-    for n_samples in (1, 1000):
+    for n_samples in (1, 300):
         mc = estimate_diag(model, _batches(x, y), "ggn", mode="mc", n_samples=n_samples, seed=3)
         errs[n_samples] = _rel(_flat(model, mc.mean()).double(), exact.double())
-    # Error of an average of R draws shrinks like 1/sqrt(R): ~30x here, assert a safe 5x.
-    assert errs[1000] < errs[1] / 5
-    assert errs[1000] < 0.1
+    # Error of an average of R draws shrinks like 1/sqrt(R): ~17x here, assert a safe 5x.
+    assert errs[300] < errs[1] / 5
+    assert errs[300] < 0.05
 
 
 def test_ggn_mc_is_seeded() -> None:
@@ -174,10 +267,11 @@ def test_hutchinson_converges_to_hessian_diagonal(kind: str) -> None:
     hess = _dense(kind)["hessian"]
     errs = {}
     for n_samples in (2, 2000):
-        res = estimate_diag(model, _batches(x, y), "hutchinson", n_samples=n_samples, seed=1)
+        res = estimate_diag(model, [(x, y)], "hutchinson", n_samples=n_samples, seed=1)
         errs[n_samples] = _rel(_flat(model, res.sums) / res.n, hess)
+    # Probe noise ~ sqrt(Σ_j≠i H_ij² / R): about 0.08 at R=2000 on these models.
     assert errs[2000] < errs[2] / 5
-    assert errs[2000] < 0.1
+    assert errs[2000] < 0.15
     assert HUTCHINSON_NONNEG == "abs"
 
 
@@ -202,6 +296,17 @@ def test_fisher_matches_per_sample_loop(kind: str) -> None:
     )
 
 
+@pytest.mark.parametrize("kind", ["cnn", "reuse", "tied", "mixed", "norms"])
+def test_chunked_materialization_matches(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A tiny element budget forces several batch chunks (one sample each for the larger layers).
+    model, x, y = _setup(kind)
+    whole = estimate_diag(model, _batches(x, y), "fisher")
+    monkeypatch.setattr(estimators, "_CHUNK_ELEMENTS_CPU", 40)
+    chunked = estimate_diag(model, _batches(x, y), "fisher")
+    for name in whole.sums:
+        torch.testing.assert_close(chunked.sums[name], whole.sums[name], rtol=1e-12, atol=1e-300)
+
+
 def test_per_position_logits() -> None:
     torch.manual_seed(0)
     model = PerPosition().double().eval()
@@ -220,7 +325,7 @@ def test_per_position_logits() -> None:
     "estimator,mode",
     [("ggn", "exact"), ("ggn", "mc"), ("fisher", "mc")],
 )
-@pytest.mark.parametrize("kind", ["cnn", "mixed"])
+@pytest.mark.parametrize("kind", ["cnn", "mixed", "norms", "tied", "folded"])
 def test_parameter_group_matches_full_pass(kind: str, estimator: str, mode: str) -> None:
     model, x, y = _setup(kind)
     names = [name for name, _ in model.named_parameters()]
@@ -240,7 +345,7 @@ def test_hutchinson_parameter_group() -> None:
     # Probes then span only the group: same expectation, not the same draws.
     model, x, y = _setup("mlp")
     names = [name for name, _ in model.named_parameters()]
-    res = estimate_diag(model, _batches(x, y), "hutchinson", params=names[2:], n_samples=2000)
+    res = estimate_diag(model, [(x, y)], "hutchinson", params=names[2:], n_samples=2000)
     hess = _dense("mlp")["hessian"][-sum(p.numel() for p in list(model.parameters())[2:]) :]
     assert _rel(torch.cat([v.reshape(-1) for v in res.mean().values()]).double(), hess) < 0.1
 

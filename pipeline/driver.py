@@ -68,11 +68,12 @@ class Stage:
 def _stages() -> list[Stage]:
     # Imported here so `import pipeline.driver` pulls in no torch/ray until a run starts.
     from pipeline.encode.stage import ENCODE
+    from pipeline.finetune.stage import FINETUNE
     from pipeline.hessian.stage import HESSIAN
     from pipeline.quantize.stage import QUANTIZE
     from pipeline.train.stage import PRUNE, TRAIN
 
-    return [TRAIN, PRUNE, HESSIAN, QUANTIZE, ENCODE]
+    return [TRAIN, PRUNE, HESSIAN, QUANTIZE, FINETUNE, ENCODE]
 
 
 def STAGES() -> list[Stage]:  # noqa: N802 - a constant computed lazily
@@ -147,12 +148,14 @@ def run(
     stages: list[Stage] | None = None,
     report_prefix: str = "",
     init_executor: bool = True,
+    until: str | None = None,
 ) -> dict[str, Any]:
     """Run every enabled stage not already complete in the store; write the report.
 
     force: stage names to recompute (with everything downstream).
     report_prefix: folder (relative to the store root) for config/report files, so several
         runs (a sweep) can share one store's stage cache.
+    until: run the stages up to and including this one, and write no report.
     Returns the report (the content of report.json).
     """
     store = open_store(cfg)
@@ -162,6 +165,10 @@ def run(
     if unknown:
         raise ValueError(f"--force {unknown[0]}: not a stage of this run (stages: {names})")
     forced = _downstream(plans, force)
+    if until is not None:
+        if until not in names:
+            raise ValueError(f"until={until}: not a stage of this run (stages: {names})")
+        plans = plans[: names.index(until) + 1]
 
     pre = f"{report_prefix.strip('/')}/" if report_prefix else ""
     store.write_text(f"{pre}config.yaml", yaml.safe_dump(cfg.resolved(), sort_keys=False))
@@ -228,6 +235,8 @@ def run(
         head = ", ".join(f"{k}={_fmt(metrics.get(k))}" for k in p.stage.headline if k in metrics)
         log.info("[%d/%d] %-9s done in %.1f s %s", i, len(plans), name, seconds, head)
 
+    if until is not None:  # a partial run (a sweep's shared prefix): no report
+        return {"stages": records}
     from pipeline.report import build_report, render_markdown
 
     report = build_report(cfg, plans, records, time.perf_counter() - t_run)

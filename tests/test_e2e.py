@@ -47,7 +47,21 @@ def test_run_writes_report_with_the_contract(first_run):
     assert 0.5 < m["baseline_accuracy"] <= 1
     assert 0.5 < m["pruned_accuracy"] <= 1
     assert 0.08 < m["kept_fraction"] < 0.09
-    assert set(report["stages"]) >= {"train", "prune"}
+    assert set(report["stages"]) == {"train", "prune", "hessian", "quantize", "finetune",
+                                     "encode"}
+    q = m["quantize"]
+    assert q["method"] == "uniform" and q["scope"] == "network"
+    assert abs(q["index_entropy_bits"] - 3.0) <= 0.02
+    assert 0.5 < m["quantized_accuracy"] <= 1 and 0.5 < m["finetuned_accuracy"] <= 1
+    assert m["hessian"]["estimator"] == "ggn" and m["hessian"]["samples"] == 512
+    enc = m["encode"]
+    hwq_file = Path(enc["file"])
+    assert enc["file_bytes"] == hwq_file.stat().st_size
+    assert enc["original_bytes"] == 4 * 431_080
+    assert enc["compression_ratio"] == pytest.approx(enc["original_bytes"] / enc["file_bytes"])
+    assert sum(enc["bits"].values()) == 8 * enc["file_bytes"]
+    # The decoded file is the fine-tuned quantized model: same accuracy.
+    assert m["decoded_accuracy"] == m["finetuned_accuracy"]
     assert not any(s["cached"] for s in report["stages"].values())
     for name, s in report["stages"].items():
         manifest = json.loads((store / "stages" / f"{name}-{s['key']}" / "manifest.json").read_text())
@@ -65,6 +79,20 @@ def test_second_run_is_all_cache_hits_and_fast(first_run):
     assert second < first_seconds
     out = hwq("status", str(store)).stdout
     assert "train" in out and "cached" in out and "baseline_accuracy" in out
+
+
+def test_decode_cli_gives_a_checkpoint_the_model_loader_takes(first_run, tmp_path):
+    from pipeline.models import build, load_checkpoint
+
+    store, _ = first_run
+    report = json.loads((store / "report.json").read_text())
+    out = tmp_path / "dense.safetensors"
+    hwq("decode", report["metrics"]["encode"]["file"], "--out", str(out))
+    state = load_checkpoint(str(out), build("lenet5"))
+    kept = sum(int((v != 0).sum()) for k, v in state.items() if k.endswith("weight"))
+    assert kept <= report["metrics"]["encode"]["n_kept"]
+    text = hwq("inspect", report["metrics"]["encode"]["file"]).stdout
+    assert "fc1.weight" in text and "total" in text
 
 
 def test_user_errors_are_one_line_not_tracebacks(tmp_path):

@@ -67,10 +67,19 @@ def _build_model(cfg: RunConfig, src: StageDir):
     return model
 
 
+def _partition_batches(n: int, batch_size: int, n_parts: int, part: int) -> range:
+    """Global batch numbers of partition `part`: contiguous, balanced, whole batches — so
+    every batch (and its random draws) is the same whatever P is."""
+    n_batches = -(-n // batch_size)
+    lo = part * n_batches // n_parts
+    hi = (part + 1) * n_batches // n_parts
+    return range(lo, hi)
+
+
 def _partial_task(cfg: RunConfig, out: StageDir, src: StageDir, part: int, n_parts: int,
                   group: list[str], g: int) -> tuple[str, int]:
     """One (partition, group) pair → partials/p{part}-g{g}.parquet of float64 sums."""
-    from pipeline.data import batches, load_split
+    from pipeline.data import load_split
     from pipeline.hessian.estimators import estimate_diag
     from pipeline.hessian.table import to_table
 
@@ -78,14 +87,19 @@ def _partial_task(cfg: RunConfig, out: StageDir, src: StageDir, part: int, n_par
     h = cfg.hessian
     model = _build_model(cfg, src)
     train = load_split(cfg.data.root, "train")
-    idx = _calibration_indices(cfg, len(train)).chunk(n_parts)[part]
-    sums = estimate_diag(model, batches(train, h.batch_size, indices=idx), h.estimator,
-                         params=group, mode=h.mode, n_samples=h.n_samples,
-                         seed=cfg.seed * 100_003 + part)
+    idx = _calibration_indices(cfg, len(train))
+    total = None
+    for b in _partition_batches(len(idx), h.batch_size, n_parts, part):
+        sel = idx[b * h.batch_size : (b + 1) * h.batch_size]
+        # Seeded by the global batch number: Monte-Carlo labels do not depend on P.
+        sums = estimate_diag(model, [(train.x[sel], train.y[sel])], h.estimator, params=group,
+                             mode=h.mode, n_samples=h.n_samples,
+                             seed=cfg.seed * 1_000_003 + b)
+        total = sums if total is None else total.add(sums)
     name = f"partials/p{part}-g{g}.parquet"
-    out.write_table(name, to_table(sums.sums, h.chunk_size, dtype=np.float64,
-                                   metadata={"n": sums.n}))
-    return name, sums.n
+    out.write_table(name, to_table(total.sums, h.chunk_size, dtype=np.float64,
+                                   metadata={"n": total.n}))
+    return name, total.n
 
 
 def _sum_task(out: StageDir, a: str, b: str, dest: str) -> str:
@@ -214,7 +228,8 @@ def _run(ctx: StageContext) -> dict:
     else:
         gpus = 1 if ray_has_gpus() else 0
         groups = balance_groups(sizes, h.groups)
-        n_parts = min(h.partitions, h.calibration_samples)
+        # Whole batches per partition (see _partition_batches).
+        n_parts = min(h.partitions, -(-min(h.calibration_samples, 60_000) // h.batch_size))
         task = remote(_partial_task, gpus=gpus)
         refs = {(p, g): task.remote(cfg, out, src, p, n_parts, grp, g)
                 for p in range(n_parts) for g, grp in enumerate(groups)}

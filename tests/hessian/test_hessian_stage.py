@@ -34,12 +34,13 @@ def _run(store, src, key, *sets):
     return out, metrics
 
 
-@pytest.mark.parametrize("estimator,mode", [("ggn", "exact"), ("fisher", "mc")])
+@pytest.mark.parametrize("estimator,mode", [("ggn", "mc"), ("ggn", "exact"), ("fisher", "mc")])
 def test_sharded_equals_single_task(ray_local, model_stage, estimator, mode):
     store, src, shapes = model_stage
     est = [f"hessian.estimator={estimator}", f"hessian.mode={mode}"]
-    one, _ = _run(store, src, f"{estimator}-1", *est, "hessian.partitions=1", "hessian.groups=1")
-    many, m = _run(store, src, f"{estimator}-6", *est,
+    one, _ = _run(store, src, f"{estimator}{mode}-1", *est, "hessian.partitions=1",
+                  "hessian.groups=1")
+    many, m = _run(store, src, f"{estimator}{mode}-6", *est,
                    "hessian.partitions=3", "hessian.groups=2", "hessian.chunk_size=5000")
     assert m["hessian"]["partitions"] == 3 and m["hessian"]["groups"] == 2
     assert m["hessian"]["samples"] == 300

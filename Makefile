@@ -59,7 +59,7 @@ bench: setup
 	$(BIN)/python benchmarks/coding_throughput.py
 
 bench-paper: setup
-	$(BIN)/python benchmarks/paper_table.py
+	$(BIN)/python benchmarks/paper_table.py --fresh
 
 clean:
 	rm -rf runs .cache .pytest_cache

@@ -276,7 +276,8 @@ def test_range_read_of_one_tensor_s3(s3):
 def _split(blob: bytes):
     magic, ver, flags, hlen, hcrc, res = struct.unpack_from("<4sHHQII", blob)
     start = -(-(24 + hlen) // 8) * 8
-    return json.loads(blob[24 : 24 + hlen]), bytearray(blob[start:])
+    raw = blob[24 : 24 + hlen]
+    return json.loads(zlib.decompress(raw) if flags & 1 else raw), bytearray(blob[start:])
 
 
 def _join(header: dict, payload: bytes, *, fix_payload_len=True) -> bytes:
@@ -360,6 +361,12 @@ def test_refuses_hostile_headers(sample):
     for garbage in (b"[1,2", b"\xff\xfe", b"[" * 100_000 + b"]" * 100_000, b"NaN", b"{}"):
         prefix = struct.pack("<4sHHQII", b"HWQ1", 1, 0, len(garbage), zlib.crc32(garbage), 0)
         _refused(d, prefix + garbage + b"\0" * (-(24 + len(garbage)) % 8))
+    # Compressed headers: not zlib, trailing bytes after the stream, an unknown flag bit.
+    for stored in (b"not zlib at all", zlib.compress(json.dumps(h).encode()) + b"xx"):
+        prefix = struct.pack("<4sHHQII", b"HWQ1", 1, 1, len(stored), zlib.crc32(stored), 0)
+        _refused(d, prefix + stored + b"\0" * (-(24 + len(stored)) % 8) + bytes(payload))
+    prefix = struct.pack("<4sHHQII", b"HWQ1", 1, 2, 2, zlib.crc32(b"{}"), 0)
+    _refused(d, prefix + b"{}" + b"\0" * 6 + bytes(payload))  # an unknown flag bit
 
 
 def test_refuses_invalid_code_tables_and_codes(sample, tmp_path):

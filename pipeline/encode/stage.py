@@ -121,7 +121,7 @@ def _inputs(cfg: RunConfig) -> tuple[str, ...]:
 
 ENCODE = Stage(
     name="encode",
-    version=1,
+    version=2,  # 2: compressed .hwq header
     inputs=_inputs,
     sections=lambda cfg: {"encode": cfg.encode.model_dump(mode="json")},
     run=_run,

@@ -46,6 +46,10 @@ def _worker_env() -> dict[str, str]:
         "MPLCONFIGDIR": os.environ.get("MPLCONFIGDIR", str(c / "matplotlib")),
         # Two CPU-heavy processes spin each other out of OpenMP otherwise (DESIGN §7).
         "OMP_WAIT_POLICY": "PASSIVE",
+        # A fine-tune's worker group may wait behind other work for its CPUs (a sweep, a
+        # shared cluster): waiting is right, Ray Train's 60 s default would fail the stage.
+        "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": os.environ.get(
+            "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "1800"),
         # Bars redraw in place on a terminal; in a log file they would repeat every update.
         "HWQ_PROGRESS": os.environ.get("HWQ_PROGRESS", "1" if sys.stderr.isatty() else "0"),
     }

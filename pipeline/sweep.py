@@ -72,6 +72,31 @@ def _stage_task(cfg: RunConfig, until: str) -> dict:
     return driver.run(cfg, until=until, init_executor=False)["stages"][until]
 
 
+def _concurrency(stage: str, cfgs: list[RunConfig]) -> int:
+    """How many runs of `stage` may go at once. Fine-tunes gang-schedule a worker group each
+    (Ray Train waits for all its CPUs at once): more groups than fit would starve each other,
+    so they go in waves. Other stages queue their Ray tasks without such deadlines."""
+    import ray
+
+    if stage != "finetune" or not cfgs:
+        return max(1, len(cfgs))
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    return max(1, cpus // max(c.finetune.workers for c in cfgs))
+
+
+def _bounded(task, cfgs: list[RunConfig], stage: str, limit: int) -> None:
+    """Run `task(cfg, stage)` for every cfg, at most `limit` at a time; fail on the first
+    error (the runs already finished keep their complete stages in the store)."""
+    import ray
+
+    pending, queue = [], list(cfgs)
+    while queue or pending:
+        while queue and len(pending) < limit:
+            pending.append(task.remote(queue.pop(0), stage))
+        done, pending = ray.wait(pending, num_returns=1)
+        ray.get(done)
+
+
 def sweep(config: str | None, points: list[list[str]], *, name: str = "sweep",
           base: list[str] | None = None, skip_invalid: bool = False,
           parallel: bool = True) -> dict[str, Any]:
@@ -80,7 +105,6 @@ def sweep(config: str | None, points: list[list[str]], *, name: str = "sweep",
     Returns {"name", "seconds", "stage_counts", "runs": [{"run", "settings", "metrics",
     "stages"}]} — also written as `<store>/sweeps/<name>/sweep.json`.
     """
-    import ray
 
     from pipeline import driver
     from pipeline.executor import init_ray, remote
@@ -126,7 +150,7 @@ def sweep(config: str | None, points: list[list[str]], *, name: str = "sweep",
                  users - len(first) + len(done))
         todo = [cfgs[i] for k, i in first.items() if k not in done]
         if parallel:
-            ray.get([task.remote(c, stage) for c in todo])
+            _bounded(task, todo, stage, _concurrency(stage, todo))
         else:
             for c in todo:
                 driver.run(c, until=stage, init_executor=False)

@@ -26,7 +26,7 @@ import yaml
 from pipeline.config import RunConfig, digest, section_digest
 from pipeline.store import ArtifactError, StageDir, Store
 
-__all__ = ["Stage", "StageContext", "StagePlan", "plan", "run", "status", "open_store", "STAGES"]
+__all__ = ["Stage", "StageContext", "StagePlan", "plan", "run", "status", "open_store"]
 
 log = logging.getLogger("hwq")
 
@@ -74,10 +74,6 @@ def _stages() -> list[Stage]:
     from pipeline.train.stage import PRUNE, TRAIN
 
     return [TRAIN, PRUNE, HESSIAN, QUANTIZE, FINETUNE, ENCODE]
-
-
-def STAGES() -> list[Stage]:  # noqa: N802 - a constant computed lazily
-    return _stages()
 
 
 @dataclass

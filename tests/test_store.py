@@ -5,11 +5,6 @@ import torch
 from pipeline.store import ArtifactError, StageDir, Store
 
 
-def _stores(tmp_path, s3_bucket):
-    url, opts = s3_bucket
-    return [Store(str(tmp_path / "root")), Store(url, opts)]
-
-
 @pytest.fixture(params=["local", "s3"])
 def store(request, tmp_path, s3_endpoint):
     if request.param == "local":

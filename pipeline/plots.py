@@ -77,7 +77,8 @@ def rate_accuracy_png(runs: list[dict[str, Any]], title: str = "") -> bytes:
         ax.set_xlabel("average codeword length (bits per weight)")
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)
-    axes.flat[0].legend(fontsize=8, loc="lower right")
+    if axes.flat[0].get_legend_handles_labels()[0]:
+        axes.flat[0].legend(fontsize=8, loc="lower right")
     if title:
         fig.suptitle(title)
     return _png(fig)
@@ -104,7 +105,8 @@ def ratio_accuracy_png(runs: list[dict[str, Any]], pruned_accuracy: float | None
     ax.set_xlabel("compression ratio (from the .hwq file size)")
     ax.set_ylabel("test accuracy (%)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     if title:
         ax.set_title(title)
     return _png(fig)

@@ -66,10 +66,10 @@ def run_id(i: int, point: list[str]) -> str:
     return f"{i:03d}-" + "_".join(parts)[:80] if parts else f"{i:03d}"
 
 
-def _stage_task(cfg: RunConfig, until: str) -> dict:
+def _stage_task(cfg: RunConfig, until: str, stages=None) -> dict:
     from pipeline import driver
 
-    return driver.run(cfg, until=until, init_executor=False)["stages"][until]
+    return driver.run(cfg, until=until, init_executor=False, stages=stages)["stages"][until]
 
 
 def _concurrency(stage: str, cfgs: list[RunConfig]) -> int:
@@ -84,7 +84,7 @@ def _concurrency(stage: str, cfgs: list[RunConfig]) -> int:
     return max(1, cpus // max(c.finetune.workers for c in cfgs))
 
 
-def _bounded(task, cfgs: list[RunConfig], stage: str, limit: int) -> None:
+def _bounded(task, cfgs: list[RunConfig], stage: str, limit: int, stages=None) -> None:
     """Run `task(cfg, stage)` for every cfg, at most `limit` at a time; fail on the first
     error (the runs already finished keep their complete stages in the store)."""
     import ray
@@ -92,18 +92,19 @@ def _bounded(task, cfgs: list[RunConfig], stage: str, limit: int) -> None:
     pending, queue = [], list(cfgs)
     while queue or pending:
         while queue and len(pending) < limit:
-            pending.append(task.remote(queue.pop(0), stage))
+            pending.append(task.remote(queue.pop(0), stage, stages))
         done, pending = ray.wait(pending, num_returns=1)
         ray.get(done)
 
 
 def sweep(config: str | None, points: list[list[str]], *, name: str = "sweep",
           base: list[str] | None = None, skip_invalid: bool = False,
-          parallel: bool = True) -> dict[str, Any]:
+          parallel: bool = True, stages=None) -> dict[str, Any]:
     """Run every point (a list of overrides on top of `config` + `base`) into one store.
 
     Returns {"name", "seconds", "stage_counts", "runs": [{"run", "settings", "metrics",
     "stages"}]} — also written as `<store>/sweeps/<name>/sweep.json`.
+    stages: the stage graph (default: the pipeline's); parallel=False runs in this process.
     """
 
     from pipeline import driver
@@ -127,7 +128,7 @@ def sweep(config: str | None, points: list[list[str]], *, name: str = "sweep",
     t0 = time.perf_counter()
     init_ray(cfgs[0].executor.address, cfgs[0].executor.num_cpus)
     store = driver.open_store(cfgs[0])
-    plans = [driver.plan(c) for c in cfgs]
+    plans = [driver.plan(c, stages) for c in cfgs]
     order: list[str] = []
     for pl in plans:
         for p in pl:
@@ -150,14 +151,15 @@ def sweep(config: str | None, points: list[list[str]], *, name: str = "sweep",
                  users - len(first) + len(done))
         todo = [cfgs[i] for k, i in first.items() if k not in done]
         if parallel:
-            _bounded(task, todo, stage, _concurrency(stage, todo))
+            _bounded(task, todo, stage, _concurrency(stage, todo), stages)
         else:
             for c in todo:
-                driver.run(c, until=stage, init_executor=False)
+                driver.run(c, until=stage, init_executor=False, stages=stages)
     runs = []
     for i, (c, p) in enumerate(zip(cfgs, kept, strict=True)):
         rid = run_id(i, p)
-        report = driver.run(c, report_prefix=f"sweeps/{name}/{rid}", init_executor=False)
+        report = driver.run(c, report_prefix=f"sweeps/{name}/{rid}", init_executor=False,
+                            stages=stages)
         runs.append({"run": rid, "settings": dict(x.split("=", 1) for x in p),
                      "metrics": report["metrics"], "stages": report["stages"]})
     result = {"name": name, "seconds": round(time.perf_counter() - t0, 3),

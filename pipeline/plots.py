@@ -59,7 +59,7 @@ def rate_accuracy_png(runs: list[dict[str, Any]], title: str = "") -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8), sharey=True)
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8), sharey=True, constrained_layout=True)
     huff = lambda r: r["metrics"].get("encode", {}).get("index_bits_per_weight")  # noqa: E731
     panels = [("fixed-length coding", fixed_length_bits, "quantized_accuracy"),
               ("fixed-length coding + fine-tuning", fixed_length_bits, "finetuned_accuracy"),
@@ -91,7 +91,7 @@ def ratio_accuracy_png(runs: list[dict[str, Any]], pruned_accuracy: float | None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
     ratio = lambda r: r["metrics"].get("encode", {}).get("compression_ratio")  # noqa: E731
     key = "finetuned_accuracy" if any("finetuned_accuracy" in r["metrics"] for r in runs) \
         else "quantized_accuracy"

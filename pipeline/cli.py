@@ -140,19 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extra_commands():
     """Subcommands contributed by stage packages (decode/inspect, sweep)."""
-    out = []
-    try:
-        from pipeline.encode.cli import add_commands as enc
-    except ImportError:
-        enc = None
-    try:
-        from pipeline.sweep import add_commands as sweep
-    except ImportError:
-        sweep = None
-    for f in (enc, sweep):
-        if f is not None:
-            out.append(f)
-    return out
+    from pipeline.encode.cli import add_commands as encode_commands
+    from pipeline.sweep import add_commands as sweep_commands
+
+    return [encode_commands, sweep_commands]
 
 
 def _user_error(e: BaseException) -> BaseException | None:

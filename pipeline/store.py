@@ -15,6 +15,7 @@ import io
 import json
 import os
 import posixpath
+import struct
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -269,14 +270,14 @@ class StageDir:
             raise self._corrupt(name, f"unreadable as safetensors ({e})") from None
 
     def read_safetensors_metadata(self, name: str) -> dict[str, str]:
-        from safetensors import safe_open
-
+        """The `__metadata__` of a safetensors file (its header: u64 length, then JSON)."""
         data = self.read_bytes(name)
-        with tempfile.NamedTemporaryFile(dir=_staging_dir(), suffix=".safetensors") as tmp:
-            tmp.write(data)
-            tmp.flush()
-            with safe_open(tmp.name, framework="pt") as f:
-                return dict(f.metadata() or {})
+        try:
+            (n,) = struct.unpack_from("<Q", data)
+            header = json.loads(data[8 : 8 + n])
+        except (struct.error, ValueError) as e:
+            raise self._corrupt(name, f"unreadable as safetensors ({e})") from None
+        return dict(header.get("__metadata__") or {})
 
     def read_table(self, name: str):
         import pyarrow as pa

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 __all__ = ["add_commands"]
 
 
@@ -18,15 +20,9 @@ def _decode(args) -> int:
 
     reader = HwqReader(args.file, storage_options=_opts(args))
     names = args.tensor or None
-    arrays = reader.read(names)
-    tensors = {}
-    for name, a in arrays.items():
-        t = torch.from_numpy(np.ascontiguousarray(a))
-        tensors[name] = t
-    tmp = f"{args.out}.tmp"
+    tensors = {n: torch.from_numpy(np.ascontiguousarray(a)) for n, a in reader.read(names).items()}
+    tmp = f"{args.out}.tmp"  # written whole, then renamed: no half file under the real name
     save_file(tensors, tmp, metadata={"source": str(args.file)})
-    import os
-
     os.replace(tmp, args.out)
     total = sum(t.numel() for t in tensors.values())
     print(f"{args.out}: {len(tensors)} tensors, {total:,} values "

@@ -53,8 +53,7 @@ def _decode_and_evaluate(cfg: RunConfig, out: StageDir, expected: dict[str, torc
     from pipeline.evaluate import accuracy_of_state
 
     task_threads()
-    decoded = read_hwq(out.url(FILE), storage_options=out.store.storage_options,
-                       map_fn=None)
+    decoded = read_hwq(out.url(FILE), storage_options=out.store.storage_options)
     state = {}
     for name, want in expected.items():
         got = decoded[name]

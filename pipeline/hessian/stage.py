@@ -173,10 +173,11 @@ def _write_final(cfg: RunConfig, out: StageDir, src: StageDir, table: pa.Table,
     }
     table = table.replace_schema_metadata(meta)
     out.write_table(TABLE, table)
+    from pipeline.hessian.table import iter_rows
+
     per_layer: dict[str, float] = {}
     counts: dict[str, int] = {}
-    for name, vals in zip(table.column("tensor").to_pylist(),
-                          table.column("values").to_pylist(), strict=True):
+    for name, _, vals in iter_rows(table):  # numpy views, no Python lists of values
         per_layer[name] = per_layer.get(name, 0.0) + float(np.sum(vals, dtype=np.float64))
         counts[name] = counts.get(name, 0) + len(vals)
     return {"mean_h": {k: per_layer[k] / max(counts[k], 1) for k in per_layer},

@@ -182,7 +182,6 @@ def _evaluate_task(cfg: RunConfig, src: StageDir, prune: StageDir | None,
 def _run(ctx: StageContext) -> dict:
     import ray
 
-    from pipeline.quantize.core import entropy_bits
     from pipeline.quantize.sharded import RayBackend, shard_ranges
     from pipeline.train.stage import load_masks, load_model_state, model_stage
 
@@ -259,8 +258,8 @@ def _run(ctx: StageContext) -> dict:
                    assignment=assignment, raw=raw).write(out)
     ev = ray.get(remote(_evaluate_task, cpus="all").remote(cfg, src, prune, hess, out))
     out.write_json("layers.json", ev["layers"])
-    kept = np.concatenate([indices[n].reshape(-1).numpy()[flat[n]] for n in names])
-    # One entropy over all kept indices (per-codebook indices pooled in layer/channel scope).
+    # Layer/channel scope: kept-weighted means over the per-tensor codebooks (network scope
+    # has them from the one solve).
     if q.scope != "network":
         info["index_entropy_bits"] = (
             sum(ev["layers"][n]["index_entropy_bits"] * ev["layers"][n]["kept"] for n in names)
@@ -270,8 +269,6 @@ def _run(ctx: StageContext) -> dict:
             info["weighted_distortion"] = (
                 sum(v * ev["layers"][n]["kept"] for v, n in zip(wd, names, strict=True))
                 / max(sum(counts), 1))
-    elif kept.size:
-        info["index_entropy_bits"] = entropy_bits(np.bincount(kept))
     return {
         "quantized_accuracy": ev["accuracy"],
         "quantize": {"method": q.method, "scope": q.scope,

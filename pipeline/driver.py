@@ -13,6 +13,7 @@ output, its inputs' keys). Its files live under `<root>/stages/<name>-<key>/`, a
 
 from __future__ import annotations
 
+import difflib
 import importlib.metadata
 import logging
 import platform
@@ -24,13 +25,19 @@ from typing import Any
 import yaml
 
 from pipeline.config import RunConfig, digest, section_digest
+from pipeline.manifest import (
+    MANIFEST,
+    MAX_MANIFEST_BYTES,
+    Manifest,
+    ManifestInvalid,
+    parse_manifest,
+)
 from pipeline.store import ArtifactError, StageDir, Store
 
 __all__ = ["Stage", "StageContext", "StagePlan", "plan", "run", "status", "open_store"]
 
 log = logging.getLogger("hwq")
 
-MANIFEST = "manifest.json"
 RUN_INDEX = "run.json"
 
 
@@ -54,6 +61,8 @@ class Stage:
     run(ctx): does the work (Ray tasks inside), writes files into ctx.out, returns metrics that
         go into report.json's `metrics` (flat keys, or a dict under the stage's name).
     headline: metric keys `hwq status` shows.
+    outputs(cfg): files the stage always writes; a manifest that does not list them all does
+        not make the stage complete (it may write more: every file is hashed).
     """
 
     name: str
@@ -63,6 +72,7 @@ class Stage:
     run: Callable[[StageContext], dict[str, Any]]
     enabled: Callable[[RunConfig], bool] = lambda cfg: True
     headline: tuple[str, ...] = ()
+    outputs: Callable[[RunConfig], tuple[str, ...]] = lambda cfg: ()
 
 
 def _stages() -> list[Stage]:
@@ -120,13 +130,21 @@ def open_store(cfg: RunConfig) -> Store:
     return Store(cfg.store.url, cfg.store.storage_options())
 
 
-def _read_manifest(store: Store, sd: StageDir) -> dict[str, Any] | None:
+def _read_manifest(store: Store, sd: StageDir, p: StagePlan, cfg: RunConfig
+                   ) -> tuple[Manifest | None, str | None]:
+    """The stage's manifest if it validates (else None), and why not when one exists."""
+    rel = sd.rel(MANIFEST)
     try:
-        return store.read_json(sd.rel(MANIFEST))
-    except ArtifactError:
-        return None
-    except ValueError:  # a manifest that is not JSON: treat as incomplete
-        return None
+        if store.size(rel) > MAX_MANIFEST_BYTES:
+            return None, f"manifest is {store.size(rel)} bytes, more than any manifest"
+        data = store.read_bytes(rel)
+    except (ArtifactError, FileNotFoundError):
+        return None, None
+    try:
+        return parse_manifest(data, stage=p.stage.name, key=p.key, version=p.stage.version,
+                              inputs=p.inputs, required=p.stage.outputs(cfg)), None
+    except ManifestInvalid as e:
+        return None, str(e)
 
 
 def _downstream(stages: list[StagePlan], names: Iterable[str]) -> set[str]:
@@ -167,7 +185,9 @@ def run(
         plans = plans[: names.index(until) + 1]
 
     pre = f"{report_prefix.strip('/')}/" if report_prefix else ""
-    store.write_text(f"{pre}config.yaml", yaml.safe_dump(cfg.resolved(), sort_keys=False))
+    store.check_access()
+    check_against_model(cfg)
+    store.write_text(f"{pre}config.yaml", yaml.safe_dump(cfg.redacted(), sort_keys=False))
     if init_executor:
         from pipeline.executor import init_ray
 
@@ -182,10 +202,12 @@ def run(
         name = p.stage.name
         sd = StageDir(store, name, p.key)
         t0 = time.perf_counter()
-        manifest = None if name in forced else _read_manifest(store, sd)
+        manifest, invalid = (None, None) if name in forced else _read_manifest(store, sd, p, cfg)
+        if invalid:
+            log.warning("[%d/%d] %s: %s; recomputing", i, len(plans), name, invalid)
         stale_inputs = recomputed & set(p.inputs)
         if manifest is not None and not stale_inputs:
-            sd.outputs = manifest["outputs"]
+            sd.outputs = {f: o.model_dump() for f, o in manifest.outputs.items()}
             why = sd.verify()
             if why is None:
                 dirs[name] = sd
@@ -193,8 +215,8 @@ def run(
                     "key": p.key,
                     "cached": True,
                     "seconds": round(time.perf_counter() - t0, 3),
-                    "compute_seconds": manifest["timings"]["seconds"],
-                    "metrics": manifest.get("metrics", {}),
+                    "compute_seconds": manifest.timings.seconds,
+                    "metrics": manifest.metrics,
                 }
                 log.info("[%d/%d] %-9s cached  (key %s)", i, len(plans), name, p.key)
                 continue
@@ -205,12 +227,15 @@ def run(
                   "incomplete, resuming" if store.exists(sd.prefix) else "new")
         log.info("[%d/%d] %-9s running (key %s, %s)", i, len(plans), name, p.key, reason)
         store.remove(sd.prefix)  # a killed earlier attempt may have left partial files
-        sd.outputs = {}
+        sd.outputs = None  # being written: its own reads are of what it just wrote
         ctx = StageContext(cfg, store, sd, {n: dirs[n] for n in p.inputs})
         started = time.time()
         metrics = p.stage.run(ctx) or {}
         seconds = time.perf_counter() - t0
         sd.outputs = sd.hash_outputs()
+        unwritten = [f for f in p.stage.outputs(cfg) if f not in sd.outputs]
+        if unwritten:  # a bug in the stage, not the user's: no manifest, so no false hit
+            raise RuntimeError(f"stage {name} finished without writing {', '.join(unwritten)}")
         manifest = {
             "stage": name,
             "key": p.key,
@@ -248,6 +273,39 @@ def _fmt(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
+def _status_manifest(store: Store, sd: StageDir) -> Manifest | None:
+    """The manifest of a listed stage, if it validates (status has no plan to check it by)."""
+    try:
+        data = store.read_bytes(sd.rel(MANIFEST))
+        m = Manifest.model_validate_json(data)
+    except (ArtifactError, ValueError):
+        return None
+    return m if m.stage == sd.name and m.key == sd.key else None
+
+
+def check_against_model(cfg: RunConfig) -> None:
+    """Names in the config that must be the model's (prune.keep, quantize.layer_k), checked
+    before any stage runs: a typo must not surface after an hour of training."""
+    named = {"prune.keep": cfg.prune.keep if cfg.prune.enabled else {},
+             "quantize.layer_k": cfg.quantize.layer_k or {}}
+    if not any(named.values()):
+        return
+    from pipeline.config import ConfigError
+    from pipeline.models import build
+
+    try:
+        params = [n for n, _ in build(cfg.model.name).named_parameters()]
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    for key, mapping in named.items():
+        for tensor in mapping:
+            if tensor not in params:
+                near = difflib.get_close_matches(tensor, params, n=1)
+                hint = f"did you mean {near[0]!r}? " if near else ""
+                raise ConfigError(f"{key}: {tensor!r} is not a parameter of model "
+                                  f"{cfg.model.name!r}; {hint}(parameters: {', '.join(params)})")
+
+
 def status(store: Store, report_prefix: str = "") -> list[dict[str, Any]]:
     """Each stage of the last run in `store`: key, complete?, cached?, seconds, headline."""
     pre = f"{report_prefix.strip('/')}/" if report_prefix else ""
@@ -262,14 +320,14 @@ def status(store: Store, report_prefix: str = "") -> list[dict[str, Any]]:
     rows = []
     for name, key in index["stages"]:
         sd = StageDir(store, name, key)
-        manifest = _read_manifest(store, sd)
+        manifest = _status_manifest(store, sd)
         rec = report["stages"].get(name, {})
         rows.append({
             "stage": name,
             "key": key,
             "complete": manifest is not None,
             "cached": rec.get("cached"),
-            "seconds": (manifest or {}).get("timings", {}).get("seconds"),
-            "metrics": (manifest or {}).get("metrics", {}),
+            "seconds": manifest.timings.seconds if manifest else None,
+            "metrics": manifest.metrics if manifest else {},
         })
     return rows

@@ -19,17 +19,20 @@ import struct
 import tempfile
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import fsspec
 
-__all__ = ["ArtifactError", "Store", "StageDir", "sha256_bytes"]
+from pipeline.errors import StoreAccessError, UserError
+
+__all__ = ["ArtifactError", "StoreAccessError", "Store", "StageDir", "sha256_bytes",
+           "canonical_safetensors", "describe_store_error"]
 
 _BUF = 1 << 22
 
 
-class ArtifactError(RuntimeError):
+class ArtifactError(UserError, RuntimeError):
     """A missing, corrupt or truncated artifact; the message says which and how to recover."""
 
 
@@ -50,7 +53,10 @@ class Store:
         if "://" not in url:
             url = os.path.abspath(url)
         self.url = url.rstrip("/")
-        self.fs, self.root = fsspec.core.url_to_fs(self.url, **self.storage_options)
+        try:
+            self.fs, self.root = fsspec.core.url_to_fs(self.url, **self.storage_options)
+        except Exception as e:  # noqa: BLE001 - each cause gets its own message below
+            raise StoreAccessError(describe_store_error(e, self.url)) from None
         self.root = self.root.rstrip("/")
         self.is_local = self.fs.protocol in ("file", "local") or "file" in self.fs.protocol
         if self.is_local:
@@ -58,6 +64,18 @@ class Store:
 
     def __repr__(self) -> str:
         return f"Store({self.url!r})"
+
+    def check_access(self) -> None:
+        """Fail early, with one line saying why, if the root cannot be listed or written.
+
+        A run's first write would fail the same way, but deep inside a stage and with a
+        library's traceback (botocore's NoCredentialsError, a bucket that does not exist).
+        """
+        try:
+            self.write_bytes(".hwq-access-check", b"ok\n")
+            self.remove(".hwq-access-check")
+        except Exception as e:  # noqa: BLE001
+            raise StoreAccessError(describe_store_error(e, self.url)) from None
 
     def __reduce__(self):
         return (Store, (self.url, self.storage_options))
@@ -165,6 +183,52 @@ class Store:
         return h.hexdigest(), n
 
 
+def describe_store_error(e: BaseException, url: str) -> str:
+    """One line saying why the store at `url` cannot be used, and what to do about it."""
+    name = type(e).__name__
+    text = str(e)
+    scheme = url.split("://", 1)[0] if "://" in url else "file"
+    if isinstance(e, ImportError):
+        # fsspec's message names the package ("Install gcsfs to access Google Storage").
+        import re
+
+        m = re.search(r"install (?:the )?['\"]?([A-Za-z0-9_.-]+)", text)
+        pkg = getattr(e, "name", None) or (m.group(1) if m else None)
+        hint = f"pip install {pkg}" if pkg else text
+        return (f"store {url}: the {scheme}:// protocol needs a package that is not installed "
+                f"({hint})")
+    if isinstance(e, ValueError) and "Protocol not known" in text:
+        return (f"store {url}: unknown protocol {scheme}://; use a folder, s3://bucket/prefix "
+                "or another fsspec URL")
+    if name in ("NoCredentialsError", "PartialCredentialsError") or "credentials" in text.lower():
+        return (f"store {url}: no usable S3 credentials ({text}); set AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY, a profile, or an instance role")
+    if isinstance(e, PermissionError) or "AccessDenied" in text or "Forbidden" in text:
+        return f"store {url}: access denied ({text}); check the credentials and bucket policy"
+    if isinstance(e, FileNotFoundError) or "NoSuchBucket" in text:
+        return f"store {url}: the bucket or folder does not exist ({text}); create it first"
+    if name in ("EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError") or \
+            isinstance(e, (ConnectionError, TimeoutError, OSError)):
+        return f"store {url}: cannot connect ({name}: {text}); check the URL and endpoint"
+    return f"store {url}: cannot be used ({name}: {text})"
+
+
+def canonical_safetensors(data: bytes) -> bytes:
+    """The same safetensors file with its JSON header's keys sorted.
+
+    safetensors writes `__metadata__` in the order of a Rust hash map, which differs between
+    processes; sorting makes the bytes a function of the tensors and metadata alone. Only the
+    order of keys changes, so the header keeps its length (padded with spaces, as the format
+    allows) and every data offset stays valid.
+    """
+    (n,) = struct.unpack_from("<Q", data)
+    header = json.loads(data[8 : 8 + n])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    if len(text) > n:  # cannot happen for a reordering; keep the original rather than break it
+        return data
+    return data[:8] + text + b" " * (n - len(text)) + data[8 + n :]
+
+
 def _is_temp(rel: str) -> bool:
     return ".tmp-" in posixpath.basename(rel)
 
@@ -188,13 +252,15 @@ class StageDir:
 
     Writes go through `write_*` (atomic). Reads through `read_*` check the file's sha256 against
     the stage manifest (`outputs`), so a flipped byte is an `ArtifactError` that names the file.
+    `outputs` is None only while this process writes the stage (it reads back what it just
+    wrote); a folder from a manifest always has a dict, and a file it does not list is refused.
     Picklable: hand it to Ray tasks.
     """
 
     store: Store
     name: str
     key: str
-    outputs: dict[str, dict[str, Any]] = field(default_factory=dict)  # from the manifest
+    outputs: dict[str, dict[str, Any]] | None = None  # from the manifest; None: being written
 
     @property
     def prefix(self) -> str:
@@ -229,7 +295,7 @@ class StageDir:
         from safetensors.torch import save
 
         tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-        return self.write_bytes(name, save(tensors, metadata=metadata))
+        return self.write_bytes(name, canonical_safetensors(save(tensors, metadata=metadata)))
 
     def write_table(self, name: str, table) -> str:
         import pyarrow.parquet as pq
@@ -240,9 +306,11 @@ class StageDir:
 
     # verified reads
     def read_bytes(self, name: str) -> bytes:
-        expect = self.outputs.get(name)
-        if expect is None and self.outputs:
-            raise self._corrupt(name, "not listed in the stage manifest")
+        expect = None
+        if self.outputs is not None:
+            expect = self.outputs.get(name)
+            if expect is None:
+                raise self._corrupt(name, "not listed in the stage manifest")
         try:
             data = self.store.read_bytes(self.rel(name))
         except ArtifactError:
@@ -257,13 +325,18 @@ class StageDir:
         return data
 
     def read_json(self, name: str) -> Any:
-        return json.loads(self.read_bytes(name))
+        try:
+            return json.loads(self.read_bytes(name))
+        except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+            raise self._corrupt(name, f"not valid JSON ({type(e).__name__})") from None
 
     def read_safetensors(self, name: str) -> dict:
         from safetensors.torch import load
 
         try:
-            return load(self.read_bytes(name))
+            # Sorted by name: the loader's own order differs between processes, and every
+            # artifact made from these tensors must be a function of its inputs alone.
+            return dict(sorted(load(self.read_bytes(name)).items()))
         except ArtifactError:
             raise
         except Exception as e:  # safetensors raises its own types on malformed input
@@ -309,7 +382,13 @@ class StageDir:
         return out
 
     def verify(self) -> str | None:
-        """None if every output listed in the manifest is present and hashes right; else why not."""
+        """None if the manifest lists exactly the files in the folder and each hashes right;
+        else why not."""
+        if not self.outputs:
+            return "the manifest lists no outputs"
+        unlisted = sorted(set(self.files()) - set(self.outputs))
+        if unlisted:
+            return f"{unlisted[0]} is in the folder but not in the manifest"
         for f, meta in self.outputs.items():
             try:
                 digest, n = self.store.sha256(self.rel(f))

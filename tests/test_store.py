@@ -67,3 +67,19 @@ def test_missing_artifact_names_the_file(tmp_path):
     sd = StageDir(Store(str(tmp_path)), "demo", "k4", outputs={"a.json": {"sha256": "0", "bytes": 1}})
     with pytest.raises(ArtifactError, match=r"a\.json is missing"):
         sd.read_json("a.json")
+
+
+def test_safetensors_bytes_do_not_depend_on_metadata_order():
+    """safetensors writes metadata in hash-map order (per process): hwq sorts the header."""
+    import torch
+    from safetensors.torch import load, save
+
+    from pipeline.store import canonical_safetensors
+
+    t = {"b": torch.arange(3.0), "a": torch.ones(2, 2)}
+    one = canonical_safetensors(save(t, metadata={"step": "24", "beta2": "0.999", "x": "1"}))
+    two = canonical_safetensors(save(dict(reversed(t.items())),
+                                     metadata={"x": "1", "beta2": "0.999", "step": "24"}))
+    assert one == two
+    back = load(one)
+    assert torch.equal(back["a"], t["a"]) and torch.equal(back["b"], t["b"])

@@ -199,12 +199,19 @@ def read_hessian(sd: StageDir, shapes: dict[str, tuple[int, ...]],
     if names is None:
         table = sd.read_table(TABLE)
     else:
-        with sd.open_read(TABLE) as f:
-            table = pq.read_table(f, filters=[("tensor", "in", list(names))])
-            meta = pq.read_schema(f).metadata
+        try:
+            with sd.open_read(TABLE) as f:
+                table = pq.read_table(f, filters=[("tensor", "in", list(names))])
+                meta = pq.read_schema(f).metadata
+        except Exception as e:  # noqa: BLE001 - pyarrow raises many types on a bad file
+            raise sd._corrupt(TABLE, f"unreadable as Parquet ({type(e).__name__}: {e})"
+                              ) from None
         table = table.replace_schema_metadata(meta)
         shapes = {n: shapes[n] for n in names}
-    out = from_table(table, shapes)
+    try:
+        out = from_table(table, shapes)
+    except (KeyError, ValueError, TypeError) as e:
+        raise sd._corrupt(TABLE, f"not a Hessian table of this model ({e})") from None
     if table_metadata(table).get("nonneg") == "abs":
         out = {k: np.abs(v) for k, v in out.items()}
     return out
@@ -295,4 +302,5 @@ HESSIAN = Stage(
     run=_run,
     enabled=lambda cfg: cfg.hessian.enabled,
     headline=(),
+    outputs=lambda cfg: (TABLE,),
 )

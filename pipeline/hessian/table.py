@@ -73,6 +73,8 @@ def from_table(table: pa.Table, shapes: dict[str, tuple[int, ...]] | None = None
         if pos != want:
             raise ValueError(f"Hessian table: {name} has {pos} values, expected {want}")
         flat = np.concatenate([v for _, v in chunks]).astype(dtype, copy=False)
+        if not np.isfinite(flat).all():
+            raise ValueError(f"Hessian table: {name} holds NaN or inf values")
         out[name] = flat.reshape(shapes[name]) if shapes is not None else flat
     return out
 

@@ -71,7 +71,7 @@ class QuantizedModel:
         sd.write_json("quantized.json", {
             "scope": self.scope, "method": self.method,
             "tensors": {k: {"codebook": v} for k, v in self.assignment.items()},
-            "raw": self.raw,
+            "raw": sorted(self.raw),
         })
 
     @classmethod
@@ -79,10 +79,18 @@ class QuantizedModel:
         """Read from a quantize folder; `codebooks_from` (a finetune folder) replaces the
         codebooks with fine-tuned ones."""
         meta = sd.read_json("quantized.json")
+        try:
+            scope, method = str(meta["scope"]), str(meta["method"])
+            assignment = {str(k): str(v["codebook"]) for k, v in meta["tensors"].items()}
+            raw = [str(r) for r in meta.get("raw", [])]
+        except (KeyError, TypeError, AttributeError) as e:
+            raise sd._corrupt("quantized.json", f"not a quantized-model description ({e!r})"
+                              ) from None
         cbs = (codebooks_from or sd).read_safetensors("codebooks.safetensors")
-        return cls(
-            scope=meta["scope"], method=meta["method"], codebooks=cbs,
-            indices=sd.read_safetensors("indices.safetensors"),
-            assignment={k: v["codebook"] for k, v in meta["tensors"].items()},
-            raw=list(meta.get("raw", [])),
-        )
+        idx = sd.read_safetensors("indices.safetensors")
+        for name, cb in assignment.items():
+            if name not in idx or cb not in cbs:
+                raise sd._corrupt("quantized.json", f"names {name!r} / codebook {cb!r}, which "
+                                  "the safetensors files do not hold")
+        return cls(scope=scope, method=method, codebooks=cbs, indices=idx,
+                   assignment=assignment, raw=raw)

@@ -148,8 +148,7 @@ def _extra_commands():
 
 def _user_error(e: BaseException) -> BaseException | None:
     """The error to show a user without a traceback, unwrapping Ray's task errors."""
-    from pipeline.config import ConfigError
-    from pipeline.store import ArtifactError
+    from pipeline.errors import UserError
 
     try:
         from ray.exceptions import RayTaskError
@@ -158,7 +157,7 @@ def _user_error(e: BaseException) -> BaseException | None:
     seen = 0
     while isinstance(e, RayTaskError) and getattr(e, "cause", None) is not None and seen < 5:
         e, seen = e.cause, seen + 1
-    if isinstance(e, (ConfigError, ArtifactError, ValueError, FileNotFoundError)):
+    if isinstance(e, (UserError, ValueError, FileNotFoundError)):
         return e
     return None
 

@@ -27,6 +27,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from pipeline.errors import UserError
+
 __all__ = [
     "ConfigError",
     "RunConfig",
@@ -37,12 +39,13 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config that cannot run; the message names the key and says how to fix it."""
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # NaN and inf are never a setting: `target_bits: .inf` would run and mean nothing.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Section):
@@ -156,7 +159,8 @@ class FinetuneConfig(_Section):
     # Resuming is exact, so this (like max_failures) is not part of the stage key.
     checkpoint_every: int = Field(200, ge=1)
     # Ray Train restarts of a failed worker group; each restart resumes from the last checkpoint.
-    max_failures: int = Field(0, ge=0)
+    # 3, not 0: a killed worker or a lost node need not end a run that resumes exactly.
+    max_failures: int = Field(3, ge=0)
 
 
 class EncodeConfig(_Section):
@@ -207,6 +211,14 @@ class RunConfig(_Section):
         """Every setting with defaults filled in, as JSON-able data."""
         return self.model_dump(mode="json")
 
+    def redacted(self) -> dict[str, Any]:
+        """`resolved()` with credentials masked: what is written to the store and reports."""
+        d = self.resolved()
+        for k in ("key", "secret"):
+            if d["store"].get(k):
+                d["store"][k] = "***"
+        return d
+
 
 # Sections that say where work runs, not what it computes: in no digest.
 _PLACEMENT = ("executor", "store")
@@ -250,6 +262,8 @@ def _format_errors(err: ValidationError) -> str:
         else:
             msg = e["msg"].removeprefix("Value error, ")
             lines.append(f"{where}: {msg} (got {e.get('input')!r})")
+    if len(lines) == 1:  # the common case stays one line on stderr
+        return f"invalid config: {lines[0]}"
     return "invalid config:\n  " + "\n  ".join(lines)
 
 

@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import stat
 import sys
 import tempfile
 from pathlib import Path
+
+from pipeline.errors import ExecutorError
 
 __all__ = ["cache_dir", "init_ray", "shutdown_ray", "ray_has_gpus", "remote", "task_threads", "ray_map"]
 
@@ -31,8 +35,29 @@ def _ray_temp_dir() -> str:
     if len(str(p)) > _MAX_RAY_TMP:
         # A deep checkout would overflow Ray's socket paths: use a short per-user folder instead.
         p = Path(tempfile.gettempdir()) / f"hwq-ray-{os.getuid()}"
+        if not _private_dir(p):
+            # Someone else made (or linked) that name first: never run Ray's sockets and
+            # session files from a folder another user controls.
+            p = Path(tempfile.mkdtemp(prefix="hwq-ray-"))
+            log.warning("Ray temp folder: %s is not a private folder of this user; using %s",
+                        Path(tempfile.gettempdir()) / f"hwq-ray-{os.getuid()}", p)
+        return str(p)
     p.mkdir(parents=True, exist_ok=True)
     return str(p)
+
+
+def _private_dir(p: Path) -> bool:
+    """Create `p` (mode 0700) or accept it if it is a real folder owned by this user that no
+    one else can write; False if it is anything else (a link, someone else's, shared)."""
+    try:
+        p.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    except OSError:
+        return False
+    st = os.lstat(p)
+    return (stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid()
+            and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH))
 
 
 def _worker_env() -> dict[str, str]:
@@ -53,10 +78,35 @@ def _worker_env() -> dict[str, str]:
         # Bars redraw in place on a terminal; in a log file they would repeat every update.
         "HWQ_PROGRESS": os.environ.get("HWQ_PROGRESS", "1" if sys.stderr.isatty() else "0"),
     }
-    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN"):
-        if k in os.environ:
-            env[k] = os.environ[k]
+    # No credentials here: a runtime env is shown by the dashboard and the job API. Workers
+    # of an embedded Ray inherit the driver's environment; a cluster's nodes get theirs from
+    # their own environment (a Secret, an instance role), see docs/SECURITY.md.
     return env
+
+
+# Seconds to wait for a Ray cluster's address to accept a connection before giving up with a
+# message (Ray's own client retries for minutes, silently, on an address nobody listens on).
+CONNECT_TIMEOUT_S = float(os.environ.get("HWQ_RAY_CONNECT_TIMEOUT", "15"))
+
+
+def _probe_address(address: str) -> None:
+    """ExecutorError unless `address` (host:port or ray://host:port) accepts a TCP connection.
+
+    "auto" and other forms without a port are left to Ray (they name a local cluster file).
+    """
+    target = address.removeprefix("ray://")
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit() or "/" in target:
+        return
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        with socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S):
+            pass
+    except OSError as e:
+        raise ExecutorError(
+            f"cannot reach the Ray cluster at {address} ({e.strerror or e}); check "
+            "--ray-address (a head's GCS is host:6379, a Ray client ray://host:10001), or "
+            "leave it out to run on an embedded local Ray") from None
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -72,8 +122,14 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     runtime_env = {"env_vars": _worker_env()}
     if address:
+        _probe_address(address)
         log.info("connecting to Ray cluster at %s", address)
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        try:
+            ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        except (ConnectionError, TimeoutError, RuntimeError, ValueError) as e:
+            raise ExecutorError(f"cannot join the Ray cluster at {address}: "
+                                f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                                ) from None
     else:
         log.info("starting embedded local Ray (%s CPUs)", num_cpus or os.cpu_count())
         ray.init(
@@ -112,6 +168,9 @@ def remote(fn, *, cpus: int | str = 1, gpus: float = 0, **options):
     import ray
 
     n = _largest_node_cpus() if cpus == "all" else int(cpus)
+    # Every hwq task is safe to rerun (it writes atomically and its result is a function of
+    # its inputs): retry a killed worker whatever RAY_TASK_MAX_RETRIES says.
+    options.setdefault("max_retries", 3)
     return ray.remote(num_cpus=n, num_gpus=gpus, **options)(fn)
 
 

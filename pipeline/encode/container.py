@@ -40,15 +40,18 @@ from .positions import (
     gap_symbol_counts,
     gaps_from_mask,
     gaps_to_symbols,
-    symbols_to_positions,
 )
 
 __all__ = [
+    "DEFAULT_MAX_HEADER_BYTES",
+    "DEFAULT_MAX_OUTPUT_BYTES",
+    "DEFAULT_MAX_OUTPUT_RATIO",
     "FORMAT_VERSION",
     "MAGIC",
     "HwqFormatError",
     "HwqReader",
     "TensorEntry",
+    "UnknownTensorError",
     "format_inspect",
     "hwq_accounting",
     "inspect_hwq",
@@ -61,13 +64,37 @@ FORMAT_VERSION = 1
 _PREFIX = struct.Struct("<4sHHQII")  # magic, version, flags, header_len, header_crc32, reserved
 PREFIX_BYTES = _PREFIX.size  # 24
 _ALIGN = 8  # payload starts 8-byte aligned so raw float64 tensors can be viewed in place
-MAX_HEADER_BYTES = 1 << 30
 # Prefix flag: the header is zlib-compressed JSON (its field names repeat per tensor, so it
 # shrinks ~3×; on a pruned LeNet-5 that is ~3.5% of the whole file).
 FLAG_HEADER_ZLIB = 1
-DEFAULT_MAX_TENSOR_BYTES = 1 << 34
-"""Default cap on one decoded tensor (16 GiB): a pruned tensor's declared shape is not bounded
-by its payload (trailing pruned weights cost nothing), so the reader needs an explicit cap."""
+
+# Limits the reader enforces on untrusted files (docs/FORMAT.md, "Limits the decoder
+# enforces"). Each refusal names the limit and the keyword that raises it.
+DEFAULT_MAX_HEADER_BYTES = 16 << 20
+"""Largest header, stored and inflated (16 MiB). An honest header grows with tensors and chunks
+(~300 bytes per tensor, ~45 per chunk: a 70B-parameter model's is ~2 MB with the default
+chunk size); parsing costs up to ~35 bytes of memory and ~70 ns per header byte, so 16 MiB
+parses in about a second at worst. Raise with ``max_header_bytes``."""
+DEFAULT_MAX_OUTPUT_BYTES = 8 << 30
+"""Absolute default cap on the dense bytes one read decodes, all tensors together (8 GiB:
+2G float32 weights, beyond any model this pipeline trains, and below a 16 GB machine's memory
+so a refused file never starts swapping). Raise with ``max_output_bytes``."""
+MAX_CODED_EXPANSION = 64
+"""Most decoded bytes one stored byte can honestly describe outside the zeros of pruned
+tensors: a raw byte decodes to 1 byte; a prefix codeword has at least 1 bit (a one-symbol
+"constant" table too: length 0 means no codeword), so a stream byte holds at most 8 symbols,
+each decoding to at most 8 bytes (float64)."""
+DEFAULT_MAX_OUTPUT_RATIO = MAX_CODED_EXPANSION * 64
+"""Default cap on decoded bytes per file byte (4096) for untrusted files. The format does
+not bound the zeros of a pruned tensor (escapes advance 65,535 positions a bit; zeros after
+the last kept weight cost nothing), so their allowance is policy: 64× beyond the coded
+maximum admits a model pruned to 1/64 of its weights even at the format's minimum of 1 bit
+per index and per gap symbol, and ~0.05% kept with realistic codes (~15 bits per kept weight); the best
+published pruned models compress ~50×. Bombs of 2 GiB from 39 KB (55,000×) are refused."""
+OUTPUT_FLOOR_BYTES = 64 << 20
+"""The ratio never limits a read below 64 MiB: an allocation that small is harmless, and a
+tiny file holding a fully pruned tensor (whose zeros cost only its shape) stays readable."""
+_MAX_NUMEL = 1 << 48  # 256 T elements: keeps numel * itemsize and numpy's sizes in int64
 
 QUANTIZED_DTYPES = ("float32", "float16", "bfloat16", "float64")
 RAW_DTYPES = QUANTIZED_DTYPES + ("int64", "int32", "int16", "int8", "uint8", "bool")
@@ -83,6 +110,14 @@ class HwqFormatError(ValueError):
         super().__init__(f"{path}: {problem}")
         self.path = path
         self.problem = problem
+
+
+class UnknownTensorError(KeyError, ValueError):
+    """A tensor name the file does not hold. A KeyError for lookups, a ValueError (a user
+    error, one line in the CLI); the message suggests close names."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 @dataclass
@@ -673,8 +708,10 @@ def _parse_header_inner(h: Any, file_bytes: int) -> _Header:
         shape_l = _list(d.get("shape"), f"{what}.shape")
         if len(shape_l) > _MAX_NDIM:
             raise _Bad(f"{what}: more than {_MAX_NDIM} dimensions")
-        shape = tuple(_int(s, f"{what}.shape", 0) for s in shape_l)
+        shape = tuple(_int(s, f"{what}.shape", 0, _MAX_NUMEL) for s in shape_l)
         numel = math.prod(shape)
+        if numel > _MAX_NUMEL:
+            raise _Bad(f"{what}: shape {list(shape)} has more than 2^48 elements")
         kind = d.get("kind")
         dtype = d.get("dtype")
         if kind == "raw":
@@ -724,6 +761,15 @@ def _parse_header_inner(h: Any, file_bytes: int) -> _Header:
         )
         sections += [s for s, _ in ind.chunks] + ([s for s, _ in pos.chunks] if pos else [])
 
+    # Every table must serve a stream (the writer never stores another): a table's alphabet
+    # is then bounded by its codebook (4 bytes a symbol) or by max_gap + 1, so building its
+    # decoder costs memory in proportion to the payload, not 2^24 symbols per 2 MB section.
+    used = {st.table for t in tensors.values() for st in (t.indices, t.positions)
+            if st is not None and st.table is not None}  # fmt: skip
+    for i in range(len(tables)):
+        if i not in used:
+            raise _Bad(f"code_tables[{i}] is used by no stream")
+
     # Sections must tile the payload exactly: every payload byte is under one checksum.
     end = 0
     for s in sorted(sections, key=lambda s: (s.offset, s.length)):
@@ -744,8 +790,35 @@ def _decode_job(job: tuple[bytes, int, CodeTable]) -> np.ndarray:
     return decode_chunk(job[0], job[1], job[2])
 
 
+def _unknown_name(name: str, names: list[str]) -> str:
+    """'no tensor named X; did you mean ...? (N tensors: a, b, ...)' in one line."""
+    import difflib
+
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+    shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+    return f"no tensor named {name!r}{hint} (the file has {len(names)}: {shown})"
+
+
+_BLOCK = 1 << 20
+"""Elements per block when turning gap symbols into positions and scattering codebook values:
+the int64 temporaries stay ~10 MB whatever the tensor or stream size."""
+
+
 class HwqReader:
     """Random access to a .hwq file: reads the header on open, then only what is asked for.
+
+    The file is untrusted: every problem, and every limit a read would pass, is an
+    HwqFormatError raised before the memory is allocated (docs/FORMAT.md, section 6).
+
+    Args:
+        path_or_url: local path or fsspec URL.
+        storage_options: fsspec options for URLs.
+        max_output_bytes: most bytes of dense tensors one :meth:`read` may return, all
+            tensors together. None (default): min(8 GiB, max(64 MiB, 4096 × the file size)),
+            which refuses decompression bombs; an int, for a file you trust, is the only cap.
+        max_header_bytes: largest header, as stored and inflated (default 16 MiB).
+        max_tensor_bytes: optional cap on one decoded tensor (None: only the total applies).
 
     Attributes:
         path: the path or URL.
@@ -761,9 +834,13 @@ class HwqReader:
         path_or_url: str | os.PathLike,
         *,
         storage_options: dict | None = None,
-        max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES,
+        max_output_bytes: int | None = None,
+        max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+        max_tensor_bytes: int | None = None,
     ):
         self.path = str(path_or_url)
+        self.max_output_bytes = max_output_bytes
+        self.max_header_bytes = int(max_header_bytes)
         self.max_tensor_bytes = max_tensor_bytes
         self.bytes_read = 0
         self._fs, self._fpath = _url_to_fs(self.path, storage_options)
@@ -779,8 +856,10 @@ class HwqReader:
             self._fail(f"format version {version}, this reader supports {FORMAT_VERSION}")
         if flags & ~FLAG_HEADER_ZLIB or reserved:
             self._fail("reserved prefix fields are not zero")
-        if hlen > MAX_HEADER_BYTES or _payload_start(hlen) > self.file_bytes:
+        if _payload_start(hlen) > self.file_bytes:
             self._fail(f"header length {hlen} runs past the end of the {self.file_bytes}-byte file")
+        if hlen > self.max_header_bytes:
+            self._header_limit(f"the header is {hlen:,} bytes, above", hlen)
         self.payload_start = _payload_start(hlen)
         blob = self._read(PREFIX_BYTES, self.payload_start)
         hjson, pad = blob[:hlen], blob[hlen:]
@@ -789,14 +868,17 @@ class HwqReader:
         if any(pad):
             self._fail("header padding is not zero")
         if flags & FLAG_HEADER_ZLIB:
-            # Bounded inflate: a hostile header cannot expand past MAX_HEADER_BYTES.
+            # Bounded inflate: stop one byte past the limit instead of inflating a bomb whole
+            # (a 1 MB deflate stream can inflate to 1 GB).
             inflater = zlib.decompressobj()
             try:
-                hjson = inflater.decompress(hjson, MAX_HEADER_BYTES)
+                hjson = inflater.decompress(hjson, self.max_header_bytes + 1)
             except zlib.error as exc:
                 self._fail(f"compressed header does not inflate: {exc}")
+            if len(hjson) > self.max_header_bytes:
+                self._header_limit(f"the compressed header ({hlen:,} bytes) inflates past")
             if not inflater.eof or inflater.unconsumed_tail or inflater.unused_data:
-                self._fail("compressed header is truncated, too large or has trailing bytes")
+                self._fail("compressed header is truncated or has trailing bytes")
         try:
             obj = json.loads(hjson.decode("utf-8"), parse_constant=_reject_constant)
         except (ValueError, RecursionError) as exc:
@@ -813,6 +895,55 @@ class HwqReader:
 
     def _fail(self, problem: str):
         raise HwqFormatError(self.path, problem)
+
+    def _header_limit(self, what: str, need: int | None = None):
+        """Refuse a header past max_header_bytes: ``what`` ends where the limit is named."""
+        n = self.max_header_bytes
+        how = f"{need}" if need else "BYTES"
+        self._fail(f"{what} the {n:,}-byte header limit; if you trust this file, raise it: "
+                   f"max_header_bytes={how} (hwq decode/inspect --max-header-bytes {how})")
+
+    def decoded_bytes(self, names: Iterable[str] | str | None = None) -> int:
+        """Bytes of the dense tensors :meth:`read` would return (header only, no decoding)."""
+        return sum(self._out_bytes(self._h.tensors[n]) for n in self._check_names(names))
+
+    @staticmethod
+    def _out_bytes(t: _Tensor) -> int:
+        return t.numel * _np_dtype(t.dtype).itemsize
+
+    def output_limit(self) -> tuple[int, str]:
+        """(most bytes one :meth:`read` may return, what sets that limit) for this file."""
+        if self.max_output_bytes is not None:
+            return int(self.max_output_bytes), "max_output_bytes"
+        by_ratio = max(OUTPUT_FLOOR_BYTES, DEFAULT_MAX_OUTPUT_RATIO * self.file_bytes)
+        if by_ratio < DEFAULT_MAX_OUTPUT_BYTES:
+            return by_ratio, (
+                f"the default limit for untrusted files: {DEFAULT_MAX_OUTPUT_RATIO}× the file "
+                f"size of {self.file_bytes:,} bytes, at least 64 MiB; stored data expands at "
+                f"most {MAX_CODED_EXPANSION}×, so the rest would be zeros of pruned tensors"
+            )
+        return DEFAULT_MAX_OUTPUT_BYTES, "the default limit of 8 GiB"
+
+    def _check_output(self, names: list[str]) -> None:
+        """Refuse, before anything is fetched or allocated, a read past the output limits."""
+        cap = self.max_tensor_bytes
+        if cap is not None:
+            for n in names:
+                nbytes = self._out_bytes(self._h.tensors[n])
+                if nbytes > cap:
+                    self._fail(
+                        f"tensor {n!r} decodes to {nbytes:,} bytes, above the {cap:,}-byte cap "
+                        f"(max_tensor_bytes); if you trust this file, raise it"
+                    )
+        total = self.decoded_bytes(names)
+        limit, why = self.output_limit()
+        if total > limit:
+            what = "the file" if len(names) == len(self.names) else f"{len(names)} tensor(s)"
+            self._fail(
+                f"decoding {what} would produce {total:,} bytes, above the {limit:,}-byte cap "
+                f"({why}); if you trust this file, raise it: max_output_bytes={total} "
+                f"(hwq decode --max-output-bytes {total})"
+            )
 
     def _read(self, start: int, end: int) -> bytes:
         if end <= start:
@@ -892,48 +1023,76 @@ class HwqReader:
         names = [names] if isinstance(names, str) else list(names)
         for n in names:
             if n not in self._h.tensors:
-                raise KeyError(f"{self.path}: no tensor named {n!r}")
+                raise UnknownTensorError(f"{self.path}: {_unknown_name(n, self.names)}")
         return names
 
-    def _decode_stream(self, st: _Stream, data, map_fn) -> np.ndarray:
+    def _stream_parts(self, st: _Stream, data, map_fn) -> Iterable[np.ndarray]:
+        """The decoded chunks of a stream, in order; in-process they are decoded lazily, one
+        at a time. Every chunk holds at most 8 symbols per byte (checked in the header)."""
         if not st.chunks:
-            return np.zeros(0, np.uint8)
+            return []
         table = self._table(st.table, data)
         # Workers of a distributed map_fn need picklable bytes, not memoryviews.
         jobs = [(bytes(data[id(s)]) if map_fn else data[id(s)], n, table) for s, n in st.chunks]
+        if map_fn is None:
+            return (self._decode_one(j) for j in jobs)
         try:
-            parts = list((map_fn or _default_map)(_decode_job, jobs))
+            return list(map_fn(_decode_job, jobs))
         except DecodeError as exc:
             self._fail(f"corrupt stream: {exc}")
+
+    def _decode_one(self, job: tuple[Any, int, CodeTable]) -> np.ndarray:
+        try:
+            return _decode_job(job)
+        except DecodeError as exc:
+            self._fail(f"corrupt stream: {exc}")
+
+    def _decode_stream(self, st: _Stream, data, map_fn) -> np.ndarray:
+        parts = list(self._stream_parts(st, data, map_fn))
+        if not parts:
+            return np.zeros(0, np.uint8)
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+    def _positions(self, t: _Tensor, data, map_fn) -> np.ndarray:
+        """Kept flat positions int64 [n_kept] of a pruned tensor, from its gap symbols.
+
+        Block by block with a running cursor, so escape symbols (which emit nothing) cost no
+        memory beyond their decoded chunk, and too many positions are refused as they appear.
+        """
+        st = t.positions
+        m = st.max_gap or 1
+        out = np.empty(t.n_kept, np.int64)
+        n_out = 0
+        cursor = -1
+        for part in self._stream_parts(st, data, map_fn):
+            for b in range(0, part.shape[0], _BLOCK):
+                s = part[b : b + _BLOCK].astype(np.int64)
+                kept = s != 0
+                s[~kept] = m
+                np.cumsum(s, out=s)
+                s += cursor
+                cursor = int(s[-1])
+                p = s[kept]
+                if n_out + p.shape[0] > t.n_kept:
+                    self._fail(f"tensor {t.name!r}: positions give more than {t.n_kept} kept")
+                out[n_out : n_out + p.shape[0]] = p
+                n_out += p.shape[0]
+        if n_out != t.n_kept:
+            self._fail(f"tensor {t.name!r}: positions give {n_out} kept weights")
+        if n_out and int(out[-1]) >= t.numel:
+            self._fail(f"tensor {t.name!r}: a kept position lies beyond {t.numel} elements")
+        return out
 
     def _codes(self, t: _Tensor, data, map_fn) -> tuple[np.ndarray, np.ndarray | None]:
         codes = self._decode_stream(t.indices, data, map_fn)
         k = self._h.codebooks[t.codebook][0][-1]
         if codes.size and int(codes.max()) >= k:
             self._fail(f"tensor {t.name!r}: code out of range of its {k}-entry codebook")
-        positions = None
-        if t.positions is not None:
-            sym = self._decode_stream(t.positions, data, map_fn)
-            positions = symbols_to_positions(sym, t.positions.max_gap or 1)
-            if positions.size != t.n_kept:
-                self._fail(f"tensor {t.name!r}: positions give {positions.size} kept weights")
-            if positions.size and int(positions[-1]) >= t.numel:
-                self._fail(f"tensor {t.name!r}: a kept position lies beyond {t.numel} elements")
+        positions = None if t.positions is None else self._positions(t, data, map_fn)
         return codes, positions
-
-    def _check_size(self, t: _Tensor) -> None:
-        nbytes = t.numel * _np_dtype(t.dtype).itemsize
-        if nbytes > self.max_tensor_bytes:
-            self._fail(
-                f"tensor {t.name!r}: shape {t.shape} implies {nbytes} bytes, above the "
-                f"{self.max_tensor_bytes}-byte cap (max_tensor_bytes)"
-            )
 
     def _load(self, names: list[str]) -> dict[int, bytes]:
         tensors = [self._h.tensors[n] for n in names]
-        for t in tensors:
-            self._check_size(t)
         if len(names) == len(self.names):
             # Everything: one read of the whole payload, verifying every section's checksum.
             secs = [s for t in self._h.tensors.values() for s in self._needed(t)]
@@ -956,9 +1115,11 @@ class HwqReader:
         """Dense decoded tensors {name: array of its shape and dtype} (bfloat16 as uint16 bits).
 
         Quantized: codebook[codes] (per-channel: codebook[row, codes]) scattered into zeros
-        at the kept positions. Reads only the byte ranges these tensors need.
+        at the kept positions. Reads only the byte ranges these tensors need. Refuses (before
+        fetching or allocating) a read past the output limits; see :meth:`output_limit`.
         """
         names = self._check_names(names)
+        self._check_output(names)
         data = self._load(names)
         out = {}
         for n in names:
@@ -972,16 +1133,18 @@ class HwqReader:
             codes, positions = self._codes(t, data, map_fn)
             cb = _cast_codebook(self._codebooks[t.codebook], t.dtype)
             dense = np.zeros(t.numel, cb.dtype)
-            if cb.ndim == 2:
-                per_row = t.numel // t.shape[0] if t.shape[0] else 0
-                rows = (np.arange(t.numel) if positions is None else positions) // max(per_row, 1)
-                vals = cb[rows, codes]
-            else:
-                vals = cb[codes]
-            if positions is None:
-                dense[:] = vals
-            else:
-                dense[positions] = vals
+            per_row = max(t.numel // t.shape[0], 1) if cb.ndim == 2 and t.shape[0] else 1
+            # In blocks: no [n_kept] row-index or value temporaries next to the output.
+            for b in range(0, codes.shape[0], _BLOCK):
+                c = codes[b : b + _BLOCK]
+                where = (
+                    slice(b, b + c.shape[0]) if positions is None else positions[b : b + _BLOCK]
+                )
+                if cb.ndim == 2:
+                    rows = np.arange(b, b + c.shape[0]) if positions is None else where
+                    dense[where] = cb[rows // per_row, c]
+                else:
+                    dense[where] = cb[c]
             out[n] = dense.reshape(t.shape)
         return out
 
@@ -1027,17 +1190,29 @@ def read_hwq(
     names: Iterable[str] | str | None = None,
     *,
     storage_options: dict | None = None,
-    max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES,
+    max_output_bytes: int | None = None,
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+    max_tensor_bytes: int | None = None,
     map_fn: MapFn | None = None,
 ) -> dict[str, np.ndarray]:
-    """Decode tensors (all, or ``names``) from a .hwq file into dense arrays; see HwqReader."""
+    """Decode tensors (all, or ``names``) from a .hwq file into dense arrays.
+
+    The limits (see :class:`HwqReader`): by default at most min(8 GiB, max(64 MiB, 4096 × the
+    file size)) decoded bytes in all; pass ``max_output_bytes`` for a file you trust.
+    """
     reader = HwqReader(
-        path_or_url, storage_options=storage_options, max_tensor_bytes=max_tensor_bytes
-    )
+        path_or_url, storage_options=storage_options, max_output_bytes=max_output_bytes,
+        max_header_bytes=max_header_bytes, max_tensor_bytes=max_tensor_bytes,
+    )  # fmt: skip
     return reader.read(names, map_fn=map_fn)
 
 
-def hwq_accounting(path_or_url: str | os.PathLike, *, storage_options: dict | None = None) -> dict:
+def hwq_accounting(
+    path_or_url: str | os.PathLike,
+    *,
+    storage_options: dict | None = None,
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+) -> dict:
     """Bit accounting of a file (reads and decodes it all). Keys:
 
     - ``file_bytes``; ``bits``: {indices, positions, codebooks, code_tables, raw_tensors,
@@ -1051,8 +1226,13 @@ def hwq_accounting(path_or_url: str | os.PathLike, *, storage_options: dict | No
     - ``fixed_length_index_bits``: sum of n_kept * max(1, ceil(log2 k)) over tensors;
       ``ratio_fixed_length_bits``: that divided by the coded index bits (None if none);
     - ``compression_ratio``: (32 bits per quantized weight + raw tensor bits) / file bits.
+
+    Decodes symbol streams but no dense tensor: memory is bounded by the payload size.
     """
-    return HwqReader(path_or_url, storage_options=storage_options).accounting()
+    reader = HwqReader(
+        path_or_url, storage_options=storage_options, max_header_bytes=max_header_bytes
+    )
+    return reader.accounting()
 
 
 def _accounting(h: _Header, table_hist: list[np.ndarray], payload_start: int) -> dict:
@@ -1122,7 +1302,7 @@ def _inspect_rows(h: _Header, payload_start: int, file_bytes: int) -> list[dict]
     for t in h.tensors.values():
         r: dict[str, Any] = {
             "kind": t.kind, "name": t.name, "shape": t.shape, "dtype": t.dtype,
-            "numel": t.numel,
+            "numel": t.numel, "decoded_bytes": HwqReader._out_bytes(t),
         }  # fmt: skip
         if t.kind == "raw":
             r.update(bytes=t.raw.length, kept_fraction=1.0)
@@ -1144,15 +1324,22 @@ def _inspect_rows(h: _Header, payload_start: int, file_bytes: int) -> list[dict]
 
 
 def inspect_hwq(
-    path_or_url: str | os.PathLike, *, storage_options: dict | None = None
+    path_or_url: str | os.PathLike,
+    *,
+    storage_options: dict | None = None,
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
 ) -> list[dict]:
     """One row per item of the file, from its header alone (no payload read).
 
     Rows: the header; each codebook; each code table; each tensor with kind, shape, dtype,
     numel, n_kept, kept_fraction, index/position bytes, bits_per_weight (its stream bytes
-    * 8 / numel), and ``share`` (its bytes / file bytes). The rows' bytes sum to the file size.
+    * 8 / numel), ``decoded_bytes`` (of its dense form), and ``share`` (its bytes / file
+    bytes). The rows' bytes sum to the file size.
     """
-    return HwqReader(path_or_url, storage_options=storage_options).inspect()
+    reader = HwqReader(
+        path_or_url, storage_options=storage_options, max_header_bytes=max_header_bytes
+    )
+    return reader.inspect()
 
 
 def format_inspect(rows: list[dict]) -> str:

@@ -219,9 +219,14 @@ def unpack_lengths(data: bytes, alphabet: int, width: int) -> np.ndarray:
     bits = np.unpackbits(np.frombuffer(data, np.uint8))
     if bits[alphabet * width :].any():
         raise DecodeError("code table padding bits are not zero")
-    bits = bits[: alphabet * width].reshape(alphabet, width).astype(np.int64)
-    weights = np.left_shift(1, np.arange(width - 1, -1, -1))
-    return (bits @ weights).astype(np.uint8)
+    bits = bits[: alphabet * width].reshape(alphabet, width)
+    # uint8 arithmetic, one column at a time: no int64 [alphabet, width] temporary (8 bytes
+    # per bit of the section) for a large hostile alphabet.
+    out = np.zeros(alphabet, np.uint8)
+    for j in range(width):
+        out <<= 1
+        out |= bits[:, j]
+    return out
 
 
 @dataclass(frozen=True, eq=False)

@@ -53,7 +53,11 @@ def _decode_and_evaluate(cfg: RunConfig, out: StageDir, expected: dict[str, torc
     from pipeline.evaluate import accuracy_of_state
 
     task_threads()
-    decoded = read_hwq(out.url(FILE), storage_options=out.store.storage_options)
+    # The file was written by this stage a moment ago: allow exactly what it must decode to
+    # (the default limits are for files of unknown origin, docs/SECURITY.md).
+    want = sum(t.numel() * t.element_size() for t in expected.values())
+    decoded = read_hwq(out.url(FILE), storage_options=out.store.storage_options,
+                       max_output_bytes=want)
     state = {}
     for name, want in expected.items():
         got = decoded[name]
@@ -126,4 +130,5 @@ ENCODE = Stage(
     run=_run,
     enabled=lambda cfg: cfg.encode.enabled and cfg.quantize.enabled,
     headline=("decoded_accuracy",),
+    outputs=lambda cfg: ("model.hwq",),
 )

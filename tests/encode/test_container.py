@@ -342,8 +342,9 @@ def test_refuses_hostile_headers(sample):
     mutate(lambda hh: hh.update(payload_bytes=len(payload) + 8), fix=False)
     mutate(lambda hh: _tensor(hh, "fc2.weight").update(shape=[10**6, 10**6]))
     mutate(
-        lambda hh: _tensor(hh, "dead.weight").update(shape=[10**9, 10**9]), "cap", ["dead.weight"]
+        lambda hh: _tensor(hh, "dead.weight").update(shape=[10**6, 10**6]), "cap", ["dead.weight"]
     )
+    mutate(lambda hh: _tensor(hh, "dead.weight").update(shape=[10**9, 10**9]), "2\\^48")
     mutate(lambda hh: _tensor(hh, "r.f32").update(shape=[2**62, 4]))
     mutate(lambda hh: _tensor(hh, "r.f32").update(dtype="complex128"))
     mutate(lambda hh: _tensor(hh, "fc2.weight").update(codebook="missing"))

@@ -1,0 +1,218 @@
+"""Valid .hwq files from the writer, and hostile ones built from them with correct checksums
+(a hostile writer), for the fuzz and limit tests. Not a test module itself."""
+
+from __future__ import annotations
+
+import copy
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.encode import TensorEntry, write_hwq
+
+__all__ = [
+    "base_files",
+    "bombs",
+    "header_file",
+    "join",
+    "split",
+    "tensor",
+    "zlib_bomb",
+]
+
+_PREFIX = struct.Struct("<4sHHQII")
+
+
+def split(blob: bytes) -> tuple[dict, bytearray]:
+    """(header dict, payload) of a valid file."""
+    _, _, flags, hlen, _, _ = _PREFIX.unpack_from(blob)
+    start = -(-(24 + hlen) // 8) * 8
+    raw = blob[24 : 24 + hlen]
+    return json.loads(zlib.decompress(raw) if flags & 1 else raw), bytearray(blob[start:])
+
+
+def header_file(stored: bytes, payload: bytes = b"", *, compressed: bool = False) -> bytes:
+    """A file around header bytes as stored: right header CRC, zero padding, the payload."""
+    prefix = _PREFIX.pack(b"HWQ1", 1, int(compressed), len(stored), zlib.crc32(stored), 0)
+    return prefix + stored + b"\0" * (-(24 + len(stored)) % 8) + bytes(payload)
+
+
+def join(header: dict, payload: bytes, *, fix_payload_len: bool = True,
+         compressed: bool = False) -> bytes:
+    """Rebuild a file from a (modified) header: every checksum the prefix has is right."""
+    if fix_payload_len:
+        header["payload_bytes"] = len(payload)
+    hj = json.dumps(header, separators=(",", ":")).encode()
+    return header_file(zlib.compress(hj, 6) if compressed else hj, payload,
+                       compressed=compressed)
+
+
+def tensor(h: dict, name: str) -> dict:
+    return next(t for t in h["tensors"] if t["name"] == name)
+
+
+def base_files(folder: Path, seed: int = 0) -> dict[str, bytes]:
+    """A few small valid files covering the format: shared and per-tensor code tables,
+    Huffman and fixed-length codes, pruned (with escapes) and dense quantized tensors, a
+    channel codebook, every raw dtype, empty and fully pruned tensors. name -> bytes."""
+    rng = np.random.default_rng(seed)
+    cbs = {
+        "net": np.sort(rng.normal(size=16)).astype(np.float32),
+        "chan": rng.normal(size=(6, 4)).astype(np.float32),
+        "solo": np.array([0.5, -2.0, 3.0], np.float32),
+    }
+
+    def quant(name, shape, cb, density=1.0, dtype="float32"):
+        numel = int(np.prod(shape))
+        mask = rng.random(numel) < density if density < 1 else None
+        n_kept = numel if mask is None else int(mask.sum())
+        codes = rng.integers(0, cbs[cb].shape[-1], n_kept)
+        return TensorEntry.quantized(name, shape, codes, cb, mask=mask, dtype=dtype)
+
+    quantized = [
+        quant("conv1.weight", (4, 3, 3, 3), "net", density=0.3),
+        quant("fc1.weight", (30, 20), "net", density=0.05),
+        quant("fc2.weight", (10, 8), "net"),
+        quant("half.weight", (5, 3), "net", dtype="float16"),
+        quant("bf.weight", (4, 4), "net", density=0.5, dtype="bfloat16"),
+        quant("wide.weight", (3, 5), "net", dtype="float64"),
+        quant("chan.weight", (6, 5), "chan", density=0.7),
+        quant("solo.weight", (7,), "solo"),
+        quant("empty.weight", (0, 4), "net"),
+        quant("dead.weight", (5, 5), "net", density=1e-9),  # fully pruned
+    ]
+    raws = [
+        TensorEntry.raw_tensor("r.f32", rng.normal(size=(3, 2)).astype(np.float32)),
+        TensorEntry.raw_tensor("r.f16", rng.normal(size=3).astype(np.float16)),
+        TensorEntry.raw_tensor("r.f64", rng.normal(size=2)),
+        TensorEntry.raw_tensor("r.i64", np.array([7, -3, 2**40], np.int64)),
+        TensorEntry.raw_tensor("r.i32", np.arange(-2, 2, dtype=np.int32)),
+        TensorEntry.raw_tensor("r.i16", np.array([-5, 5], np.int16)),
+        TensorEntry.raw_tensor("r.i8", np.array([-128, 127], np.int8)),
+        TensorEntry.raw_tensor("r.u8", np.arange(4, dtype=np.uint8)),
+        TensorEntry.raw_tensor("r.bool", np.array([True, False, True])),
+        TensorEntry.raw_tensor("r.scalar", np.array(1.5, np.float32)),
+        TensorEntry.raw_tensor("r.empty", np.zeros((0, 3), np.float32)),
+        TensorEntry.raw_tensor("r.bf16", np.array([0x3F80, 0xC000], np.uint16), dtype="bfloat16"),
+    ]
+    # Three kept weights in 300,000: the writer codes the long gaps with escape symbols.
+    mask = np.zeros(300_000, bool)
+    mask[[0, 5, 299_999]] = True
+    sparse = [
+        TensorEntry.quantized("sparse.weight", (300_000,), np.array([0, 2, 1]), "solo",
+                              mask=mask),
+        quant("dense.weight", (9,), "solo"),
+    ]
+    specs = {
+        "mixed-network": (quantized + raws, {"code_sharing": "network", "chunk_symbols": 64}),
+        "mixed-tensor-fixed": (quantized[:8] + raws[:4], {"code_sharing": "tensor",
+                                                         "fixed_length": True,
+                                                         "chunk_symbols": 50}),
+        "raw-only": (raws, {}),
+        "sparse-escapes": (sparse, {"chunk_symbols": 300}),
+    }
+    out = {}
+    for name, (ents, kw) in specs.items():
+        used = {e.codebook for e in ents if e.codebook}
+        path = folder / f"{name}.hwq"
+        write_hwq(path, ents, {k: v for k, v in cbs.items() if k in used}, metadata={"n": name},
+                  **kw)  # fmt: skip
+        out[name] = path.read_bytes()
+    return out
+
+
+def zlib_bomb(inflated: int = 900 << 20, piece: int = 16 << 20) -> bytes:
+    """A zlib stream of a valid-looking header JSON whose metadata string is ``inflated``
+    spaces (~1000:1). Built from one compressed piece repeated: after a full flush the
+    compressor starts afresh, so the same input gives the same bytes. Adler-32 is right."""
+    head = b'{"format":"hwq","version":1,"payload_bytes":0,"code_sharing":"network",' \
+           b'"fixed_length":false,"codebooks":[],"code_tables":[],"tensors":[],' \
+           b'"metadata":{"pad":"'
+    tail = b'"}}'
+    spaces = b" " * piece
+    n = max(1, inflated // piece)
+    c = zlib.compressobj(9)
+    first = c.compress(head) + c.flush(zlib.Z_FULL_FLUSH)
+    mid = c.compress(spaces) + c.flush(zlib.Z_FULL_FLUSH)
+    again = c.compress(spaces) + c.flush(zlib.Z_FULL_FLUSH)
+    assert again == mid
+    end = c.compress(tail) + c.flush()
+    adler = zlib.adler32(head)
+    for _ in range(n):
+        adler = zlib.adler32(spaces, adler)
+    adler = zlib.adler32(tail, adler)
+    return first + mid * n + end[:-4] + struct.pack(">I", adler)
+
+
+def bombs(ok: bytes) -> dict[str, tuple[bytes, dict]]:
+    """Hostile files with right checksums, from the "mixed-network" base file: name ->
+    (file bytes, extra reader keyword arguments). Every one must be refused quickly."""
+    h, payload = split(ok)
+    out: dict[str, tuple[bytes, dict]] = {}
+
+    def make(name, fn, kw=None, compressed=False):
+        hh = copy.deepcopy(h)
+        fn(hh)
+        out[name] = (join(hh, payload, compressed=compressed), kw or {})
+
+    def many(n, shape, dtype="float32"):
+        def fn(hh):
+            dead = tensor(hh, "dead.weight")
+            for i in range(n):
+                hh["tensors"].append(dict(dead, name=f"dead{i}", shape=shape, dtype=dtype))
+        return fn
+
+    # A pruned tensor's trailing zeros cost nothing: declare 2 GiB, 16 GiB of them.
+    make("pruned-2GiB", lambda hh: tensor(hh, "fc1.weight").update(shape=[1 << 29]))
+    make("pruned-16GiB", lambda hh: tensor(hh, "fc1.weight").update(shape=[1 << 32]))
+    make("pruned-16GiB-f64", lambda hh: tensor(hh, "conv1.weight").update(
+        shape=[1 << 31], dtype="float64"))
+    make("8x2GiB", many(8, [1 << 29]))
+    make("40x60MiB", many(40, [15 << 20]))  # each under the 64 MiB floor, not together
+    make("10x-just-under-tensor-cap", many(10, [(1 << 28) - 1]),
+         {"max_tensor_bytes": 1 << 30, "max_output_bytes": 9 << 30})
+    make("2GiB-compressed-header", lambda hh: tensor(hh, "fc1.weight").update(shape=[1 << 29]),
+         compressed=True)
+    make("numel-2^60", lambda hh: tensor(hh, "dead.weight").update(shape=[1 << 30, 1 << 30]))
+
+    def huge_symbols(hh):
+        tensor(hh, "fc2.weight")["indices"]["chunks"][0][2] = 10**12
+    make("chunk-10^12-symbols", huge_symbols)
+
+    def huge_dense(hh):
+        t = tensor(hh, "fc2.weight")
+        t.update(shape=[1 << 30], n_kept=1 << 30)
+        t["indices"]["chunks"][0][2] = 1 << 30
+    make("dense-2^30-symbols", huge_dense)
+
+    def overlap(hh):  # two 24-byte raw tensors on the same bytes (and a gap elsewhere)
+        a, b = tensor(hh, "r.f32"), tensor(hh, "r.i64")
+        b.update(offset=a["offset"], length=a["length"], crc32=a["crc32"])
+    make("overlapping-sections", overlap)
+    make("offset-past-payload", lambda hh: tensor(hh, "r.f32").update(offset=1 << 40))
+
+    # Headers: nested deeply, too large stored, inflating past the limit.
+    deep = b"[" * 200_000 + b"]" * 200_000
+    out["deep-json"] = (header_file(deep, payload), {})
+    out["deep-json-compressed"] = (header_file(zlib.compress(deep), payload, compressed=True), {})
+    objs = b'{"a":' * 100_000 + b"1" + b"}" * 100_000
+    out["deep-objects"] = (header_file(objs, payload), {})
+    out["huge-int"] = (header_file(b'{"format":"hwq","version":' + b"9" * 5000 + b"}"), {})
+    big = json.dumps(dict(h, metadata={"pad": " " * (17 << 20)})).encode()
+    out["header-17MiB"] = (header_file(big, payload), {})
+    out["zlib-bomb-900MiB"] = (header_file(zlib_bomb(), payload, compressed=True), {})
+    out["zlib-bomb-just-over"] = (
+        header_file(zlib_bomb(16 << 20, 1 << 20), payload, compressed=True), {})
+
+    # A 2^24-symbol code table no stream uses: its decoder would take ~1 GB to build.
+    def unused_table(hh):
+        hh["code_tables"].append({"kind": "huffman", "alphabet": 1 << 24, "width": 1,
+                                  "fixed_length": None, "offset": len(payload),
+                                  "length": 1 << 21, "crc32": zlib.crc32(bytes(1 << 21))})
+    hh = copy.deepcopy(h)
+    unused_table(hh)
+    out["unused-2^24-table"] = (join(hh, bytes(payload) + bytes(1 << 21)), {})
+    return out

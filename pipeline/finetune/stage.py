@@ -6,8 +6,11 @@ Outputs (stage folder):
 - `codebooks.safetensors` — the fine-tuned codebooks, same names, shapes and dtype (float32)
   as the quantize artifact's; read them with `QuantizedModel.read(quantize_dir,
   codebooks_from=finetune_dir)`.
-- `finetune.json` — steps, loss log (mean over workers every `log_every` steps), the
-  fine-tuned test accuracy, the step a resumed run started from, timings.
+- `finetune.json` — steps, steps per epoch, training samples and the fine-tuned test
+  accuracy: only what the config and inputs decide, so a resumed run writes the same bytes.
+  The loss log (mean over workers every `log_every` steps), the step a resumed run started
+  from and the timings are the stage's metrics (manifest and report), carried from worker 0
+  through `attempt.json` beside the checkpoints.
 
 How it runs. A Ray Train `TorchTrainer` starts `finetune.workers` workers (gloo on CPU, NCCL
 and one GPU each when the cluster has GPUs). Each builds `QuantizedTrainable` (codebooks the
@@ -24,12 +27,15 @@ rebuilt dense model on the test split.
 
 Resume. Every `checkpoint_every` steps all workers call `engine.save_checkpoint` (trainable
 parameters and optimizer state, ZeRO partitions per rank) under tag `step<s>`; after a barrier
-worker 0 writes `latest.json` ({"tag", "step"}) atomically and removes older tags, so a kill
-during a save leaves the previous checkpoint in force. On start, if `latest.json` exists the
-workers load that tag and continue from its step. Data order is a function of the step and the
-optimizer state is restored, so a resumed fine-tune computes the same steps as an uninterrupted
-one. `finetune.max_failures > 0` lets Ray Train restart a failed worker group itself; each
-restart resumes the same way.
+worker 0 writes `latest.json` ({"tag", "step", "files": the sha256 and size of every file of the
+tag}) atomically and removes older tags, so a kill during a save leaves the previous checkpoint
+in force. On start, if `latest.json` exists the workers check it and load that tag (see
+`pipeline.finetune.checkpoint`: nothing from the store is unpickled except weights-only, and a
+checkpoint that fails a check is ignored with a warning: the fine-tune starts from step 0), and
+continue from its step. Data order is a function of the step and the optimizer state is
+restored, so a resumed fine-tune computes the same steps as an uninterrupted one. Ray Train
+restarts a failed worker group (a killed worker, a lost node) up to `finetune.max_failures`
+times (default 3) itself; each restart resumes the same way.
 
 Where checkpoints live, and why: `<store root>/checkpoints/finetune-<key>/`, outside the stage
 folder, because the driver deletes an incomplete stage's folder before rerunning it (and
@@ -37,35 +43,35 @@ every file in the stage folder would be hashed into its manifest). Keyed by the 
 checkpoint can only be resumed by the same inputs and settings (worker count and ZeRO stage
 included: ZeRO-1/2 optimizer partitions are per rank). On a local store DeepSpeed writes there
 directly; on a remote store (s3://) each worker saves under its node's `cache_dir()` and uploads
-what it wrote with the store; a resuming worker downloads the tag first. Ray Train's own storage
-(`RunConfig.storage_path`) is `<that folder>/ray_train` on a local store, else
-`cache_dir()/ray_train/finetune-<key>`, never ~/ray_results. Both are deleted once the stage
-completes.
+what it wrote with the store; a resuming worker downloads the tag's listed files first. Ray
+Train's own storage (`RunConfig.storage_path`) is `<that folder>/ray_train` on a local store,
+else `cache_dir()/ray_train/finetune-<key>`, never ~/ray_results; it is emptied before each fit
+(hwq never resumes from Ray Train's run state). Both are deleted once the stage completes.
 
 ZeRO stages. 0, 1 and 2 work with fp32 and bf16 on CPU (bf16: the codebooks written are the
 optimizer's fp32 masters, see `_master_fp32`); the tests run ZeRO-0 (1 worker fp32, 2 workers
-bf16) and ZeRO-2 (2 workers, interrupted and resumed). Stage 3 also ran (2 CPU
-workers, LeNet-5, same centres as stage 0): a network-scope codebook is far below
-`stage3_param_persistence_threshold`, so ZeRO-3 keeps it whole on every rank. With the
-thresholds at 0 (codebook partitioned) one engine still trained, because DeepSpeed gathers a
-partitioned parameter when it is read from a module outside that module's own forward (here
-the `codebooks` ParameterDict) and registers it as an external parameter. Stage 3 is not
-covered by the tests; its checkpoints are per-rank parameter partitions, so a resume needs the
-same worker count (which the stage key guarantees).
+bf16) and ZeRO-2 (2 workers: over a planted checkpoint, which is ignored; one worker killed
+and the group restarted; interrupted and resumed by the next run; all three the same bits).
+Stage 3 also ran (2 CPU workers, LeNet-5, same centres as stage 0): a network-scope
+codebook is far below `stage3_param_persistence_threshold`, so ZeRO-3 keeps it whole on every
+rank. With the thresholds at 0 (codebook partitioned) one engine still trained, because
+DeepSpeed gathers a partitioned parameter when it is read from a module outside that module's
+own forward (here the `codebooks` ParameterDict) and registers it as an external parameter.
+Stage 3 is not covered by the tests; its checkpoints are per-rank parameter partitions, so a
+resume needs the same worker count (which the stage key guarantees).
 
-Test hook: the environment variable `HWQ_FINETUNE_FAIL_AFTER_STEPS=n`, read in the driver
+Test hooks: the environment variable `HWQ_FINETUNE_FAIL_AFTER_STEPS=n`, read in the driver
 process and passed to the workers, makes every worker raise right after finishing step n (a
-simulated crash, for the resume test; it fires in every attempt that reaches step n).
+simulated crash, for the resume test; it fires in every attempt that reaches step n). With
+`HWQ_FINETUNE_KILL_ONCE=<marker file>` as well, the first worker to finish step n creates the
+marker and exits its process at once (`os._exit`, as if killed); no worker fires once the
+marker exists, so a restarted worker group finishes.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import posixpath
-import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -73,12 +79,14 @@ import torch
 
 from pipeline.config import FinetuneConfig, RunConfig
 from pipeline.driver import Stage, StageContext
-from pipeline.store import ArtifactError, StageDir, Store
+from pipeline.finetune.checkpoint import Checkpoints
+from pipeline.store import StageDir
 from pipeline.train.stage import model_stage
 
 __all__ = [
     "FINETUNE",
     "FAIL_ENV",
+    "KILL_ONCE_ENV",
     "deepspeed_config",
     "plan_steps",
     "global_batch",
@@ -86,9 +94,10 @@ __all__ = [
 ]
 
 FAIL_ENV = "HWQ_FINETUNE_FAIL_AFTER_STEPS"
+KILL_ONCE_ENV = "HWQ_FINETUNE_KILL_ONCE"
 CODEBOOKS = "codebooks.safetensors"
 SUMMARY = "finetune.json"
-LATEST = "latest.json"
+FACTS = "attempt.json"  # beside the checkpoints: this attempt's resume point and timings
 # Not part of the stage key: resuming is exact whatever they are.
 _UNKEYED = ("checkpoint_every", "max_failures")
 
@@ -149,112 +158,6 @@ def global_batch(n_train: int, batch_size: int, step: int, seed: int) -> torch.T
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints outside the stage folder
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Checkpoints:
-    """DeepSpeed checkpoints of one stage key: `<store>/checkpoints/finetune-<key>/`.
-
-    Picklable (a Store and strings); every method that touches DeepSpeed is collective.
-    """
-
-    store: Store
-    key: str
-
-    @property
-    def rel(self) -> str:
-        return f"checkpoints/finetune-{self.key}"
-
-    def _local_dir(self, rank: int) -> str:
-        """Where DeepSpeed reads/writes on this worker."""
-        if self.store.is_local:
-            return self.store.path(self.rel)
-        from pipeline.executor import cache_dir
-
-        return str(cache_dir() / "finetune-ckpt" / self.key / f"rank{rank}")
-
-    def latest(self) -> dict[str, Any] | None:
-        try:
-            return self.store.read_json(f"{self.rel}/{LATEST}")
-        except (ArtifactError, ValueError):
-            return None
-
-    def save(self, engine, step: int, rank: int) -> None:
-        tag = f"step{step:09d}"
-        local = self._local_dir(rank)
-        # Frozen tensors come from the input artifacts: only the trainable state is saved.
-        engine.save_checkpoint(local, tag=tag, client_state={"step": step}, save_latest=False,
-                               exclude_frozen_parameters=True)
-        if not self.store.is_local:
-            # Each worker uploads the files it wrote (rank 0: model states; all: their ZeRO
-            # partitions); one put per file, each visible whole or not at all.
-            src = os.path.join(local, tag)
-            for root, _, files in os.walk(src):
-                for f in files:
-                    p = os.path.join(root, f)
-                    rel = posixpath.join(self.rel, tag, os.path.relpath(p, src))
-                    self.store.fs.put_file(p, self.store.path(rel))
-            shutil.rmtree(src, ignore_errors=True)
-        _barrier()  # every rank's files are in place before `latest` points at them
-        if rank == 0:
-            self.store.write_json(f"{self.rel}/{LATEST}", {"tag": tag, "step": step})
-            for d in self.store.list_dirs(self.rel):
-                if d.startswith("step") and d != tag:
-                    self.store.remove(f"{self.rel}/{d}")
-
-    def load(self, engine, rank: int) -> int:
-        """Load the latest complete checkpoint into `engine`; its step, or 0 if none."""
-        info = self.latest()
-        if info is None:
-            return 0
-        tag = info["tag"]
-        local = self._local_dir(rank)
-        if not self.store.is_local:
-            dst = os.path.join(local, tag)
-            shutil.rmtree(dst, ignore_errors=True)
-            self.store.fs.get(self.store.path(f"{self.rel}/{tag}"), dst, recursive=True)
-        where = self.store.full_url(f"{self.rel}/{tag}")
-        try:
-            path, client = engine.load_checkpoint(local, tag=tag, load_module_strict=False)
-        except Exception as e:
-            raise RuntimeError(f"cannot resume from the checkpoint {where} ({e}); delete "
-                               f"{self.store.full_url(self.rel)} to fine-tune from step 0") from e
-        if path is None:
-            raise RuntimeError(f"DeepSpeed found no checkpoint at {where}; delete "
-                               f"{self.store.full_url(self.rel)} to fine-tune from step 0")
-        if not self.store.is_local:
-            shutil.rmtree(os.path.join(local, tag), ignore_errors=True)
-        return int(client["step"])
-
-    def ray_storage(self) -> str:
-        if self.store.is_local:
-            return self.store.path(f"{self.rel}/ray_train")
-        from pipeline.executor import cache_dir
-
-        return str(cache_dir() / "ray_train" / f"finetune-{self.key}")
-
-    def remove(self) -> None:
-        self.store.remove(self.rel)
-        if self.store.is_local:
-            with contextlib.suppress(OSError):  # only if no other stage's checkpoints are there
-                os.rmdir(self.store.path("checkpoints"))
-        else:
-            from pipeline.executor import cache_dir
-
-            shutil.rmtree(cache_dir() / "finetune-ckpt" / self.key, ignore_errors=True)
-            shutil.rmtree(self.ray_storage(), ignore_errors=True)
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-# ---------------------------------------------------------------------------------------------
 # The worker
 # ---------------------------------------------------------------------------------------------
 
@@ -308,11 +211,25 @@ def _master_fp32(engine, param: torch.Tensor) -> torch.Tensor:
     return (param if full is None else full).detach().float().cpu().clone()
 
 
+def _simulated_failure(done: int, kill_once: str | None) -> None:
+    """The test hook (module docstring): raise, or with a marker file kill this process once."""
+    if kill_once is None:
+        raise RuntimeError(f"{FAIL_ENV}={done}: simulated failure after step {done}")
+    try:
+        fd = os.open(kill_once, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    except FileExistsError:
+        return  # it already fired (in this attempt's other worker, or an earlier attempt)
+    os.close(fd)
+    print(f"finetune: {KILL_ONCE_ENV}: killing this worker (pid {os.getpid()}) after step "
+          f"{done}", flush=True)
+    os._exit(1)  # no cleanup, no exception: as if the process were killed
+
+
 def finetune_worker(conf: dict[str, Any]) -> None:
     """Ray Train worker loop (one DeepSpeed engine per worker); see the module docstring.
 
     conf: {"cfg": RunConfig, "out": StageDir, "model": StageDir, "quantize": StageDir,
-    "ckpt": _Checkpoints, "fail_after": int | None, "threads": int}.
+    "ckpt": Checkpoints, "fail_after": int | None, "kill_once": str | None, "threads": int}.
     """
     import deepspeed
     import ray.train
@@ -328,7 +245,7 @@ def finetune_worker(conf: dict[str, Any]) -> None:
 
     cfg: RunConfig = conf["cfg"]
     ft = cfg.finetune
-    ckpt: _Checkpoints = conf["ckpt"]
+    ckpt: Checkpoints = conf["ckpt"]
     tctx = ray.train.get_context()
     rank, world = tctx.get_world_rank(), tctx.get_world_size()
     torch.set_num_threads(max(1, int(conf["threads"])))
@@ -345,11 +262,11 @@ def finetune_worker(conf: dict[str, Any]) -> None:
     engine, *_ = deepspeed.initialize(model=net, model_parameters=trainable,
                                       config=deepspeed_config(ft, world))
     dtype = torch.bfloat16 if ft.bf16 else torch.float32
-    start = ckpt.load(engine, rank)
 
     train = load_split(cfg.data.root, "train", cfg.data.train_samples, cfg.seed)
     n = len(train)
     steps, per_epoch = plan_steps(n, ft.batch_size, ft.epochs)
+    start = ckpt.load(engine, rank, before=steps)
     log_every = max(1, min(50, steps // 10))
     history: list[dict[str, Any]] = []
     if rank == 0:
@@ -387,8 +304,7 @@ def finetune_worker(conf: dict[str, Any]) -> None:
         if done % ft.checkpoint_every == 0 and done < steps:
             ckpt.save(engine, done, rank)
         if conf.get("fail_after") is not None and done == conf["fail_after"]:
-            raise RuntimeError(f"{FAIL_ENV}={conf['fail_after']}: simulated failure after "
-                               f"step {done}")
+            _simulated_failure(done, conf.get("kill_once"))
     train_seconds = time.perf_counter() - t0
 
     codebooks = {name: _master_fp32(engine, engine.module.codebooks[f"c{i}"])
@@ -402,10 +318,16 @@ def finetune_worker(conf: dict[str, Any]) -> None:
         fresh = build(cfg.model.name)
         fresh.load_state_dict(dense)
         acc = accuracy(fresh, load_split(cfg.data.root, "test"))
+        # The artifact holds what the config and inputs decide; how this attempt went
+        # (resume point, loss log since then, timings) goes beside the checkpoints and from
+        # there into the manifest's metrics, so a resumed run writes the same bytes.
         out.write_json(SUMMARY, {
-            "finetuned_accuracy": acc, "steps": steps, "resumed_from_step": start,
-            "steps_per_epoch": per_epoch, "train_samples": n, "log_every": log_every,
-            "history": history, "worker_seconds": round(time.perf_counter() - t_start, 3),
+            "finetuned_accuracy": acc, "steps": steps, "steps_per_epoch": per_epoch,
+            "train_samples": n,
+        })
+        ckpt.store.write_json(f"{ckpt.rel}/{FACTS}", {
+            "resumed_from_step": start, "log_every": log_every, "history": history,
+            "worker_seconds": round(time.perf_counter() - t_start, 3),
             "train_seconds": round(train_seconds, 3),
             "deepspeed_op_seconds": round(op_seconds, 3), "deepspeed_op_cached": op_cached,
         })
@@ -440,16 +362,22 @@ def _run(ctx: StageContext) -> dict[str, Any]:
 
     cfg, ft = ctx.cfg, ctx.cfg.finetune
     deepspeed_config(ft, ft.workers)  # a batch the workers cannot split fails here, not in them
-    ckpt = _Checkpoints(ctx.store, ctx.out.key)
+    ckpt = Checkpoints(ctx.store, ctx.out.key)
     use_gpu, cpus = _resources(ft.workers)
     fail = os.environ.get(FAIL_ENV)
     conf = {"cfg": cfg, "out": ctx.out, "model": ctx.inputs[model_stage(cfg)],
             "quantize": ctx.inputs["quantize"], "ckpt": ckpt,
-            "fail_after": int(fail) if fail else None, "threads": max(1, int(cpus))}
-    resumed = ckpt.latest()
+            "fail_after": int(fail) if fail else None,
+            "kill_once": os.environ.get(KILL_ONCE_ENV) or None, "threads": max(1, int(cpus))}
+    ckpt.clear_ray_storage()
+    # What the workers will find (they check again, and unpickle weights-only, themselves).
+    resumed, why = ckpt.inspect()
     if resumed:
         ctx.log.info("finetune: resuming from checkpoint %s", ctx.store.full_url(
             f"{ckpt.rel}/{resumed['tag']}"))
+    elif why:
+        ctx.log.warning("finetune: ignoring the checkpoint in %s (%s); fine-tuning from step 0",
+                        ctx.store.full_url(ckpt.rel), why)
     trainer = TorchTrainer(
         finetune_worker,
         train_loop_config=conf,
@@ -464,17 +392,19 @@ def _run(ctx: StageContext) -> dict[str, Any]:
     trainer.fit()
     seconds = time.perf_counter() - t0
     summary = ctx.out.read_json(SUMMARY)
+    facts = ckpt.store.read_json(f"{ckpt.rel}/{FACTS}")  # written by worker 0 just now
     ckpt.remove()  # the stage is complete: nothing left to resume
     return {
         "finetuned_accuracy": summary["finetuned_accuracy"],
         "finetune": {
             "workers": ft.workers, "zero_stage": ft.zero_stage, "bf16": ft.bf16,
             "epochs": ft.epochs, "steps": summary["steps"],
-            "resumed_from_step": summary["resumed_from_step"],
-            "seconds": round(seconds, 3), "train_seconds": summary["train_seconds"],
-            "deepspeed_op_build_seconds": summary["deepspeed_op_seconds"],
-            "deepspeed_op_cached": summary["deepspeed_op_cached"],
-            "final_loss": summary["history"][-1]["loss"] if summary["history"] else None,
+            "resumed_from_step": facts["resumed_from_step"],
+            "seconds": round(seconds, 3), "train_seconds": facts["train_seconds"],
+            "deepspeed_op_build_seconds": facts["deepspeed_op_seconds"],
+            "deepspeed_op_cached": facts["deepspeed_op_cached"],
+            "final_loss": facts["history"][-1]["loss"] if facts["history"] else None,
+            "log_every": facts["log_every"], "history": facts["history"],
         },
     }
 
@@ -486,10 +416,11 @@ def _sections(cfg: RunConfig) -> dict[str, Any]:
 
 FINETUNE = Stage(
     name="finetune",
-    version=1,
+    version=2,  # 2: finetune.json holds no timings, resume point or loss log (metrics do)
     inputs=lambda cfg: (model_stage(cfg), "quantize"),
     sections=_sections,
     run=_run,
     enabled=lambda cfg: cfg.finetune.enabled and cfg.quantize.enabled,
     headline=("finetuned_accuracy",),
+    outputs=lambda cfg: (CODEBOOKS, SUMMARY),
 )

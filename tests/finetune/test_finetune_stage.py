@@ -1,9 +1,11 @@
 """The finetune stage on Ray Train + DeepSpeed: equals its single-process twin, and resumes.
 
-Four Ray Train fits in all (each costs ~20-30 s of worker start-up on two busy cores):
-1 worker (ZeRO-0); 2 workers in bf16; 2 workers (ZeRO-2) interrupted after step 3, and the
+Six Ray Train fits in all (each costs ~15-30 s of worker start-up on two busy cores):
+1 worker (ZeRO-0); 2 workers in bf16; 2 workers (ZeRO-2) over a planted malicious checkpoint
+(ignored: the run is the uninterrupted reference); 2 workers (ZeRO-2) with one worker killed
+after step 3 and restarted by Ray Train; 2 workers (ZeRO-2) interrupted after step 3, and the
 rerun resuming from the step-2 checkpoint. The fp32 runs must give the centres of a
-plain-torch loop over the same global batches.
+plain-torch loop over the same global batches, and every ZeRO-2 run the same bits.
 """
 
 import numpy as np
@@ -16,6 +18,7 @@ from pipeline.driver import run as run_stages
 from pipeline.finetune.stage import (
     FAIL_ENV,
     FINETUNE,
+    KILL_ONCE_ENV,
     deepspeed_config,
     global_batch,
     plan_steps,
@@ -175,13 +178,59 @@ def test_bf16_engines_write_the_fp32_master_centres(ray_local, inputs, twin):
     torch.testing.assert_close(got, twin["network"], rtol=0, atol=1e-3)
 
 
+ZERO2 = ("finetune.workers=2", "finetune.zero_stage=2")
+
+
+@pytest.fixture(scope="module")
+def zero2(ray_local, inputs, twin, tmp_path_factory):
+    """2 workers, ZeRO-2, over a malicious checkpoint planted in the store: a pickle that
+    would create a marker file, under every file name DeepSpeed loads, with a latest.json
+    that lists their true hashes. None of it runs; the stage ignores the checkpoint (with a
+    warning) and fine-tunes from step 0. Its codebooks are the uninterrupted reference."""
+    from tests.finetune.test_finetune_checkpoint import plant, planted_files
+
+    store, prune, quant = inputs
+    marker = tmp_path_factory.mktemp("planted") / "pwned"
+    out = StageDir(store, "finetune", "zero2")
+    plant(store, f"checkpoints/finetune-{out.key}", planted_files(marker))
+    metrics = FINETUNE.run(StageContext(_cfg(*ZERO2), store, out,
+                                        {"prune": prune, "quantize": quant}))
+    assert not marker.exists()
+    assert metrics["finetune"]["resumed_from_step"] == 0
+    assert not store.exists(f"checkpoints/finetune-{out.key}")  # the planted files went too
+    got = out.read_safetensors("codebooks.safetensors")
+    torch.testing.assert_close(got["network"], twin["network"], rtol=0, atol=ATOL)
+    return got
+
+
+def test_a_planted_checkpoint_never_runs(zero2):
+    assert zero2["network"].dtype == torch.float32  # the checks are in the fixture
+
+
+def test_a_killed_worker_is_restarted_and_resumes_bit_identically(ray_local, inputs, zero2,
+                                                                   tmp_path, monkeypatch):
+    """Default finetune.max_failures: one worker process dies (os._exit) after step 3; Ray
+    Train restarts the group, which resumes from the step-2 checkpoint and finishes."""
+    store, prune, quant = inputs
+    monkeypatch.setenv(FAIL_ENV, "3")
+    monkeypatch.setenv(KILL_ONCE_ENV, str(tmp_path / "killed"))
+    cfg = _cfg(*ZERO2)
+    assert cfg.finetune.max_failures >= 1  # the default
+    out = StageDir(store, "finetune", "killed")
+    metrics = FINETUNE.run(StageContext(cfg, store, out, {"prune": prune, "quantize": quant}))
+    assert (tmp_path / "killed").exists()  # the hook fired
+    assert metrics["finetune"]["resumed_from_step"] == 2
+    got = out.read_safetensors("codebooks.safetensors")
+    assert torch.equal(got["network"], zero2["network"])
+
+
 def _fake(name, inputs, write):
     return Stage(name=name, version=1, inputs=lambda cfg: inputs, sections=lambda cfg: {},
                  run=write)
 
 
 def test_two_workers_resume_from_checkpoint_after_a_crash(ray_local, tmp_path, monkeypatch,
-                                                          twin):
+                                                          twin, zero2):
     """Through the driver: the crashed stage's folder is cleared, its checkpoint is not."""
     stages = [
         _fake("prune", (), lambda ctx: _write_prune(ctx.out)),
@@ -189,7 +238,9 @@ def test_two_workers_resume_from_checkpoint_after_a_crash(ray_local, tmp_path, m
               lambda ctx: _write_quantize(ctx.out, ctx.inputs["prune"])),
         FINETUNE,
     ]
-    cfg = _cfg("finetune.workers=2", "finetune.zero_stage=2", f"store.url={tmp_path}/run")
+    # No restarts: the crash ends the run, and the next run resumes.
+    cfg = _cfg("finetune.workers=2", "finetune.zero_stage=2", "finetune.max_failures=0",
+               f"store.url={tmp_path}/run")
     store = Store(cfg.store.url)
 
     monkeypatch.setenv(FAIL_ENV, "3")
@@ -213,50 +264,5 @@ def test_two_workers_resume_from_checkpoint_after_a_crash(ray_local, tmp_path, m
     # Had the optimizer state or the data position not been restored, steps 3-4 would differ
     # from the twin's by O(lr) = 1e-3, not by rounding.
     torch.testing.assert_close(got["network"], twin["network"], rtol=0, atol=ATOL)
+    assert torch.equal(got["network"], zero2["network"])  # the uninterrupted run's bits
     assert not store.exists("checkpoints")  # removed once the stage completed
-
-
-class _FakeEngine:
-    """Writes/reads what `save_checkpoint` would, per rank, to test the upload/latest logic."""
-
-    def __init__(self, rank: int):
-        self.rank = rank
-
-    def save_checkpoint(self, save_dir, tag, client_state, **_):
-        import json
-        import os
-
-        os.makedirs(os.path.join(save_dir, tag), exist_ok=True)
-        with open(os.path.join(save_dir, tag, f"rank{self.rank}.json"), "w") as f:
-            json.dump(client_state, f)
-
-    def load_checkpoint(self, load_dir, tag, **_):
-        import json
-        import os
-
-        with open(os.path.join(load_dir, tag, f"rank{self.rank}.json")) as f:
-            return os.path.join(load_dir, tag), json.load(f)
-
-
-@pytest.mark.parametrize("where", ["local", "s3"])
-def test_checkpoints_live_outside_the_stage_folder(where, tmp_path, request, monkeypatch):
-    from pipeline.finetune.stage import _Checkpoints
-
-    monkeypatch.setenv("HWQ_CACHE", str(tmp_path / "cache"))  # remote stores stage here
-    if where == "s3":
-        url, opts = request.getfixturevalue("s3_bucket")
-        store = Store(url, opts)
-    else:
-        store = Store(str(tmp_path / "store"))
-    ck = _Checkpoints(store, "abc")
-    assert ck.latest() is None and ck.load(_FakeEngine(0), 0) == 0
-    for step in (2, 4):
-        for rank in (0, 1):  # in a real run each rank saves concurrently, then a barrier
-            ck.save(_FakeEngine(rank), step, rank)
-    assert ck.latest() == {"tag": "step000000004", "step": 4}
-    assert store.list_dirs(ck.rel) == ["step000000004"]  # the older tag is gone
-    assert store.list(f"{ck.rel}/step000000004") == ["rank0.json", "rank1.json"]
-    assert not store.exists("stages")
-    assert [ck.load(_FakeEngine(r), r) for r in (0, 1)] == [4, 4]
-    ck.remove()
-    assert not store.exists(ck.rel)

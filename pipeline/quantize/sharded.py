@@ -9,6 +9,15 @@ blocks of all shards, in global order, exactly as ``core.LocalBackend`` does, so
 in ``core`` run on a RayBackend returns bit-identical results to its single-process run with
 the same ``block`` and seed.
 
+Faults. An actor holds no state but its shard, which its constructor rebuilds from the loader,
+and every method is a pure function of that shard and its arguments (the centres, the ECSQ
+penalty, the sample indices are sent with each call; no state is carried across Lloyd
+iterations). So the actors are created restartable (``ACTOR_FAULT_OPTIONS``: Ray restarts a
+killed actor process, which re-reads its shard, and retries the calls it lost), and a retried
+call returns the same bits as the lost one: a run in which an actor was killed gives the
+bit-identical result of an undisturbed run. An exception raised by a loader or a method is not
+retried (it would only repeat); Ray's actor restarts are for dead processes.
+
 Channel scope needs no reduction: :func:`solve_channels_sharded` gives row ranges to Ray tasks
 and concatenates; every row depends only on its own data, the seed and its global index.
 
@@ -21,6 +30,7 @@ Example::
 
 from __future__ import annotations
 
+import os
 import resource
 from collections.abc import Callable, Sequence
 from itertools import pairwise
@@ -40,6 +50,7 @@ from .core import (
 )
 
 __all__ = [
+    "ACTOR_FAULT_OPTIONS",
     "ArrayLoader",
     "RayBackend",
     "ShardActor",
@@ -49,6 +60,12 @@ __all__ = [
 ]
 
 Loader = Callable[[], tuple[np.ndarray, "np.ndarray | None"]]
+
+# Ray options every ShardActor gets unless actor_options overrides them: restart a dead actor
+# process (its constructor re-reads the shard) and retry the calls that died with it; safe
+# because every method is a pure function of the shard and its arguments (module docstring).
+# Bounded, so an actor that keeps dying (out of memory on its shard) ends the run.
+ACTOR_FAULT_OPTIONS: dict[str, Any] = {"max_restarts": 3, "max_task_retries": 3}
 
 
 def shard_ranges(n: int, n_shards: int, block: int = BLOCK) -> list[tuple[int, int]]:
@@ -124,6 +141,10 @@ class ShardActor:
         """Peak resident memory of this actor's process (Linux ru_maxrss is in KiB)."""
         return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
+    def pid(self) -> int:
+        """This actor's process id (a restarted actor has a new one)."""
+        return os.getpid()
+
 
 class RayBackend:
     """core.StatsBackend over ShardActors, one per loader.
@@ -132,9 +153,9 @@ class RayBackend:
     block_offsets: global start of each shard (multiples of block, contiguous, in order); None
     derives them from the shard lengths (then every shard but the last must be a whole number
     of blocks). block: statistics block size (use the same as the LocalBackend it must match).
-    actor_options: passed to ShardActor.options (e.g. {"num_cpus": 1} to reserve a core each;
-    the default reserves none, so more actors than CPUs still start). threads: threads per
-    actor over its blocks.
+    actor_options: passed to ShardActor.options over ACTOR_FAULT_OPTIONS (e.g. {"num_cpus": 1}
+    to reserve a core each; the default reserves none, so more actors than CPUs still start).
+    threads: threads per actor over its blocks.
     Use as a context manager, or call close(), to free the actors.
     """
 
@@ -150,7 +171,7 @@ class RayBackend:
             if offs.shape != (len(loaders),) or np.any(offs % self.block):
                 raise ValueError(f"block_offsets {offs.tolist()} must give one start per loader, "
                                  f"each a multiple of block={self.block}; use shard_ranges()")
-        opts = dict(actor_options or {})
+        opts = {**ACTOR_FAULT_OPTIONS, **(actor_options or {})}
         self._actors = [ShardActor.options(**opts).remote(ld, self.block, threads)
                         for ld in loaders]
         try:

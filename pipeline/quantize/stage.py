@@ -10,6 +10,11 @@ result is the same bits whatever the number of actors.
 Layer scope solves each tensor as its own Ray task; channel scope gives row ranges of each
 tensor to Ray tasks (`solve_channels_sharded`).
 
+Faults: the actors are restartable (a killed one re-reads its shard and the lost calls are
+retried, see `pipeline.quantize.sharded`), and the tasks are retried when their worker dies
+(`max_retries`); every task reads its inputs from the store and computes a pure function of
+them, so a run with a killed actor or task writes the same bits as an undisturbed one.
+
 Outputs: the quantized-model artifact (`pipeline.quantize.artifacts`) and `layers.json`
 (per-tensor weighted and unweighted distortion, index entropy).
 """
@@ -29,6 +34,10 @@ from pipeline.quantize.artifacts import QuantizedModel
 from pipeline.store import StageDir
 
 __all__ = ["QUANTIZE", "StoreShardLoader", "quantized_tensor_names", "stats_block"]
+
+# Ray's default for tasks, stated: retry a task whose worker process died (an exception raised
+# by the task itself is not retried). Safe: every task here is a pure function of the store.
+_TASK_RETRIES = 3
 
 
 def quantized_tensor_names(cfg: RunConfig, state: dict[str, torch.Tensor]) -> list[str]:
@@ -229,7 +238,7 @@ def _run(ctx: StageContext) -> dict:
                                                    if isinstance(v, (int, float, str))}}
     elif q.scope == "layer":
         begins = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        task = remote(_layer_task)
+        task = remote(_layer_task, max_retries=_TASK_RETRIES)
         refs = {}
         for n, a, c in zip(names, begins, counts, strict=True):
             k = (q.layer_k or {}).get(n, q.k)
@@ -244,7 +253,7 @@ def _run(ctx: StageContext) -> dict:
             put(n, res.codes.astype(np.int64), n)
         info = {"k": {n: int(codebooks[n].numel()) for n in names}}
     else:  # channel
-        task = remote(_channel_task)
+        task = remote(_channel_task, max_retries=_TASK_RETRIES)
         refs = {n: task.remote(cfg, src, prune, hess, n) for n in names}
         for n, ref in refs.items():
             res = ray.get(ref)
@@ -256,7 +265,8 @@ def _run(ctx: StageContext) -> dict:
 
     QuantizedModel(scope=q.scope, method=q.method, codebooks=codebooks, indices=indices,
                    assignment=assignment, raw=raw).write(out)
-    ev = ray.get(remote(_evaluate_task, cpus="all").remote(cfg, src, prune, hess, out))
+    ev = ray.get(remote(_evaluate_task, cpus="all", max_retries=_TASK_RETRIES)
+                 .remote(cfg, src, prune, hess, out))
     out.write_json("layers.json", ev["layers"])
     # Layer/channel scope: kept-weighted means over the per-tensor codebooks (network scope
     # has them from the one solve).
@@ -299,4 +309,6 @@ QUANTIZE = Stage(
     run=_run,
     enabled=lambda cfg: cfg.quantize.enabled,
     headline=("quantized_accuracy",),
+    outputs=lambda cfg: ("codebooks.safetensors", "indices.safetensors", "quantized.json",
+                         "layers.json"),
 )

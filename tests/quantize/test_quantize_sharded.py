@@ -91,3 +91,47 @@ def test_channel_scope_sharded_equals_local(ray_local):
     for f in ("centres", "codes", "counts", "history", "n_iter", "weighted_distortion",
               "distortion", "entropy_bits"):
         np.testing.assert_array_equal(getattr(a, f), getattr(b, f))
+
+
+class _KillingBackend:
+    """Mixin for RayBackend: SIGKILLs one actor's process right before the `at`-th stats call
+    is sent (so the call goes to a dead or restarting actor), and remembers the pid."""
+
+    at, victim = 3, -1
+
+    def stats(self, *args, **kwargs):
+        import os
+        import signal
+
+        import ray
+
+        self.calls = getattr(self, "calls", 0) + 1
+        if self.calls == self.at:
+            pid = ray.get(self._actors[self.victim].pid.remote())
+            os.kill(pid, signal.SIGKILL)
+            self.killed = pid
+        return super().stats(*args, **kwargs)
+
+
+def killing_backend(**attrs):
+    """A RayBackend subclass that kills an actor once (attrs: at, victim)."""
+    from pipeline.quantize import RayBackend
+
+    return type("KillingRayBackend", (_KillingBackend, RayBackend), attrs)
+
+
+def test_a_killed_actor_is_restarted_and_the_result_is_bit_identical(ray_local, local):
+    """An actor process killed between Lloyd iterations comes back (it re-reads its shard)
+    and the lost call is retried: the same bits as the single-process run."""
+    import ray
+
+    from pipeline.quantize import SyntheticLoader, shard_ranges
+
+    ranges = shard_ranges(N, 3, BLOCK)
+    backend = killing_backend(at=4, victim=1)
+    with backend([SyntheticLoader(a, b, seed=7) for a, b in ranges], [a for a, _ in ranges],
+                 block=BLOCK) as be:
+        got = hw_kmeans(be, None, 16, seed=3, sample_size=30_000, max_iter=15)
+        assert be.calls > be.at  # iterations went on after the kill
+        assert ray.get(be._actors[1].pid.remote()) != be.killed  # a new process
+    _same(got, hw_kmeans(local, None, 16, seed=3, sample_size=30_000, max_iter=15))

@@ -17,6 +17,7 @@ import difflib
 import importlib.metadata
 import logging
 import platform
+import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -313,15 +314,27 @@ def status(store: Store, report_prefix: str = "") -> list[dict[str, Any]]:
         index = store.read_json(f"{pre}{RUN_INDEX}")
     except ArtifactError:
         raise ArtifactError(f"{store.full_url(pre or '.')} holds no hwq run (no {RUN_INDEX})") from None
+    except ValueError:
+        raise ArtifactError(f"{store.full_url(pre + RUN_INDEX)} is not valid JSON") from None
+    stages = index.get("stages") if isinstance(index, dict) else None
+    if not isinstance(stages, list) or not all(
+            isinstance(e, list) and len(e) == 2 and all(isinstance(x, str) for x in e)
+            and re.fullmatch(r"[a-z_]{1,32}", e[0]) and re.fullmatch(r"[0-9a-f]{16}", e[1])
+            for e in stages):
+        raise ArtifactError(f"{store.full_url(pre + RUN_INDEX)} is not an hwq run index "
+                            "(rerun `hwq run` to rewrite it)")
     try:
         report = store.read_json(f"{pre}report.json")
-    except ArtifactError:
-        report = {"stages": {}}
+    except (ArtifactError, ValueError):
+        report = {}
+    recorded = report.get("stages") if isinstance(report, dict) else None
+    recorded = recorded if isinstance(recorded, dict) else {}
     rows = []
-    for name, key in index["stages"]:
+    for name, key in stages:
         sd = StageDir(store, name, key)
         manifest = _status_manifest(store, sd)
-        rec = report["stages"].get(name, {})
+        rec = recorded.get(name)
+        rec = rec if isinstance(rec, dict) else {}
         rows.append({
             "stage": name,
             "key": key,

@@ -71,9 +71,10 @@ class Store:
         A run's first write would fail the same way, but deep inside a stage and with a
         library's traceback (botocore's NoCredentialsError, a bucket that does not exist).
         """
+        probe = f".hwq-access-check-{uuid.uuid4().hex[:12]}"  # unique: runs share a store
         try:
-            self.write_bytes(".hwq-access-check", b"ok\n")
-            self.remove(".hwq-access-check")
+            self.write_bytes(probe, b"ok\n")
+            self.fs.rm(self.path(probe))
         except Exception as e:  # noqa: BLE001
             raise StoreAccessError(describe_store_error(e, self.url)) from None
 

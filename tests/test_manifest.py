@@ -97,3 +97,23 @@ def test_a_verified_folder_refuses_files_its_manifest_does_not_list(tmp_path):
     with pytest.raises(ArtifactError, match="not listed"):
         sd.read_json("x.json")
     assert sd.verify() == "the manifest lists no outputs"
+
+
+@pytest.mark.parametrize("index", [b"[]", b'{"stages": 5}', b'{"stages": [["../../x", "0123456789abcdef"]]}',
+                                   b'{"stages": [[1, 2]]}', b"\xff\xfe", b"{"])
+def test_status_refuses_a_forged_run_index_with_one_message(setup, index):
+    from pipeline.driver import status
+
+    _, store, _ = setup
+    store.write_bytes("run.json", index)
+    with pytest.raises(ArtifactError, match="run.json"):
+        status(store)
+
+
+def test_status_tolerates_a_forged_report(setup):
+    from pipeline.driver import status
+
+    _, store, _ = setup
+    store.write_bytes("report.json", b'{"stages": {"prune": 7}}')
+    rows = status(store)
+    assert [r["stage"] for r in rows] == ["train", "prune", "hessian", "quantize"]

@@ -64,10 +64,11 @@ def next_token_nll(
         raise ValueError(f"input_ids must be [batch, tokens ≥ 2], got {tuple(input_ids.shape)}")
     targets = input_ids[:, 1:]
     if not chunked_head_supported(model):
-        logits = model(input_ids=input_ids).logits[:, :-1].float()
+        logits = model(input_ids=input_ids, use_cache=False).logits[:, :-1].float()
         return nn.functional.cross_entropy(logits.transpose(1, 2), targets,
                                            reduction="none").sum(dim=1)
-    hidden = _decoder(model)(input_ids=input_ids).last_hidden_state[:, :-1]
+    # No KV cache: nothing is generated, and it would only hold memory.
+    hidden = _decoder(model)(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]
     head = model.get_output_embeddings()
     total = hidden.new_zeros(input_ids.shape[0], dtype=torch.float32)
     grad = torch.is_grad_enabled()

@@ -1,4 +1,5 @@
-"""Datasets, read from files that exist offline. Fashion-MNIST from its IDX files."""
+"""Datasets, read from files that exist offline. Fashion-MNIST from its IDX files; text and
+token windows for language models in `pipeline.data.text`."""
 
 from __future__ import annotations
 
@@ -9,7 +10,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["Split", "load_split", "batches", "DatasetMissing"]
+from pipeline.data.text import (
+    TextSourceError,
+    calibration_windows,
+    eval_windows,
+    read_text,
+    token_ids,
+)
+
+__all__ = ["Split", "load_split", "batches", "DatasetMissing",
+           "TextSourceError", "read_text", "token_ids", "calibration_windows", "eval_windows"]
 
 _FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),

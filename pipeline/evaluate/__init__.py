@@ -1,4 +1,5 @@
-"""Test accuracy of a model state: the one measurement every stage reports."""
+"""Test accuracy of a model state: the one measurement every stage reports (LeNet); perplexity
+and the metric registry for language models in `perplexity` and `metrics`."""
 
 from __future__ import annotations
 
@@ -6,8 +7,11 @@ import torch
 from torch import nn
 
 from pipeline.data import Split, batches
+from pipeline.evaluate.metrics import METRICS, Metric, get_metric, is_better, metric_key
+from pipeline.evaluate.perplexity import perplexity
 
-__all__ = ["accuracy", "accuracy_of_state"]
+__all__ = ["accuracy", "accuracy_of_state", "perplexity", "METRICS", "Metric", "get_metric",
+           "is_better", "metric_key"]
 
 
 @torch.no_grad()

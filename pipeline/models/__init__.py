@@ -2,6 +2,10 @@
 
 `build(name)` returns a freshly initialised module; `load_checkpoint(url, ...)` reads a
 safetensors file from any fsspec URL (local path, s3://...) into a state dict.
+
+Model adapters (`pipeline.models.base`): `make_adapter("hf_causal_lm", path=...)` and friends
+say how to load a kind of model, which weights to quantize, its loss and its blocks; adapter
+modules are imported on first use, so importing this package stays light.
 """
 
 from __future__ import annotations
@@ -12,9 +16,21 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline.models.base import (
+    ADAPTERS,
+    ModelAdapter,
+    ModelInfo,
+    adapter_names,
+    get_adapter,
+    make_adapter,
+    register,
+)
 from pipeline.models.lenet import LeNet5
+from pipeline.models.targets import TargetError, match_named_parameters
 
-__all__ = ["REGISTRY", "build", "num_params", "load_checkpoint", "state_from_safetensors"]
+__all__ = ["REGISTRY", "build", "num_params", "load_checkpoint", "state_from_safetensors",
+           "ADAPTERS", "ModelAdapter", "ModelInfo", "adapter_names", "get_adapter",
+           "make_adapter", "register", "TargetError", "match_named_parameters"]
 
 REGISTRY: dict[str, Callable[[], nn.Module]] = {
     "lenet5": LeNet5,

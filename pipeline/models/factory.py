@@ -1,0 +1,143 @@
+"""Models built by one's own code: `model.factory: "package.module:function"`.
+
+`import_object("pkg.mod:attr")` resolves such paths (also for `data` and `evaluate` hooks),
+with one-line errors saying whether the module or the attribute is missing. The `factory`
+adapter calls the function, checks it returned an `nn.Module`, and loads an optional
+safetensors checkpoint (never a pickle). `lenet5` is the same adapter with the built-in LeNet-5.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.errors import UserError
+from pipeline.models.base import ModelAdapter, register
+
+__all__ = ["ImportPathError", "import_object", "import_callable", "FactoryAdapter",
+           "LeNet5Adapter"]
+
+
+class ImportPathError(UserError, ValueError):
+    """A "package.module:attribute" path that cannot be resolved."""
+
+
+def import_object(spec: str, what: str = "object") -> Any:
+    """The object at "package.module:attribute" (the attribute may be dotted: "mod:Cls.make").
+
+    what: how messages name it ("model.factory", "data.factory", ...).
+    """
+    if not isinstance(spec, str) or spec.count(":") != 1:
+        raise ImportPathError(f"{what} {spec!r}: expected 'package.module:name'")
+    mod_name, attr = spec.split(":")
+    if not mod_name or not attr:
+        raise ImportPathError(f"{what} {spec!r}: expected 'package.module:name'")
+    try:
+        obj: Any = importlib.import_module(mod_name)
+    except ModuleNotFoundError as e:
+        # The module itself (or a parent package) is missing, or something it imports is.
+        if e.name and (mod_name == e.name or mod_name.startswith(e.name + ".")):
+            raise ImportPathError(f"{what} {spec!r}: no module named {e.name!r} (is it on "
+                                  "PYTHONPATH, or installed?)") from None
+        raise ImportPathError(f"{what} {spec!r}: module {mod_name!r} failed to import: {e}"
+                              ) from None
+    except Exception as e:  # noqa: BLE001 - any error while importing user code
+        raise ImportPathError(f"{what} {spec!r}: module {mod_name!r} failed to import: "
+                              f"{type(e).__name__}: {e}") from None
+    done = mod_name
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            names = [n for n in dir(obj) if not n.startswith("_")]
+            near = difflib.get_close_matches(part, names, n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise ImportPathError(f"{what} {spec!r}: {done!r} has no attribute {part!r}{hint}")
+        obj = getattr(obj, part)
+        done = f"{done}:{part}" if done == mod_name else f"{done}.{part}"
+    return obj
+
+
+def import_callable(spec: str, what: str = "function") -> Callable[..., Any]:
+    """`import_object` that also checks the result is callable."""
+    obj = import_object(spec, what)
+    if not callable(obj):
+        raise ImportPathError(f"{what} {spec!r} is a {type(obj).__name__}, not a function")
+    return obj
+
+
+def _cross_entropy(model: nn.Module, batch: Any) -> torch.Tensor:
+    x, y = batch
+    return nn.functional.cross_entropy(model(x).float(), y)
+
+
+def _next_token(model: nn.Module, batch: Any) -> torch.Tensor:
+    from pipeline.models.lm_loss import next_token_nll
+
+    ids = batch["input_ids"] if isinstance(batch, dict) else batch
+    return next_token_nll(model, ids).sum() / (ids.shape[0] * (ids.shape[1] - 1))
+
+
+_LOSSES: dict[str, Callable[[nn.Module, Any], torch.Tensor]] = {
+    "cross_entropy": _cross_entropy,  # batch = (x float, y int64 [B]); mean over B
+    "next_token": _next_token,  # batch = int64 [B, L]; mean over B·(L−1) predicted tokens
+}
+
+
+@register("factory")
+@dataclass
+class FactoryAdapter(ModelAdapter):
+    """A module from `factory()` (plus `kwargs`), optionally with a safetensors checkpoint.
+
+    loss: "cross_entropy" (batch = (x, y)), "next_token" (batch = int64 [B, L]) or
+    "package.module:function" taking (model, batch) and returning a scalar tensor.
+    """
+
+    factory: str
+    checkpoint: str | None = None  # safetensors file: path or fsspec URL
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    loss_fn: str = "cross_entropy"
+    storage_options: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.loss_fn not in _LOSSES and ":" not in self.loss_fn:
+            raise ImportPathError(f"model.loss_fn {self.loss_fn!r}: one of {sorted(_LOSSES)} or "
+                                  "'package.module:function'")
+
+    def _load(self) -> nn.Module:
+        fn = import_callable(self.factory, "model.factory")
+        try:
+            model = fn(**self.kwargs)
+        except TypeError as e:
+            raise ImportPathError(f"model.factory {self.factory!r}: {e}") from None
+        if not isinstance(model, nn.Module):
+            raise ImportPathError(f"model.factory {self.factory!r} returned a "
+                                  f"{type(model).__name__}, not a torch.nn.Module")
+        if self.checkpoint:
+            from pipeline.models import load_checkpoint
+
+            state = load_checkpoint(self.checkpoint, model, self.storage_options)
+            model.load_state_dict(state, strict=True)
+        return model
+
+    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        fn = _LOSSES.get(self.loss_fn) or import_callable(self.loss_fn, "model.loss_fn")
+        return fn(model, batch)
+
+    def label(self) -> str:
+        return self.factory
+
+
+@register("lenet5")
+@dataclass
+class LeNet5Adapter(FactoryAdapter):
+    """The built-in Caffe LeNet-5; batches are (x [B, 1, 28, 28] float32, y [B] int64)."""
+
+    factory: str = "pipeline.models.lenet:LeNet5"
+
+    def label(self) -> str:
+        return "lenet5"

@@ -13,7 +13,7 @@ export TORCH_EXTENSIONS_DIR := $(HWQ_CACHE)/torch_extensions
 export HF_HOME := $(HWQ_CACHE)/hf
 export MPLCONFIGDIR := $(HWQ_CACHE)/matplotlib
 export NUMBA_CACHE_DIR := $(HWQ_CACHE)/numba
-# Two CPU-heavy processes on few cores spin each other out of OpenMP otherwise (DESIGN §7).
+# Two CPU-heavy processes on few cores spin each other out of OpenMP otherwise (docs/METHOD.md §2).
 export OMP_WAIT_POLICY := PASSIVE
 export RAY_USAGE_STATS_ENABLED := 0
 

@@ -117,7 +117,7 @@ class QuantizeConfig(_Section):
     # Per-tensor k for layer scope (Deep Compression: 256 for conv, 32 for fc); overrides k.
     layer_k: dict[str, int] | None = None
     weighted_mean: bool = True  # uniform: shared values are Hessian-weighted means
-    n_init: int = Field(8, ge=1)  # best of several starts; one start stalls (DESIGN §7)
+    n_init: int = Field(8, ge=1)  # best of several starts; one start stalls (docs/METHOD.md §2)
     iters: int = Field(50, ge=1)
     tol: float = Field(1e-7, ge=0)
     actors: int = Field(2, ge=1)  # Ray actors holding parameter shards

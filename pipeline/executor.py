@@ -69,7 +69,7 @@ def _worker_env() -> dict[str, str]:
         "HF_HOME": os.environ.get("HF_HOME", str(c / "hf")),
         "NUMBA_CACHE_DIR": os.environ.get("NUMBA_CACHE_DIR", str(c / "numba")),
         "MPLCONFIGDIR": os.environ.get("MPLCONFIGDIR", str(c / "matplotlib")),
-        # Two CPU-heavy processes spin each other out of OpenMP otherwise (DESIGN §7).
+        # Two CPU-heavy processes spin each other out of OpenMP otherwise (docs/METHOD.md §2).
         "OMP_WAIT_POLICY": "PASSIVE",
         # A fine-tune's worker group may wait behind other work for its CPUs (a sweep, a
         # shared cluster): waiting is right, Ray Train's 60 s default would fail the stage.

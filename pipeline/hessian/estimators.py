@@ -1,7 +1,7 @@
 """Diagonal-Hessian estimators for classifiers, as plain functions (no Ray, no store, no files).
 
 The quantizers weight each parameter's squared quantization error by ``h_i``, the i-th diagonal
-element of the Hessian of the average training loss (Choi et al. 2017, §1 of DESIGN.md). This
+element of the Hessian of the average training loss (Choi et al. 2017; docs/METHOD.md §1). This
 module estimates that diagonal in four ways:
 
 ``ggn``

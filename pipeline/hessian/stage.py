@@ -168,7 +168,7 @@ def _write_final(cfg: RunConfig, out: StageDir, src: StageDir, table: pa.Table,
         "draws_per_sample": str(h.n_samples),
         "model_sha256": src.outputs["model.safetensors"]["sha256"],
         "nonneg": NONNEG_RULE[h.estimator],
-        # The absolute scale depends on how the loss is averaged (DESIGN §7): relative use only.
+        # The absolute scale depends on how the loss is averaged (docs/METHOD.md §2): relative use only.
         "scale": "diagonal for the mean per-sample cross-entropy; use for relative weighting",
     }
     table = table.replace_schema_metadata(meta)

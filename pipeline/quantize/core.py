@@ -3,7 +3,7 @@
 Plain numpy functions over 1-D float32 weights ``w`` [N] and non-negative weights ``h`` [N]
 (Hessian diagonal, Fisher, ``sqrt(v)``; pruned entries already excluded by the caller), plus a
 per-row ("channel") solver for 2-D matrices. Choi, El-Khamy & Lee, "Towards the Limit of
-Network Quantization" (ICLR 2017), and DESIGN.md §1.
+Network Quantization" (ICLR 2017); the method as used here: docs/METHOD.md §1.
 
 One Lloyd loop, many places to run it
 -------------------------------------

@@ -72,7 +72,7 @@ def _cmd_status(args) -> int:
     from pipeline.driver import status
     from pipeline.store import Store
 
-    rows = status(Store(args.root, _store_options(args)))
+    rows = status(Store(args.root, _store_options(args), create=False))
     print(f"{'stage':<10} {'key':<18} {'state':<9} {'seconds':>8}  headline")
     for r in rows:
         state = "missing" if not r["complete"] else ("cached" if r["cached"] else "ran")
@@ -88,7 +88,7 @@ def _cmd_status(args) -> int:
 def _cmd_report(args) -> int:
     from pipeline.store import Store
 
-    store = Store(args.root, _store_options(args))
+    store = Store(args.root, _store_options(args), create=False)
     if args.json:
         print(json.dumps(store.read_json("report.json"), indent=2))
     else:
@@ -159,7 +159,20 @@ def _user_error(e: BaseException) -> BaseException | None:
         e, seen = e.cause, seen + 1
     if isinstance(e, (UserError, ValueError, FileNotFoundError)):
         return e
+    if type(e).__name__ in _STORE_FAILURES or isinstance(e, PermissionError):
+        # Raised by s3fs/botocore on any store access, not only the first one.
+        from pipeline.store import StoreAccessError, describe_store_error
+
+        return StoreAccessError(describe_store_error(e, ""))
     return None
+
+
+# Exceptions of the storage libraries that mean "this store cannot be used as configured".
+_STORE_FAILURES = frozenset({
+    "NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError",
+    "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ClientError",
+    "NoSuchBucket", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -48,7 +48,8 @@ class Store:
     Picklable, so Ray tasks receive a Store and read/write the same root.
     """
 
-    def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None, *,
+                 create: bool = True):
         self.storage_options = dict(storage_options or {})
         if "://" not in url:
             url = os.path.abspath(url)
@@ -59,7 +60,7 @@ class Store:
             raise StoreAccessError(describe_store_error(e, self.url)) from None
         self.root = self.root.rstrip("/")
         self.is_local = self.fs.protocol in ("file", "local") or "file" in self.fs.protocol
-        if self.is_local:
+        if self.is_local and create:  # a read-only command (status, report) creates nothing
             os.makedirs(self.root, exist_ok=True)
 
     def __repr__(self) -> str:
@@ -187,6 +188,7 @@ class Store:
 def describe_store_error(e: BaseException, url: str) -> str:
     """One line saying why the store at `url` cannot be used, and what to do about it."""
     name = type(e).__name__
+    where = f"store {url}" if url else "the store"
     text = str(e)
     scheme = url.split("://", 1)[0] if "://" in url else "file"
     if isinstance(e, ImportError):
@@ -196,22 +198,22 @@ def describe_store_error(e: BaseException, url: str) -> str:
         m = re.search(r"install (?:the )?['\"]?([A-Za-z0-9_.-]+)", text)
         pkg = getattr(e, "name", None) or (m.group(1) if m else None)
         hint = f"pip install {pkg}" if pkg else text
-        return (f"store {url}: the {scheme}:// protocol needs a package that is not installed "
+        return (f"{where}: the {scheme}:// protocol needs a package that is not installed "
                 f"({hint})")
     if isinstance(e, ValueError) and "Protocol not known" in text:
-        return (f"store {url}: unknown protocol {scheme}://; use a folder, s3://bucket/prefix "
+        return (f"{where}: unknown protocol {scheme}://; use a folder, s3://bucket/prefix "
                 "or another fsspec URL")
     if name in ("NoCredentialsError", "PartialCredentialsError") or "credentials" in text.lower():
-        return (f"store {url}: no usable S3 credentials ({text}); set AWS_ACCESS_KEY_ID and "
+        return (f"{where}: no usable S3 credentials ({text}); set AWS_ACCESS_KEY_ID and "
                 "AWS_SECRET_ACCESS_KEY, a profile, or an instance role")
     if isinstance(e, PermissionError) or "AccessDenied" in text or "Forbidden" in text:
-        return f"store {url}: access denied ({text}); check the credentials and bucket policy"
+        return f"{where}: access denied ({text}); check the credentials and bucket policy"
     if isinstance(e, FileNotFoundError) or "NoSuchBucket" in text:
-        return f"store {url}: the bucket or folder does not exist ({text}); create it first"
+        return f"{where}: the bucket or folder does not exist ({text}); create it first"
     if name in ("EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError") or \
             isinstance(e, (ConnectionError, TimeoutError, OSError)):
-        return f"store {url}: cannot connect ({name}: {text}); check the URL and endpoint"
-    return f"store {url}: cannot be used ({name}: {text})"
+        return f"{where}: cannot connect ({name}: {text}); check the URL and endpoint"
+    return f"{where}: cannot be used ({name}: {text})"
 
 
 def canonical_safetensors(data: bytes) -> bytes:

@@ -96,3 +96,17 @@ def test_s3_store_missing_bucket(s3_endpoint):
 def test_status_of_a_folder_without_a_run(tmp_path):
     p, s = _hwq(["status", str(tmp_path)])
     _assert_one_line(p, s, "holds no hwq run")
+
+
+def test_status_of_an_s3_store_without_credentials(s3_endpoint, tmp_path):
+    p, s = _hwq(["status", "s3://hwq-nocreds/run", "--endpoint-url", s3_endpoint],
+                env_extra={"AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+                           "AWS_CONFIG_FILE": str(tmp_path / "none")},
+                drop=_NO_AWS)
+    _assert_one_line(p, s, "credentials")
+
+
+def test_read_only_commands_create_nothing(tmp_path):
+    p, s = _hwq(["report", str(tmp_path / "nothing-here")])
+    _assert_one_line(p, s, "does not exist")
+    assert not (tmp_path / "nothing-here").exists()

@@ -78,8 +78,8 @@ def in_process(samples: int, batch: int, repeats: int, threads: int) -> list[dic
 def ray_stage(samples: int, batch: int, cpus: int) -> dict:
     """The sharded stage end to end on an embedded Ray with `cpus` CPUs (wall time)."""
     from pipeline.config import load_config
-    from pipeline.driver import StageContext
     from pipeline.executor import init_ray, shutdown_ray
+    from pipeline.graph import StageContext
     from pipeline.hessian.stage import HESSIAN
     from pipeline.store import StageDir, Store
 

@@ -19,13 +19,13 @@ import logging
 import platform
 import re
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable
 from typing import Any
 
 import yaml
 
-from pipeline.config import RunConfig, digest, section_digest
+from pipeline.config import RunConfig, digest
+from pipeline.graph import Stage, StageContext, StagePlan, plan
 from pipeline.manifest import (
     MANIFEST,
     MAX_MANIFEST_BYTES,
@@ -35,86 +35,11 @@ from pipeline.manifest import (
 )
 from pipeline.store import ArtifactError, StageDir, Store
 
-__all__ = ["Stage", "StageContext", "StagePlan", "plan", "run", "status", "open_store"]
+__all__ = ["run", "status", "open_store", "check_against_model"]
 
 log = logging.getLogger("hwq")
 
 RUN_INDEX = "run.json"
-
-
-@dataclass
-class StageContext:
-    """What a stage's `run` receives: the config, its own folder, its inputs' folders."""
-
-    cfg: RunConfig
-    store: Store
-    out: StageDir
-    inputs: dict[str, StageDir]
-    log: logging.Logger = field(default_factory=lambda: log)
-
-
-@dataclass(frozen=True)
-class Stage:
-    """One node of the graph.
-
-    inputs(cfg): names of upstream stages (only enabled ones).
-    sections(cfg): the JSON-able settings that decide this stage's output (hashed in its key).
-    run(ctx): does the work (Ray tasks inside), writes files into ctx.out, returns metrics that
-        go into report.json's `metrics` (flat keys, or a dict under the stage's name).
-    headline: metric keys `hwq status` shows.
-    outputs(cfg): files the stage always writes; a manifest that does not list them all does
-        not make the stage complete (it may write more: every file is hashed).
-    """
-
-    name: str
-    version: int
-    inputs: Callable[[RunConfig], tuple[str, ...]]
-    sections: Callable[[RunConfig], dict[str, Any]]
-    run: Callable[[StageContext], dict[str, Any]]
-    enabled: Callable[[RunConfig], bool] = lambda cfg: True
-    headline: tuple[str, ...] = ()
-    outputs: Callable[[RunConfig], tuple[str, ...]] = lambda cfg: ()
-
-
-def _stages() -> list[Stage]:
-    # Imported here so `import pipeline.driver` pulls in no torch/ray until a run starts.
-    from pipeline.encode.stage import ENCODE
-    from pipeline.finetune.stage import FINETUNE
-    from pipeline.hessian.stage import HESSIAN
-    from pipeline.quantize.stage import QUANTIZE
-    from pipeline.train.stage import PRUNE, TRAIN
-
-    return [TRAIN, PRUNE, HESSIAN, QUANTIZE, FINETUNE, ENCODE]
-
-
-@dataclass
-class StagePlan:
-    stage: Stage
-    key: str
-    inputs: dict[str, str]  # upstream name -> key
-    config: dict[str, Any]
-
-
-def plan(cfg: RunConfig, stages: list[Stage] | None = None) -> list[StagePlan]:
-    """The enabled stages in order, each with its key."""
-    stages = stages if stages is not None else _stages()
-    keys: dict[str, str] = {}
-    out = []
-    for st in stages:
-        if not st.enabled(cfg):
-            continue
-        inputs = {}
-        for name in st.inputs(cfg):
-            if name not in keys:
-                raise ValueError(f"stage {st.name} needs stage {name}, which is disabled")
-            inputs[name] = keys[name]
-        conf = st.sections(cfg)
-        key = section_digest(
-            {"stage": st.name, "version": st.version, "config": conf, "inputs": inputs}
-        )
-        keys[st.name] = key
-        out.append(StagePlan(st, key, inputs, conf))
-    return out
 
 
 def _versions() -> dict[str, str]:

@@ -109,6 +109,7 @@ def sweep(config: str | None, points: list[list[str]], *, name: str = "sweep",
 
     from pipeline import driver
     from pipeline.executor import init_ray, remote
+    from pipeline.graph import plan
 
     base = list(base or [])
     cfgs, kept = [], []
@@ -128,7 +129,7 @@ def sweep(config: str | None, points: list[list[str]], *, name: str = "sweep",
     t0 = time.perf_counter()
     init_ray(cfgs[0].executor.address, cfgs[0].executor.num_cpus)
     store = driver.open_store(cfgs[0])
-    plans = [driver.plan(c, stages) for c in cfgs]
+    plans = [plan(c, stages) for c in cfgs]
     order: list[str] = []
     for pl in plans:
         for p in pl:

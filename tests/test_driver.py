@@ -3,7 +3,8 @@
 import pytest
 
 from pipeline.config import load_config
-from pipeline.driver import Stage, plan, run, status
+from pipeline.driver import run, status
+from pipeline.graph import Stage, plan
 from pipeline.store import Store
 
 CALLS: list[str] = []

@@ -6,7 +6,8 @@ import json
 import pytest
 
 from pipeline.config import load_config
-from pipeline.driver import plan, run
+from pipeline.driver import run
+from pipeline.graph import plan
 from pipeline.manifest import ManifestInvalid, parse_manifest
 from pipeline.store import ArtifactError, StageDir, Store
 from tests.test_driver import CALLS, _stages

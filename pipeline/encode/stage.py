@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from pipeline.config import RunConfig
-from pipeline.driver import Stage, StageContext
 from pipeline.executor import ray_map, remote, task_threads
+from pipeline.graph import Stage, StageContext
 from pipeline.quantize.artifacts import QuantizedModel
 from pipeline.store import StageDir
 

@@ -78,8 +78,8 @@ from typing import Any
 import torch
 
 from pipeline.config import FinetuneConfig, RunConfig
-from pipeline.driver import Stage, StageContext
 from pipeline.finetune.checkpoint import Checkpoints
+from pipeline.graph import Stage, StageContext
 from pipeline.store import StageDir
 from pipeline.train.stage import model_stage
 

@@ -19,8 +19,8 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import RunConfig
-from pipeline.driver import Stage, StageContext
 from pipeline.executor import remote, task_threads
+from pipeline.graph import Stage, StageContext
 from pipeline.store import StageDir
 
 __all__ = ["HESSIAN", "balance_groups", "read_hessian", "NONNEG_RULE"]

@@ -14,8 +14,8 @@ import time
 import torch
 
 from pipeline.config import RunConfig
-from pipeline.driver import Stage, StageContext
 from pipeline.executor import remote, task_threads
+from pipeline.graph import Stage, StageContext
 from pipeline.store import StageDir
 
 __all__ = ["TRAIN", "PRUNE", "load_model_state", "load_masks", "load_adam"]

@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from pipeline.config import load_config
-from pipeline.driver import Stage, StageContext
 from pipeline.driver import run as run_stages
 from pipeline.finetune.stage import (
     FAIL_ENV,
@@ -24,6 +23,7 @@ from pipeline.finetune.stage import (
     plan_steps,
 )
 from pipeline.finetune.transform import QuantizedTrainable
+from pipeline.graph import Stage, StageContext
 from pipeline.models import build
 from pipeline.quantize.artifacts import QuantizedModel
 from pipeline.store import StageDir, Store

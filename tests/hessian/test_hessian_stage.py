@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline.config import load_config
-from pipeline.driver import StageContext
+from pipeline.graph import StageContext
 from pipeline.hessian.stage import HESSIAN, balance_groups, read_hessian
 from pipeline.hessian.table import from_table, to_table
 from pipeline.models import build

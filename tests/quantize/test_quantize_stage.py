@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pipeline.config import load_config
-from pipeline.driver import StageContext
+from pipeline.graph import StageContext
 from pipeline.hessian.table import to_table
 from pipeline.models import build
 from pipeline.quantize.artifacts import QuantizedModel

@@ -81,8 +81,14 @@ def _cmd_status(args) -> int:
             f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
             for k, v in r["metrics"].items() if not isinstance(v, (dict, list))
         )
-        print(f"{r['stage']:<10} {r['key']:<18} {state:<9} {secs:>8}  {head}")
+        print(f"{r['stage']:<10} {r['key']:<18} {state:<9} {secs:>8}  {_printable(head)}")
     return 0
+
+
+def _printable(text: str) -> str:
+    """Text from the store with control characters (terminal escapes) removed; newlines and
+    tabs kept. A store is untrusted, and a terminal obeys escape sequences."""
+    return "".join(c for c in text if c in "\n\t" or (c.isprintable() and c != "\x7f"))
 
 
 def _cmd_report(args) -> int:
@@ -92,7 +98,7 @@ def _cmd_report(args) -> int:
     if args.json:
         print(json.dumps(store.read_json("report.json"), indent=2))
     else:
-        print(store.read_bytes("report.md").decode())
+        print(_printable(store.read_bytes("report.md").decode("utf-8", "replace")))
     return 0
 
 
@@ -171,7 +177,7 @@ def _user_error(e: BaseException) -> BaseException | None:
 _STORE_FAILURES = frozenset({
     "NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError",
     "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ClientError",
-    "NoSuchBucket", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+    "NoSuchBucket", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ParamValidationError",
 })
 
 

@@ -18,9 +18,11 @@ Example (configs/lenet5_fmnist.yaml)::
 
 from __future__ import annotations
 
+import copy
 import difflib
 import hashlib
 import json
+import reprlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,6 +39,10 @@ __all__ = [
     "digest",
     "section_digest",
 ]
+
+
+# A run config is a few KB; anything near this is not one.
+MAX_CONFIG_BYTES = 1 << 20
 
 
 class ConfigError(UserError, ValueError):
@@ -195,7 +201,7 @@ class StoreConfig(_Section):
 
 class RunConfig(_Section):
     name: str = "run"
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**31 - 1)  # numpy, torch and Ray all take it
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -261,7 +267,8 @@ def _format_errors(err: ValidationError) -> str:
             lines.append(f"{where}: unknown key{hint} (valid here: {', '.join(known)})")
         else:
             msg = e["msg"].removeprefix("Value error, ")
-            lines.append(f"{where}: {msg} (got {e.get('input')!r})")
+            # reprlib: the input may be a huge structure (YAML aliases expand on validation).
+            lines.append(f"{where}: {msg} (got {reprlib.repr(e.get('input'))})")
     if len(lines) == 1:  # the common case stays one line on stderr
         return f"invalid config: {lines[0]}"
     return "invalid config:\n  " + "\n  ".join(lines)
@@ -277,13 +284,18 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as e:
-        raise ConfigError(f"--set {item!r}: value is not valid YAML ({e})") from None
+        raise ConfigError(f"--set {item!r}: value is not valid YAML "
+                          f"({' '.join(str(e).split())})") from None
+    except RecursionError:
+        raise ConfigError(f"--set {key.strip()}=...: value nested too deeply") from None
     return path, value
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `section.key=value` strings (values parsed as YAML) to raw config data."""
-    data = json.loads(json.dumps(data))  # deep copy of plain data
+    # deepcopy keeps YAML aliases shared (a JSON round trip would expand a billion-laughs
+    # config into gigabytes).
+    data = copy.deepcopy(data)
     for item in overrides:
         path, value = _parse_override(item)
         node = data
@@ -301,6 +313,8 @@ def from_dict(data: dict[str, Any]) -> RunConfig:
         return RunConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format_errors(e)) from None
+    except RecursionError:
+        raise ConfigError("invalid config: nested too deeply") from None
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
@@ -308,12 +322,20 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
-        if not p.is_file():
+        if not p.exists():
             raise ConfigError(f"config file {str(p)!r} not found (see configs/ for examples)")
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} is not a regular file")
+        if p.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config file {str(p)!r} is {p.stat().st_size:,} bytes; a run "
+                              f"config is a few KB (limit {MAX_CONFIG_BYTES:,})")
         try:
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+            first = " ".join(str(e).split())  # one line
+            raise ConfigError(f"{p}: not valid YAML: {first}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{p}: not UTF-8 text") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections")
     return from_dict(apply_overrides(data, overrides or []))

@@ -60,12 +60,12 @@ def _read_manifest(store: Store, sd: StageDir, p: StagePlan, cfg: RunConfig
                    ) -> tuple[Manifest | None, str | None]:
     """The stage's manifest if it validates (else None), and why not when one exists."""
     rel = sd.rel(MANIFEST)
-    try:
-        if store.size(rel) > MAX_MANIFEST_BYTES:
-            return None, f"manifest is {store.size(rel)} bytes, more than any manifest"
-        data = store.read_bytes(rel)
-    except (ArtifactError, FileNotFoundError):
+    if not store.exists(rel):
         return None, None
+    try:
+        data = store.read_bytes(rel, MAX_MANIFEST_BYTES)
+    except ArtifactError as e:  # too large, or not a regular file
+        return None, str(e)
     try:
         return parse_manifest(data, stage=p.stage.name, key=p.key, version=p.stage.version,
                               inputs=p.inputs, required=p.stage.outputs(cfg)), None
@@ -154,7 +154,7 @@ def run(
         log.info("[%d/%d] %-9s running (key %s, %s)", i, len(plans), name, p.key, reason)
         store.remove(sd.prefix)  # a killed earlier attempt may have left partial files
         sd.outputs = None  # being written: its own reads are of what it just wrote
-        ctx = StageContext(cfg, store, sd, {n: dirs[n] for n in p.inputs})
+        ctx = StageContext(cfg, store, sd, {n: dirs[n] for n in p.inputs}, sections=p.config)
         started = time.time()
         metrics = p.stage.run(ctx) or {}
         seconds = time.perf_counter() - t0
@@ -202,7 +202,7 @@ def _fmt(v: Any) -> str:
 def _status_manifest(store: Store, sd: StageDir) -> Manifest | None:
     """The manifest of a listed stage, if it validates (status has no plan to check it by)."""
     try:
-        data = store.read_bytes(sd.rel(MANIFEST))
+        data = store.read_bytes(sd.rel(MANIFEST), MAX_MANIFEST_BYTES)
         m = Manifest.model_validate_json(data)
     except (ArtifactError, ValueError):
         return None

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pipeline.errors import ExecutorError
 
-__all__ = ["cache_dir", "init_ray", "shutdown_ray", "ray_has_gpus", "remote", "task_threads", "ray_map"]
+__all__ = ["cache_dir", "private_subdir", "init_ray", "shutdown_ray", "ray_has_gpus", "remote", "task_threads", "ray_map"]
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +30,22 @@ def cache_dir() -> Path:
     return p
 
 
+def private_subdir(name: str) -> Path:
+    """cache_dir()/name, if it is (or can be made) a folder of this user that no one else can
+    write; else a fresh private temporary folder. Ray's sockets and the files staged for an
+    upload live there: a folder someone else controls could swap them."""
+    p = cache_dir() / name
+    if _private_dir(p):
+        return p
+    fresh = Path(tempfile.mkdtemp(prefix=f"hwq-{name}-"))
+    log.warning("%s is not a private folder of this user; using %s", p, fresh)
+    return fresh
+
+
 def _ray_temp_dir() -> str:
     p = cache_dir() / "ray"
+    if len(str(p)) <= _MAX_RAY_TMP:
+        p = private_subdir("ray")
     if len(str(p)) > _MAX_RAY_TMP:
         # A deep checkout would overflow Ray's socket paths: use a short per-user folder instead.
         p = Path(tempfile.gettempdir()) / f"hwq-ray-{os.getuid()}"
@@ -41,8 +55,6 @@ def _ray_temp_dir() -> str:
             p = Path(tempfile.mkdtemp(prefix="hwq-ray-"))
             log.warning("Ray temp folder: %s is not a private folder of this user; using %s",
                         Path(tempfile.gettempdir()) / f"hwq-ray-{os.getuid()}", p)
-        return str(p)
-    p.mkdir(parents=True, exist_ok=True)
     return str(p)
 
 

@@ -32,6 +32,9 @@ class StageContext:
     out: StageDir
     inputs: dict[str, StageDir]
     log: logging.Logger = field(default_factory=lambda: log)
+    # The config sections hashed into the stage key (as planned; a stage may check that what
+    # it reads still matches them).
+    sections: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

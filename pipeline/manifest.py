@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+import re
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -62,11 +63,17 @@ class Manifest(_Strict):
         return v
 
 
+# Names hwq writes: letters, digits, '.', '_', '-' in '/'-separated parts. Nothing else (no
+# spaces, control or bidi characters, backslashes) can be a name a stage wrote.
+_NAME = re.compile(r"[A-Za-z0-9._-]+(?:/[A-Za-z0-9._-]+)*")
+
+
 def check_output_name(name: str) -> str:
-    """A file name relative to its stage folder: no absolute path, no `..`, no temp name."""
-    norm = posixpath.normpath(name)
-    if (not name or name != norm or norm.startswith(("/", "../")) or norm == ".."
-            or "\\" in name or "\x00" in name or name == MANIFEST or ".tmp-" in name):
+    """A file name relative to its stage folder: plain characters, no absolute path, no `.` or
+    `..` part, not the manifest, no temporary name."""
+    parts = name.split("/")
+    if (not _NAME.fullmatch(name) or any(p in (".", "..") for p in parts)
+            or posixpath.normpath(name) != name or name == MANIFEST or ".tmp-" in name):
         raise ValueError(f"output name {name!r} is not a plain path inside the stage folder")
     return name
 

@@ -10,11 +10,13 @@ never a silently wrong number.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import json
 import os
 import posixpath
+import stat
 import struct
 import tempfile
 import uuid
@@ -30,6 +32,9 @@ __all__ = ["ArtifactError", "StoreAccessError", "Store", "StageDir", "sha256_byt
            "canonical_safetensors", "describe_store_error"]
 
 _BUF = 1 << 22
+# Cap on a whole-file read of a store file whose size no manifest vouches for (run.json,
+# report.json/md, manifests are checked tighter): far above any honest one.
+DEFAULT_MAX_READ = 64 << 20
 
 
 class ArtifactError(UserError, RuntimeError):
@@ -51,6 +56,10 @@ class Store:
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None, *,
                  create: bool = True):
         self.storage_options = dict(storage_options or {})
+        scheme, sep, rest = url.partition("://")
+        if sep and not rest.strip("/"):
+            raise StoreAccessError(f"store {url!r} names no bucket or folder; use e.g. "
+                                   f"{scheme}://bucket/prefix")
         if "://" not in url:
             url = os.path.abspath(url)
         self.url = url.rstrip("/")
@@ -161,35 +170,85 @@ class Store:
         return self.write_bytes(rel, text.encode())
 
     # -- reads ------------------------------------------------------------------------------
-    def read_bytes(self, rel: str) -> bytes:
-        try:
-            return self.fs.cat_file(self.path(rel))
-        except FileNotFoundError:
-            raise ArtifactError(f"{self.full_url(rel)} does not exist") from None
+    def read_bytes(self, rel: str, max_bytes: int | None = DEFAULT_MAX_READ) -> bytes:
+        """The whole file `rel`: a regular file of at most `max_bytes` (None: no cap).
 
-    def read_json(self, rel: str) -> Any:
-        return json.loads(self.read_bytes(rel))
+        Everything in the store is untrusted: a local name may be a link to /dev/zero, a FIFO
+        or a folder, and any object may be huge. Those are ArtifactErrors, never a hang or a
+        MemoryError.
+        """
+        try:
+            with self._open_regular(rel) as f:
+                data = f.read(-1 if max_bytes is None else max_bytes + 1)
+        except (FileNotFoundError, NotADirectoryError):
+            raise ArtifactError(f"{self.full_url(rel)} does not exist") from None
+        except (IsADirectoryError, _NotRegular):
+            raise ArtifactError(f"{self.full_url(rel)} is not a regular file") from None
+        if max_bytes is not None and len(data) > max_bytes:
+            raise ArtifactError(f"{self.full_url(rel)} is larger than {max_bytes:,} bytes, "
+                                "more than such a file can be")
+        return data
+
+    def read_json(self, rel: str, max_bytes: int | None = DEFAULT_MAX_READ) -> Any:
+        return json.loads(self.read_bytes(rel, max_bytes))
+
+    @contextlib.contextmanager
+    def _open_regular(self, rel: str):
+        """A binary reader of `rel` that is sure to be a regular file (links not followed)."""
+        if not self.is_local:
+            with self.fs.open(self.path(rel), "rb") as f:
+                yield f
+            return
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; O_NOFOLLOW: hwq never writes
+        # links, so one here was planted.
+        try:
+            fd = os.open(self.path(rel), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError as e:
+            if e.errno == errno.ELOOP:  # the name is a symbolic link
+                raise _NotRegular(rel) from None
+            raise
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise _NotRegular(rel)
+            f = os.fdopen(fd, "rb")
+        except BaseException:
+            os.close(fd)
+            raise
+        with f:
+            yield f
 
     def open(self, rel: str, mode: str = "rb"):
         """A seekable file object for range reads (remote: only the bytes read are fetched)."""
         return self.fs.open(self.path(rel), mode)
 
-    def sha256(self, rel: str) -> tuple[str, int]:
-        """Streamed sha256 and size of `rel`."""
+    def sha256(self, rel: str, limit: int | None = None) -> tuple[str, int]:
+        """Streamed sha256 and size of `rel` (a regular file; OSError otherwise). With `limit`,
+        reading stops after limit + 1 bytes: enough to know the file is not the expected one."""
         h = hashlib.sha256()
         n = 0
-        with self.fs.open(self.path(rel), "rb") as f:
-            while chunk := f.read(_BUF):
-                h.update(chunk)
-                n += len(chunk)
+        try:
+            with self._open_regular(rel) as f:
+                while chunk := f.read(_BUF):
+                    h.update(chunk)
+                    n += len(chunk)
+                    if limit is not None and n > limit:
+                        break
+        except _NotRegular:
+            raise IsADirectoryError(f"{rel} is not a regular file") from None
         return h.hexdigest(), n
+
+
+class _NotRegular(OSError):
+    """A store path that is a device, FIFO, socket or link rather than a regular file."""
 
 
 def describe_store_error(e: BaseException, url: str) -> str:
     """One line saying why the store at `url` cannot be used, and what to do about it."""
     name = type(e).__name__
     where = f"store {url}" if url else "the store"
-    text = str(e)
+    text = " ".join(str(e).split())  # one line, whatever the library's message
+    if len(text) > 300:
+        text = text[:297] + "..."
     scheme = url.split("://", 1)[0] if "://" in url else "file"
     if isinstance(e, ImportError):
         # fsspec's message names the package ("Install gcsfs to access Google Storage").
@@ -237,11 +296,9 @@ def _is_temp(rel: str) -> bool:
 
 
 def _staging_dir() -> str:
-    from pipeline.executor import cache_dir
+    from pipeline.executor import private_subdir
 
-    d = cache_dir() / "upload"
-    d.mkdir(parents=True, exist_ok=True)
-    return str(d)
+    return str(private_subdir("upload"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,9 +372,13 @@ class StageDir:
             if expect is None:
                 raise self._corrupt(name, "not listed in the stage manifest")
         try:
-            data = self.store.read_bytes(self.rel(name))
-        except ArtifactError:
-            raise self._corrupt(name, "missing") from None
+            # A listed file is read no further than its listed size (+1 to see it is longer).
+            data = self.store.read_bytes(self.rel(name),
+                                         max_bytes=None if expect is None else expect["bytes"])
+        except ArtifactError as e:
+            why = "missing" if "does not exist" in str(e) else (
+                "not a regular file" if "regular" in str(e) else "larger than the manifest says")
+            raise self._corrupt(name, why) from None
         if expect is not None:
             if len(data) != expect["bytes"]:
                 raise self._corrupt(
@@ -366,10 +427,6 @@ class StageDir:
         except Exception as e:
             raise self._corrupt(name, f"unreadable as Parquet ({e})") from None
 
-    def open_read(self, name: str):
-        """Unverified seekable reader for range reads of big files (verified at cache hit)."""
-        return self.store.open(self.rel(name))
-
     def exists(self, name: str) -> bool:
         return self.store.exists(self.rel(name))
 
@@ -380,7 +437,11 @@ class StageDir:
         """sha256 and size of every file of the stage (the manifest excluded)."""
         out = {}
         for f in self.files():
-            digest, n = self.store.sha256(self.rel(f))
+            try:
+                digest, n = self.store.sha256(self.rel(f))
+            except OSError:
+                raise ArtifactError(f"{self.url(f)} is not a regular file: hwq writes none such, "
+                                    "so it was put there; remove it and rerun") from None
             out[f] = {"sha256": digest, "bytes": n}
         return out
 
@@ -394,9 +455,11 @@ class StageDir:
             return f"{unlisted[0]} is in the folder but not in the manifest"
         for f, meta in self.outputs.items():
             try:
-                digest, n = self.store.sha256(self.rel(f))
+                digest, n = self.store.sha256(self.rel(f), limit=meta["bytes"])
             except FileNotFoundError:
                 return f"{f} is missing"
+            except OSError:  # a folder, device, FIFO or link where a file should be
+                return f"{f} is not a regular file"
             if n != meta["bytes"] or digest != meta["sha256"]:
                 return f"{f} does not match its manifest digest"
         return None

@@ -110,3 +110,82 @@ def test_read_only_commands_create_nothing(tmp_path):
     p, s = _hwq(["report", str(tmp_path / "nothing-here")])
     _assert_one_line(p, s, "does not exist")
     assert not (tmp_path / "nothing-here").exists()
+
+
+def _special_checkpoints(tmp_path):
+    fifo = tmp_path / "ckpt.fifo"
+    os.mkfifo(fifo)
+    huge = tmp_path / "huge.safetensors"
+    with open(huge, "wb") as f:
+        f.truncate(100 << 30)  # sparse: 100 GiB that would be read whole
+    folder = tmp_path / "ckpt.dir"
+    folder.mkdir()
+    return {"fifo": (fifo, "not a regular file"), "dir": (folder, "not a regular file"),
+            "huge": (huge, "more than a checkpoint"), "zero": ("/dev/zero", "not a regular file")}
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dir", "huge", "zero"])
+def test_special_model_checkpoint_is_one_line(tmp_path, kind):
+    path, needle = _special_checkpoints(tmp_path)[kind]
+    p, s = _hwq(["run", CONFIG, "--store", str(tmp_path / "store"),
+                 "--set", f"model.checkpoint={path}"])
+    _assert_one_line(p, s, "model.checkpoint", needle)
+
+
+CONFIG_CASES = {
+    # 10^9 leaves through aliases, all under one key: refused without expanding them.
+    "billion-laughs": ("name: [&a [x, x, x, x, x, x, x, x, x, x], "
+                       + ", ".join(f"&{c} [{', '.join(['*' + p] * 10)}]"
+                                   for p, c in zip("abcdefgh", "bcdefghi", strict=True)) + "]\n", "name"),
+    "python-tag": ("name: !!python/object/apply:os.system ['true']\n", "not valid YAML"),
+    "seed-too-large": ("seed: 99999999999999999999999999999\n", "seed"),
+    "not-utf8": (b"name: \xff\xfe\n", "UTF-8"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONFIG_CASES))
+def test_hostile_config_files_are_one_line(tmp_path, case):
+    text, needle = CONFIG_CASES[case]
+    cfg = tmp_path / "c.yaml"
+    cfg.write_bytes(text if isinstance(text, bytes) else text.encode())
+    p, s = _hwq(["run", str(cfg), "--store", str(tmp_path / "store")])
+    _assert_one_line(p, s, needle)
+
+
+def test_huge_config_file_and_deep_override(tmp_path):
+    big = tmp_path / "big.yaml"
+    with open(big, "wb") as f:
+        f.truncate(3 << 30)
+    p, s = _hwq(["run", str(big)])
+    _assert_one_line(p, s, "a run config is a few KB")
+    p, s = _hwq(["run", CONFIG, "--store", str(tmp_path / "s"), "--set", "name=" + "[" * 5000])
+    _assert_one_line(p, s, "name")
+
+
+@pytest.mark.parametrize("url,needle", [("s3://", "names no bucket"),
+                                        ("s3://Bad_Bucket!!/x", "")])
+def test_unusable_store_urls(url, needle, s3_endpoint):
+    p, s = _hwq(["status", url, "--endpoint-url", s3_endpoint],
+                env_extra={"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"})
+    _assert_one_line(p, s, needle)
+    assert not (ROOT / "s3:").exists()
+
+
+def test_report_of_a_planted_special_file(tmp_path):
+    (tmp_path / "report.md").symlink_to("/dev/zero")
+    p, s = _hwq(["report", str(tmp_path)])
+    _assert_one_line(p, s, "not a regular file")
+    (tmp_path / "report.md").unlink()
+    (tmp_path / "report.md").write_text("fine \x1b[31mred\x1b]0;title\x07 text\n")
+    p, _ = _hwq(["report", str(tmp_path)])
+    assert p.returncode == 0 and "\x1b" not in p.stdout and "\x07" not in p.stdout
+
+
+def test_decode_refuses_to_replace_a_special_output(tmp_path):
+    fifo = tmp_path / "out.fifo"
+    os.mkfifo(fifo)
+    hwq_file = tmp_path / "m.hwq"
+    hwq_file.write_bytes(b"not used: the output is checked first")
+    p, s = _hwq(["decode", str(hwq_file), "--out", str(fifo)])
+    _assert_one_line(p, s, "not a regular file")
+    assert fifo.is_fifo()

@@ -38,7 +38,8 @@ def _reader(args):
 
     return HwqReader(
         args.file, storage_options=_opts(args), max_output_bytes=args.max_output_bytes,
-        max_header_bytes=args.max_header_bytes or DEFAULT_MAX_HEADER_BYTES,
+        max_header_bytes=(DEFAULT_MAX_HEADER_BYTES if args.max_header_bytes is None
+                          else args.max_header_bytes),
     )  # fmt: skip
 
 
@@ -49,6 +50,10 @@ def _output_folder(out: str) -> str:
         raise FileNotFoundError(f"output folder {folder} does not exist (create it first)")
     if os.path.isdir(out):
         raise OutputError(f"--out {out} is a folder; give a file path such as model.safetensors")
+    if os.path.lexists(out) and not os.path.islink(out) and not os.path.isfile(out):
+        # A device, FIFO or socket: the rename below would replace it with a regular file
+        # (as root, /dev/null itself). A link is replaced, never written through.
+        raise OutputError(f"--out {out} exists and is not a regular file; give a file path")
     return folder
 
 
@@ -70,6 +75,10 @@ def _decode(args) -> int:
         save_file(tensors, tmp, metadata={"source": str(args.file)})
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        # The umask's mode, as any file the user writes (the temporary was made private).
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
         os.replace(tmp, args.out)
     except (OSError, SafetensorError) as exc:
         raise OutputError(f"cannot write {args.out}: {exc}") from exc

@@ -189,9 +189,10 @@ def read_hessian(sd: StageDir, shapes: dict[str, tuple[int, ...]],
     """Hessian diagonals as {name: float32 array of the parameter's shape}, made non-negative
     by the estimator's rule.
 
-    names=None reads the whole table, verified against the manifest; a list of names reads
-    only those tensors' rows (a filtered range read — the file was verified when the stage
-    completed or was found cached)."""
+    names=None reads the whole table; a list of names returns only those tensors' rows. Either
+    way the bytes are read once and checked against the manifest before they are parsed: a
+    table swapped after the stage was verified is refused, not used. (Per-tensor reads of
+    tables too big to read whole need per-row-group digests; not needed at this size.)"""
     import pyarrow.parquet as pq
 
     from pipeline.hessian.table import from_table, table_metadata
@@ -199,10 +200,10 @@ def read_hessian(sd: StageDir, shapes: dict[str, tuple[int, ...]],
     if names is None:
         table = sd.read_table(TABLE)
     else:
+        data = sd.read_bytes(TABLE)  # verified against the manifest
         try:
-            with sd.open_read(TABLE) as f:
-                table = pq.read_table(f, filters=[("tensor", "in", list(names))])
-                meta = pq.read_schema(f).metadata
+            table = pq.read_table(pa.BufferReader(data), filters=[("tensor", "in", list(names))])
+            meta = pq.read_schema(pa.BufferReader(data)).metadata
         except Exception as e:  # noqa: BLE001 - pyarrow raises many types on a bad file
             raise sd._corrupt(TABLE, f"unreadable as Parquet ({type(e).__name__}: {e})"
                               ) from None

@@ -10,6 +10,7 @@ modules are imported on first use, so importing this package stays light.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +30,7 @@ from pipeline.models.lenet import LeNet5
 from pipeline.models.targets import TargetError, match_named_parameters
 
 __all__ = ["REGISTRY", "build", "num_params", "load_checkpoint", "state_from_safetensors",
+           "checkpoint_limit", "read_checkpoint",
            "ADAPTERS", "ModelAdapter", "ModelInfo", "adapter_names", "get_adapter",
            "make_adapter", "register", "TargetError", "match_named_parameters"]
 
@@ -77,15 +79,46 @@ def state_from_safetensors(data: bytes, model: nn.Module, source: str) -> dict[s
     return {k: v.float() for k, v in state.items()}
 
 
+def checkpoint_limit(model: nn.Module) -> int:
+    """Most bytes a safetensors checkpoint of `model` can honestly have: 8 bytes a value
+    (float64) plus a header far above any real one."""
+    return 8 * sum(t.numel() for t in model.state_dict().values()) + (16 << 20)
+
+
+def read_checkpoint(url: str, storage_options: dict[str, Any] | None = None,
+                    max_bytes: int | None = None) -> bytes:
+    """The bytes of a checkpoint file (path or fsspec URL): a regular file of at most
+    `max_bytes`, read once. A folder, FIFO or device, or a file too large for the model, is a
+    ValueError naming it (never a hang or a MemoryError)."""
+    import stat
+
+    import fsspec
+
+    what = f"model.checkpoint {url!r}"
+    try:
+        fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        if fs.protocol in ("file", "local") or "file" in fs.protocol:
+            st = os.stat(path)
+            if not stat.S_ISREG(st.st_mode):
+                raise ValueError(f"{what} is not a regular file")
+        size = fs.size(path)
+        if max_bytes is not None and size is not None and size > max_bytes:
+            raise ValueError(f"{what} has {size:,} bytes, more than a checkpoint of this model "
+                             f"can have ({max_bytes:,})")
+        with fs.open(path, "rb") as f:
+            data = f.read(-1 if max_bytes is None else max_bytes + 1)
+    except FileNotFoundError:
+        raise ValueError(f"{what} does not exist") from None
+    except IsADirectoryError:
+        raise ValueError(f"{what} is not a regular file") from None
+    if max_bytes is not None and len(data) > max_bytes:
+        raise ValueError(f"{what} is larger than a checkpoint of this model can be")
+    return data
+
+
 def load_checkpoint(
     url: str, model: nn.Module, storage_options: dict[str, Any] | None = None
 ) -> dict[str, torch.Tensor]:
     """Read a safetensors checkpoint from a path or fsspec URL, validated against `model`."""
-    import fsspec
-
-    try:
-        with fsspec.open(url, "rb", **(storage_options or {})) as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise ValueError(f"model.checkpoint {url!r} does not exist") from None
+    data = read_checkpoint(url, storage_options, checkpoint_limit(model))
     return state_from_safetensors(data, model, url)

@@ -22,18 +22,17 @@ __all__ = ["TRAIN", "PRUNE", "load_model_state", "load_masks", "load_adam"]
 
 
 def _checkpoint_digest(cfg: RunConfig) -> str | None:
-    """sha256 of the given checkpoint, so a changed file is a new train key."""
+    """sha256 of the given checkpoint, so a changed file is a new train key. The train task
+    hashes the bytes it loads again and refuses others (a file swapped between planning and
+    loading must not be cached under the first file's key)."""
     if not cfg.model.checkpoint:
         return None
-    import fsspec
-
+    from pipeline.models import build, checkpoint_limit, read_checkpoint
     from pipeline.store import sha256_bytes
 
-    try:
-        with fsspec.open(cfg.model.checkpoint, "rb", **cfg.store.storage_options()) as f:
-            return sha256_bytes(f.read())
-    except FileNotFoundError:
-        raise ValueError(f"model.checkpoint {cfg.model.checkpoint!r} does not exist") from None
+    data = read_checkpoint(cfg.model.checkpoint, cfg.store.storage_options(),
+                           checkpoint_limit(build(cfg.model.name)))
+    return sha256_bytes(data)
 
 
 def _write_adam(out: StageDir, adam) -> None:
@@ -68,10 +67,17 @@ def _progress(tag: str, epochs: int, n_samples: int, batch_size: int, history: l
     return {"on_batch": on_batch, "on_epoch": on_epoch}, pbar
 
 
-def _train_task(cfg: RunConfig, out: StageDir) -> dict:
+def _train_task(cfg: RunConfig, out: StageDir, expect_sha256: str | None = None) -> dict:
     from pipeline.data import load_split
     from pipeline.evaluate import accuracy
-    from pipeline.models import build, load_checkpoint, num_params
+    from pipeline.models import (
+        build,
+        checkpoint_limit,
+        num_params,
+        read_checkpoint,
+        state_from_safetensors,
+    )
+    from pipeline.store import sha256_bytes
     from pipeline.train import train_adam
 
     task_threads()
@@ -80,9 +86,12 @@ def _train_task(cfg: RunConfig, out: StageDir) -> dict:
     test = load_split(cfg.data.root, "test")
     history: list = []
     if cfg.model.checkpoint:
-        model.load_state_dict(
-            load_checkpoint(cfg.model.checkpoint, model, cfg.store.storage_options())
-        )
+        data = read_checkpoint(cfg.model.checkpoint, cfg.store.storage_options(),
+                               checkpoint_limit(model))
+        if expect_sha256 is not None and sha256_bytes(data) != expect_sha256:
+            raise ValueError(f"model.checkpoint {cfg.model.checkpoint!r} changed while the run "
+                             "was planned; rerun to use the new file")
+        model.load_state_dict(state_from_safetensors(data, model, cfg.model.checkpoint))
     else:
         train = load_split(cfg.data.root, "train", cfg.data.train_samples, cfg.seed)
         t = cfg.train
@@ -166,7 +175,8 @@ def load_adam(sd: StageDir) -> tuple[dict[str, torch.Tensor], int, float]:
 def _run_train(ctx: StageContext) -> dict:
     import ray
 
-    return ray.get(remote(_train_task, cpus="all").remote(ctx.cfg, ctx.out))
+    return ray.get(remote(_train_task, cpus="all").remote(
+        ctx.cfg, ctx.out, ctx.sections.get("checkpoint_sha256")))
 
 
 def _run_prune(ctx: StageContext) -> dict:

@@ -5,6 +5,7 @@ Ray is imported lazily so that importing `pipeline` never starts anything.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -132,7 +133,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    runtime_env = {"env_vars": _worker_env()}
+    runtime_env = {"env_vars": without_job_env_vars(_worker_env(), os.environ.get(_JOB_CONFIG))}
     if address:
         _probe_address(address)
         log.info("connecting to Ray cluster at %s", address)
@@ -153,6 +154,28 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
             configure_logging=True,
             logging_level=logging.WARNING,
         )
+
+
+# Set by Ray's job manager in a submitted job's driver: the job's config, runtime env included.
+_JOB_CONFIG = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def without_job_env_vars(ours: dict[str, str], job_config_json: str | None) -> dict[str, str]:
+    """`ours` less the variables the submitted job's runtime env already sets.
+
+    Ray refuses a driver runtime env that sets a variable the job's own runtime env sets
+    ("Failed to merge the Job's runtime env"), even to the same value: a RayJob that sets
+    OMP_WAIT_POLICY, HWQ_CACHE or AWS_* would die at ray.init. The job's value wins: its
+    author set it on purpose.
+    """
+    if not job_config_json:
+        return ours
+    try:
+        job = json.loads(job_config_json)
+        job_env = ((job.get("runtime_env") or {}).get("env_vars") or {})
+    except (ValueError, AttributeError):
+        return ours
+    return {k: v for k, v in ours.items() if k not in job_env}
 
 
 def shutdown_ray() -> None:

@@ -1,0 +1,93 @@
+"""hwq as a submitted Ray job: the job's runtime env and hwq's must merge (a RayJob that sets
+OMP_WAIT_POLICY, HWQ_CACHE or AWS_* used to die at ray.init), on a real `ray start` head with
+the Jobs API."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.executor import without_job_env_vars
+
+ROOT = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def test_job_env_vars_win_over_hwqs():
+    ours = {"OMP_WAIT_POLICY": "PASSIVE", "HWQ_CACHE": "/a", "HF_HOME": "/h"}
+    job = json.dumps({"runtime_env": {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE",
+                                                   "HWQ_CACHE": "/job"}}})
+    assert without_job_env_vars(ours, job) == {"HF_HOME": "/h"}
+    assert without_job_env_vars(ours, None) == ours
+    assert without_job_env_vars(ours, "not json") == ours
+    assert without_job_env_vars(ours, json.dumps({"runtime_env": None})) == ours
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _kill_cluster(temp_dir: str) -> None:
+    """Stop this head's processes only (`ray stop` would stop every Ray on the machine)."""
+    import psutil
+
+    procs = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if any(temp_dir in a for a in (p.info["cmdline"] or [])):
+                procs.append(p)
+                p.terminate()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=10)
+    for p in alive:
+        p.kill()
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    temp_dir = tempfile.mkdtemp(prefix="hwqj-")  # short: Ray's socket paths are limited
+    port, dash = _free_port(), _free_port()
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    subprocess.run([RAY, "start", "--head", f"--port={port}", "--num-cpus=1",
+                    "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                    f"--dashboard-port={dash}", f"--temp-dir={temp_dir}",
+                    "--disable-usage-stats"], env=env, check=True, capture_output=True,
+                   timeout=180)
+    try:
+        yield f"http://127.0.0.1:{dash}", env
+    finally:
+        _kill_cluster(temp_dir)
+
+
+def test_a_job_whose_runtime_env_sets_hwqs_variables_starts(ray_head, tmp_path):
+    address, env = ray_head
+    cache = str(tmp_path / "cache")
+    runtime_env = {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE", "HWQ_CACHE": cache}}
+    probe = ("import json, ray; from pipeline.executor import init_ray; init_ray('auto'); "
+             "print('ENV=' + json.dumps(ray.get_runtime_context().runtime_env['env_vars']))")
+    deadline = time.monotonic() + 120
+    while True:  # the head's job agent comes up a few seconds after `ray start`
+        p = subprocess.run([RAY, "job", "submit", "--address", address,
+                            "--runtime-env-json", json.dumps(runtime_env), "--",
+                            sys.executable, "-c", probe],
+                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
+        out = p.stdout + p.stderr
+        if "No available agent" not in out or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert p.returncode == 0 and "succeeded" in out, out[-4000:]
+    assert "Failed to merge" not in out
+    line = next(ln for ln in out.splitlines() if ln.startswith("ENV="))
+    merged = json.loads(line[4:])
+    assert merged["HWQ_CACHE"] == cache  # the job's value
+    assert merged["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert "TORCH_EXTENSIONS_DIR" in merged  # hwq's own, merged in

@@ -55,13 +55,17 @@ def _kill_cluster(temp_dir: str) -> None:
 @pytest.fixture(scope="module")
 def ray_head():
     temp_dir = tempfile.mkdtemp(prefix="hwqj-")  # short: Ray's socket paths are limited
-    port, dash = _free_port(), _free_port()
+    # Every port of its own: the suite's embedded Ray holds the default agent ports, and a
+    # job agent that cannot bind them never comes up ("No available agent to submit job").
+    port, dash, agent, agent_grpc, renv, metrics = (_free_port() for _ in range(6))
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
     subprocess.run([RAY, "start", "--head", f"--port={port}", "--num-cpus=1",
                     "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                    f"--dashboard-port={dash}", f"--temp-dir={temp_dir}",
-                    "--disable-usage-stats"], env=env, check=True, capture_output=True,
-                   timeout=180)
+                    f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={agent}",
+                    f"--dashboard-agent-grpc-port={agent_grpc}",
+                    f"--runtime-env-agent-port={renv}", f"--metrics-export-port={metrics}",
+                    f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+                   env=env, check=True, capture_output=True, timeout=180)
     try:
         yield f"http://127.0.0.1:{dash}", env
     finally:

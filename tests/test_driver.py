@@ -98,3 +98,17 @@ def test_status_lists_stages_with_headline(cfg, tmp_path):
     assert [r["stage"] for r in rows] == ["train", "prune", "hessian", "quantize"]
     assert all(r["complete"] for r in rows)
     assert rows[-1]["metrics"] == {"quantize_value": 6}
+
+
+def synthetic_run(tmp_path):
+    """A completed run of the synthetic stages in tmp_path/store: (rerun, store, the prune
+    stage's folder relative to the store). rerun() runs again and leaves the stages it ran in
+    CALLS."""
+    cfg = load_config("configs/lenet5_fmnist.yaml", [f"store.url={tmp_path / 'store'}"])
+
+    def rerun():
+        CALLS.clear()
+        return run(cfg, stages=_stages(), init_executor=False)
+
+    rerun()
+    return rerun, Store(str(tmp_path / "store")), f"stages/prune-{plan(cfg, _stages())[1].key}"

@@ -7,27 +7,17 @@ import os
 import pyarrow as pa
 import pytest
 
-from pipeline.config import load_config
-from pipeline.driver import run, status
-from pipeline.graph import plan
+from pipeline.driver import status
 from pipeline.store import ArtifactError, StageDir, Store
-from tests.test_driver import CALLS, _stages
+from tests.test_driver import CALLS, synthetic_run
 
 pytestmark = pytest.mark.timeout(60)  # a hang is a failure, not a stuck suite
 
 
 @pytest.fixture
 def setup(tmp_path):
-    cfg = load_config("configs/lenet5_fmnist.yaml", [f"store.url={tmp_path / 'store'}"])
-    store = Store(str(tmp_path / "store"))
-
-    def go():
-        CALLS.clear()
-        return run(cfg, stages=_stages(), init_executor=False)
-
-    go()
-    p = plan(cfg, _stages())[1]  # prune
-    return go, store, tmp_path / "store" / "stages" / f"prune-{p.key}"
+    rerun, store, prune = synthetic_run(tmp_path)
+    return rerun, store, tmp_path / "store" / prune
 
 
 def _plant(path, kind):

@@ -5,26 +5,14 @@ import json
 
 import pytest
 
-from pipeline.config import load_config
-from pipeline.driver import run
-from pipeline.graph import plan
 from pipeline.manifest import ManifestInvalid, parse_manifest
 from pipeline.store import ArtifactError, StageDir, Store
-from tests.test_driver import CALLS, _stages
+from tests.test_driver import CALLS, synthetic_run
 
 
 @pytest.fixture
 def setup(tmp_path):
-    cfg = load_config("configs/lenet5_fmnist.yaml", [f"store.url={tmp_path / 'store'}"])
-    store = Store(str(tmp_path / "store"))
-
-    def go():
-        CALLS.clear()
-        return run(cfg, stages=_stages(), init_executor=False)
-
-    go()
-    p = plan(cfg, _stages())[1]  # prune
-    return go, store, f"stages/prune-{p.key}"
+    return synthetic_run(tmp_path)
 
 
 def _edit(store, folder, fn):

@@ -35,28 +35,24 @@ def private_subdir(name: str) -> Path:
     """cache_dir()/name, if it is (or can be made) a folder of this user that no one else can
     write; else a fresh private temporary folder. Ray's sockets and the files staged for an
     upload live there: a folder someone else controls could swap them."""
-    p = cache_dir() / name
+    return _private_or_fresh(cache_dir() / name, f"hwq-{name}-")
+
+
+def _private_or_fresh(p: Path, prefix: str) -> Path:
     if _private_dir(p):
         return p
-    fresh = Path(tempfile.mkdtemp(prefix=f"hwq-{name}-"))
+    fresh = Path(tempfile.mkdtemp(prefix=prefix))
     log.warning("%s is not a private folder of this user; using %s", p, fresh)
     return fresh
 
 
 def _ray_temp_dir() -> str:
-    p = cache_dir() / "ray"
-    if len(str(p)) <= _MAX_RAY_TMP:
-        p = private_subdir("ray")
-    if len(str(p)) > _MAX_RAY_TMP:
-        # A deep checkout would overflow Ray's socket paths: use a short per-user folder instead.
-        p = Path(tempfile.gettempdir()) / f"hwq-ray-{os.getuid()}"
-        if not _private_dir(p):
-            # Someone else made (or linked) that name first: never run Ray's sockets and
-            # session files from a folder another user controls.
-            p = Path(tempfile.mkdtemp(prefix="hwq-ray-"))
-            log.warning("Ray temp folder: %s is not a private folder of this user; using %s",
-                        Path(tempfile.gettempdir()) / f"hwq-ray-{os.getuid()}", p)
-    return str(p)
+    if len(str(cache_dir() / "ray")) <= _MAX_RAY_TMP:
+        return str(private_subdir("ray"))
+    # A deep checkout would overflow Ray's socket paths: a short per-user folder instead, used
+    # only if nobody else made (or linked) that name first.
+    return str(_private_or_fresh(Path(tempfile.gettempdir()) / f"hwq-ray-{os.getuid()}",
+                                 "hwq-ray-"))
 
 
 def _private_dir(p: Path) -> bool:

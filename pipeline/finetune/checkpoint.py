@@ -331,9 +331,13 @@ class Checkpoints:
     def _latest(self, before: int | None = None) -> dict[str, Any] | None:
         """latest.json validated (CheckpointRejected if invalid), or None if there is none."""
         try:
-            raw = self.store.read_bytes(f"{self.rel}/{LATEST}")
-        except (ArtifactError, FileNotFoundError):
+            raw = self.store.read_bytes(f"{self.rel}/{LATEST}", _MAX_LATEST_BYTES)
+        except FileNotFoundError:
             return None
+        except ArtifactError as e:  # absent, or planted: too large, a link, a FIFO
+            if "does not exist" in str(e):
+                return None
+            raise CheckpointRejected(str(e)) from None
         return parse_latest(raw, before)
 
     def latest(self) -> dict[str, Any] | None:
@@ -392,7 +396,7 @@ class Checkpoints:
                     if size != meta["size"]:
                         raise CheckpointRejected(f"{tag}/{name} is {size} bytes, {LATEST} "
                                                  f"says {meta['size']}")
-                    data = self.store.read_bytes(posixpath.join(rel, name))
+                    data = self.store.read_bytes(posixpath.join(rel, name), meta["size"])
                 except (ArtifactError, FileNotFoundError) as e:
                     raise CheckpointRejected(f"{tag}/{name} cannot be read ({e})") from None
             _check_bytes(f"{tag}/{name}", data, meta)

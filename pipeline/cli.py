@@ -21,6 +21,8 @@ examples:
   hwq run configs/lenet5_fmnist.yaml --set quantize.target_bits=2.5
   hwq run configs/lenet5_fmnist.yaml --force quantize       # rerun quantize and downstream
   hwq run configs/lenet5_fmnist.yaml --store s3://bucket/hwq --ray-address auto
+  hwq run configs/smollm2_135m.yaml --set quantize.target_bits=4  # a causal LM
+  hwq decode runs/default/stages/encode-<key>/model.hwq --hf-out smollm2-3bit
   hwq status runs/default
   hwq report runs/default --json
 """
@@ -44,8 +46,7 @@ def _store_options(args) -> dict:
 
 
 def _cmd_run(args) -> int:
-    from pipeline import driver
-    from pipeline.config import load_config
+    from pipeline.api import compress
 
     overrides = list(args.set or [])
     if args.store:
@@ -54,13 +55,7 @@ def _cmd_run(args) -> int:
         overrides.append(f"store.endpoint_url={args.endpoint_url}")
     if args.ray_address:
         overrides.append(f"executor.address={args.ray_address}")
-    cfg = load_config(args.config, overrides)
-    try:
-        report = driver.run(cfg, force=args.force or [])
-    finally:
-        from pipeline.executor import shutdown_ray
-
-        shutdown_ray()
+    report = compress(args.config, overrides, force=args.force or [])
     print()
     from pipeline.report import render_markdown
 

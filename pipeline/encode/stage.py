@@ -25,9 +25,22 @@ __all__ = ["ENCODE", "FILE", "entries_for"]
 FILE = "model.hwq"
 
 
+def _dtype_of(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def _raw_array(t: torch.Tensor) -> tuple[np.ndarray, str]:
+    """A tensor as the container stores it, in its own dtype (bfloat16 as uint16 bits)."""
+    t = t.detach().contiguous().cpu()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16), "bfloat16"
+    return t.numpy(), _dtype_of(t)
+
+
 def entries_for(state: dict[str, torch.Tensor], qm: QuantizedModel,
-                masks: dict[str, torch.Tensor]):
-    """TensorEntry list in model order + codebooks dict for `write_hwq`."""
+                masks: dict[str, torch.Tensor], *, keep_dtype: bool = False):
+    """TensorEntry list in model order + codebooks dict for `write_hwq`. keep_dtype: every
+    tensor decodes to its own dtype (loaded models); else float32 (LeNet-5)."""
     from pipeline.encode.container import TensorEntry
 
     entries = []
@@ -40,11 +53,23 @@ def entries_for(state: dict[str, torch.Tensor], qm: QuantizedModel,
             entries.append(TensorEntry.quantized(
                 name, tuple(t.shape), codes.astype(np.uint32 if k > 65536 else
                                                    np.uint16 if k > 256 else np.uint8),
-                qm.assignment[name], mask=m))
+                qm.assignment[name], mask=m,
+                dtype=_dtype_of(t) if keep_dtype else "float32"))
+        elif keep_dtype:
+            a, dt = _raw_array(t)
+            entries.append(TensorEntry.raw_tensor(name, a, dt))
         else:
             entries.append(TensorEntry.raw_tensor(name, t.detach().float().numpy()))
     codebooks = {k: v.float().numpy() for k, v in qm.codebooks.items()}
     return entries, codebooks
+
+
+def quantized_bits(acct: dict, n_quantized_entries: int, n_entries: int) -> int:
+    """Bits of the file the quantized tensors need: indices, positions, codebooks, code tables,
+    and their share of the header (by number of tensor entries)."""
+    b = acct["bits"]
+    header = b["header"] * n_quantized_entries / max(n_entries, 1)
+    return int(round(b["indices"] + b["positions"] + b["codebooks"] + b["code_tables"] + header))
 
 
 def _decode_and_evaluate(cfg: RunConfig, out: StageDir, expected: dict[str, torch.Tensor]):
@@ -75,6 +100,8 @@ def _run(ctx: StageContext) -> dict:
     from pipeline.train.stage import load_masks, load_model_state, model_stage
 
     cfg, out, e = ctx.cfg, ctx.out, ctx.cfg.encode
+    if not cfg.model.trained_here:
+        return _run_loaded(ctx)
     t0 = time.perf_counter()
     src = ctx.inputs[model_stage(cfg)]
     state = load_model_state(src)
@@ -113,6 +140,87 @@ def _run(ctx: StageContext) -> dict:
     }
 
 
+def _decode_and_evaluate_loaded(cfg: RunConfig, out: StageDir, src: StageDir,
+                                expected: dict[str, torch.Tensor]) -> dict:
+    from pipeline.encode.container import read_hwq
+    from pipeline.workload import Workload, load_state
+
+    task_threads()
+    want = sum(t.numel() * t.element_size() for t in expected.values())
+    decoded = read_hwq(out.url(FILE), storage_options=out.store.storage_options,
+                       max_output_bytes=want)
+    state = {}
+    for name, t in expected.items():
+        got = torch.from_numpy(np.array(decoded[name]))
+        if t.dtype == torch.bfloat16:
+            got = got.view(torch.int16).view(torch.bfloat16) if got.dtype != torch.bfloat16 \
+                else got
+        if tuple(got.shape) != tuple(t.shape) or got.dtype != t.dtype or not torch.equal(got, t):
+            raise RuntimeError(f"{out.url(FILE)}: tensor {name} does not decode to the "
+                               "quantized weights; the encoder is broken")
+        state[name] = got
+    wl = Workload(cfg)
+    model = wl.model_from(src)
+    load_state(model, state, src.read_json("model.json").get("tied", {}))
+    return wl.evaluate(model, src)
+
+
+def _run_loaded(ctx: StageContext) -> dict:
+    """A loaded model: tensors keep their source dtype, per-row codebooks are stored in fp16
+    (ragged), and the decoded model is scored with the run's metric."""
+    import ray
+
+    from pipeline.encode.container import write_hwq
+    from pipeline.train.stage import model_stage
+    from pipeline.workload import Workload
+
+    cfg, out, e = ctx.cfg, ctx.out, ctx.cfg.encode
+    t0 = time.perf_counter()
+    src = ctx.inputs[model_stage(cfg)]
+    state = src.read_safetensors("model.safetensors")
+    qm = QuantizedModel.read(ctx.inputs["quantize"], codebooks_from=ctx.inputs.get("finetune"))
+    entries, codebooks = entries_for(state, qm, {}, keep_dtype=True)
+    acct = write_hwq(out.url(FILE), entries, codebooks, code_sharing=e.code_sharing,
+                     fixed_length=e.fixed_length, chunk_symbols=e.chunk_symbols,
+                     metadata={"model": cfg.model.name, "scope": qm.scope, "method": qm.method},
+                     storage_options=out.store.storage_options, map_fn=ray_map,
+                     codebook_dtype="float16")
+    file_bytes = out.store.size(out.rel(FILE))
+    if file_bytes != acct["file_bytes"] or sum(acct["bits"].values()) != 8 * file_bytes:
+        raise RuntimeError(f"accounting of {out.url(FILE)} does not add up to its size")
+    # What `hwq decode --hf-out` puts beside the weights (not part of the file's bits).
+    for rel in (src.outputs or {}):
+        if rel.startswith("hf/"):
+            out.write_bytes(rel, src.read_bytes(rel))
+    expected = dict(state)
+    expected.update(qm.dense_state({n: state[n] for n in qm.assignment}, {}))
+    ev = ray.get(remote(_decode_and_evaluate_loaded, cpus="all").remote(cfg, out, src, expected))
+    n_q = sum(state[n].numel() for n in qm.assignment)
+    qbits = quantized_bits(acct, len(qm.assignment), len(entries))
+    source = sum(t.numel() * t.element_size() for t in state.values())
+    fp32 = 4 * sum(t.numel() for t in state.values())
+    return {
+        **Workload(cfg).metric_fields("decoded", ev),
+        "bits_per_weight": qbits / max(n_q, 1),
+        "encode": {
+            "file": out.url(FILE),
+            "file_bytes": file_bytes,
+            "quantized_params": n_q,
+            "bits_per_weight": qbits / max(n_q, 1),
+            "index_bits_per_weight": acct["bits"]["indices"] / max(n_q, 1),
+            "codebook_bits_per_weight": acct["bits"]["codebooks"] / max(n_q, 1),
+            "raw_tensor_bytes": acct["bits"]["raw_tensors"] // 8,
+            "original_bytes": source,
+            "compression_ratio": source / file_bytes,
+            "compression_ratio_vs_fp32": fp32 / file_bytes,
+            "bits": acct["bits"],
+            "index_entropy_bits": acct["index_entropy_bits"],
+            "n_kept": acct["n_kept"],
+            "seconds": round(time.perf_counter() - t0, 3),
+        },
+    }
+
+
 def _inputs(cfg: RunConfig) -> tuple[str, ...]:
     from pipeline.train.stage import model_stage
 
@@ -129,6 +237,6 @@ ENCODE = Stage(
     sections=lambda cfg: {"encode": cfg.encode.model_dump(mode="json")},
     run=_run,
     enabled=lambda cfg: cfg.encode.enabled and cfg.quantize.enabled,
-    headline=("decoded_accuracy",),
+    headline=("decoded_accuracy", "decoded_perplexity", "bits_per_weight"),
     outputs=lambda cfg: ("model.hwq",),
 )

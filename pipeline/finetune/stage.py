@@ -253,9 +253,19 @@ def finetune_worker(conf: dict[str, Any]) -> None:
 
     op_seconds, op_cached = _load_comm_op()
     quantized = QuantizedModel.read(conf["quantize"])
-    masks = load_masks(conf["model"])
-    model = build(cfg.model.name)
-    model.load_state_dict(load_model_state(conf["model"]))
+    generic = not cfg.model.trained_here
+    if generic:  # a loaded model: its adapter's loss on the calibration data
+        from pipeline.workload import Workload
+
+        wl = Workload(cfg)
+        masks: dict[str, torch.Tensor] = {}
+        model = wl.model_from(conf["model"])
+        data = _as_dataset(wl.calibration(conf["model"]))
+        loss_fn = wl.adapter.loss
+    else:
+        masks = load_masks(conf["model"])
+        model = build(cfg.model.name)
+        model.load_state_dict(load_model_state(conf["model"]))
     net = QuantizedTrainable(model, quantized, masks, grad=ft.grad,
                              train_unquantized=ft.train_unquantized)
     trainable = [p for p in net.parameters() if p.requires_grad]
@@ -263,8 +273,11 @@ def finetune_worker(conf: dict[str, Any]) -> None:
                                       config=deepspeed_config(ft, world))
     dtype = torch.bfloat16 if ft.bf16 else torch.float32
 
-    train = load_split(cfg.data.root, "train", cfg.data.train_samples, cfg.seed)
-    n = len(train)
+    if generic:
+        n = _dataset_len(data)
+    else:
+        train = load_split(cfg.data.root, "train", cfg.data.train_samples, cfg.seed)
+        n = len(train)
     steps, per_epoch = plan_steps(n, ft.batch_size, ft.epochs)
     start = ckpt.load(engine, rank, before=steps)
     log_every = max(1, min(50, steps // 10))
@@ -280,9 +293,12 @@ def finetune_worker(conf: dict[str, Any]) -> None:
     engine.train()
     for step in range(start, steps):
         idx = global_batch(n, ft.batch_size, step, cfg.seed)[rank::world]
-        x = train.x[idx].to(engine.device, dtype)
-        y = train.y[idx].to(engine.device)
-        loss = torch.nn.functional.cross_entropy(engine(x).float(), y)
+        if generic:
+            loss = engine(_take(data, idx, engine.device, dtype), loss_fn=loss_fn).float()
+        else:
+            x = train.x[idx].to(engine.device, dtype)
+            y = train.y[idx].to(engine.device)
+            loss = torch.nn.functional.cross_entropy(engine(x).float(), y)
         engine.backward(loss)
         engine.step()
         running = running + loss.detach()  # no host sync per step; read at log steps only
@@ -312,17 +328,30 @@ def finetune_worker(conf: dict[str, Any]) -> None:
     if rank == 0:
         pbar.close()
         out: StageDir = conf["out"]
+        if generic:
+            # .hwq stores per-channel codebooks in fp16: keep exactly what the file will hold.
+            codebooks = {k: v.half().float() for k, v in codebooks.items()}
         out.write_safetensors(CODEBOOKS, codebooks)
         quantized.codebooks = codebooks
-        dense = quantized.dense_state(load_model_state(conf["model"]), masks)
-        fresh = build(cfg.model.name)
-        fresh.load_state_dict(dense)
-        acc = accuracy(fresh, load_split(cfg.data.root, "test"))
+        if generic:
+            fresh = wl.model_from(conf["model"])
+            base = fresh.state_dict()
+            fresh.load_state_dict(quantized.dense_state(
+                {k: base[k] for k in quantized.assignment}, {}), strict=False)
+            ev = wl.evaluate(fresh, conf["model"])
+            scores = wl.metric_fields("finetuned", ev)
+            acc = ev["value"]
+        else:
+            dense = quantized.dense_state(load_model_state(conf["model"]), masks)
+            fresh = build(cfg.model.name)
+            fresh.load_state_dict(dense)
+            acc = accuracy(fresh, load_split(cfg.data.root, "test"))
+            scores = {"finetuned_accuracy": acc}
         # The artifact holds what the config and inputs decide; how this attempt went
         # (resume point, loss log since then, timings) goes beside the checkpoints and from
         # there into the manifest's metrics, so a resumed run writes the same bytes.
         out.write_json(SUMMARY, {
-            "finetuned_accuracy": acc, "steps": steps, "steps_per_epoch": per_epoch,
+            **scores, "steps": steps, "steps_per_epoch": per_epoch,
             "train_samples": n,
         })
         ckpt.store.write_json(f"{ckpt.rel}/{FACTS}", {
@@ -331,13 +360,40 @@ def finetune_worker(conf: dict[str, Any]) -> None:
             "train_seconds": round(train_seconds, 3),
             "deepspeed_op_seconds": round(op_seconds, 3), "deepspeed_op_cached": op_cached,
         })
-        print(f"finetune: done, test accuracy {acc:.4f}", flush=True)
+        print(f"finetune: done, {next(iter(scores))} {acc:.4f}", flush=True)
     dist.barrier()
 
 
 # ---------------------------------------------------------------------------------------------
 # The stage
 # ---------------------------------------------------------------------------------------------
+
+
+def _as_dataset(data: Any) -> Any:
+    """Calibration data as one indexable dataset: a tensor of samples (token windows), or a
+    tuple of tensors (a list of (x, y) batches concatenated)."""
+    if isinstance(data, torch.Tensor):
+        return data
+    batches = list(data)
+    if batches and all(isinstance(b, torch.Tensor) for b in batches):
+        return torch.cat(batches)
+    if batches and all(isinstance(b, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in b)
+                       for b in batches):
+        return tuple(torch.cat(parts) for parts in zip(*batches, strict=True))
+    raise ValueError("fine-tuning needs calibration batches that are tensors or tuples of "
+                     "tensors (concatenated along dimension 0)")
+
+
+def _dataset_len(data: Any) -> int:
+    return len(data) if isinstance(data, torch.Tensor) else len(data[0])
+
+
+def _take(data: Any, idx: torch.Tensor, device: Any, dtype: torch.dtype) -> Any:
+    def one(t: torch.Tensor) -> torch.Tensor:
+        t = t[idx].to(device)
+        return t.to(dtype) if t.is_floating_point() else t
+
+    return one(data) if isinstance(data, torch.Tensor) else tuple(one(t) for t in data)
 
 
 def _resources(workers: int) -> tuple[bool, float]:
@@ -395,7 +451,7 @@ def _run(ctx: StageContext) -> dict[str, Any]:
     facts = ckpt.store.read_json(f"{ckpt.rel}/{FACTS}")  # written by worker 0 just now
     ckpt.remove()  # the stage is complete: nothing left to resume
     return {
-        "finetuned_accuracy": summary["finetuned_accuracy"],
+        **{k: v for k, v in summary.items() if k.startswith("finetuned_")},
         "finetune": {
             "workers": ft.workers, "zero_stage": ft.zero_stage, "bf16": ft.bf16,
             "epochs": ft.epochs, "steps": summary["steps"],
@@ -421,6 +477,6 @@ FINETUNE = Stage(
     sections=_sections,
     run=_run,
     enabled=lambda cfg: cfg.finetune.enabled and cfg.quantize.enabled,
-    headline=("finetuned_accuracy",),
+    headline=("finetuned_accuracy", "finetuned_perplexity"),
     outputs=lambda cfg: (CODEBOOKS, SUMMARY),
 )

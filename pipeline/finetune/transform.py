@@ -175,8 +175,16 @@ class QuantizedTrainable(nn.Module):
             out[name] = w
         return out
 
-    def forward(self, *args, **kwargs):
-        return functional_call(self.model, self.quantized_weights(), args, kwargs, strict=False)
+    def forward(self, *args, loss_fn=None, **kwargs):
+        """The model's forward with the quantized weights; with `loss_fn`, the scalar
+        `loss_fn(model, *args)` computed with them instead (a model adapter's loss, which may
+        call the model's parts rather than its forward)."""
+        weights = self.quantized_weights()
+        if loss_fn is None:
+            return functional_call(self.model, weights, args, kwargs, strict=False)
+        wrapper = _WithLoss(self.model, loss_fn)
+        return functional_call(wrapper, {f"model.{k}": v for k, v in weights.items()}, args,
+                               kwargs, strict=False)
 
     # -- state ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -199,6 +207,19 @@ class QuantizedTrainable(nn.Module):
         for k, v in self.quantized_weights().items():
             state[k] = v.detach().float().cpu()
         return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
+class _WithLoss(nn.Module):
+    """`loss_fn(model, batch)` as a module's forward, so functional_call can substitute the
+    model's weights for it."""
+
+    def __init__(self, model: nn.Module, loss_fn):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, *args, **kwargs):
+        return self.loss_fn(self.model, *args, **kwargs)
 
 
 def _split(model: nn.Module, name: str) -> tuple[nn.Module, str]:

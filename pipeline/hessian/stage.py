@@ -28,7 +28,14 @@ __all__ = ["HESSIAN", "balance_groups", "read_hessian", "NONNEG_RULE"]
 TABLE = "hessian.parquet"
 # What the quantizers do with the stored values to get non-negative weights.
 NONNEG_RULE = {"ggn": "none (non-negative)", "fisher": "none (non-negative)",
-               "adam": "none (non-negative)", "hutchinson": "abs"}
+               "adam": "none (non-negative)", "hutchinson": "abs",
+               "activation": "none (non-negative)"}
+_SCALE = {
+    "fisher_lm": "empirical Fisher of the mean next-token NLL per window (per-sequence "
+                 "gradients); use for relative weighting",
+    "activation": "E[x²] of each Linear input channel over all tokens, broadcast over the "
+                  "rows (the diagonal of GPTQ's X·Xᵀ); use for relative weighting",
+}
 
 
 def balance_groups(sizes: dict[str, int], groups: int) -> list[list[str]]:
@@ -102,6 +109,57 @@ def _partial_task(cfg: RunConfig, out: StageDir, src: StageDir, part: int, n_par
     return name, total.n
 
 
+def _generic_partial_task(cfg: RunConfig, out: StageDir, src: StageDir, part: int,
+                          n_parts: int, group: list[str], g: int) -> tuple[str, int]:
+    """A model loaded by the load stage: one (partition, group) pair of its calibration data.
+    Text: per-window Fisher (`fisher_diag_lm`) or input-channel E[x²] (`activation_diag_lm`);
+    other data: squared gradients of the adapter's loss per batch."""
+    import torch
+
+    from pipeline.hessian.estimators import HessianSums
+    from pipeline.hessian.lm import activation_diag_lm, fisher_diag_lm
+    from pipeline.hessian.table import to_table
+    from pipeline.progress import bar
+    from pipeline.workload import Workload
+
+    task_threads()
+    h = cfg.hessian
+    wl = Workload(cfg)
+    model = wl.model_from(src)
+    if torch.cuda.is_available():
+        model.cuda()
+    data = wl.calibration(src)
+    n = len(data)
+    lo, hi = part * n // n_parts, (part + 1) * n // n_parts
+    pbar = bar(hi - lo, f"hessian p{part} g{g}", unit="window" if wl.is_text else "batch")
+    if wl.is_text and h.estimator == "activation":
+        sums = activation_diag_lm(model, data[lo:hi], group, batch_size=h.batch_size,
+                                  progress=pbar.update)
+    elif wl.is_text:
+        sums = fisher_diag_lm(model, data[lo:hi], group, batch_size=1, progress=pbar.update)
+    else:
+        params = dict(model.named_parameters())
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for name in group:
+            params[name].requires_grad_(True)
+        acc = {name: torch.zeros(params[name].shape, dtype=torch.float64) for name in group}
+        for batch in data[lo:hi]:
+            model.zero_grad(set_to_none=True)
+            wl.adapter.loss(model, batch).backward()
+            for name in group:
+                gr = params[name].grad
+                if gr is not None:
+                    acc[name] += gr.detach().double().cpu() ** 2
+            pbar.update(1)
+        sums = HessianSums(acc, hi - lo)
+    pbar.close()
+    name = f"partials/p{part}-g{g}.parquet"
+    out.write_table(name, to_table(sums.sums, h.chunk_size, dtype=np.float64,
+                                   metadata={"n": sums.n}))
+    return name, sums.n
+
+
 def _sum_task(out: StageDir, a: str, b: str, dest: str) -> str:
     """Add two partial tables of the same group (same rows, same chunking) → dest."""
     from pipeline.hessian.table import table_metadata
@@ -169,7 +227,9 @@ def _write_final(cfg: RunConfig, out: StageDir, src: StageDir, table: pa.Table,
         "model_sha256": src.outputs["model.safetensors"]["sha256"],
         "nonneg": NONNEG_RULE[h.estimator],
         # The absolute scale depends on how the loss is averaged (docs/METHOD.md §2): relative use only.
-        "scale": "diagonal for the mean per-sample cross-entropy; use for relative weighting",
+        "scale": ("diagonal for the mean per-sample cross-entropy; use for relative weighting"
+                  if cfg.model.trained_here else
+                  _SCALE["activation" if h.estimator == "activation" else "fisher_lm"]),
     }
     table = table.replace_schema_metadata(meta)
     out.write_table(TABLE, table)
@@ -229,22 +289,39 @@ def _run(ctx: StageContext) -> dict:
     src = ctx.inputs[model_stage(cfg)]
     h = cfg.hessian
     t0 = time.perf_counter()
-    model = build(cfg.model.name)
-    sizes = {n: p.numel() for n, p in model.named_parameters()}
+    generic = not cfg.model.trained_here
+    if generic:  # only the tensors to quantize, grouped by decoder blocks
+        from pipeline.hessian.lm import lm_param_groups
+        from pipeline.workload import MODEL_JSON
+
+        meta = src.read_json(MODEL_JSON)
+        names = meta["quantizable"]
+        sizes = {n: int(np.prod(meta["shapes"][n])) for n in names}
+    else:
+        model = build(cfg.model.name)
+        sizes = {n: p.numel() for n, p in model.named_parameters()}
     if h.estimator == "adam":
         res = ray.get(remote(_adam_task).remote(cfg, out, src))
         groups, n_parts = [list(sizes)], 0
     else:
         gpus = 1 if ray_has_gpus() else 0
-        groups = balance_groups(sizes, h.groups)
-        # Whole batches per partition (see _partition_batches).
-        n_parts = min(h.partitions, -(-min(h.calibration_samples, 60_000) // h.batch_size))
-        task = remote(_partial_task, gpus=gpus)
+        if generic:
+            groups = _block_groups(names, h.groups)
+            n_parts = min(h.partitions, _calibration_count(cfg, src))
+            task = remote(_generic_partial_task, gpus=gpus, cpus=_task_cpus(h))
+        else:
+            groups = balance_groups(sizes, h.groups)
+            # Whole batches per partition (see _partition_batches).
+            n_parts = min(h.partitions, -(-min(h.calibration_samples, 60_000) // h.batch_size))
+            task = remote(_partial_task, gpus=gpus)
         refs = {(p, g): task.remote(cfg, out, src, p, n_parts, grp, g)
                 for p in range(n_parts) for g, grp in enumerate(groups)}
-        ctx.log.info("hessian: %s%s over %d samples: %d partitions × %d groups = %d Ray tasks",
+        what = (f"{cfg.data.calibration_windows} windows of {cfg.data.seq_len} tokens"
+                if cfg.data.name == "text" else
+                f"{h.calibration_samples} samples" if cfg.model.trained_here else "calibration data")
+        ctx.log.info("hessian: %s%s over %s: %d partitions × %d groups = %d Ray tasks",
                      h.estimator, f"/{h.mode}" if h.estimator == "ggn" else "",
-                     h.calibration_samples, n_parts, len(groups), len(refs))
+                     what, n_parts, len(groups), len(refs))
         from pipeline.progress import bar
 
         pbar = bar(len(refs), "hessian tasks", unit="task")
@@ -283,6 +360,38 @@ def _run(ctx: StageContext) -> dict:
             "mean_h": res["mean_h"],
         }
     }
+
+
+def _block_groups(names: list[str], groups: int) -> list[list[str]]:
+    """Contiguous runs of decoder blocks (by the `.<i>.` in the names), balanced by count."""
+    import re
+
+    units: list[list[str]] = []
+    last = None
+    for n in names:
+        m = re.search(r"\.(\d+)\.", n)
+        key = m.group(0) if m else n
+        if key != last:
+            units.append([])
+            last = key
+        units[-1].append(n)
+    g = max(1, min(groups, len(units)))
+    return [sum(units[i * len(units) // g:(i + 1) * len(units) // g], []) for i in range(g)]
+
+
+def _calibration_count(cfg: RunConfig, src: StageDir) -> int:
+    from pipeline.workload import Workload
+
+    if cfg.data.name == "text":
+        return cfg.data.calibration_windows
+    return max(1, len(Workload(cfg).calibration(src)))
+
+
+def _task_cpus(h) -> int:
+    """CPUs of one task: the cluster's CPUs shared by the P × G tasks (torch threads)."""
+    from pipeline.executor import _cluster_cpus
+
+    return max(1, _cluster_cpus() // max(1, h.partitions * h.groups))
 
 
 def _sections(cfg: RunConfig) -> dict:

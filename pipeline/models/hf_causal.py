@@ -37,7 +37,7 @@ from pipeline.errors import UserError
 from pipeline.models.base import ModelAdapter, ModelInfo, register
 
 __all__ = ["HFCausalLM", "ModelSourceError", "TokenizerMismatch", "fetch_model_folder",
-           "largest_module_list"]
+           "largest_module_list", "skeleton_from_folder", "save_folder_files"]
 
 _CONFIG = "config.json"
 _SINGLE = "model.safetensors"
@@ -425,3 +425,40 @@ class HFCausalLM(ModelAdapter):
                  "layers": len(self.blocks(model)),
                  "vocab_rows": model.get_input_embeddings().num_embeddings}
         return ModelInfo(info.name, info.params, info.dtype, extra)
+
+
+def skeleton_from_folder(folder: str | Path, dtype: str | None = None) -> nn.Module:
+    """A causal LM built from the config.json in `folder` (weights freshly initialised: the
+    caller loads a state dict). Never runs remote code."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
+    kw: dict[str, Any] = {}
+    if dtype:
+        kw[_dtype_kw()] = getattr(torch, dtype)
+    model = AutoModelForCausalLM.from_config(cfg, **kw)
+    model.config.use_cache = False
+    return model
+
+
+def save_folder_files(model: nn.Module, tokenizer: Any, folder: str | Path) -> list[Path]:
+    """Write everything of a model folder except the weights (config.json,
+    generation_config.json, tokenizer files) into `folder`; returns the files written."""
+    import tempfile
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(str(folder))
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        try:
+            gen.save_pretrained(str(folder))
+        except (ValueError, OSError):
+            pass  # an invalid generation config is not ours to fix; the model loads without
+    if tokenizer is not None:
+        with tempfile.TemporaryDirectory(prefix="hwq-tok-") as tmp:
+            tokenizer.save_pretrained(tmp)
+            for p in Path(tmp).iterdir():
+                if p.is_file():
+                    (folder / p.name).write_bytes(p.read_bytes())
+    return sorted(p for p in folder.iterdir() if p.is_file())

@@ -136,7 +136,8 @@ def solve_rows_global_rate(blocks: Sequence[RowBlock | tuple], target_bits: floa
                            codebook_bits: float = 16.0, table_bits: float = 4.0,
                            level_cost: bool = True,
                            map_fn: Callable[[Callable, Sequence], Iterable] = map,
-                           max_evals: int = 40, **opts: Any) -> GlobalRowsResult:
+                           max_evals: int = 40, lam0: float | None = None,
+                           **opts: Any) -> GlobalRowsResult:
     """One λ for every row of every block, found so the all-in rate is target_bits ± tol.
 
     blocks: RowBlock(W [R, C], H [R, C] or None, row_offset) or (W, H[, row_offset]) tuples
@@ -158,6 +159,7 @@ def solve_rows_global_rate(blocks: Sequence[RowBlock | tuple], target_bits: floa
     row's result are the same whatever the split of the rows into blocks and the order of
     evaluation. ValueError if the target is below the one-level floor or above what λ = 0
     reaches; RuntimeError if the rate jumps over target ± tol (too few rows).
+    lam0: the first λ to try instead of the high-rate guess (e.g. a previous solve's λ).
     """
     t0 = time.perf_counter()
     T = float(target_bits)
@@ -192,7 +194,8 @@ def solve_rows_global_rate(blocks: Sequence[RowBlock | tuple], target_bits: floa
         return red["rate"]
 
     D0 = max(scale["distortion"] / N, 1e-300)
-    x = math.log(2 * math.log(2) * D0 * 4.0 ** (-max(T - floor, 0.0)))
+    x = (math.log(lam0) if lam0 is not None and lam0 > 0 else
+         math.log(2 * math.log(2) * D0 * 4.0 ** (-max(T - floor, 0.0))))
     lo = hi = None  # (ln λ, rate): lo has rate > T, hi rate < T
     best: tuple[float, float] | None = None  # (|rate − T|, λ)
     prev = None

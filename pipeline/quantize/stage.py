@@ -195,6 +195,10 @@ def _run(ctx: StageContext) -> dict:
     from pipeline.train.stage import load_masks, load_model_state, model_stage
 
     cfg, out, q = ctx.cfg, ctx.out, ctx.cfg.quantize
+    if not cfg.model.trained_here:  # a loaded model: per-channel codebooks
+        from pipeline.quantize.rows_stage import run_rows
+
+        return run_rows(ctx)
     src = ctx.inputs[model_stage(cfg)]
     prune = ctx.inputs.get("prune")
     hess = ctx.inputs.get("hessian")
@@ -290,7 +294,7 @@ def _run(ctx: StageContext) -> dict:
 def _inputs(cfg: RunConfig) -> tuple[str, ...]:
     from pipeline.train.stage import model_stage
 
-    ins = ["train"] if model_stage(cfg) == "train" else ["prune"]
+    ins = [model_stage(cfg)]
     if cfg.hessian.enabled:
         ins.append("hessian")
     elif cfg.quantize.method in ("hw_kmeans", "ecsq") or (
@@ -308,7 +312,7 @@ QUANTIZE = Stage(
     sections=lambda cfg: {"seed": cfg.seed, "quantize": cfg.quantize.model_dump(mode="json")},
     run=_run,
     enabled=lambda cfg: cfg.quantize.enabled,
-    headline=("quantized_accuracy",),
+    headline=("quantized_accuracy", "quantized_perplexity"),
     outputs=lambda cfg: ("codebooks.safetensors", "indices.safetensors", "quantized.json",
                          "layers.json"),
 )

@@ -201,6 +201,7 @@ TRAIN = Stage(
     inputs=lambda cfg: (),
     sections=_train_sections,
     run=_run_train,
+    enabled=lambda cfg: cfg.model.trained_here,
     headline=("baseline_accuracy",),
     outputs=lambda cfg: ("model.safetensors", "history.json"),
 )
@@ -218,5 +219,8 @@ PRUNE = Stage(
 
 
 def model_stage(cfg: RunConfig) -> str:
-    """The stage whose model the later stages start from: prune if enabled, else train."""
-    return "prune" if cfg.prune.enabled else "train"
+    """The stage whose model the later stages start from: prune if enabled, else train (a
+    model hwq trains) or load (any other model)."""
+    if cfg.prune.enabled:
+        return "prune"
+    return "train" if cfg.model.trained_here else "load"

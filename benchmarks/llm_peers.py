@@ -1,0 +1,255 @@
+"""hwq against the weight-only quantizers its users would otherwise pick, on one causal LM.
+
+    make bench-llm                        # SmolLM2-135M (configs/smollm2_135m.yaml)
+    python benchmarks/llm_peers.py --only hwq --fresh
+
+Same model, same calibration windows, same evaluation windows for every row (the windows the
+hwq run's load stage cut; see docs/LANGUAGE_MODELS.md for the protocol):
+
+- the unquantized model;
+- RTN group 128 (asymmetric min-max, fp16 scale and zero), 3 and 4 bits;
+- HQQ group 128 (the `hqq` package), 3 and 4 bits;
+- GPTQ (llm-compressor's `oneshot`), 3 and 4 bits, group 128 or the nearest it accepts;
+- hwq per-channel: Hessian-weighted k-means (k = 8, 16), uniform and iterative ECSQ under
+  one global λ (3 and 4 bits), each without and with fine-tuning, through the real pipeline
+  (embedded Ray, DeepSpeed); bits from the .hwq file.
+
+Bits per weight are all-in over the quantized weights (codes + scales/zeros or codebooks +
+code tables). Each row's seconds are its own compute (hwq: the stages that row ran, the shared
+load and Hessian counted in every row that needs them). Rows are kept in
+benchmarks/results/llm_peers.json and reused by a later invocation with the same settings
+unless --fresh (so an interrupted benchmark resumes); the table, the plot and the JSON are
+rewritten after every row. The load average is recorded beside the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(ROOT))
+
+RESULTS = HERE / "results"
+
+HWQ_ROWS = [  # (row id, label, quantize overrides)
+    ("hwq-hwkmeans-k8", "hwq Fisher k-means per channel, k=8",
+     {"method": "hw_kmeans", "k": 8, "target_bits": None}),
+    ("hwq-uniform-3", "hwq uniform, global λ, 3 bits", {"method": "uniform", "target_bits": 3.0}),
+    ("hwq-ecsq-3", "hwq ECSQ, global λ, 3 bits", {"method": "ecsq", "target_bits": 3.0}),
+    ("hwq-hwkmeans-k16", "hwq Fisher k-means per channel, k=16",
+     {"method": "hw_kmeans", "k": 16, "target_bits": None}),
+    ("hwq-uniform-4", "hwq uniform, global λ, 4 bits", {"method": "uniform", "target_bits": 4.0}),
+    ("hwq-ecsq-4", "hwq ECSQ, global λ, 4 bits", {"method": "ecsq", "target_bits": 4.0}),
+]
+PEER_ROWS = [("rtn", 3), ("hqq", 3), ("gptq", 3), ("rtn", 4), ("hqq", 4), ("gptq", 4)]
+
+
+def _load_avg() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def _rows_file(out: Path) -> Path:
+    return out / "llm_peers.json"
+
+
+def _save(out: Path, doc: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = _rows_file(out).with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=2))
+    tmp.replace(_rows_file(out))
+    (out / "llm_peers.md").write_text(markdown(doc))
+    try:
+        (out / "llm_peers.png").write_bytes(plot(doc))
+    except Exception as e:  # noqa: BLE001 - a plot failure must not lose the numbers
+        print(f"plot not written: {e}", flush=True)
+
+
+def markdown(doc: dict) -> str:
+    rows = doc["rows"]
+    base = next((r for r in rows if r["id"] == "unquantized"), None)
+    sets = list(base["perplexity"]) if base else []
+    lines = [f"# {doc['model']}: hwq against RTN, HQQ and GPTQ", "",
+             f"Calibration: {doc['calibration']}. Evaluation: {doc['evaluation']}. "
+             f"Machine: {doc['machine']}.", "",
+             "| method | bits/weight (all-in) | " + " | ".join(f"ppl {s}" for s in sets)
+             + " | " + " | ".join(f"× unquantized ({s})" for s in sets) + " | seconds | note |",
+             "|---" * (4 + 2 * len(sets)) + "|"]
+    for r in sorted(rows, key=lambda r: (r["bits_per_weight"] or 99, r["id"])):
+        ppl = [r["perplexity"].get(s) for s in sets]
+        rel = [p / base["perplexity"][s] if (p and base) else None for p, s in zip(ppl, sets)]
+        bits = f"{r['bits_per_weight']:.3f}" if r["bits_per_weight"] else "16 / 32 (source)"
+        lines.append(f"| {r['label']} | {bits} | "
+                     + " | ".join(f"{p:.3f}" if p else "–" for p in ppl) + " | "
+                     + " | ".join(f"{x:.3f}" if x else "–" for x in rel)
+                     + f" | {r['seconds']:.0f} | {r.get('note', '')} |")
+    lines += ["", "![perplexity against bits per weight](llm_peers.png)", ""]
+    return "\n".join(lines)
+
+
+def plot(doc: dict) -> bytes:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = doc["rows"]
+    base = next(r for r in rows if r["id"] == "unquantized")
+    sets = list(base["perplexity"])
+    fig, axes = plt.subplots(1, len(sets), figsize=(6 * len(sets), 4.5), constrained_layout=True)
+    axes = [axes] if len(sets) == 1 else list(axes)
+    families = {}
+    for r in rows:
+        if r["bits_per_weight"]:
+            families.setdefault(r["family"], []).append(r)
+    for ax, s in zip(axes, sets):
+        for fam, rs in sorted(families.items()):
+            rs = sorted(rs, key=lambda r: r["bits_per_weight"])
+            ax.plot([r["bits_per_weight"] for r in rs],
+                    [r["perplexity"][s] / base["perplexity"][s] for r in rs],
+                    marker="o", label=fam)
+        ax.axhline(1.0, color="grey", ls=":", lw=1)
+        ax.set_yscale("log")
+        ax.set_xlabel("bits per weight, all-in")
+        ax.set_ylabel("perplexity / unquantized")
+        ax.set_title(f"{doc['model']} — {s}")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _evaluate(wl, model, load) -> dict:
+    ev = wl.evaluate(model, load)
+    return ev["by_set"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=str(ROOT / "configs" / "smollm2_135m.yaml"))
+    ap.add_argument("--store", default=str(ROOT / ".cache" / "bench-llm"),
+                    help="hwq's stage cache for the hwq rows (default .cache/bench-llm)")
+    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--only", choices=["all", "peers", "hwq"], default="all")
+    ap.add_argument("--fresh", action="store_true", help="recompute rows already in the JSON")
+    ap.add_argument("--no-finetune", action="store_true", help="skip the fine-tuned hwq rows")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from pipeline import driver
+    from pipeline.api import compress, to_config
+    from pipeline.executor import init_ray, shutdown_ray
+    from pipeline.graph import plan
+    from pipeline.store import StageDir
+    from pipeline.workload import Workload
+
+    out = Path(args.out)
+    cfg = to_config(args.config, store=args.store)
+    doc = {"model": cfg.model.path, "rows": [], "machine": ""}
+    if _rows_file(out).exists() and not args.fresh:
+        old = json.loads(_rows_file(out).read_text())
+        if old.get("config") == cfg.resolved():
+            doc = old
+    doc.update(config=cfg.resolved(), model=Path(cfg.model.path or "").name or cfg.model.name,
+               calibration=f"{cfg.data.calibration_windows} windows of {cfg.data.seq_len} "
+               "tokens of Python standard-library source (seed "
+               f"{cfg.seed})" if cfg.data.calibration == ["{stdlib}/*.py"] else
+               f"{cfg.data.calibration_windows} × {cfg.data.seq_len} tokens",
+               evaluation=", ".join(f"{k} ({v})" for k, v in cfg.data.eval.items())
+               + f", non-overlapping {cfg.data.seq_len}-token windows",
+               machine=f"{platform.machine()}, {os.cpu_count()} CPUs, torch "
+               f"{torch.__version__}, torch threads {torch.get_num_threads()}")
+    done = {r["id"] for r in doc["rows"]}
+
+    def keep(row: dict) -> None:
+        row["load_avg"] = _load_avg()
+        doc["rows"] = [r for r in doc["rows"] if r["id"] != row["id"]] + [row]
+        _save(out, doc)
+        print(json.dumps({k: row[k] for k in ("id", "bits_per_weight", "perplexity",
+                                              "seconds")}), flush=True)
+
+    init_ray(cfg.executor.address, cfg.executor.num_cpus)
+    try:
+        t0 = time.perf_counter()
+        rec = driver.run(cfg, until="load", init_executor=False)["stages"]["load"]
+        load_key = next(p.key for p in plan(cfg) if p.stage.name == "load")
+        load = StageDir(driver.open_store(cfg), "load", load_key)
+        load.outputs = driver._read_manifest(load.store, load, next(
+            p for p in plan(cfg) if p.stage.name == "load"), cfg)[0].model_dump()["outputs"]
+        wl = Workload(cfg)
+        base_model = wl.model_from(load)
+        names = load.read_json("model.json")["quantizable"]
+        if "unquantized" not in done:
+            t = time.perf_counter()
+            ppl = _evaluate(wl, base_model, load)
+            keep({"id": "unquantized", "label": "unquantized (source weights)",
+                  "family": "unquantized", "bits_per_weight": None, "perplexity": ppl,
+                  "seconds": time.perf_counter() - t + rec["compute_seconds"]})
+        if args.only in ("all", "peers"):
+            import llm_peer_methods as peers
+
+            calib = wl.calibration(load)
+            for method, bits in PEER_ROWS:
+                rid = f"{method}-{bits}"
+                if rid in done:
+                    continue
+                model = copy.deepcopy(base_model)
+                t = time.perf_counter()
+                try:
+                    if method == "gptq":
+                        info = peers.gptq(model, names, bits, 128, calib)
+                    else:
+                        info = getattr(peers, method)(model, names, bits, 128)
+                except Exception as e:  # noqa: BLE001 - a peer that fails is a row that says so
+                    keep({"id": rid, "label": f"{method.upper()} {bits}-bit", "family": method,
+                          "bits_per_weight": None, "perplexity": {}, "seconds": 0.0,
+                          "note": f"failed: {type(e).__name__}: {str(e).splitlines()[0]}"})
+                    continue
+                seconds = time.perf_counter() - t
+                ppl = _evaluate(wl, model, load)
+                keep({"id": rid, "label": f"{method.upper()} g{info['group']} {bits}-bit",
+                      "family": {"rtn": "RTN g128", "hqq": "HQQ g128",
+                                 "gptq": "GPTQ (llm-compressor)"}[method],
+                      "bits_per_weight": info["bits_per_weight"], "perplexity": ppl,
+                      "seconds": seconds, "note": info.get("note", "")})
+                del model
+        if args.only in ("all", "hwq"):
+            for rid, label, quant in HWQ_ROWS:
+                for ft in (False,) if args.no_finetune else (False, True):
+                    row_id = rid + ("+ft" if ft else "")
+                    if row_id in done:
+                        continue
+                    rep = compress(cfg, quantize=quant, finetune={"enabled": ft},
+                                   keep_ray=True)
+                    m = rep["metrics"]
+                    secs = sum(s["compute_seconds"] for s in rep["stages"].values())
+                    fam = label.split(",")[0].replace(", k=8", "").replace(", k=16", "")
+                    keep({"id": row_id, "label": label + (" + fine-tuning" if ft else ""),
+                          "family": (fam.rsplit(" k=", 1)[0] if "k-means" in fam else fam)
+                          + (" + FT" if ft else ""),
+                          "bits_per_weight": m["bits_per_weight"],
+                          "perplexity": m["decoded_perplexity_by_set"], "seconds": secs,
+                          "note": f"file {m['encode']['file_bytes']:,} bytes; "
+                                  f"{m['encode']['compression_ratio_vs_fp32']:.1f}× vs fp32"})
+        print(f"done in {time.perf_counter() - t0:.0f} s; {out / 'llm_peers.md'}", flush=True)
+    finally:
+        shutdown_ray()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

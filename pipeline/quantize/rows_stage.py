@@ -1,0 +1,235 @@
+"""The `quantize` stage for models loaded by the load stage: one codebook per output channel.
+
+Every row (output channel) of every quantized tensor gets its own small codebook:
+
+- `hw_kmeans` / `kmeans`: k levels per row (best of `n_init` starts per row, then Lloyd);
+- `uniform` / `ecsq`: one Lagrange multiplier λ for every row of every tensor, found by
+  bisection so that the all-in rate (index entropy + 16-bit codebook entries + a 4-bit code
+  length per level) meets `quantize.target_bits` (`pipeline.quantize.rate`). Rows where bits buy
+  the most distortion get more levels; there is no per-layer bit allocation.
+
+The driver reads the model and the Hessian once, cuts the rows into blocks of about a million
+weights and puts each block in Ray's object store once; every λ tried is one Ray task per
+block returning only per-row figures (so λ and every row's result are independent of the
+split). Codebook values are rounded to fp16 (what `.hwq` stores), so the quantized model
+evaluated here is exactly the one the file decodes to.
+
+Each row's levels are stored most-frequent first: index 0 is the row's most used level, so the
+indices of all rows of a tensor share one Huffman table with little loss against per-row codes.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.executor import remote, task_threads
+from pipeline.graph import StageContext
+from pipeline.quantize.artifacts import QuantizedModel
+from pipeline.quantize.rows import RowsResult
+
+__all__ = ["run_rows", "frequency_ranked", "RayBlockMap"]
+
+_BLOCK_WEIGHTS = 1 << 20  # weights per Ray task
+
+
+def frequency_ranked(res: RowsResult) -> tuple[np.ndarray, np.ndarray]:
+    """(codebooks [R, K] float32, indices [R, C]) with each row's levels reordered by use,
+    most used first (ties by value order); unused slots repeat the row's first level."""
+    order = np.argsort(-res.counts, axis=1, kind="stable")
+    cb = np.take_along_axis(res.codebooks, order, axis=1).astype(np.float32)
+    inverse = np.argsort(order, axis=1)
+    idx = np.take_along_axis(inverse, res.indices.astype(np.int64), axis=1)
+    used = np.take_along_axis(res.counts, order, axis=1) > 0
+    cb = np.where(used, cb, cb[:, :1])
+    return cb, idx
+
+
+class RayBlockMap:
+    """A `map_fn` for the row solvers: each block put in Ray's object store once (keyed by the
+    block object), each call one Ray task per block, results in order."""
+
+    def __init__(self) -> None:
+        import ray
+
+        self._ray = ray
+        self._refs: dict[int, Any] = {}
+        self._keep: list[Any] = []
+        self._task = remote(_apply_block)
+
+    def __call__(self, fn, blocks):
+        refs = []
+        for b in blocks:
+            ref = self._refs.get(id(b))
+            if ref is None:
+                ref = self._ray.put(b)
+                self._refs[id(b)] = ref
+                self._keep.append(b)  # the id stays this block's while we hold it
+            refs.append(ref)
+        return self._ray.get([self._task.remote(fn, r) for r in refs])
+
+
+def _apply_block(fn, block):
+    task_threads()
+    return fn(block)
+
+
+def _kmeans_block(block, *, k: int, weighted: bool, n_init: int, iters: int, tol: float,
+                  seed: int) -> RowsResult:
+    from pipeline.quantize.rows import kmeans_rows
+
+    W, H, off = block
+    return kmeans_rows(W, H, k, n_init=n_init, iters=iters, seed=seed, row_offset=off,
+                       weighted=weighted, tol=tol)
+
+
+def coded_bits(parts: list[RowsResult]) -> dict[str, float]:
+    """Bits the .hwq file spends on the rows of one tensor (`parts`: its row blocks): Huffman
+    code of the frequency-ranked indices pooled over the rows (one table a tensor), fp16
+    codebook entries of the levels each row uses, a level count a row, the code lengths."""
+    from pipeline.encode.huffman import CodeTable
+
+    K = max(p.counts.shape[1] for p in parts)
+    hist = np.zeros(K, np.int64)
+    levels = rows = 0
+    for p in parts:
+        ranked = -np.sort(-p.counts, axis=1)
+        hist[: ranked.shape[1]] += ranked.sum(axis=0)
+        levels += int(p.levels.sum())
+        rows += p.rows
+    used = int(np.flatnonzero(hist).max()) + 1 if hist.any() else 1
+    table = CodeTable.from_counts(hist[:used])
+    return {"indices": float(table.cost_bits(hist[:used])),
+            "codebooks": 16.0 * levels + (8 if K <= 255 else 16) * rows,
+            "tables": 8.0 * table.table_bytes()}
+
+
+def _as_rows(t: torch.Tensor) -> np.ndarray:
+    return t.detach().float().reshape(t.shape[0], -1).numpy()
+
+
+def _evaluate_task(cfg, src, out) -> dict:
+    from pipeline.workload import Workload
+
+    task_threads()
+    wl = Workload(cfg)
+    model = wl.model_from(src)
+    qm = QuantizedModel.read(out)
+    base = {k: v for k, v in model.state_dict().items()}
+    state = qm.dense_state({n: base[n] for n in qm.assignment}, {})
+    model.load_state_dict(state, strict=False)
+    return wl.evaluate(model, src)
+
+
+def _coded_rate(results, owner, names, weights) -> float:
+    total = 0.0
+    for n in names:
+        total += sum(coded_bits([r for r, o in zip(results, owner, strict=True) if o == n])
+                     .values())
+    return total / max(weights, 1)
+
+
+def run_rows(ctx: StageContext) -> dict:
+    import ray
+
+    from pipeline.hessian.stage import read_hessian
+    from pipeline.quantize.rate import RowBlock, solve_rows_global_rate
+    from pipeline.quantize.rows import floor_hessian, index_rate
+    from pipeline.quantize.rows import rate as all_in_rate
+    from pipeline.train.stage import model_stage
+    from pipeline.workload import MODEL_JSON, Workload
+
+    cfg, q, out = ctx.cfg, ctx.cfg.quantize, ctx.out
+    t0 = time.perf_counter()
+    src = ctx.inputs[model_stage(cfg)]
+    hess = ctx.inputs.get("hessian")
+    meta = src.read_json(MODEL_JSON)
+    names: list[str] = meta["quantizable"]
+    state = src.read_safetensors("model.safetensors")
+    shapes = {n: tuple(state[n].shape) for n in names}
+    H_all = read_hessian(hess, shapes, names=names) if hess is not None else None
+
+    blocks: list[RowBlock] = []
+    owner: list[str] = []
+    row0 = 0
+    for n in names:
+        W = _as_rows(state[n])
+        if not np.isfinite(W).all():
+            raise ValueError(f"tensor {n} has NaN or inf weights; the model stage is broken")
+        H = None
+        if H_all is not None:
+            H = floor_hessian(H_all[n].reshape(W.shape), q.hessian_floor)
+        step = max(1, _BLOCK_WEIGHTS // max(W.shape[1], 1))
+        for a in range(0, W.shape[0], step):
+            b = min(W.shape[0], a + step)
+            blocks.append(RowBlock(np.ascontiguousarray(W[a:b]),
+                                   None if H is None else np.ascontiguousarray(H[a:b]),
+                                   row0 + a))
+            owner.append(n)
+        row0 += W.shape[0]
+    del H_all
+    weights = sum(int(np.prod(shapes[n])) for n in names)
+    ctx.log.info("quantize: %s per channel, %d tensors, %d rows, %d weights in %d Ray blocks",
+                 q.method, len(names), row0, weights, len(blocks))
+    mapper = RayBlockMap()
+    info: dict[str, Any] = {}
+    if q.method in ("uniform", "ecsq"):
+        opts: dict[str, Any] = {"k_max": q.k_max}
+        if q.method == "ecsq":
+            opts.update(iters=q.iters, seed=cfg.seed)
+        # The search meets a rate model (per-row entropy + 20 bits a level); the file codes
+        # each tensor's indices with one Huffman table. Aim lower by the measured difference
+        # until the bits the file will spend meet the target (one or two corrections).
+        target, aim, lam0, evals = float(q.target_bits), float(q.target_bits), None, []
+        for attempt in range(3):
+            res = solve_rows_global_rate(blocks, aim, q.method, map_fn=mapper, lam0=lam0,
+                                         **opts)
+            evals += res.evaluations
+            coded = _coded_rate(res.results, owner, names, weights)
+            ctx.log.info("quantize: λ=%.4g: planned %.4f, coded %.4f bits/weight (target %.4f)",
+                         res.lam, res.rate, coded, target)
+            if coded <= target + 0.01 or aim - (coded - target) <= 0:
+                break
+            aim, lam0 = aim - (coded - target), res.lam
+        results = res.results
+        info = {"lambda": res.lam, "planned_rate_bits": res.rate, "aimed_rate_bits": aim,
+                "coded_rate_bits": coded, "lambda_evaluations": len(evals),
+                "evaluations": evals}
+    else:
+        fn = functools.partial(_kmeans_block, k=int(q.k), weighted=q.method == "hw_kmeans",
+                               n_init=q.n_init, iters=q.iters, tol=q.tol, seed=cfg.seed)
+        results = mapper(fn, blocks)
+    del mapper
+
+    codebooks: dict[str, torch.Tensor] = {}
+    indices: dict[str, torch.Tensor] = {}
+    layers: dict[str, Any] = {}
+    for n in names:
+        parts = [r for r, o in zip(results, owner, strict=True) if o == n]
+        r = RowsResult.concat(parts)
+        cb, idx = frequency_ranked(r)
+        codebooks[n] = torch.from_numpy(cb)
+        indices[n] = torch.from_numpy(idx).reshape(shapes[n])
+        layers[n] = {"rows": r.rows, "cols": r.n,
+                     "mean_levels": float(r.levels.mean()), "max_levels": int(r.levels.max()),
+                     "index_entropy_bits": index_rate(r),
+                     "all_in_bits": all_in_rate(r),
+                     "weighted_distortion": float(r.distortion.sum() / max(r.rows * r.n, 1))}
+    raw = [n for n in state if n not in set(names)]
+    QuantizedModel(scope="channel", method=q.method, codebooks=codebooks, indices=indices,
+                   assignment={n: n for n in names}, raw=raw).write(out)
+    out.write_json("layers.json", layers)
+    ev = ray.get(remote(_evaluate_task, cpus="all").remote(cfg, src, out))
+    wl = Workload(cfg)
+    return {
+        **wl.metric_fields("quantized", ev),
+        "quantize": {"method": q.method, "scope": "channel", "target_bits": q.target_bits,
+                     "k": q.k, "rows": row0, "weights": weights,
+                     "index_entropy_bits": index_rate(results),
+                     "all_in_bits": all_in_rate(results),
+                     "seconds": round(time.perf_counter() - t0, 3), **info},
+    }

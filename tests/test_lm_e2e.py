@@ -1,0 +1,179 @@
+"""A tiny random Llama (a model folder written here) through every stage on embedded Ray:
+load → Fisher Hessian → per-channel ECSQ under one λ → DeepSpeed fine-tune → .hwq →
+`hwq decode --hf-out` → transformers.from_pretrained, with the same perplexity; a second run
+is all cache hits. Also: the activation estimator with uniform and k-means per channel, a
+bring-your-own module through the import path, and the clear errors of bad input."""
+
+import math
+
+import pytest
+
+transformers = pytest.importorskip("transformers")
+
+from pipeline.api import compress, to_config  # noqa: E402
+from pipeline.config import ConfigError  # noqa: E402
+from pipeline.testing import tiny_llama_folder, write_corpus  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def lm_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("lm")
+    tiny_llama_folder(d / "llama", tie_word_embeddings=True)
+    write_corpus(d / "calib.txt", 400, 1)
+    write_corpus(d / "a.txt", 150, 2)
+    write_corpus(d / "b.txt", 150, 3)
+    return d
+
+
+def lm_config(d, **over):
+    cfg = {"name": "tiny-llama",
+           "model": {"name": "hf_causal_lm", "path": str(d / "llama")},
+           "data": {"name": "text", "calibration": [str(d / "calib.txt")],
+                    "calibration_windows": 8, "seq_len": 32,
+                    "eval": {"a": str(d / "a.txt"), "b": str(d / "b.txt")}},
+           "hessian": {"partitions": 2, "groups": 2},
+           "quantize": {"method": "ecsq", "scope": "channel", "target_bits": 3.0},
+           "finetune": {"workers": 1, "batch_size": 4, "epochs": 1, "lr": 1e-3},
+           "executor": {"num_cpus": 2},
+           "store": {"url": str(d / "store")}}
+    for k, v in over.items():
+        cfg[k] = {**cfg.get(k, {}), **v}
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def lm_run(lm_files, ray_local):
+    return compress(lm_config(lm_files), keep_ray=True)
+
+
+def test_every_stage_runs_and_the_report_keys_on_perplexity(lm_run):
+    m = lm_run["metrics"]
+    assert lm_run["metric"] == {"name": "perplexity", "direction": "lower"}
+    assert list(lm_run["stages"]) == ["load", "hessian", "quantize", "finetune", "encode"]
+    for stage in ("baseline", "quantized", "finetuned", "decoded"):
+        assert math.isfinite(m[f"{stage}_perplexity"]) and m[f"{stage}_perplexity"] > 1
+        assert set(m[f"{stage}_perplexity_by_set"]) == {"a", "b"}
+    # The file decodes to the fine-tuned model exactly (fp16 codebooks on both sides).
+    assert m["decoded_perplexity"] == pytest.approx(m["finetuned_perplexity"], rel=1e-9)
+    # Decoder Linears only: 2 layers × 7 Linears; embeddings, norms, head stay raw.
+    assert lm_run["model"]["quantized_params"] == 2 * (4 * 64 * 64 // 2 + 2 * 64 * 64 // 2
+                                                       + 3 * 64 * 128)
+    q, e = m["quantize"], m["encode"]
+    # One λ for all rows, aimed so that the bits the file spends meet the target ...
+    assert q["coded_rate_bits"] <= 3.0 + 0.01 and q["coded_rate_bits"] > 2.8
+    assert q["all_in_bits"] < q["coded_rate_bits"]  # (the entropy model is below the code)
+    # ... and they do: the file's own accounting, its header share included.
+    # (the header's share, ~0.1 bit a weight on a model this small, is not in the plan)
+    assert q["coded_rate_bits"] < e["bits_per_weight"] < q["coded_rate_bits"] + 0.15
+    assert e["bits_per_weight"] > e["index_bits_per_weight"] + e["codebook_bits_per_weight"] - 1e-9
+    assert e["compression_ratio_vs_fp32"] == pytest.approx(e["compression_ratio"])  # fp32 model
+    assert m["finetune"]["steps"] == 2
+
+
+def test_decode_hf_out_loads_with_transformers_and_gives_the_same_perplexity(lm_run, lm_files,
+                                                                            tmp_path):
+    import torch
+
+    from pipeline.cli import main
+    from pipeline.evaluate.perplexity import perplexity
+    from pipeline.testing import tiny_tokenizer
+
+    hwq = lm_run["metrics"]["encode"]["file"]
+    out = tmp_path / "decoded"
+    assert main(["decode", hwq, "--hf-out", str(out)]) == 0
+    model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert len(tok) == len(tiny_tokenizer())
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    from pipeline.data.text import eval_windows
+
+    by = lm_run["metrics"]["decoded_perplexity_by_set"]
+    for name in ("a", "b"):
+        w = eval_windows(tok, (lm_files / f"{name}.txt").read_text(), 32)
+        with torch.no_grad():
+            ppl = perplexity(model, w)["ppl"]
+        assert ppl == pytest.approx(by[name], rel=1e-6)
+    # Refusals: an existing non-empty folder, and both outputs at once.
+    assert main(["decode", hwq, "--hf-out", str(out)]) == 2
+    assert main(["decode", hwq, "--hf-out", str(tmp_path / "x"), "--out", "y"]) == 2
+
+
+def test_second_run_is_all_cache_hits(lm_run, lm_files):
+    again = compress(lm_config(lm_files), keep_ray=True)
+    assert all(s["cached"] for s in again["stages"].values())
+    assert again["metrics"]["decoded_perplexity"] == lm_run["metrics"]["decoded_perplexity"]
+
+
+@pytest.mark.parametrize("method,extra", [("uniform", {"target_bits": 4.0}),
+                                          ("hw_kmeans", {"k": 4})])
+def test_activation_estimator_and_other_channel_quantizers(lm_run, lm_files, method, extra):
+    r = compress(lm_config(lm_files, hessian={"estimator": "activation"},
+                           quantize={"method": method, "target_bits": None, **extra},
+                           finetune={"enabled": False}), keep_ray=True)
+    m = r["metrics"]
+    assert r["stages"]["load"]["cached"]  # shared with the first run
+    assert m["decoded_perplexity"] == pytest.approx(m["quantized_perplexity"], rel=1e-9)
+    if method == "hw_kmeans":
+        assert m["quantize"]["k"] == 4
+        assert m["quantize"]["index_entropy_bits"] <= 2.0 + 1e-9  # at most 4 levels a row
+    else:
+        assert abs(m["quantize"]["coded_rate_bits"] - 4.0) <= 0.01
+
+
+def test_bring_your_own_module_through_the_import_path(tmp_path, ray_local):
+    r = compress({"name": "byo", "model": {"name": "factory",
+                                           "factory": "tests.byo_model:small_mlp",
+                                           "kwargs": {"hidden": 16}},
+                  "data": {"name": "fashion_mnist"},
+                  "hessian": {"calibration_samples": 256, "batch_size": 64},
+                  "quantize": {"method": "hw_kmeans", "scope": "channel", "k": 4},
+                  "finetune": {"workers": 1, "batch_size": 64, "epochs": 1},
+                  "executor": {"num_cpus": 2}, "store": {"url": str(tmp_path / "s")}},
+                 keep_ray=True)
+    m = r["metrics"]
+    assert r["metric"]["name"] == "accuracy"
+    assert 0 <= m["decoded_accuracy"] <= 1
+    assert m["decoded_accuracy"] == m["finetuned_accuracy"]
+    assert r["model"]["quantized_params"] == 784 * 16 + 16 * 10
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"model": {"path": "MISSING"}}, "does not exist"),
+    ({"quantize": {"targets": ["model.layers.*.no_such_proj"]}}, "no_such_proj"),
+    ({"data": {"calibration": ["EMPTY"]}}, "empty"),
+])
+def test_bad_input_is_one_clear_error(lm_files, tmp_path, change, message, ray_local):
+    (tmp_path / "empty.txt").write_text("")
+    cfg = lm_config(lm_files, store={"url": str(tmp_path / "s")})
+    for section, values in change.items():
+        for k, v in values.items():
+            if v == "MISSING":
+                v = str(tmp_path / "nothing")
+            if v == ["EMPTY"]:
+                v = [str(tmp_path / "empty.txt")]
+            cfg[section][k] = v
+    with pytest.raises(Exception) as exc:
+        compress(cfg, keep_ray=True)
+    assert message in str(exc.value)
+
+
+def test_folder_without_config_json_and_config_errors(tmp_path):
+    from pipeline.models.hf_causal import ModelSourceError
+    from pipeline.workload import Workload
+
+    (tmp_path / "m").mkdir()
+    cfg = to_config({"model": {"name": "hf_causal_lm", "path": str(tmp_path / "m")},
+                     "data": {"name": "text", "calibration": ["x"], "eval": {"a": "y"}},
+                     "quantize": {"scope": "channel", "method": "ecsq"}})
+    with pytest.raises(ModelSourceError, match="no config.json"):
+        Workload(cfg).adapter.load()
+    with pytest.raises(ConfigError, match="scope=channel"):
+        to_config({"model": {"name": "hf_causal_lm", "path": "x"},
+                   "data": {"name": "text", "calibration": ["x"], "eval": {"a": "y"}}})
+    with pytest.raises(ConfigError, match="needs data.name=text"):
+        to_config({"model": {"name": "hf_causal_lm", "path": "x"},
+                   "quantize": {"scope": "channel"}})
+    with pytest.raises(ConfigError, match="lenet5"):
+        to_config({"model": {"name": "hf_causal_lm", "path": "x"},
+                   "data": {"name": "text", "calibration": ["x"], "eval": {"a": "y"}},
+                   "quantize": {"scope": "channel"}, "hessian": {"estimator": "ggn"}})

@@ -184,7 +184,10 @@ class QuantizeConfig(_Section):
     # network: one codebook; layer: one per tensor; channel: one per output channel (row).
     # Language models quantize per channel: uniform/ecsq under one λ for every row of every
     # tensor (target_bits is then the all-in rate, fp16 codebooks counted).
-    scope: Literal["network", "layer", "channel"] = "network"
+    # group: one codebook per row and block of `group_size` input columns (the side
+    # information of group-128 quantizers, for comparisons at equal cost).
+    scope: Literal["network", "layer", "channel", "group"] = "network"
+    group_size: int = Field(128, ge=2)
     # Which weights: name patterns (docs/LANGUAGE_MODELS.md); None = the adapter's default
     # (LeNet-5: every weight ≥ 2-D; causal LMs: every Linear inside the decoder blocks).
     targets: list[str] | None = None
@@ -217,10 +220,12 @@ class QuantizeConfig(_Section):
             raise ValueError("quantize.layer_k needs quantize.scope=layer")
         if self.method == "ecsq" and self.k is not None:
             raise ValueError("quantize.method=ecsq sets its rate by target_bits, not k")
-        if self.scope == "channel" and self.method in ("kmeans", "hw_kmeans") and self.k is None:
-            raise ValueError("quantize.scope=channel with kmeans/hw_kmeans needs a fixed k")
-        if self.scope == "channel" and self.method == "uniform" and self.k is not None:
-            raise ValueError("quantize.scope=channel uniform sets its rate by target_bits, not k")
+        rows = self.scope in ("channel", "group")
+        if rows and self.method in ("kmeans", "hw_kmeans") and self.k is None:
+            raise ValueError(f"quantize.scope={self.scope} with kmeans/hw_kmeans needs a fixed k")
+        if rows and self.method == "uniform" and self.k is not None:
+            raise ValueError(f"quantize.scope={self.scope} uniform sets its rate by "
+                             "target_bits, not k")
         return self
 
 
@@ -309,9 +314,12 @@ class RunConfig(_Section):
             if self.data.name == "fashion_mnist" and self.model.name == "hf_causal_lm":
                 raise ValueError("model.name=hf_causal_lm needs data.name=text (calibration "
                                  "and evaluation texts)")
-            if self.quantize.scope != "channel":
+            if self.quantize.scope not in ("channel", "group"):
                 raise ValueError("quantize.scope: models other than lenet5 are quantized per "
-                                 "output channel; set quantize.scope=channel")
+                                 "output channel; set quantize.scope=channel (or group)")
+        elif self.quantize.scope == "group":
+            raise ValueError("quantize.scope=group is for models loaded by the load stage; "
+                             "LeNet-5 uses network, layer or channel")
         elif self.data.name != "fashion_mnist":
             raise ValueError("model.name=lenet5 trains on data.name=fashion_mnist")
         if self.hessian.estimator == "activation" and lenet:

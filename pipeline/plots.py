@@ -12,8 +12,8 @@ import io
 import math
 from typing import Any
 
-__all__ = ["rate_accuracy_png", "ratio_accuracy_png", "sweep_markdown", "method_label",
-           "fixed_length_bits"]
+__all__ = ["rate_accuracy_png", "ratio_accuracy_png", "rate_metric_png", "sweep_markdown",
+           "method_label", "fixed_length_bits"]
 
 METHOD_STYLE = {"kmeans": ("k-means", "o"), "hw_kmeans": ("Hessian-weighted k-means", "s"),
                 "uniform": ("uniform", "^"), "ecsq": ("iterative ECSQ", "D"),
@@ -112,6 +112,59 @@ def ratio_accuracy_png(runs: list[dict[str, Any]], pruned_accuracy: float | None
     return _png(fig)
 
 
+def rate_metric_png(runs: list[dict[str, Any]], metric: str, title: str = "") -> bytes:
+    """A metric other than accuracy (perplexity: log scale) against the all-in bits per
+    weight of the .hwq file, one series per method, before and after fine-tuning."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
+    bits = lambda r: r["metrics"].get("bits_per_weight")  # noqa: E731
+    for stage, ls in (("quantized", "-"), ("finetuned", "--")):
+        series: dict[str, list[tuple[float, float]]] = {}
+        for r in runs:
+            x, y = bits(r), r["metrics"].get(f"{stage}_{metric}")
+            if x is not None and y is not None:
+                series.setdefault(method_label(r), []).append((x, y))
+        for m, pts in sorted(series.items()):
+            pts.sort()
+            label, marker = METHOD_STYLE.get(m, (m, "."))
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], ls=ls, marker=marker,
+                    label=label + (" + fine-tuning" if stage == "finetuned" else ""))
+    base = next((r["metrics"].get(f"baseline_{metric}") for r in runs), None)
+    if base is not None:
+        ax.axhline(base, color="grey", ls=":", lw=1, label="unquantized")
+    if metric == "perplexity":
+        ax.set_yscale("log")
+    ax.set_xlabel("bits per weight, all-in (from the .hwq file)")
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3, which="both")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    return _png(fig)
+
+
+def _metric_markdown(result: dict[str, Any], metric: str, store, prefix: str) -> list[str]:
+    runs = result["runs"]
+    lines = ["", f"| run | method | bits/weight (file) | quantized {metric} | fine-tuned {metric} "
+             "| decoded {metric} |", "|---|---|---|---|---|---|"]
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, (int, float)) else "–"  # noqa: E731
+    for r in runs:
+        m = r["metrics"]
+        lines.append(f"| {r['run']} | {method_label(r)} | {fmt(m.get('bits_per_weight'))} | "
+                     f"{fmt(m.get(f'quantized_{metric}'))} | {fmt(m.get(f'finetuned_{metric}'))} "
+                     f"| {fmt(m.get(f'decoded_{metric}'))} |")
+    if store is not None and runs:
+        store.write_bytes(f"{prefix}/rate_{metric}.png",
+                          rate_metric_png(runs, metric, result["name"]))
+        lines += ["", f"![{metric} vs bits per weight](rate_{metric}.png)"]
+    return lines
+
+
 def _pct(v) -> str:
     return f"{100 * v:.2f}" if isinstance(v, (int, float)) else "–"
 
@@ -125,6 +178,9 @@ def sweep_markdown(result: dict[str, Any], store=None, prefix: str = "") -> str:
     for st, c in result["stage_counts"].items():
         lines.append(f"| {st} | {c['runs']} | {c['distinct']} | "
                      f"{c['runs'] - c['distinct'] + c['cached']} |")
+    metric = (runs[0].get("metric") or {}).get("name", "accuracy") if runs else "accuracy"
+    if metric != "accuracy":
+        return "\n".join(lines + _metric_markdown(result, metric, store, prefix)) + "\n"
     lines += ["", "| run | method | k | index bits (H / coded) | quantized % | fine-tuned % | "
               "ratio |", "|---|---|---|---|---|---|---|"]
     for r in runs:

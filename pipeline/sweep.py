@@ -162,6 +162,7 @@ def sweep(config: str | None, points: list[list[str]], *, name: str = "sweep",
         report = driver.run(c, report_prefix=f"sweeps/{name}/{rid}", init_executor=False,
                             stages=stages)
         runs.append({"run": rid, "settings": dict(x.split("=", 1) for x in p),
+                     "metric": report.get("metric", {"name": "accuracy", "direction": "higher"}),
                      "metrics": report["metrics"], "stages": report["stages"]})
     result = {"name": name, "seconds": round(time.perf_counter() - t0, 3),
               "stage_counts": counts, "runs": runs}

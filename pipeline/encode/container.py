@@ -226,6 +226,8 @@ class _Prepared:
     index_group: str | None = None
     pos_group: str | None = None
     gaps: np.ndarray | None = None
+    # Rows grouped by their codebook row's level count ("levels" order): [(L, symbols)].
+    classes: list[tuple[int, np.ndarray]] | None = None
 
 
 def _prepare(
@@ -277,8 +279,10 @@ def _prepare(
             raise ValueError(f"{e.name}: a quantized tensor needs codes and a known codebook")
         cb = cbs[e.codebook]
         k = int(cb.shape[-1])
-        if cb.ndim == 2 and (len(shape) == 0 or cb.shape[0] != shape[0]):
-            raise ValueError(f"{e.name}: channel codebook {cb.shape} needs shape[0] rows")
+        if cb.ndim == 2 and (len(shape) == 0 or cb.shape[0] % max(shape[0], 1)
+                             or numel % max(cb.shape[0], 1)):
+            raise ValueError(f"{e.name}: a per-row codebook {cb.shape} needs shape[0] rows "
+                             f"(channel) or a multiple of them that divides {numel} (group)")
         mask = _flat_mask(e, shape, numel)
         codes = np.asarray(e.codes).reshape(-1)
         if codes.size and codes.dtype.kind not in "ui":
@@ -289,7 +293,8 @@ def _prepare(
         if codes.size and (int(codes.min()) < 0 or int(codes.max()) >= k):
             raise ValueError(f"{e.name}: codes out of range [0, {k}) of codebook {e.codebook!r}")
         codes = codes.astype(symbol_dtype(k), copy=False)
-        scope = "channel" if cb.ndim == 2 else ("network" if refs[e.codebook] > 1 else "tensor")
+        scope = (("channel" if cb.shape[0] == shape[0] else "group") if cb.ndim == 2 else
+                 ("network" if refs[e.codebook] > 1 else "tensor"))
         p = _Prepared(e, shape, numel, k, codes, mask, scope=scope)
         p.index_group = e.codebook if code_sharing == "network" else e.name
         if mask is not None:
@@ -350,13 +355,20 @@ def write_hwq(
         raise ValueError(f"codebook_dtype must be 'float32' or 'float16', got {codebook_dtype!r}")
     prepared, cbs = _prepare(entries, codebooks, code_sharing)
     levels = _row_levels(prepared, cbs) if codebook_dtype == "float16" else {}
+    for p in prepared:
+        if p.codes is not None and p.mask is None and p.entry.codebook in levels:
+            p.classes = _level_classes(p.codes, levels[p.entry.codebook])
 
     # Code tables: pooled histograms per group; a group with no symbols gets no table.
-    idx_hist: dict[str, np.ndarray] = {}
+    # Level-ordered tensors: one table per (group, level count).
+    idx_hist: dict[Any, np.ndarray] = {}
     for p in prepared:
-        if p.codes is not None:
-            h = np.bincount(p.codes, minlength=p.k).astype(np.int64)
-            idx_hist[p.index_group] = idx_hist.get(p.index_group, 0) + h
+        parts = ([(p.index_group, p.codes)] if p.classes is None else
+                 [((p.index_group, L), sym) for L, sym in p.classes])
+        for key, sym in parts:
+            if p.codes is not None:
+                h = np.bincount(sym, minlength=p.k if p.classes is None else key[1])
+                idx_hist[key] = idx_hist.get(key, 0) + h.astype(np.int64)
     pos_gaps: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
     for p in prepared:
         if p.gaps is not None:
@@ -384,20 +396,26 @@ def write_hwq(
     # Chunk jobs, in payload order.
     jobs: list[tuple[np.ndarray, CodeTable]] = []
     plan: list[tuple[int, str, int]] = []  # (tensor index, stream, n chunks)
+    chunk_table: list[int | None] = []  # per job: its own table (level-ordered streams)
     for ti, p in enumerate(prepared):
         if p.codes is None:
             continue
-        streams = [("indices", p.codes, table_of.get(("i", p.index_group)))]
+        if p.classes is None:
+            streams = [("indices", [(p.codes, table_of.get(("i", p.index_group)), False)])]
+        else:
+            streams = [("indices", [(sym, table_of.get(("i", (p.index_group, L))), True)
+                                    for L, sym in p.classes])]
         if p.gaps is not None:
             m = max_gap_of.get(p.pos_group, 1)
-            streams.append(
-                ("positions", gaps_to_symbols(p.gaps, m), table_of.get(("p", p.pos_group)))
-            )
-        for sname, sym, t in streams:
+            streams.append(("positions", [(gaps_to_symbols(p.gaps, m),
+                                           table_of.get(("p", p.pos_group)), False)]))
+        for sname, pieces in streams:
             n_chunks = 0
-            for i in range(0, sym.shape[0], chunk_symbols):
-                jobs.append((sym[i : i + chunk_symbols], tables[t]))
-                n_chunks += 1
+            for sym, t, own in pieces:
+                for i in range(0, sym.shape[0], chunk_symbols):
+                    jobs.append((sym[i : i + chunk_symbols], tables[t]))
+                    chunk_table.append(t if own else None)
+                    n_chunks += 1
             plan.append((ti, sname, n_chunks))
     encoded = list((map_fn or _default_map)(_encode_job, jobs))
     if len(encoded) != len(jobs):
@@ -433,7 +451,7 @@ def write_hwq(
             d.update(fixed_length=None, width=width, offset=o, length=n, crc32=c)
         h_tables.append(d)
     h_tensors = []
-    enc_iter = iter(encoded)
+    enc_iter = iter(zip(encoded, chunk_table, strict=True))
     plan_iter = iter(plan)
     for ti, p in enumerate(prepared):
         e = p.entry
@@ -451,11 +469,14 @@ def write_hwq(
             assert pti == ti
             chunks = []
             for _ in range(n_chunks):
-                ch = next(enc_iter)
+                ch, own = next(enc_iter)
                 o, n, c = put(ch.data)
-                chunks.append([o, n, ch.n_symbols, c])
+                chunks.append([o, n, ch.n_symbols, c] + ([] if own is None else [own]))
             key = ("i", p.index_group) if sname == "indices" else ("p", p.pos_group)
-            stream = {"code_table": table_of.get(key), "chunks": chunks}
+            if sname == "indices" and p.classes is not None:
+                stream = {"code_table": None, "order": "levels", "chunks": chunks}
+            else:
+                stream = {"code_table": table_of.get(key), "chunks": chunks}
             if sname == "positions":
                 stream["max_gap"] = max_gap_of.get(p.pos_group)
             d[sname] = stream
@@ -498,6 +519,15 @@ def _row_levels(prepared: list[_Prepared], cbs: dict[str, np.ndarray]) -> dict[s
         prev = out.get(p.entry.codebook)
         out[p.entry.codebook] = need if prev is None else np.maximum(prev, need)
     return out
+
+
+def _level_classes(codes: np.ndarray, levels: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """The codes of a dense per-row-codebook tensor, grouped by the level count of their
+    codebook row: [(L, the codes of every row with L levels, rows in order)], L ascending."""
+    rows = levels.shape[0]
+    c2 = codes.reshape(rows, -1)
+    return [(int(L), np.ascontiguousarray(c2[levels == L]).reshape(-1))
+            for L in np.unique(levels)]
 
 
 def _count_dtype(k: int) -> str:
@@ -643,6 +673,11 @@ class _Stream:
     chunks: list[tuple[_Section, int]]  # (section, n_symbols)
     n_symbols: int
     max_gap: int | None = None
+    chunk_tables: list[int] | None = None  # per chunk, when the stream has no single table
+    order: str = "rows"  # "levels": rows grouped by their codebook row's level count
+
+    def tables(self) -> list[int]:
+        return list(self.chunk_tables or []) + ([] if self.table is None else [self.table])
 
 
 @dataclass
@@ -688,22 +723,34 @@ def _stream(d: Any, what: str, payload: int, n_tables: int) -> _Stream:
     d = _dict(d, what)
     t = d.get("code_table")
     table = None if t is None else _int(t, f"{what}.code_table", 0, n_tables - 1)
+    order = d.get("order", "rows")
+    if order not in ("rows", "levels"):
+        raise _Bad(f"{what}.order must be 'rows' or 'levels'")
     chunks = []
+    own: list[int] = []
     total = 0
     for i, c in enumerate(_list(d.get("chunks"), f"{what}.chunks")):
         c = _list(c, f"{what}.chunks[{i}]")
-        if len(c) != 4:
-            raise _Bad(f"{what}.chunks[{i}] must be [offset, length, symbols, crc32]")
+        if len(c) != (5 if order == "levels" else 4):
+            raise _Bad(f"{what}.chunks[{i}] must be [offset, length, symbols, crc32"
+                       + (", code_table]" if order == "levels" else "]"))
         sec = _section(
             {"offset": c[0], "length": c[1], "crc32": c[3]}, f"{what}.chunks[{i}]", payload
         )
         # Every codeword has at least one bit: bounds the allocation by the payload size.
-        n = _int(c[2], f"{what}.chunks[{i}].symbols", 1, 8 * sec.length)
+        # (A one-symbol table has 0-bit codewords: then the symbols are bounded by the rows.)
+        n = _int(c[2], f"{what}.chunks[{i}].symbols", 1,
+                 8 * sec.length if order == "rows" else 1 << 40)
+        if order == "levels":
+            own.append(_int(c[4], f"{what}.chunks[{i}].code_table", 0, n_tables - 1))
         chunks.append((sec, n))
         total += n
-    if total and table is None:
+    if order == "levels" and table is not None:
+        raise _Bad(f"{what}: a level-ordered stream names a table per chunk, not one")
+    if total and table is None and order == "rows":
         raise _Bad(f"{what} has symbols but no code table")
-    return _Stream(table, chunks, total)
+    return _Stream(table, chunks, total, chunk_tables=own if order == "levels" else None,
+                   order=order)
 
 
 def _parse_header(path: str, h: Any, file_bytes: int) -> _Header:
@@ -815,18 +862,23 @@ def _parse_header_inner(h: Any, file_bytes: int) -> _Header:
             raise _Bad(f"{what}: unknown codebook {cbname!r}")
         cbshape = codebooks[cbname][0]
         scope = d.get("scope")
-        if scope not in ("network", "tensor", "channel"):
-            raise _Bad(f"{what}: scope must be network, tensor or channel")
-        if (scope == "channel") != (len(cbshape) == 2):
+        if scope not in ("network", "tensor", "channel", "group"):
+            raise _Bad(f"{what}: scope must be network, tensor, channel or group")
+        if (scope in ("channel", "group")) != (len(cbshape) == 2):
             raise _Bad(f"{what}: scope {scope} does not match codebook shape {cbshape}")
-        if len(cbshape) == 2 and (not shape or cbshape[0] != shape[0]):
+        if scope == "channel" and (not shape or cbshape[0] != shape[0]):
             raise _Bad(f"{what}: channel codebook {cbshape} needs {shape[:1]} rows")
+        if scope == "group" and (not shape or cbshape[0] % max(shape[0], 1) or
+                                 numel % max(cbshape[0], 1) or cbshape[0] <= shape[0]):
+            raise _Bad(f"{what}: group codebook {cbshape} does not split {shape} into groups")
         n_kept = _int(d.get("n_kept"), f"{what}.n_kept", 0, numel)
         ind = _stream(d.get("indices"), f"{what}.indices", payload, len(tables))
         if ind.n_symbols != n_kept:
             raise _Bad(f"{what}: {ind.n_symbols} index symbols for {n_kept} kept weights")
-        if ind.table is not None and tables[ind.table].alphabet > cbshape[-1]:
+        if any(tables[i].alphabet > cbshape[-1] for i in ind.tables()):
             raise _Bad(f"{what}: code table alphabet exceeds codebook size {cbshape[-1]}")
+        if ind.order == "levels" and (not codebooks[cbname][3] or d.get("positions") is not None):
+            raise _Bad(f"{what}: level-ordered indices need a ragged codebook and a dense tensor")
         pos = None
         if d.get("positions") is not None:
             pos = _stream(d.get("positions"), f"{what}.positions", payload, len(tables))
@@ -847,8 +899,8 @@ def _parse_header_inner(h: Any, file_bytes: int) -> _Header:
     # Every table must serve a stream (the writer never stores another): a table's alphabet
     # is then bounded by its codebook (4 bytes a symbol) or by max_gap + 1, so building its
     # decoder costs memory in proportion to the payload, not 2^24 symbols per 2 MB section.
-    used = {st.table for t in tensors.values() for st in (t.indices, t.positions)
-            if st is not None and st.table is not None}  # fmt: skip
+    used = {i for t in tensors.values() for st in (t.indices, t.positions)
+            if st is not None for i in st.tables()}  # fmt: skip
     for i in range(len(tables)):
         if i not in used:
             raise _Bad(f"code_tables[{i}] is used by no stream")
@@ -929,6 +981,7 @@ class HwqReader:
         self._fs, self._fpath = _url_to_fs(self.path, storage_options)
         self._tables: dict[int, CodeTable] = {}
         self._codebooks: dict[str, np.ndarray] = {}
+        self._levels: dict[str, np.ndarray] = {}  # level counts of ragged codebooks
         self.file_bytes = int(self._fs.size(self._fpath))
         if self.file_bytes < PREFIX_BYTES:
             self._fail(f"{self.file_bytes} bytes is too short for an hwq file")
@@ -1100,9 +1153,26 @@ class HwqReader:
             if st is None:
                 continue
             secs += [s for s, _ in st.chunks]
-            if st.table is not None and st.table not in self._tables:
-                secs.append(self._h.tables[st.table].section)
+            for i in dict.fromkeys(st.tables()):
+                if i not in self._tables:
+                    secs.append(self._h.tables[i].section)
         return secs
+
+    def _rows_in_order(self, t: _Tensor, codes: np.ndarray) -> np.ndarray:
+        """Level-ordered codes (rows grouped by level count, ascending) back in row order."""
+        levels = self._levels.get(t.codebook)
+        if levels is None:
+            self._fail(f"tensor {t.name!r}: level-ordered indices without level counts")
+        rows = levels.shape[0]
+        per_row = t.numel // max(rows, 1)
+        order = np.argsort(levels, kind="stable")
+        if codes.shape[0] != rows * per_row:
+            self._fail(f"tensor {t.name!r}: {codes.shape[0]} codes for {rows} rows of {per_row}")
+        out = np.empty((rows, per_row), codes.dtype)
+        out[order] = codes.reshape(rows, per_row)
+        if rows and int(np.max(out.max(axis=1, initial=0) - (levels - 1).astype(np.int64))) > 0:
+            self._fail(f"tensor {t.name!r}: a code beyond its row's levels")
+        return out.reshape(-1)
 
     def _check_names(self, names: Iterable[str] | None) -> list[str]:
         if names is None:
@@ -1118,9 +1188,11 @@ class HwqReader:
         at a time. Every chunk holds at most 8 symbols per byte (checked in the header)."""
         if not st.chunks:
             return []
-        table = self._table(st.table, data)
+        per_chunk = st.chunk_tables or [st.table] * len(st.chunks)
+        tables = {i: self._table(i, data) for i in dict.fromkeys(per_chunk)}
         # Workers of a distributed map_fn need picklable bytes, not memoryviews.
-        jobs = [(bytes(data[id(s)]) if map_fn else data[id(s)], n, table) for s, n in st.chunks]
+        jobs = [(bytes(data[id(s)]) if map_fn else data[id(s)], n, tables[i])
+                for (s, n), i in zip(st.chunks, per_chunk, strict=True)]
         if map_fn is None:
             return (self._decode_one(j) for j in jobs)
         try:
@@ -1172,6 +1244,8 @@ class HwqReader:
 
     def _codes(self, t: _Tensor, data, map_fn) -> tuple[np.ndarray, np.ndarray | None]:
         codes = self._decode_stream(t.indices, data, map_fn)
+        if t.indices.order == "levels":
+            codes = self._rows_in_order(t, codes)
         k = self._h.codebooks[t.codebook][0][-1]
         if codes.size and int(codes.max()) >= k:
             self._fail(f"tensor {t.name!r}: code out of range of its {k}-entry codebook")
@@ -1198,6 +1272,10 @@ class HwqReader:
                                                              ragged, f"codebook {name!r}")
                 except _Bad as e:
                     self._fail(str(e))
+                if ragged:
+                    cd = np.dtype(_count_dtype(shape[1]))
+                    self._levels[name] = np.frombuffer(
+                        bytes(data[id(sec)])[: shape[0] * cd.itemsize], cd).astype(np.int64)
         return data
 
     def read(
@@ -1224,7 +1302,9 @@ class HwqReader:
             codes, positions = self._codes(t, data, map_fn)
             cb = _cast_codebook(self._codebooks[t.codebook], t.dtype)
             dense = np.zeros(t.numel, cb.dtype)
-            per_row = max(t.numel // t.shape[0], 1) if cb.ndim == 2 and t.shape[0] else 1
+            # Codebook row of flat element i: i // per_row (channel: a row of the tensor;
+            # group: g consecutive elements of a row).
+            per_row = max(t.numel // cb.shape[0], 1) if cb.ndim == 2 and cb.shape[0] else 1
             # In blocks: no [n_kept] row-index or value temporaries next to the output.
             for b in range(0, codes.shape[0], _BLOCK):
                 c = codes[b : b + _BLOCK]
@@ -1263,8 +1343,12 @@ class HwqReader:
         for t in self._h.tensors.values():
             for st in (t.indices, t.positions):
                 if st is not None and st.chunks:
-                    sym = self._decode_stream(st, data, map_fn)
-                    hist[st.table] += np.bincount(sym, minlength=hist[st.table].size)
+                    per_chunk = st.chunk_tables or [st.table] * len(st.chunks)
+                    one = _Stream(None, [], 0)
+                    for ch, i in zip(st.chunks, per_chunk, strict=True):
+                        one.table, one.chunks, one.n_symbols = i, [ch], ch[1]
+                        sym = self._decode_stream(one, data, map_fn)
+                        hist[i] += np.bincount(sym, minlength=hist[i].size)
         return _accounting(self._h, hist, self.payload_start)
 
     def inspect(self) -> list[dict]:
@@ -1348,8 +1432,7 @@ def _accounting(h: _Header, table_hist: list[np.ndarray], payload_start: int) ->
         k = h.codebooks[t.codebook][0][-1]
         fixed_bits += t.n_kept * max(1, (k - 1).bit_length())
         bits["indices"] += 8 * sum(s.length for s, _ in t.indices.chunks)
-        if t.indices.table is not None:
-            idx_tables.add(t.indices.table)
+        idx_tables.update(t.indices.tables())
         if t.positions is not None:
             bits["positions"] += 8 * sum(s.length for s, _ in t.positions.chunks)
             if t.positions.table is not None:

@@ -116,9 +116,11 @@ class QuantizedTrainable(nn.Module):
                 raise ValueError(f"indices of {name!r} have shape "
                                  f"{tuple(quantized.indices[name].shape)}, the weight {shape}")
             cb = quantized.codebooks[cb_name]
-            if cb.dim() == 2 and cb.shape[0] != shape[0]:
+            numel = int(torch.tensor(shape).prod()) if shape else 1
+            if cb.dim() == 2 and (cb.shape[0] % max(shape[0], 1) or numel % cb.shape[0]):
                 raise ValueError(f"codebook {cb_name!r} has {cb.shape[0]} rows, "
-                                 f"tensor {name!r} has {shape[0]}")
+                                 f"tensor {name!r} has {shape[0]} (channel) and {numel} "
+                                 "elements (group rows must divide them)")
             if name in masks and tuple(masks[name].shape) != shape:
                 raise ValueError(f"mask of {name!r} has shape {tuple(masks[name].shape)}")
 

@@ -28,7 +28,7 @@ from .rows import (
     uniform_rows,
 )
 
-__all__ = ["GlobalRowsResult", "RowBlock", "solve_rows_global_rate"]
+__all__ = ["GlobalRowsResult", "RowBlock", "solve_rows_global_rate", "solve_rows_at"]
 
 
 class RowBlock(NamedTuple):
@@ -253,3 +253,19 @@ def solve_rows_global_rate(blocks: Sequence[RowBlock | tuple], target_bits: floa
         info={"method": method, "target_bits": T, "tol": tol, "codebook_bits": codebook_bits,
               "table_bits": table_bits, "level_cost": level_cost, "floor_bits": floor,
               "seconds": time.perf_counter() - t0})
+
+
+def solve_rows_at(blocks: Sequence[RowBlock | tuple], lam: float, method: str = "ecsq", *,
+                  codebook_bits: float = 16.0, table_bits: float = 4.0,
+                  level_cost: bool = True,
+                  map_fn: Callable[[Callable, Sequence], Iterable] = map,
+                  **opts: Any) -> list[RowsResult]:
+    """Every row of every block solved at one given λ (the last pass of
+    :func:`solve_rows_global_rate`, e.g. at a λ found on a sample of the rows)."""
+    if method not in ("ecsq", "uniform"):
+        raise ValueError(f"method must be 'ecsq' or 'uniform', got {method!r}")
+    opts = dict(opts)
+    if level_cost:
+        opts.setdefault("level_bits", float(codebook_bits) + float(table_bits))
+    fn = functools.partial(_eval_block, lam=lam, method=method, opts=opts, full=True)
+    return list(map_fn(fn, _normalize_blocks(blocks)))

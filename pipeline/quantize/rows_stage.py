@@ -15,7 +15,8 @@ split). Codebook values are rounded to fp16 (what `.hwq` stores), so the quantiz
 evaluated here is exactly the one the file decodes to.
 
 Each row's levels are stored most-frequent first: index 0 is the row's most used level, so the
-indices of all rows of a tensor share one Huffman table with little loss against per-row codes.
+rows of a tensor with the same number of levels share one Huffman table (the encoder groups
+them) with little loss against per-row codes.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from pipeline.quantize.rows import RowsResult
 __all__ = ["run_rows", "frequency_ranked", "RayBlockMap"]
 
 _BLOCK_WEIGHTS = 1 << 20  # weights per Ray task
+_SAMPLE = 8  # the λ search runs on every 8th row (when there are at least 512 rows)
 
 
 def frequency_ranked(res: RowsResult) -> tuple[np.ndarray, np.ndarray]:
@@ -88,24 +90,34 @@ def _kmeans_block(block, *, k: int, weighted: bool, n_init: int, iters: int, tol
 
 
 def coded_bits(parts: list[RowsResult]) -> dict[str, float]:
-    """Bits the .hwq file spends on the rows of one tensor (`parts`: its row blocks): Huffman
-    code of the frequency-ranked indices pooled over the rows (one table a tensor), fp16
-    codebook entries of the levels each row uses, a level count a row, the code lengths."""
+    """Bits the .hwq file spends on the rows of one tensor (`parts`: its row blocks): the
+    frequency-ranked indices of the rows with L levels share one Huffman table (one table per
+    level count, as the encoder writes them), fp16 codebook entries of the levels each row
+    uses, a level count a row, and the tables' code lengths."""
     from pipeline.encode.huffman import CodeTable
 
     K = max(p.counts.shape[1] for p in parts)
-    hist = np.zeros(K, np.int64)
+    hists: dict[int, np.ndarray] = {}
     levels = rows = 0
     for p in parts:
         ranked = -np.sort(-p.counts, axis=1)
-        hist[: ranked.shape[1]] += ranked.sum(axis=0)
+        for L in np.unique(p.levels):
+            h = ranked[p.levels == L, :L].sum(axis=0).astype(np.int64)
+            hists[int(L)] = hists.get(int(L), np.zeros(int(L), np.int64)) + h
         levels += int(p.levels.sum())
         rows += p.rows
-    used = int(np.flatnonzero(hist).max()) + 1 if hist.any() else 1
-    table = CodeTable.from_counts(hist[:used])
-    return {"indices": float(table.cost_bits(hist[:used])),
-            "codebooks": 16.0 * levels + (8 if K <= 255 else 16) * rows,
-            "tables": 8.0 * table.table_bytes()}
+    index = tables = 0.0
+    for h in hists.values():
+        if h.size > 1:
+            t = CodeTable.from_counts(h)
+            index += t.cost_bits(h)
+            tables += 8.0 * t.table_bytes()
+    return {"indices": index, "codebooks": 16.0 * levels + (8 if K <= 255 else 16) * rows,
+            "tables": tables}
+
+
+def _divisor_near(n: int, g: int) -> int:
+    return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: (abs(d - g), -d))
 
 
 def _as_rows(t: torch.Tensor) -> np.ndarray:
@@ -137,8 +149,8 @@ def run_rows(ctx: StageContext) -> dict:
     import ray
 
     from pipeline.hessian.stage import read_hessian
-    from pipeline.quantize.rate import RowBlock, solve_rows_global_rate
-    from pipeline.quantize.rows import floor_hessian, index_rate
+    from pipeline.quantize.rate import RowBlock, solve_rows_at, solve_rows_global_rate
+    from pipeline.quantize.rows import floor_hessian, index_rate, to_groups
     from pipeline.quantize.rows import rate as all_in_rate
     from pipeline.train.stage import model_stage
     from pipeline.workload import MODEL_JSON, Workload
@@ -156,6 +168,7 @@ def run_rows(ctx: StageContext) -> dict:
     blocks: list[RowBlock] = []
     owner: list[str] = []
     row0 = 0
+    group = q.scope == "group"
     for n in names:
         W = _as_rows(state[n])
         if not np.isfinite(W).all():
@@ -163,6 +176,12 @@ def run_rows(ctx: StageContext) -> dict:
         H = None
         if H_all is not None:
             H = floor_hessian(H_all[n].reshape(W.shape), q.hessian_floor)
+        if group:  # rows of group_size consecutive input columns
+            if W.shape[1] % q.group_size:
+                raise ValueError(f"quantize.group_size={q.group_size} does not divide the "
+                                 f"{W.shape[1]} columns of {n}; choose a divisor (e.g. "
+                                 f"{_divisor_near(W.shape[1], q.group_size)})")
+            W, H = to_groups(W, H, q.group_size, name=n)
         step = max(1, _BLOCK_WEIGHTS // max(W.shape[1], 1))
         for a in range(0, W.shape[0], step):
             b = min(W.shape[0], a + step)
@@ -173,8 +192,9 @@ def run_rows(ctx: StageContext) -> dict:
         row0 += W.shape[0]
     del H_all
     weights = sum(int(np.prod(shapes[n])) for n in names)
-    ctx.log.info("quantize: %s per channel, %d tensors, %d rows, %d weights in %d Ray blocks",
-                 q.method, len(names), row0, weights, len(blocks))
+    ctx.log.info("quantize: %s per %s, %d tensors, %d rows, %d weights in %d Ray blocks",
+                 q.method, "group of %d" % q.group_size if group else "channel", len(names),
+                 row0, weights, len(blocks))
     mapper = RayBlockMap()
     info: dict[str, Any] = {}
     if q.method in ("uniform", "ecsq"):
@@ -184,20 +204,27 @@ def run_rows(ctx: StageContext) -> dict:
         # The search meets a rate model (per-row entropy + 20 bits a level); the file codes
         # each tensor's indices with one Huffman table. Aim lower by the measured difference
         # until the bits the file will spend meet the target (one or two corrections).
+        # λ is searched on a sample of the rows (every SAMPLE-th row of every block: the rate
+        # is a mean over rows), then every row is solved once at the λ found.
+        sample = [RowBlock(b.W[::_SAMPLE], None if b.H is None else b.H[::_SAMPLE],
+                           b.row_offset) for b in blocks] if row0 >= 64 * _SAMPLE else blocks
         target, aim, lam0, evals = float(q.target_bits), float(q.target_bits), None, []
         for attempt in range(3):
-            res = solve_rows_global_rate(blocks, aim, q.method, map_fn=mapper, lam0=lam0,
-                                         **opts)
-            evals += res.evaluations
-            coded = _coded_rate(res.results, owner, names, weights)
+            found = solve_rows_global_rate(sample, aim, q.method, map_fn=mapper, lam0=lam0,
+                                           tol=0.005, **opts)
+            evals += found.evaluations
+            results = (found.results if sample is blocks else
+                       solve_rows_at(blocks, found.lam, q.method, map_fn=mapper, **opts))
+            planned = all_in_rate(results)
+            coded = _coded_rate(results, owner, names, weights)
             ctx.log.info("quantize: λ=%.4g: planned %.4f, coded %.4f bits/weight (target %.4f)",
-                         res.lam, res.rate, coded, target)
-            if coded <= target + 0.01 or aim - (coded - target) <= 0:
+                         found.lam, planned, coded, target)
+            if abs(coded - target) <= 0.01 or aim - (coded - target) <= 0:
                 break
-            aim, lam0 = aim - (coded - target), res.lam
-        results = res.results
-        info = {"lambda": res.lam, "planned_rate_bits": res.rate, "aimed_rate_bits": aim,
+            aim, lam0 = aim - (coded - target), found.lam
+        info = {"lambda": found.lam, "planned_rate_bits": planned, "aimed_rate_bits": aim,
                 "coded_rate_bits": coded, "lambda_evaluations": len(evals),
+                "full_passes": attempt + 1, "sample_rows": 1 if sample is blocks else _SAMPLE,
                 "evaluations": evals}
     else:
         fn = functools.partial(_kmeans_block, k=int(q.k), weighted=q.method == "hw_kmeans",
@@ -220,14 +247,15 @@ def run_rows(ctx: StageContext) -> dict:
                      "all_in_bits": all_in_rate(r),
                      "weighted_distortion": float(r.distortion.sum() / max(r.rows * r.n, 1))}
     raw = [n for n in state if n not in set(names)]
-    QuantizedModel(scope="channel", method=q.method, codebooks=codebooks, indices=indices,
+    QuantizedModel(scope=q.scope, method=q.method, codebooks=codebooks, indices=indices,
                    assignment={n: n for n in names}, raw=raw).write(out)
     out.write_json("layers.json", layers)
     ev = ray.get(remote(_evaluate_task, cpus="all").remote(cfg, src, out))
     wl = Workload(cfg)
     return {
         **wl.metric_fields("quantized", ev),
-        "quantize": {"method": q.method, "scope": "channel", "target_bits": q.target_bits,
+        "quantize": {"method": q.method, "scope": q.scope, "target_bits": q.target_bits,
+                     "group_size": q.group_size if group else None,
                      "k": q.k, "rows": row0, "weights": weights,
                      "index_entropy_bits": index_rate(results),
                      "all_in_bits": all_in_rate(results),

@@ -106,7 +106,19 @@ def base_files(folder: Path, seed: int = 0) -> dict[str, bytes]:
                               mask=mask),
         quant("dense.weight", (9,), "solo"),
     ]
+    # Per-row fp16 codebooks stored ragged, indices ordered by the rows' level counts, one
+    # table per level count (a language model's layout); a channel and a group tensor.
+    rowcb = np.sort(rng.normal(size=(8, 6)), axis=1).astype(np.float16).astype(np.float32)
+    levels = np.array([1, 3, 6, 2, 3, 6, 1, 4])
+    per_row = np.concatenate([rng.integers(0, L, 10) for L in levels])
+    cbs["rows"], cbs["groups"] = rowcb, np.repeat(rowcb, 2, axis=0)
+    ragged = [TensorEntry.quantized("lm.q", (8, 10), per_row, "rows", dtype="bfloat16"),
+              TensorEntry.quantized("lm.g", (8, 10), np.repeat(per_row.reshape(8, 10)[:, :5], 2,
+                                                                axis=0).reshape(-1), "groups",
+                                    dtype="float16"),
+              raws[0]]
     specs = {
+        "ragged-levels": (ragged, {"codebook_dtype": "float16", "chunk_symbols": 16}),
         "mixed-network": (quantized + raws, {"code_sharing": "network", "chunk_symbols": 64}),
         "mixed-tensor-fixed": (quantized[:8] + raws[:4], {"code_sharing": "tensor",
                                                          "fixed_length": True,

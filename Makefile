@@ -68,6 +68,9 @@ bench-paper: setup
 # installed here, beside the pinned torch, only for this benchmark.
 bench-llm: setup
 	$(PIP) install -q -c constraints.txt -r benchmarks/requirements-peers.txt
+	# llm-compressor 0.14 asks for transformers <= 5.17; its GPTQ runs with the project's
+	# transformers, so it is installed without its dependency pins (benchmarks only).
+	$(PIP) install -q -c constraints.txt --no-deps llmcompressor==0.14.0.1
 	$(BIN)/python benchmarks/llm_peers.py $(ARGS)
 
 clean:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import tempfile
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -318,7 +318,7 @@ def gptq(model: nn.Module, names: list[str], bits: int, group: int, calib_window
     from compressed_tensors.offload.dispatch import remove_dispatch
 
     remove_dispatch(model, onload_tensors=True)  # plain parameter dicts before writing weights
-    for name, mod in targets:
+    for _name, mod in targets:
         with torch.no_grad():
             w_hat = _ct_dequant(mod.weight.data.float(), mod.weight_scale.detach().float(),
                                 mod.weight_zero_point.detach(), mod.quantization_scheme.weights)

@@ -291,7 +291,6 @@ def _run(ctx: StageContext) -> dict:
     t0 = time.perf_counter()
     generic = not cfg.model.trained_here
     if generic:  # only the tensors to quantize, grouped by decoder blocks
-        from pipeline.hessian.lm import lm_param_groups
         from pipeline.workload import MODEL_JSON
 
         meta = src.read_json(MODEL_JSON)

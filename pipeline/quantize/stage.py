@@ -307,7 +307,7 @@ def _inputs(cfg: RunConfig) -> tuple[str, ...]:
 
 QUANTIZE = Stage(
     name="quantize",
-    version=1,
+    version=2,  # 2: loaded models' per-row codebooks are aimed at the file's coded rate
     inputs=_inputs,
     sections=lambda cfg: {"seed": cfg.seed, "quantize": cfg.quantize.model_dump(mode="json")},
     run=_run,

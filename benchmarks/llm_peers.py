@@ -202,8 +202,10 @@ def main(argv: list[str] | None = None) -> int:
         load.outputs = driver._read_manifest(load.store, load, next(
             p for p in plan(cfg) if p.stage.name == "load"), cfg)[0].model_dump()["outputs"]
         wl = Workload(cfg)
-        base_model = wl.model_from(load)
         names = load.read_json("model.json")["quantizable"]
+        needs_model = "unquantized" not in done or (
+            args.only in ("all", "peers") and any(f"{m}-{b}" not in done for m, b in PEER_ROWS))
+        base_model = wl.model_from(load) if needs_model else None
         if "unquantized" not in done:
             t = time.perf_counter()
             ppl = _evaluate(wl, base_model, load)
@@ -238,6 +240,10 @@ def main(argv: list[str] | None = None) -> int:
                       "bits_per_weight": info["bits_per_weight"], "perplexity": ppl,
                       "seconds": seconds, "note": info.get("note", "")})
                 del model
+        del base_model  # the hwq rows run in Ray workers: keep this process small
+        import gc
+
+        gc.collect()
         if args.only in ("all", "hwq"):
             for rid, label, quant in HWQ_ROWS:
                 for ft in (False,) if args.no_finetune else (False, True):

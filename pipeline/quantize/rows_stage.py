@@ -221,7 +221,7 @@ def run_rows(ctx: StageContext) -> dict:
         sample = [RowBlock(b.W[::_SAMPLE], None if b.H is None else b.H[::_SAMPLE],
                            b.row_offset) for b in blocks] if row0 >= 64 * _SAMPLE else blocks
         target, aim, lam0, evals = float(q.target_bits), float(q.target_bits), None, []
-        passes = 0
+        passes, best = 0, None
         while passes < 3:
             passes += 1
             found = solve_rows_global_rate(sample, aim, q.method, map_fn=mapper, lam0=lam0,
@@ -229,23 +229,30 @@ def run_rows(ctx: StageContext) -> dict:
             evals += found.evaluations
             results = (found.results if sample is blocks else
                        solve_rows_at(blocks, found.lam, q.method, map_fn=mapper, **opts))
-            planned = all_in_rate(results)
             coded = _coded_rate(results, owner, names, weights)
             ctx.log.info("quantize: λ=%.4g: planned %.4f, coded %.4f bits/weight (target %.4f)",
-                         found.lam, planned, coded, target)
+                         found.lam, all_in_rate(results), coded, target)
+            # Keep the pass closest to the target from below (or the lowest, if none is).
+            if best is None or (coded <= target and (best[0] > target or coded > best[0])) \
+                    or (best[0] > target and coded < best[0]):
+                best = (coded, found.lam, aim, results)
             # Within 0.015 bit below the target, never above it.
             if target - 0.015 <= coded <= target or aim - (coded - target) <= 0:
                 break
             aim, lam0 = aim - (coded - target) - 0.005, found.lam
-        info = {"lambda": found.lam, "planned_rate_bits": planned, "aimed_rate_bits": aim,
-                "coded_rate_bits": coded, "lambda_evaluations": len(evals),
-                "full_passes": passes, "sample_rows": 1 if sample is blocks else _SAMPLE,
-                "evaluations": evals}
+        coded, lam, aim, results = best
+        best = found = None  # the rows kept are `results`
+        info = {"lambda": lam, "planned_rate_bits": all_in_rate(results),
+                "aimed_rate_bits": aim, "coded_rate_bits": coded,
+                "lambda_evaluations": len(evals), "full_passes": passes,
+                "sample_rows": 1 if sample is blocks else _SAMPLE, "evaluations": evals}
     else:
         fn = functools.partial(_kmeans_block, k=int(q.k), weighted=q.method == "hw_kmeans",
                                n_init=q.n_init, iters=q.iters, tol=q.tol, seed=cfg.seed)
         results = mapper(fn, blocks)
-    del mapper
+    del mapper, blocks  # the Ray object store's copies go with the last references
+    if q.method in ("uniform", "ecsq"):
+        del sample
 
     codebooks: dict[str, torch.Tensor] = {}
     indices: dict[str, torch.Tensor] = {}
@@ -262,6 +269,8 @@ def run_rows(ctx: StageContext) -> dict:
                      "all_in_bits": all_in_rate(r),
                      "weighted_distortion": float(r.distortion.sum() / max(r.rows * r.n, 1))}
     raw = [n for n in state if n not in set(names)]
+    overall = {"index_entropy_bits": index_rate(results), "all_in_bits": all_in_rate(results)}
+    del state, results
     QuantizedModel(scope=q.scope, method=q.method, codebooks=codebooks, indices=indices,
                    assignment={n: n for n in names}, raw=raw).write(out)
     out.write_json("layers.json", layers)
@@ -272,7 +281,6 @@ def run_rows(ctx: StageContext) -> dict:
         "quantize": {"method": q.method, "scope": q.scope, "target_bits": q.target_bits,
                      "group_size": q.group_size if group else None,
                      "k": q.k, "rows": row0, "weights": weights,
-                     "index_entropy_bits": index_rate(results),
-                     "all_in_bits": all_in_rate(results),
+                     **overall,
                      "seconds": round(time.perf_counter() - t0, 3), **info},
     }

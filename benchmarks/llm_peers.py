@@ -91,7 +91,8 @@ def markdown(doc: dict) -> str:
     for r in sorted(rows, key=lambda r: (r["bits_per_weight"] or 99, r["id"])):
         ppl = [r["perplexity"].get(s) for s in sets]
         rel = [p / base["perplexity"][s] if (p and base) else None for p, s in zip(ppl, sets, strict=True)]
-        bits = f"{r['bits_per_weight']:.3f}" if r["bits_per_weight"] else "16 / 32 (source)"
+        bits = f"{r['bits_per_weight']:.3f}" if r["bits_per_weight"] else (
+            "–" if r["id"] != "unquantized" else f"{doc.get('source_bits', 32)} (source)")
         lines.append(f"| {r['label']} | {bits} | "
                      + " | ".join(f"{p:.3f}" if p else "–" for p in ppl) + " | "
                      + " | ".join(f"{x:.3f}" if x else "–" for x in rel)
@@ -203,13 +204,15 @@ def main(argv: list[str] | None = None) -> int:
             p for p in plan(cfg) if p.stage.name == "load"), cfg)[0].model_dump()["outputs"]
         wl = Workload(cfg)
         names = load.read_json("model.json")["quantizable"]
+        dtype = load.read_json("model.json").get("dtype") or "float32"
+        doc["source_bits"] = {"float32": 32, "bfloat16": 16, "float16": 16}.get(dtype, 32)
         needs_model = "unquantized" not in done or (
             args.only in ("all", "peers") and any(f"{m}-{b}" not in done for m, b in PEER_ROWS))
         base_model = wl.model_from(load) if needs_model else None
         if "unquantized" not in done:
             t = time.perf_counter()
             ppl = _evaluate(wl, base_model, load)
-            keep({"id": "unquantized", "label": "unquantized (source weights)",
+            keep({"id": "unquantized", "label": "unquantized (the weights as loaded)",
                   "family": "unquantized", "bits_per_weight": None, "perplexity": ppl,
                   "seconds": time.perf_counter() - t + rec["compute_seconds"]})
         if args.only in ("all", "peers"):

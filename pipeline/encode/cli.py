@@ -149,6 +149,11 @@ def _decode_hf(args) -> int:
         for name, data in files.items():
             with open(os.path.join(tmp, name), "wb") as f:
                 f.write(data)
+        mask = os.umask(0)  # the umask's modes, as any folder and file the user writes
+        os.umask(mask)
+        for name in os.listdir(tmp):
+            os.chmod(os.path.join(tmp, name), 0o666 & ~mask)
+        os.chmod(tmp, 0o777 & ~mask)
         if os.path.isdir(out):
             os.rmdir(out)
         os.replace(tmp, out)

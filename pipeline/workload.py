@@ -196,6 +196,15 @@ class Workload:
             by = {k: self.metric(model, v) for k, v in sets.items()}
         return {"value": sum(by.values()) / len(by), "by_set": by}
 
+    def evaluate_quantized(self, load, qm) -> dict[str, Any]:
+        """`evaluate` of the model of model stage `load` with quantized model `qm`'s weights
+        (its codebooks as given: the quantize stage's or the fine-tuned ones)."""
+        model = self.model_from(load)
+        base = model.state_dict()
+        model.load_state_dict(qm.dense_state({n: base[n] for n in qm.assignment}, {}),
+                              strict=False)
+        return self.evaluate(model, load)
+
     def metric_fields(self, stage: str, result: dict[str, Any]) -> dict[str, Any]:
         """Report fields of one evaluation: `<stage>_<metric>` (and `..._by_set` for several)."""
         key = f"{stage}_{self.metric.name}"

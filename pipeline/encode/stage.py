@@ -72,25 +72,35 @@ def quantized_bits(acct: dict, n_quantized_entries: int, n_entries: int) -> int:
     return int(round(b["indices"] + b["positions"] + b["codebooks"] + b["code_tables"] + header))
 
 
-def _decode_and_evaluate(cfg: RunConfig, out: StageDir, expected: dict[str, torch.Tensor]):
-    from pipeline.data import load_split
+def _decoded_state(out: StageDir, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors of the file this stage just wrote, each checked bit for bit (and dtype)
+    against what it must decode to."""
     from pipeline.encode.container import read_hwq
-    from pipeline.evaluate import accuracy_of_state
 
-    task_threads()
     # The file was written by this stage a moment ago: allow exactly what it must decode to
     # (the default limits are for files of unknown origin, docs/SECURITY.md).
     want = sum(t.numel() * t.element_size() for t in expected.values())
     decoded = read_hwq(out.url(FILE), storage_options=out.store.storage_options,
                        max_output_bytes=want)
     state = {}
-    for name, want in expected.items():
-        got = decoded[name]
-        if got.shape != tuple(want.shape) or not np.array_equal(got, want.numpy()):
+    for name, t in expected.items():
+        got = torch.from_numpy(np.array(decoded[name]))
+        if t.dtype == torch.bfloat16 and got.dtype != torch.bfloat16:  # bf16 comes as bits
+            got = got.view(torch.int16).view(torch.bfloat16)
+        if tuple(got.shape) != tuple(t.shape) or got.dtype != t.dtype or not torch.equal(got, t):
             raise RuntimeError(f"{out.url(FILE)}: tensor {name} does not decode to the "
                                "quantized weights; the encoder is broken")
-        state[name] = torch.from_numpy(np.array(got))
-    return accuracy_of_state(cfg.model.name, state, load_split(cfg.data.root, "test"))
+        state[name] = got
+    return state
+
+
+def _decode_and_evaluate(cfg: RunConfig, out: StageDir, expected: dict[str, torch.Tensor]):
+    from pipeline.data import load_split
+    from pipeline.evaluate import accuracy_of_state
+
+    task_threads()
+    return accuracy_of_state(cfg.model.name, _decoded_state(out, expected),
+                             load_split(cfg.data.root, "test"))
 
 
 def _run(ctx: StageContext) -> dict:
@@ -142,26 +152,13 @@ def _run(ctx: StageContext) -> dict:
 
 def _decode_and_evaluate_loaded(cfg: RunConfig, out: StageDir, src: StageDir,
                                 expected: dict[str, torch.Tensor]) -> dict:
-    from pipeline.encode.container import read_hwq
-    from pipeline.workload import Workload, load_state
+    from pipeline.workload import MODEL_JSON, Workload, load_state
 
     task_threads()
-    want = sum(t.numel() * t.element_size() for t in expected.values())
-    decoded = read_hwq(out.url(FILE), storage_options=out.store.storage_options,
-                       max_output_bytes=want)
-    state = {}
-    for name, t in expected.items():
-        got = torch.from_numpy(np.array(decoded[name]))
-        if t.dtype == torch.bfloat16:
-            got = got.view(torch.int16).view(torch.bfloat16) if got.dtype != torch.bfloat16 \
-                else got
-        if tuple(got.shape) != tuple(t.shape) or got.dtype != t.dtype or not torch.equal(got, t):
-            raise RuntimeError(f"{out.url(FILE)}: tensor {name} does not decode to the "
-                               "quantized weights; the encoder is broken")
-        state[name] = got
+    state = _decoded_state(out, expected)
     wl = Workload(cfg)
     model = wl.model_from(src)
-    load_state(model, state, src.read_json("model.json").get("tied", {}))
+    load_state(model, state, src.read_json(MODEL_JSON).get("tied", {}))
     return wl.evaluate(model, src)
 
 

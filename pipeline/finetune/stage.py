@@ -334,11 +334,7 @@ def finetune_worker(conf: dict[str, Any]) -> None:
         out.write_safetensors(CODEBOOKS, codebooks)
         quantized.codebooks = codebooks
         if generic:
-            fresh = wl.model_from(conf["model"])
-            base = fresh.state_dict()
-            fresh.load_state_dict(quantized.dense_state(
-                {k: base[k] for k in quantized.assignment}, {}), strict=False)
-            ev = wl.evaluate(fresh, conf["model"])
+            ev = wl.evaluate_quantized(conf["model"], quantized)
             scores = wl.metric_fields("finetuned", ev)
             acc = ev["value"]
         else:

@@ -56,15 +56,20 @@ def source_digest(cfg: RunConfig) -> dict[str, Any]:
     if m.checkpoint and "://" not in m.checkpoint and Path(m.checkpoint).is_file():
         out["checkpoint"] = _hash_files([Path(m.checkpoint)])
     if cfg.data.name == "text":
-        from pipeline.data.text import read_text
-        from pipeline.workload import _sources
-
-        opts = cfg.store.storage_options()
-        texts = {"calibration": cfg.data.calibration, **{f"eval/{k}": v
-                                                           for k, v in cfg.data.eval.items()}}
-        out["texts"] = {k: hashlib.sha256(read_text(_sources(v), opts).encode()).hexdigest()
-                        for k, v in texts.items()}
+        out["texts"] = text_digests(cfg)
     return out
+
+
+def text_digests(cfg: RunConfig) -> dict[str, str]:
+    """sha256 of the calibration text and of each eval text, as read."""
+    from pipeline.data.text import read_text
+    from pipeline.workload import _sources
+
+    opts = cfg.store.storage_options()
+    texts = {"calibration": cfg.data.calibration, **{f"eval/{k}": v
+                                                       for k, v in cfg.data.eval.items()}}
+    return {k: hashlib.sha256(read_text(_sources(v), opts).encode()).hexdigest()
+            for k, v in texts.items()}
 
 
 def _load_task(cfg: RunConfig, out, expect: dict[str, Any]) -> dict:
@@ -88,7 +93,7 @@ def _load_task(cfg: RunConfig, out, expect: dict[str, Any]) -> dict:
         tok = adapter.tokenizer() if hasattr(adapter, "tokenizer") else None
         if tok is None:
             raise ValueError(f"model {cfg.model.name!r} has no tokenizer for data.name=text")
-        if source_digest(cfg).get("texts") != expect.get("texts"):
+        if text_digests(cfg) != expect.get("texts"):
             raise ValueError("a text changed while the run was planned; rerun to use it")
         out.write_safetensors(WINDOWS, wl.tokenize(tok))
         if cfg.model.name == "hf_causal_lm":

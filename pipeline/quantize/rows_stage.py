@@ -139,13 +139,7 @@ def _evaluate_task(cfg, src, out) -> dict:
     from pipeline.workload import Workload
 
     task_threads()
-    wl = Workload(cfg)
-    model = wl.model_from(src)
-    qm = QuantizedModel.read(out)
-    base = {k: v for k, v in model.state_dict().items()}
-    state = qm.dense_state({n: base[n] for n in qm.assignment}, {})
-    model.load_state_dict(state, strict=False)
-    return wl.evaluate(model, src)
+    return Workload(cfg).evaluate_quantized(src, QuantizedModel.read(out))
 
 
 def _coded_rate(results, owner, names, weights) -> float:

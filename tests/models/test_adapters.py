@@ -13,38 +13,15 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
+from pipeline.testing import tiny_llama as _tiny_llama  # noqa: E402
+from pipeline.testing import tiny_tokenizer  # noqa: E402
+
 VOCAB = 300
-WORDS = ("the quick brown fox jumps over a lazy dog while hessian weighted quantization of "
-         "every layer keeps the loss low and the file small").split()
-
-
-def corpus(lines: int = 200, seed: int = 0) -> str:
-    rng = np.random.default_rng(seed)
-    return "".join(" ".join(rng.choice(WORDS, size=rng.integers(3, 12))) + ".\n"
-                   for _ in range(lines))
-
-
-def tiny_tokenizer(vocab: int = VOCAB):
-    """A byte-level BPE trained on `corpus()`, as a transformers fast tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([corpus()], trainers.BpeTrainer(
-        vocab_size=vocab, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        special_tokens=["<s>", "</s>"]))
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>",
-                                                eos_token="</s>")
 
 
 def tiny_llama(vocab: int = VOCAB, seed: int = 0, **kw):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128,
-                                   num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, max_position_embeddings=128,
-                                   tie_word_embeddings=False, **kw)
-    return transformers.LlamaForCausalLM(cfg).eval()
+    kw.setdefault("tie_word_embeddings", False)
+    return _tiny_llama(vocab, seed, **kw)
 
 
 LINEARS = [f"model.layers.{i}.{m}.weight" for i in range(2) for m in

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from .bitio import MAX_CODE_LENGTH, DecodeError
+from .codebooks import count_dtype, decode_codebook, encode_codebook, level_classes, row_levels
 from .huffman import (
     CodeTable,
     EncodedChunk,
@@ -354,10 +355,10 @@ def write_hwq(
     if codebook_dtype not in ("float32", "float16"):
         raise ValueError(f"codebook_dtype must be 'float32' or 'float16', got {codebook_dtype!r}")
     prepared, cbs = _prepare(entries, codebooks, code_sharing)
-    levels = _row_levels(prepared, cbs) if codebook_dtype == "float16" else {}
+    levels = row_levels(prepared, cbs) if codebook_dtype == "float16" else {}
     for p in prepared:
         if p.codes is not None and p.mask is None and p.entry.codebook in levels:
-            p.classes = _level_classes(p.codes, levels[p.entry.codebook])
+            p.classes = level_classes(p.codes, levels[p.entry.codebook])
 
     # Code tables: pooled histograms per group; a group with no symbols gets no table.
     # Level-ordered tensors: one table per (group, level count).
@@ -434,7 +435,7 @@ def write_hwq(
 
     h_codebooks = []
     for name, a in cbs.items():
-        blob, extra = _encode_codebook(name, a, codebook_dtype, levels.get(name))
+        blob, extra = encode_codebook(name, a, codebook_dtype, levels.get(name))
         o, n, c = put(blob)
         h_codebooks.append(
             {"name": name, "shape": list(a.shape), "dtype": codebook_dtype, **extra,
@@ -501,79 +502,6 @@ def write_hwq(
 
     parsed = _parse_header(str(path_or_url), header, payload_start + offset)
     return _accounting(parsed, table_hist, payload_start)
-
-
-def _row_levels(prepared: list[_Prepared], cbs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """For each per-row codebook: levels each row needs (1 + its largest code over every
-    tensor using it; unmasked tensors only — a masked one keeps all k)."""
-    out: dict[str, np.ndarray] = {}
-    for p in prepared:
-        if p.codes is None or cbs[p.entry.codebook].ndim != 2:
-            continue
-        cb = cbs[p.entry.codebook]
-        rows, k = cb.shape
-        if p.mask is not None or rows == 0:
-            need = np.full(rows, k, np.int64)
-        else:
-            need = p.codes.reshape(rows, -1).max(axis=1, initial=0).astype(np.int64) + 1
-        prev = out.get(p.entry.codebook)
-        out[p.entry.codebook] = need if prev is None else np.maximum(prev, need)
-    return out
-
-
-def _level_classes(codes: np.ndarray, levels: np.ndarray) -> list[tuple[int, np.ndarray]]:
-    """The codes of a dense per-row-codebook tensor, grouped by the level count of their
-    codebook row: [(L, the codes of every row with L levels, rows in order)], L ascending."""
-    rows = levels.shape[0]
-    c2 = codes.reshape(rows, -1)
-    return [(int(L), np.ascontiguousarray(c2[levels == L]).reshape(-1))
-            for L in np.unique(levels)]
-
-
-def _count_dtype(k: int) -> str:
-    return "<u1" if k <= 255 else "<u2"
-
-
-def _encode_codebook(name: str, a: np.ndarray, dtype: str,
-                     levels: np.ndarray | None) -> tuple[bytes, dict]:
-    """The stored bytes of one codebook and its extra header fields."""
-    if dtype == "float32":
-        return a.tobytes(), {}
-    h = a.astype("<f2")
-    if not np.array_equal(h.astype("<f4"), a, equal_nan=False):
-        raise ValueError(f"codebook {name!r} holds values that float16 cannot represent "
-                         "exactly; round them first (codebook_dtype='float16')")
-    if a.ndim == 1 or levels is None:
-        return h.tobytes(), {}
-    keep = np.arange(a.shape[1])[None, :] < levels[:, None]
-    return levels.astype(_count_dtype(a.shape[1])).tobytes() + h[keep].tobytes(), \
-        {"ragged": True}
-
-
-def _decode_codebook(buf: bytes, shape: tuple[int, ...], dtype: str, ragged: bool,
-                     what: str) -> np.ndarray:
-    """float32 array of `shape` from a stored codebook; a ragged row's unused slots repeat its
-    first level (no code refers to them)."""
-    if dtype == "float32":
-        return np.frombuffer(buf, "<f4").reshape(shape)
-    if not ragged:
-        return np.frombuffer(buf, "<f2").astype(np.float32).reshape(shape)
-    rows, k = shape
-    cd = np.dtype(_count_dtype(k))
-    counts = np.frombuffer(buf[: rows * cd.itemsize], cd).astype(np.int64)
-    if counts.size and (counts.min() < 1 or counts.max() > k):
-        raise _Bad(f"{what}: a row has a level count outside [1, {k}]")
-    values = buf[rows * cd.itemsize:]
-    if len(values) != 2 * int(counts.sum()):
-        raise _Bad(f"{what}: {len(values)} value bytes for {int(counts.sum())} levels")
-    flat = np.frombuffer(values, "<f2").astype(np.float32)
-    keep = np.arange(k)[None, :] < counts[:, None]
-    out = np.empty((rows, k), np.float32)
-    out[keep] = flat
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]) if rows else np.zeros(0, np.int64)
-    first = flat[starts] if rows else np.zeros(0, np.float32)
-    out[~keep] = np.broadcast_to(first[:, None], (rows, k))[~keep]
-    return out
 
 
 def _payload_start(header_len: int) -> int:
@@ -794,7 +722,7 @@ def _parse_header_inner(h: Any, file_bytes: int) -> _Header:
         sec = _section(c, f"codebook {name!r}", payload)
         if ragged:
             rows, k = shape
-            cw = np.dtype(_count_dtype(k)).itemsize
+            cw = np.dtype(count_dtype(k)).itemsize
             if not rows * (cw + 2) <= sec.length <= rows * (cw + 2 * k):
                 raise _Bad(f"codebook {name!r}: {sec.length} bytes for a ragged {shape}")
         elif sec.length != (4 if dtype == "float32" else 2) * math.prod(shape):
@@ -1268,12 +1196,12 @@ class HwqReader:
         for name, (shape, sec, dtype, ragged) in self._h.codebooks.items():
             if id(sec) in data and name not in self._codebooks:
                 try:
-                    self._codebooks[name] = _decode_codebook(bytes(data[id(sec)]), shape, dtype,
-                                                             ragged, f"codebook {name!r}")
-                except _Bad as e:
+                    self._codebooks[name] = decode_codebook(bytes(data[id(sec)]), shape, dtype,
+                                                            ragged, f"codebook {name!r}")
+                except ValueError as e:
                     self._fail(str(e))
                 if ragged:
-                    cd = np.dtype(_count_dtype(shape[1]))
+                    cd = np.dtype(count_dtype(shape[1]))
                     self._levels[name] = np.frombuffer(
                         bytes(data[id(sec)])[: shape[0] * cd.itemsize], cd).astype(np.int64)
         return data

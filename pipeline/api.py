@@ -67,7 +67,8 @@ def to_config(config: RunConfig | Mapping[str, Any] | str | os.PathLike | None =
 
 def compress(config: RunConfig | Mapping[str, Any] | str | os.PathLike | None = None,
              overrides: Iterable[str] | Mapping[str, Any] = (), *,
-             force: Iterable[str] = (), keep_ray: bool = False, **sections: Any) -> dict[str, Any]:
+             force: Iterable[str] = (), keep_ray: bool = False, out: str | None = None,
+             hf_out: bool = False, **sections: Any) -> dict[str, Any]:
     """Run every stage of the config not already in its store; return the report.
 
     config: a RunConfig, a dict of sections, or a YAML path (None: the LeNet-5 defaults).
@@ -76,6 +77,8 @@ def compress(config: RunConfig | Mapping[str, Any] | str | os.PathLike | None = 
         `store="s3://bucket/prefix"`, `executor={"address": "auto"}`.
     force: stages to recompute with everything downstream of them.
     keep_ray: leave the Ray runtime this call started running (for several calls in a row).
+    out: a folder or URL to copy the final model.hwq to (with hf_out, also the decoded
+        Hugging Face folder, hf/); the report's `output` says where (pipeline/outputs.py).
 
     Returns the report: {"name", "config_digest", "model", "metric", "stages", "metrics",
     "seconds"} — what report.json holds; metrics are keyed `<stage>_<metric name>`
@@ -85,7 +88,7 @@ def compress(config: RunConfig | Mapping[str, Any] | str | os.PathLike | None = 
 
     cfg = to_config(config, overrides, **sections)
     try:
-        return driver.run(cfg, force=list(force))
+        return driver.run(cfg, force=list(force), out=out, hf_out=hf_out)
     finally:
         if not keep_ray:
             from pipeline.executor import shutdown_ray

@@ -1,6 +1,7 @@
 """`hwq`: the command line.
 
     hwq run CONFIG [--store URL] [--ray-address ADDR] [--set section.key=value ...] [--force STAGE]
+            [--out DIR_OR_URL [--hf-out]]
     hwq status ROOT          each stage of the last run: key, cached or run, seconds, headline
     hwq report ROOT [--json] the run's report
 """
@@ -22,6 +23,7 @@ examples:
   hwq run configs/lenet5_fmnist.yaml --force quantize       # rerun quantize and downstream
   hwq run configs/lenet5_fmnist.yaml --store s3://bucket/hwq --ray-address auto
   hwq run configs/smollm2_135m.yaml --set quantize.target_bits=4  # a causal LM
+  hwq run configs/smollm2_135m.yaml --out s3://bucket/models/smollm2 --hf-out  # stable path
   hwq decode runs/default/stages/encode-<key>/model.hwq --hf-out smollm2-3bit
   hwq status runs/default
   hwq report runs/default --json
@@ -55,7 +57,8 @@ def _cmd_run(args) -> int:
         overrides.append(f"store.endpoint_url={args.endpoint_url}")
     if args.ray_address:
         overrides.append(f"executor.address={args.ray_address}")
-    report = compress(args.config, overrides, force=args.force or [])
+    report = compress(args.config, overrides, force=args.force or [], out=args.out,
+                      hf_out=args.hf_out)
     print()
     from pipeline.report import render_markdown
 
@@ -64,10 +67,11 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_status(args) -> int:
-    from pipeline.driver import status
+    from pipeline.driver import published_output, status
     from pipeline.store import Store
 
-    rows = status(Store(args.root, _store_options(args), create=False))
+    store = Store(args.root, _store_options(args), create=False)
+    rows = status(store)
     print(f"{'stage':<10} {'key':<18} {'state':<9} {'seconds':>8}  headline")
     for r in rows:
         state = "missing" if not r["complete"] else ("cached" if r["cached"] else "ran")
@@ -77,6 +81,9 @@ def _cmd_status(args) -> int:
             for k, v in r["metrics"].items() if not isinstance(v, (dict, list))
         )
         print(f"{r['stage']:<10} {r['key']:<18} {state:<9} {secs:>8}  {_printable(head)}")
+    out = published_output(store)
+    if out:
+        print(f"output: {_printable(out)}")
     return 0
 
 
@@ -121,6 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config value, e.g. --set quantize.k=32 (repeatable)")
     r.add_argument("--force", action="append", metavar="STAGE",
                    help="recompute STAGE and everything downstream (repeatable)")
+    r.add_argument("--out", metavar="DIR_OR_URL",
+                   help="copy the final model.hwq to this folder or s3:// URL (a stable path "
+                   "for a scheduled job; output.json beside it is written last)")
+    r.add_argument("--hf-out", action="store_true",
+                   help="with --out: also write the decoded model as a Hugging Face folder "
+                   "(DIR/hf/, language models only)")
     r.set_defaults(func=_cmd_run)
 
     s = sub.add_parser("status", help="show the stages of the last run in a store")
@@ -140,11 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _extra_commands():
-    """Subcommands contributed by stage packages (decode/inspect, sweep)."""
+    """Subcommands contributed by stage packages (decode/inspect, sweep, batch)."""
+    from pipeline.batch import add_commands as batch_commands
     from pipeline.encode.cli import add_commands as encode_commands
     from pipeline.sweep import add_commands as sweep_commands
 
-    return [encode_commands, sweep_commands]
+    return [encode_commands, sweep_commands, batch_commands]
 
 
 def _user_error(e: BaseException) -> BaseException | None:

@@ -257,10 +257,25 @@ class EncodeConfig(_Section):
 class ExecutorConfig(_Section):
     address: str | None = None  # None: embedded local Ray; "auto" or ray://host:10001
     num_cpus: int | None = Field(None, ge=1)  # embedded Ray only; None = all cores
+    # GPUs each compute task and fine-tune worker asks for (train, prune, Hessian, quantize,
+    # evaluation); None: one if the cluster shows a GPU when the stage starts. Set it on a
+    # GPU pool that scales from zero: only a request makes the autoscaler add a GPU node.
+    gpus_per_task: float | None = Field(None, ge=0)
+    cpus_per_task: int | None = Field(None, ge=1)  # a Hessian/quantize task; None: shared
+    # A train/prune/evaluate task and each fine-tune worker; None: all CPUs of an embedded
+    # Ray, the smallest live node's on a cluster.
+    cpus_per_worker: int | None = Field(None, ge=1)
+    # Stage leases (pipeline/lease.py): a holder renews every ttl/4 s; a dead holder's lease
+    # is taken over after ttl; another run waits up to lease_wait_s for a live holder.
+    lease_ttl_s: float = Field(60.0, ge=1)
+    lease_wait_s: float = Field(900.0, ge=0)
 
 
 class StoreConfig(_Section):
     url: str = "runs/default"  # local folder or s3://bucket/prefix
+    # A local path on a multi-node cluster must be one filesystem every node mounts (NFS,
+    # a shared volume); say so here, or hwq refuses it (each node would write its own).
+    shared: bool = False
     endpoint_url: str | None = None  # S3-compatible server; else AWS_ENDPOINT_URL or AWS
     key: str | None = None  # else AWS_ACCESS_KEY_ID / the usual credential chain
     secret: str | None = None

@@ -89,6 +89,8 @@ def run(
     report_prefix: str = "",
     init_executor: bool = True,
     until: str | None = None,
+    out: str | None = None,
+    hf_out: bool = False,
 ) -> dict[str, Any]:
     """Run every enabled stage not already complete in the store; write the report.
 
@@ -96,6 +98,7 @@ def run(
     report_prefix: folder (relative to the store root) for config/report files, so several
         runs (a sweep) can share one store's stage cache.
     until: run the stages up to and including this one, and write no report.
+    out, hf_out: copy the final .hwq (and the decoded model folder) there (pipeline/outputs.py).
     Returns the report (the content of report.json).
     """
     store = open_store(cfg)
@@ -111,6 +114,9 @@ def run(
         plans = plans[: names.index(until) + 1]
 
     pre = f"{report_prefix.strip('/')}/" if report_prefix else ""
+    from pipeline.outputs import check_publishable
+
+    check_publishable(cfg, out, hf_out)
     store.check_access()
     check_against_model(cfg)
     store.write_text(f"{pre}config.yaml", yaml.safe_dump(cfg.redacted(), sort_keys=False))
@@ -118,6 +124,11 @@ def run(
         from pipeline.executor import init_ray
 
         init_ray(cfg.executor.address, cfg.executor.num_cpus)
+    from pipeline.executor import configure
+
+    configure(cfg.executor)
+    check_store_reaches_every_node(cfg, store)
+    ledger = _ledger()
 
     log.info("run %s: %d stages, store %s", cfg.name, len(plans), store.url)
     dirs: dict[str, StageDir] = {}
@@ -133,48 +144,73 @@ def run(
             log.warning("[%d/%d] %s: %s; recomputing", i, len(plans), name, invalid)
         stale_inputs = recomputed & set(p.inputs)
         if manifest is not None and not stale_inputs:
-            sd.outputs = {f: o.model_dump() for f, o in manifest.outputs.items()}
-            why = sd.verify()
-            if why is None:
-                dirs[name] = sd
-                records[name] = {
-                    "key": p.key,
-                    "cached": True,
-                    "seconds": round(time.perf_counter() - t0, 3),
-                    "compute_seconds": manifest.timings.seconds,
-                    "metrics": manifest.metrics,
-                }
-                log.info("[%d/%d] %-9s cached  (key %s)", i, len(plans), name, p.key)
+            hit = _cache_hit(sd, manifest, p, i, len(plans), t0)
+            if hit is not None:
+                dirs[name], records[name] = sd, hit
                 continue
-            log.warning("[%d/%d] %s: cached artifacts fail verification (%s); recomputing",
-                        i, len(plans), name, why)
-        reason = ("forced" if name in forced else
-                  "inputs recomputed" if stale_inputs else
-                  "incomplete, resuming" if store.exists(sd.prefix) else "new")
-        log.info("[%d/%d] %-9s running (key %s, %s)", i, len(plans), name, p.key, reason)
-        store.remove(sd.prefix)  # a killed earlier attempt may have left partial files
-        sd.outputs = None  # being written: its own reads are of what it just wrote
-        ctx = StageContext(cfg, store, sd, {n: dirs[n] for n in p.inputs}, sections=p.config)
-        started = time.time()
-        metrics = p.stage.run(ctx) or {}
-        seconds = time.perf_counter() - t0
-        sd.outputs = sd.hash_outputs()
-        unwritten = [f for f in p.stage.outputs(cfg) if f not in sd.outputs]
-        if unwritten:  # a bug in the stage, not the user's: no manifest, so no false hit
-            raise RuntimeError(f"stage {name} finished without writing {', '.join(unwritten)}")
-        manifest = {
-            "stage": name,
-            "key": p.key,
-            "format_version": p.stage.version,
-            "config": p.config,
-            "config_digest": digest(cfg),
-            "inputs": p.inputs,
-            "outputs": sd.outputs,
-            "metrics": metrics,
-            "timings": {"started": started, "seconds": round(seconds, 3)},
-            "versions": _versions(),
-        }
-        store.write_json(sd.rel(MANIFEST), manifest)  # last: the stage is complete now
+        if name not in forced and not stale_inputs:
+            # Another run may be computing this very stage: wait for it, or take over its
+            # lease if it died. If it finished meanwhile, this is a cache hit after all.
+            lease = _lease(cfg, store, sd)
+            finished: list[Manifest] = []
+
+            def done(sd=sd, p=p, finished=finished) -> bool:
+                m, _ = _read_manifest(store, sd, p, cfg)
+                if m is not None:
+                    finished.append(m)
+                return m is not None
+
+            if not lease.acquire(done):
+                hit = _cache_hit(sd, finished[-1], p, i, len(plans), t0)
+                if hit is not None:
+                    dirs[name], records[name] = sd, hit
+                    continue
+                lease.acquire()
+            m, _ = _read_manifest(store, sd, p, cfg)  # finished just before we took it?
+            if m is not None:
+                hit = _cache_hit(sd, m, p, i, len(plans), t0)
+                if hit is not None:
+                    lease.release()
+                    dirs[name], records[name] = sd, hit
+                    continue
+        else:
+            lease = _lease(cfg, store, sd)
+            lease.acquire()
+        try:
+            reason = ("forced" if name in forced else
+                      "inputs recomputed" if stale_inputs else
+                      "incomplete, resuming" if store.exists(sd.prefix) else "new")
+            log.info("[%d/%d] %-9s running (key %s, %s)", i, len(plans), name, p.key, reason)
+            store.remove(sd.prefix)  # a killed earlier attempt may have left partial files
+            sd.outputs = None  # being written: its own reads are of what it just wrote
+            ctx = StageContext(cfg, store, sd, {n: dirs[n] for n in p.inputs}, sections=p.config)
+            started = time.time()
+            if ledger is not None:
+                ledger.begin(name)
+            metrics = p.stage.run(ctx) or {}
+            seconds = time.perf_counter() - t0
+            placement = ledger.take(name) if ledger is not None else {}
+            sd.outputs = sd.hash_outputs()
+            unwritten = [f for f in p.stage.outputs(cfg) if f not in sd.outputs]
+            if unwritten:  # a bug in the stage, not the user's: no manifest, so no false hit
+                raise RuntimeError(f"stage {name} finished without writing {', '.join(unwritten)}")
+            manifest = {
+                "stage": name,
+                "key": p.key,
+                "format_version": p.stage.version,
+                "config": p.config,
+                "config_digest": digest(cfg),
+                "inputs": p.inputs,
+                "outputs": sd.outputs,
+                "metrics": metrics,
+                "timings": {"started": started, "seconds": round(seconds, 3)},
+                "versions": _versions(),
+                "placement": placement,
+            }
+            lease.check()  # a run that lost its lease must not write over the new holder's
+            store.write_json(sd.rel(MANIFEST), manifest)  # last: the stage is complete now
+        finally:
+            lease.release()
         dirs[name] = sd
         recomputed.add(name)
         records[name] = {"key": p.key, "cached": False, "seconds": round(seconds, 3),
@@ -186,13 +222,88 @@ def run(
         return {"stages": records}
     from pipeline.report import build_report, render_markdown
 
+    output = None
+    if out is not None:
+        from pipeline.outputs import publish
+
+        output = publish(cfg, store, dirs["encode"], out=out, hf_out=hf_out)
+        log.info("output: %s (%s)", output["url"], ", ".join(output["files"]))
     report = build_report(cfg, plans, records, time.perf_counter() - t_run)
+    if output is not None:
+        report["output"] = output
     store.write_json(f"{pre}report.json", report)
     store.write_text(f"{pre}report.md", render_markdown(report))
-    store.write_json(f"{pre}{RUN_INDEX}", {"config_digest": report["config_digest"],
-                                           "stages": [[n, records[n]["key"]] for n in names]})
+    index = {"config_digest": report["config_digest"],
+             "stages": [[n, records[n]["key"]] for n in names]}
+    if output is not None:
+        index["output"] = output["url"]
+    store.write_json(f"{pre}{RUN_INDEX}", index)
     log.info("report: %s", store.full_url(f"{pre}report.md"))
     return report
+
+
+def _cache_hit(sd: StageDir, manifest: Manifest, p: StagePlan, i: int, n: int,
+               t0: float) -> dict[str, Any] | None:
+    """The stage's record if its folder verifies against `manifest`, else None (recompute).
+
+    On S3 the folder is checked from one listing: each file's size and the ETag the server
+    gave it when the stage was written (recorded in the manifest), so a cache hit downloads
+    only the manifest. Every later read of a file still checks its sha256. Elsewhere (a local
+    folder, a manifest without ETags) every file is hashed again."""
+    name = p.stage.name
+    sd.outputs = {f: o.model_dump(exclude_none=True) for f, o in manifest.outputs.items()}
+    why = sd.verify_listing()
+    how = "size+ETag listing"
+    if why == "no etags":
+        why, how = sd.verify(), "sha256"
+    if why is not None:
+        log.warning("[%d/%d] %s: cached artifacts fail verification (%s); recomputing",
+                    i, n, name, why)
+        return None
+    log.info("[%d/%d] %-9s cached  (key %s, verified by %s)", i, n, name, p.key, how)
+    return {"key": p.key, "cached": True, "verified": how,
+            "seconds": round(time.perf_counter() - t0, 3),
+            "compute_seconds": manifest.timings.seconds, "metrics": manifest.metrics}
+
+
+def _lease(cfg: RunConfig, store: Store, sd: StageDir):
+    from pipeline.lease import StageLease
+
+    return StageLease(store, sd.prefix, ttl=cfg.executor.lease_ttl_s,
+                      wait=cfg.executor.lease_wait_s)
+
+
+def _ledger():
+    """The placement ledger of this Ray job, or None when Ray is not running (a plan-only
+    call, a unit test of the driver without Ray)."""
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            return None
+        from pipeline.placement import Ledger
+
+        return Ledger()
+    except Exception as e:  # noqa: BLE001 - placement is telemetry; the run goes on
+        log.warning("task placement will not be recorded (%s)", e)
+        return None
+
+
+def check_store_reaches_every_node(cfg: RunConfig, store: Store) -> None:
+    """A local store on a cluster of several nodes is a folder on each node, and each node's
+    tasks would write their own: refuse it unless the config says every node mounts it."""
+    if not store.is_local or cfg.store.shared or cfg.executor.address is None:
+        return
+    import ray
+
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    if len(alive) > 1:
+        from pipeline.config import ConfigError
+
+        raise ConfigError(
+            f"store {store.url} is a local folder, and the Ray cluster has {len(alive)} nodes: "
+            "each node would write its own copy. Use an object store (--store "
+            "s3://bucket/prefix) or, if every node mounts that path, --set store.shared=true")
 
 
 def _fmt(v: Any) -> str:
@@ -230,6 +341,16 @@ def check_against_model(cfg: RunConfig) -> None:
                 hint = f"did you mean {near[0]!r}? " if near else ""
                 raise ConfigError(f"{key}: {tensor!r} is not a parameter of model "
                                   f"{cfg.model.name!r}; {hint}(parameters: {', '.join(params)})")
+
+
+def published_output(store: Store, report_prefix: str = "") -> str | None:
+    """Where the last run copied its outputs (`hwq run --out`), from its run.json."""
+    pre = f"{report_prefix.strip('/')}/" if report_prefix else ""
+    try:
+        out = store.read_json(f"{pre}{RUN_INDEX}").get("output")
+    except (ArtifactError, ValueError, AttributeError):
+        return None
+    return out if isinstance(out, str) else None
 
 
 def status(store: Store, report_prefix: str = "") -> list[dict[str, Any]]:

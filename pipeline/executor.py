@@ -12,11 +12,13 @@ import socket
 import stat
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import ExecutorError
 
-__all__ = ["cache_dir", "private_subdir", "init_ray", "shutdown_ray", "ray_has_gpus", "remote", "task_threads", "ray_map"]
+__all__ = ["cache_dir", "private_subdir", "init_ray", "shutdown_ray", "ray_has_gpus", "remote",
+           "task_threads", "ray_map", "configure", "task_gpus", "worker_cpus", "task_device"]
 
 log = logging.getLogger(__name__)
 
@@ -193,23 +195,91 @@ def _cluster_cpus() -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
-def remote(fn, *, cpus: int | str = 1, gpus: float = 0, **options):
-    """`ray.remote` with resources chosen here: cpus="all" takes every CPU of the cluster
-    (on a multi-node cluster, of the largest node would be better; one small model fits)."""
+@dataclass
+class Resources:
+    """What each task asks Ray for, from the config's `executor` section (see `configure`).
+
+    gpus_per_task: GPUs of every compute task and fine-tune worker (train, prune, Hessian,
+        quantize, evaluation); None: one if the cluster shows a GPU when the stage starts.
+        A number makes Ray (and its autoscaler) find or start a GPU node for the task: a pool
+        that scales from zero shows no GPU until something asks for one.
+    cpus_per_task: CPUs of a Hessian or quantize task; None: the cluster's CPUs shared.
+    cpus_per_worker: CPUs of a train/prune/evaluate task and of each fine-tune worker; None:
+        every CPU of an embedded Ray, the smallest live node's CPUs on a cluster (so the task
+        fits on any node: asking for the largest node's count strands it on smaller ones).
+    """
+
+    gpus_per_task: float | None = None
+    cpus_per_task: int | None = None
+    cpus_per_worker: int | None = None
+    embedded: bool = True
+
+
+_RESOURCES = Resources()
+
+
+def configure(executor) -> None:
+    """Take the resource requests of a config's `executor` section for the tasks that follow."""
+    global _RESOURCES
+    _RESOURCES = Resources(gpus_per_task=executor.gpus_per_task,
+                           cpus_per_task=executor.cpus_per_task,
+                           cpus_per_worker=executor.cpus_per_worker,
+                           embedded=executor.address is None)
+
+
+def task_gpus() -> float:
+    """GPUs one compute task asks for (the config's number, else 1 if the cluster has any)."""
+    if _RESOURCES.gpus_per_task is not None:
+        return float(_RESOURCES.gpus_per_task)
+    return 1.0 if ray_has_gpus() else 0.0
+
+
+def worker_cpus() -> int:
+    """CPUs of one train/prune/evaluate task or fine-tune worker (see `Resources`)."""
+    if _RESOURCES.cpus_per_worker is not None:
+        return _RESOURCES.cpus_per_worker
+    if _RESOURCES.embedded:
+        return _cluster_cpus()
+    return _smallest_node_cpus()
+
+
+def task_cpus(default: int) -> int:
+    """CPUs of one Hessian/quantize task: the config's number, else `default`."""
+    return _RESOURCES.cpus_per_task if _RESOURCES.cpus_per_task is not None else default
+
+
+def task_device():
+    """Inside a task: the torch device to compute on (the GPU Ray assigned, else the CPU)."""
+    import torch
+
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def remote(fn, *, cpus: int | str = 1, gpus: float | str = 0, **options):
+    """`ray.remote` with resources chosen here.
+
+    cpus: a number, or "worker" (`worker_cpus()`: a whole-model task such as training).
+    gpus: a number, or "task" (`task_gpus()`: a task that computes on a GPU when given one).
+    Every task notes the node it ran on for the stage's manifest (`pipeline.placement`).
+    """
     import ray
 
-    n = _largest_node_cpus() if cpus == "all" else int(cpus)
+    from pipeline.placement import noting
+
+    n = worker_cpus() if cpus in ("all", "worker") else int(cpus)
+    g = task_gpus() if gpus == "task" else float(gpus)
     # Every hwq task is safe to rerun (it writes atomically and its result is a function of
     # its inputs): retry a killed worker whatever RAY_TASK_MAX_RETRIES says.
     options.setdefault("max_retries", 3)
-    return ray.remote(num_cpus=n, num_gpus=gpus, **options)(fn)
+    return ray.remote(num_cpus=n, num_gpus=g, **options)(noting(fn))
 
 
-def _largest_node_cpus() -> int:
+def _smallest_node_cpus() -> int:
     import ray
 
-    per_node = [n.get("Resources", {}).get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
-    return max(1, int(max(per_node, default=_cluster_cpus())))
+    per = [n.get("Resources", {}).get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
+    per = [c for c in per if c > 0]
+    return max(1, int(min(per, default=_cluster_cpus())))
 
 
 def task_threads() -> int:

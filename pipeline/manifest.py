@@ -36,6 +36,9 @@ class _Strict(BaseModel):
 class OutputDigest(_Strict):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     bytes: int = Field(ge=0)
+    # The object store's own checksum of the file when the stage was written (S3's ETag):
+    # lets a cache hit check the folder from a listing, without downloading it.
+    etag: str | None = Field(None, pattern=r"^[0-9A-Za-z-]{1,80}$")
 
 
 class Timings(_Strict):
@@ -54,6 +57,8 @@ class Manifest(_Strict):
     metrics: dict[str, Any]
     timings: Timings
     versions: dict[str, str]
+    # Where the stage's tasks ran (pipeline/placement.py): nodes and each task's node.
+    placement: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("outputs")
     @classmethod

@@ -37,8 +37,9 @@ def build_report(cfg: RunConfig, plans, records: dict[str, dict], seconds: float
         "model": model,
         "metric": {"name": metric.name, "direction": metric.direction},
         "stages": {
-            p.stage.name: {"order": i, **{k: records[p.stage.name][k]
-                                          for k in ("key", "cached", "seconds", "compute_seconds")}}
+            p.stage.name: {"order": i, **{k: v for k, v in records[p.stage.name].items()
+                                          if k in ("key", "cached", "seconds", "compute_seconds",
+                                                   "verified")}}
             for i, p in enumerate(plans)
         },
         "metrics": metrics,

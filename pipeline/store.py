@@ -125,6 +125,28 @@ class Store:
             if self.fs.isdir(p)
         )
 
+    def listing(self, rel: str) -> dict[str, dict[str, Any]]:
+        """{path relative to `rel`: {"bytes", "etag"}} of every file under `rel`, from one
+        listing (no object is read). `etag` is the server's checksum of the object (S3:
+        computed by the server from the bytes it stored, so any rewrite changes it); None on
+        a local folder."""
+        base = self.path(rel)
+        with contextlib.suppress(AttributeError):
+            self.fs.invalidate_cache(base)  # other processes (Ray workers) wrote here
+        try:
+            found = self.fs.find(base, detail=True)
+        except FileNotFoundError:
+            return {}
+        out = {}
+        for p, info in found.items():
+            r = posixpath.relpath(p, base)
+            if _is_temp(r) or info.get("type") == "directory":
+                continue
+            etag = info.get("ETag") or info.get("etag")
+            out[r] = {"bytes": int(info.get("size") or 0),
+                      "etag": str(etag).strip('"') if etag else None}
+        return out
+
     def remove(self, rel: str) -> None:
         p = self.path(rel)
         if self.fs.exists(p):
@@ -434,7 +456,10 @@ class StageDir:
         return [f for f in self.store.list(self.prefix) if f != "manifest.json"]
 
     def hash_outputs(self) -> dict[str, dict[str, Any]]:
-        """sha256 and size of every file of the stage (the manifest excluded)."""
+        """sha256 and size of every file of the stage (the manifest excluded), read back from
+        the store; on S3 also each object's ETag, so a later cache hit can check the folder
+        from one listing instead of downloading it (`verify`)."""
+        listed = {} if self.store.is_local else self.store.listing(self.prefix)
         out = {}
         for f in self.files():
             try:
@@ -443,7 +468,32 @@ class StageDir:
                 raise ArtifactError(f"{self.url(f)} is not a regular file: hwq writes none such, "
                                     "so it was put there; remove it and rerun") from None
             out[f] = {"sha256": digest, "bytes": n}
+            etag = listed.get(f, {}).get("etag")
+            if etag and listed[f]["bytes"] == n:
+                out[f]["etag"] = etag
         return out
+
+    def verify_listing(self) -> str | None:
+        """Like `verify`, from one listing of the folder, downloading nothing: every file the
+        manifest lists is there with its size and the ETag recorded when the stage was written,
+        and nothing else is. "no etags" if the manifest has none to compare (a local store, an
+        older manifest): then only `verify` can tell."""
+        if not self.outputs:
+            return "the manifest lists no outputs"
+        if self.store.is_local or not all(m.get("etag") for m in self.outputs.values()):
+            return "no etags"
+        listed = self.store.listing(self.prefix)
+        listed.pop("manifest.json", None)
+        unlisted = sorted(set(listed) - set(self.outputs))
+        if unlisted:
+            return f"{unlisted[0]} is in the folder but not in the manifest"
+        for f, meta in self.outputs.items():
+            got = listed.get(f)
+            if got is None:
+                return f"{f} is missing"
+            if got["bytes"] != meta["bytes"] or got["etag"] != meta["etag"]:
+                return f"{f} does not match its manifest (size or ETag differs)"
+        return None
 
     def verify(self) -> str | None:
         """None if the manifest lists exactly the files in the folder and each hashes right;

@@ -235,6 +235,9 @@ def finetune_worker(conf: dict[str, Any]) -> None:
     import ray.train
     import torch.distributed as dist
 
+    from pipeline.placement import note
+
+    note("finetune_worker")
     from pipeline.data import load_split
     from pipeline.evaluate import accuracy
     from pipeline.finetune.transform import QuantizedTrainable
@@ -392,19 +395,26 @@ def _take(data: Any, idx: torch.Tensor, device: Any, dtype: torch.dtype) -> Any:
     return one(data) if isinstance(data, torch.Tensor) else tuple(one(t) for t in data)
 
 
-def _resources(workers: int) -> tuple[bool, float]:
-    """(use GPUs, CPUs per worker): the cluster's CPUs split evenly, at most a node's worth;
-    a fraction of a CPU each when there are more workers than CPUs (rather than waiting
-    forever for CPUs that do not exist)."""
+def _resources(workers: int) -> tuple[float, float]:
+    """(GPUs per worker, CPUs per worker).
+
+    GPUs: executor.gpus_per_task, else one each if the cluster shows a GPU now.
+    CPUs: executor.cpus_per_worker, else the cluster's CPUs split evenly, at most the smallest
+    live node's worth (a worker must fit on any node: asking for the largest node's count
+    strands it when the GPU nodes are smaller); a fraction of a CPU each when there are more
+    workers than CPUs (rather than waiting forever for CPUs that do not exist)."""
     import ray
 
-    from pipeline.executor import ray_has_gpus
+    from pipeline.executor import _RESOURCES, task_gpus
 
+    gpus = task_gpus()
+    if _RESOURCES.cpus_per_worker is not None:
+        return gpus, float(_RESOURCES.cpus_per_worker)
     total = float(ray.cluster_resources().get("CPU", 1))
-    node = max((float(n.get("Resources", {}).get("CPU", 0)) for n in ray.nodes()
-                if n.get("Alive")), default=total)
+    node = min((float(n.get("Resources", {}).get("CPU", 0)) for n in ray.nodes()
+                if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0), default=total)
     per = total / workers if total < workers else max(1, min(total // workers, node))
-    return ray_has_gpus(), per
+    return gpus, per
 
 
 def _run(ctx: StageContext) -> dict[str, Any]:
@@ -415,7 +425,8 @@ def _run(ctx: StageContext) -> dict[str, Any]:
     cfg, ft = ctx.cfg, ctx.cfg.finetune
     deepspeed_config(ft, ft.workers)  # a batch the workers cannot split fails here, not in them
     ckpt = Checkpoints(ctx.store, ctx.out.key)
-    use_gpu, cpus = _resources(ft.workers)
+    gpus, cpus = _resources(ft.workers)
+    use_gpu = gpus > 0
     fail = os.environ.get(FAIL_ENV)
     conf = {"cfg": cfg, "out": ctx.out, "model": ctx.inputs[model_stage(cfg)],
             "quantize": ctx.inputs["quantize"], "ckpt": ckpt,
@@ -434,7 +445,8 @@ def _run(ctx: StageContext) -> dict[str, Any]:
         finetune_worker,
         train_loop_config=conf,
         scaling_config=ScalingConfig(num_workers=ft.workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": cpus}),
+                                     resources_per_worker={"CPU": cpus,
+                                                           **({"GPU": gpus} if use_gpu else {})}),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=TrainRunConfig(name=f"finetune-{ctx.out.key}",
                                   storage_path=ckpt.ray_storage(),

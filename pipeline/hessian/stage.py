@@ -281,7 +281,6 @@ def read_hessian(sd: StageDir, shapes: dict[str, tuple[int, ...]],
 def _run(ctx: StageContext) -> dict:
     import ray
 
-    from pipeline.executor import ray_has_gpus
     from pipeline.models import build
     from pipeline.train.stage import model_stage
 
@@ -303,7 +302,9 @@ def _run(ctx: StageContext) -> dict:
         res = ray.get(remote(_adam_task).remote(cfg, out, src))
         groups, n_parts = [list(sizes)], 0
     else:
-        gpus = 1 if ray_has_gpus() else 0
+        from pipeline.executor import task_cpus
+
+        gpus = "task"
         if generic:
             groups = _block_groups(names, h.groups)
             n_parts = min(h.partitions, _calibration_count(cfg, src))
@@ -312,7 +313,7 @@ def _run(ctx: StageContext) -> dict:
             groups = balance_groups(sizes, h.groups)
             # Whole batches per partition (see _partition_batches).
             n_parts = min(h.partitions, -(-min(h.calibration_samples, 60_000) // h.batch_size))
-            task = remote(_partial_task, gpus=gpus)
+            task = remote(_partial_task, gpus=gpus, cpus=task_cpus(1))
         refs = {(p, g): task.remote(cfg, out, src, p, n_parts, grp, g)
                 for p in range(n_parts) for g, grp in enumerate(groups)}
         what = (f"{cfg.data.calibration_windows} windows of {cfg.data.seq_len} tokens"
@@ -387,10 +388,11 @@ def _calibration_count(cfg: RunConfig, src: StageDir) -> int:
 
 
 def _task_cpus(h) -> int:
-    """CPUs of one task: the cluster's CPUs shared by the P × G tasks (torch threads)."""
-    from pipeline.executor import _cluster_cpus
+    """CPUs of one task: executor.cpus_per_task, else the cluster's CPUs shared by the P × G
+    tasks (torch threads)."""
+    from pipeline.executor import _cluster_cpus, task_cpus
 
-    return max(1, _cluster_cpus() // max(1, h.partitions * h.groups))
+    return task_cpus(max(1, _cluster_cpus() // max(1, h.partitions * h.groups)))
 
 
 def _sections(cfg: RunConfig) -> dict:

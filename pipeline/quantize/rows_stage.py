@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.executor import remote, task_threads
+from pipeline.executor import remote, task_cpus, task_threads
 from pipeline.graph import StageContext
 from pipeline.quantize.artifacts import QuantizedModel
 from pipeline.quantize.rows import RowsResult
@@ -61,7 +61,7 @@ class RayBlockMap:
         self._ray = ray
         self._refs: dict[int, Any] = {}
         self._keep: list[Any] = []
-        self._task = remote(_apply_block)
+        self._task = remote(_apply_block, cpus=task_cpus(1), gpus="task")
 
     def __call__(self, fn, blocks):
         import logging
@@ -268,7 +268,7 @@ def run_rows(ctx: StageContext) -> dict:
     QuantizedModel(scope=q.scope, method=q.method, codebooks=codebooks, indices=indices,
                    assignment={n: n for n in names}, raw=raw).write(out)
     out.write_json("layers.json", layers)
-    ev = ray.get(remote(_evaluate_task, cpus="all").remote(cfg, src, out))
+    ev = ray.get(remote(_evaluate_task, cpus="worker", gpus="task").remote(cfg, src, out))
     wl = Workload(cfg)
     return {
         **wl.metric_fields("quantized", ev),

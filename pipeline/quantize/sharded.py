@@ -114,6 +114,9 @@ class ShardActor:
     """
 
     def __init__(self, loader: Loader, block: int = BLOCK, threads: int = 1):
+        from pipeline.placement import note
+
+        note("ShardActor")
         w, h = loader()
         self.w = np.ascontiguousarray(np.asarray(w).ravel(), dtype=np.float32)
         self.h = None if h is None else np.ascontiguousarray(np.asarray(h).ravel(),

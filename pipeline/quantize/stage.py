@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from pipeline.config import RunConfig
-from pipeline.executor import remote, task_threads
+from pipeline.executor import remote, task_cpus, task_threads
 from pipeline.graph import Stage, StageContext
 from pipeline.quantize.artifacts import QuantizedModel
 from pipeline.store import StageDir
@@ -242,7 +242,7 @@ def _run(ctx: StageContext) -> dict:
                                                    if isinstance(v, (int, float, str))}}
     elif q.scope == "layer":
         begins = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        task = remote(_layer_task, max_retries=_TASK_RETRIES)
+        task = remote(_layer_task, cpus=task_cpus(1), gpus="task", max_retries=_TASK_RETRIES)
         refs = {}
         for n, a, c in zip(names, begins, counts, strict=True):
             k = (q.layer_k or {}).get(n, q.k)
@@ -257,7 +257,7 @@ def _run(ctx: StageContext) -> dict:
             put(n, res.codes.astype(np.int64), n)
         info = {"k": {n: int(codebooks[n].numel()) for n in names}}
     else:  # channel
-        task = remote(_channel_task, max_retries=_TASK_RETRIES)
+        task = remote(_channel_task, cpus=task_cpus(1), gpus="task", max_retries=_TASK_RETRIES)
         refs = {n: task.remote(cfg, src, prune, hess, n) for n in names}
         for n, ref in refs.items():
             res = ray.get(ref)
@@ -269,7 +269,7 @@ def _run(ctx: StageContext) -> dict:
 
     QuantizedModel(scope=q.scope, method=q.method, codebooks=codebooks, indices=indices,
                    assignment=assignment, raw=raw).write(out)
-    ev = ray.get(remote(_evaluate_task, cpus="all", max_retries=_TASK_RETRIES)
+    ev = ray.get(remote(_evaluate_task, cpus="worker", gpus="task", max_retries=_TASK_RETRIES)
                  .remote(cfg, src, prune, hess, out))
     out.write_json("layers.json", ev["layers"])
     # Layer/channel scope: kept-weighted means over the per-tensor codebooks (network scope

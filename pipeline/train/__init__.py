@@ -49,16 +49,18 @@ def train_adam(
     on_epoch(epoch, mean_loss) is called after each epoch (for progress and logs).
     """
     params = dict(model.named_parameters())
+    device = next(model.parameters()).device  # a GPU when the task was given one
+    masks = {k: m.to(device) for k, m in (masks or {}).items()}
     opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, beta2),
                            weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=lr_decay)
-    masks = masks or {}
     apply_masks(model, masks)
     model.train()
     for epoch in range(epochs):
         t0 = time.perf_counter()
         total, n = 0.0, 0
         for x, y in batches(data, batch_size, shuffle=True, seed=seed * 1000 + epoch):
+            x, y = x.to(device), y.to(device)
             opt.zero_grad(set_to_none=True)
             loss = nn.functional.cross_entropy(model(x), y)
             loss.backward()
@@ -81,7 +83,7 @@ def train_adam(
     for name, p in params.items():
         st = opt.state.get(p, {})
         if "exp_avg_sq" in st:
-            state[name] = st["exp_avg_sq"].detach().clone()
+            state[name] = st["exp_avg_sq"].detach().cpu().clone()
             step = int(st["step"])
     state.step, state.beta2 = step, beta2
     return state

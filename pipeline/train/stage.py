@@ -14,7 +14,7 @@ import time
 import torch
 
 from pipeline.config import RunConfig
-from pipeline.executor import remote, task_threads
+from pipeline.executor import remote, task_device, task_threads
 from pipeline.graph import Stage, StageContext
 from pipeline.store import StageDir
 
@@ -96,9 +96,11 @@ def _train_task(cfg: RunConfig, out: StageDir, expect_sha256: str | None = None)
         train = load_split(cfg.data.root, "train", cfg.data.train_samples, cfg.seed)
         t = cfg.train
         cbs, pbar = _progress("train", t.epochs, len(train), t.batch_size, history)
+        model.to(task_device())  # the GPU Ray assigned (executor.gpus_per_task), else CPU
         adam = train_adam(model, train, epochs=t.epochs, batch_size=t.batch_size, lr=t.lr,
                           beta2=t.beta2, weight_decay=t.weight_decay, lr_decay=t.lr_decay,
                           seed=cfg.seed, **cbs)
+        model.cpu()
         pbar.close()
         _write_adam(out, adam)
     acc = accuracy(model, test)
@@ -131,8 +133,10 @@ def _prune_task(cfg: RunConfig, out: StageDir, src: StageDir) -> dict:
         masks = magnitude_masks(model.state_dict(), ratios)
         tag = f"prune {step}/{p.steps}"
         cbs, pbar = _progress(tag, p.retrain_epochs, len(train), p.batch_size, history)
+        model.to(task_device())
         adam = train_adam(model, train, epochs=p.retrain_epochs, batch_size=p.batch_size,
                           lr=p.lr, seed=cfg.seed + step, masks=masks, **cbs)
+        model.cpu()
         pbar.close()
         print(f"{tag}: keep {kept_fraction(model, masks):.4f}, "
               f"test accuracy {accuracy(model, test):.4f}", flush=True)
@@ -175,14 +179,15 @@ def load_adam(sd: StageDir) -> tuple[dict[str, torch.Tensor], int, float]:
 def _run_train(ctx: StageContext) -> dict:
     import ray
 
-    return ray.get(remote(_train_task, cpus="all").remote(
+    return ray.get(remote(_train_task, cpus="worker", gpus="task").remote(
         ctx.cfg, ctx.out, ctx.sections.get("checkpoint_sha256")))
 
 
 def _run_prune(ctx: StageContext) -> dict:
     import ray
 
-    return ray.get(remote(_prune_task, cpus="all").remote(ctx.cfg, ctx.out, ctx.inputs["train"]))
+    return ray.get(remote(_prune_task, cpus="worker", gpus="task")
+                   .remote(ctx.cfg, ctx.out, ctx.inputs["train"]))
 
 
 def _train_sections(cfg: RunConfig) -> dict:

@@ -1,0 +1,156 @@
+"""Where each task of a stage ran: one record per task, written into the stage's manifest.
+
+On a cluster a stage's tasks spread over nodes; the manifest says which, so a run can be
+audited ("did the GPU pool get used?") and a test can assert that a stage really ran on two
+nodes. The driver starts a small Ray actor, the ledger, named after its Ray job; every task
+wrapped by `noting` (every task `pipeline.executor.remote` makes, the quantize actors and
+the fine-tune workers call `note` themselves) records (stage, task name, node) there before
+it computes. The driver tells the ledger which stage is running and takes that stage's
+records when it ends.
+
+The ledger is telemetry: a task that cannot reach it (run outside a driver, in a unit test)
+computes all the same, and a stage's records are only as complete as its tasks' notes.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections import Counter
+from typing import Any
+
+__all__ = ["noting", "note", "Ledger", "node_summary"]
+
+log = logging.getLogger(__name__)
+
+_NAMESPACE = "hwq"
+
+
+def _ledger_name(job_id: str) -> str:
+    return f"hwq-ledger-{job_id}"
+
+
+def _this_node() -> dict[str, str]:
+    import ray
+
+    ctx = ray.get_runtime_context()
+    return {"node_id": ctx.get_node_id(), "ip": ray.util.get_node_ip_address()}
+
+
+def note(task: str) -> None:
+    """Inside a Ray task or actor: record that `task` runs on this node, for the stage the
+    driver is running. Waits for the ledger's answer, so the record is in before the task's
+    result can end the stage."""
+    try:
+        import ray
+
+        job = ray.get_runtime_context().get_job_id()
+        ledger = ray.get_actor(_ledger_name(job), namespace=_NAMESPACE)
+        ray.get(ledger.record.remote(task, _this_node()), timeout=30)
+    except Exception as e:  # noqa: BLE001 - telemetry never fails a task
+        log.debug("placement not recorded for %s: %s", task, e)
+
+
+def noting(fn):
+    """`fn` as a task body that notes its node first (names kept: Ray names tasks by them)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        note(fn.__name__)
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+class _LedgerActor:
+    def __init__(self) -> None:
+        self.stage: str | None = None
+        self.records: dict[str, list[dict[str, str]]] = {}
+
+    def begin(self, stage: str) -> None:
+        self.stage = stage
+        self.records[stage] = []
+
+    def record(self, task: str, node: dict[str, str]) -> None:
+        if self.stage is not None:
+            self.records[self.stage].append({"task": task, **node})
+
+    def take(self, stage: str) -> list[dict[str, str]]:
+        if self.stage == stage:
+            self.stage = None
+        return self.records.pop(stage, [])
+
+
+_LEDGERS: dict[tuple[str, str], Any] = {}
+
+
+class Ledger:
+    """The driver's side: one ledger actor for this Ray job (started on first use, and kept
+    for the job's life: an actor dies with its creator's last handle, so the handle is held
+    here, not by one run)."""
+
+    def __init__(self) -> None:
+        import ray
+
+        ctx = ray.get_runtime_context()
+        job = ctx.get_job_id()
+        # A new embedded Ray in the same process reuses job ids: key by the cluster too.
+        where = (job, str(getattr(ctx, "gcs_address", "")))
+        if where not in _LEDGERS:
+            # Zero CPUs: it must never wait behind the work it records.
+            actor = ray.remote(num_cpus=0, max_restarts=-1)(_LedgerActor)
+            _LEDGERS.clear()  # handles of an earlier, shut-down Ray are of no use
+            _LEDGERS[where] = actor.options(name=_ledger_name(job), namespace=_NAMESPACE,
+                                            get_if_exists=True).remote()
+        self._actor = _LEDGERS[where]
+
+    def begin(self, stage: str) -> None:
+        import ray
+
+        try:
+            ray.get(self._actor.begin.remote(stage), timeout=60)
+        except Exception as e:  # noqa: BLE001 - telemetry never fails a run
+            log.warning("placement of stage %s will not be recorded (%s)", stage, e)
+
+    def take(self, stage: str) -> dict[str, Any]:
+        """The stage's placement for its manifest: tasks per node, and each task's node."""
+        import ray
+
+        try:
+            records = ray.get(self._actor.take.remote(stage), timeout=60)
+        except Exception as e:  # noqa: BLE001 - a restarted ledger lost its records
+            log.warning("placement of stage %s not recorded (%s)", stage, e)
+            records = []
+        return node_summary(records)
+
+
+def node_summary(records: list[dict[str, str]]) -> dict[str, Any]:
+    """{"nodes": {node_id: {"ip", "resources", "tasks"}}, "tasks": [[task, node_id], ...]}.
+
+    `resources` are the node's custom resource names (what `ray start --resources` gave it),
+    the way a test or an operator tells nodes apart."""
+    counts = Counter(r["node_id"] for r in records)
+    info = _node_info(set(counts))
+    nodes = {nid: {"ip": info.get(nid, {}).get("ip", ""),
+                   "resources": info.get(nid, {}).get("resources", []),
+                   "tasks": counts[nid]} for nid in sorted(counts)}
+    tasks = sorted([r["task"], r["node_id"]] for r in records)
+    return {"nodes": nodes, "tasks": tasks}
+
+
+_STANDARD = ("CPU", "GPU", "memory", "object_store_memory", "accelerator_type:")
+
+
+def _node_info(ids: set[str]) -> dict[str, dict[str, Any]]:
+    if not ids:
+        return {}
+    import ray
+
+    out = {}
+    for n in ray.nodes():
+        nid = n.get("NodeID")
+        if nid in ids:
+            res = sorted(k for k in (n.get("Resources") or {})
+                         if not k.startswith(_STANDARD) and not k.startswith("node:"))
+            out[nid] = {"ip": n.get("NodeManagerAddress", ""), "resources": res}
+    return out

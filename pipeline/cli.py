@@ -187,6 +187,7 @@ _STORE_FAILURES = frozenset({
     "NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError",
     "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ClientError",
     "NoSuchBucket", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ParamValidationError",
+    "ClientPayloadError", "ServerDisconnectedError", "ConnectionClosedError",
 })
 
 

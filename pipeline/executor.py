@@ -71,8 +71,16 @@ def _private_dir(p: Path) -> bool:
             and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH))
 
 
-def _worker_env() -> dict[str, str]:
-    """Environment every Ray worker gets: caches under the project's folder, passive OpenMP."""
+# Folders named by the driver's machine: right for an embedded Ray's workers (same machine),
+# wrong on a cluster's other nodes, which keep their own (their image's or pod's environment).
+_PATH_VARS = ("HWQ_CACHE", "TORCH_EXTENSIONS_DIR", "HF_HOME", "NUMBA_CACHE_DIR", "MPLCONFIGDIR")
+
+
+def _worker_env(cluster: bool = False) -> dict[str, str]:
+    """Environment every Ray worker gets: caches under the project's folder, passive OpenMP.
+    On a cluster (`cluster`), the cache folders are left to each node."""
+    if cluster:
+        return {k: v for k, v in _worker_env().items() if k not in _PATH_VARS}
     c = cache_dir()
     env = {
         "HWQ_CACHE": str(c),
@@ -131,7 +139,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    runtime_env = {"env_vars": without_job_env_vars(_worker_env(), os.environ.get(_JOB_CONFIG))}
+    runtime_env = {"env_vars": without_job_env_vars(_worker_env(cluster=address is not None),
+                                                    os.environ.get(_JOB_CONFIG))}
     if address:
         _probe_address(address)
         log.info("connecting to Ray cluster at %s", address)

@@ -35,6 +35,8 @@ _BUF = 1 << 22
 # Cap on a whole-file read of a store file whose size no manifest vouches for (run.json,
 # report.json/md, manifests are checked tighter): far above any honest one.
 DEFAULT_MAX_READ = 64 << 20
+# Attempts of one S3 request (botocore, adaptive backoff) and of one s3fs call.
+S3_ATTEMPTS = 10
 
 
 class ArtifactError(UserError, RuntimeError):
@@ -63,10 +65,21 @@ class Store:
         if "://" not in url:
             url = os.path.abspath(url)
         self.url = url.rstrip("/")
+        opts = dict(self.storage_options)
+        if self.url.startswith(("s3://", "s3a://")):
+            # Transient S3 faults (500s, SlowDown, dropped connections) are retried with
+            # backoff: botocore's default 5 attempts let the 5th 500 in a row fail a stage.
+            conf = dict(opts.get("config_kwargs") or {})
+            conf.setdefault("retries", {"max_attempts": S3_ATTEMPTS, "mode": "standard"})
+            opts["config_kwargs"] = conf
         try:
-            self.fs, self.root = fsspec.core.url_to_fs(self.url, **self.storage_options)
+            self.fs, self.root = fsspec.core.url_to_fs(self.url, **opts)
         except Exception as e:  # noqa: BLE001 - each cause gets its own message below
             raise StoreAccessError(describe_store_error(e, self.url)) from None
+        if hasattr(self.fs, "retries"):
+            # s3fs's own retries, around a body cut mid-download (botocore has returned
+            # by then, so its retries cannot help).
+            self.fs.retries = max(int(self.fs.retries), S3_ATTEMPTS)
         self.root = self.root.rstrip("/")
         self.is_local = self.fs.protocol in ("file", "local") or "file" in self.fs.protocol
         if self.is_local and create:  # a read-only command (status, report) creates nothing
@@ -291,6 +304,13 @@ def describe_store_error(e: BaseException, url: str) -> str:
         return f"{where}: access denied ({text}); check the credentials and bucket policy"
     if isinstance(e, FileNotFoundError) or "NoSuchBucket" in text:
         return f"{where}: the bucket or folder does not exist ({text}); create it first"
+    if (isinstance(e, OSError) and e.errno in (errno.EREMOTEIO, errno.EBUSY)) or any(
+            c in text for c in ("SlowDown", "InternalError", "ServiceUnavailable")):
+        return (f"{where}: the server kept failing after {S3_ATTEMPTS} attempts ({name}: "
+                f"{text}); a transient outage: rerun the same command to resume")
+    if name in ("ClientPayloadError", "ServerDisconnectedError", "ConnectionClosedError"):
+        return (f"{where}: the connection kept dropping after {S3_ATTEMPTS} attempts ({name}: "
+                f"{text}); rerun the same command to resume")
     if name in ("EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError") or \
             isinstance(e, (ConnectionError, TimeoutError, OSError)):
         return f"{where}: cannot connect ({name}: {text}); check the URL and endpoint"

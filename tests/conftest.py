@@ -44,3 +44,17 @@ def s3_bucket(s3_endpoint):
     s3fs.S3FileSystem.clear_instance_cache()
     return f"s3://{name}/run", opts
 
+
+
+@pytest.fixture(scope="session")
+def quick_run(tmp_path_factory):
+    """One quick LeNet-5 run (every stage, embedded Ray) in a local store, shared by the tests
+    that compare against it: (store folder, seconds it took)."""
+    import time
+
+    from tests.quick import QUICK, hwq
+
+    store = tmp_path_factory.mktemp("e2e") / "store"
+    t0 = time.perf_counter()
+    hwq("run", "configs/lenet5_fmnist.yaml", "--store", str(store), *QUICK)
+    return store, time.perf_counter() - t0

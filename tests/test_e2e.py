@@ -1,42 +1,17 @@
 """The real thing, small: `hwq run` on embedded Ray with Fashion-MNIST, then a cached rerun."""
 
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-HWQ = [sys.executable, "-m", "pipeline.cli"]
-# Small and quick, but every stage real: a 3,000-image training subset, one epoch each.
-QUICK = [
-    "--set", "data.train_samples=3000",
-    "--set", "train.epochs=2",
-    "--set", "prune.steps=1",
-    "--set", "prune.retrain_epochs=1",
-    "--set", "hessian.calibration_samples=512",
-    "--set", "finetune.epochs=0.2",
-]
-
-
-def hwq(*args, check=True, env_extra=None):
-    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", PYTHONUNBUFFERED="1", **(env_extra or {}))
-    p = subprocess.run([*HWQ, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=900)
-    if check and p.returncode != 0:
-        raise AssertionError(f"hwq {' '.join(args)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}")
-    return p
+from tests.quick import QUICK, hwq
 
 
 @pytest.fixture(scope="module")
-def first_run(tmp_path_factory):
-    store = tmp_path_factory.mktemp("e2e") / "store"
-    t0 = time.perf_counter()
-    hwq("run", "configs/lenet5_fmnist.yaml", "--store", str(store), *QUICK)
-    return store, time.perf_counter() - t0
+def first_run(quick_run):
+    return quick_run
 
 
 def test_run_writes_report_with_the_contract(first_run):

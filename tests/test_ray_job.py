@@ -94,4 +94,6 @@ def test_a_job_whose_runtime_env_sets_hwqs_variables_starts(ray_head, tmp_path):
     merged = json.loads(line[4:])
     assert merged["HWQ_CACHE"] == cache  # the job's value
     assert merged["OMP_WAIT_POLICY"] == "PASSIVE"
-    assert "TORCH_EXTENSIONS_DIR" in merged  # hwq's own, merged in
+    assert "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S" in merged  # hwq's own, merged in
+    # On a cluster the driver's cache folders are not pushed to other nodes' workers.
+    assert "TORCH_EXTENSIONS_DIR" not in merged

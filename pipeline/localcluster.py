@@ -1,0 +1,239 @@
+"""A real multi-node Ray cluster on one machine, for tests and the fault benchmark.
+
+Each node is its own `ray start` (a head with the dashboard and Jobs API, then workers that
+join it), with its own ports, its own custom resource (so placement can be told apart and
+asserted), its own cache folder (HWQ_CACHE: no folder is shared between the nodes), and the
+environment a cluster node would get from its image or pod (S3 credentials). Jobs go through
+the Ray Jobs API as `ray job submit` would send them. A node can be stopped (kill -9 of its
+processes) to inject a node failure.
+
+Nothing here touches other Ray instances on the machine: processes are found by the
+cluster's own temp folder and ports, never `ray stop`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["LocalCluster", "free_port"]
+
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class _Node:
+    name: str
+    pids: set[int] = field(default_factory=set)
+    cache: str = ""
+
+
+class LocalCluster:
+    """`with LocalCluster(env=...) as c: c.add_node("node2"); c.submit(...)`.
+
+    env: extra environment of every node (e.g. AWS_ACCESS_KEY_ID for the store).
+    cpus: CPUs each node advertises.
+    """
+
+    def __init__(self, *, env: dict[str, str] | None = None, cpus: int = 2,
+                 head_resource: str = "hwq_head"):
+        self.temp_dir = tempfile.mkdtemp(prefix="hwqc-")  # short: socket paths are limited
+        self.env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
+                        OMP_WAIT_POLICY="PASSIVE", **(env or {}))
+        for k in ("RAY_ADDRESS", "RAY_JOB_CONFIG_JSON_ENV_VAR"):
+            self.env.pop(k, None)
+        self.cpus = cpus
+        self.head_resource = head_resource
+        self.nodes: dict[str, _Node] = {}
+        self.gcs_port = free_port()
+        self.dashboard_port = free_port()
+        self._next_worker_port = 21000
+
+    # -- nodes ------------------------------------------------------------------------------
+    def _ports(self) -> list[str]:
+        lo = self._next_worker_port
+        self._next_worker_port += 400
+        return [f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
+                f"--dashboard-agent-listen-port={free_port()}",
+                f"--dashboard-agent-grpc-port={free_port()}",
+                f"--runtime-env-agent-port={free_port()}",
+                f"--metrics-export-port={free_port()}",
+                f"--min-worker-port={lo}", f"--max-worker-port={lo + 399}"]
+
+    def _start(self, name: str, args: list[str]) -> None:
+        before = self._pids()
+        cache = os.path.join(self.temp_dir, f"cache-{name}")
+        os.makedirs(cache, exist_ok=True)
+        env = dict(self.env, HWQ_CACHE=cache, TORCH_EXTENSIONS_DIR=f"{cache}/torch_extensions",
+                   HF_HOME=f"{cache}/hf", NUMBA_CACHE_DIR=f"{cache}/numba",
+                   MPLCONFIGDIR=f"{cache}/matplotlib")
+        p = subprocess.run([RAY, "start", *args, f"--num-cpus={self.cpus}",
+                            f"--resources={json.dumps({name: 1})}", "--disable-usage-stats",
+                            *self._ports()], env=env, capture_output=True, text=True,
+                           timeout=240)
+        if p.returncode != 0:
+            raise RuntimeError(f"ray start ({name}) failed:\n{p.stdout[-2000:]}\n"
+                               f"{p.stderr[-3000:]}")
+        self.nodes[name] = _Node(name, self._pids() - before, cache)
+
+    def start_head(self) -> LocalCluster:
+        self._start(self.head_resource, [
+            "--head", f"--port={self.gcs_port}", f"--temp-dir={self.temp_dir}",
+            "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={self.dashboard_port}"])
+        return self
+
+    def add_node(self, name: str) -> None:
+        self._start(name, [f"--address=127.0.0.1:{self.gcs_port}"])
+        self.wait_for_nodes(len(self.nodes))
+
+    def stop_node(self, name: str) -> int:
+        """kill -9 every process of node `name` (its raylet, agents and workers); returns how
+        many were killed."""
+        import psutil
+
+        node = self.nodes.pop(name)
+        procs = []
+        for pid in node.pids:
+            try:
+                p = psutil.Process(pid)
+                procs += [p, *p.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                pass
+        for p in procs:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(procs, timeout=10)
+        return len(procs)
+
+    def _pids(self) -> set[int]:
+        import psutil
+
+        out = set()
+        for p in psutil.process_iter(["cmdline"]):
+            try:
+                if any(self.temp_dir in a for a in (p.info["cmdline"] or [])):
+                    out.add(p.pid)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        return out
+
+    def alive_nodes(self) -> list[dict]:
+        """The cluster's live nodes, from the dashboard's API ({"resources": [...]} each)."""
+        import urllib.request
+
+        url = f"{self.dashboard_url}/nodes?view=summary"
+        with urllib.request.urlopen(url, timeout=10) as r:
+            data = json.loads(r.read())
+        out = []
+        for n in data.get("data", {}).get("summary", []):
+            raylet = n.get("raylet", {})
+            if raylet.get("state") == "ALIVE":
+                out.append({"node_id": raylet.get("nodeId"),
+                            "resources": sorted(raylet.get("resourcesTotal", {}))})
+        return out
+
+    def wait_for_nodes(self, n: int, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if len(self.alive_nodes()) >= n:
+                    return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the cluster did not reach {n} live nodes in {timeout} s")
+            time.sleep(1)
+
+    # -- jobs -------------------------------------------------------------------------------
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.gcs_port}"
+
+    def client(self):
+        from ray.job_submission import JobSubmissionClient
+
+        deadline = time.monotonic() + 120
+        while True:  # the job agent comes up a few seconds after `ray start`
+            try:
+                return JobSubmissionClient(self.dashboard_url)
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(2)
+
+    def submit(self, entrypoint: str, *, submission_id: str | None = None,
+               runtime_env: dict | None = None) -> str:
+        client = self.client()
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                return client.submit_job(entrypoint=entrypoint, submission_id=submission_id,
+                                         runtime_env=runtime_env)
+            except RuntimeError as e:
+                if "No available agent" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(2)
+
+    def wait(self, job_id: str, timeout: float = 900) -> tuple[str, str]:
+        """(final status, logs) of a job."""
+        client = self.client()
+        deadline = time.monotonic() + timeout
+        while True:
+            status = str(client.get_job_status(job_id)).rsplit(".", 1)[-1]
+            if status in ("SUCCEEDED", "FAILED", "STOPPED"):
+                return status, client.get_job_logs(job_id)
+            if time.monotonic() > deadline:
+                client.stop_job(job_id)
+                return "TIMEOUT", client.get_job_logs(job_id)
+            time.sleep(2)
+
+    # -- lifetime ---------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Kill every process of this cluster (found by its temp folder) and its nodes."""
+        import psutil
+
+        procs = []
+        for pid in self._pids() | {p for n in self.nodes.values() for p in n.pids}:
+            try:
+                p = psutil.Process(pid)
+                procs += [p, *p.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                pass
+        for p in procs:
+            try:
+                p.terminate()
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(procs, timeout=10)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        self.nodes.clear()
+
+    def __enter__(self) -> LocalCluster:
+        return self.start_head()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,83 @@
+"""A real two-node Ray cluster: a head and a second node, each its own `ray start` with its own
+resources and cache folder, the store on S3 (moto's server), the run submitted through the Ray
+Jobs API. Every stage's tasks are recorded by node in its manifest; the artifacts equal a
+single-node run's byte for byte."""
+
+import sys
+import uuid
+
+import pytest
+
+from pipeline.faults import stage_digests
+from pipeline.localcluster import LocalCluster
+from pipeline.store import Store
+from tests.quick import QUICK, ROOT, local_digests
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+    with LocalCluster(env=env, cpus=2) as c:
+        c.add_node("hwq_node2")
+        yield c
+
+
+def _bucket(endpoint: str) -> tuple[str, dict]:
+    import s3fs
+
+    opts = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": endpoint}}
+    name = f"hwq-{uuid.uuid4().hex[:10]}"
+    s3fs.S3FileSystem(**opts).mkdir(name)
+    s3fs.S3FileSystem.clear_instance_cache()
+    return f"s3://{name}/run", opts
+
+
+def _entrypoint(store: str, endpoint: str, *extra: str) -> str:
+    args = " ".join(["run", "configs/lenet5_fmnist.yaml", "--store", store, "--endpoint-url",
+                     endpoint, "--ray-address", "auto", *QUICK, *extra])
+    return f"cd {ROOT} && {sys.executable} -m pipeline.cli {args}"
+
+
+def test_a_job_on_two_nodes_writes_a_single_node_runs_bytes(cluster, s3_endpoint, quick_run):
+    url, opts = _bucket(s3_endpoint)
+    job = cluster.submit(_entrypoint(url, s3_endpoint))
+    status, logs = cluster.wait(job, timeout=900)
+    assert status == "SUCCEEDED", logs[-6000:]
+
+    store = Store(url, opts, create=False)
+    report = store.read_json("report.json")
+    assert set(report["stages"]) == {"train", "prune", "hessian", "quantize", "finetune",
+                                     "encode"}
+    ours = stage_digests(store, report["stages"])
+    single = local_digests(quick_run[0])
+    assert ours == single, "the two-node run's artifacts differ from the single-node run's"
+
+    # Where each stage ran: both nodes took tasks, and each stage names its nodes.
+    nodes_by_stage = {}
+    for name, s in report["stages"].items():
+        m = store.read_json(f"stages/{name}-{s['key']}/manifest.json")
+        placement = m["placement"]
+        assert placement["tasks"], f"{name}: no task placement recorded"
+        nodes_by_stage[name] = {r for n in placement["nodes"].values() for r in n["resources"]}
+    used = set().union(*nodes_by_stage.values())
+    assert {"hwq_head", "hwq_node2"} <= used, nodes_by_stage
+    # The Hessian's P x G tasks are more than one node's CPUs: they spread over both.
+    assert nodes_by_stage["hessian"] == {"hwq_head", "hwq_node2"}, nodes_by_stage
+
+    # A rerun (a resubmitted job) is all cache hits, checked from listings on S3.
+    job = cluster.submit(_entrypoint(url, s3_endpoint))
+    status, logs = cluster.wait(job, timeout=300)
+    assert status == "SUCCEEDED", logs[-6000:]
+    again = store.read_json("report.json")
+    assert all(s["cached"] and s["verified"] == "size+ETag listing"
+               for s in again["stages"].values())
+
+
+def test_a_local_store_on_a_two_node_cluster_is_refused(cluster, tmp_path):
+    job = cluster.submit(f"cd {ROOT} && {sys.executable} -m pipeline.cli run "
+                         f"configs/lenet5_fmnist.yaml --store {tmp_path / 'store'} "
+                         "--ray-address auto")
+    status, logs = cluster.wait(job, timeout=300)
+    assert status == "FAILED"
+    assert "is a local folder, and the Ray cluster has 2 nodes" in logs
+    assert "Traceback" not in logs

@@ -67,7 +67,11 @@ class S3:
     """moto's S3 server on loopback, and fresh buckets on it."""
 
     def __init__(self) -> None:
+        import logging
+
         from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
 
         os.environ.update(CREDS)
         self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
@@ -278,7 +282,7 @@ def driver_kill(ctx) -> dict:
 
 SCENARIOS = {
     "worker-kill-hessian": lambda c: worker_kill(c, "hessian", ("_partial_task",), 1.0),
-    "worker-kill-quantize": lambda c: worker_kill(c, "quantize", ("ShardActor",), 2.0),
+    "worker-kill-quantize": lambda c: worker_kill(c, "quantize", ("ShardActor",), 0.3),
     "worker-kill-finetune": lambda c: worker_kill(c, "finetune", ("RayTrainWorker",), 8.0),
     "worker-kill-encode": lambda c: worker_kill(c, "encode", ("_decode_and_evaluate",), 0.3),
     "node-stop": node_stop,

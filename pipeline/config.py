@@ -280,9 +280,11 @@ class StoreConfig(_Section):
     key: str | None = None  # else AWS_ACCESS_KEY_ID / the usual credential chain
     secret: str | None = None
 
-    def storage_options(self) -> dict[str, Any]:
+    def storage_options(self, url: str | None = None) -> dict[str, Any]:
+        """fsspec options for the store (or for another `url`, e.g. `hwq run --out`: the same
+        endpoint and credentials)."""
         opts: dict[str, Any] = {}
-        if self.url.startswith("s3://"):
+        if (url or self.url).startswith("s3://"):
             if self.endpoint_url:
                 opts["client_kwargs"] = {"endpoint_url": self.endpoint_url}
             if self.key:

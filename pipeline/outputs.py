@@ -42,8 +42,7 @@ def check_publishable(cfg: RunConfig, out: str | None, hf_out: bool) -> None:
 
 
 def _dest(cfg: RunConfig, out: str) -> Store:
-    opts = cfg.store.storage_options() if out.startswith("s3://") else {}
-    return Store(out, opts)
+    return Store(out, cfg.store.storage_options(out))
 
 
 def publish(cfg: RunConfig, store: Store, encode: StageDir, *, out: str,

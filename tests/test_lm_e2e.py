@@ -106,6 +106,43 @@ def test_second_run_is_all_cache_hits(lm_run, lm_files):
     assert again["metrics"]["decoded_perplexity"] == lm_run["metrics"]["decoded_perplexity"]
 
 
+def test_out_copies_the_hwq_and_the_decoded_folder_to_a_stable_path(lm_run, lm_files, tmp_path,
+                                                                    s3_bucket):
+    """--out on a cached run: model.hwq (the encode stage's bytes), hf/ (loadable, the same
+    perplexity), output.json written last; to a local folder and to S3; status prints it."""
+    import hashlib
+    import json
+
+    from pipeline.driver import open_store, published_output
+    from pipeline.store import Store
+
+    out = tmp_path / "published"
+    report = compress(lm_config(lm_files), keep_ray=True, out=str(out), hf_out=True)
+    assert all(s["cached"] for s in report["stages"].values())
+    src = open(report["metrics"]["encode"]["file"], "rb").read()
+    assert (out / "model.hwq").read_bytes() == src
+    index = json.loads((out / "output.json").read_text())
+    for name, meta in index["files"].items():
+        assert hashlib.sha256((out / name).read_bytes()).hexdigest() == meta["sha256"]
+    assert {"hf/config.json", "hf/model.safetensors"} <= set(index["files"])
+    model = transformers.AutoModelForCausalLM.from_pretrained(out / "hf")
+    assert model.config.num_hidden_layers == 2
+    assert published_output(open_store(to_config(lm_config(lm_files)))) == report["output"]["url"]
+
+    url, opts = s3_bucket  # the same to S3, with the store's credentials and endpoint
+    endpoint = opts["client_kwargs"]["endpoint_url"]
+    compress(lm_config(lm_files, store={"endpoint_url": endpoint}), keep_ray=True,
+             out=url + "/published")
+    assert Store(url + "/published", opts).read_bytes("model.hwq") == src
+
+
+def test_out_is_checked_before_anything_runs(lm_files, tmp_path):
+    with pytest.raises(ConfigError, match="--hf-out needs --out"):
+        compress(lm_config(lm_files), hf_out=True)
+    with pytest.raises(ConfigError, match="only for language models"):
+        compress("configs/lenet5_fmnist.yaml", out=str(tmp_path), hf_out=True)
+
+
 @pytest.mark.parametrize("method,extra", [("uniform", {"target_bits": 4.0}),
                                           ("hw_kmeans", {"k": 4}),
                                           ("ecsq", {"target_bits": 4.0, "scope": "group",

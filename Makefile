@@ -21,7 +21,7 @@ CONFIG ?= configs/lenet5_fmnist.yaml
 STORE ?= runs/default
 ARGS ?=
 
-.PHONY: setup data run test lint bench bench-paper bench-llm clean
+.PHONY: setup data run test lint bench bench-paper bench-llm bench-faults clean
 
 setup: $(STAMP) data
 
@@ -72,6 +72,11 @@ bench-llm: setup
 	# transformers, so it is installed without its dependency pins (benchmarks only).
 	$(PIP) install -q -c constraints.txt --no-deps llmcompressor==0.14.0.1
 	$(BIN)/python benchmarks/llm_peers.py $(ARGS)
+
+# Fault injection (worker, node and driver kills, S3 faults, concurrent runs) against real runs;
+# fills the README's fault table (benchmarks/results/faults.md). ~20 min on 2 cores.
+bench-faults: setup
+	$(BIN)/python benchmarks/faults.py $(ARGS)
 
 clean:
 	rm -rf runs .cache .pytest_cache

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["LocalCluster", "free_port"]
+__all__ = ["LocalCluster", "free_port", "pids_of", "kill_ray_of"]
 
 RAY = str(Path(sys.executable).with_name("ray"))
 
@@ -32,6 +32,53 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def pids_of(temp_dir: str) -> set[int]:
+    """Processes of the Ray started with `--temp-dir temp_dir` (its path is in their command
+    lines): that Ray's processes only, never another on the machine."""
+    import psutil
+
+    out = set()
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if any(temp_dir in a for a in (p.info["cmdline"] or [])):
+                out.add(p.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return out
+
+
+def kill_ray_of(temp_dir: str) -> int:
+    """Stop (SIGTERM, then SIGKILL after 10 s) the Ray started with `--temp-dir temp_dir`;
+    `ray stop` would stop every Ray on the machine."""
+    return _kill(pids_of(temp_dir), graceful=True)
+
+
+def _kill(pids: set[int], *, graceful: bool) -> int:
+    """Signal `pids` and their children: SIGTERM then SIGKILL (graceful), or SIGKILL at once
+    (a crash). Returns how many processes were signalled."""
+    import psutil
+
+    procs = []
+    for pid in pids:
+        try:
+            p = psutil.Process(pid)
+            procs += [p, *p.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            pass
+    for p in procs:
+        try:
+            p.terminate() if graceful else p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=10)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    return len(procs)
 
 
 @dataclass
@@ -103,35 +150,12 @@ class LocalCluster:
     def stop_node(self, name: str) -> int:
         """kill -9 every process of node `name` (its raylet, agents and workers); returns how
         many were killed."""
-        import psutil
 
         node = self.nodes.pop(name)
-        procs = []
-        for pid in node.pids:
-            try:
-                p = psutil.Process(pid)
-                procs += [p, *p.children(recursive=True)]
-            except psutil.NoSuchProcess:
-                pass
-        for p in procs:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(procs, timeout=10)
-        return len(procs)
+        return _kill(node.pids, graceful=False)
 
     def _pids(self) -> set[int]:
-        import psutil
-
-        out = set()
-        for p in psutil.process_iter(["cmdline"]):
-            try:
-                if any(self.temp_dir in a for a in (p.info["cmdline"] or [])):
-                    out.add(p.pid)
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                pass
-        return out
+        return pids_of(self.temp_dir)
 
     def alive_nodes(self) -> list[dict]:
         """The cluster's live nodes, from the dashboard's API ({"resources": [...]} each)."""
@@ -210,26 +234,7 @@ class LocalCluster:
     # -- lifetime ---------------------------------------------------------------------------
     def stop(self) -> None:
         """Kill every process of this cluster (found by its temp folder) and its nodes."""
-        import psutil
-
-        procs = []
-        for pid in self._pids() | {p for n in self.nodes.values() for p in n.pids}:
-            try:
-                p = psutil.Process(pid)
-                procs += [p, *p.children(recursive=True)]
-            except psutil.NoSuchProcess:
-                pass
-        for p in procs:
-            try:
-                p.terminate()
-            except psutil.NoSuchProcess:
-                pass
-        _, alive = psutil.wait_procs(procs, timeout=10)
-        for p in alive:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
+        _kill(self._pids() | {p for n in self.nodes.values() for p in n.pids}, graceful=True)
         self.nodes.clear()
 
     def __enter__(self) -> LocalCluster:

@@ -36,7 +36,7 @@ _BUF = 1 << 22
 # report.json/md, manifests are checked tighter): far above any honest one.
 DEFAULT_MAX_READ = 64 << 20
 # Attempts of one S3 request (botocore, adaptive backoff) and of one s3fs call.
-S3_ATTEMPTS = 10
+S3_ATTEMPTS = int(os.environ.get("HWQ_S3_ATTEMPTS", "10"))
 
 
 class ArtifactError(UserError, RuntimeError):

@@ -27,7 +27,6 @@ import secrets
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,6 +39,8 @@ import jsonschema
 import pytest
 import yaml
 from referencing import Registry, Resource
+
+from pipeline.localcluster import free_port, kill_ray_of
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -782,27 +783,6 @@ TINY = ["--set", "data.train_samples=256", "--set", "train.epochs=1"]
 TRAIN_DONE = r"\[1/\d\] train\s+done in"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _kill_cluster(temp_dir: str) -> None:
-    """Stop this head's processes only (`ray stop` would stop every Ray on the machine)."""
-    import psutil
-
-    procs = []
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if any(temp_dir in a for a in (p.info["cmdline"] or [])):
-                procs.append(p)
-                p.terminate()
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=10)
-    for p in alive:
-        p.kill()
 
 
 def _ray(head, *args, env=None, timeout=120):
@@ -826,7 +806,7 @@ def head():
                RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1",
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     env.pop("RAY_ADDRESS", None)
-    port, dash, agent, agent_grpc, renv, metrics = (_free_port() for _ in range(6))
+    port, dash, agent, agent_grpc, renv, metrics = (free_port() for _ in range(6))
     subprocess.run([RAY, "start", "--head", f"--port={port}",
                     f"--num-cpus={params['num-cpus']}", f"--num-gpus={params['num-gpus']}",
                     "--include-dashboard=true", "--dashboard-host=127.0.0.1",
@@ -849,7 +829,7 @@ def head():
         assert p.returncode == 0, out[-3000:]
         yield h
     finally:
-        _kill_cluster(temp_dir)
+        kill_ray_of(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

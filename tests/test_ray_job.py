@@ -4,7 +4,6 @@ the Jobs API."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.executor import without_job_env_vars
+from pipeline.localcluster import free_port, kill_ray_of
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -29,27 +29,6 @@ def test_job_env_vars_win_over_hwqs():
     assert without_job_env_vars(ours, json.dumps({"runtime_env": None})) == ours
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _kill_cluster(temp_dir: str) -> None:
-    """Stop this head's processes only (`ray stop` would stop every Ray on the machine)."""
-    import psutil
-
-    procs = []
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if any(temp_dir in a for a in (p.info["cmdline"] or [])):
-                procs.append(p)
-                p.terminate()
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=10)
-    for p in alive:
-        p.kill()
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +36,7 @@ def ray_head():
     temp_dir = tempfile.mkdtemp(prefix="hwqj-")  # short: Ray's socket paths are limited
     # Every port of its own: the suite's embedded Ray holds the default agent ports, and a
     # job agent that cannot bind them never comes up ("No available agent to submit job").
-    port, dash, agent, agent_grpc, renv, metrics = (_free_port() for _ in range(6))
+    port, dash, agent, agent_grpc, renv, metrics = (free_port() for _ in range(6))
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
     subprocess.run([RAY, "start", "--head", f"--port={port}", "--num-cpus=1",
                     "--include-dashboard=true", "--dashboard-host=127.0.0.1",
@@ -69,7 +48,7 @@ def ray_head():
     try:
         yield f"http://127.0.0.1:{dash}", env
     finally:
-        _kill_cluster(temp_dir)
+        kill_ray_of(temp_dir)
 
 
 def test_a_job_whose_runtime_env_sets_hwqs_variables_starts(ray_head, tmp_path):

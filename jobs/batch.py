@@ -10,8 +10,9 @@ entries cached); a failing entry is recorded and the batch goes on. The report i
 `<store>/batches/<name>/batch.json` and `batch.md`; the exit status is 1 if any entry failed,
 2 if the batch file is invalid (nothing ran).
 
-Several run configs instead of a batch file (the form deploy/cronjob.yaml uses) make a batch
-named "batch" with one entry per config (paths relative to the working directory):
+Several run configs instead of a batch file (the form earlier versions of deploy/cronjob.yaml
+used) make a batch named "batch" with one entry per config (paths relative to the working
+directory):
 
     python jobs/batch.py --store s3://bucket/hwq configs/a.yaml configs/b.yaml
 

@@ -125,7 +125,8 @@ class Ledger:
 
 
 def node_summary(records: list[dict[str, str]]) -> dict[str, Any]:
-    """{"nodes": {node_id: {"ip", "resources", "tasks"}}, "tasks": [[task, node_id], ...]}.
+    """{"nodes": {node_id: {"ip", "resources", "tasks"}}, "tasks": [[task, node_id, count]]}:
+    how many times each task ran on each node (a stage of thousands of tasks stays small).
 
     `resources` are the node's custom resource names (what `ray start --resources` gave it),
     the way a test or an operator tells nodes apart."""
@@ -134,7 +135,8 @@ def node_summary(records: list[dict[str, str]]) -> dict[str, Any]:
     nodes = {nid: {"ip": info.get(nid, {}).get("ip", ""),
                    "resources": info.get(nid, {}).get("resources", []),
                    "tasks": counts[nid]} for nid in sorted(counts)}
-    tasks = sorted([r["task"], r["node_id"]] for r in records)
+    per = Counter((r["task"], r["node_id"]) for r in records)
+    tasks = [[t, n, c] for (t, n), c in sorted(per.items())]
     return {"nodes": nodes, "tasks": tasks}
 
 

@@ -43,10 +43,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from pipeline.config import MAX_CONFIG_BYTES, ConfigError, RunConfig, digest, load_config
+from pipeline.config import ConfigError, RunConfig, digest, load_config, read_yaml_file
 
 __all__ = ["BatchFile", "Batch", "BatchEntry", "load_batch", "batch_of_configs", "run_batch",
            "BatchRun", "render_markdown", "add_commands"]
@@ -122,19 +121,7 @@ def _validation_errors(err: ValidationError, where: str, raw: Any) -> list[str]:
 
 
 def _read_yaml(path: Path) -> Any:
-    if not path.exists():
-        raise ConfigError(f"batch file {str(path)!r} not found (see configs/batch_example.yaml)")
-    if not path.is_file():
-        raise ConfigError(f"batch file {str(path)!r} is not a regular file")
-    if path.stat().st_size > MAX_CONFIG_BYTES:
-        raise ConfigError(f"batch file {str(path)!r} is {path.stat().st_size:,} bytes "
-                          f"(limit {MAX_CONFIG_BYTES:,})")
-    try:
-        return yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not UTF-8 text") from None
+    return read_yaml_file(path, "batch file", "see configs/batch_example.yaml")
 
 
 def is_batch_file(path: str | os.PathLike) -> bool:

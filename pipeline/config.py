@@ -447,25 +447,30 @@ def from_dict(data: dict[str, Any]) -> RunConfig:
         raise ConfigError("invalid config: nested too deeply") from None
 
 
+def read_yaml_file(path: str | Path, what: str, hint: str) -> Any:
+    """A small YAML file, parsed; ConfigError with one line for a missing, odd, oversized,
+    non-UTF-8 or malformed file. what: "config file", "batch file"; hint: where examples are."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{what} {str(p)!r} not found ({hint})")
+    if not p.is_file():
+        raise ConfigError(f"{what} {str(p)!r} is not a regular file")
+    if p.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{what} {str(p)!r} is {p.stat().st_size:,} bytes; such a file is a "
+                          f"few KB (limit {MAX_CONFIG_BYTES:,})")
+    try:
+        return yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {' '.join(str(e).split())}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not UTF-8 text") from None
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML run config (None: all defaults), apply overrides, validate."""
     data: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        if not p.exists():
-            raise ConfigError(f"config file {str(p)!r} not found (see configs/ for examples)")
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} is not a regular file")
-        if p.stat().st_size > MAX_CONFIG_BYTES:
-            raise ConfigError(f"config file {str(p)!r} is {p.stat().st_size:,} bytes; a run "
-                              f"config is a few KB (limit {MAX_CONFIG_BYTES:,})")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            first = " ".join(str(e).split())  # one line
-            raise ConfigError(f"{p}: not valid YAML: {first}") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"{p}: not UTF-8 text") from None
+        data = read_yaml_file(path, "config file", "see configs/ for examples") or {}
         if not isinstance(data, dict):
-            raise ConfigError(f"{p}: the top level must be a mapping of sections")
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
     return from_dict(apply_overrides(data, overrides or []))

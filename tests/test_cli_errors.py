@@ -157,7 +157,7 @@ def test_huge_config_file_and_deep_override(tmp_path):
     with open(big, "wb") as f:
         f.truncate(3 << 30)
     p, s = _hwq(["run", str(big)])
-    _assert_one_line(p, s, "a run config is a few KB")
+    _assert_one_line(p, s, "such a file is a few KB")
     p, s = _hwq(["run", CONFIG, "--store", str(tmp_path / "s"), "--set", "name=" + "[" * 5000])
     _assert_one_line(p, s, "name")
 

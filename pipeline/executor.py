@@ -147,8 +147,12 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         try:
             ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         except (ConnectionError, TimeoutError, RuntimeError, ValueError) as e:
-            raise ExecutorError(f"cannot join the Ray cluster at {address}: "
-                                f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            # The address answered (probed above), so the likeliest cause is Ray's token
+            # authentication (on by default in Ray 2.60): Ray logs that, but raises this.
+            hint = ("; if the cluster uses Ray's token authentication, set RAY_AUTH_TOKEN (or "
+                    "~/.ray/auth_token) to its token, see docs/DEPLOY.md")
+            raise ExecutorError(f"cannot join the Ray cluster at {address}: {first}{hint}"
                                 ) from None
     else:
         log.info("starting embedded local Ray (%s CPUs)", num_cpus or os.cpu_count())

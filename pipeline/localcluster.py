@@ -93,9 +93,11 @@ class LocalCluster:
 
     env: extra environment of every node (e.g. AWS_ACCESS_KEY_ID for the store).
     cpus: CPUs each node advertises.
+    gpus: GPUs each node advertises (Ray schedules by the number; without a real device the
+        tasks compute on the CPU: a test of placement, not of CUDA).
     """
 
-    def __init__(self, *, env: dict[str, str] | None = None, cpus: int = 2,
+    def __init__(self, *, env: dict[str, str] | None = None, cpus: int = 2, gpus: int = 0,
                  head_resource: str = "hwq_head"):
         self.temp_dir = tempfile.mkdtemp(prefix="hwqc-")  # short: socket paths are limited
         self.env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
@@ -103,6 +105,7 @@ class LocalCluster:
         for k in ("RAY_ADDRESS", "RAY_JOB_CONFIG_JSON_ENV_VAR"):
             self.env.pop(k, None)
         self.cpus = cpus
+        self.gpus = gpus
         self.head_resource = head_resource
         self.nodes: dict[str, _Node] = {}
         self.gcs_port = free_port()
@@ -128,6 +131,7 @@ class LocalCluster:
                    HF_HOME=f"{cache}/hf", NUMBA_CACHE_DIR=f"{cache}/numba",
                    MPLCONFIGDIR=f"{cache}/matplotlib")
         p = subprocess.run([RAY, "start", *args, f"--num-cpus={self.cpus}",
+                            f"--num-gpus={self.gpus}",
                             f"--resources={json.dumps({name: 1})}", "--disable-usage-stats",
                             *self._ports()], env=env, capture_output=True, text=True,
                            timeout=240)

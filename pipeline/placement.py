@@ -30,11 +30,13 @@ def _ledger_name(job_id: str) -> str:
     return f"hwq-ledger-{job_id}"
 
 
-def _this_node() -> dict[str, str]:
+def _this_node() -> dict[str, Any]:
     import ray
 
     ctx = ray.get_runtime_context()
-    return {"node_id": ctx.get_node_id(), "ip": ray.util.get_node_ip_address()}
+    gpus = ctx.get_accelerator_ids().get("GPU") or []
+    return {"node_id": ctx.get_node_id(), "ip": ray.util.get_node_ip_address(),
+            "gpus": len(gpus)}
 
 
 def note(task: str) -> None:
@@ -65,17 +67,17 @@ def noting(fn):
 class _LedgerActor:
     def __init__(self) -> None:
         self.stage: str | None = None
-        self.records: dict[str, list[dict[str, str]]] = {}
+        self.records: dict[str, list[dict[str, Any]]] = {}
 
     def begin(self, stage: str) -> None:
         self.stage = stage
         self.records[stage] = []
 
-    def record(self, task: str, node: dict[str, str]) -> None:
+    def record(self, task: str, node: dict[str, Any]) -> None:
         if self.stage is not None:
             self.records[self.stage].append({"task": task, **node})
 
-    def take(self, stage: str) -> list[dict[str, str]]:
+    def take(self, stage: str) -> list[dict[str, Any]]:
         if self.stage == stage:
             self.stage = None
         return self.records.pop(stage, [])
@@ -124,9 +126,10 @@ class Ledger:
         return node_summary(records)
 
 
-def node_summary(records: list[dict[str, str]]) -> dict[str, Any]:
-    """{"nodes": {node_id: {"ip", "resources", "tasks"}}, "tasks": [[task, node_id, count]]}:
-    how many times each task ran on each node (a stage of thousands of tasks stays small).
+def node_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """{"nodes": {node_id: {"ip", "resources", "tasks"}}, "tasks": [[task, node_id, count,
+    on_gpu]]}: how many times each task ran on each node, and how many of those runs Ray gave
+    a GPU (a stage of thousands of tasks stays small).
 
     `resources` are the node's custom resource names (what `ray start --resources` gave it),
     the way a test or an operator tells nodes apart."""
@@ -136,7 +139,8 @@ def node_summary(records: list[dict[str, str]]) -> dict[str, Any]:
                    "resources": info.get(nid, {}).get("resources", []),
                    "tasks": counts[nid]} for nid in sorted(counts)}
     per = Counter((r["task"], r["node_id"]) for r in records)
-    tasks = [[t, n, c] for (t, n), c in sorted(per.items())]
+    gpu = Counter((r["task"], r["node_id"]) for r in records if r.get("gpus"))
+    tasks = [[t, n, c, gpu[(t, n)]] for (t, n), c in sorted(per.items())]
     return {"nodes": nodes, "tasks": tasks}
 
 

@@ -15,6 +15,7 @@ every later stage sees exactly the same tokens without loading a tokenizer.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import re
@@ -184,15 +185,17 @@ class Workload:
         sets = self.eval_sets(load)
         bs = self.cfg.evaluate.batch_size
         if self.metric.name == "perplexity" and self.is_text:
-            res = {k: perplexity(model, v, batch_size=bs) for k, v in sets.items()}
+            with _on_task_device(model):
+                res = {k: perplexity(model, v, batch_size=bs) for k, v in sets.items()}
             nll = sum(r["nll"] for r in res.values())
             tokens = sum(r["tokens"] for r in res.values())
             return {"value": math.exp(nll / tokens), "by_set": {k: r["ppl"] for k, r in res.items()}}
         if self.metric.name == "accuracy" and not self.is_text and self.cfg.data.name != "custom":
             from pipeline.evaluate import accuracy
 
-            by = {k: accuracy(model, v) for k, v in sets.items()}
-        else:
+            with _on_task_device(model):
+                by = {k: accuracy(model, v) for k, v in sets.items()}
+        else:  # a metric of the user's gets the model where it is
             by = {k: self.metric(model, v) for k, v in sets.items()}
         return {"value": sum(by.values()) / len(by), "by_set": by}
 
@@ -246,3 +249,21 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], tied: dict[str,
             if params[alias].data_ptr() != params[src].data_ptr():
                 with torch.no_grad():
                     params[alias].copy_(params[src])
+
+
+@contextlib.contextmanager
+def _on_task_device(model: nn.Module):
+    """`model` on the GPU Ray gave this task (executor.gpus_per_task) for the block, then back
+    where it was; nothing moves on a CPU task."""
+    from pipeline.executor import task_device
+
+    home = next(model.parameters()).device
+    dev = task_device()
+    if dev == home:
+        yield
+        return
+    model.to(dev)
+    try:
+        yield
+    finally:
+        model.to(home)

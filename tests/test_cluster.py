@@ -81,3 +81,32 @@ def test_a_local_store_on_a_two_node_cluster_is_refused(cluster, tmp_path):
     assert status == "FAILED"
     assert "is a local folder, and the Ray cluster has 2 nodes" in logs
     assert "Traceback" not in logs
+
+
+def test_gpus_per_task_puts_every_compute_task_on_a_gpu(tmp_path):
+    """executor.gpus_per_task is a request: on a node that advertises GPUs, every train, prune,
+    Hessian, quantize and evaluation task is given one (the manifests record it), and the
+    reductions in between are not. (The node has no real device: Ray schedules by the number,
+    the tasks compute on the CPU; the CUDA path itself needs a GPU machine.)"""
+    store = tmp_path / "store"
+    with LocalCluster(cpus=2, gpus=2) as c:
+        job = c.submit(f"cd {ROOT} && {sys.executable} -m pipeline.cli run "
+                       f"configs/lenet5_fmnist.yaml --store {store} --ray-address auto "
+                       f"{' '.join(QUICK)} --set executor.gpus_per_task=1 "
+                       "--set finetune.enabled=false")
+        status, logs = c.wait(job, timeout=600)
+    assert status == "SUCCEEDED", logs[-6000:]
+    st = Store(str(store), create=False)
+    report = st.read_json("report.json")
+    runs = {}
+    for name, s in report["stages"].items():
+        m = st.read_json(f"stages/{name}-{s['key']}/manifest.json")
+        for task, _node, count, on_gpu in m["placement"]["tasks"]:
+            c_, g_ = runs.get(task, (0, 0))
+            runs[task] = (c_ + count, g_ + on_gpu)
+    compute = {"_train_task", "_prune_task", "_partial_task", "_evaluate_task",
+               "_decode_and_evaluate"}
+    assert compute <= set(runs), runs
+    for task in compute:
+        assert runs[task][1] == runs[task][0] > 0, (task, runs[task])
+    assert runs["_sum_task"][1] == 0 if "_sum_task" in runs else True

@@ -58,3 +58,20 @@ def test_unreachable_address_is_a_clear_error_not_a_hang():
     for addr in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
         with pytest.raises(ExecutorError, match="cannot reach the Ray cluster"):
             executor._probe_address(addr)
+
+
+def test_resource_requests_come_from_the_config():
+    """Numbers from executor.*, not what the cluster shows now: a GPU pool that scales from zero
+    only grows when something asks for a GPU, and a worker must fit the nodes that exist."""
+    from pipeline.config import ExecutorConfig
+    from pipeline.executor import configure, task_cpus, task_gpus, worker_cpus
+    from pipeline.finetune.stage import _resources
+
+    configure(ExecutorConfig(address="auto", gpus_per_task=0.5, cpus_per_task=2,
+                             cpus_per_worker=3))
+    try:
+        assert task_gpus() == 0.5 and worker_cpus() == 3 and task_cpus(1) == 2
+        assert _resources(2) == (0.5, 3.0)  # each fine-tune worker: half a GPU, 3 CPUs
+    finally:
+        configure(ExecutorConfig())
+    assert task_cpus(1) == 1

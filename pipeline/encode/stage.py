@@ -126,7 +126,8 @@ def _run(ctx: StageContext) -> dict:
     if file_bytes != acct["file_bytes"] or sum(acct["bits"].values()) != 8 * file_bytes:
         raise RuntimeError(f"accounting of {out.url(FILE)} does not add up to its size")
     expected = qm.dense_state(state, masks)
-    acc = ray.get(remote(_decode_and_evaluate, cpus="worker").remote(cfg, out, expected))
+    acc = ray.get(remote(_decode_and_evaluate, cpus="worker", gpus="task")
+                  .remote(cfg, out, expected))
     original = 4 * sum(t.numel() for t in state.values())
     # Same file with fixed-length index codes: swap the coded index bits for fixed ones.
     fixed_bits = 8 * file_bytes - acct["bits"]["indices"] + acct["fixed_length_index_bits"]
@@ -191,7 +192,8 @@ def _run_loaded(ctx: StageContext) -> dict:
             out.write_bytes(rel, src.read_bytes(rel))
     expected = dict(state)
     expected.update(qm.dense_state({n: state[n] for n in qm.assignment}, {}))
-    ev = ray.get(remote(_decode_and_evaluate_loaded, cpus="worker").remote(cfg, out, src, expected))
+    ev = ray.get(remote(_decode_and_evaluate_loaded, cpus="worker", gpus="task")
+                 .remote(cfg, out, src, expected))
     n_q = sum(state[n].numel() for n in qm.assignment)
     qbits = quantized_bits(acct, len(qm.assignment), len(entries))
     source = sum(t.numel() * t.element_size() for t in state.values())

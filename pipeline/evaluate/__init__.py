@@ -18,10 +18,11 @@ __all__ = ["accuracy", "accuracy_of_state", "perplexity", "METRICS", "Metric", "
 def accuracy(model: nn.Module, split: Split, batch_size: int = 1000) -> float:
     """Top-1 accuracy in [0, 1] of `model` on `split` (eval mode, no gradients)."""
     was_training = model.training
+    device = next(model.parameters()).device
     model.eval()
     correct = 0
     for x, y in batches(split, batch_size):
-        correct += int((model(x).argmax(1) == y).sum())
+        correct += int((model(x.to(device)).argmax(1) == y.to(device)).sum())
     model.train(was_training)
     return correct / max(len(split), 1)
 

@@ -120,7 +120,7 @@ def _load_task(cfg: RunConfig, out, expect: dict[str, Any]) -> dict:
 def _run(ctx: StageContext) -> dict:
     import ray
 
-    return ray.get(remote(_load_task, cpus="worker").remote(ctx.cfg, ctx.out,
+    return ray.get(remote(_load_task, cpus="worker", gpus="task").remote(ctx.cfg, ctx.out,
                                                           ctx.sections.get("sources", {})))
 
 

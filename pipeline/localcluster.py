@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -50,9 +51,12 @@ def pids_of(temp_dir: str) -> set[int]:
 
 
 def kill_ray_of(temp_dir: str) -> int:
-    """Stop (SIGTERM, then SIGKILL after 10 s) the Ray started with `--temp-dir temp_dir`;
-    `ray stop` would stop every Ray on the machine."""
-    return _kill(pids_of(temp_dir), graceful=True)
+    """Stop (SIGTERM, then SIGKILL after 10 s) the Ray started with `--temp-dir temp_dir`, and
+    remove that folder (its sessions and logs); `ray stop` would stop every Ray on the
+    machine."""
+    n = _kill(pids_of(temp_dir), graceful=True)
+    shutil.rmtree(temp_dir, ignore_errors=True)
+    return n
 
 
 def _kill(pids: set[int], *, graceful: bool) -> int:
@@ -237,9 +241,11 @@ class LocalCluster:
 
     # -- lifetime ---------------------------------------------------------------------------
     def stop(self) -> None:
-        """Kill every process of this cluster (found by its temp folder) and its nodes."""
+        """Kill every process of this cluster (found by its temp folder) and its nodes, and
+        remove the temp folder."""
         _kill(self._pids() | {p for n in self.nodes.values() for p in n.pids}, graceful=True)
         self.nodes.clear()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def __enter__(self) -> LocalCluster:
         return self.start_head()

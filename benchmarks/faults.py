@@ -221,45 +221,47 @@ def _wait_for(pred, timeout: float) -> bool:
     return False
 
 
-def node_stop(ctx) -> dict:
+def _two_node_job(ctx, stage: str, fault, *extra: str) -> tuple[dict, dict]:
+    """A two-node cluster, an S3 store seeded up to `stage`, the run submitted as a job;
+    `fault(cluster, url)` is called a few seconds after `stage` took its lease and returns
+    (injected, facts). Returns (the row, facts)."""
     from pipeline.localcluster import LocalCluster
 
     s3 = ctx["s3"]
     url = s3.bucket()
     store = s3.store(url)
-    _seed(ctx["ref_store"], store, ctx["ref_report"], "hessian")
-    key = ctx["ref_report"]["stages"]["hessian"]["key"]
+    _seed(ctx["ref_store"], store, ctx["ref_report"], stage)
+    key = ctx["ref_report"]["stages"][stage]["key"]
     with LocalCluster(env=CREDS, cpus=2) as c:
         c.add_node("hwq_node2")
-        job = c.submit(_cluster_entry(url, s3.endpoint))
-        started = _wait_for(lambda: store.exists(f"stages/hessian-{key}.lease"), 600)
-        time.sleep(3)  # the Hessian's tasks are running, some on the second node
-        killed = c.stop_node("hwq_node2") if started else 0
-        status, logs = c.wait(job, timeout=1800)
+        job = c.submit(_cluster_entry(url, s3.endpoint, *extra))
+        started = _wait_for(lambda: store.exists(f"stages/{stage}-{key}.lease"), 600)
+        time.sleep(3)  # the stage's tasks are running, some on the second node
+        injected, facts = fault(c, url, job) if started else (False, {})
+        status, logs = c.wait(facts.get("job", job), timeout=1800)
     p = subprocess.CompletedProcess([], 0 if status == "SUCCEEDED" else 1, "", logs)
     row = _outcome(store, ctx["ref"], p)
-    row.update(injected=killed > 0,
-               fault=f"second node killed during hessian ({killed} processes)")
-    row["ok"] = row["ok"] and row["injected"]
+    row["injected"] = injected
+    row["ok"] = row["ok"] and injected
+    return row, facts
+
+
+def node_stop(ctx) -> dict:
+    def stop(c, url, job):
+        n = c.stop_node("hwq_node2")
+        return n > 0, {"killed": n}
+
+    row, facts = _two_node_job(ctx, "hessian", stop)
+    row["fault"] = f"second node killed during hessian ({facts.get('killed', 0)} processes)"
     return row
 
 
 def driver_kill(ctx) -> dict:
     import psutil
 
-    from pipeline.localcluster import LocalCluster
+    ttl = ("--set", "executor.lease_ttl_s=10")
 
-    s3 = ctx["s3"]
-    url = s3.bucket()
-    store = s3.store(url)
-    _seed(ctx["ref_store"], store, ctx["ref_report"], "finetune")
-    key = ctx["ref_report"]["stages"]["finetune"]["key"]
-    ttl = ["--set", "executor.lease_ttl_s=10"]
-    with LocalCluster(env=CREDS, cpus=2) as c:
-        c.add_node("hwq_node2")
-        job = c.submit(_cluster_entry(url, s3.endpoint, *ttl))
-        started = _wait_for(lambda: store.exists(f"stages/finetune-{key}.lease"), 600)
-        time.sleep(5)
+    def kill_and_resubmit(c, url, job):
         killed = []
         for pr in psutil.process_iter(["cmdline"]):
             cmd = pr.info["cmdline"] or []
@@ -268,15 +270,13 @@ def driver_kill(ctx) -> dict:
                 killed.append(pr.pid)
         first, _ = c.wait(job, timeout=600)
         t0 = time.monotonic()
-        job2 = c.submit(_cluster_entry(url, s3.endpoint, *ttl))
-        status, logs = c.wait(job2, timeout=1800)
-        resumed_s = time.monotonic() - t0
-    p = subprocess.CompletedProcess([], 0 if status == "SUCCEEDED" else 1, "", logs)
-    row = _outcome(store, ctx["ref"], p)
-    row.update(injected=bool(killed and started),
-               fault=f"job driver killed in finetune (first job {first}); same job resubmitted, "
-               f"done in {resumed_s:.0f} s")
-    row["ok"] = row["ok"] and row["injected"]
+        job2 = c.submit(_cluster_entry(url, ctx["s3"].endpoint, *ttl))
+        return bool(killed), {"job": job2, "first": first, "t0": t0}
+
+    row, facts = _two_node_job(ctx, "finetune", kill_and_resubmit, *ttl)
+    resumed = time.monotonic() - facts.get("t0", time.monotonic())
+    row["fault"] = (f"job driver killed in finetune (first job {facts.get('first')}); same "
+                    f"job resubmitted, done in {resumed:.0f} s")
     return row
 
 

@@ -148,33 +148,18 @@ def run(
             if hit is not None:
                 dirs[name], records[name] = sd, hit
                 continue
+        lease = _lease(cfg, store, sd)
         if name not in forced and not stale_inputs:
             # Another run may be computing this very stage: wait for it, or take over its
             # lease if it died. If it finished meanwhile, this is a cache hit after all.
-            lease = _lease(cfg, store, sd)
-            finished: list[Manifest] = []
-
-            def done(sd=sd, p=p, finished=finished) -> bool:
-                m, _ = _read_manifest(store, sd, p, cfg)
-                if m is not None:
-                    finished.append(m)
-                return m is not None
-
-            if not lease.acquire(done):
-                hit = _cache_hit(sd, finished[-1], p, i, len(plans), t0)
-                if hit is not None:
-                    dirs[name], records[name] = sd, hit
-                    continue
-                lease.acquire()
-            m, _ = _read_manifest(store, sd, p, cfg)  # finished just before we took it?
+            m = _lease_or_finished(lease, lambda sd=sd, p=p: _read_manifest(store, sd, p, cfg)[0])
             if m is not None:
                 hit = _cache_hit(sd, m, p, i, len(plans), t0)
                 if hit is not None:
-                    lease.release()
                     dirs[name], records[name] = sd, hit
                     continue
+                lease.acquire()  # finished, but its files do not verify: recompute
         else:
-            lease = _lease(cfg, store, sd)
             lease.acquire()
         try:
             reason = ("forced" if name in forced else
@@ -264,6 +249,25 @@ def _cache_hit(sd: StageDir, manifest: Manifest, p: StagePlan, i: int, n: int,
     return {"key": p.key, "cached": True, "verified": how,
             "seconds": round(time.perf_counter() - t0, 3),
             "compute_seconds": manifest.timings.seconds, "metrics": manifest.metrics}
+
+
+def _lease_or_finished(lease, read) -> Manifest | None:
+    """Take `lease`, or return the manifest (`read()`) of the run that finished the stage while
+    this one waited or just before it took the lease; the lease is then not held."""
+    finished: list[Manifest] = []
+
+    def done() -> bool:
+        m = read()
+        if m is not None:
+            finished.append(m)
+        return m is not None
+
+    if not lease.acquire(done):
+        return finished[-1]
+    m = read()
+    if m is not None:
+        lease.release()
+    return m
 
 
 def _lease(cfg: RunConfig, store: Store, sd: StageDir):

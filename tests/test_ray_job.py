@@ -3,17 +3,15 @@ OMP_WAIT_POLICY, HWQ_CACHE or AWS_* used to die at ray.init), on a real `ray sta
 the Jobs API."""
 
 import json
-import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
 from pipeline.executor import without_job_env_vars
-from pipeline.localcluster import free_port, kill_ray_of
+from pipeline.localcluster import LocalCluster
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -30,25 +28,12 @@ def test_job_env_vars_win_over_hwqs():
 
 
 
-
 @pytest.fixture(scope="module")
 def ray_head():
-    temp_dir = tempfile.mkdtemp(prefix="hwqj-")  # short: Ray's socket paths are limited
-    # Every port of its own: the suite's embedded Ray holds the default agent ports, and a
-    # job agent that cannot bind them never comes up ("No available agent to submit job").
-    port, dash, agent, agent_grpc, renv, metrics = (free_port() for _ in range(6))
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
-    subprocess.run([RAY, "start", "--head", f"--port={port}", "--num-cpus=1",
-                    "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                    f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={agent}",
-                    f"--dashboard-agent-grpc-port={agent_grpc}",
-                    f"--runtime-env-agent-port={renv}", f"--metrics-export-port={metrics}",
-                    f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-                   env=env, check=True, capture_output=True, timeout=180)
-    try:
-        yield f"http://127.0.0.1:{dash}", env
-    finally:
-        kill_ray_of(temp_dir)
+    """A `ray start` head with the Jobs API, every port its own (the suite's embedded Ray holds
+    the default agent ports, and a job agent that cannot bind them never comes up)."""
+    with LocalCluster(cpus=1) as c:
+        yield c.dashboard_url, c.env
 
 
 def test_a_job_whose_runtime_env_sets_hwqs_variables_starts(ray_head, tmp_path):

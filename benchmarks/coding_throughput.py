@@ -1,7 +1,10 @@
-"""Entropy-coding throughput and size: Huffman (and fixed-length) chunks vs the entropy bound
-and vs zstd on the same uint8 symbols.
+"""Entropy-coding throughput and size: Huffman (and fixed-length) chunks and static rANS
+chunks vs the entropy bound and vs zstd on the same uint8 symbols.
 
     python benchmarks/coding_throughput.py [--n 100000000] [--entropy 3.0] [--k 256]
+
+rANS rows: "rans" with the precision AnsTable.from_counts picks (fewest coded + table bits),
+"rans-12" with 12-bit frequencies (a 4,096-slot decode table, slightly larger output).
 
 Symbols follow a two-sided geometric (discretized Laplace) law over k values, its scale set
 so that the entropy is --entropy bits: the shape of quantized weight indices. Speeds are one
@@ -20,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.encode.ans import AnsTable, ans_decode, ans_encode
 from pipeline.encode.huffman import (
     CodeTable,
     decode_chunk,
@@ -96,6 +100,25 @@ def bench_code(x, counts, fixed, chunk, repeats):
     return t_enc, t_dec, nbytes, table.table_bytes(), len(chunks), table.cost_bits(counts)
 
 
+def bench_rans(x, counts, prob_bits, chunk, repeats):
+    """Like bench_code, for rANS chunks of ``chunk`` symbols under one table."""
+    table = AnsTable.from_counts(counts, prob_bits)
+    ans_decode(ans_encode(x[:1000], table), 1000, table)  # compile / load outside timing
+    starts = range(0, x.shape[0], chunk)
+    t_enc, chunks = best_of(repeats, lambda: [ans_encode(x[i : i + chunk], table) for i in starts])
+    out = np.empty(x.shape[0], symbol_dtype(table.alphabet))
+
+    def decode_all():
+        for i, c in zip(starts, chunks, strict=True):
+            out[i : i + chunk] = ans_decode(c, min(chunk, x.shape[0] - i), table)
+        return out
+
+    t_dec, y = best_of(repeats, decode_all)
+    assert np.array_equal(y, x), "round trip failed"
+    nbytes = sum(len(c) for c in chunks)
+    return t_enc, t_dec, nbytes, table.table_bytes(), len(chunks), table.cost_bits(counts), table
+
+
 def bench_zstd(x, level, repeats):
     import zstandard
 
@@ -145,30 +168,32 @@ def main(argv=None) -> dict:
     bound_bits = h * args.n
 
     rows = []
-    for name, fixed in (("huffman", False), ("fixed-length", True)):
-        t_enc, t_dec, nbytes, tbytes, nchunks, ideal = bench_code(
-            x, counts, fixed, args.chunk, args.repeats
-        )
+
+    def row(name, t_enc, t_dec, nbytes, tbytes, nchunks, ideal):
         total_bits = 8 * (nbytes + tbytes)
-        rows.append(
-            {
-                "codec": name,
-                "encode_msym_s": args.n / t_enc[0] / 1e6,
-                "decode_msym_s": args.n / t_dec[0] / 1e6,
-                "encode_msym_cpu_s": args.n / t_enc[1] / 1e6,
-                "decode_msym_cpu_s": args.n / t_dec[1] / 1e6,
-                "bytes": nbytes + tbytes,
-                "bits_per_symbol": total_bits / args.n,
-                "table_bytes": tbytes,
-                "chunks": nchunks,
-                # Size over (entropy bound + code table): the coder's own overhead.
-                "over_bound_pct": 100 * (total_bits / (bound_bits + 8 * tbytes) - 1),
-                # The same split: the code's own redundancy (sum count * length over n * H)
-                # and what the implementation adds (chunk padding).
-                "code_redundancy_pct": 100 * (ideal / bound_bits - 1),
-                "padding_bits": 8 * nbytes - ideal,
-            }
-        )
+        return {
+            "codec": name,
+            "encode_msym_s": args.n / t_enc[0] / 1e6,
+            "decode_msym_s": args.n / t_dec[0] / 1e6,
+            "encode_msym_cpu_s": args.n / t_enc[1] / 1e6,
+            "decode_msym_cpu_s": args.n / t_dec[1] / 1e6,
+            "bytes": nbytes + tbytes,
+            "bits_per_symbol": total_bits / args.n,
+            "table_bytes": tbytes,
+            "chunks": nchunks,
+            # Size over (entropy bound + code table): the coder's own overhead.
+            "over_bound_pct": 100 * (total_bits / (bound_bits + 8 * tbytes) - 1),
+            # The same split: the code's own redundancy (sum count * length over n * H)
+            # and what the implementation adds (chunk padding; rANS: flushed states).
+            "code_redundancy_pct": 100 * (ideal / bound_bits - 1),
+            "padding_bits": 8 * nbytes - ideal,
+        }
+
+    for name, fixed in (("huffman", False), ("fixed-length", True)):
+        rows.append(row(name, *bench_code(x, counts, fixed, args.chunk, args.repeats)))
+    for name, pb in (("rans", None), ("rans-12", 12)):
+        *res, table = bench_rans(x, counts, pb, args.chunk, args.repeats)
+        rows.append(row(name, *res) | {"prob_bits": table.prob_bits})
     levels = [int(v) for v in args.zstd_levels.split(",") if v.strip()]
     zn = min(args.zstd_n, args.n)
     zh = entropy_bits(np.bincount(x[:zn], minlength=args.k)) * zn
@@ -215,6 +240,14 @@ def main(argv=None) -> dict:
         f"padding: {rows[0]['padding_bits']:,} bits over {rows[0]['chunks']} chunks; "
         f"Huffman's own redundancy: {rows[0]['code_redundancy_pct']:.3f}%"
     )
+    for r in rows:
+        if r["codec"].startswith("rans"):
+            print(
+                f"{r['codec']}: {r['prob_bits']}-bit frequencies, model redundancy "
+                f"{r['code_redundancy_pct']:.4f}%, stream beyond the model "
+                f"{r['padding_bits']:+,.0f} bits over {r['chunks']} chunks, "
+                f"table {r['table_bytes']} bytes"
+            )
     print(f"optimal prefix-code redundancy at H = {args.entropy} bits, by family (exact):")
     for f, r in families.items():
         print(f"  {f:<22} {r:6.2f}%")
@@ -233,6 +266,8 @@ def main(argv=None) -> dict:
             # Per core = per CPU-second of this single-threaded process.
             "decode_msym_per_cpu_s>=100": rows[0]["decode_msym_cpu_s"] >= 100,
             "huffman_within_2pct_of_bound_plus_table": rows[0]["over_bound_pct"] <= 2.0,
+            "rans_decode_msym_per_cpu_s>=100": rows[2]["decode_msym_cpu_s"] >= 100,
+            "rans_within_0.5pct_of_bound_plus_table": rows[2]["over_bound_pct"] <= 0.5,
         },
         "machine": {
             "python": platform.python_version(),

@@ -1,0 +1,745 @@
+"""Static rANS: an entropy coder within a few hundredths of a percent of the order-0 entropy.
+
+A static model is an :class:`AnsTable`: symbol frequencies normalized to sum to
+``M = 1 << prob_bits``. :func:`ans_encode` turns a symbol array into a header-free byte
+string, :func:`ans_decode` turns it back given the symbol count and the table (a container
+stores both separately).
+
+Coder (Duda's range variant of ANS, in the byte-renormalizing form of Giesen's rans_byte):
+the state x is an integer below 2**31; coding symbol s (frequency f, cumulative frequency c)
+maps x to ``(x // f) * M + c + x % f`` and decoding inverts it with one table lookup on the
+low ``prob_bits`` bits. Before coding a symbol the encoder writes the low bytes of x until the
+result will stay below 2**31; the decoder reads bytes back whenever its state drops below
+``L = 2**23``. The encoder runs over the symbols in reverse and writes bytes back to front,
+so that the decoder reads forward.
+
+Stream layout (deterministic: one valid stream per symbol array and table):
+
+- ``n_symbols == 0``, or a table whose only used symbol has frequency M: no bytes.
+- ``n_symbols < MULTI_LANE_MIN`` (one lane): the encoder starts in state ``2 * M`` (small,
+  so a short stream wastes few bits). The stream starts with the final state, big-endian
+  and without leading zero bytes, followed by the renormalization bytes. The decoder reads a
+  byte while its state is below L and bytes remain; at the end its state must be ``2 * M``.
+- ``n_symbols >= MULTI_LANE_MIN`` (four lanes): symbol i is coded by lane ``i % 4``, each
+  lane starting in state L; the stream starts with the four final states (lane 0 first,
+  3 or 4 bytes each), then the interleaved renormalization bytes. Four independent states
+  let the decoder overlap four dependency chains (about twice the speed of one lane). Every
+  lane must end in state L.
+
+Either way the decoder must end exactly at the last byte; any inconsistency is a
+:class:`~pipeline.encode.bitio.DecodeError`. Flushed states have no leading zero byte, so a
+stream the decoder accepts is exactly what :func:`ans_encode` writes for the decoded symbols.
+
+Limits: ``prob_bits`` 0..20 (decoder state at least 8 after a step keeps renormalization at
+<= 3 bytes a symbol), alphabets of 1..2**20 symbols, at most 2**prob_bits used symbols.
+:meth:`AnsTable.max_symbols` bounds the symbols a stream of a given size can hold.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+from numba import njit
+
+from .bitio import DecodeError
+from .huffman import _as_readonly_u8, symbol_dtype
+
+__all__ = [
+    "MAX_ALPHABET",
+    "MULTI_LANE_MIN",
+    "PROB_BITS_MAX",
+    "AnsTable",
+    "ans_decode",
+    "ans_encode",
+    "normalize_freqs",
+]
+
+PROB_BITS_MAX = 20
+"""Largest frequency precision: 2**20 slots (decode tables of 10-12 MiB at most)."""
+AUTO_PROB_BITS_MAX = 16
+"""Largest precision :meth:`AnsTable.from_counts` picks by itself, unless the number of used
+symbols needs more: beyond 16 bits the model gain is a few thousandths of a percent while the
+decode table leaves the L2 cache."""
+MAX_ALPHABET = 1 << 20
+"""Largest alphabet (the container allows 2**16)."""
+MULTI_LANE_MIN = 1 << 17
+"""Streams of at least this many symbols use four interleaved lanes (~14 bytes beyond the
+model's cost, 0.1% of a 1-bit stream of this length); shorter ones one lane (about
+prob_bits + 5 bits)."""
+LANES = 4
+_L = 1 << 23  # lower end of the normalized state interval [L, 256 L)
+_MAX_GAMMA_ZEROS = 24  # longest Elias-gamma prefix in a serialized table (values < 2**25)
+
+
+def _one_lane_start(m: int) -> int:
+    """Initial encoder state of a one-lane stream (the decoder's required final state): 2M,
+    the smallest from which every decoding step shrinks the state (see
+    AnsTable.max_symbols); its prob_bits + 1 bits are the stream's fixed cost. (A larger
+    start would not detect corruption much better: a decoder that has gone astray often
+    falls back into step, see ans_decode.)"""
+    return 2 * m
+
+
+# ---------------------------------------------------------------------------------------------
+# frequency normalization
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _sift_down(key, idx, j):  # pragma: no cover - compiled
+    """Restore the max-heap (key larger first, then index smaller) below position j."""
+    k = key.shape[0]
+    while True:
+        best = 2 * j + 1
+        if best >= k:
+            return
+        r = best + 1
+        if r < k and (key[r] > key[best] or (key[r] == key[best] and idx[r] < idx[best])):
+            best = r
+        if key[best] > key[j] or (key[best] == key[j] and idx[best] < idx[j]):
+            key[j], key[best] = key[best], key[j]
+            idx[j], idx[best] = idx[best], idx[j]
+            j = best
+        else:
+            return
+
+
+@njit(cache=True, nogil=True)
+def _fill_greedy(c, f, total):  # pragma: no cover - compiled
+    """Raise f (int64 [K], each >= 1) in place until it sums to ``total``, one unit at a time,
+    always to the symbol whose coded bits drop most: gain c_i * log(1 + 1/f_i); ties go to the
+    lowest index. A binary max-heap over the K symbols."""
+    k = c.shape[0]
+    rem = total - f.sum()
+    if rem <= 0 or k == 0:
+        return
+    key = np.empty(k, np.float64)
+    idx = np.arange(k)
+    for i in range(k):
+        key[i] = c[i] * np.log1p(1.0 / f[i])
+    for j in range(k // 2 - 1, -1, -1):
+        _sift_down(key, idx, j)
+    for _ in range(rem):
+        i = idx[0]
+        f[i] += 1
+        key[0] = c[i] * np.log1p(1.0 / f[i])
+        _sift_down(key, idx, 0)
+
+
+def normalize_freqs(counts: np.ndarray, prob_bits: int) -> np.ndarray:
+    """Frequencies summing to ``1 << prob_bits`` that minimise the coded bits of ``counts``.
+
+    Args:
+        counts: [alphabet] non-negative integer counts.
+        prob_bits: precision, 0..PROB_BITS_MAX; ``1 << prob_bits`` must be at least the number
+            of used (count > 0) symbols.
+
+    Returns:
+        uint32 [alphabet]: zero exactly where the count is zero; minimises
+        sum c_i * (prob_bits - log2 f_i) over integer f_i >= 1 (i.e. the KL divergence from
+        the empirical distribution). With no used symbol, symbol 0 gets everything.
+
+    Exact: the optimum takes the M - K largest marginal gains c_i * log2((f + 1) / f), f >= 1,
+    over all used symbols. ``max(1, floor(c_i (M - K) / N))`` is below the optimum for every
+    symbol (KKT), so a greedy fill from there (at most 2K steps) reaches it.
+    """
+    c_all = np.asarray(counts)
+    if c_all.ndim != 1 or c_all.size == 0:
+        raise ValueError(f"counts must be 1-D and non-empty, got shape {c_all.shape}")
+    c_all = _int_counts(c_all)
+    pb = _check_prob_bits(prob_bits, ValueError)
+    m = 1 << pb
+    out = np.zeros(c_all.shape[0], np.uint32)
+    used = np.flatnonzero(c_all)
+    k = used.size
+    if k == 0:
+        out[0] = m
+        return out
+    if k > m:
+        raise ValueError(f"{k} used symbols do not fit in {pb}-bit frequencies")
+    c = c_all[used]
+    if k == 1:
+        out[used] = m
+        return out
+    n = float(c.sum())
+    # A safe lower bound: the float product is within a few ulps, far inside the margin.
+    f = np.floor(c.astype(np.float64) * ((m - k) / n) * (1.0 - 2.0**-40)).astype(np.int64)
+    np.maximum(f, 1, out=f)
+    _fill_greedy(c, f, m)
+    out[used] = f
+    return out
+
+
+def _int_counts(c: np.ndarray) -> np.ndarray:
+    if c.dtype.kind not in "iub":
+        if c.dtype.kind != "f" or not np.all(np.isfinite(c)) or np.any(c != np.floor(c)):
+            raise ValueError("counts must be non-negative integers")
+    if c.size and c.min() < 0:
+        raise ValueError("counts must be non-negative integers")
+    return c.astype(np.int64)
+
+
+def _check_prob_bits(prob_bits, exc) -> int:
+    if isinstance(prob_bits, bool) or not isinstance(prob_bits, (int, np.integer)):
+        raise exc(f"prob_bits must be an int, got {prob_bits!r}")
+    if not 0 <= int(prob_bits) <= PROB_BITS_MAX:
+        raise exc(f"prob_bits must be in 0..{PROB_BITS_MAX}, got {prob_bits}")
+    return int(prob_bits)
+
+
+# ---------------------------------------------------------------------------------------------
+# table serialization
+#
+# Byte 0: prob_bits. Then a bit string, most significant bit first, zero-padded to a byte:
+# per symbol, the bit length b of its frequency as the change from the previous symbol's
+# (zigzag, Elias gamma), then the frequency's b - 1 bits below its leading one. A zero
+# frequency (b = 0) is followed by the length of its run of zeros (Elias gamma), so a sparse
+# 65,536-symbol alphabet costs a few bits per run. Smooth histograms (neighbouring symbols of
+# similar frequency) cost about log2(f) + 1 bits a symbol.
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _bit_length(v):  # pragma: no cover - compiled
+    b = 0
+    while (v >> b) > 0:
+        b += 1
+    return b
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _put(out, p, acc, nacc, v, nbits):  # pragma: no cover - compiled
+    """Append the nbits (<= 48) low bits of v; returns (p, acc, nacc) with nacc < 8."""
+    acc = (acc << nbits) | v
+    nacc += nbits
+    while nacc >= 8:
+        out[p] = (acc >> (nacc - 8)) & 255
+        p += 1
+        nacc -= 8
+    return p, acc & ((np.int64(1) << nacc) - 1), nacc
+
+
+@njit(cache=True, nogil=True)
+def _pack_kernel(freqs, prob_bits, out):  # pragma: no cover - compiled
+    """Serialize freqs (int64 [k]) into out (uint8, >= 1 + 4 k + 8 bytes); return the size.
+
+    Per symbol at most 11 bits of length change plus 20 mantissa bits; a run of r zeros at
+    most 11 + 2 log2(r) + 1 bits: never more than 4 bytes a symbol."""
+    k = freqs.shape[0]
+    out[0] = prob_bits
+    p = 1
+    acc = np.int64(0)
+    nacc = 0
+    prev = 0
+    i = 0
+    while i < k:
+        f = freqs[i]
+        b = _bit_length(f)
+        d = b - prev
+        z = 2 * d if d >= 0 else -2 * d - 1  # zigzag
+        vb = _bit_length(z + 1)  # Elias gamma: vb - 1 zeros, then the vb bits of the value
+        p, acc, nacc = _put(out, p, acc, nacc, z + 1, 2 * vb - 1)
+        if b == 0:
+            r = 1
+            while i + r < k and freqs[i + r] == 0:
+                r += 1
+            vb = _bit_length(r)
+            p, acc, nacc = _put(out, p, acc, nacc, r, 2 * vb - 1)
+            i += r
+        else:
+            p, acc, nacc = _put(out, p, acc, nacc, f & ((np.int64(1) << (b - 1)) - 1), b - 1)
+            i += 1
+        prev = b
+    if nacc > 0:
+        out[p] = (acc << (8 - nacc)) & 255
+        p += 1
+    return p
+
+
+@njit(cache=True, nogil=True)
+def _read_bits(data, pos, nbits, total):  # pragma: no cover - compiled
+    """(value, new pos) of nbits bits at bit pos (MSB first, after byte 0); pos -1 past the end."""
+    if pos + nbits > total:
+        return np.int64(0), -1
+    v = np.int64(0)
+    for _ in range(nbits):
+        v = (v << 1) | ((data[1 + (pos >> 3)] >> (7 - (pos & 7))) & 1)
+        pos += 1
+    return v, pos
+
+
+@njit(cache=True, nogil=True)
+def _read_gamma(data, pos, total):  # pragma: no cover - compiled
+    z = 0
+    while True:
+        if pos >= total:
+            return np.int64(0), -1
+        bit = (data[1 + (pos >> 3)] >> (7 - (pos & 7))) & 1
+        pos += 1
+        if bit:
+            break
+        z += 1
+        if z > _MAX_GAMMA_ZEROS:
+            return np.int64(0), -2
+    v, pos = _read_bits(data, pos, z, total)
+    return (np.int64(1) << z) | v, pos
+
+
+@njit(cache=True, nogil=True)
+def _unpack_kernel(data, prob_bits, freqs):  # pragma: no cover - compiled
+    """Fill freqs (int64 [k], zeros) from data; 0 if well formed, else a negative error code:
+    -1 past the end, -2 bad gamma code, -3 bit length out of range, -4 zero run past the
+    alphabet, -5 a zero run not maximal (a zero after a run), -6 trailing bytes or nonzero
+    padding."""
+    k = freqs.shape[0]
+    total = 8 * (data.shape[0] - 1)
+    pos = 0
+    prev = 0
+    after_run = False
+    i = 0
+    while i < k:
+        z, pos = _read_gamma(data, pos, total)
+        if pos < 0:
+            return pos
+        z -= 1
+        d = (z >> 1) if (z & 1) == 0 else -((z + 1) >> 1)
+        b = prev + d
+        if b < 0 or b > prob_bits + 1:
+            return -3
+        if b == 0:
+            if after_run:
+                return -5
+            r, pos = _read_gamma(data, pos, total)
+            if pos < 0:
+                return pos
+            if r > k - i:
+                return -4
+            i += r
+            prev = 0
+            after_run = True
+            continue
+        m, pos = _read_bits(data, pos, b - 1, total)
+        if pos < 0:
+            return pos
+        freqs[i] = (np.int64(1) << (b - 1)) | m
+        prev = b
+        after_run = False
+        i += 1
+    if (pos + 7) >> 3 != data.shape[0] - 1:
+        return -6
+    if pos & 7:
+        pad, _ = _read_bits(data, pos, 8 - (pos & 7), total)
+        if pad != 0:
+            return -6
+    return 0
+
+
+_UNPACK_ERRORS = {
+    -1: "the table ends early",
+    -2: "an Elias-gamma code in the table is too long",
+    -3: "a frequency bit length is out of range",
+    -4: "a run of zero frequencies runs past the alphabet",
+    -5: "a run of zero frequencies is split (not canonical)",
+    -6: "trailing bytes or nonzero padding after the table",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# the table
+
+
+@dataclass(frozen=True, eq=False)
+class AnsTable:
+    """A static rANS model over symbols 0..alphabet-1.
+
+    Attributes:
+        freqs: uint32 [alphabet], summing to ``1 << prob_bits``; 0 = symbol cannot be coded.
+        prob_bits: frequency precision, 0..PROB_BITS_MAX.
+
+    Picklable (the derived coding tables are rebuilt lazily, not shipped).
+    """
+
+    freqs: np.ndarray
+    prob_bits: int
+
+    def __post_init__(self) -> None:
+        pb = _check_prob_bits(self.prob_bits, DecodeError)
+        f = np.asarray(self.freqs)
+        if f.ndim != 1 or not 1 <= f.shape[0] <= MAX_ALPHABET:
+            raise DecodeError(f"freqs must be 1-D with 1..{MAX_ALPHABET} entries, got {f.shape}")
+        if f.dtype.kind not in "iu" or (f.size and (f.min() < 0 or f.max() > 1 << pb)):
+            raise DecodeError(f"freqs must be integers in 0..{1 << pb}")
+        if int(f.astype(np.int64).sum()) != 1 << pb:
+            raise DecodeError(f"freqs sum to {int(f.astype(np.int64).sum())}, not {1 << pb}")
+        f = np.array(f, dtype=np.uint32)  # a copy: read-only without touching the caller's
+        f.flags.writeable = False
+        object.__setattr__(self, "freqs", f)
+        object.__setattr__(self, "prob_bits", pb)
+
+    def __reduce__(self):
+        return (self.__class__, (self.freqs, self.prob_bits))
+
+    @classmethod
+    def from_counts(cls, counts: np.ndarray, prob_bits: int | None = None) -> AnsTable:
+        """The table for a histogram counts [alphabet].
+
+        Args:
+            counts: non-negative integer counts; every used symbol gets a frequency >= 1.
+            prob_bits: precision; None picks the one of ceil(log2(used symbols)) ..
+                max(16, that + 2) (at most 20) minimising coded bits + table bits (ties: the
+                smaller).
+        """
+        c = np.asarray(counts)
+        if c.ndim != 1 or not 1 <= c.shape[0] <= MAX_ALPHABET:
+            raise ValueError(f"counts must be 1-D with 1..{MAX_ALPHABET} entries, got {c.shape}")
+        c = _int_counts(c)
+        if prob_bits is not None:
+            return cls(normalize_freqs(c, prob_bits), _check_prob_bits(prob_bits, ValueError))
+        k = int(np.count_nonzero(c))
+        lo = (k - 1).bit_length() if k > 1 else 0
+        if lo > PROB_BITS_MAX:
+            raise ValueError(f"{k} used symbols need more than {PROB_BITS_MAX}-bit frequencies")
+        hi = min(PROB_BITS_MAX, max(AUTO_PROB_BITS_MAX, lo + 2)) if k > 1 else lo
+        best = None
+        for pb in range(lo, hi + 1):
+            t = cls(normalize_freqs(c, pb), pb)
+            bits = t.cost_bits(c) + 8 * t.table_bytes()
+            if best is None or bits < best[0]:
+                best = (bits, t)
+        return best[1]
+
+    @property
+    def alphabet(self) -> int:
+        return int(self.freqs.shape[0])
+
+    @cached_property
+    def single_symbol(self) -> int | None:
+        """The symbol whose frequency is all of M (then streams carry no bytes), else None."""
+        top = int(np.argmax(self.freqs))
+        return top if int(self.freqs[top]) == 1 << self.prob_bits else None
+
+    def cost_bits(self, counts: np.ndarray) -> float:
+        """Ideal coded bits of a stream with histogram counts [alphabet]:
+        sum c_i * (prob_bits - log2 f_i); inf if a counted symbol has frequency 0. A stream
+        adds its flushed state (about prob_bits + 5 bits for one lane, 14 bytes for four)
+        and well under 0.01%."""
+        c = np.asarray(counts)
+        if c.shape != self.freqs.shape:
+            raise ValueError(f"counts has shape {c.shape}, expected {self.freqs.shape}")
+        c = _int_counts(c)
+        used = c > 0
+        f = self.freqs[used].astype(np.float64)
+        if np.any(f == 0):
+            return math.inf
+        return float(np.dot(c[used].astype(np.float64), self.prob_bits - np.log2(f)))
+
+    @cached_property
+    def _packed(self) -> bytes:
+        out = np.zeros(1 + 4 * self.alphabet + 8, np.uint8)
+        size = _pack_kernel(self.freqs.astype(np.int64), self.prob_bits, out)
+        return out[:size].tobytes()
+
+    def pack(self) -> bytes:
+        """Compact serialization (see the notes above :func:`_pack_kernel`): byte 0 is
+        prob_bits; at most 1 + 4 * alphabet bytes in all. Deterministic."""
+        return self._packed
+
+    def table_bytes(self) -> int:
+        """Size of :meth:`pack`."""
+        return len(self._packed)
+
+    @classmethod
+    def unpack(cls, data: bytes | bytearray | memoryview | np.ndarray, alphabet: int) -> AnsTable:
+        """Inverse of :meth:`pack`; DecodeError for anything :meth:`pack` would not write."""
+        if isinstance(alphabet, bool) or not isinstance(alphabet, (int, np.integer)):
+            raise DecodeError(f"alphabet must be an int, got {alphabet!r}")
+        if not 1 <= int(alphabet) <= MAX_ALPHABET:
+            raise DecodeError(f"alphabet {alphabet} not in 1..{MAX_ALPHABET}")
+        arr = _as_readonly_u8(data)
+        if arr.shape[0] == 0:
+            raise DecodeError("an rANS table has at least one byte")
+        pb = int(arr[0])
+        if pb > PROB_BITS_MAX:
+            raise DecodeError(f"rANS table prob_bits {pb} > {PROB_BITS_MAX}")
+        freqs = np.zeros(int(alphabet), np.int64)
+        r = int(_unpack_kernel(arr, pb, freqs))
+        if r:
+            raise DecodeError(f"rANS table: {_UNPACK_ERRORS.get(r, r)}")
+        return cls(freqs.astype(np.uint32), pb)
+
+    def max_symbols(self, n_bytes: int) -> int | None:
+        """An upper bound on the symbols a stream of ``n_bytes`` bytes written with this table
+        can hold; None when unbounded (a single-symbol table codes any count in 0 bytes).
+
+        Each decoding step shrinks the state by a factor of at most 1 - d / (2M), where
+        d = M - (largest frequency), and each byte read grows it by a factor of at most
+        2**8.17 (the state before a read is >= 8); the state starts below 2**31 and ends at
+        >= 2M (per lane, at L). Hence n <= 2 ln 2 (M / d) (8.17 n_bytes + 32): about
+        23 symbols a byte when no symbol has more than half the probability.
+        """
+        if self.single_symbol is not None:
+            return None
+        m = 1 << self.prob_bits
+        d = m - int(self.freqs.max())
+        return int(math.ceil(1.3863 * m / d * (8.17 * int(n_bytes) + 32)))
+
+    @cached_property
+    def _encoder(self) -> tuple[np.ndarray, np.ndarray]:
+        f = self.freqs.astype(np.int64)
+        return f, np.cumsum(f) - f
+
+    @cached_property
+    def _decoder(self) -> tuple[np.ndarray, np.ndarray, int]:
+        """(lut, syms, mask) over the M slots: lut = (f - 1) << prob_bits | (slot - cum) of the
+        slot's symbol (uint32 up to 16 bits, else uint64), syms = the symbol. Two small arrays
+        rather than one wide one: 5 bytes a slot at 16 bits, 320 KiB, mostly in L2."""
+        pb = self.prob_bits
+        m = 1 << pb
+        f = self.freqs.astype(np.int64)
+        syms = np.repeat(np.arange(self.alphabet, dtype=np.int64), f)
+        cum = np.cumsum(f) - f
+        lut = ((f[syms] - 1) << pb) | (np.arange(m, dtype=np.int64) - cum[syms])
+        lut = lut.astype(np.uint32 if pb <= 16 else np.uint64)
+        return lut, syms.astype(symbol_dtype(self.alphabet)), m - 1
+
+
+# ---------------------------------------------------------------------------------------------
+# coding kernels
+
+
+@njit(cache=True, nogil=True)
+def _encode_kernel(sym, stop, freq, cum, prob_bits, st, buf, pos):  # pragma: no cover
+    """Code sym[:stop] in reverse into buf[:pos], back to front, lane i % len(st) for
+    symbol i (len(st) is 1 or 4; st holds the lane states, updated in place).
+
+    Returns (pos, stop, err): the bytes written are buf[pos:]. It stops early, with the
+    symbols before ``stop`` still to code, when fewer than 4 bytes of room are left.
+    err = 0, or i + 1 for a symbol out of range at index i, or -(i + 1) for a symbol of
+    frequency 0.
+    """
+    k = freq.shape[0]
+    lm = st.shape[0] - 1
+    base = (np.int64(_L) >> prob_bits) << 8
+    for i in range(stop - 1, -1, -1):
+        if pos < 4:  # room for the <= 3 renormalization bytes of a symbol
+            return pos, i + 1, 0
+        s = np.int64(sym[i])
+        if s < 0 or s >= k:
+            return pos, i + 1, i + 1
+        f = freq[s]
+        if f == 0:
+            return pos, i + 1, -(i + 1)
+        x = st[i & lm]
+        xmax = base * f
+        while x >= xmax:
+            pos -= 1
+            buf[pos] = x & 255
+            x >>= 8
+        st[i & lm] = ((x // f) << prob_bits) + (x % f) + cum[s]
+    return pos, 0, 0
+
+
+@njit(cache=True, nogil=True)
+def _decode_one_lane(data, n, lut, syms, prob_bits, mask, x_end, out):  # pragma: no cover
+    """One-lane stream: 0 if consistent, else 1 (final state or end position wrong) or
+    2 (the flushed state has a leading zero byte)."""
+    size = data.shape[0]
+    fmask = np.int64(mask)
+    pos = 0
+    x = np.int64(0)
+    if size > 0 and data[0] == 0:
+        return 2
+    while x < _L and pos < size:
+        x = (x << 8) | data[pos]
+        pos += 1
+    for i in range(n):
+        x, out[i] = _step(x, lut, syms, prob_bits, fmask)
+        while x < _L and pos < size:
+            x = (x << 8) | data[pos]
+            pos += 1
+    if x != x_end or pos != size:
+        return 1
+    return 0
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _step(x, lut, syms, prob_bits, fmask):  # pragma: no cover - compiled
+    """One decoding step: (next state before renormalization, symbol)."""
+    slot = x & fmask
+    e = np.int64(lut[slot])
+    return (((e >> prob_bits) & fmask) + 1) * (x >> prob_bits) + (e & fmask), syms[slot]
+
+
+@njit(cache=True, nogil=True)
+def _decode_four_lanes(data, n, lut, syms, prob_bits, mask, out):  # pragma: no cover
+    """Four-lane stream: 0 if consistent; 1 final states or end position wrong; 2 a flushed
+    state with a leading zero byte; 3 reads past the end."""
+    size = data.shape[0]
+    fmask = np.int64(mask)
+    st = np.zeros(4, np.int64)
+    pos = 0
+    for j in range(4):
+        if pos >= size:
+            return 3
+        if data[pos] == 0:
+            return 2
+        x = np.int64(0)
+        while x < _L:
+            if pos >= size:
+                return 3
+            x = (x << 8) | data[pos]
+            pos += 1
+        st[j] = x
+    x0 = st[0]
+    x1 = st[1]
+    x2 = st[2]
+    x3 = st[3]
+    i = 0
+    # Each step leaves a state >= L >> prob_bits >= 8, so at most 3 reads a lane: 12 a round.
+    while i + 4 <= n and pos + 12 <= size:
+        x0, s0 = _step(x0, lut, syms, prob_bits, fmask)
+        x1, s1 = _step(x1, lut, syms, prob_bits, fmask)
+        x2, s2 = _step(x2, lut, syms, prob_bits, fmask)
+        x3, s3 = _step(x3, lut, syms, prob_bits, fmask)
+        out[i] = s0
+        out[i + 1] = s1
+        out[i + 2] = s2
+        out[i + 3] = s3
+        while x0 < _L:
+            x0 = (x0 << 8) | data[pos]
+            pos += 1
+        while x1 < _L:
+            x1 = (x1 << 8) | data[pos]
+            pos += 1
+        while x2 < _L:
+            x2 = (x2 << 8) | data[pos]
+            pos += 1
+        while x3 < _L:
+            x3 = (x3 << 8) | data[pos]
+            pos += 1
+        i += 4
+    st[0] = x0
+    st[1] = x1
+    st[2] = x2
+    st[3] = x3
+    while i < n:  # the last few symbols, reads checked
+        x, s = _step(st[i & 3], lut, syms, prob_bits, fmask)
+        out[i] = s
+        while x < _L:
+            if pos >= size:
+                return 3
+            x = (x << 8) | data[pos]
+            pos += 1
+        st[i & 3] = x
+        i += 1
+    for j in range(4):
+        if st[j] != _L:
+            return 1
+    return 0 if pos == size else 1
+
+
+_DECODE_ERRORS = {
+    1: "the stream does not end in the initial state at its last byte",
+    2: "a flushed state has a leading zero byte",
+    3: "the stream ends early",
+}
+
+
+def ans_encode(symbols: np.ndarray, table: AnsTable) -> bytes:
+    """Encode symbols [n] (ints < table.alphabet, each of nonzero frequency) as a header-free
+    rANS stream; ValueError for a symbol out of range or of frequency 0."""
+    sym = np.asarray(symbols)
+    if sym.ndim != 1:
+        raise ValueError(f"symbols must be 1-D, got shape {sym.shape}")
+    if sym.dtype.kind not in "iub":
+        raise ValueError(f"symbols must be integers, got dtype {sym.dtype}")
+    if sym.dtype.kind == "b" or not sym.dtype.isnative:  # what the kernel compiles for
+        sym = sym.astype(np.uint8 if sym.dtype.kind == "b" else sym.dtype.newbyteorder("="))
+    n = int(sym.shape[0])
+    if n == 0:
+        return b""
+    if table.single_symbol is not None:
+        bad = np.flatnonzero(sym != table.single_symbol)
+        if bad.size:
+            s = int(sym[bad[0]])
+            if not 0 <= s < table.alphabet:
+                raise ValueError(f"symbol {s} at {bad[0]} not in [0, {table.alphabet})")
+            raise ValueError(f"symbol {s} at {bad[0]} has frequency 0 in the table")
+        return b""
+    freq, cum = table._encoder
+    m = 1 << table.prob_bits
+    lanes, x_init = (LANES, _L) if n >= MULTI_LANE_MIN else (1, _one_lane_start(m))
+    st = np.full(lanes, x_init, np.int64)
+    sym = np.ascontiguousarray(sym)
+    # Room for about the entropy plus a margin; grown (doubled) when the kernel runs out.
+    buf = np.empty(n // 2 + n // 16 + 4 * lanes + 64, np.uint8)
+    pos, stop = buf.shape[0], n
+    while True:
+        pos, stop, err = _encode_kernel(sym, stop, freq, cum, table.prob_bits, st, buf, pos)
+        if err:
+            i = abs(int(err)) - 1
+            s = int(sym[i])
+            if err > 0:
+                raise ValueError(f"symbol {s} at {i} not in [0, {table.alphabet})")
+            raise ValueError(f"symbol {s} at {i} has frequency 0 in the table")
+        if stop == 0 and pos >= 4 * lanes:  # done, with room for the flushed states
+            break
+        grown = np.empty(2 * buf.shape[0], np.uint8)
+        used = buf.shape[0] - pos
+        grown[grown.shape[0] - used :] = buf[pos:]
+        buf, pos = grown, grown.shape[0] - used
+    # The final states, lane 0 first, each big-endian without leading zero bytes.
+    head = b"".join(int(x).to_bytes((int(x).bit_length() + 7) // 8, "big") for x in st)
+    buf[pos - len(head) : pos] = np.frombuffer(head, np.uint8)
+    return buf[pos - len(head) :].tobytes()
+
+
+def ans_decode(
+    data: bytes | bytearray | memoryview | np.ndarray, n_symbols: int, table: AnsTable
+) -> np.ndarray:
+    """Decode n_symbols symbols from a stream of :func:`ans_encode`.
+
+    Returns:
+        [n_symbols] of dtype symbol_dtype(table.alphabet).
+
+    Raises:
+        DecodeError: the stream is inconsistent with n_symbols and the table (wrong final
+            state, not ending at its last byte, reading past its end, more symbols than
+            :meth:`AnsTable.max_symbols` allows for its size — checked before allocating).
+            Every loop is bounded by n_symbols or the stream size, and every read checked.
+
+    A stream the decoder accepts is exactly what :func:`ans_encode` writes for the symbols
+    it returns. Corruption is refused in most cases, not all: an rANS stream has almost no
+    redundancy (a decoder thrown off by a bad byte often falls back into step, and only the
+    final state and length are checked), so a corrupted stream can be a valid stream of other
+    symbols; a checksum (the container's CRC32) is what detects corruption. The output is
+    allocated for n_symbols once it passes max_symbols: a one-symbol table's streams are empty
+    whatever n_symbols, and a very skewed table's bound is large, so the caller bounds
+    n_symbols too (the container: by the tensor's size).
+    """
+    arr = _as_readonly_u8(data)
+    if isinstance(n_symbols, bool) or not isinstance(n_symbols, (int, np.integer)):
+        raise DecodeError(f"n_symbols must be an int, got {n_symbols!r}")
+    n = int(n_symbols)
+    size = int(arr.shape[0])
+    if n < 0:
+        raise DecodeError(f"negative symbol count {n}")
+    dtype = symbol_dtype(table.alphabet)
+    if n == 0 or table.single_symbol is not None:
+        if size:
+            raise DecodeError(f"a stream of {n} symbols of this table has no bytes, got {size}")
+        return np.full(n, table.single_symbol or 0, dtype)
+    limit = table.max_symbols(size)
+    if n > limit:
+        raise DecodeError(f"{n} symbols cannot fit in {size} bytes with this table")
+    lut, syms, mask = table._decoder
+    out = np.empty(n, dtype)
+    pb = table.prob_bits
+    if n >= MULTI_LANE_MIN:
+        r = _decode_four_lanes(arr, n, lut, syms, pb, mask, out)
+    else:
+        r = _decode_one_lane(arr, n, lut, syms, pb, mask, _one_lane_start(1 << pb), out)
+    if r:
+        raise DecodeError(f"rANS stream: {_DECODE_ERRORS[int(r)]}")
+    return out

@@ -21,13 +21,13 @@ from typing import Any
 
 import numpy as np
 
+from .ans import AnsTable
 from .bitio import MAX_CODE_LENGTH, DecodeError
 from .codebooks import count_dtype, decode_codebook, encode_codebook, level_classes, row_levels
+from .coders import decode_job, encode_job, make_table, mask_geometry, table_kind
+from .context import max_decisions
 from .huffman import (
     CodeTable,
-    EncodedChunk,
-    decode_chunk,
-    encode_chunk,
     entropy_bits,
     fixed_lengths,
     pack_lengths,
@@ -61,7 +61,11 @@ __all__ = [
 ]
 
 MAGIC = b"HWQ1"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""Version 2 adds rANS code tables and context-coded positions and indices. A file that uses
+none of them is written as version 1, byte for byte what earlier writers produced; readers of
+version 1 refuse version 2 files by their version number."""
+READ_VERSIONS = (1, 2)
 _PREFIX = struct.Struct("<4sHHQII")  # magic, version, flags, header_len, header_crc32, reserved
 PREFIX_BYTES = _PREFIX.size  # 24
 _ALIGN = 8  # payload starts 8-byte aligned so raw float64 tensors can be viewed in place
@@ -95,6 +99,8 @@ published pruned models compress ~50×. Bombs of 2 GiB from 39 KB (55,000×) are
 OUTPUT_FLOOR_BYTES = 64 << 20
 """The ratio never limits a read below 64 MiB: an allocation that small is harmless, and a
 tiny file holding a fully pruned tensor (whose zeros cost only its shape) stays readable."""
+ANS_MAX_ALPHABET = 1 << 16  # gap symbols use up to 65,536; codebooks at most 256 here
+ANS_MAX_TABLE_BYTES_PER_SYMBOL = 4  # a serialized rANS frequency never takes more
 _MAX_NUMEL = 1 << 48  # 256 T elements: keeps numel * itemsize and numpy's sizes in int64
 
 QUANTIZED_DTYPES = ("float32", "float16", "bfloat16", "float64")
@@ -309,8 +315,16 @@ def _default_map(fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
     return [fn(x) for x in items]
 
 
-def _encode_job(job: tuple[np.ndarray, CodeTable]) -> EncodedChunk:
-    return encode_chunk(job[0], job[1])
+def _gap_entropy_total(values: np.ndarray, counts: np.ndarray) -> float:
+    """Order-0 entropy in bits of a gap stream with this histogram (all its gaps together;
+    a value may repeat, as when several tensors' histograms are pooled)."""
+    _, inv = np.unique(np.asarray(values, np.int64), return_inverse=True)
+    c = np.bincount(inv.reshape(-1), weights=np.asarray(counts, np.float64))
+    c = c[c > 0]
+    n = c.sum()
+    if n <= 0:
+        return 0.0
+    return float(-(c * np.log2(c / n)).sum())
 
 
 def write_hwq(
@@ -325,6 +339,9 @@ def write_hwq(
     storage_options: dict | None = None,
     map_fn: MapFn | None = None,
     codebook_dtype: str = "float32",
+    coder: str = "huffman",
+    positions: str = "gaps",
+    indices: str = "static",
 ) -> dict:
     """Encode tensors into one .hwq file, atomically; return its bit accounting.
 
@@ -344,6 +361,13 @@ def write_hwq(
         codebook_dtype: ``"float32"`` or ``"float16"`` (values must be exact in fp16). With
             float16, a per-row codebook [rows, k] is stored ragged: row r keeps only the levels
             its codes use (1 + its largest code), so a row with 5 levels costs 5 values.
+        coder: the static code of every table-coded stream (indices, gap symbols):
+            ``"huffman"`` (canonical, length-limited) or ``"ans"`` (rANS, within a fraction of
+            a percent of the order-0 entropy).
+        positions: ``"gaps"`` (gap symbols under a static table) or ``"context"`` (the mask
+            bits, row by row, by the adaptive context-mixing coder).
+        indices: ``"static"`` (a table per group) or ``"context"`` (adaptive, the row as
+            context; tensors whose indices are level-ordered keep static tables).
 
     Returns:
         The accounting dict (see :func:`hwq_accounting`).
@@ -354,6 +378,15 @@ def write_hwq(
         raise ValueError("chunk_symbols must be >= 1")
     if codebook_dtype not in ("float32", "float16"):
         raise ValueError(f"codebook_dtype must be 'float32' or 'float16', got {codebook_dtype!r}")
+    if coder not in ("huffman", "ans"):
+        raise ValueError(f"coder must be 'huffman' or 'ans', got {coder!r}")
+    if fixed_length and coder != "huffman":
+        raise ValueError("fixed_length codes are a Huffman-table setting; use coder='huffman'")
+    if positions not in ("gaps", "context"):
+        raise ValueError(f"positions must be 'gaps' or 'context', got {positions!r}")
+    if indices not in ("static", "context"):
+        raise ValueError(f"indices must be 'static' or 'context', got {indices!r}")
+    version = 1 if (coder, positions, indices) == ("huffman", "gaps", "static") else 2
     prepared, cbs = _prepare(entries, codebooks, code_sharing)
     levels = row_levels(prepared, cbs) if codebook_dtype == "float16" else {}
     for p in prepared:
@@ -363,62 +396,91 @@ def write_hwq(
     # Code tables: pooled histograms per group; a group with no symbols gets no table.
     # Level-ordered tensors: one table per (group, level count).
     idx_hist: dict[Any, np.ndarray] = {}
+    ctx_idx_hist: dict[Any, np.ndarray] = {}  # context-coded indices: for the entropy only
     for p in prepared:
+        if p.codes is None:
+            continue
+        ctx = indices == "context" and p.classes is None
         parts = ([(p.index_group, p.codes)] if p.classes is None else
                  [((p.index_group, L), sym) for L, sym in p.classes])
         for key, sym in parts:
-            if p.codes is not None:
-                h = np.bincount(sym, minlength=p.k if p.classes is None else key[1])
-                idx_hist[key] = idx_hist.get(key, 0) + h.astype(np.int64)
+            h = np.bincount(sym, minlength=p.k if p.classes is None else key[1])
+            pool = ctx_idx_hist if ctx else idx_hist
+            pool[key] = pool.get(key, 0) + h.astype(np.int64)
     pos_gaps: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
     for p in prepared:
         if p.gaps is not None:
             pos_gaps.setdefault(p.pos_group, []).append(gap_histogram(p.gaps))
-    tables: list[CodeTable] = []
+    tables: list[Any] = []
     table_hist: list[np.ndarray] = []
     table_of: dict[tuple[str, str], int] = {}
     for g, h in idx_hist.items():
         if h.sum() > 0:
             table_of[("i", g)] = len(tables)
-            tables.append(CodeTable.from_counts(h, fixed=fixed_length))
+            tables.append(make_table(h, coder, fixed=fixed_length))
             table_hist.append(h)
     max_gap_of: dict[str, int] = {}
+    gap_entropy = 0.0  # order-0 entropy of the gap values, pooled as the tables would be
     for g, hists in pos_gaps.items():
         vals = np.concatenate([v for v, _ in hists])
         cnts = np.concatenate([c for _, c in hists])
         if vals.size == 0:
             continue
-        m, table = choose_max_gap(vals, cnts, fixed=fixed_length)
+        gap_entropy += _gap_entropy_total(vals, cnts)
+        if positions == "context":
+            continue
+        m, table = choose_max_gap(vals, cnts, fixed=fixed_length, coder=coder)
         max_gap_of[g] = m
         table_of[("p", g)] = len(tables)
         tables.append(table)
         table_hist.append(gap_symbol_counts(vals, cnts, m))
 
     # Chunk jobs, in payload order.
-    jobs: list[tuple[np.ndarray, CodeTable]] = []
+    jobs: list[tuple] = []
     plan: list[tuple[int, str, int]] = []  # (tensor index, stream, n chunks)
     chunk_table: list[int | None] = []  # per job: its own table (level-ordered streams)
     for ti, p in enumerate(prepared):
         if p.codes is None:
             continue
-        if p.classes is None:
-            streams = [("indices", [(p.codes, table_of.get(("i", p.index_group)), False)])]
+        n_before = len(jobs)
+        if indices == "context" and p.classes is None:
+            _, cols, _ = mask_geometry(p.shape)
+            flat = np.flatnonzero(p.mask) if p.mask is not None else None
+            for i in range(0, p.codes.shape[0], chunk_symbols):
+                c = p.codes[i : i + chunk_symbols]
+                at = flat[i : i + c.shape[0]] if flat is not None else \
+                    np.arange(i, i + c.shape[0], dtype=np.int64)
+                rows = at // max(cols, 1)
+                jobs.append(("index", c, p.k, rows - (rows[0] if rows.size else 0)))
+                chunk_table.append(None)
         else:
-            streams = [("indices", [(sym, table_of.get(("i", (p.index_group, L))), True)
-                                    for L, sym in p.classes])]
-        if p.gaps is not None:
-            m = max_gap_of.get(p.pos_group, 1)
-            streams.append(("positions", [(gaps_to_symbols(p.gaps, m),
-                                           table_of.get(("p", p.pos_group)), False)]))
-        for sname, pieces in streams:
-            n_chunks = 0
+            pieces = ([(p.codes, table_of.get(("i", p.index_group)), False)]
+                      if p.classes is None else
+                      [(sym, table_of.get(("i", (p.index_group, L))), True)
+                       for L, sym in p.classes])
             for sym, t, own in pieces:
                 for i in range(0, sym.shape[0], chunk_symbols):
-                    jobs.append((sym[i : i + chunk_symbols], tables[t]))
+                    jobs.append(("table", sym[i : i + chunk_symbols], tables[t]))
                     chunk_table.append(t if own else None)
-                    n_chunks += 1
-            plan.append((ti, sname, n_chunks))
-    encoded = list((map_fn or _default_map)(_encode_job, jobs))
+        plan.append((ti, "indices", len(jobs) - n_before))
+        if p.gaps is None:
+            continue
+        n_before = len(jobs)
+        if positions == "context":
+            rows, cols, group = mask_geometry(p.shape)
+            bits = p.mask.reshape(rows, cols)
+            step = max(1, chunk_symbols // max(cols, 1))
+            for r in range(0, rows, step):
+                jobs.append(("mask", bits[r : r + step], group))
+                chunk_table.append(None)
+        else:
+            sym = gaps_to_symbols(p.gaps, max_gap_of.get(p.pos_group, 1))
+            t = table_of.get(("p", p.pos_group))
+            for i in range(0, sym.shape[0], chunk_symbols):
+                jobs.append(("table", sym[i : i + chunk_symbols], tables[t]))
+                chunk_table.append(None)
+        plan.append((ti, "positions", len(jobs) - n_before))
+    encoded = list((map_fn or _default_map)(encode_job, jobs))
     if len(encoded) != len(jobs):
         raise RuntimeError(f"map_fn returned {len(encoded)} results for {len(jobs)} jobs")
 
@@ -443,8 +505,11 @@ def write_hwq(
         )  # fmt: skip
     h_tables = []
     for t in tables:
-        d: dict[str, Any] = {"kind": "fixed" if t.fixed else "huffman", "alphabet": t.alphabet}
-        if t.fixed:
+        d: dict[str, Any] = {"kind": table_kind(t), "alphabet": t.alphabet}
+        if isinstance(t, AnsTable):
+            o, n, c = put(t.pack())
+            d.update(offset=o, length=n, crc32=c)
+        elif t.fixed:
             d.update(fixed_length=t.max_length, width=None, offset=offset, length=0, crc32=0)
         else:
             data, width = pack_lengths(t.lengths)
@@ -474,17 +539,20 @@ def write_hwq(
                 o, n, c = put(ch.data)
                 chunks.append([o, n, ch.n_symbols, c] + ([] if own is None else [own]))
             key = ("i", p.index_group) if sname == "indices" else ("p", p.pos_group)
+            context = (positions if sname == "positions" else indices) == "context"
             if sname == "indices" and p.classes is not None:
                 stream = {"code_table": None, "order": "levels", "chunks": chunks}
+            elif context:
+                stream = {"code_table": None, "coder": "context", "chunks": chunks}
             else:
                 stream = {"code_table": table_of.get(key), "chunks": chunks}
-            if sname == "positions":
+            if sname == "positions" and not context:
                 stream["max_gap"] = max_gap_of.get(p.pos_group)
             d[sname] = stream
         h_tensors.append(d)
     header = {
         "format": "hwq",
-        "version": FORMAT_VERSION,
+        "version": version,
         "payload_bytes": offset,
         "code_sharing": code_sharing,
         "fixed_length": bool(fixed_length),
@@ -495,13 +563,13 @@ def write_hwq(
     }
     hjson = zlib.compress(json.dumps(header, separators=(",", ":"), allow_nan=False).encode(), 9)
     payload_start = _payload_start(len(hjson))
-    prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, FLAG_HEADER_ZLIB, len(hjson), zlib.crc32(hjson),
-                          0)
+    prefix = _PREFIX.pack(MAGIC, version, FLAG_HEADER_ZLIB, len(hjson), zlib.crc32(hjson), 0)
     pad = b"\0" * (payload_start - PREFIX_BYTES - len(hjson))
     _atomic_write(str(path_or_url), [prefix, hjson, pad, *parts], storage_options)
 
     parsed = _parse_header(str(path_or_url), header, payload_start + offset)
-    return _accounting(parsed, table_hist, payload_start)
+    ctx_entropy = sum(entropy_bits(h) * float(h.sum()) for h in ctx_idx_hist.values())
+    return _accounting(parsed, table_hist, payload_start, ctx_entropy, gap_entropy)
 
 
 def _payload_start(header_len: int) -> int:
@@ -598,11 +666,12 @@ class _Section:
 @dataclass
 class _Stream:
     table: int | None
-    chunks: list[tuple[_Section, int]]  # (section, n_symbols)
+    chunks: list[tuple[_Section, int]]  # (section, n_symbols; rows for context positions)
     n_symbols: int
     max_gap: int | None = None
     chunk_tables: list[int] | None = None  # per chunk, when the stream has no single table
     order: str = "rows"  # "levels": rows grouped by their codebook row's level count
+    coder: str = "table"  # "context": adaptive context-mixing coder, no table (version 2)
 
     def tables(self) -> list[int]:
         return list(self.chunk_tables or []) + ([] if self.table is None else [self.table])
@@ -635,6 +704,7 @@ class _Table:
 @dataclass
 class _Header:
     raw: dict
+    version: int
     payload_bytes: int
     codebooks: dict[str, tuple[tuple[int, ...], _Section, str, bool]]  # shape, section, dtype, ragged
     tables: list[_Table]
@@ -647,13 +717,24 @@ def _section(d: dict, what: str, payload: int) -> _Section:
     return _Section(o, n, _int(d.get("crc32"), f"{what}.crc32", 0, 0xFFFFFFFF), what)
 
 
-def _stream(d: Any, what: str, payload: int, n_tables: int) -> _Stream:
+def _stream(d: Any, what: str, payload: int, tables: list[_Table], version: int) -> _Stream:
     d = _dict(d, what)
+    n_tables = len(tables)
     t = d.get("code_table")
     table = None if t is None else _int(t, f"{what}.code_table", 0, n_tables - 1)
     order = d.get("order", "rows")
     if order not in ("rows", "levels"):
         raise _Bad(f"{what}.order must be 'rows' or 'levels'")
+    coder = d.get("coder", "table")
+    if coder not in ("table", "context") or (coder != "table" and version < 2):
+        raise _Bad(f"{what}.coder must be 'table'" + (" or 'context'" if version >= 2 else ""))
+    if coder == "context" and (table is not None or order != "rows"):
+        raise _Bad(f"{what}: a context-coded stream has no code table and is in row order")
+    # Huffman and fixed codewords have at least one bit, which bounds a chunk's symbols by
+    # its bytes. rANS and context-coded chunks can hold more symbols than bits; their counts
+    # are bounded by the tensor (checked by the caller against n_kept and numel).
+    prefix_coded = coder == "table" and order == "rows" and (
+        table is None or tables[table].kind != "rans")
     chunks = []
     own: list[int] = []
     total = 0
@@ -668,17 +749,17 @@ def _stream(d: Any, what: str, payload: int, n_tables: int) -> _Stream:
         # Every codeword has at least one bit: bounds the allocation by the payload size.
         # (A one-symbol table has 0-bit codewords: then the symbols are bounded by the rows.)
         n = _int(c[2], f"{what}.chunks[{i}].symbols", 1,
-                 8 * sec.length if order == "rows" else 1 << 40)
+                 8 * sec.length if prefix_coded else _MAX_NUMEL)
         if order == "levels":
             own.append(_int(c[4], f"{what}.chunks[{i}].code_table", 0, n_tables - 1))
         chunks.append((sec, n))
         total += n
     if order == "levels" and table is not None:
         raise _Bad(f"{what}: a level-ordered stream names a table per chunk, not one")
-    if total and table is None and order == "rows":
+    if total and table is None and order == "rows" and coder == "table":
         raise _Bad(f"{what} has symbols but no code table")
     return _Stream(table, chunks, total, chunk_tables=own if order == "levels" else None,
-                   order=order)
+                   order=order, coder=coder)
 
 
 def _parse_header(path: str, h: Any, file_bytes: int) -> _Header:
@@ -690,8 +771,9 @@ def _parse_header(path: str, h: Any, file_bytes: int) -> _Header:
 
 def _parse_header_inner(h: Any, file_bytes: int) -> _Header:
     h = _dict(h, "header")
-    if h.get("format") != "hwq" or h.get("version") != FORMAT_VERSION:
-        raise _Bad("not an hwq v1 header")
+    version = h.get("version")
+    if h.get("format") != "hwq" or type(version) is not int or version not in READ_VERSIONS:
+        raise _Bad(f"not an hwq header of version {' or '.join(map(str, READ_VERSIONS))}")
     payload = _int(h.get("payload_bytes"), "payload_bytes", 0, file_bytes)
     if h.get("code_sharing") not in ("network", "tensor"):
         raise _Bad("code_sharing must be 'network' or 'tensor'")
@@ -752,8 +834,16 @@ def _parse_header_inner(h: Any, file_bytes: int) -> _Header:
             if fl != max(1, (alphabet - 1).bit_length()) or sec.length != 0:
                 raise _Bad(f"code_tables[{i}]: fixed table inconsistent with its alphabet")
             tables.append(_Table(kind, alphabet, None, fl, sec))
+        elif kind == "rans" and version >= 2:
+            alphabet = _int(t.get("alphabet"), f"code_tables[{i}].alphabet", 1, ANS_MAX_ALPHABET)
+            # The serialized frequencies: at least a byte, at most a few bytes per symbol.
+            if not 1 <= sec.length <= ANS_MAX_TABLE_BYTES_PER_SYMBOL * alphabet + 16:
+                raise _Bad(f"code_tables[{i}]: {sec.length} bytes for an rANS table of "
+                           f"{alphabet} symbols")
+            tables.append(_Table(kind, alphabet, None, None, sec))
         else:
-            raise _Bad(f"code_tables[{i}].kind must be 'huffman' or 'fixed'")
+            kinds = "'huffman', 'fixed'" + (" or 'rans'" if version >= 2 else "")
+            raise _Bad(f"code_tables[{i}].kind must be {kinds}")
         sections.append(sec)
 
     tensors: dict[str, _Tensor] = {}
@@ -800,22 +890,40 @@ def _parse_header_inner(h: Any, file_bytes: int) -> _Header:
                                  numel % max(cbshape[0], 1) or cbshape[0] <= shape[0]):
             raise _Bad(f"{what}: group codebook {cbshape} does not split {shape} into groups")
         n_kept = _int(d.get("n_kept"), f"{what}.n_kept", 0, numel)
-        ind = _stream(d.get("indices"), f"{what}.indices", payload, len(tables))
+        ind = _stream(d.get("indices"), f"{what}.indices", payload, tables, version)
         if ind.n_symbols != n_kept:
             raise _Bad(f"{what}: {ind.n_symbols} index symbols for {n_kept} kept weights")
+        if ind.coder == "context" and cbshape[-1] >= 2:
+            for sec, n in ind.chunks:
+                if n > max_decisions(sec.length):
+                    raise _Bad(f"{sec.what}: {n} symbols cannot fit in {sec.length} bytes")
         if any(tables[i].alphabet > cbshape[-1] for i in ind.tables()):
             raise _Bad(f"{what}: code table alphabet exceeds codebook size {cbshape[-1]}")
         if ind.order == "levels" and (not codebooks[cbname][3] or d.get("positions") is not None):
             raise _Bad(f"{what}: level-ordered indices need a ragged codebook and a dense tensor")
         pos = None
         if d.get("positions") is not None:
-            pos = _stream(d.get("positions"), f"{what}.positions", payload, len(tables))
+            pos = _stream(d.get("positions"), f"{what}.positions", payload, tables, version)
             if pos.table is not None:
                 mg = _int(d["positions"].get("max_gap"), f"{what}.max_gap", 1, MAX_GAP_LIMIT)
                 if tables[pos.table].alphabet != mg + 1:
                     raise _Bad(f"{what}: positions table alphabet != max_gap + 1")
                 pos.max_gap = mg
-            if pos.n_symbols < n_kept:
+                # Each kept weight is one symbol, each escape skips max_gap positions.
+                if pos.n_symbols > n_kept + numel // mg + 1:
+                    raise _Bad(f"{what}: {pos.n_symbols} position symbols for {numel} "
+                               f"elements")
+            if pos.coder == "context":
+                rows, cols, _ = mask_geometry(shape)
+                if pos.n_symbols != rows:
+                    raise _Bad(f"{what}: context-coded positions hold {pos.n_symbols} rows "
+                               f"of {rows}")
+                # The adaptive coder's densest case bounds the bits a chunk can describe.
+                for sec, n in pos.chunks:
+                    if n * cols > max_decisions(sec.length):
+                        raise _Bad(f"{sec.what}: {n} rows of {cols} cannot fit in "
+                                   f"{sec.length} bytes")
+            elif pos.n_symbols < n_kept:
                 raise _Bad(f"{what}: {pos.n_symbols} position symbols for {n_kept} kept")
         elif n_kept != numel:
             raise _Bad(f"{what}: dense tensor with n_kept {n_kept} != {numel} elements")
@@ -842,15 +950,11 @@ def _parse_header_inner(h: Any, file_bytes: int) -> _Header:
         end += s.length
     if end != payload:
         raise _Bad(f"sections cover {end} of {payload} payload bytes")
-    return _Header(h, payload, codebooks, tables, tensors)
+    return _Header(h, version, payload, codebooks, tables, tensors)
 
 
 # ---------------------------------------------------------------------------------------------
 # reading
-
-
-def _decode_job(job: tuple[bytes, int, CodeTable]) -> np.ndarray:
-    return decode_chunk(job[0], job[1], job[2])
 
 
 def _unknown_name(name: str, names: list[str]) -> str:
@@ -916,8 +1020,11 @@ class HwqReader:
         magic, version, flags, hlen, hcrc, reserved = _PREFIX.unpack(self._read(0, PREFIX_BYTES))
         if magic != MAGIC:
             self._fail(f"bad magic {magic!r}, not an hwq file")
-        if version != FORMAT_VERSION:
-            self._fail(f"format version {version}, this reader supports {FORMAT_VERSION}")
+        if version not in READ_VERSIONS:
+            self._fail(f"format version {version}: this reader supports versions "
+                       f"{', '.join(map(str, READ_VERSIONS))}; a newer hwq wrote it (upgrade "
+                       "hwq to read it)")
+        self.version = version
         if flags & ~FLAG_HEADER_ZLIB or reserved:
             self._fail("reserved prefix fields are not zero")
         if _payload_start(hlen) > self.file_bytes:
@@ -948,6 +1055,8 @@ class HwqReader:
         except (ValueError, RecursionError) as exc:
             self._fail(f"header is not valid JSON: {exc}")
         self._h = _parse_header(self.path, obj, self.file_bytes)
+        if self._h.version != version:
+            self._fail(f"the prefix says version {version}, the header {self._h.version}")
         if self.payload_start + self._h.payload_bytes != self.file_bytes:
             self._fail(
                 f"file has {self.file_bytes} bytes, header declares "
@@ -1060,12 +1169,14 @@ class HwqReader:
                 self._fail(f"checksum mismatch in {s.what}")
         return out
 
-    def _table(self, i: int, data: dict[int, bytes]) -> CodeTable:
+    def _table(self, i: int, data: dict[int, bytes]):
         if i not in self._tables:
             t = self._h.tables[i]
             try:
                 if t.kind == "fixed":
                     ct = CodeTable(fixed_lengths(t.alphabet), fixed=True)
+                elif t.kind == "rans":
+                    ct = AnsTable.unpack(bytes(data[id(t.section)]), t.alphabet)
                 else:
                     ct = CodeTable(unpack_lengths(bytes(data[id(t.section)]), t.alphabet, t.width))
             except DecodeError as exc:
@@ -1111,31 +1222,41 @@ class HwqReader:
                 raise UnknownTensorError(f"{self.path}: {_unknown_name(n, self.names)}")
         return names
 
-    def _stream_parts(self, st: _Stream, data, map_fn) -> Iterable[np.ndarray]:
+    def _stream_parts(self, st: _Stream, data, map_fn, extra=None) -> Iterable[np.ndarray]:
         """The decoded chunks of a stream, in order; in-process they are decoded lazily, one
-        at a time. Every chunk holds at most 8 symbols per byte (checked in the header)."""
+        at a time. A prefix-coded chunk holds at most 8 symbols per byte, an rANS or context
+        chunk at most what its tensor bounds (both checked in the header).
+
+        extra: for context-coded streams, per chunk the arguments after (data, n) of its
+        decode job (positions: cols, group; indices: k, the chunk's rows)."""
         if not st.chunks:
             return []
-        per_chunk = st.chunk_tables or [st.table] * len(st.chunks)
-        tables = {i: self._table(i, data) for i in dict.fromkeys(per_chunk)}
         # Workers of a distributed map_fn need picklable bytes, not memoryviews.
-        jobs = [(bytes(data[id(s)]) if map_fn else data[id(s)], n, tables[i])
-                for (s, n), i in zip(st.chunks, per_chunk, strict=True)]
+        blobs = [bytes(data[id(s)]) if map_fn else data[id(s)] for s, _ in st.chunks]
+        if st.coder == "context":
+            kind = "mask" if extra and extra[0] == "mask" else "index"
+            jobs = [(kind, b, n, *x) for b, (_, n), x in zip(blobs, st.chunks, extra[1],
+                                                             strict=True)]
+        else:
+            per_chunk = st.chunk_tables or [st.table] * len(st.chunks)
+            tables = {i: self._table(i, data) for i in dict.fromkeys(per_chunk)}
+            jobs = [("table", b, n, tables[i])
+                    for b, (_, n), i in zip(blobs, st.chunks, per_chunk, strict=True)]
         if map_fn is None:
             return (self._decode_one(j) for j in jobs)
         try:
-            return list(map_fn(_decode_job, jobs))
+            return list(map_fn(decode_job, jobs))
         except DecodeError as exc:
             self._fail(f"corrupt stream: {exc}")
 
-    def _decode_one(self, job: tuple[Any, int, CodeTable]) -> np.ndarray:
+    def _decode_one(self, job: tuple[Any, ...]) -> np.ndarray:
         try:
-            return _decode_job(job)
+            return decode_job(job)
         except DecodeError as exc:
             self._fail(f"corrupt stream: {exc}")
 
-    def _decode_stream(self, st: _Stream, data, map_fn) -> np.ndarray:
-        parts = list(self._stream_parts(st, data, map_fn))
+    def _decode_stream(self, st: _Stream, data, map_fn, extra=None) -> np.ndarray:
+        parts = list(self._stream_parts(st, data, map_fn, extra))
         if not parts:
             return np.zeros(0, np.uint8)
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
@@ -1147,6 +1268,8 @@ class HwqReader:
         memory beyond their decoded chunk, and too many positions are refused as they appear.
         """
         st = t.positions
+        if st.coder == "context":
+            return self._context_positions(t, data, map_fn)
         m = st.max_gap or 1
         out = np.empty(t.n_kept, np.int64)
         n_out = 0
@@ -1170,14 +1293,43 @@ class HwqReader:
             self._fail(f"tensor {t.name!r}: a kept position lies beyond {t.numel} elements")
         return out
 
+    def _context_positions(self, t: _Tensor, data, map_fn) -> np.ndarray:
+        """Kept flat positions from context-coded mask rows (chunks of whole rows)."""
+        rows, cols, group = mask_geometry(t.shape)
+        out = np.empty(t.n_kept, np.int64)
+        n_out = 0
+        row = 0
+        extra = ("mask", [(cols, group)] * len(t.positions.chunks))
+        for part in self._stream_parts(t.positions, data, map_fn, extra):
+            p = np.flatnonzero(part.reshape(-1)) + row * cols
+            if n_out + p.shape[0] > t.n_kept:
+                self._fail(f"tensor {t.name!r}: the mask keeps more than {t.n_kept}")
+            out[n_out : n_out + p.shape[0]] = p
+            n_out += p.shape[0]
+            row += part.shape[0]
+        if n_out != t.n_kept:
+            self._fail(f"tensor {t.name!r}: the mask keeps {n_out} weights, not {t.n_kept}")
+        return out
+
     def _codes(self, t: _Tensor, data, map_fn) -> tuple[np.ndarray, np.ndarray | None]:
-        codes = self._decode_stream(t.indices, data, map_fn)
+        positions = None if t.positions is None else self._positions(t, data, map_fn)
+        k = self._h.codebooks[t.codebook][0][-1]
+        if t.indices.coder == "context":
+            _, cols, _ = mask_geometry(t.shape)
+            extra, start = [], 0
+            for _, n in t.indices.chunks:
+                at = positions[start : start + n] if positions is not None else \
+                    np.arange(start, start + n, dtype=np.int64)
+                rows = at // max(cols, 1)
+                extra.append((k, rows - (rows[0] if rows.size else 0)))
+                start += n
+            codes = self._decode_stream(t.indices, data, map_fn, ("index", extra))
+        else:
+            codes = self._decode_stream(t.indices, data, map_fn)
         if t.indices.order == "levels":
             codes = self._rows_in_order(t, codes)
-        k = self._h.codebooks[t.codebook][0][-1]
         if codes.size and int(codes.max()) >= k:
             self._fail(f"tensor {t.name!r}: code out of range of its {k}-entry codebook")
-        positions = None if t.positions is None else self._positions(t, data, map_fn)
         return codes, positions
 
     def _load(self, names: list[str]) -> dict[int, bytes]:
@@ -1268,16 +1420,33 @@ class HwqReader:
         """The accounting dict write_hwq returned; decodes every stream (for the entropies)."""
         data = self._load(list(self.names))
         hist: list[np.ndarray] = [np.zeros(t.alphabet, np.int64) for t in self._h.tables]
+        ctx_hist: dict[str, np.ndarray] = {}
+        gaps: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+        network = self._h.raw["code_sharing"] == "network"
         for t in self._h.tensors.values():
             for st in (t.indices, t.positions):
-                if st is not None and st.chunks:
+                if st is not None and st.chunks and st.coder == "table":
                     per_chunk = st.chunk_tables or [st.table] * len(st.chunks)
                     one = _Stream(None, [], 0)
                     for ch, i in zip(st.chunks, per_chunk, strict=True):
                         one.table, one.chunks, one.n_symbols = i, [ch], ch[1]
                         sym = self._decode_stream(one, data, map_fn)
                         hist[i] += np.bincount(sym, minlength=hist[i].size)
-        return _accounting(self._h, hist, self.payload_start)
+            if t.kind != "quantized" or (t.positions is None and t.indices.coder == "table"):
+                continue
+            codes, pos = self._codes(t, data, map_fn)
+            if t.indices.coder == "context":
+                key = t.codebook if network else t.name
+                k = self._h.codebooks[t.codebook][0][-1]
+                ctx_hist[key] = ctx_hist.get(key, 0) + np.bincount(codes, minlength=k)
+            if pos is not None:
+                gaps.setdefault("" if network else t.name, []).append(
+                    gap_histogram(np.diff(pos, prepend=-1)))
+        ctx_entropy = sum(entropy_bits(h) * float(h.sum()) for h in ctx_hist.values())
+        gap_entropy = sum(_gap_entropy_total(np.concatenate([v for v, _ in g]),
+                                             np.concatenate([c for _, c in g]))
+                          for g in gaps.values())
+        return _accounting(self._h, hist, self.payload_start, ctx_entropy, gap_entropy)
 
     def inspect(self) -> list[dict]:
         """Per-item rows from the header alone (see :func:`inspect_hwq`)."""
@@ -1338,7 +1507,11 @@ def hwq_accounting(
     return reader.accounting()
 
 
-def _accounting(h: _Header, table_hist: list[np.ndarray], payload_start: int) -> dict:
+def _accounting(h: _Header, table_hist: list[np.ndarray], payload_start: int,
+                context_index_entropy: float = 0.0, gap_entropy: float = 0.0) -> dict:
+    """context_index_entropy: order-0 entropy (bits, all kept weights) of the context-coded
+    indices, pooled as tables would pool them; gap_entropy: order-0 entropy of the gap values
+    of every pruned tensor, pooled likewise (the yardstick for any position coder)."""
     bits = dict.fromkeys(
         ("indices", "positions", "codebooks", "code_tables", "raw_tensors", "header"), 0
     )
@@ -1363,8 +1536,9 @@ def _accounting(h: _Header, table_hist: list[np.ndarray], payload_start: int) ->
         idx_tables.update(t.indices.tables())
         if t.positions is not None:
             bits["positions"] += 8 * sum(s.length for s, _ in t.positions.chunks)
-            if t.positions.table is not None:
+            if t.positions.table is not None and t.positions.coder == "table":
                 pos_tables.add(t.positions.table)
+    idx_entropy = context_index_entropy
     for i in idx_tables:
         idx_entropy += entropy_bits(table_hist[i]) * float(table_hist[i].sum())
     for i in pos_tables:
@@ -1380,6 +1554,7 @@ def _accounting(h: _Header, table_hist: list[np.ndarray], payload_start: int) ->
         "n_raw_elements": n_raw,
         "index_entropy_bits": idx_entropy * per,
         "position_entropy_bits": pos_entropy * per,
+        "gap_entropy_bits": gap_entropy * per,
         "index_bits_per_weight": bits["indices"] * per,
         "position_bits_per_weight": bits["positions"] * per,
         "fixed_length_index_bits": fixed_bits,

@@ -86,8 +86,8 @@ def gap_symbol_counts(values: np.ndarray, counts: np.ndarray, max_gap: int) -> n
 
 
 def choose_max_gap(
-    values: np.ndarray, counts: np.ndarray, *, fixed: bool = False
-) -> tuple[int, CodeTable]:
+    values: np.ndarray, counts: np.ndarray, *, fixed: bool = False, coder: str = "huffman"
+):
     """Pick max_gap minimising coded gap-stream bits plus code-table bits.
 
     Args:
@@ -96,9 +96,14 @@ def choose_max_gap(
         fixed: fixed-length codes (Han et al.'s fixed-width gap field): candidates are
             2**b - 1 for b = 1..16, and the table costs nothing.
 
+        coder: ``"huffman"`` (a :class:`CodeTable`) or ``"ans"`` (an rANS
+            :class:`~pipeline.encode.ans.AnsTable`, costed by its coded bits plus its table).
+
     Returns:
         (max_gap, table) with table.alphabet == max_gap + 1.
     """
+    if coder == "ans" and not fixed:
+        return _choose_max_gap_ans(values, counts)
     v = np.asarray(values, np.int64)
     largest = int(v.max()) if v.size else 1
     top = max(1, min(largest, MAX_GAP_LIMIT))
@@ -124,3 +129,20 @@ def choose_max_gap(
             best = (bits, m, lengths)
     assert best is not None
     return best[1], CodeTable(best[2], fixed=fixed)
+
+
+def _choose_max_gap_ans(values: np.ndarray, counts: np.ndarray):
+    from .ans import AnsTable
+
+    v = np.asarray(values, np.int64)
+    top = max(1, min(int(v.max()) if v.size else 1, MAX_GAP_LIMIT))
+    cands = np.unique(np.round(np.geomspace(1, top, num=48)).astype(np.int64)).tolist()
+    best = None
+    for m in sorted(set(cands) | {top}):
+        hist = gap_symbol_counts(v, counts, m)
+        table = AnsTable.from_counts(hist)
+        bits = table.cost_bits(hist) + 8 * table.table_bytes()
+        if best is None or bits < best[0]:
+            best = (bits, m, table)
+    assert best is not None
+    return best[1], best[2]

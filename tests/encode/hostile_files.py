@@ -56,8 +56,9 @@ def tensor(h: dict, name: str) -> dict:
 
 def base_files(folder: Path, seed: int = 0) -> dict[str, bytes]:
     """A few small valid files covering the format: shared and per-tensor code tables,
-    Huffman and fixed-length codes, pruned (with escapes) and dense quantized tensors, a
-    channel codebook, every raw dtype, empty and fully pruned tensors. name -> bytes."""
+    Huffman, fixed-length and rANS codes, gap-coded and context-coded positions, static and
+    context-coded indices, pruned (with escapes) and dense quantized tensors, a channel
+    codebook, every raw dtype, empty and fully pruned tensors. name -> bytes."""
     rng = np.random.default_rng(seed)
     cbs = {
         "net": np.sort(rng.normal(size=16)).astype(np.float32),
@@ -125,6 +126,15 @@ def base_files(folder: Path, seed: int = 0) -> dict[str, bytes]:
                                                          "chunk_symbols": 50}),
         "raw-only": (raws, {}),
         "sparse-escapes": (sparse, {"chunk_symbols": 300}),
+        # Version 2: rANS tables (gap symbols with escapes too), context-coded masks and
+        # indices in several chunks each, per-level rANS tables.
+        "v2-context": (quantized + sparse + raws[:2],
+                       {"coder": "ans", "positions": "context", "indices": "context",
+                        "chunk_symbols": 64}),
+        "v2-ans-tensor": (quantized[:8] + sparse, {"coder": "ans", "code_sharing": "tensor",
+                                                   "chunk_symbols": 300}),
+        "v2-ragged-ans": (ragged, {"codebook_dtype": "float16", "chunk_symbols": 16,
+                                   "coder": "ans", "positions": "context"}),
     }
     out = {}
     for name, (ents, kw) in specs.items():

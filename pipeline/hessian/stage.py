@@ -52,7 +52,8 @@ def balance_groups(sizes: dict[str, int], groups: int) -> list[list[str]]:
     return [sorted(b, key=order.__getitem__) for b in bins if b]
 
 
-def _calibration_indices(cfg: RunConfig, n_train: int):
+def calibration_indices(cfg: RunConfig, n_train: int):
+    """The Hessian's calibration samples: a seeded draw of hessian.calibration_samples."""
     import torch
 
     n = min(cfg.hessian.calibration_samples, n_train)
@@ -94,7 +95,7 @@ def _partial_task(cfg: RunConfig, out: StageDir, src: StageDir, part: int, n_par
     h = cfg.hessian
     model = _build_model(cfg, src)
     train = load_split(cfg.data.root, "train")
-    idx = _calibration_indices(cfg, len(train))
+    idx = calibration_indices(cfg, len(train))
     total = None
     for b in _partition_batches(len(idx), h.batch_size, n_parts, part):
         sel = idx[b * h.batch_size : (b + 1) * h.batch_size]

@@ -16,7 +16,15 @@ from torch import nn
 
 from pipeline.data import Split, batches
 
-__all__ = ["AdamState", "train_adam", "magnitude_masks", "apply_masks", "kept_fraction"]
+__all__ = [
+    "AdamState",
+    "apply_masks",
+    "kept_fraction",
+    "magnitude_masks",
+    "obd_saliency",
+    "saliency_masks",
+    "train_adam",
+]
 
 log = logging.getLogger(__name__)
 
@@ -97,26 +105,79 @@ def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
 
 
 def magnitude_masks(
-    state: dict[str, torch.Tensor], keep: dict[str, float]
+    state: dict[str, torch.Tensor], keep: dict[str, float], scope: str = "layer"
 ) -> dict[str, torch.Tensor]:
     """Keep the largest-|w| fraction `keep[name]` of each named tensor (ties broken by index).
 
-    Returns {name: bool tensor of the tensor's shape}; exactly round(keep·n) entries are True.
+    Returns {name: bool tensor of the tensor's shape}; see :func:`saliency_masks` for scope.
     """
+    _check_names(state, keep)
+    return saliency_masks({n: state[n].detach().abs() for n in keep}, keep, scope)
+
+
+def obd_saliency(
+    state: dict[str, torch.Tensor], hdiag: dict[str, torch.Tensor], names
+) -> dict[str, torch.Tensor]:
+    """Optimal Brain Damage saliency ½·h·w² of each weight (LeCun et al. 1990): the loss
+    increase the diagonal quadratic model predicts when that weight alone is set to zero.
+
+    hdiag: {name: the Hessian diagonal, same shape}; estimators whose diagonal can be
+    negative (Hutchinson) are taken by magnitude, as the quantizers do.
+    """
+    _check_names(state, dict.fromkeys(names))
+    out = {}
+    for n in names:
+        w = state[n].detach().double()
+        h = hdiag[n].to(w.device, torch.float64).abs()
+        if h.shape != w.shape:
+            raise ValueError(f"Hessian of {n!r} has shape {tuple(h.shape)}, weights "
+                             f"{tuple(w.shape)}")
+        out[n] = 0.5 * h * w * w
+    return out
+
+
+def saliency_masks(
+    scores: dict[str, torch.Tensor], keep: dict[str, float], scope: str = "layer"
+) -> dict[str, torch.Tensor]:
+    """Keep the highest-scoring weights: per tensor (`scope="layer"`: exactly
+    max(1, round(keep·n)) of each) or across tensors (`"global"`: the same total,
+    Σ round(keep·n), ranked together — every tensor keeps at least its best weight).
+    Ties are broken by index. Returns {name: bool tensor of the score's shape}.
+    """
+    if scope not in ("layer", "global"):
+        raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
+    flat = {n: scores[n].detach().flatten().double().cpu() for n in keep}
+    n_keep = {n: max(1, int(round(r * flat[n].numel()))) for n, r in keep.items()}
     masks = {}
-    for name, ratio in keep.items():
+    if scope == "layer":
+        for n, v in flat.items():
+            m = torch.zeros(v.numel(), dtype=torch.bool)
+            m[torch.topk(v, n_keep[n], sorted=False).indices] = True
+            masks[n] = m
+    else:
+        names = list(flat)
+        allv = torch.cat([flat[n] for n in names])
+        # Each tensor's best weight first (so no layer is cut off), then the rest by score.
+        sizes = [flat[n].numel() for n in names]
+        starts = torch.tensor([0] + sizes[:-1]).cumsum(0)
+        forced = torch.stack([flat[n].argmax() for n in names]) + starts
+        boosted = allv.clone()
+        boosted[forced] = float("inf")
+        total = min(sum(n_keep.values()), allv.numel())
+        m = torch.zeros(allv.numel(), dtype=torch.bool)
+        m[torch.topk(boosted, total, sorted=False).indices] = True
+        for n, part in zip(names, torch.split(m, sizes), strict=True):
+            masks[n] = part
+    return {n: m.view_as(scores[n]) for n, m in masks.items()}
+
+
+def _check_names(state: dict[str, torch.Tensor], keep: dict) -> None:
+    for name in keep:
         if name not in state:
             raise ValueError(
                 f"prune.keep names {name!r}, which the model does not have; its tensors are "
                 f"{sorted(state)}"
             )
-        w = state[name].detach().flatten().abs()
-        n_keep = max(1, int(round(ratio * w.numel())))
-        idx = torch.topk(w, n_keep, sorted=False).indices
-        m = torch.zeros(w.numel(), dtype=torch.bool)
-        m[idx] = True
-        masks[name] = m.view_as(state[name])
-    return masks
 
 
 def kept_fraction(model: nn.Module, masks: dict[str, torch.Tensor]) -> float:

@@ -1,4 +1,12 @@
-"""The `train` and `prune` stages: a baseline model, then magnitude pruning with retraining.
+"""The `train` and `prune` stages: a baseline model, then pruning with retraining.
+
+Pruning cuts by magnitude (Han et al.) or by Optimal Brain Damage saliency ½·h·w² (LeCun et
+al.), per tensor or globally, in `prune.steps` geometric steps with masked retraining after
+each. OBD needs the diagonal Hessian of the model *as it is at that step* (dense at step 1,
+masked and retrained after), so the prune task estimates it itself with the Hessian stage's
+estimator, calibration draw and settings; the `hessian` section is then part of the prune
+stage's key (a changed estimator re-prunes). The Hessian stage proper still runs after
+pruning, on the pruned model the quantizers see.
 
 train  → model.safetensors (fp32 weights), adam.safetensors (Adam's exp_avg_sq; metadata step,
          beta2 — for the `adam` Hessian estimator), history.json
@@ -115,7 +123,13 @@ def _prune_task(cfg: RunConfig, out: StageDir, src: StageDir) -> dict:
     from pipeline.data import load_split
     from pipeline.evaluate import accuracy
     from pipeline.models import build
-    from pipeline.train import kept_fraction, magnitude_masks, train_adam
+    from pipeline.train import (
+        kept_fraction,
+        magnitude_masks,
+        obd_saliency,
+        saliency_masks,
+        train_adam,
+    )
 
     task_threads()
     torch.manual_seed(cfg.seed)
@@ -127,11 +141,20 @@ def _prune_task(cfg: RunConfig, out: StageDir, src: StageDir) -> dict:
     history: list = []
     masks: dict[str, torch.Tensor] = {}
     adam = None
+    full_train = load_split(cfg.data.root, "train") if p.criterion == "obd" else None
     for step in range(1, p.steps + 1):
         # Geometric schedule: each step removes the same fraction of what is left.
         ratios = {k: r ** (step / p.steps) for k, r in p.keep.items()}
-        masks = magnitude_masks(model.state_dict(), ratios)
         tag = f"prune {step}/{p.steps}"
+        if p.criterion == "obd":
+            t0 = time.perf_counter()
+            hdiag = obd_hessian(cfg, model, full_train, list(p.keep), step)
+            scores = obd_saliency(model.state_dict(), hdiag, list(p.keep))
+            masks = saliency_masks(scores, ratios, p.scope)
+            print(f"{tag}: OBD saliency from a {cfg.hessian.estimator} Hessian "
+                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+        else:
+            masks = magnitude_masks(model.state_dict(), ratios, p.scope)
         cbs, pbar = _progress(tag, p.retrain_epochs, len(train), p.batch_size, history)
         model.to(task_device())
         adam = train_adam(model, train, epochs=p.retrain_epochs, batch_size=p.batch_size,
@@ -149,7 +172,25 @@ def _prune_task(cfg: RunConfig, out: StageDir, src: StageDir) -> dict:
     out.write_json("history.json", history)
     per_layer = {k: float(m.float().mean()) for k, m in masks.items()}
     return {"pruned_accuracy": acc, "kept_fraction": kept_fraction(model, masks),
-            "keep": per_layer}
+            "keep": per_layer, "criterion": p.criterion, "scope": p.scope}
+
+
+def obd_hessian(cfg: RunConfig, model, train, names: list[str], step: int) -> dict:
+    """The diagonal Hessian of the model as it is now, for OBD: hessian.estimator over the
+    Hessian stage's calibration samples (the same draw, batches and settings), {name: mean}.
+    Step s draws its Monte-Carlo labels from its own seed."""
+    from pipeline.hessian.estimators import estimate_diag
+    from pipeline.hessian.stage import calibration_indices
+
+    h = cfg.hessian
+    idx = calibration_indices(cfg, len(train))
+    device = task_device()
+    model.to(device).eval()
+    batches = ((train.x[sel], train.y[sel]) for sel in idx.split(h.batch_size))
+    sums = estimate_diag(model, batches, h.estimator, params=names, mode=h.mode,
+                         n_samples=h.n_samples, seed=cfg.seed * 1_000_003 + 7_777 * step)
+    model.cpu()
+    return {n: (v / max(sums.n, 1)).float() for n, v in sums.sums.items()}
 
 
 def load_model_state(sd: StageDir) -> dict[str, torch.Tensor]:
@@ -200,6 +241,19 @@ def _train_sections(cfg: RunConfig) -> dict:
     }
 
 
+def _prune_sections(cfg: RunConfig) -> dict:
+    p = cfg.prune.model_dump(mode="json")
+    # The defaults (magnitude, per layer) hash as before they were settings: stores made
+    # earlier keep their cache hits.
+    for k, default in (("criterion", "magnitude"), ("scope", "layer")):
+        if p[k] == default:
+            del p[k]
+    out = {"seed": cfg.seed, "prune": p}
+    if cfg.prune.criterion == "obd":
+        out["hessian"] = cfg.hessian.model_dump(mode="json")
+    return out
+
+
 TRAIN = Stage(
     name="train",
     version=2,  # 2: history.json holds no timings (artifacts are deterministic)
@@ -215,7 +269,7 @@ PRUNE = Stage(
     name="prune",
     version=2,  # 2: history.json holds no timings
     inputs=lambda cfg: ("train",),
-    sections=lambda cfg: {"seed": cfg.seed, "prune": cfg.prune.model_dump(mode="json")},
+    sections=_prune_sections,
     run=_run_prune,
     enabled=lambda cfg: cfg.prune.enabled,
     headline=("pruned_accuracy", "kept_fraction"),

@@ -150,6 +150,12 @@ class PruneConfig(_Section):
             "fc2.weight": 0.19,
         }
     )
+    # What is cut: magnitude (|w|, Han et al.) or obd (Optimal Brain Damage: ½·h·w² with the
+    # diagonal Hessian of hessian.estimator, re-estimated on the masked model before each step).
+    criterion: Literal["magnitude", "obd"] = "magnitude"
+    # layer: each tensor keeps exactly its `keep` fraction; global: the same total number of
+    # weights, ranked across tensors (the per-tensor fractions follow from the criterion).
+    scope: Literal["layer", "global"] = "layer"
     steps: int = Field(3, ge=1)  # prune gradually: geometric steps towards `keep`, retrain each
     retrain_epochs: int = Field(3, ge=0)  # per step
     lr: float = Field(5e-4, gt=0)
@@ -252,6 +258,22 @@ class EncodeConfig(_Section):
     fixed_length: bool = False  # fixed-length codes instead of Huffman, for comparison
     code_sharing: Literal["network", "tensor"] = "network"
     chunk_symbols: int = Field(4_000_000, ge=1024)
+    # Static code of table-coded streams: huffman (the paper's) or ans (rANS, near entropy).
+    coder: Literal["huffman", "ans"] = "huffman"
+    # Kept positions: gaps (gap symbols, static code) or context (mask bits, adaptive
+    # context-mixing coder with row, column and neighbour contexts).
+    positions: Literal["gaps", "context"] = "gaps"
+    # Indices: static (a table per codebook or tensor) or context (adaptive, per row).
+    indices: Literal["static", "context"] = "static"
+    # Tensors stored as is (biases, norms): keep their dtype, or round wider floats to 16 bits.
+    raw_dtype: Literal["keep", "float16", "bfloat16"] = "keep"
+
+    @model_validator(mode="after")
+    def _fixed_is_huffman(self) -> EncodeConfig:
+        if self.fixed_length and self.coder != "huffman":
+            raise ValueError("encode.fixed_length is a Huffman-table comparison; set "
+                             "encode.coder=huffman or encode.fixed_length=false")
+        return self
 
 
 class ExecutorConfig(_Section):
@@ -341,6 +363,12 @@ class RunConfig(_Section):
             raise ValueError("model.name=lenet5 trains on data.name=fashion_mnist")
         if self.hessian.estimator == "activation" and lenet:
             raise ValueError("hessian.estimator=activation is for language models")
+        if self.prune.enabled and self.prune.criterion == "obd" and \
+                self.hessian.estimator not in ("ggn", "fisher", "hutchinson"):
+            raise ValueError(f"prune.criterion=obd re-estimates the Hessian on the masked model "
+                             f"before each step, which hessian.estimator="
+                             f"{self.hessian.estimator} cannot (it reads the training run's "
+                             "Adam state); use hessian.estimator=ggn, fisher or hutchinson")
         return self
 
     def resolved(self) -> dict[str, Any]:

@@ -37,14 +37,29 @@ def _raw_array(t: torch.Tensor) -> tuple[np.ndarray, str]:
     return t.numpy(), _dtype_of(t)
 
 
+def raw_cast(t: torch.Tensor, raw_dtype: str) -> torch.Tensor:
+    """A tensor stored as is, in encode.raw_dtype: "keep" leaves it; "float16"/"bfloat16"
+    round wider floating-point tensors (biases, norms) to 16 bits. Integers are kept."""
+    if raw_dtype == "keep" or not t.is_floating_point() or t.element_size() <= 2:
+        return t
+    return t.to(getattr(torch, raw_dtype))
+
+
 def entries_for(state: dict[str, torch.Tensor], qm: QuantizedModel,
-                masks: dict[str, torch.Tensor], *, keep_dtype: bool = False):
+                masks: dict[str, torch.Tensor], *, keep_dtype: bool = False,
+                raw_dtype: str = "keep"):
     """TensorEntry list in model order + codebooks dict for `write_hwq`. keep_dtype: every
-    tensor decodes to its own dtype (loaded models); else float32 (LeNet-5)."""
+    tensor decodes to its own dtype (loaded models); else float32 (LeNet-5). raw_dtype: see
+    :func:`raw_cast` (applies to the tensors stored as is)."""
     from pipeline.encode.container import TensorEntry
 
     entries = []
     for name, t in state.items():
+        if name not in qm.assignment and raw_dtype != "keep":
+            t = raw_cast(t, raw_dtype)
+            a, dt = _raw_array(t)
+            entries.append(TensorEntry.raw_tensor(name, a, dt))
+            continue
         if name in qm.assignment:
             idx = qm.indices[name].reshape(-1).numpy().astype(np.int64)
             m = masks[name].reshape(-1).numpy() if name in masks else None
@@ -117,15 +132,18 @@ def _run(ctx: StageContext) -> dict:
     state = load_model_state(src)
     masks = load_masks(ctx.inputs.get("prune"))
     qm = QuantizedModel.read(ctx.inputs["quantize"], codebooks_from=ctx.inputs.get("finetune"))
-    entries, codebooks = entries_for(state, qm, masks)
+    entries, codebooks = entries_for(state, qm, masks, raw_dtype=e.raw_dtype)
     acct = write_hwq(out.url(FILE), entries, codebooks, code_sharing=e.code_sharing,
                      fixed_length=e.fixed_length, chunk_symbols=e.chunk_symbols,
+                     coder=e.coder, positions=e.positions, indices=e.indices,
                      metadata={"model": cfg.model.name, "scope": qm.scope, "method": qm.method},
                      storage_options=out.store.storage_options, map_fn=ray_map)
     file_bytes = out.store.size(out.rel(FILE))
     if file_bytes != acct["file_bytes"] or sum(acct["bits"].values()) != 8 * file_bytes:
         raise RuntimeError(f"accounting of {out.url(FILE)} does not add up to its size")
     expected = qm.dense_state(state, masks)
+    expected = {n: t if n in qm.assignment else raw_cast(t, e.raw_dtype)
+                for n, t in expected.items()}
     acc = ray.get(remote(_decode_and_evaluate, cpus="worker", gpus="task")
                   .remote(cfg, out, expected))
     original = 4 * sum(t.numel() for t in state.values())
@@ -143,8 +161,10 @@ def _run(ctx: StageContext) -> dict:
             "bits": acct["bits"],
             "index_entropy_bits": acct["index_entropy_bits"],
             "position_entropy_bits": acct["position_entropy_bits"],
+            "gap_entropy_bits": acct["gap_entropy_bits"],
             "index_bits_per_weight": acct["index_bits_per_weight"],
             "position_bits_per_weight": acct["position_bits_per_weight"],
+            "coders": {"static": e.coder, "positions": e.positions, "indices": e.indices},
             "n_kept": acct["n_kept"],
             "seconds": round(time.perf_counter() - t0, 3),
         },
@@ -177,9 +197,10 @@ def _run_loaded(ctx: StageContext) -> dict:
     src = ctx.inputs[model_stage(cfg)]
     state = src.read_safetensors("model.safetensors")
     qm = QuantizedModel.read(ctx.inputs["quantize"], codebooks_from=ctx.inputs.get("finetune"))
-    entries, codebooks = entries_for(state, qm, {}, keep_dtype=True)
+    entries, codebooks = entries_for(state, qm, {}, keep_dtype=True, raw_dtype=e.raw_dtype)
     acct = write_hwq(out.url(FILE), entries, codebooks, code_sharing=e.code_sharing,
                      fixed_length=e.fixed_length, chunk_symbols=e.chunk_symbols,
+                     coder=e.coder, positions=e.positions, indices=e.indices,
                      metadata={"model": cfg.model.name, "scope": qm.scope, "method": qm.method},
                      storage_options=out.store.storage_options, map_fn=ray_map,
                      codebook_dtype="float16")
@@ -190,7 +211,7 @@ def _run_loaded(ctx: StageContext) -> dict:
     for rel in (src.outputs or {}):
         if rel.startswith("hf/"):
             out.write_bytes(rel, src.read_bytes(rel))
-    expected = dict(state)
+    expected = {n: raw_cast(t, e.raw_dtype) for n, t in state.items()}
     expected.update(qm.dense_state({n: state[n] for n in qm.assignment}, {}))
     ev = ray.get(remote(_decode_and_evaluate_loaded, cpus="worker", gpus="task")
                  .remote(cfg, out, src, expected))

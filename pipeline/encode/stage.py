@@ -2,7 +2,8 @@
 
 Reads the quantized-model artifact (with the fine-tuned codebooks when fine-tuning ran), the
 masks and the raw tensors (biases) of the model stage, and writes `model.hwq` (docs/FORMAT.md)
-through the store's URL — chunks are Huffman-coded as Ray tasks. It then decodes the file it
+through the store's URL — chunks are entropy-coded as Ray tasks (Huffman, rANS or the
+context coder: encode.coder/positions/indices). It then decodes the file it
 wrote, checks the weights equal the quantized model's bit for bit, and measures the accuracy
 of the decoded model: the ratio reported is the one of a file that demonstrably works.
 """

@@ -34,9 +34,10 @@ def split(blob: bytes) -> tuple[dict, bytearray]:
     return json.loads(zlib.decompress(raw) if flags & 1 else raw), bytearray(blob[start:])
 
 
-def header_file(stored: bytes, payload: bytes = b"", *, compressed: bool = False) -> bytes:
+def header_file(stored: bytes, payload: bytes = b"", *, compressed: bool = False,
+                version: int = 1) -> bytes:
     """A file around header bytes as stored: right header CRC, zero padding, the payload."""
-    prefix = _PREFIX.pack(b"HWQ1", 1, int(compressed), len(stored), zlib.crc32(stored), 0)
+    prefix = _PREFIX.pack(b"HWQ1", version, int(compressed), len(stored), zlib.crc32(stored), 0)
     return prefix + stored + b"\0" * (-(24 + len(stored)) % 8) + bytes(payload)
 
 
@@ -46,8 +47,12 @@ def join(header: dict, payload: bytes, *, fix_payload_len: bool = True,
     if fix_payload_len:
         header["payload_bytes"] = len(payload)
     hj = json.dumps(header, separators=(",", ":")).encode()
+    # The prefix repeats the header's version (a version 2 header in a version 1 prefix is
+    # refused before its sections are looked at, which would leave them unfuzzed).
+    v = header.get("version") if isinstance(header, dict) else 1
+    version = v if type(v) is int and 0 <= v < 1 << 16 else 1
     return header_file(zlib.compress(hj, 6) if compressed else hj, payload,
-                       compressed=compressed)
+                       compressed=compressed, version=version)
 
 
 def tensor(h: dict, name: str) -> dict:

@@ -61,10 +61,14 @@ def rate_accuracy_png(runs: list[dict[str, Any]], title: str = "") -> bytes:
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 8), sharey=True, constrained_layout=True)
     huff = lambda r: r["metrics"].get("encode", {}).get("index_bits_per_weight")  # noqa: E731
+    coders = {r["metrics"].get("encode", {}).get("coders", {}).get("static", "huffman")
+              for r in runs}
+    coded = {"huffman": "Huffman coding", "ans": "rANS coding"}.get(
+        coders.pop() if len(coders) == 1 else "", "entropy coding")
     panels = [("fixed-length coding", fixed_length_bits, "quantized_accuracy"),
               ("fixed-length coding + fine-tuning", fixed_length_bits, "finetuned_accuracy"),
-              ("Huffman coding", huff, "quantized_accuracy"),
-              ("Huffman coding + fine-tuning", huff, "finetuned_accuracy")]
+              (coded, huff, "quantized_accuracy"),
+              (f"{coded} + fine-tuning", huff, "finetuned_accuracy")]
     base = next((r["metrics"].get("pruned_accuracy") or r["metrics"].get("baseline_accuracy")
                  for r in runs), None)
     for ax, (name, x_of, y_key) in zip(axes.flat, panels, strict=True):

@@ -95,3 +95,9 @@ def test_prune_key_defaults_hash_as_before_and_obd_adds_the_hessian():
     mag2 = load_config("configs/lenet5_fmnist.yaml", ["hessian.estimator=fisher"])
     assert {p.stage.name: p for p in plan(obd2)}["prune"].key != p_obd["prune"].key
     assert {p.stage.name: p for p in plan(mag2)}["prune"].key == p_mag["prune"].key
+    # Disabling the Hessian stage or resharding it does not re-prune.
+    obd3 = load_config("configs/lenet5_fmnist.yaml",
+                       ["prune.criterion=obd", "hessian.enabled=false", "hessian.partitions=4",
+                        "quantize.enabled=false", "finetune.enabled=false",
+                        "encode.enabled=false"])
+    assert {p.stage.name: p for p in plan(obd3)}["prune"].key == p_obd["prune"].key

@@ -4,8 +4,8 @@ Pruning cuts by magnitude (Han et al.) or by Optimal Brain Damage saliency ½·h
 al.), per tensor or globally, in `prune.steps` geometric steps with masked retraining after
 each. OBD needs the diagonal Hessian of the model *as it is at that step* (dense at step 1,
 masked and retrained after), so the prune task estimates it itself with the Hessian stage's
-estimator, calibration draw and settings; the `hessian` section is then part of the prune
-stage's key (a changed estimator re-prunes). The Hessian stage proper still runs after
+estimator, calibration draw and settings; those settings (estimator, mode, draws, samples,
+batch) are then part of the prune stage's key (a changed estimator re-prunes). The Hessian stage proper still runs after
 pruning, on the pruned model the quantizers see.
 
 train  → model.safetensors (fp32 weights), adam.safetensors (Adam's exp_avg_sq; metadata step,
@@ -250,8 +250,14 @@ def _prune_sections(cfg: RunConfig) -> dict:
             del p[k]
     out = {"seed": cfg.seed, "prune": p}
     if cfg.prune.criterion == "obd":
-        out["hessian"] = cfg.hessian.model_dump(mode="json")
+        # What decides the OBD saliencies: the estimator and its calibration (not whether
+        # the Hessian stage runs, nor how it shards and stores its table).
+        h = cfg.hessian.model_dump(mode="json")
+        out["hessian"] = {k: h[k] for k in OBD_HESSIAN_KEYS}
     return out
+
+
+OBD_HESSIAN_KEYS = ("estimator", "mode", "n_samples", "calibration_samples", "batch_size")
 
 
 TRAIN = Stage(

@@ -34,7 +34,6 @@ __all__ = [
     "encode_job",
     "make_table",
     "mask_geometry",
-    "table_cost_bits",
     "table_kind",
 ]
 
@@ -52,11 +51,6 @@ def table_kind(table: Table) -> str:
     if isinstance(table, AnsTable):
         return "rans"
     return "fixed" if table.fixed else "huffman"
-
-
-def table_cost_bits(table: Table, counts: np.ndarray) -> float:
-    """Coded bits of a stream with this histogram plus the table's own bits."""
-    return float(table.cost_bits(counts)) + 8 * table.table_bytes()
 
 
 def mask_geometry(shape: tuple[int, ...]) -> tuple[int, int, int]:

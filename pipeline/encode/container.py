@@ -1311,8 +1311,11 @@ class HwqReader:
             self._fail(f"tensor {t.name!r}: the mask keeps {n_out} weights, not {t.n_kept}")
         return out
 
-    def _codes(self, t: _Tensor, data, map_fn) -> tuple[np.ndarray, np.ndarray | None]:
-        positions = None if t.positions is None else self._positions(t, data, map_fn)
+    def _codes(self, t: _Tensor, data, map_fn, positions: np.ndarray | None = None
+               ) -> tuple[np.ndarray, np.ndarray | None]:
+        """(codes, kept positions or None); positions already decoded may be passed in."""
+        if positions is None and t.positions is not None:
+            positions = self._positions(t, data, map_fn)
         k = self._h.codebooks[t.codebook][0][-1]
         if t.indices.coder == "context":
             _, cols, _ = mask_geometry(t.shape)
@@ -1432,10 +1435,13 @@ class HwqReader:
                         one.table, one.chunks, one.n_symbols = i, [ch], ch[1]
                         sym = self._decode_stream(one, data, map_fn)
                         hist[i] += np.bincount(sym, minlength=hist[i].size)
-            if t.kind != "quantized" or (t.positions is None and t.indices.coder == "table"):
+            if t.kind != "quantized":
                 continue
-            codes, pos = self._codes(t, data, map_fn)
+            # Each stream decoded once more at most: positions for the gap entropy, and the
+            # context-coded indices (which need them) for theirs.
+            pos = None if t.positions is None else self._positions(t, data, map_fn)
             if t.indices.coder == "context":
+                codes, _ = self._codes(t, data, map_fn, pos)
                 key = t.codebook if network else t.name
                 k = self._h.codebooks[t.codebook][0][-1]
                 ctx_hist[key] = ctx_hist.get(key, 0) + np.bincount(codes, minlength=k)

@@ -95,15 +95,12 @@ def choose_max_gap(
             that will share the code table.
         fixed: fixed-length codes (Han et al.'s fixed-width gap field): candidates are
             2**b - 1 for b = 1..16, and the table costs nothing.
-
         coder: ``"huffman"`` (a :class:`CodeTable`) or ``"ans"`` (an rANS
             :class:`~pipeline.encode.ans.AnsTable`, costed by its coded bits plus its table).
 
     Returns:
         (max_gap, table) with table.alphabet == max_gap + 1.
     """
-    if coder == "ans" and not fixed:
-        return _choose_max_gap_ans(values, counts)
     v = np.asarray(values, np.int64)
     largest = int(v.max()) if v.size else 1
     top = max(1, min(largest, MAX_GAP_LIMIT))
@@ -114,35 +111,25 @@ def choose_max_gap(
     else:
         cands = np.unique(np.round(np.geomspace(1, top, num=48)).astype(np.int64)).tolist()
         cands = sorted(set(cands) | {top})
-    best: tuple[int, int, np.ndarray] | None = None
+    best = None
     for m in cands:
         hist = gap_symbol_counts(v, counts, m)
-        if fixed:
-            lengths = fixed_lengths(m + 1)
-            table_bits = 0
-        else:
-            lengths = huffman_lengths(hist)
-            width = max(1, int(lengths.max()).bit_length())
-            table_bits = (m + 1) * width
-        bits = int(np.dot(hist, lengths.astype(np.int64))) + table_bits
-        if best is None or bits < best[0]:
-            best = (bits, m, lengths)
-    assert best is not None
-    return best[1], CodeTable(best[2], fixed=fixed)
-
-
-def _choose_max_gap_ans(values: np.ndarray, counts: np.ndarray):
-    from .ans import AnsTable
-
-    v = np.asarray(values, np.int64)
-    top = max(1, min(int(v.max()) if v.size else 1, MAX_GAP_LIMIT))
-    cands = np.unique(np.round(np.geomspace(1, top, num=48)).astype(np.int64)).tolist()
-    best = None
-    for m in sorted(set(cands) | {top}):
-        hist = gap_symbol_counts(v, counts, m)
-        table = AnsTable.from_counts(hist)
-        bits = table.cost_bits(hist) + 8 * table.table_bytes()
+        table, table_bits = _gap_table(hist, m, fixed, coder)
+        bits = table.cost_bits(hist) + table_bits
         if best is None or bits < best[0]:
             best = (bits, m, table)
     assert best is not None
     return best[1], best[2]
+
+
+def _gap_table(hist: np.ndarray, max_gap: int, fixed: bool, coder: str):
+    """(table, bits its serialization costs) for a gap-symbol histogram."""
+    if coder == "ans":
+        from .ans import AnsTable
+
+        table = AnsTable.from_counts(hist)
+        return table, 8 * table.table_bytes()
+    if fixed:
+        return CodeTable(fixed_lengths(max_gap + 1), fixed=True), 0
+    lengths = huffman_lengths(hist)
+    return CodeTable(lengths), (max_gap + 1) * max(1, int(lengths.max()).bit_length())

@@ -56,11 +56,6 @@ def entries_for(state: dict[str, torch.Tensor], qm: QuantizedModel,
 
     entries = []
     for name, t in state.items():
-        if name not in qm.assignment and raw_dtype != "keep":
-            t = raw_cast(t, raw_dtype)
-            a, dt = _raw_array(t)
-            entries.append(TensorEntry.raw_tensor(name, a, dt))
-            continue
         if name in qm.assignment:
             idx = qm.indices[name].reshape(-1).numpy().astype(np.int64)
             m = masks[name].reshape(-1).numpy() if name in masks else None
@@ -71,8 +66,8 @@ def entries_for(state: dict[str, torch.Tensor], qm: QuantizedModel,
                                                    np.uint16 if k > 256 else np.uint8),
                 qm.assignment[name], mask=m,
                 dtype=_dtype_of(t) if keep_dtype else "float32"))
-        elif keep_dtype:
-            a, dt = _raw_array(t)
+        elif keep_dtype or raw_dtype != "keep":
+            a, dt = _raw_array(raw_cast(t, raw_dtype))
             entries.append(TensorEntry.raw_tensor(name, a, dt))
         else:
             entries.append(TensorEntry.raw_tensor(name, t.detach().float().numpy()))

@@ -1,0 +1,279 @@
+"""A causal language model run one decoder block at a time, straight from its checkpoint.
+
+`StreamedLM` builds the model's skeleton with every parameter on the ``meta`` device (no
+memory; buffers such as rotary frequencies stay real), then materialises one piece at a time
+from a `WeightsFolder` by range reads: the input embedding, block i, the final norm and the
+output head. Block streaming follows llm-compressor's sequential onloading: the calibration
+windows go through the embedding once, the inputs of block 0 (and the keyword arguments the
+model passes to every block: position embeddings, mask) are captured by a pre-hook on block 0,
+and from then on the hidden states of block i are the inputs of block i + 1; block i is freed
+before block i + 1 is read.
+
+Used by the streamed estimators (`pipeline.hessian.stream`) and by `perplexity`, so a model
+larger than memory is calibrated and measured with a few blocks resident.
+
+`ActivationCache` keeps per-block activations in memory up to a budget and spills the rest to
+files (safetensors, never pickles) in a folder the caller chooses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from pipeline.models.weights import WeightsError, WeightsFolder
+
+__all__ = ["StreamedLM", "ActivationCache", "params_on_meta"]
+
+
+@contextlib.contextmanager
+def params_on_meta() -> Iterator[None]:
+    """Build modules whose parameters live on the meta device (buffers stay on the CPU)."""
+    register = nn.Module.register_parameter
+
+    def on_meta(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(self, name, param)
+        p = self._parameters.get(name)
+        if p is not None and p.device.type != "meta":
+            self._parameters[name] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+class _Stop(Exception):
+    pass
+
+
+class StreamedLM:
+    """A Hugging Face causal LM whose weights stay in `url` until a piece is needed.
+
+    url: model folder (local or fsspec URL) with config.json and safetensors weights.
+    dtype: compute dtype every piece is cast to when loaded (float32 by default).
+    """
+
+    def __init__(self, url: str, storage_options: dict | None = None,
+                 dtype: torch.dtype = torch.float32):
+        from transformers import AutoModelForCausalLM
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        from pipeline.models.hf_causal import largest_module_list
+
+        self.weights = WeightsFolder(url, storage_options)
+        files = self.weights._files
+        try:
+            cfg_dict = json.loads(files.read_whole("config.json", 4 << 20))
+            cfg = CONFIG_MAPPING[cfg_dict["model_type"]].from_dict(cfg_dict)
+        except (KeyError, ValueError, FileNotFoundError, OSError) as e:
+            raise WeightsError(f"{url}: no usable config.json ({e})") from None
+        cfg.use_cache = False
+        self.config = cfg
+        self.dtype = dtype
+        with params_on_meta():
+            self.model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+        self.model.eval()
+        self.model.config.use_cache = False
+        self.layers_name, self.layers = largest_module_list(self.model)
+        self.names = {id(m): n for n, m in self.model.named_modules()}
+        self.tied = bool(getattr(cfg, "tie_word_embeddings", False))
+
+    # -- loading pieces ----------------------------------------------------------------------
+
+    def _key(self, name: str) -> str:
+        if name in self.weights.tensors:
+            return name
+        emb = self.names[id(self.model.get_input_embeddings())] + ".weight"
+        head = self.model.get_output_embeddings()
+        if (self.tied and head is not None
+                and name == self.names[id(head)] + ".weight" and emb in self.weights.tensors):
+            return emb
+        raise WeightsError(f"{self.weights.url} has no tensor {name!r} (the model's config "
+                           f"expects it)")
+
+    def load(self, module: nn.Module) -> nn.Module:
+        """Read `module`'s parameters and persistent buffers from the checkpoint."""
+        prefix = self.names[id(module)]
+        prefix = prefix + "." if prefix else ""
+        own = dict(module.named_parameters(recurse=True))
+        sd = {}
+        for n, p in own.items():
+            if p.device.type == "meta":
+                sd[n] = self.weights.read(self._key(prefix + n), self.dtype)
+        if sd:
+            missing = set(own) - set(sd)
+            for n in missing:
+                sd[n] = own[n].detach()
+            module.load_state_dict(sd, strict=False, assign=True)
+        return module
+
+    @staticmethod
+    def unload(module: nn.Module) -> None:
+        """Free `module`'s parameters (back to the meta device)."""
+        for sub in module.modules():
+            for n, p in list(sub._parameters.items()):
+                if p is not None and p.device.type != "meta":
+                    sub._parameters[n] = nn.Parameter(p.to("meta"), requires_grad=False)
+
+    def block(self, i: int) -> nn.Module:
+        return self.load(self.layers[i])
+
+    def block_prefix(self, i: int) -> str:
+        return f"{self.layers_name}.{i}."
+
+    def block_params(self, i: int) -> list[str]:
+        """Full names of block i's parameters (as in the checkpoint)."""
+        return [self.block_prefix(i) + n for n, _ in self.layers[i].named_parameters()]
+
+    # -- running -------------------------------------------------------------------------------
+
+    def block_inputs(self, windows: Tensor) -> tuple[Tensor, tuple, dict[str, Any]]:
+        """Hidden states entering block 0 for `windows` [n, L], and the other arguments the
+        model passes to every block (captured once, for one window; they broadcast)."""
+        emb = self.load(self.model.get_input_embeddings())
+        caught: dict[str, Any] = {}
+
+        def grab(module, args, kwargs):
+            caught["args"], caught["kwargs"] = args, kwargs
+            raise _Stop
+
+        handle = self.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            with torch.no_grad(), contextlib.suppress(_Stop):
+                self.model(input_ids=windows[:1], use_cache=False)
+            args, kwargs = caught["args"], dict(caught["kwargs"])
+            hidden = kwargs.pop("hidden_states", None)
+            if hidden is None:
+                hidden, args = args[0], args[1:]
+            with torch.no_grad():
+                hidden = emb(windows).to(self.dtype)
+        finally:
+            handle.remove()
+            self.unload(emb)
+        kwargs.pop("past_key_values", None)
+        kwargs.pop("past_key_value", None)
+        kwargs["use_cache"] = False
+        return hidden, tuple(args), kwargs
+
+    @staticmethod
+    def call_block(block: nn.Module, hidden: Tensor, args: tuple, kwargs: dict) -> Tensor:
+        out = block(hidden, *args, **kwargs)
+        return out[0] if isinstance(out, tuple | list) else out
+
+    def run_block(self, i: int, hidden: Tensor, args: tuple, kwargs: dict, *,
+                  batch: int = 8) -> Tensor:
+        block = self.layers[i]
+        with torch.no_grad():
+            return torch.cat([self.call_block(block, hidden[s : s + batch], args, kwargs)
+                              for s in range(0, hidden.shape[0], batch)])
+
+    def head_modules(self) -> tuple[nn.Module, nn.Module]:
+        """The final norm and the output head (loaded)."""
+        decoder = self.model.base_model if hasattr(self.model, "base_model") else self.model.model
+        norm = getattr(decoder, "norm", None) or getattr(decoder, "ln_f", None)
+        if norm is None:
+            raise WeightsError("this model has no final norm hwq knows how to stream "
+                               "(expected model.norm or transformer.ln_f)")
+        return self.load(norm), self.load(self.model.get_output_embeddings())
+
+    def window_nll(self, hidden: Tensor, windows: Tensor, chunk_tokens: int = 128) -> Tensor:
+        """Per-window sum of next-token NLL from the last block's output (differentiable)."""
+        norm, head = self.head_modules()
+        h = norm(hidden)[:, :-1]
+        targets = windows[:, 1:]
+        total = h.new_zeros(h.shape[0], dtype=torch.float32)
+        for s in range(0, h.shape[1], chunk_tokens):
+            logits = head(h[:, s : s + chunk_tokens]).float()
+            total = total + nn.functional.cross_entropy(
+                logits.transpose(1, 2), targets[:, s : s + chunk_tokens],
+                reduction="none").sum(dim=1)
+        return total
+
+    def release_head(self) -> None:
+        norm, head = self.head_modules()
+        self.unload(norm)
+        self.unload(head)
+
+    def perplexity(self, windows: Tensor, *, batch: int = 8, progress=None) -> float:
+        """exp(mean NLL over every predicted token), the model streamed block by block."""
+        hidden, args, kwargs = self.block_inputs(windows)
+        for i in range(len(self.layers)):
+            self.block(i)
+            hidden = self.run_block(i, hidden, args, kwargs, batch=batch)
+            self.unload(self.layers[i])
+            if progress:
+                progress(i)
+        with torch.no_grad():
+            nll = torch.cat([self.window_nll(hidden[s : s + batch], windows[s : s + batch])
+                             for s in range(0, hidden.shape[0], batch)])
+        self.release_head()
+        return math.exp(float(nll.double().sum()) / (windows.shape[0] * (windows.shape[1] - 1)))
+
+
+class ActivationCache:
+    """Tensors by key: in memory while the total stays under `max_bytes`, else in files."""
+
+    def __init__(self, max_bytes: int, spill_dir: str | os.PathLike):
+        self.max_bytes = int(max_bytes)
+        self.dir = os.path.join(str(spill_dir), f"acts-{uuid.uuid4().hex[:12]}")
+        self.mem: dict[Any, Tensor] = {}
+        self.on_disk: set[Any] = set()
+        self.bytes = 0
+        self.spilled_bytes = 0
+
+    def put(self, key: Any, t: Tensor) -> None:
+        from safetensors.torch import save_file
+
+        self.drop(key)
+        n = t.numel() * t.element_size()
+        if self.bytes + n <= self.max_bytes:
+            self.mem[key] = t
+            self.bytes += n
+            return
+        os.makedirs(self.dir, exist_ok=True)
+        save_file({"t": t.contiguous()}, self._path(key))
+        self.on_disk.add(key)
+        self.spilled_bytes += n
+
+    def get(self, key: Any) -> Tensor:
+        from safetensors.torch import load_file
+
+        if key in self.mem:
+            return self.mem[key]
+        if key in self.on_disk:
+            return load_file(self._path(key))["t"]
+        raise KeyError(key)
+
+    def drop(self, key: Any) -> None:
+        t = self.mem.pop(key, None)
+        if t is not None:
+            self.bytes -= t.numel() * t.element_size()
+        if key in self.on_disk:
+            self.on_disk.discard(key)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self._path(key))
+
+    def _path(self, key: Any) -> str:
+        return os.path.join(self.dir, f"{key}.safetensors")
+
+    def close(self) -> None:
+        self.mem.clear()
+        self.on_disk.clear()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> ActivationCache:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,91 @@
+"""Block-by-block estimators equal the in-memory ones; the model is never read whole."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.hessian.lm import activation_diag_lm, fisher_diag_lm
+from pipeline.hessian.stream import activation_streamed, fisher_streamed
+from pipeline.models.stream import StreamedLM
+from pipeline.models.weights import write_folder
+from pipeline.testing import tiny_llama
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    """A tiny Llama saved as a sharded folder (several shards), plus the model in memory."""
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    model = tiny_llama(layers=3, hidden=32, attn_implementation="eager")
+    model.config.save_pretrained(path)
+    sd = model.state_dict()
+    sd.pop("lm_head.weight", None) if model.config.tie_word_embeddings else None
+    plan = [(n, t.dtype, tuple(t.shape)) for n, t in sd.items()]
+    write_folder(path, sd, plan, max_shard_bytes=40_000)
+    return path, model
+
+
+def _windows(n=5, L=12, vocab=300):
+    return torch.randint(0, vocab, (n, L), generator=torch.Generator().manual_seed(3))
+
+
+def _targets(model):
+    return [n for n, p in model.named_parameters() if ".layers." in n and n.endswith("proj.weight")]
+
+
+def test_streamed_perplexity_equals_the_model(sharded):
+    path, model = sharded
+    w = _windows()
+    lm = StreamedLM(str(path))
+    ppl = lm.perplexity(w, batch=2)
+    with torch.no_grad():
+        logits = model(input_ids=w).logits[:, :-1]
+        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                w[:, 1:].reshape(-1))
+    assert ppl == pytest.approx(float(torch.exp(nll)), rel=1e-5)
+
+
+def test_block_fisher_equals_in_memory_fisher(sharded, tmp_path):
+    path, model = sharded
+    w = _windows()
+    names = _targets(model) + ["model.layers.1.input_layernorm.weight"]
+    ref = fisher_diag_lm(model, w, names, batch_size=1)
+    got = {}
+    lm = StreamedLM(str(path))
+    n = fisher_streamed(lm, w, names, lambda k, v, c: got.__setitem__(k, (v, c)),
+                        cache_bytes=10_000, spill_dir=str(tmp_path))  # forces spilling
+    assert n == w.shape[0] and set(got) == set(names)
+    for k in names:
+        v, c = got[k]
+        assert c == ref.n
+        torch.testing.assert_close(torch.from_numpy(v), ref.sums[k], rtol=2e-4, atol=1e-12)
+    assert not any(tmp_path.rglob("*.safetensors"))  # the spill folder is cleaned up
+    # Every block was freed again.
+    assert all(p.device.type == "meta" for p in lm.model.parameters())
+
+
+def test_block_activation_equals_in_memory(sharded):
+    path, model = sharded
+    w = _windows()
+    names = _targets(model)
+    ref = activation_diag_lm(model, w, names)
+    got = {}
+    lm = StreamedLM(str(path))
+    before = lm.weights.bytes_read
+    activation_streamed(lm, w, names, lambda k, v, c: got.__setitem__(k, (v, c)), batch=2)
+    for k in names:
+        v, c = got[k]
+        assert c == ref.n
+        full = torch.from_numpy(v).expand_as(ref.sums[k])
+        torch.testing.assert_close(full, ref.sums[k], rtol=1e-5, atol=1e-9)
+    # Only the embedding and the blocks were read, each once.
+    want = sum(t.nbytes for n, t in lm.weights.tensors.items()
+               if ".layers." in n or n == "model.embed_tokens.weight")
+    assert lm.weights.bytes_read - before == want
+
+
+def test_non_block_tensor_is_refused(sharded):
+    path, _ = sharded
+    with pytest.raises(ValueError, match="not parameters of a decoder block"):
+        fisher_streamed(StreamedLM(str(path)), _windows(), ["model.embed_tokens.weight"],
+                        lambda *a: None)

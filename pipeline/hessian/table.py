@@ -81,3 +81,124 @@ def from_table(table: pa.Table, shapes: dict[str, tuple[int, ...]] | None = None
 
 def table_metadata(table: pa.Table) -> dict[str, str]:
     return {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-tensor tables: one Parquet file written tensor by tensor, read one tensor at a time.
+
+_TENSOR_SCHEMA = pa.schema([("tensor", pa.string()), ("offset", pa.int64()),
+                            ("values", pa.list_(pa.float32())), ("crc32", pa.int64())])
+
+
+class TensorTableWriter:
+    """Hessian values streamed into one Parquet file, a row group per tensor.
+
+    Rows are (tensor, offset, values ≤ chunk floats, crc32 of the values' bytes), so a reader
+    fetches one tensor's row group (its byte range) and checks it without the rest of the file.
+    Published whole on `close` (local rename or a completed S3 multipart upload); an exception
+    inside `with` removes (aborts) it."""
+
+    def __init__(self, url: str, storage_options: dict | None = None, *,
+                 metadata: dict[str, str] | None = None, chunk: int = 1 << 20):
+        import posixpath
+
+        import pyarrow.parquet as pq
+
+        from pipeline.models.weights import _Files, _Sink
+
+        folder, name = posixpath.split(str(url))
+        self._sink = _Sink(_Files(folder or ".", storage_options), name)
+        schema = _TENSOR_SCHEMA.with_metadata({k: str(v) for k, v in (metadata or {}).items()})
+        self._writer = pq.ParquetWriter(self._sink.f, schema, compression="none")
+        self.chunk = int(chunk)
+        self.names: list[str] = []
+
+    def add(self, tensor: str, values: np.ndarray) -> None:
+        import zlib
+
+        flat = np.ascontiguousarray(np.asarray(values, dtype=np.float32).reshape(-1))
+        if not np.isfinite(flat).all():
+            raise ValueError(f"Hessian values of {tensor} hold NaN or inf")
+        if tensor in self.names:
+            raise ValueError(f"{tensor} is already in the table")
+        offs = list(range(0, max(flat.size, 1), self.chunk))
+        vals = [flat[o : o + self.chunk] for o in offs]
+        batch = pa.table({"tensor": pa.array([tensor] * len(offs), pa.string()),
+                          "offset": pa.array(offs, pa.int64()),
+                          "values": pa.array(vals, pa.list_(pa.float32())),
+                          "crc32": pa.array([zlib.crc32(v.tobytes()) for v in vals], pa.int64())},
+                         schema=self._writer.schema)
+        self._writer.write_table(batch, row_group_size=len(offs))
+        self.names.append(tensor)
+
+    def close(self) -> None:
+        self._writer.close()
+        self._sink.commit()
+
+    def abort(self) -> None:
+        try:
+            self._writer.close()
+        except Exception:  # noqa: BLE001 - the caller's error is the one to report
+            pass
+        self._sink.abort()
+
+    def __enter__(self) -> TensorTableWriter:
+        return self
+
+    def __exit__(self, et, ev, tb) -> None:
+        if et is not None:
+            self.abort()
+
+
+class TensorTable:
+    """Read one tensor's values from a `TensorTableWriter` file (its row groups only)."""
+
+    def __init__(self, url: str, storage_options: dict | None = None):
+        import pyarrow.parquet as pq
+
+        self.url = str(url)
+        if "://" in self.url and not self.url.startswith("file://"):
+            from fsspec.core import url_to_fs
+
+            fs, path = url_to_fs(self.url, **(storage_options or {}))
+            self._f = fs.open(path, "rb", block_size=1 << 16, cache_type="none")
+        else:
+            self._f = open(self.url, "rb")  # noqa: SIM115 - closed in close()
+        self._pf = pq.ParquetFile(self._f)
+        md = self._pf.metadata
+        col = self._pf.schema_arrow.get_field_index("tensor")
+        self.groups: dict[str, list[int]] = {}
+        for g in range(md.num_row_groups):
+            st = md.row_group(g).column(col).statistics
+            if st is None or not st.has_min_max or st.min != st.max:
+                raise ValueError(f"{self.url}: row group {g} is not one tensor's")
+            self.groups.setdefault(st.min, []).append(g)
+        self.metadata = {k.decode(): v.decode()
+                         for k, v in (self._pf.schema_arrow.metadata or {}).items()}
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.groups)
+
+    def read(self, name: str) -> np.ndarray:
+        import zlib
+
+        if name not in self.groups:
+            raise KeyError(f"{self.url} holds no Hessian values for {name!r}")
+        t = self._pf.read_row_groups(self.groups[name])
+        lists = t.column("values").combine_chunks()
+        bounds = lists.offsets.to_numpy()
+        flat = lists.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+        parts, at = [], 0
+        for i, (off, crc) in enumerate(zip(t.column("offset").to_pylist(),
+                                           t.column("crc32").to_pylist(), strict=True)):
+            v = flat[bounds[i] : bounds[i + 1]]
+            if off != at or zlib.crc32(v.tobytes()) != crc:
+                raise ValueError(f"{self.url}: the Hessian values of {name} are corrupt "
+                                 f"(offset {off}); rerun the Hessian stage")
+            parts.append(v)
+            at += v.size
+        return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+
+    def close(self) -> None:
+        self._f.close()

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import struct
+import tempfile
 import uuid
 import zlib
 from collections.abc import Callable, Iterable, Sequence
@@ -106,6 +107,7 @@ _MAX_NUMEL = 1 << 48  # 256 T elements: keeps numel * itemsize and numpy's sizes
 QUANTIZED_DTYPES = ("float32", "float16", "bfloat16", "float64")
 RAW_DTYPES = QUANTIZED_DTYPES + ("int64", "int32", "int16", "int8", "uint8", "bool")
 _MAX_NDIM = 32
+S3_PART_BYTES = 64 << 20  # object-store uploads: one part per this many bytes (S3: >= 5 MiB)
 
 MapFn = Callable[[Callable[[Any], Any], Sequence[Any]], Iterable[Any]]
 
@@ -237,9 +239,7 @@ class _Prepared:
     classes: list[tuple[int, np.ndarray]] | None = None
 
 
-def _prepare(
-    entries: Sequence[TensorEntry], codebooks: dict[str, np.ndarray], code_sharing: str
-) -> tuple[list[_Prepared], dict[str, np.ndarray]]:
+def _check_codebooks(codebooks: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     cbs: dict[str, np.ndarray] = {}
     for name, cb in codebooks.items():
         if not isinstance(name, str) or not name:
@@ -248,67 +248,68 @@ def _prepare(
         if a.ndim not in (1, 2) or a.shape[-1] < 1 or a.shape[-1] > (1 << MAX_CODE_LENGTH):
             raise ValueError(f"codebook {name!r} must be [k] or [rows, k], 1 <= k, got {a.shape}")
         cbs[name] = a
-    refs: dict[str, int] = {}
-    for e in entries:
-        if e.raw is None and e.codebook is not None:
-            refs[e.codebook] = refs.get(e.codebook, 0) + 1
-    seen: set[str] = set()
-    out = []
-    for e in entries:
-        if not isinstance(e.name, str) or not e.name:
-            raise ValueError(f"tensor names must be non-empty strings, got {e.name!r}")
-        if e.name in seen:
-            raise ValueError(f"duplicate tensor name {e.name!r}")
-        seen.add(e.name)
-        shape = tuple(int(s) for s in e.shape)
-        if any(s < 0 for s in shape) or len(shape) > _MAX_NDIM:
-            raise ValueError(f"{e.name}: invalid shape {shape}")
-        numel = math.prod(shape)
-        if e.raw is not None:
-            a = np.asarray(e.raw)
-            if tuple(a.shape) != shape:
-                raise ValueError(f"{e.name}: raw array shape {a.shape} != {shape}")
-            if e.dtype not in RAW_DTYPES:
-                raise ValueError(f"{e.name}: raw dtype {e.dtype!r} not in {RAW_DTYPES}")
-            if e.dtype == "bfloat16":
-                if a.dtype.name == "bfloat16":
-                    a = a.view(np.uint16)
-                if a.dtype != np.uint16:
-                    raise ValueError(f"{e.name}: bfloat16 raw tensors are uint16 bit patterns")
-            elif a.dtype != np.dtype(e.dtype):
-                raise ValueError(f"{e.name}: raw array dtype {a.dtype} != declared {e.dtype}")
-            data = np.ascontiguousarray(a, dtype=_np_dtype(e.dtype)).tobytes()
-            out.append(_Prepared(e, shape, numel, raw_bytes=data))
-            continue
-        if e.dtype not in QUANTIZED_DTYPES:
-            raise ValueError(f"{e.name}: quantized dtype {e.dtype!r} not in {QUANTIZED_DTYPES}")
-        if e.codebook not in cbs or e.codes is None:
-            raise ValueError(f"{e.name}: a quantized tensor needs codes and a known codebook")
-        cb = cbs[e.codebook]
-        k = int(cb.shape[-1])
-        if cb.ndim == 2 and (len(shape) == 0 or cb.shape[0] % max(shape[0], 1)
-                             or numel % max(cb.shape[0], 1)):
-            raise ValueError(f"{e.name}: a per-row codebook {cb.shape} needs shape[0] rows "
-                             f"(channel) or a multiple of them that divides {numel} (group)")
-        mask = _flat_mask(e, shape, numel)
-        codes = np.asarray(e.codes).reshape(-1)
-        if codes.size and codes.dtype.kind not in "ui":
-            raise ValueError(f"{e.name}: codes must be integers, got {codes.dtype}")
-        n_kept = numel if mask is None else int(mask.sum())
-        if codes.size != n_kept:
-            raise ValueError(f"{e.name}: {codes.size} codes for {n_kept} kept elements")
-        if codes.size and (int(codes.min()) < 0 or int(codes.max()) >= k):
-            raise ValueError(f"{e.name}: codes out of range [0, {k}) of codebook {e.codebook!r}")
-        codes = codes.astype(symbol_dtype(k), copy=False)
-        scope = (("channel" if cb.shape[0] == shape[0] else "group") if cb.ndim == 2 else
-                 ("network" if refs[e.codebook] > 1 else "tensor"))
-        p = _Prepared(e, shape, numel, k, codes, mask, scope=scope)
-        p.index_group = e.codebook if code_sharing == "network" else e.name
-        if mask is not None:
-            p.gaps = gaps_from_mask(mask)
-            p.pos_group = "" if code_sharing == "network" else e.name
-        out.append(p)
-    return out, cbs
+    return cbs
+
+
+def _prepare_one(e: TensorEntry, cbs: dict[str, np.ndarray], code_sharing: str) -> _Prepared:
+    """Validate one entry and derive what its streams need (scope is set by the caller, who
+    knows how many tensors share each codebook)."""
+    if not isinstance(e, TensorEntry):
+        raise TypeError(f"an entry must be a TensorEntry (or a callable returning one), got "
+                        f"{type(e).__name__}")
+    if not isinstance(e.name, str) or not e.name:
+        raise ValueError(f"tensor names must be non-empty strings, got {e.name!r}")
+    shape = tuple(int(s) for s in e.shape)
+    if any(s < 0 for s in shape) or len(shape) > _MAX_NDIM:
+        raise ValueError(f"{e.name}: invalid shape {shape}")
+    numel = math.prod(shape)
+    if e.raw is not None:
+        a = np.asarray(e.raw)
+        if tuple(a.shape) != shape:
+            raise ValueError(f"{e.name}: raw array shape {a.shape} != {shape}")
+        if e.dtype not in RAW_DTYPES:
+            raise ValueError(f"{e.name}: raw dtype {e.dtype!r} not in {RAW_DTYPES}")
+        if e.dtype == "bfloat16":
+            if a.dtype.name == "bfloat16":
+                a = a.view(np.uint16)
+            if a.dtype != np.uint16:
+                raise ValueError(f"{e.name}: bfloat16 raw tensors are uint16 bit patterns")
+        elif a.dtype != np.dtype(e.dtype):
+            raise ValueError(f"{e.name}: raw array dtype {a.dtype} != declared {e.dtype}")
+        data = np.ascontiguousarray(a, dtype=_np_dtype(e.dtype)).tobytes()
+        return _Prepared(e, shape, numel, raw_bytes=data)
+    if e.dtype not in QUANTIZED_DTYPES:
+        raise ValueError(f"{e.name}: quantized dtype {e.dtype!r} not in {QUANTIZED_DTYPES}")
+    if e.codebook not in cbs or e.codes is None:
+        raise ValueError(f"{e.name}: a quantized tensor needs codes and a known codebook")
+    cb = cbs[e.codebook]
+    k = int(cb.shape[-1])
+    if cb.ndim == 2 and (len(shape) == 0 or cb.shape[0] % max(shape[0], 1)
+                         or numel % max(cb.shape[0], 1)):
+        raise ValueError(f"{e.name}: a per-row codebook {cb.shape} needs shape[0] rows "
+                         f"(channel) or a multiple of them that divides {numel} (group)")
+    mask = _flat_mask(e, shape, numel)
+    codes = np.asarray(e.codes).reshape(-1)
+    if codes.size and codes.dtype.kind not in "ui":
+        raise ValueError(f"{e.name}: codes must be integers, got {codes.dtype}")
+    n_kept = numel if mask is None else int(mask.sum())
+    if codes.size != n_kept:
+        raise ValueError(f"{e.name}: {codes.size} codes for {n_kept} kept elements")
+    if codes.size and (int(codes.min()) < 0 or int(codes.max()) >= k):
+        raise ValueError(f"{e.name}: codes out of range [0, {k}) of codebook {e.codebook!r}")
+    codes = codes.astype(symbol_dtype(k), copy=False)
+    p = _Prepared(e, shape, numel, k, codes, mask)
+    p.index_group = e.codebook if code_sharing == "network" else e.name
+    if mask is not None:
+        p.gaps = gaps_from_mask(mask)
+        p.pos_group = "" if code_sharing == "network" else e.name
+    return p
+
+
+def _scope(p: _Prepared, cb: np.ndarray, refs: int) -> str:
+    if cb.ndim == 2:
+        return "channel" if cb.shape[0] == p.shape[0] else "group"
+    return "network" if refs > 1 else "tensor"
 
 
 def _default_map(fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
@@ -342,12 +343,17 @@ def write_hwq(
     coder: str = "huffman",
     positions: str = "gaps",
     indices: str = "static",
+    stream_symbols: int = 1 << 26,
+    spool_bytes: int = 256 << 20,
+    spill_dir: str | None = None,
 ) -> dict:
     """Encode tensors into one .hwq file, atomically; return its bit accounting.
 
     Args:
         path_or_url: local path or fsspec URL (``s3://bucket/key`` ...).
-        entries: tensors in file order.
+        entries: tensors in file order: each a `TensorEntry`, or a zero-argument callable
+            returning one (loaded when needed, two or three times, never all at once: how a
+            model larger than memory is written; the bytes are the same either way).
         codebooks: name -> float32 [k] or [rows, k]. All are stored.
         code_sharing: ``"network"``: one Huffman table per codebook (indices) and one for all
             pruned tensors' positions; ``"tensor"``: one table per tensor for each stream.
@@ -369,6 +375,11 @@ def write_hwq(
         indices: ``"static"`` (a table per group) or ``"context"`` (adaptive, the row as
             context; tensors whose indices are level-ordered keep static tables).
 
+        stream_symbols: with callable entries, tensors are encoded in windows of about this
+            many elements (memory: the window's codes and their encoded bytes).
+        spool_bytes: the payload is kept in memory up to this size, then in a temporary file
+            in `spill_dir` (default: the system's), and copied into the destination at the end.
+
     Returns:
         The accounting dict (see :func:`hwq_accounting`).
     """
@@ -387,19 +398,25 @@ def write_hwq(
     if indices not in ("static", "context"):
         raise ValueError(f"indices must be 'static' or 'context', got {indices!r}")
     version = 1 if (coder, positions, indices) == ("huffman", "gaps", "static") else 2
-    prepared, cbs = _prepare(entries, codebooks, code_sharing)
-    levels = row_levels(prepared, cbs) if codebook_dtype == "float16" else {}
-    for p in prepared:
-        if p.codes is not None and p.mask is None and p.entry.codebook in levels:
-            p.classes = level_classes(p.codes, levels[p.entry.codebook])
+    cbs = _check_codebooks(codebooks)
+    lazy = any(callable(x) for x in entries)
 
-    # Code tables: pooled histograms per group; a group with no symbols gets no table.
-    # Level-ordered tensors: one table per (group, level count).
+    def load(i: int) -> _Prepared:
+        x = entries[i]
+        return _prepare_one(x() if callable(x) else x, cbs, code_sharing)
+
+    # Pass 1, one tensor at a time: validation, codebook references, per-row level counts,
+    # gap histograms (and index histograms when no level count can change them).
+    seen: set[str] = set()
+    refs: dict[str, int] = {}
+    levels: dict[str, np.ndarray] = {}
+    kept: list[_Prepared] = []  # in-memory entries only: prepared once
     idx_hist: dict[Any, np.ndarray] = {}
     ctx_idx_hist: dict[Any, np.ndarray] = {}  # context-coded indices: for the entropy only
-    for p in prepared:
-        if p.codes is None:
-            continue
+    pos_gaps: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+    late_hist = codebook_dtype == "float16"  # level classes known only after pass 1
+
+    def add_index_hist(p: _Prepared) -> None:
         ctx = indices == "context" and p.classes is None
         parts = ([(p.index_group, p.codes)] if p.classes is None else
                  [((p.index_group, L), sym) for L, sym in p.classes])
@@ -407,10 +424,41 @@ def write_hwq(
             h = np.bincount(sym, minlength=p.k if p.classes is None else key[1])
             pool = ctx_idx_hist if ctx else idx_hist
             pool[key] = pool.get(key, 0) + h.astype(np.int64)
-    pos_gaps: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
-    for p in prepared:
+
+    for i in range(len(entries)):
+        p = load(i)
+        if p.entry.name in seen:
+            raise ValueError(f"duplicate tensor name {p.entry.name!r}")
+        seen.add(p.entry.name)
+        if p.codes is not None:
+            refs[p.entry.codebook] = refs.get(p.entry.codebook, 0) + 1
+            if late_hist:
+                for name, need in row_levels([p], cbs).items():
+                    prev = levels.get(name)
+                    levels[name] = need if prev is None else np.maximum(prev, need)
+            else:
+                add_index_hist(p)
         if p.gaps is not None:
             pos_gaps.setdefault(p.pos_group, []).append(gap_histogram(p.gaps))
+        if not lazy:
+            kept.append(p)
+
+    def final(i: int) -> _Prepared:
+        p = kept[i] if not lazy else load(i)
+        if p.codes is not None:
+            p.scope = _scope(p, cbs[p.entry.codebook], refs[p.entry.codebook])
+            if p.mask is None and p.entry.codebook in levels and p.classes is None:
+                p.classes = level_classes(p.codes, levels[p.entry.codebook])
+        return p
+
+    if late_hist:  # Pass 2: index histograms by level class, in tensor order.
+        for i in range(len(entries)):
+            p = final(i)
+            if p.codes is not None:
+                add_index_hist(p)
+
+    # Code tables: pooled histograms per group; a group with no symbols gets no table.
+    # Level-ordered tensors: one table per (group, level count).
     tables: list[Any] = []
     table_hist: list[np.ndarray] = []
     table_of: dict[tuple[str, str], int] = {}
@@ -434,15 +482,11 @@ def write_hwq(
         table_of[("p", g)] = len(tables)
         tables.append(table)
         table_hist.append(gap_symbol_counts(vals, cnts, m))
+    del pos_gaps
 
-    # Chunk jobs, in payload order.
-    jobs: list[tuple] = []
-    plan: list[tuple[int, str, int]] = []  # (tensor index, stream, n chunks)
-    chunk_table: list[int | None] = []  # per job: its own table (level-ordered streams)
-    for ti, p in enumerate(prepared):
-        if p.codes is None:
-            continue
-        n_before = len(jobs)
+    def tensor_jobs(p: _Prepared) -> list[tuple[str, tuple, int | None]]:
+        """(stream, job, own table) of one tensor's chunks, in payload order."""
+        out: list[tuple[str, tuple, int | None]] = []
         if indices == "context" and p.classes is None:
             _, cols, _ = mask_geometry(p.shape)
             flat = np.flatnonzero(p.mask) if p.mask is not None else None
@@ -451,8 +495,8 @@ def write_hwq(
                 at = flat[i : i + c.shape[0]] if flat is not None else \
                     np.arange(i, i + c.shape[0], dtype=np.int64)
                 rows = at // max(cols, 1)
-                jobs.append(("index", c, p.k, rows - (rows[0] if rows.size else 0)))
-                chunk_table.append(None)
+                out.append(("indices", ("index", c, p.k, rows - (rows[0] if rows.size else 0)),
+                            None))
         else:
             pieces = ([(p.codes, table_of.get(("i", p.index_group)), False)]
                       if p.classes is None else
@@ -460,112 +504,130 @@ def write_hwq(
                        for L, sym in p.classes])
             for sym, t, own in pieces:
                 for i in range(0, sym.shape[0], chunk_symbols):
-                    jobs.append(("table", sym[i : i + chunk_symbols], tables[t]))
-                    chunk_table.append(t if own else None)
-        plan.append((ti, "indices", len(jobs) - n_before))
+                    out.append(("indices", ("table", sym[i : i + chunk_symbols], tables[t]),
+                                t if own else None))
         if p.gaps is None:
-            continue
-        n_before = len(jobs)
+            return out
         if positions == "context":
             rows, cols, group = mask_geometry(p.shape)
             bits = p.mask.reshape(rows, cols)
             step = max(1, chunk_symbols // max(cols, 1))
             for r in range(0, rows, step):
-                jobs.append(("mask", bits[r : r + step], group))
-                chunk_table.append(None)
+                out.append(("positions", ("mask", bits[r : r + step], group), None))
         else:
             sym = gaps_to_symbols(p.gaps, max_gap_of.get(p.pos_group, 1))
             t = table_of.get(("p", p.pos_group))
             for i in range(0, sym.shape[0], chunk_symbols):
-                jobs.append(("table", sym[i : i + chunk_symbols], tables[t]))
-                chunk_table.append(None)
-        plan.append((ti, "positions", len(jobs) - n_before))
-    encoded = list((map_fn or _default_map)(encode_job, jobs))
-    if len(encoded) != len(jobs):
-        raise RuntimeError(f"map_fn returned {len(encoded)} results for {len(jobs)} jobs")
+                out.append(("positions", ("table", sym[i : i + chunk_symbols], tables[t]), None))
+        return out
 
-    # Payload layout and header.
-    parts: list[bytes] = []
-    offset = 0
+    # Pass 3: the payload, section by section, into a spool (memory, then a file past
+    # spool_bytes); tensors are encoded in windows of about stream_symbols symbols.
+    payload = tempfile.SpooledTemporaryFile(max_size=spool_bytes, dir=spill_dir)  # noqa: SIM115
+    try:
+        offset = 0
 
-    def put(data: bytes) -> list[int]:
-        nonlocal offset
-        parts.append(data)
-        sec = [offset, len(data), zlib.crc32(data)]
-        offset += len(data)
-        return sec
+        def put(data: bytes) -> list[int]:
+            nonlocal offset
+            payload.write(data)
+            sec = [offset, len(data), zlib.crc32(data)]
+            offset += len(data)
+            return sec
 
-    h_codebooks = []
-    for name, a in cbs.items():
-        blob, extra = encode_codebook(name, a, codebook_dtype, levels.get(name))
-        o, n, c = put(blob)
-        h_codebooks.append(
-            {"name": name, "shape": list(a.shape), "dtype": codebook_dtype, **extra,
-             "offset": o, "length": n, "crc32": c}
-        )  # fmt: skip
-    h_tables = []
-    for t in tables:
-        d: dict[str, Any] = {"kind": table_kind(t), "alphabet": t.alphabet}
-        if isinstance(t, AnsTable):
-            o, n, c = put(t.pack())
-            d.update(offset=o, length=n, crc32=c)
-        elif t.fixed:
-            d.update(fixed_length=t.max_length, width=None, offset=offset, length=0, crc32=0)
-        else:
-            data, width = pack_lengths(t.lengths)
-            o, n, c = put(data)
-            d.update(fixed_length=None, width=width, offset=o, length=n, crc32=c)
-        h_tables.append(d)
-    h_tensors = []
-    enc_iter = iter(zip(encoded, chunk_table, strict=True))
-    plan_iter = iter(plan)
-    for ti, p in enumerate(prepared):
-        e = p.entry
-        d = {"name": e.name, "kind": e.kind, "shape": list(p.shape), "dtype": e.dtype}
-        if p.codes is None:
-            o, n, c = put(p.raw_bytes)
-            d.update(offset=o, length=n, crc32=c)
-            h_tensors.append(d)
-            continue
-        d.update(scope=p.scope, codebook=e.codebook, n_kept=int(p.codes.shape[0]))
-        n_streams = 2 if p.gaps is not None else 1
-        d["positions"] = None
-        for _ in range(n_streams):
-            pti, sname, n_chunks = next(plan_iter)
-            assert pti == ti
-            chunks = []
-            for _ in range(n_chunks):
-                ch, own = next(enc_iter)
-                o, n, c = put(ch.data)
-                chunks.append([o, n, ch.n_symbols, c] + ([] if own is None else [own]))
-            key = ("i", p.index_group) if sname == "indices" else ("p", p.pos_group)
-            context = (positions if sname == "positions" else indices) == "context"
-            if sname == "indices" and p.classes is not None:
-                stream = {"code_table": None, "order": "levels", "chunks": chunks}
-            elif context:
-                stream = {"code_table": None, "coder": "context", "chunks": chunks}
+        h_codebooks = []
+        for name, a in cbs.items():
+            blob, extra = encode_codebook(name, a, codebook_dtype, levels.get(name))
+            o, n, c = put(blob)
+            h_codebooks.append(
+                {"name": name, "shape": list(a.shape), "dtype": codebook_dtype, **extra,
+                 "offset": o, "length": n, "crc32": c}
+            )  # fmt: skip
+        h_tables = []
+        for t in tables:
+            d: dict[str, Any] = {"kind": table_kind(t), "alphabet": t.alphabet}
+            if isinstance(t, AnsTable):
+                o, n, c = put(t.pack())
+                d.update(offset=o, length=n, crc32=c)
+            elif t.fixed:
+                d.update(fixed_length=t.max_length, width=None, offset=offset, length=0, crc32=0)
             else:
-                stream = {"code_table": table_of.get(key), "chunks": chunks}
-            if sname == "positions" and not context:
-                stream["max_gap"] = max_gap_of.get(p.pos_group)
-            d[sname] = stream
-        h_tensors.append(d)
-    header = {
-        "format": "hwq",
-        "version": version,
-        "payload_bytes": offset,
-        "code_sharing": code_sharing,
-        "fixed_length": bool(fixed_length),
-        "codebooks": h_codebooks,
-        "code_tables": h_tables,
-        "tensors": h_tensors,
-        "metadata": metadata or {},
-    }
-    hjson = zlib.compress(json.dumps(header, separators=(",", ":"), allow_nan=False).encode(), 9)
-    payload_start = _payload_start(len(hjson))
-    prefix = _PREFIX.pack(MAGIC, version, FLAG_HEADER_ZLIB, len(hjson), zlib.crc32(hjson), 0)
-    pad = b"\0" * (payload_start - PREFIX_BYTES - len(hjson))
-    _atomic_write(str(path_or_url), [prefix, hjson, pad, *parts], storage_options)
+                data, width = pack_lengths(t.lengths)
+                o, n, c = put(data)
+                d.update(fixed_length=None, width=width, offset=o, length=n, crc32=c)
+            h_tables.append(d)
+        h_tensors: list[dict] = []
+
+        def emit(window: list[tuple[_Prepared, list]]) -> None:
+            jobs = [job for _, tj in window for _, job, _ in tj]
+            encoded = list((map_fn or _default_map)(encode_job, jobs)) if jobs else []
+            if len(encoded) != len(jobs):
+                raise RuntimeError(f"map_fn returned {len(encoded)} results for {len(jobs)} "
+                                   f"jobs")
+            it = iter(encoded)
+            for p, tj in window:
+                e = p.entry
+                d = {"name": e.name, "kind": e.kind, "shape": list(p.shape), "dtype": e.dtype}
+                if p.codes is None:
+                    o, n, c = put(p.raw_bytes)
+                    d.update(offset=o, length=n, crc32=c)
+                    h_tensors.append(d)
+                    continue
+                d.update(scope=p.scope, codebook=e.codebook, n_kept=int(p.codes.shape[0]))
+                d["positions"] = None
+                for sname in ("indices", "positions"):
+                    mine = [own for st, _, own in tj if st == sname]
+                    if sname == "positions" and p.gaps is None:
+                        continue
+                    chunks = []
+                    for own in mine:
+                        ch = next(it)
+                        o, n, c = put(ch.data)
+                        chunks.append([o, n, ch.n_symbols, c] + ([] if own is None else [own]))
+                    key = ("i", p.index_group) if sname == "indices" else ("p", p.pos_group)
+                    context = (positions if sname == "positions" else indices) == "context"
+                    if sname == "indices" and p.classes is not None:
+                        stream = {"code_table": None, "order": "levels", "chunks": chunks}
+                    elif context:
+                        stream = {"code_table": None, "coder": "context", "chunks": chunks}
+                    else:
+                        stream = {"code_table": table_of.get(key), "chunks": chunks}
+                    if sname == "positions" and not context:
+                        stream["max_gap"] = max_gap_of.get(p.pos_group)
+                    d[sname] = stream
+                h_tensors.append(d)
+
+        window: list[tuple[_Prepared, list]] = []
+        pending = 0
+        for i in range(len(entries)):
+            p = final(i)
+            tj = tensor_jobs(p) if p.codes is not None else []
+            window.append((p, tj))
+            pending += p.numel if p.codes is not None else len(p.raw_bytes)
+            if not lazy or pending < stream_symbols:
+                continue
+            emit(window)
+            window, pending = [], 0
+        emit(window)
+        header = {
+            "format": "hwq",
+            "version": version,
+            "payload_bytes": offset,
+            "code_sharing": code_sharing,
+            "fixed_length": bool(fixed_length),
+            "codebooks": h_codebooks,
+            "code_tables": h_tables,
+            "tensors": h_tensors,
+            "metadata": metadata or {},
+        }
+        hjson = zlib.compress(json.dumps(header, separators=(",", ":"), allow_nan=False).encode(),
+                              9)
+        payload_start = _payload_start(len(hjson))
+        prefix = _PREFIX.pack(MAGIC, version, FLAG_HEADER_ZLIB, len(hjson), zlib.crc32(hjson), 0)
+        pad = b"\0" * (payload_start - PREFIX_BYTES - len(hjson))
+        payload.seek(0)
+        _atomic_write(str(path_or_url), prefix + hjson + pad, payload, storage_options)
+    finally:
+        payload.close()
 
     parsed = _parse_header(str(path_or_url), header, payload_start + offset)
     ctx_entropy = sum(entropy_bits(h) * float(h.sum()) for h in ctx_idx_hist.values())
@@ -582,9 +644,19 @@ def _url_to_fs(path_or_url: str, storage_options: dict | None):
     return url_to_fs(path_or_url, **(storage_options or {}))
 
 
-def _atomic_write(path_or_url: str, parts: list[bytes], storage_options: dict | None) -> None:
-    """Publish the file only once complete: local os.replace, object-store single put, or
-    write-to-temporary + move on other fsspec filesystems."""
+def _copy(src, write: Callable[[bytes], Any], bufsize: int = 8 << 20) -> None:
+    while True:
+        buf = src.read(bufsize)
+        if not buf:
+            return
+        write(buf)
+
+
+def _atomic_write(path_or_url: str, head: bytes, payload, storage_options: dict | None) -> None:
+    """Publish `head` + the rest of the file object `payload` only once complete: a local
+    temporary file renamed, an object-store upload (multipart past 64 MiB) completed only at
+    the end and aborted on failure, or write-to-temporary + move on other filesystems. The
+    payload is copied in pieces: the whole file never sits in memory."""
     from fsspec.implementations.local import LocalFileSystem
 
     fs, path = _url_to_fs(path_or_url, storage_options)
@@ -594,8 +666,8 @@ def _atomic_write(path_or_url: str, parts: list[bytes], storage_options: dict | 
         tmp = os.path.join(d, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
         try:
             with open(tmp, "wb") as f:
-                for p in parts:
-                    f.write(p)
+                f.write(head)
+                _copy(payload, f.write)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -606,13 +678,25 @@ def _atomic_write(path_or_url: str, parts: list[bytes], storage_options: dict | 
         return
     protocols = fs.protocol if isinstance(fs.protocol, tuple | list) else (fs.protocol,)
     if set(protocols) & {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}:
-        # An object PUT (or a completed multipart upload) is atomic: readers see the old
-        # object or the whole new one.
-        fs.pipe_file(path, b"".join(parts))
+        # A completed upload is atomic: readers see the old object or the whole new one. On
+        # failure the multipart upload is aborted, so no part of it is ever visible.
+        f = fs.open(path, "wb", block_size=S3_PART_BYTES)
+        try:
+            f.write(head)
+            _copy(payload, f.write)
+        except BaseException:
+            discard = getattr(f, "discard", None)
+            if discard is not None:
+                discard()
+            f.closed = True  # nothing left to flush when it is collected
+            raise
+        f.close()
     else:
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"
         try:
-            fs.pipe_file(tmp, b"".join(parts))
+            with fs.open(tmp, "wb") as f:
+                f.write(head)
+                _copy(payload, f.write)
             fs.mv(tmp, path)
         except BaseException:
             if fs.exists(tmp):

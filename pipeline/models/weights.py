@@ -360,8 +360,7 @@ class _Sink:
                 discard = getattr(self.f, "discard", None)
                 if discard is not None:
                     discard()  # aborts the multipart upload: no object, no parts kept
-                else:
-                    self.f.closed = True
+                self.f.closed = True  # nothing left to flush when it is collected
             else:
                 self.f.close()
                 if self.tmp and os.path.exists(self.tmp):

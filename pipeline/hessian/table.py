@@ -109,7 +109,7 @@ class TensorTableWriter:
         folder, name = posixpath.split(str(url))
         self._sink = _Sink(_Files(folder or ".", storage_options), name)
         schema = _TENSOR_SCHEMA.with_metadata({k: str(v) for k, v in (metadata or {}).items()})
-        self._writer = pq.ParquetWriter(self._sink.f, schema, compression="none")
+        self._writer = pq.ParquetWriter(self._sink, schema, compression="none")
         self.chunk = int(chunk)
         self.names: list[str] = []
 
@@ -131,9 +131,11 @@ class TensorTableWriter:
         self._writer.write_table(batch, row_group_size=len(offs))
         self.names.append(tensor)
 
-    def close(self) -> None:
+    def close(self) -> dict:
+        """Publish the file; returns its bytes and sha256 (computed while writing)."""
         self._writer.close()
         self._sink.commit()
+        return {"bytes": self._sink.written, "sha256": self._sink.sha256.hexdigest()}
 
     def abort(self) -> None:
         try:

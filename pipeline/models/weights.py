@@ -337,14 +337,25 @@ class _Sink:
             os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
             self.tmp = os.path.join(os.path.dirname(self.path) or ".",
                                     f".{os.path.basename(self.path)}.tmp-{uuid.uuid4().hex}")
-            self.f = open(self.tmp, "wb")
+            self.f = open(self.tmp, "wb")  # noqa: SIM115 - closed by commit/abort
         self.written = 0
+        self.sha256 = hashlib.sha256()
+        self.closed = False
 
-    def write(self, data: bytes | memoryview) -> None:
+    def write(self, data: bytes | memoryview) -> int:
         self.f.write(data)
+        self.sha256.update(data)
         self.written += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self.written
+
+    def flush(self) -> None:
+        pass
 
     def commit(self) -> None:
+        self.closed = True
         if self.files.remote:
             self.f.close()  # completes the multipart upload: the object appears whole
             self.files.fs.invalidate_cache(self.path)
@@ -355,6 +366,7 @@ class _Sink:
             os.replace(self.tmp, self.path)
 
     def abort(self) -> None:
+        self.closed = True
         try:
             if self.files.remote:
                 discard = getattr(self.f, "discard", None)

@@ -1,0 +1,518 @@
+"""The pipeline for a model larger than memory: every stage streams tensors.
+
+The model is a safetensors folder (local or ``s3://``) that no process ever reads whole.
+Four stages, each a Ray task (the quantize stage a task per tensor), outputs under one work
+folder (local or ``s3://``), a manifest per stage written last:
+
+``hessian``   `StreamedLM` runs the calibration windows one decoder block at a time (the
+              activation estimator, forward only, or the block-wise Fisher) and writes the
+              values tensor by tensor into ``hessian.parquet`` (a row group per tensor).
+``quantize``  one λ for every row of every tensor (the paper's single multiplier, per
+              channel): λ is found on every s-th row of each tensor (a sample small enough for
+              one process), then each tensor is quantized by its own task, which range-reads
+              only that tensor and its Hessian row group and writes ``codes/<i>.safetensors``
+              (indices and per-row codebook); the driver keeps per-tensor sums only.
+``encode``    `write_hwq` with lazily loaded entries: codes and raw tensors are read one at a
+              time, the payload spools to disk and is uploaded in parts.
+``decode``    `decode_to_folder`: the .hwq back to a sharded bf16/fp32 folder, tensor by
+              tensor, with the model's config.json beside it.
+
+Every manifest records the stage's seconds, weights per second, the bytes it read, the peak
+RSS of the driver and of every worker process that ran it (and the GPU allocator's peak where
+there is a GPU), and each output's bytes and sha256 computed while it was written. A rerun
+whose stage key (settings + the inputs' digests) matches a manifest is a cache hit after
+checking the outputs' sizes only: their digests were verified at write time and are trusted,
+and a reader checks them again where it reads (per-tensor digests of codes and model shards).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import posixpath
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.memory import peak_rss, process_peaks
+from pipeline.models.weights import INDEX, WeightsFolder, _Files, _Sink
+
+__all__ = ["StreamSettings", "run_streamed", "stage_hessian", "stage_quantize", "stage_encode",
+           "stage_decode", "block_targets", "one_tensor_decode"]
+
+log = logging.getLogger(__name__)
+HESSIAN = "hessian.parquet"
+HWQ = "model.hwq"
+DECODED = "decoded"
+
+
+@dataclass
+class StreamSettings:
+    estimator: str = "activation"  # or "fisher"
+    windows: int = 4
+    seq_len: int = 64
+    seed: int = 0
+    method: str = "uniform"  # or "ecsq"
+    target_bits: float = 3.0
+    sample_weights: int = 8_000_000  # rows sampled for the λ search, about this many weights
+    slab_rows: int = 1024  # rows quantized at once inside a task
+    k_max: int = 16
+    coder: str = "huffman"
+    cache_bytes: int = 256 << 20  # Fisher: block inputs kept in memory up to this
+    threads: int = 1  # numba threads per quantize task
+    extra: dict = field(default_factory=dict)
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _model_digest(w: WeightsFolder) -> str:
+    """The model's identity without reading its weights: per-tensor digests when the folder
+    has them, else names, dtypes, shapes and byte offsets."""
+    return _digest({n: (t.sha256 or [t.dtype, t.shape, t.file, t.start, t.end])
+                    for n, t in w.tensors.items()})
+
+
+class _Work:
+    """The work folder: small JSON files and streamed outputs, local or on an object store."""
+
+    def __init__(self, url: str, storage_options: dict | None = None):
+        self.url = url.rstrip("/")
+        self.storage_options = storage_options
+        self.files = _Files(self.url, storage_options)
+
+    def sub(self, rel: str) -> str:
+        return posixpath.join(self.url, rel) if "://" in self.url else f"{self.url}/{rel}"
+
+    def write_bytes(self, rel: str, data: bytes) -> dict:
+        sink = _Sink(self.files, rel)
+        try:
+            sink.write(data)
+            sink.commit()
+        except BaseException:
+            sink.abort()
+            raise
+        return {"bytes": sink.written, "sha256": sink.sha256.hexdigest()}
+
+    def read_json(self, rel: str) -> Any:
+        return json.loads(self.files.read_whole(rel, 64 << 20))
+
+    def exists(self, rel: str) -> bool:
+        return self.files.exists(rel)
+
+    def size(self, rel: str) -> int:
+        return self.files.size(rel)
+
+
+def _manifest_rel(stage: str) -> str:
+    return f"manifests/{stage}.json"
+
+
+def _cached(work: _Work, stage: str, key: str) -> dict | None:
+    rel = _manifest_rel(stage)
+    if not work.exists(rel):
+        return None
+    try:
+        m = work.read_json(rel)
+    except (ValueError, OSError):
+        return None
+    if m.get("key") != key:
+        return None
+    for out, d in m.get("outputs", {}).items():
+        if not work.exists(out) or work.size(out) != d["bytes"]:
+            log.warning("%s: %s is missing or changed size since its manifest; recomputing",
+                        stage, out)
+            return None
+    log.info("%s: cache hit (outputs' sizes checked; their sha256, computed while they were "
+             "written, are trusted)", stage)
+    m["cached"] = True
+    return m
+
+
+def _finish(work: _Work, stage: str, key: str, t0: float, outputs: dict, workers: list,
+            **figures: Any) -> dict:
+    m = {"stage": stage, "key": key, "seconds": time.perf_counter() - t0,
+         "outputs": outputs, "verified": "sha256 computed while writing",
+         "memory": {"driver_peak_rss": peak_rss(), "workers": workers,
+                    "workers_peak_rss": max((w["peak_rss"] for w in workers), default=0)},
+         **figures}
+    if m.get("weights"):
+        m["weights_per_s"] = m["weights"] / max(m["seconds"], 1e-9)
+    work.write_bytes(_manifest_rel(stage), json.dumps(m, indent=1).encode())
+    m["cached"] = False
+    return m
+
+
+def block_targets(w: WeightsFolder, layers_prefix: str | None = None) -> list[str]:
+    """The 2-D ``.weight`` tensors inside decoder blocks (``…layers.<i>.…``), in file order."""
+    import re
+
+    pat = re.compile(r"(^|\.)(layers|h|blocks)\.\d+\.")
+    return [n for n, t in w.tensors.items()
+            if n.endswith(".weight") and len(t.shape) == 2 and pat.search(n)
+            and (layers_prefix is None or n.startswith(layers_prefix))]
+
+
+def calibration_windows(vocab: int, n: int, seq_len: int, seed: int) -> torch.Tensor:
+    """Seeded token windows (a synthetic model has no tokenizer; real text can be passed
+    instead through `run_streamed(windows=...)`)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n, seq_len), generator=g)
+
+
+# ---------------------------------------------------------------------------------------------
+# stages (the task bodies are plain functions: Ray runs them, tests may call them directly)
+
+
+def _hessian_task(model_url: str, work_url: str, s: dict, windows: torch.Tensor | None,
+                  storage_options: dict | None) -> dict:
+    from pipeline.hessian.stream import activation_streamed, fisher_streamed
+    from pipeline.hessian.table import TensorTableWriter
+    from pipeline.models.stream import StreamedLM
+
+    st = StreamSettings(**s)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    lm = StreamedLM(model_url, storage_options)
+    names = block_targets(lm.weights)
+    if windows is None:
+        windows = calibration_windows(int(lm.config.vocab_size), st.windows, st.seq_len, st.seed)
+    work = _Work(work_url, storage_options)
+    with TensorTableWriter(work.sub(HESSIAN), storage_options,
+                           metadata={"estimator": st.estimator}) as table:
+        def emit(name: str, sums: np.ndarray, n: int) -> None:
+            table.add(name, sums / n)
+
+        if st.estimator == "activation":
+            activation_streamed(lm, windows, names, emit)
+        elif st.estimator == "fisher":
+            import tempfile
+
+            fisher_streamed(lm, windows, names, emit, cache_bytes=st.cache_bytes,
+                            spill_dir=tempfile.gettempdir())
+        else:
+            raise ValueError(f"estimator must be 'activation' or 'fisher', got {st.estimator!r}")
+        out = table.close()
+    weights = sum(lm.weights.tensors[n].numel for n in names)
+    return {"outputs": {HESSIAN: out}, "weights": weights, "tensors": len(names),
+            "bytes_read": lm.weights.bytes_read, "process": process_peaks()}
+
+
+def _h_rows(h: np.ndarray, shape: tuple[int, int], rows: slice | np.ndarray) -> np.ndarray:
+    """Hessian rows of a tensor: an activation [in] vector broadcast, or a full [out, in]."""
+    R, C = shape
+    if h.size == C:
+        n = len(range(*rows.indices(R))) if isinstance(rows, slice) else len(rows)
+        return np.broadcast_to(h.reshape(1, C), (n, C))
+    return h.reshape(R, C)[rows]
+
+
+def _sample_task(model_url: str, hess_url: str, name: str, every: int, offset: int,
+                 storage_options: dict | None):
+    from pipeline.hessian.table import TensorTable
+    from pipeline.quantize.rate import RowBlock
+
+    w = WeightsFolder(model_url, storage_options)
+    info = w.info(name)
+    R, C = info.shape
+    rows = np.arange(0, R, every)
+    W = w.read(name, torch.float32).numpy()[rows]
+    t = TensorTable(hess_url, storage_options)
+    H = _h_rows(t.read(name), (R, C), rows)
+    t.close()
+    return RowBlock(np.ascontiguousarray(W), np.ascontiguousarray(H), offset)
+
+
+def _quantize_task(model_url: str, hess_url: str, work_url: str, name: str, index: int,
+                   lam: float, s: dict, row_offset: int, storage_options: dict | None) -> dict:
+    from safetensors.torch import save
+
+    from pipeline.hessian.table import TensorTable
+    from pipeline.quantize.rate import RowBlock, solve_rows_at
+
+    st = StreamSettings(**s)
+    w = WeightsFolder(model_url, storage_options)
+    info = w.info(name)
+    R, C = info.shape
+    Wt = w.read(name)  # stored dtype (bf16: half the bytes of float32)
+    t = TensorTable(hess_url, storage_options)
+    h = t.read(name)
+    t.close()
+    opts = {"k_max": st.k_max, "threads": st.threads}
+    results = []
+    for a in range(0, R, st.slab_rows):
+        b = min(R, a + st.slab_rows)
+        W = Wt[a:b].to(torch.float32).numpy()
+        H = np.ascontiguousarray(_h_rows(h, (R, C), slice(a, b)))
+        (res,) = solve_rows_at([RowBlock(W, H, row_offset + a)], lam, st.method, **opts)
+        results.append(res)
+    K = max(int(r.levels.max(initial=1)) for r in results)
+    codebooks = np.concatenate([_pad_levels(r.codebooks, K) for r in results])
+    indices = np.concatenate([r.indices for r in results]).astype(np.uint8 if K <= 256
+                                                                  else np.int16)
+    index_bits = float(sum(float((r.entropy * C).sum()) for r in results))
+    levels = int(sum(int(r.levels.sum()) for r in results))
+    distortion = float(sum(float(r.distortion.sum()) for r in results))
+    del results, Wt
+    blob = save({"indices": torch.from_numpy(indices),
+                 "codebooks": torch.from_numpy(codebooks.astype(np.float32))},
+                metadata={"tensor": name, "dtype": info.dtype, "lam": repr(lam)})
+    rel = f"codes/{index:05d}.safetensors"
+    out = _Work(work_url, storage_options).write_bytes(rel, blob)
+    return {"name": name, "rel": rel, "output": out, "weights": R * C, "rows": R,
+            "index_bits": index_bits, "levels": levels, "distortion": distortion,
+            "bytes_read": w.bytes_read, "process": process_peaks()}
+
+
+def _pad_levels(cb: np.ndarray, K: int) -> np.ndarray:
+    """[R, k] codebook rows to K slots (padding repeats the last level, never referenced)."""
+    if cb.shape[1] >= K:
+        return cb[:, :K]
+    return np.concatenate([cb, np.repeat(cb[:, -1:], K - cb.shape[1], axis=1)], axis=1)
+
+
+_HWQ_DTYPE = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64",
+              "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+              "BOOL": "bool"}
+_NP_RAW = {"bfloat16": np.uint16, "bool": np.bool_}
+
+
+def _encode_task(model_url: str, work_url: str, codes: dict[str, str], s: dict,
+                 storage_options: dict | None) -> dict:
+    from pipeline.encode.container import TensorEntry, write_hwq
+
+    st = StreamSettings(**s)
+    work = _Work(work_url, storage_options)
+    w = WeightsFolder(model_url, storage_options)
+    codebooks: dict[str, np.ndarray] = {}
+    code_files: dict[str, WeightsFolder] = {}
+    for name, rel in codes.items():
+        f = WeightsFolder(work.sub(rel), storage_options)
+        codebooks[name] = f.read("codebooks").numpy()
+        code_files[name] = f
+
+    def quantized(name: str) -> TensorEntry:
+        info = w.info(name)
+        idx = code_files[name].read("indices").numpy().reshape(-1)
+        return TensorEntry.quantized(name, info.shape, idx, name, dtype=_HWQ_DTYPE[info.dtype])
+
+    def raw(name: str) -> TensorEntry:
+        info = w.info(name)
+        dt = _HWQ_DTYPE[info.dtype]
+        a = np.frombuffer(w.read_bytes(name), dtype=_NP_RAW.get(dt, dt)).reshape(info.shape)
+        return TensorEntry.raw_tensor(name, a, dt)
+
+    entries = [(lambda n=n: quantized(n)) if n in codes else (lambda n=n: raw(n))
+               for n in w.names]
+    import tempfile
+
+    acct = write_hwq(work.sub(HWQ), entries, codebooks, coder=st.coder,
+                     storage_options=storage_options, spill_dir=tempfile.gettempdir(),
+                     metadata={"source": model_url, "method": st.method,
+                               "target_bits": st.target_bits})
+    # The digest of the published file, read back once right after writing it.
+    h = hashlib.sha256()
+    size = work.size(HWQ)
+    for a in range(0, size, 64 << 20):
+        h.update(work.files.read(HWQ, a, min(size, a + (64 << 20))))
+    weights = sum(w.info(n).numel for n in codes)
+    return {"outputs": {HWQ: {"bytes": size, "sha256": h.hexdigest()}}, "weights": weights,
+            "accounting": {k: v for k, v in acct.items() if not isinstance(v, dict | list)},
+            "bytes_read": w.bytes_read + sum(f.bytes_read for f in code_files.values()),
+            "process": process_peaks()}
+
+
+def _decode_task(model_url: str, work_url: str, storage_options: dict | None) -> dict:
+    from pipeline.encode.folder import decode_to_folder
+
+    work = _Work(work_url, storage_options)
+    out = decode_to_folder(work.sub(HWQ), work.sub(DECODED), storage_options=storage_options)
+    src = _Files(model_url, storage_options)
+    cfg = work.write_bytes(f"{DECODED}/config.json", src.read_whole("config.json", 4 << 20))
+    index = json.loads(work.files.read_whole(f"{DECODED}/{INDEX}", 64 << 20))
+    outputs = {f"{DECODED}/config.json": cfg}
+    for shard, digest in index["metadata"]["hwq_shard_sha256"].items():
+        rel = f"{DECODED}/{shard}"
+        outputs[rel] = {"bytes": work.size(rel), "sha256": digest}
+    outputs[f"{DECODED}/{INDEX}"] = {"bytes": work.size(f"{DECODED}/{INDEX}"), "sha256": None}
+    return {"outputs": outputs, "weights": out["elements"], "tensors": out["tensors"],
+            "bytes_read": out["bytes_read"], "bytes_written": out["bytes_written"],
+            "process": process_peaks()}
+
+
+# ---------------------------------------------------------------------------------------------
+# the driver
+
+
+def _remote(fn, cpus: int = 1):
+    from pipeline.executor import remote
+
+    return remote(fn, cpus=cpus)
+
+
+def stage_hessian(model_url, work: _Work, st: StreamSettings, model_key: str,
+                  windows=None, cpus: int = 2) -> dict:
+    import ray
+
+    key = _digest({"model": model_key, "estimator": st.estimator, "windows": st.windows,
+                   "seq_len": st.seq_len, "seed": st.seed,
+                   "custom_windows": None if windows is None else _digest(windows.tolist())})
+    hit = _cached(work, "hessian", key)
+    if hit:
+        return hit
+    t0 = time.perf_counter()
+    r = ray.get(_remote(_hessian_task, cpus).remote(model_url, work.url, asdict(st), windows,
+                                                     work.storage_options))
+    return _finish(work, "hessian", key, t0, r["outputs"], [r["process"]],
+                   weights=r["weights"], tensors=r["tensors"], bytes_read=r["bytes_read"])
+
+
+def stage_quantize(model_url, work: _Work, st: StreamSettings, hess: dict,
+                   progress: Callable[[str], object] | None = None) -> dict:
+    import ray
+
+    from pipeline.quantize.rate import solve_rows_global_rate
+
+    key = _digest({"hessian": hess["outputs"][HESSIAN]["sha256"], "method": st.method,
+                   "target_bits": st.target_bits, "sample_weights": st.sample_weights,
+                   "k_max": st.k_max, "slab_rows": st.slab_rows, "model": hess["key"]})
+    hit = _cached(work, "quantize", key)
+    if hit:
+        return hit
+    t0 = time.perf_counter()
+    w = WeightsFolder(model_url, work.storage_options)
+    names = block_targets(w)
+    total = sum(w.info(n).numel for n in names)
+    every = max(1, math.ceil(total / max(st.sample_weights, 1)))
+    offsets, at = {}, 0
+    for n in names:
+        offsets[n] = at
+        at += w.info(n).shape[0]
+    hess_url = work.sub(HESSIAN)
+    sample = _remote(_sample_task)
+    blocks = ray.get([sample.remote(model_url, hess_url, n, every, offsets[n],
+                                    work.storage_options) for n in names])
+    t_search = time.perf_counter()
+    opts = {"k_max": st.k_max}
+    found = solve_rows_global_rate(blocks, st.target_bits, st.method, **opts)
+    lam = float(found.lam)
+    del blocks, found
+    t_search = time.perf_counter() - t_search
+    log.info("quantize: λ = %.4g from every %d-th row (%.1f s); quantizing %d tensors", lam,
+             every, t_search, len(names))
+    task = _remote(_quantize_task, max(1, st.threads))
+    refs = [task.remote(model_url, hess_url, work.url, n, i, lam, asdict(st), offsets[n],
+                        work.storage_options) for i, n in enumerate(names)]
+    parts, pending = [], list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        r = ray.get(done[0])
+        parts.append(r)
+        if progress:
+            progress(r["name"])
+    parts.sort(key=lambda r: r["rel"])
+    side = 20.0  # bits per level: a 16-bit codebook value + 4 bits of code table (the solver's)
+    weights = sum(r["weights"] for r in parts)
+    rate = (math.fsum(r["index_bits"] for r in parts)
+            + side * sum(r["levels"] for r in parts)) / weights
+    workers = _per_process([r["process"] for r in parts])
+    return _finish(work, "quantize", key, t0, {r["rel"]: r["output"] for r in parts}, workers,
+                   weights=weights, tensors=len(parts), lam=lam, sample_every=every,
+                   search_seconds=t_search, rate_bits=rate,
+                   distortion=math.fsum(r["distortion"] for r in parts),
+                   bytes_read=sum(r["bytes_read"] for r in parts),
+                   codes={r["name"]: r["rel"] for r in parts})
+
+
+def _per_process(procs: list[dict]) -> list[dict]:
+    by: dict[int, dict] = {}
+    for p in procs:
+        cur = by.get(p["pid"])
+        if cur is None or p["peak_rss"] > cur["peak_rss"]:
+            by[p["pid"]] = p
+    return sorted(by.values(), key=lambda p: p["pid"])
+
+
+def stage_encode(model_url, work: _Work, st: StreamSettings, quant: dict, cpus: int = 2
+                 ) -> dict:
+    import ray
+
+    key = _digest({"quantize": quant["key"], "coder": st.coder,
+                   "codes": {r: d["sha256"] for r, d in quant["outputs"].items()}})
+    hit = _cached(work, "encode", key)
+    if hit:
+        return hit
+    t0 = time.perf_counter()
+    r = ray.get(_remote(_encode_task, cpus).remote(model_url, work.url, quant["codes"],
+                                                    asdict(st), work.storage_options))
+    return _finish(work, "encode", key, t0, r["outputs"], [r["process"]], weights=r["weights"],
+                   accounting=r["accounting"], bytes_read=r["bytes_read"])
+
+
+def stage_decode(model_url, work: _Work, enc: dict, cpus: int = 2) -> dict:
+    import ray
+
+    key = _digest({"encode": enc["outputs"][HWQ]["sha256"]})
+    hit = _cached(work, "decode", key)
+    if hit:
+        return hit
+    t0 = time.perf_counter()
+    r = ray.get(_remote(_decode_task, cpus).remote(model_url, work.url, work.storage_options))
+    return _finish(work, "decode", key, t0, r["outputs"], [r["process"]], weights=r["weights"],
+                   tensors=r["tensors"], bytes_read=r["bytes_read"],
+                   bytes_written=r["bytes_written"])
+
+
+def one_tensor_decode(work: _Work, name: str) -> dict:
+    """Decode one tensor of the .hwq by range reads; bytes read beside what it needs."""
+    from pipeline.encode.container import HwqReader
+
+    t0 = time.perf_counter()
+    r = HwqReader(work.sub(HWQ), storage_options=work.storage_options)
+    header_bytes = r.bytes_read
+    t = r.header["tensors"]
+    d = next(x for x in t if x["name"] == name)
+    own = sum(c[1] for s in ("indices", "positions") if d.get(s) for c in d[s]["chunks"])
+    cb = next(c for c in r.header["codebooks"] if c["name"] == d.get("codebook"))
+    tables = {c[4] if len(c) > 4 else d[s].get("code_table")
+              for s in ("indices", "positions") if d.get(s) for c in d[s]["chunks"]}
+    table_bytes = sum(r.header["code_tables"][i]["length"] for i in tables if i is not None)
+    a = r.read([name])[name]
+    return {"tensor": name, "shape": list(a.shape), "seconds": time.perf_counter() - t0,
+            "bytes_read": r.bytes_read, "header_bytes": header_bytes,
+            "tensor_section_bytes": own + cb["length"] + table_bytes,
+            "file_bytes": r.file_bytes}
+
+
+def run_streamed(model_url: str, work_url: str, settings: StreamSettings | None = None, *,
+                 storage_options: dict | None = None, windows: torch.Tensor | None = None,
+                 stages: tuple[str, ...] = ("hessian", "quantize", "encode", "decode"),
+                 on_stage: Callable[[str, dict], object] | None = None,
+                 progress: Callable[[str], object] | None = None) -> dict[str, dict]:
+    """Run the streamed stages in order (Ray must be initialised); returns their manifests."""
+    st = settings or StreamSettings()
+    work = _Work(work_url, storage_options)
+    model_key = _model_digest(WeightsFolder(model_url, storage_options))
+    out: dict[str, dict] = {}
+    out["hessian"] = stage_hessian(model_url, work, st, model_key, windows)
+    if on_stage:
+        on_stage("hessian", out["hessian"])
+    if "quantize" in stages:
+        out["quantize"] = stage_quantize(model_url, work, st, out["hessian"], progress)
+        if on_stage:
+            on_stage("quantize", out["quantize"])
+    if "encode" in stages:
+        out["encode"] = stage_encode(model_url, work, st, out["quantize"])
+        if on_stage:
+            on_stage("encode", out["encode"])
+    if "decode" in stages:
+        out["decode"] = stage_decode(model_url, work, out["encode"])
+        if on_stage:
+            on_stage("decode", out["decode"])
+    return out

@@ -62,8 +62,9 @@ class StreamSettings:
     target_bits: float = 3.0
     sample_weights: int = 8_000_000  # rows sampled for the λ search, about this many weights
     slab_rows: int = 1024  # rows quantized at once inside a task
-    k_max: int = 16
+    k_max: int = 64
     coder: str = "huffman"
+    indices: str = "static"  # or "context"
     cache_bytes: int = 256 << 20  # Fisher: block inputs kept in memory up to this
     threads: int = 1  # numba threads per quantize task
     extra: dict = field(default_factory=dict)
@@ -312,7 +313,10 @@ def _encode_task(model_url: str, work_url: str, codes: dict[str, str], s: dict,
                for n in w.names]
     import tempfile
 
+    # float16 codebooks: rows store only the levels they use (the quantizer's values are
+    # fp16-exact), and their codes go by level count: what the rate search charged for.
     acct = write_hwq(work.sub(HWQ), entries, codebooks, coder=st.coder,
+                     codebook_dtype="float16", indices=st.indices, spool_bytes=16 << 20,
                      storage_options=storage_options, spill_dir=tempfile.gettempdir(),
                      metadata={"source": model_url, "method": st.method,
                                "target_bits": st.target_bits})
@@ -323,7 +327,7 @@ def _encode_task(model_url: str, work_url: str, codes: dict[str, str], s: dict,
         h.update(work.files.read(HWQ, a, min(size, a + (64 << 20))))
     weights = sum(w.info(n).numel for n in codes)
     return {"outputs": {HWQ: {"bytes": size, "sha256": h.hexdigest()}}, "weights": weights,
-            "accounting": {k: v for k, v in acct.items() if not isinstance(v, dict | list)},
+            "accounting": acct,
             "bytes_read": w.bytes_read + sum(f.bytes_read for f in code_files.values()),
             "process": process_peaks()}
 
@@ -443,7 +447,7 @@ def stage_encode(model_url, work: _Work, st: StreamSettings, quant: dict, cpus: 
                  ) -> dict:
     import ray
 
-    key = _digest({"quantize": quant["key"], "coder": st.coder,
+    key = _digest({"quantize": quant["key"], "coder": st.coder, "indices": st.indices,
                    "codes": {r: d["sha256"] for r, d in quant["outputs"].items()}})
     hit = _cached(work, "encode", key)
     if hit:

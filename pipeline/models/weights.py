@@ -108,30 +108,31 @@ class _Files:
             return int(self.fs.size(self.path(name)))
         return os.stat(self.path(name)).st_size
 
-    def read(self, name: str, start: int, end: int) -> bytes:
+    def read(self, name: str, start: int, end: int) -> bytes | bytearray:
         """Bytes [start, end) of one file: exactly those bytes are requested."""
         if end <= start:
             return b""
         if self.remote:
             data = self.fs.cat_file(self.path(name), start=start, end=end)
-        else:
+            got = len(data)
+        else:  # straight into one buffer: no second copy of a large tensor
+            data = bytearray(end - start)
+            view = memoryview(data)
+            got = 0
             fd = os.open(self.path(name), os.O_RDONLY)
             try:
-                parts, at = [], start
-                while at < end:
-                    b = os.pread(fd, min(end - at, _CHUNK), at)
-                    if not b:
+                while got < len(data):
+                    n = os.preadv(fd, [view[got : got + _CHUNK]], start + got)
+                    if n <= 0:
                         break
-                    parts.append(b)
-                    at += len(b)
-                data = b"".join(parts)
+                    got += n
             finally:
                 os.close(fd)
         self.requests += 1
-        self.bytes_read += len(data)
-        if len(data) != end - start:
+        self.bytes_read += got
+        if got != end - start:
             raise WeightsError(f"{self.path(name)}: asked for bytes {start}..{end}, got "
-                               f"{len(data)} (the file is truncated)")
+                               f"{got} (the file is truncated)")
         return data
 
     def read_whole(self, name: str, cap: int) -> bytes:
@@ -229,11 +230,11 @@ class WeightsFolder:
             size = self._files.size(s)
             if size < 8:
                 raise WeightsError(f"{self._files.path(s)} is {size} bytes: truncated")
-            (n,) = struct.unpack("<Q", self._files.read(s, 0, 8))
+            (n,) = struct.unpack("<Q", bytes(self._files.read(s, 0, 8)))
             if n > _MAX_HEADER or 8 + n > size:
                 raise WeightsError(f"{self._files.path(s)}: header of {n} bytes does not fit "
                                    f"the file ({size} bytes)")
-            infos, meta = _parse_header(self._files.path(s), self._files.read(s, 8, 8 + n),
+            infos, meta = _parse_header(self._files.path(s), bytes(self._files.read(s, 8, 8 + n)),
                                         n, size)
             self.metadata[s] = meta
             for name, (dt, shape, b, e) in infos.items():
@@ -270,7 +271,7 @@ class WeightsFolder:
         except KeyError:
             raise WeightsError(f"{self.url} has no tensor {name!r}") from None
 
-    def read_bytes(self, name: str) -> bytes:
+    def read_bytes(self, name: str) -> bytes | bytearray:
         t = self.info(name)
         data = self._files.read(t.file, t.start, t.end)
         if t.sha256 is not None and hashlib.sha256(data).hexdigest() != t.sha256:
@@ -281,7 +282,9 @@ class WeightsFolder:
     def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """One tensor, from a range read of exactly its bytes (copied, writable)."""
         t = self.info(name)
-        data = bytearray(self.read_bytes(name))
+        data = self.read_bytes(name)
+        if not isinstance(data, bytearray):
+            data = bytearray(data)  # torch wants a writable buffer
         tdt = DTYPES[t.dtype][0]
         x = (torch.frombuffer(data, dtype=tdt) if data else torch.empty(0, dtype=tdt))
         x = x.reshape(t.shape)

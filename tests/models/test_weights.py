@@ -56,14 +56,14 @@ def test_one_tensor_read_fetches_only_its_bytes(tmp_path, monkeypatch):
     _write(tmp_path, ts)
     w = WeightsFolder(tmp_path)
     seen = []
-    real = os.pread
+    real = os.preadv
 
-    def spy(fd, n, at):
-        b = real(fd, n, at)
-        seen.append(len(b))
-        return b
+    def spy(fd, bufs, at):
+        n = real(fd, bufs, at)
+        seen.append(n)
+        return n
 
-    monkeypatch.setattr(os, "pread", spy)
+    monkeypatch.setattr(os, "preadv", spy)
     t = w.read("layers.0.mlp.weight")
     assert torch.equal(t, ts["layers.0.mlp.weight"])
     assert sum(seen) == 40 * 16 * 4  # the tensor's bytes and nothing else

@@ -180,7 +180,10 @@ def _hessian_task(model_url: str, work_url: str, s: dict, windows: torch.Tensor 
 
     st = StreamSettings(**s)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    lm = StreamedLM(model_url, storage_options)
+    # Forward-only statistics run in the checkpoint's 16-bit dtype (sums in float64); the
+    # Fisher's gradients in float32.
+    lm = StreamedLM(model_url, storage_options,
+                    dtype="stored" if st.estimator == "activation" else torch.float32)
     names = block_targets(lm.weights)
     if windows is None:
         windows = calibration_windows(int(lm.config.vocab_size), st.windows, st.seq_len, st.seed)
@@ -317,6 +320,7 @@ def _encode_task(model_url: str, work_url: str, codes: dict[str, str], s: dict,
     # fp16-exact), and their codes go by level count: what the rate search charged for.
     acct = write_hwq(work.sub(HWQ), entries, codebooks, coder=st.coder,
                      codebook_dtype="float16", indices=st.indices, spool_bytes=16 << 20,
+                     stream_symbols=16 << 20,
                      storage_options=storage_options, spill_dir=tempfile.gettempdir(),
                      metadata={"source": model_url, "method": st.method,
                                "target_bits": st.target_bits})

@@ -230,7 +230,7 @@ class _Prepared:
     k: int = 0
     codes: np.ndarray | None = None  # [n_kept]
     mask: np.ndarray | None = None  # flat bool or None (dense)
-    raw_bytes: bytes = b""
+    raw_bytes: bytes | memoryview = b""
     scope: str | None = None
     index_group: str | None = None
     pos_group: str | None = None
@@ -276,7 +276,9 @@ def _prepare_one(e: TensorEntry, cbs: dict[str, np.ndarray], code_sharing: str) 
                 raise ValueError(f"{e.name}: bfloat16 raw tensors are uint16 bit patterns")
         elif a.dtype != np.dtype(e.dtype):
             raise ValueError(f"{e.name}: raw array dtype {a.dtype} != declared {e.dtype}")
-        data = np.ascontiguousarray(a, dtype=_np_dtype(e.dtype)).tobytes()
+        # A view of the bytes, not a copy (a raw embedding can be hundreds of MB).
+        data = memoryview(np.ascontiguousarray(a, dtype=_np_dtype(e.dtype)).reshape(-1)
+                          .view(np.uint8))
         return _Prepared(e, shape, numel, raw_bytes=data)
     if e.dtype not in QUANTIZED_DTYPES:
         raise ValueError(f"{e.name}: quantized dtype {e.dtype!r} not in {QUANTIZED_DTYPES}")

@@ -115,10 +115,10 @@ def fisher_streamed(lm: StreamedLM, windows: Tensor, names: Sequence[str], emit:
                 progress(i)
         # The top: every window's mean NLL and its cotangent at the last block's output.
         cot = torch.empty_like(hidden)
-        for s in range(0, n, batch):
-            h = hidden[s : s + batch].detach().requires_grad_(True)
-            loss = (lm.window_nll(h, windows[s : s + batch], chunk_tokens) / (L - 1)).sum()
-            (cot[s : s + batch],) = torch.autograd.grad(loss, h)
+        for s in range(n):  # one window at a time: its logits chunks are all that exist
+            h = hidden[s : s + 1].detach().requires_grad_(True)
+            loss = (lm.window_nll(h, windows[s : s + 1], chunk_tokens) / (L - 1)).sum()
+            (cot[s : s + 1],) = torch.autograd.grad(loss, h)
         lm.release_head()
         del hidden
         for i in reversed(range(len(lm.layers))):

@@ -29,7 +29,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
+from pipeline.models.lm_loss import _chunk_nll
 from pipeline.models.weights import WeightsError, WeightsFolder
 
 __all__ = ["StreamedLM", "ActivationCache", "params_on_meta"]
@@ -61,11 +63,13 @@ class StreamedLM:
     """A Hugging Face causal LM whose weights stay in `url` until a piece is needed.
 
     url: model folder (local or fsspec URL) with config.json and safetensors weights.
-    dtype: compute dtype every piece is cast to when loaded (float32 by default).
+    dtype: compute dtype every piece is cast to when loaded (float32 by default; "stored"
+        keeps a 16-bit checkpoint's bfloat16 — half the memory, and several times faster on
+        CPUs with bf16 matrix units — and uses float32 otherwise).
     """
 
     def __init__(self, url: str, storage_options: dict | None = None,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype | str = torch.float32):
         from transformers import AutoModelForCausalLM
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -80,6 +84,9 @@ class StreamedLM:
             raise WeightsError(f"{url}: no usable config.json ({e})") from None
         cfg.use_cache = False
         self.config = cfg
+        if dtype == "stored":
+            stored = {t.dtype for t in self.weights.tensors.values() if len(t.shape) == 2}
+            dtype = torch.bfloat16 if stored == {"BF16"} else torch.float32
         self.dtype = dtype
         with params_on_meta():
             self.model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
@@ -194,10 +201,11 @@ class StreamedLM:
         targets = windows[:, 1:]
         total = h.new_zeros(h.shape[0], dtype=torch.float32)
         for s in range(0, h.shape[1], chunk_tokens):
-            logits = head(h[:, s : s + chunk_tokens]).float()
-            total = total + nn.functional.cross_entropy(
-                logits.transpose(1, 2), targets[:, s : s + chunk_tokens],
-                reduction="none").sum(dim=1)
+            hs, ts = h[:, s : s + chunk_tokens], targets[:, s : s + chunk_tokens]
+            if torch.is_grad_enabled():  # logits recomputed in the backward, not kept
+                total = total + checkpoint(_chunk_nll, head, hs, ts, use_reentrant=False)
+            else:
+                total = total + _chunk_nll(head, hs, ts)
         return total
 
     def release_head(self) -> None:

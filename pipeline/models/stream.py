@@ -34,7 +34,7 @@ from torch.utils.checkpoint import checkpoint
 from pipeline.models.lm_loss import _chunk_nll
 from pipeline.models.weights import WeightsError, WeightsFolder
 
-__all__ = ["StreamedLM", "ActivationCache", "params_on_meta"]
+__all__ = ["StreamedLM", "ActivationCache", "params_on_meta", "release_memory"]
 
 
 @contextlib.contextmanager
@@ -53,6 +53,24 @@ def params_on_meta() -> Iterator[None]:
         yield
     finally:
         nn.Module.register_parameter = register
+
+
+def release_memory() -> None:
+    """malloc_trim(0) where the C library has it (glibc): freed heap memory back to the OS."""
+    global _TRIM
+    if _TRIM is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM = None
 
 
 class _Stop(Exception):
@@ -123,15 +141,20 @@ class StreamedLM:
             for n in missing:
                 sd[n] = own[n].detach()
             module.load_state_dict(sd, strict=False, assign=True)
+        for p in module.parameters():  # frozen: an estimator asks for the gradients it wants
+            p.requires_grad_(False)
         return module
 
     @staticmethod
     def unload(module: nn.Module) -> None:
-        """Free `module`'s parameters (back to the meta device)."""
+        """Free `module`'s parameters (back to the meta device) and hand the freed pages back
+        to the system (glibc keeps freed blocks of a few MB in its heap otherwise, and a sweep
+        over 30 blocks then grows the process by a block's size per block)."""
         for sub in module.modules():
             for n, p in list(sub._parameters.items()):
                 if p is not None and p.device.type != "meta":
                     sub._parameters[n] = nn.Parameter(p.to("meta"), requires_grad=False)
+        release_memory()
 
     def block(self, i: int) -> nn.Module:
         return self.load(self.layers[i])
@@ -185,14 +208,18 @@ class StreamedLM:
             return torch.cat([self.call_block(block, hidden[s : s + batch], args, kwargs)
                               for s in range(0, hidden.shape[0], batch)])
 
-    def head_modules(self) -> tuple[nn.Module, nn.Module]:
-        """The final norm and the output head (loaded)."""
+    def _head(self) -> tuple[nn.Module, nn.Module]:
         decoder = self.model.base_model if hasattr(self.model, "base_model") else self.model.model
         norm = getattr(decoder, "norm", None) or getattr(decoder, "ln_f", None)
         if norm is None:
             raise WeightsError("this model has no final norm hwq knows how to stream "
                                "(expected model.norm or transformer.ln_f)")
-        return self.load(norm), self.load(self.model.get_output_embeddings())
+        return norm, self.model.get_output_embeddings()
+
+    def head_modules(self) -> tuple[nn.Module, nn.Module]:
+        """The final norm and the output head (loaded)."""
+        norm, head = self._head()
+        return self.load(norm), self.load(head)
 
     def window_nll(self, hidden: Tensor, windows: Tensor, chunk_tokens: int = 128) -> Tensor:
         """Per-window sum of next-token NLL from the last block's output (differentiable)."""
@@ -209,9 +236,8 @@ class StreamedLM:
         return total
 
     def release_head(self) -> None:
-        norm, head = self.head_modules()
-        self.unload(norm)
-        self.unload(head)
+        for m in self._head():
+            self.unload(m)
 
     def perplexity(self, windows: Tensor, *, batch: int = 8, progress=None) -> float:
         """exp(mean NLL over every predicted token), the model streamed block by block."""

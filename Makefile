@@ -21,7 +21,7 @@ CONFIG ?= configs/lenet5_fmnist.yaml
 STORE ?= runs/default
 ARGS ?=
 
-.PHONY: setup data run test lint bench bench-paper bench-llm bench-faults clean
+.PHONY: setup data run test lint bench bench-paper bench-llm bench-faults bench-scale clean
 
 setup: $(STAMP) data
 
@@ -74,6 +74,13 @@ bench-llm: setup
 	$(BIN)/python benchmarks/llm_peers.py $(ARGS)
 
 # Fault injection (worker, node and driver kills, S3 faults, concurrent runs) against real runs;
+# A Llama-2-7B-shaped bf16 checkpoint (13.5 GB, generated once into .cache/scale/) through the
+# streamed pipeline with the RSS of every process sampled; SmolLM2-135M beside it; the
+# block-wise against the in-memory Fisher. Fills the README's scale table
+# (benchmarks/results/scale_memory.md). About 45 min on 2 cores the first time.
+bench-scale: setup
+	$(BIN)/python benchmarks/scale_memory.py $(ARGS)
+
 # fills the README's fault table (benchmarks/results/faults.md). ~20 min on 2 cores.
 bench-faults: setup
 	$(BIN)/python benchmarks/faults.py $(ARGS)

@@ -4,6 +4,7 @@
             [--out DIR_OR_URL [--hf-out]]
     hwq status ROOT          each stage of the last run: key, cached or run, seconds, headline
     hwq report ROOT [--json] the run's report
+    hwq stream MODEL WORK    a safetensors model larger than memory, tensor by tensor
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ examples:
   hwq decode runs/default/stages/encode-<key>/model.hwq --hf-out smollm2-3bit
   hwq status runs/default
   hwq report runs/default --json
+  hwq stream /models/llama-2-7b work/llama7b --bits 3 --text corpus.txt  # larger than memory
 """
 
 
@@ -156,9 +158,10 @@ def _extra_commands():
     """Subcommands contributed by stage packages (decode/inspect, sweep, batch)."""
     from pipeline.batch import add_commands as batch_commands
     from pipeline.encode.cli import add_commands as encode_commands
+    from pipeline.stream_cli import add_commands as stream_commands
     from pipeline.sweep import add_commands as sweep_commands
 
-    return [encode_commands, sweep_commands, batch_commands]
+    return [encode_commands, sweep_commands, batch_commands, stream_commands]
 
 
 def _user_error(e: BaseException) -> BaseException | None:

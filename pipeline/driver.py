@@ -33,6 +33,7 @@ from pipeline.manifest import (
     ManifestInvalid,
     parse_manifest,
 )
+from pipeline.memory import peak_rss
 from pipeline.store import ArtifactError, StageDir, Store
 
 __all__ = ["run", "status", "open_store", "check_against_model"]
@@ -175,6 +176,7 @@ def run(
             metrics = p.stage.run(ctx) or {}
             seconds = time.perf_counter() - t0
             placement = ledger.take(name) if ledger is not None else {}
+            workers = placement.pop("processes", [])
             sd.outputs = sd.hash_outputs()
             unwritten = [f for f in p.stage.outputs(cfg) if f not in sd.outputs]
             if unwritten:  # a bug in the stage, not the user's: no manifest, so no false hit
@@ -191,6 +193,11 @@ def run(
                 "timings": {"started": started, "seconds": round(seconds, 3)},
                 "versions": _versions(),
                 "placement": placement,
+                # Peak RSS of this driver process so far and of every worker process that
+                # ran a task of the stage (a reused worker reports its lifetime peak).
+                "memory": {"driver_peak_rss": peak_rss(),
+                           "workers_peak_rss": max((w["peak_rss"] for w in workers), default=0),
+                           "workers": workers},
             }
             lease.check()  # a run that lost its lease must not write over the new holder's
             store.write_json(sd.rel(MANIFEST), manifest)  # last: the stage is complete now
@@ -199,7 +206,8 @@ def run(
         dirs[name] = sd
         recomputed.add(name)
         records[name] = {"key": p.key, "cached": False, "seconds": round(seconds, 3),
-                         "compute_seconds": round(seconds, 3), "metrics": metrics}
+                         "compute_seconds": round(seconds, 3), "metrics": metrics,
+                         "memory": manifest["memory"]}
         head = ", ".join(f"{k}={_fmt(metrics.get(k))}" for k in p.stage.headline if k in metrics)
         log.info("[%d/%d] %-9s done in %.1f s %s", i, len(plans), name, seconds, head)
 
@@ -248,7 +256,8 @@ def _cache_hit(sd: StageDir, manifest: Manifest, p: StagePlan, i: int, n: int,
     log.info("[%d/%d] %-9s cached  (key %s, verified by %s)", i, n, name, p.key, how)
     return {"key": p.key, "cached": True, "verified": how,
             "seconds": round(time.perf_counter() - t0, 3),
-            "compute_seconds": manifest.timings.seconds, "metrics": manifest.metrics}
+            "compute_seconds": manifest.timings.seconds, "metrics": manifest.metrics,
+            "memory": manifest.memory}
 
 
 def _lease_or_finished(lease, read) -> Manifest | None:

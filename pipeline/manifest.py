@@ -59,6 +59,8 @@ class Manifest(_Strict):
     versions: dict[str, str]
     # Where the stage's tasks ran (pipeline/placement.py): nodes and each task's node.
     placement: dict[str, Any] = Field(default_factory=dict)
+    # Peak RSS of the driver and of each worker process of the stage (pipeline/memory.py).
+    memory: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("outputs")
     @classmethod

@@ -18,13 +18,35 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-__all__ = ["peak_rss", "gpu_peak", "process_peaks", "RssSampler"]
+__all__ = ["peak_rss", "gpu_peak", "process_peaks", "release_memory", "RssSampler"]
 
 
 def peak_rss() -> int:
     """Bytes: this process's peak resident set so far."""
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(r if sys.platform == "darwin" else r * 1024)
+
+
+_TRIM = None
+
+
+def release_memory() -> None:
+    """Hand freed heap memory back to the system (glibc's malloc_trim(0); a no-op elsewhere).
+
+    glibc keeps freed blocks of a few MB in its heap (its mmap threshold rises with every large
+    block freed), so a loop over tensors of tens of MB grows a process well past what it
+    holds at any moment; the streamed stages call this between tensors."""
+    global _TRIM
+    if _TRIM is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
 
 
 def gpu_peak() -> int | None:

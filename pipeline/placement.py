@@ -19,7 +19,7 @@ import logging
 from collections import Counter
 from typing import Any
 
-__all__ = ["noting", "note", "Ledger", "node_summary"]
+__all__ = ["noting", "note", "note_memory", "Ledger", "node_summary"]
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +53,33 @@ def note(task: str) -> None:
         log.debug("placement not recorded for %s: %s", task, e)
 
 
+def note_memory(task: str) -> None:
+    """Inside a Ray task or actor, when its work is done: record this process's peak RSS (and
+    the GPU allocator's peak) for the stage's manifest. Telemetry: never fails the task."""
+    try:
+        import ray
+
+        from pipeline.memory import process_peaks
+
+        job = ray.get_runtime_context().get_job_id()
+        ledger = ray.get_actor(_ledger_name(job), namespace=_NAMESPACE)
+        rec = {**process_peaks(), "node_id": ray.get_runtime_context().get_node_id()}
+        ray.get(ledger.memory.remote(task, rec), timeout=30)
+    except Exception as e:  # noqa: BLE001 - telemetry never fails a task
+        log.debug("memory not recorded for %s: %s", task, e)
+
+
 def noting(fn):
-    """`fn` as a task body that notes its node first (names kept: Ray names tasks by them)."""
+    """`fn` as a task body that notes its node first and its peak memory after (names kept:
+    Ray names tasks by them)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         note(fn.__name__)
-        return fn(*args, **kwargs)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            note_memory(fn.__name__)
 
     return wrapper
 
@@ -68,19 +88,33 @@ class _LedgerActor:
     def __init__(self) -> None:
         self.stage: str | None = None
         self.records: dict[str, list[dict[str, Any]]] = {}
+        self.mem: dict[str, dict[tuple[str, int], dict[str, Any]]] = {}
 
     def begin(self, stage: str) -> None:
         self.stage = stage
         self.records[stage] = []
+        self.mem[stage] = {}
 
     def record(self, task: str, node: dict[str, Any]) -> None:
         if self.stage is not None:
             self.records[self.stage].append({"task": task, **node})
 
-    def take(self, stage: str) -> list[dict[str, Any]]:
+    def memory(self, task: str, rec: dict[str, Any]) -> None:
+        """One process's peaks: kept per (node, pid), the largest seen, with its tasks."""
+        if self.stage is None:
+            return
+        key = (rec.get("node_id", ""), int(rec.get("pid", 0)))
+        cur = self.mem[self.stage].setdefault(key, {**rec, "tasks": 0, "gpu_peak": None})
+        cur["tasks"] += 1
+        cur["peak_rss"] = max(int(cur.get("peak_rss") or 0), int(rec.get("peak_rss") or 0))
+        if rec.get("gpu_peak") is not None:
+            cur["gpu_peak"] = max(cur["gpu_peak"] or 0, int(rec["gpu_peak"]))
+
+    def take(self, stage: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         if self.stage == stage:
             self.stage = None
-        return self.records.pop(stage, [])
+        procs = sorted(self.mem.pop(stage, {}).values(), key=lambda r: (r["node_id"], r["pid"]))
+        return self.records.pop(stage, []), procs
 
 
 _LEDGERS: dict[tuple[str, str], Any] = {}
@@ -119,11 +153,13 @@ class Ledger:
         import ray
 
         try:
-            records = ray.get(self._actor.take.remote(stage), timeout=60)
+            records, procs = ray.get(self._actor.take.remote(stage), timeout=60)
         except Exception as e:  # noqa: BLE001 - a restarted ledger lost its records
             log.warning("placement of stage %s not recorded (%s)", stage, e)
-            records = []
-        return node_summary(records)
+            records, procs = [], []
+        out = node_summary(records)
+        out["processes"] = procs
+        return out
 
 
 def node_summary(records: list[dict[str, Any]]) -> dict[str, Any]:

@@ -39,7 +39,7 @@ def build_report(cfg: RunConfig, plans, records: dict[str, dict], seconds: float
         "stages": {
             p.stage.name: {"order": i, **{k: v for k, v in records[p.stage.name].items()
                                           if k in ("key", "cached", "seconds", "compute_seconds",
-                                                   "verified")}}
+                                                   "verified", "memory")}}
             for i, p in enumerate(plans)
         },
         "metrics": metrics,
@@ -123,11 +123,17 @@ def render_markdown(report: dict) -> str:
         total = sum(enc["bits"].values()) or 1
         for k, v in enc["bits"].items():
             lines.append(f"| {k} | {v:,} | {100 * v / total:.1f}% |")
-    lines += ["", "## Stages", "", "| stage | key | cached | seconds this run | compute seconds |",
-              "|---|---|---|---|---|"]
+    lines += ["", "## Stages", "", "| stage | key | cached | seconds this run | compute seconds "
+              "| driver peak RSS | worker peak RSS (processes) |",
+              "|---|---|---|---|---|---|---|"]
     for name, s in sorted(report["stages"].items(), key=lambda kv: kv[1].get("order", 0)):
+        mem = s.get("memory") or {}
+        workers = mem.get("workers") or []
+        drv = f"{mem['driver_peak_rss'] / 2**30:.2f} GiB" if mem.get("driver_peak_rss") else "–"
+        wk = (f"{max(w['peak_rss'] for w in workers) / 2**30:.2f} GiB ({len(workers)})"
+              if workers else "–")
         lines.append(f"| {name} | `{s['key']}` | {'yes' if s['cached'] else 'no'} | "
-                     f"{s['seconds']:.1f} | {s['compute_seconds']:.1f} |")
+                     f"{s['seconds']:.1f} | {s['compute_seconds']:.1f} | {drv} | {wk} |")
     other = {k: v for k, v in m.items() if isinstance(v, dict) and k not in ("keep", "encode")
              and not k.endswith("_by_set")}
     if other:

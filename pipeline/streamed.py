@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.memory import peak_rss, process_peaks
+from pipeline.memory import peak_rss, process_peaks, release_memory
 from pipeline.models.weights import INDEX, WeightsFolder, _Files, _Sink
 
 __all__ = ["StreamSettings", "run_streamed", "stage_hessian", "stage_quantize", "stage_encode",
@@ -264,6 +264,7 @@ def _quantize_task(model_url: str, hess_url: str, work_url: str, name: str, inde
     levels = int(sum(int(r.levels.sum()) for r in results))
     distortion = float(sum(float(r.distortion.sum()) for r in results))
     del results, Wt
+    release_memory()
     blob = save({"indices": torch.from_numpy(indices),
                  "codebooks": torch.from_numpy(codebooks.astype(np.float32))},
                 metadata={"tensor": name, "dtype": info.dtype, "lam": repr(lam)})
@@ -302,11 +303,13 @@ def _encode_task(model_url: str, work_url: str, codes: dict[str, str], s: dict,
         code_files[name] = f
 
     def quantized(name: str) -> TensorEntry:
+        release_memory()  # what the previous tensor's encoding freed
         info = w.info(name)
         idx = code_files[name].read("indices").numpy().reshape(-1)
         return TensorEntry.quantized(name, info.shape, idx, name, dtype=_HWQ_DTYPE[info.dtype])
 
     def raw(name: str) -> TensorEntry:
+        release_memory()
         info = w.info(name)
         dt = _HWQ_DTYPE[info.dtype]
         a = np.frombuffer(w.read_bytes(name), dtype=_NP_RAW.get(dt, dt)).reshape(info.shape)
@@ -411,6 +414,7 @@ def stage_quantize(model_url, work: _Work, st: StreamSettings, hess: dict,
     found = solve_rows_global_rate(blocks, st.target_bits, st.method, **opts)
     lam = float(found.lam)
     del blocks, found
+    release_memory()
     t_search = time.perf_counter() - t_search
     log.info("quantize: λ = %.4g from every %d-th row (%.1f s); quantizing %d tensors", lam,
              every, t_search, len(names))

@@ -41,7 +41,15 @@ def test_run_writes_report_with_the_contract(first_run):
     for name, s in report["stages"].items():
         manifest = json.loads((store / "stages" / f"{name}-{s['key']}" / "manifest.json").read_text())
         assert manifest["outputs"], name
-    assert "# hwq report" in (store / "report.md").read_text()
+        # Memory as a figure: the driver's peak and every worker process's that ran a task.
+        mem = manifest["memory"]
+        assert mem["driver_peak_rss"] > 50 << 20, name
+        assert mem["workers"] and all(w["peak_rss"] > 50 << 20 and w["pid"] > 0
+                                      for w in mem["workers"]), name
+        assert mem["workers_peak_rss"] == max(w["peak_rss"] for w in mem["workers"])
+        assert s["memory"] == mem
+    text = (store / "report.md").read_text()
+    assert "# hwq report" in text and "worker peak RSS" in text
 
 
 def test_second_run_is_all_cache_hits_and_fast(first_run):

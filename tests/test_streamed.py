@@ -67,3 +67,24 @@ def test_streamed_pipeline_end_to_end(ray_local, bf16_folder, tmp_path):
     third = run_streamed(str(bf16_folder), str(work), st, stages=("hessian", "quantize"))
     assert third["hessian"]["cached"] and not third["quantize"]["cached"]
     np.testing.assert_allclose(third["quantize"]["rate_bits"], q["rate_bits"])
+
+
+def test_hwq_stream_command(ray_local, bf16_folder, tmp_path, capsys):
+    from pipeline.cli import main
+
+    work = tmp_path / "w"
+    assert main(["stream", str(bf16_folder), str(work), "--bits", "2.5", "--windows", "2",
+                 "--seq-len", "8", "--until", "encode"]) == 0
+    out = capsys.readouterr().out
+    assert "rate:" in out and "model.hwq" in out and "decoded folder" not in out
+    m = json.loads((work / "manifests" / "quantize.json").read_text())
+    assert abs(m["rate_bits"] - 2.5) < 0.1
+    assert not (work / "decoded").exists()
+
+
+def test_stream_refuses_a_folder_without_weights(tmp_path):
+    from pipeline.cli import main
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    assert main(["stream", str(tmp_path / "m"), str(tmp_path / "w")]) == 2

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from pipeline.encode.container import HwqReader
+from pipeline.memory import release_memory
 from pipeline.models.weights import ShardedWriter
 
 __all__ = ["decode_to_folder", "as_torch", "SAFETENSORS_DTYPE"]
@@ -57,6 +58,7 @@ def decode_to_folder(src: str | os.PathLike, dst: str | os.PathLike, *,
             a = reader.read([n], map_fn=map_fn)[n]
             w.write(n, as_torch(a, reader.dtype(n)))
             del a
+            release_memory()
             if progress:
                 progress(n)
         index = w.close()

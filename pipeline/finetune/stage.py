@@ -361,6 +361,9 @@ def finetune_worker(conf: dict[str, Any]) -> None:
         })
         print(f"finetune: done, {next(iter(scores))} {acc:.4f}", flush=True)
     dist.barrier()
+    from pipeline.placement import note_memory
+
+    note_memory("finetune_worker")
 
 
 # ---------------------------------------------------------------------------------------------

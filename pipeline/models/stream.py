@@ -31,10 +31,11 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from pipeline.memory import release_memory
 from pipeline.models.lm_loss import _chunk_nll
 from pipeline.models.weights import WeightsError, WeightsFolder
 
-__all__ = ["StreamedLM", "ActivationCache", "params_on_meta", "release_memory"]
+__all__ = ["StreamedLM", "ActivationCache", "params_on_meta"]
 
 
 @contextlib.contextmanager
@@ -53,24 +54,6 @@ def params_on_meta() -> Iterator[None]:
         yield
     finally:
         nn.Module.register_parameter = register
-
-
-def release_memory() -> None:
-    """malloc_trim(0) where the C library has it (glibc): freed heap memory back to the OS."""
-    global _TRIM
-    if _TRIM is None:
-        import ctypes
-        import ctypes.util
-
-        try:
-            _TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _TRIM = False
-    if _TRIM:
-        _TRIM(0)
-
-
-_TRIM = None
 
 
 class _Stop(Exception):

@@ -148,6 +148,12 @@ class ShardActor:
         """This actor's process id (a restarted actor has a new one)."""
         return os.getpid()
 
+    def note_memory(self) -> None:
+        """Record this actor's peak memory for the stage's manifest (pipeline/placement.py)."""
+        from pipeline.placement import note_memory
+
+        note_memory("ShardActor")
+
 
 class RayBackend:
     """core.StatsBackend over ShardActors, one per loader.
@@ -234,7 +240,12 @@ class RayBackend:
         return ray.get([a.peak_rss_bytes.remote() for a in self._actors])
 
     def close(self) -> None:
-        for a in getattr(self, "_actors", []):
+        actors = getattr(self, "_actors", [])
+        try:  # telemetry: the actors' peak memory into the manifest, then they go
+            ray.get([a.note_memory.remote() for a in actors], timeout=60)
+        except Exception:  # noqa: BLE001 - a dead actor has nothing to report
+            pass
+        for a in actors:
             ray.kill(a)
         self._actors = []
 

@@ -59,7 +59,7 @@ def activation_streamed(lm: StreamedLM, windows: Tensor, names: Sequence[str], e
 
     emit(name, sums float64 [in], n_tokens) is called once per tensor, block by block."""
     by = _targets_by_block(lm, names)
-    hidden, args, kwargs = lm.block_inputs(windows)
+    hidden, calls = lm.block_inputs(windows)
     n_tokens = int(windows.numel())
     for i in range(len(lm.layers)):
         want = by.get(i, [])
@@ -81,7 +81,7 @@ def activation_streamed(lm: StreamedLM, windows: Tensor, names: Sequence[str], e
 
                 handles.append(mod.register_forward_pre_hook(hook))
         try:
-            hidden = lm.run_block(i, hidden, args, kwargs, batch=batch)
+            hidden = lm.run_block(i, hidden, calls[i], batch=batch)
         finally:
             for h in handles:
                 h.remove()
@@ -104,12 +104,12 @@ def fisher_streamed(lm: StreamedLM, windows: Tensor, names: Sequence[str], emit:
     block down."""
     by = _targets_by_block(lm, names)
     n, L = windows.shape
-    hidden, args, kwargs = lm.block_inputs(windows)
+    hidden, calls = lm.block_inputs(windows)
     with ActivationCache(cache_bytes, spill_dir or tempfile.gettempdir()) as cache:
         for i in range(len(lm.layers)):
             cache.put(i, hidden)
             lm.block(i)
-            hidden = lm.run_block(i, hidden, args, kwargs, batch=batch)
+            hidden = lm.run_block(i, hidden, calls[i], batch=batch)
             lm.unload(lm.layers[i])
             if progress:
                 progress(i)
@@ -134,7 +134,7 @@ def fisher_streamed(lm: StreamedLM, windows: Tensor, names: Sequence[str], emit:
             down = torch.empty_like(x_all) if i > 0 else None
             for s in range(n):
                 x = x_all[s : s + 1].detach().requires_grad_(i > 0)
-                out = lm.call_block(block, x, args, kwargs)
+                out = lm.call_block(block, x, *calls[i])
                 inputs = ([x] if i > 0 else []) + [p for _, p in tracked]
                 grads = torch.autograd.grad(out, inputs, grad_outputs=cot[s : s + 1],
                                             allow_unused=True)

@@ -151,42 +151,58 @@ class StreamedLM:
 
     # -- running -------------------------------------------------------------------------------
 
-    def block_inputs(self, windows: Tensor) -> tuple[Tensor, tuple, dict[str, Any]]:
-        """Hidden states entering block 0 for `windows` [n, L], and the other arguments the
-        model passes to every block (captured once, for one window; they broadcast)."""
+    def block_inputs(self, windows: Tensor) -> tuple[Tensor, list[tuple[tuple, dict[str, Any]]]]:
+        """Hidden states entering block 0 for `windows` [n, L], and per block the other
+        arguments the model passes it (position embeddings, its attention mask: layers of
+        different kinds, such as sliding-window and full attention, get different masks).
+
+        The arguments are captured for one window (they broadcast over a batch) by running the
+        model with every block replaced by a recorder: only the embedding is read."""
         emb = self.load(self.model.get_input_embeddings())
-        caught: dict[str, Any] = {}
+        calls: list[tuple[tuple, dict[str, Any]]] = []
+        last = len(self.layers) - 1
 
-        def grab(module, args, kwargs):
-            caught["args"], caught["kwargs"] = args, kwargs
-            raise _Stop
+        def recorder(i: int):
+            def forward(*args, **kwargs):
+                hidden = kwargs.pop("hidden_states", None)
+                if hidden is None:
+                    hidden, args = args[0], args[1:]
+                for k in ("past_key_values", "past_key_value"):
+                    kwargs.pop(k, None)
+                kwargs["use_cache"] = False
+                calls.append((tuple(args), kwargs))
+                if i == last:
+                    raise _Stop
+                return hidden
 
-        handle = self.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+            return forward
+
+        for i, layer in enumerate(self.layers):
+            layer.forward = recorder(i)
         try:
             with torch.no_grad(), contextlib.suppress(_Stop):
                 self.model(input_ids=windows[:1], use_cache=False)
-            args, kwargs = caught["args"], dict(caught["kwargs"])
-            hidden = kwargs.pop("hidden_states", None)
-            if hidden is None:
-                hidden, args = args[0], args[1:]
             with torch.no_grad():
                 hidden = emb(windows).to(self.dtype)
         finally:
-            handle.remove()
+            for layer in self.layers:
+                layer.__dict__.pop("forward", None)
             self.unload(emb)
-        kwargs.pop("past_key_values", None)
-        kwargs.pop("past_key_value", None)
-        kwargs["use_cache"] = False
-        return hidden, tuple(args), kwargs
+        if len(calls) != len(self.layers):
+            raise WeightsError(f"the model called {len(calls)} of its {len(self.layers)} "
+                               f"blocks once each; hwq streams models that call every block "
+                               f"once, in order")
+        return hidden, calls
 
     @staticmethod
     def call_block(block: nn.Module, hidden: Tensor, args: tuple, kwargs: dict) -> Tensor:
         out = block(hidden, *args, **kwargs)
         return out[0] if isinstance(out, tuple | list) else out
 
-    def run_block(self, i: int, hidden: Tensor, args: tuple, kwargs: dict, *,
+    def run_block(self, i: int, hidden: Tensor, call: tuple[tuple, dict], *,
                   batch: int = 8) -> Tensor:
         block = self.layers[i]
+        args, kwargs = call
         with torch.no_grad():
             return torch.cat([self.call_block(block, hidden[s : s + batch], args, kwargs)
                               for s in range(0, hidden.shape[0], batch)])
@@ -224,10 +240,10 @@ class StreamedLM:
 
     def perplexity(self, windows: Tensor, *, batch: int = 8, progress=None) -> float:
         """exp(mean NLL over every predicted token), the model streamed block by block."""
-        hidden, args, kwargs = self.block_inputs(windows)
+        hidden, calls = self.block_inputs(windows)
         for i in range(len(self.layers)):
             self.block(i)
-            hidden = self.run_block(i, hidden, args, kwargs, batch=batch)
+            hidden = self.run_block(i, hidden, calls[i], batch=batch)
             self.unload(self.layers[i])
             if progress:
                 progress(i)

@@ -89,3 +89,36 @@ def test_non_block_tensor_is_refused(sharded):
     with pytest.raises(ValueError, match="not parameters of a decoder block"):
         fisher_streamed(StreamedLM(str(path)), _windows(), ["model.embed_tokens.weight"],
                         lambda *a: None)
+
+
+def test_per_block_masks_sliding_and_full_attention(tmp_path):
+    """Blocks of different kinds get their own mask (captured per block, not block 0's)."""
+    import transformers
+
+    def make(types, sliding):
+        torch.manual_seed(0)
+        cfg = transformers.Qwen2Config(
+            vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+            use_sliding_window=sliding, sliding_window=3, layer_types=types,
+            attn_implementation="eager")
+        return transformers.Qwen2ForCausalLM(cfg).eval()
+
+    model = make(["sliding_attention", "full_attention", "sliding_attention"], True)
+    model.config.save_pretrained(tmp_path)
+    sd = model.state_dict()
+    if model.config.tie_word_embeddings:
+        sd.pop("lm_head.weight")
+    write_folder(tmp_path, sd, [(n, t.dtype, tuple(t.shape)) for n, t in sd.items()])
+    w = _windows(3, 12)
+
+    def ppl(m):
+        with torch.no_grad():
+            logits = m(input_ids=w).logits[:, :-1]
+            return float(torch.exp(torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1))))
+
+    streamed = StreamedLM(str(tmp_path)).perplexity(w)
+    assert streamed == pytest.approx(ppl(model), rel=1e-5)
+    full = make(["full_attention"] * 3, False)  # same weights, every block full attention
+    assert abs(ppl(full) - ppl(model)) > 100 * abs(streamed - ppl(model))

@@ -150,16 +150,21 @@ class RssSampler:
                 for pid, p in sorted(self.procs.items(), key=lambda kv: -kv[1].peak)]
 
 
+_KNOWN = ("raylet", "gcs_server", "default_worker.py", "dashboard.py", "agent.py",
+          "log_monitor.py", "monitor.py", "runtime_env_agent.py")
+
+
 def _label(p) -> str:
+    """A readable name: Ray's process title (ray::<task>) or the program's file name."""
     try:
         cmd = p.cmdline()
         name = p.name()
     except Exception:  # noqa: BLE001 - a process that vanished keeps a plain label
         return "?"
     if name.startswith("ray::") or (cmd and cmd[0].startswith("ray::")):
-        return cmd[0] if cmd else name
-    for known in ("raylet", "gcs_server", "dashboard", "log_monitor", "runtime_env_agent",
-                  "monitor.py", "default_worker.py", "dashboard_agent"):
-        if any(known in c for c in cmd[:3]):
-            return known
+        return cmd[0].split()[0] if cmd else name
+    for c in cmd[:2]:  # the executable, or the script an interpreter runs
+        base = os.path.basename(c)
+        if base in _KNOWN:
+            return base
     return name

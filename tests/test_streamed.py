@@ -88,3 +88,24 @@ def test_stream_refuses_a_folder_without_weights(tmp_path):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text("{}")
     assert main(["stream", str(tmp_path / "m"), str(tmp_path / "w")]) == 2
+
+
+def test_streamed_pipeline_on_s3(ray_local, bf16_folder, s3_bucket):
+    """Model and work folder on the S3 server: range reads, multipart writes, one-tensor
+    decode reading only its sections."""
+    import s3fs
+
+    url, opts = s3_bucket
+    fs = s3fs.S3FileSystem(**opts)
+    fs.put(str(bf16_folder), f"{url[5:]}/model", recursive=True)
+    st = StreamSettings(windows=2, seq_len=8, target_bits=3.0)
+    out = run_streamed(f"{url}/model", f"{url}/work", st, storage_options=opts,
+                       stages=("hessian", "quantize", "encode"))
+    assert abs(out["quantize"]["rate_bits"] - 3.0) < 0.1
+    one = one_tensor_decode(_Work(f"{url}/work", opts), "model.layers.0.mlp.up_proj.weight")
+    assert one["bytes_read"] == one["header_bytes"] + one["tensor_section_bytes"]
+    fs.invalidate_cache()
+    assert fs.exists(f"{url}/work/manifests/encode.json")
+    again = run_streamed(f"{url}/model", f"{url}/work", st, storage_options=opts,
+                         stages=("hessian", "quantize", "encode"))
+    assert all(m["cached"] for m in again.values())

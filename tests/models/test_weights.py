@@ -164,3 +164,31 @@ def test_s3_range_read_and_interrupted_multipart(s3_bucket, monkeypatch):
     fs.invalidate_cache()
     assert not fs.exists(f"{url}/broken/{INDEX}")
     assert fs.find(f"{url[5:]}/broken") == []
+
+
+def _raw_file(path, header: dict, data: bytes = b"") -> None:
+    import struct
+
+    h = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(h)) + h + data)
+
+
+@pytest.mark.parametrize("header, data, match", [
+    ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8, "truncated"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+      "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12, "overlapping"),
+    ({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8, "needs 12"),
+    ({"a": {"dtype": "PICKLE", "shape": [1], "data_offsets": [0, 1]}}, b"\0", "does not read"),
+    ({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4, "malformed"),
+    ([1, 2], b"", "not a JSON object"),
+])
+def test_hostile_headers_are_refused_by_name(tmp_path, header, data, match):
+    _raw_file(tmp_path / "model.safetensors", header, data)
+    with pytest.raises(WeightsError, match=match):
+        WeightsFolder(tmp_path)
+
+
+def test_index_naming_a_path_outside_the_folder_is_refused(tmp_path):
+    (tmp_path / INDEX).write_text(json.dumps({"weight_map": {"a": "../../etc/passwd"}}))
+    with pytest.raises(WeightsError, match="not a file name"):
+        WeightsFolder(tmp_path)

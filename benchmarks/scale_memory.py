@@ -194,7 +194,7 @@ def run_one(label: str, model: Path, work: Path, st: StreamSettings, one_tensor:
 # Fisher: in memory vs block by block, each in a fresh process
 
 _FISHER_CHILD = r"""
-import json, resource, sys, tempfile, time
+import json, os, resource, sys, time
 import torch
 sys.path.insert(0, {root!r})
 from pipeline.models.weights import WeightsFolder
@@ -217,13 +217,17 @@ else:
     from pipeline.models.stream import StreamedLM
     lm = StreamedLM(folder)
     windows = calibration_windows(lm.config.vocab_size, n, L, 0)
+    from pipeline.executor import private_subdir
     acc = [0.0]
-    with TensorTableWriter(tempfile.mktemp(suffix=".parquet")) as table:
+    spill = private_subdir("spill")
+    path = spill / "fisher-bench-%d.parquet" % os.getpid()
+    with TensorTableWriter(str(path)) as table:
         def emit(k, v, c):
             acc[0] += float(v.sum())
             table.add(k, v / c)
-        fisher_streamed(lm, windows, names, emit)
+        fisher_streamed(lm, windows, names, emit, spill_dir=str(spill))
         table.close()
+    path.unlink()
     total = acc[0]
 print(json.dumps({{"seconds": time.perf_counter() - t0, "total": total,
                   "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}}))

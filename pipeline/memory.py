@@ -105,6 +105,8 @@ class RssSampler:
                 rss = p.memory_info().rss
                 if p.pid not in self.procs:
                     self.procs[p.pid] = _Proc(_label(p), first=now)
+                elif not self.procs[p.pid].name.startswith("ray::"):
+                    self.procs[p.pid].name = _label(p)  # a starting worker takes its title late
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
             rec = self.procs[p.pid]
@@ -163,8 +165,8 @@ def _label(p) -> str:
         return "?"
     if name.startswith("ray::") or (cmd and cmd[0].startswith("ray::")):
         return cmd[0].split()[0] if cmd else name
-    for c in cmd[:2]:  # the executable, or the script an interpreter runs
+    for c in cmd:  # the executable, or the script an interpreter runs
         base = os.path.basename(c)
         if base in _KNOWN:
             return base
-    return name
+    return "driver" if p.pid == os.getpid() else name

@@ -38,7 +38,7 @@ def _stream(args) -> int:
     opts = {"client_kwargs": {"endpoint_url": args.endpoint_url}} if args.endpoint_url else None
     st = StreamSettings(estimator=args.estimator, windows=args.windows, seq_len=args.seq_len,
                         seed=args.seed, method=args.method, target_bits=args.bits,
-                        coder=args.coder, indices=args.indices)
+                        coder=args.coder)
     stages = ("hessian", "quantize", "encode", "decode")[: ("hessian", "quantize", "encode",
                                                           "decode").index(args.until) + 1]
     from pipeline.models.weights import WeightsFolder
@@ -114,7 +114,6 @@ def add_commands(sub) -> None:
     s.add_argument("--seq-len", type=int, default=64, help="tokens per window (default 64)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--coder", choices=("huffman", "ans"), default="huffman")
-    s.add_argument("--indices", choices=("static", "context"), default="static")
     s.add_argument("--until", choices=("hessian", "quantize", "encode", "decode"),
                    default="decode", help="stop after this stage")
     s.add_argument("--cpus", type=int, help="CPUs of the embedded Ray (default: all)")

@@ -34,12 +34,13 @@ import math
 import posixpath
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from pipeline.executor import private_subdir
 from pipeline.memory import peak_rss, process_peaks, release_memory
 from pipeline.models.weights import INDEX, WeightsFolder, _Files, _Sink
 
@@ -64,10 +65,8 @@ class StreamSettings:
     slab_rows: int = 1024  # rows quantized at once inside a task
     k_max: int = 64
     coder: str = "huffman"
-    indices: str = "static"  # or "context"
     cache_bytes: int = 256 << 20  # Fisher: block inputs kept in memory up to this
     threads: int = 1  # numba threads per quantize task
-    extra: dict = field(default_factory=dict)
 
 
 def _digest(obj: Any) -> str:
@@ -196,10 +195,8 @@ def _hessian_task(model_url: str, work_url: str, s: dict, windows: torch.Tensor 
         if st.estimator == "activation":
             activation_streamed(lm, windows, names, emit)
         elif st.estimator == "fisher":
-            import tempfile
-
             fisher_streamed(lm, windows, names, emit, cache_bytes=st.cache_bytes,
-                            spill_dir=tempfile.gettempdir())
+                            spill_dir=str(private_subdir("spill")))
         else:
             raise ValueError(f"estimator must be 'activation' or 'fisher', got {st.estimator!r}")
         out = table.close()
@@ -317,14 +314,13 @@ def _encode_task(model_url: str, work_url: str, codes: dict[str, str], s: dict,
 
     entries = [(lambda n=n: quantized(n)) if n in codes else (lambda n=n: raw(n))
                for n in w.names]
-    import tempfile
 
     # float16 codebooks: rows store only the levels they use (the quantizer's values are
     # fp16-exact), and their codes go by level count: what the rate search charged for.
     acct = write_hwq(work.sub(HWQ), entries, codebooks, coder=st.coder,
-                     codebook_dtype="float16", indices=st.indices, spool_bytes=16 << 20,
+                     codebook_dtype="float16", spool_bytes=16 << 20,
                      stream_symbols=16 << 20,
-                     storage_options=storage_options, spill_dir=tempfile.gettempdir(),
+                     storage_options=storage_options, spill_dir=str(private_subdir("spill")),
                      metadata={"source": model_url, "method": st.method,
                                "target_bits": st.target_bits})
     # The digest of the published file, read back once right after writing it.
@@ -455,7 +451,7 @@ def stage_encode(model_url, work: _Work, st: StreamSettings, quant: dict, cpus: 
                  ) -> dict:
     import ray
 
-    key = _digest({"quantize": quant["key"], "coder": st.coder, "indices": st.indices,
+    key = _digest({"quantize": quant["key"], "coder": st.coder,
                    "codes": {r: d["sha256"] for r, d in quant["outputs"].items()}})
     hit = _cached(work, "encode", key)
     if hit:

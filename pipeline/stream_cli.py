@@ -31,6 +31,20 @@ def _windows(args):
     return calibration_windows(tok, read_text(args.text), args.windows, args.seq_len, args.seed)
 
 
+def _eval_windows(args):
+    if not args.eval:
+        return None
+    from transformers import AutoTokenizer
+
+    from pipeline.data.text import eval_windows, read_text
+
+    if "://" in args.model:
+        raise ValueError("--eval needs the tokenizer files of a local model folder")
+    tok = AutoTokenizer.from_pretrained(args.model, local_files_only=True,
+                                        trust_remote_code=False)
+    return eval_windows(tok, read_text(args.eval), args.eval_seq_len, args.eval_windows)
+
+
 def _stream(args) -> int:
     from pipeline.executor import init_ray, shutdown_ray
     from pipeline.streamed import StreamSettings, run_streamed
@@ -45,6 +59,7 @@ def _stream(args) -> int:
 
     WeightsFolder(args.model, opts)  # a clear error before anything starts
     windows = _windows(args)
+    ev = _eval_windows(args)
     import ray
 
     started = not ray.is_initialized()
@@ -65,7 +80,8 @@ def _stream(args) -> int:
 
     try:
         out = run_streamed(args.model, args.work, st, storage_options=opts, windows=windows,
-                           stages=stages, on_stage=on_stage, progress=progress)
+                           stages=stages, on_stage=on_stage, progress=progress,
+                           eval_windows=ev)
     finally:
         if started:
             shutdown_ray()
@@ -84,6 +100,10 @@ def _stream(args) -> int:
               f"({out['encode']['outputs']['model.hwq']['bytes'] / GiB:.3f} GiB)")
     if "decode" in out:
         print(f"decoded folder: {args.work.rstrip('/')}/decoded")
+    if "evaluate" in out:
+        e = out["evaluate"]
+        print(f"perplexity: {e['original_perplexity']:.4g} original, "
+              f"{e['decoded_perplexity']:.4g} decoded ({e['perplexity_ratio']:.3f}×)")
     print(f"manifests: {args.work.rstrip('/')}/manifests/ ({time.perf_counter() - t0:.0f} s)")
     if args.json:
         print(json.dumps(out, indent=1, default=str))
@@ -114,6 +134,11 @@ def add_commands(sub) -> None:
     s.add_argument("--seq-len", type=int, default=64, help="tokens per window (default 64)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--coder", choices=("huffman", "ans"), default="huffman")
+    s.add_argument("--eval", metavar="TEXT", help="after decoding, perplexity of the original "
+                   "and the decoded model on this text (non-overlapping windows, both models "
+                   "streamed block by block); needs the tokenizer in the model folder")
+    s.add_argument("--eval-seq-len", type=int, default=512, help="tokens per eval window")
+    s.add_argument("--eval-windows", type=int, default=16, help="at most this many windows")
     s.add_argument("--until", choices=("hessian", "quantize", "encode", "decode"),
                    default="decode", help="stop after this stage")
     s.add_argument("--cpus", type=int, help="CPUs of the embedded Ray (default: all)")

@@ -353,6 +353,23 @@ def _decode_task(model_url: str, work_url: str, storage_options: dict | None) ->
             "process": process_peaks()}
 
 
+def _evaluate_task(model_url: str, work_url: str, windows: torch.Tensor,
+                   storage_options: dict | None) -> dict:
+    from pipeline.executor import task_threads
+    from pipeline.models.stream import StreamedLM
+
+    task_threads()
+    work = _Work(work_url, storage_options)
+    out = {}
+    for label, url in (("original", model_url), ("decoded", work.sub(DECODED))):
+        lm = StreamedLM(url, storage_options, dtype=torch.float32)
+        out[f"{label}_perplexity"] = lm.perplexity(windows)
+        out[f"{label}_bytes_read"] = lm.weights.bytes_read
+    blob = json.dumps(out, indent=1).encode()
+    return {"outputs": {"evaluate.json": work.write_bytes("evaluate.json", blob)},
+            "figures": out, "process": process_peaks()}
+
+
 # ---------------------------------------------------------------------------------------------
 # the driver
 
@@ -477,6 +494,28 @@ def stage_decode(model_url, work: _Work, enc: dict, cpus: int = 2) -> dict:
                    bytes_written=r["bytes_written"])
 
 
+def stage_evaluate(model_url, work: _Work, dec: dict, windows: torch.Tensor, cpus: int = 2
+                   ) -> dict:
+    """Perplexity of the original and of the decoded folder on `windows`, both streamed one
+    block at a time in float32 (GPTQ's protocol: exp of the mean NLL of every predicted
+    token)."""
+    import ray
+
+    key = _digest({"decode": {r: d["sha256"] for r, d in dec["outputs"].items()},
+                   "windows": _digest(windows.tolist())})
+    hit = _cached(work, "evaluate", key)
+    if hit:
+        return hit
+    t0 = time.perf_counter()
+    r = ray.get(_remote(_evaluate_task, cpus).remote(model_url, work.url, windows,
+                                                      work.storage_options))
+    f = r["figures"]
+    return _finish(work, "evaluate", key, t0, r["outputs"], [r["process"]],
+                   windows=list(windows.shape), **f,
+                   perplexity_ratio=f["decoded_perplexity"] / f["original_perplexity"],
+                   bytes_read=f["original_bytes_read"] + f["decoded_bytes_read"])
+
+
 def one_tensor_decode(work: _Work, name: str) -> dict:
     """Decode one tensor of the .hwq by range reads; bytes read beside what it needs."""
     from pipeline.encode.container import HwqReader
@@ -502,8 +541,11 @@ def run_streamed(model_url: str, work_url: str, settings: StreamSettings | None 
                  storage_options: dict | None = None, windows: torch.Tensor | None = None,
                  stages: tuple[str, ...] = ("hessian", "quantize", "encode", "decode"),
                  on_stage: Callable[[str, dict], object] | None = None,
-                 progress: Callable[[str], object] | None = None) -> dict[str, dict]:
-    """Run the streamed stages in order (Ray must be initialised); returns their manifests."""
+                 progress: Callable[[str], object] | None = None,
+                 eval_windows: torch.Tensor | None = None) -> dict[str, dict]:
+    """Run the streamed stages in order (Ray must be initialised); returns their manifests.
+    With `eval_windows` (int64 [m, L]) and the decode stage, an evaluate stage follows:
+    perplexity of the original and the decoded model, both streamed."""
     st = settings or StreamSettings()
     work = _Work(work_url, storage_options)
     model_key = _model_digest(WeightsFolder(model_url, storage_options))
@@ -523,4 +565,8 @@ def run_streamed(model_url: str, work_url: str, settings: StreamSettings | None 
         out["decode"] = stage_decode(model_url, work, out["encode"])
         if on_stage:
             on_stage("decode", out["decode"])
+        if eval_windows is not None:
+            out["evaluate"] = stage_evaluate(model_url, work, out["decode"], eval_windows)
+            if on_stage:
+                on_stage("evaluate", out["evaluate"])
     return out

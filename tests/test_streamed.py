@@ -11,7 +11,7 @@ import torch
 
 from pipeline.models.weights import WeightsFolder, write_folder
 from pipeline.streamed import StreamSettings, _Work, one_tensor_decode, run_streamed
-from pipeline.testing import tiny_llama
+from pipeline.testing import tiny_llama, tiny_tokenizer, write_corpus
 
 
 @pytest.fixture(scope="module")
@@ -19,6 +19,7 @@ def bf16_folder(tmp_path_factory):
     path = tmp_path_factory.mktemp("scale") / "model"
     model = tiny_llama(layers=2, hidden=64).to(torch.bfloat16)
     model.config.save_pretrained(path)
+    tiny_tokenizer(300).save_pretrained(path)
     sd = {k: v for k, v in model.state_dict().items()}
     write_folder(path, sd, [(n, t.dtype, tuple(t.shape)) for n, t in sd.items()],
                  max_shard_bytes=60_000)
@@ -30,14 +31,15 @@ def test_streamed_pipeline_end_to_end(ray_local, bf16_folder, tmp_path):
 
     work = tmp_path / "work"
     st = StreamSettings(windows=3, seq_len=16, target_bits=3.0, slab_rows=24)
-    out = run_streamed(str(bf16_folder), str(work), st)
+    ev = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(5))
+    out = run_streamed(str(bf16_folder), str(work), st, eval_windows=ev)
     q = out["quantize"]
     assert abs(q["rate_bits"] - 3.0) < 0.1  # every row sampled at this size: the λ is exact
-    for name in ("hessian", "quantize", "encode", "decode"):
+    for name in ("hessian", "quantize", "encode", "decode", "evaluate"):
         m = json.loads((work / "manifests" / f"{name}.json").read_text())
         assert m["memory"]["driver_peak_rss"] > 0 and m["memory"]["workers"]
         assert all(w["peak_rss"] > 0 for w in m["memory"]["workers"])
-        assert m["weights_per_s"] > 0 and not out[name]["cached"]
+        assert (name == "evaluate" or m["weights_per_s"] > 0) and not out[name]["cached"]
     # Each quantize task read only its own tensor.
     src = WeightsFolder(bf16_folder)
     assert q["bytes_read"] <= sum(src.info(n).nbytes for n in q["codes"]) + 10 * src.header_bytes * len(q["codes"])
@@ -57,6 +59,17 @@ def test_streamed_pipeline_end_to_end(ray_local, bf16_folder, tmp_path):
         else:
             assert torch.equal(got[n], t)  # stored as is, bit for bit
 
+    def ppl(model):
+        with torch.no_grad():
+            logits = model.float()(input_ids=ev).logits[:, :-1]
+            return float(torch.exp(torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), ev[:, 1:].reshape(-1))))
+
+    e = out["evaluate"]  # both perplexities streamed block by block, equal to the whole model's
+    assert e["decoded_perplexity"] == pytest.approx(ppl(dec), rel=1e-4)
+    orig = AutoModelForCausalLM.from_pretrained(bf16_folder, dtype=torch.bfloat16)
+    assert e["original_perplexity"] == pytest.approx(ppl(orig), rel=1e-4)
+
     one = one_tensor_decode(_Work(str(work)), "model.layers.1.mlp.down_proj.weight")
     assert one["bytes_read"] == one["header_bytes"] + one["tensor_section_bytes"]
     assert one["bytes_read"] < one["file_bytes"] / 4
@@ -73,13 +86,16 @@ def test_hwq_stream_command(ray_local, bf16_folder, tmp_path, capsys):
     from pipeline.cli import main
 
     work = tmp_path / "w"
+    text = write_corpus(tmp_path / "calib.txt")
     assert main(["stream", str(bf16_folder), str(work), "--bits", "2.5", "--windows", "2",
-                 "--seq-len", "8", "--until", "encode"]) == 0
+                 "--seq-len", "8", "--text", str(text), "--eval", str(text),
+                 "--eval-seq-len", "32", "--eval-windows", "2"]) == 0
     out = capsys.readouterr().out
-    assert "rate:" in out and "model.hwq" in out and "decoded folder" not in out
+    assert "rate:" in out and "model.hwq" in out and "perplexity:" in out
     m = json.loads((work / "manifests" / "quantize.json").read_text())
     assert abs(m["rate_bits"] - 2.5) < 0.1
-    assert not (work / "decoded").exists()
+    e = json.loads((work / "manifests" / "evaluate.json").read_text())
+    assert e["windows"] == [2, 32] and e["decoded_perplexity"] > 1
 
 
 def test_stream_refuses_a_folder_without_weights(tmp_path):

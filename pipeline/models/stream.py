@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from pipeline.memory import release_memory
-from pipeline.models.lm_loss import _chunk_nll
+from pipeline.models.lm_loss import _LOGIT_TRANSFORMS, _chunk_nll
 from pipeline.models.weights import WeightsError, WeightsFolder
 
 __all__ = ["StreamedLM", "ActivationCache", "params_on_meta"]
@@ -96,6 +96,7 @@ class StreamedLM:
         self.layers_name, self.layers = largest_module_list(self.model)
         self.names = {id(m): n for n, m in self.model.named_modules()}
         self.tied = bool(getattr(cfg, "tie_word_embeddings", False))
+        self.plain_head = all(getattr(cfg, a, None) in (None, 1, 1.0) for a in _LOGIT_TRANSFORMS)
 
     # -- loading pieces ----------------------------------------------------------------------
 
@@ -177,13 +178,24 @@ class StreamedLM:
 
             return forward
 
+        first: dict[str, Tensor] = {}
+
+        def grab_first(*args, **kwargs):
+            h = kwargs.get("hidden_states")
+            first["hidden"] = args[0] if h is None else h
+            raise _Stop
+
         for i, layer in enumerate(self.layers):
             layer.forward = recorder(i)
         try:
             with torch.no_grad(), contextlib.suppress(_Stop):
                 self.model(input_ids=windows[:1], use_cache=False)
-            with torch.no_grad():
-                hidden = emb(windows).to(self.dtype)
+            # The hidden states of every window as the model hands them to block 0 (after
+            # whatever it does to the embeddings: Gemma scales them, for one).
+            self.layers[0].forward = grab_first
+            with torch.no_grad(), contextlib.suppress(_Stop):
+                self.model(input_ids=windows, use_cache=False)
+            hidden = first["hidden"].to(self.dtype)
         finally:
             for layer in self.layers:
                 layer.__dict__.pop("forward", None)
@@ -222,6 +234,9 @@ class StreamedLM:
 
     def window_nll(self, hidden: Tensor, windows: Tensor, chunk_tokens: int = 128) -> Tensor:
         """Per-window sum of next-token NLL from the last block's output (differentiable)."""
+        if not self.plain_head:
+            raise WeightsError("this model transforms its logits after the output head "
+                               "(soft-capping or a logit scale); its loss is not streamed")
         norm, head = self.head_modules()
         h = norm(hidden)[:, :-1]
         targets = windows[:, 1:]

@@ -122,3 +122,27 @@ def test_per_block_masks_sliding_and_full_attention(tmp_path):
     assert streamed == pytest.approx(ppl(model), rel=1e-5)
     full = make(["full_attention"] * 3, False)  # same weights, every block full attention
     assert abs(ppl(full) - ppl(model)) > 100 * abs(streamed - ppl(model))
+
+
+def test_models_that_scale_their_embeddings(tmp_path):
+    """Gemma multiplies the embeddings by sqrt(hidden) before block 0: the streamed hidden
+    states are the ones the model hands block 0, not the raw embedding."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.Gemma2Config(
+        vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+        sliding_window=4, final_logit_softcapping=None, attn_implementation="eager")
+    model = transformers.Gemma2ForCausalLM(cfg).eval()
+    model.config.save_pretrained(tmp_path)
+    sd = model.state_dict()
+    if model.config.tie_word_embeddings:
+        sd.pop("lm_head.weight")
+    write_folder(tmp_path, sd, [(n, t.dtype, tuple(t.shape)) for n, t in sd.items()])
+    w = _windows(3, 12)
+    with torch.no_grad():
+        logits = model(input_ids=w).logits[:, :-1]
+        ref = float(torch.exp(torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1))))
+    assert StreamedLM(str(tmp_path)).perplexity(w) == pytest.approx(ref, rel=1e-5)

@@ -159,15 +159,12 @@ def run_one(label: str, model: Path, work: Path, st: StreamSettings, one_tensor:
             fresh: bool) -> dict:
     if fresh:
         shutil.rmtree(work, ignore_errors=True)
-    marks = {}
     init_ray(num_cpus=2)
     sampler = RssSampler(interval=0.5).start()
     t0 = time.perf_counter()
     done = [0]
 
     def on_stage(name, m):
-        marks[name] = time.perf_counter() - t0
-        sampler.mark(name)
         cached = " (cache hit)" if m.get("cached") else ""
         print(f"  {label} {name}: {m['seconds']:.1f} s, "
               f"{m.get('weights_per_s', 0) / 1e6:.2f} M weights/s{cached}", flush=True)
@@ -198,7 +195,7 @@ import json, os, resource, sys, time
 import torch
 sys.path.insert(0, {root!r})
 from pipeline.models.weights import WeightsFolder
-from pipeline.streamed import block_targets, calibration_windows
+from pipeline.streamed import block_targets, random_windows
 mode, folder, n, L = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 torch.set_num_threads(2)
 w = WeightsFolder(folder)
@@ -208,7 +205,7 @@ if mode == "memory":
     from transformers import AutoModelForCausalLM
     from pipeline.hessian.lm import fisher_diag_lm
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    windows = calibration_windows(model.config.vocab_size, n, L, 0)
+    windows = random_windows(model.config.vocab_size, n, L, 0)
     sums = fisher_diag_lm(model, windows, names, batch_size=1)
     total = sum(float(sums.sums[k].sum()) for k in names)
 else:
@@ -216,7 +213,7 @@ else:
     from pipeline.hessian.table import TensorTableWriter
     from pipeline.models.stream import StreamedLM
     lm = StreamedLM(folder)
-    windows = calibration_windows(lm.config.vocab_size, n, L, 0)
+    windows = random_windows(lm.config.vocab_size, n, L, 0)
     from pipeline.executor import private_subdir
     acc = [0.0]
     spill = private_subdir("spill")

@@ -87,8 +87,6 @@ class RssSampler:
     def __post_init__(self) -> None:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.marks: list[tuple[float, str]] = []
-        self.series: list[tuple[float, int]] = []
 
     def sample(self) -> int:
         import psutil
@@ -115,11 +113,7 @@ class RssSampler:
             total += rss
         self.peak_total = max(self.peak_total, total)
         self.samples += 1
-        self.series.append((now, total))
         return total
-
-    def mark(self, what: str) -> None:
-        self.marks.append((time.time(), what))
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -150,17 +150,16 @@ def _finish(work: _Work, stage: str, key: str, t0: float, outputs: dict, workers
     return m
 
 
-def block_targets(w: WeightsFolder, layers_prefix: str | None = None) -> list[str]:
+def block_targets(w: WeightsFolder) -> list[str]:
     """The 2-D ``.weight`` tensors inside decoder blocks (``…layers.<i>.…``), in file order."""
     import re
 
     pat = re.compile(r"(^|\.)(layers|h|blocks)\.\d+\.")
     return [n for n, t in w.tensors.items()
-            if n.endswith(".weight") and len(t.shape) == 2 and pat.search(n)
-            and (layers_prefix is None or n.startswith(layers_prefix))]
+            if n.endswith(".weight") and len(t.shape) == 2 and pat.search(n)]
 
 
-def calibration_windows(vocab: int, n: int, seq_len: int, seed: int) -> torch.Tensor:
+def random_windows(vocab: int, n: int, seq_len: int, seed: int) -> torch.Tensor:
     """Seeded token windows (a synthetic model has no tokenizer; real text can be passed
     instead through `run_streamed(windows=...)`)."""
     g = torch.Generator().manual_seed(seed)
@@ -185,7 +184,7 @@ def _hessian_task(model_url: str, work_url: str, s: dict, windows: torch.Tensor 
                     dtype="stored" if st.estimator == "activation" else torch.float32)
     names = block_targets(lm.weights)
     if windows is None:
-        windows = calibration_windows(int(lm.config.vocab_size), st.windows, st.seq_len, st.seed)
+        windows = random_windows(int(lm.config.vocab_size), st.windows, st.seq_len, st.seed)
     work = _Work(work_url, storage_options)
     with TensorTableWriter(work.sub(HESSIAN), storage_options,
                            metadata={"estimator": st.estimator}) as table:

@@ -40,17 +40,15 @@ def decode_to_folder(src: str | os.PathLike, dst: str | os.PathLike, *,
 
     Returns {"tensors", "bytes_written", "elements", "bytes_read" (of the .hwq), "index"}."""
     reader = HwqReader(src, storage_options=storage_options)
-    order = [t["name"] for t in reader.header["tensors"]]
+    meta = {t["name"]: t for t in reader.header["tensors"]}
+    order = list(meta)
     if names is not None:
         want = set(names)
         unknown = want - set(order)
         if unknown:
             raise KeyError(f"{src} holds no tensor {sorted(unknown)[0]!r}")
         order = [n for n in order if n in want]
-    plan = []
-    for n in order:
-        t = reader._h.tensors[n]
-        plan.append((n, SAFETENSORS_DTYPE[t.dtype], tuple(t.shape)))
+    plan = [(n, SAFETENSORS_DTYPE[meta[n]["dtype"]], tuple(meta[n]["shape"])) for n in order]
     with ShardedWriter(dst, plan, max_shard_bytes=max_shard_bytes,
                        storage_options=storage_options,
                        metadata={"decoded_from": os.path.basename(str(src))}) as w:

@@ -17,12 +17,25 @@ def sharded(tmp_path_factory):
     """A tiny Llama saved as a sharded folder (several shards), plus the model in memory."""
     path = tmp_path_factory.mktemp("tiny") / "model"
     model = tiny_llama(layers=3, hidden=32, attn_implementation="eager")
+    _save_sharded(model, path, max_shard_bytes=40_000)
+    return path, model
+
+
+def _save_sharded(model, path, max_shard_bytes=2 << 30):
+    """`model` as a sharded safetensors folder (config.json beside; a tied head left out)."""
     model.config.save_pretrained(path)
     sd = model.state_dict()
-    sd.pop("lm_head.weight", None) if model.config.tie_word_embeddings else None
-    plan = [(n, t.dtype, tuple(t.shape)) for n, t in sd.items()]
-    write_folder(path, sd, plan, max_shard_bytes=40_000)
-    return path, model
+    if model.config.tie_word_embeddings:
+        sd.pop("lm_head.weight")
+    write_folder(path, sd, [(n, t.dtype, tuple(t.shape)) for n, t in sd.items()],
+                 max_shard_bytes=max_shard_bytes)
+
+
+def _ppl(model, w):
+    with torch.no_grad():
+        logits = model(input_ids=w).logits[:, :-1]
+        return float(torch.exp(torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1))))
 
 
 def _windows(n=5, L=12, vocab=300):
@@ -37,12 +50,7 @@ def test_streamed_perplexity_equals_the_model(sharded):
     path, model = sharded
     w = _windows()
     lm = StreamedLM(str(path))
-    ppl = lm.perplexity(w, batch=2)
-    with torch.no_grad():
-        logits = model(input_ids=w).logits[:, :-1]
-        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                w[:, 1:].reshape(-1))
-    assert ppl == pytest.approx(float(torch.exp(nll)), rel=1e-5)
+    assert lm.perplexity(w, batch=2) == pytest.approx(_ppl(model, w), rel=1e-5)
 
 
 def test_block_fisher_equals_in_memory_fisher(sharded, tmp_path):
@@ -105,23 +113,12 @@ def test_per_block_masks_sliding_and_full_attention(tmp_path):
         return transformers.Qwen2ForCausalLM(cfg).eval()
 
     model = make(["sliding_attention", "full_attention", "sliding_attention"], True)
-    model.config.save_pretrained(tmp_path)
-    sd = model.state_dict()
-    if model.config.tie_word_embeddings:
-        sd.pop("lm_head.weight")
-    write_folder(tmp_path, sd, [(n, t.dtype, tuple(t.shape)) for n, t in sd.items()])
+    _save_sharded(model, tmp_path)
     w = _windows(3, 12)
-
-    def ppl(m):
-        with torch.no_grad():
-            logits = m(input_ids=w).logits[:, :-1]
-            return float(torch.exp(torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1))))
-
     streamed = StreamedLM(str(tmp_path)).perplexity(w)
-    assert streamed == pytest.approx(ppl(model), rel=1e-5)
+    assert streamed == pytest.approx(_ppl(model, w), rel=1e-5)
     full = make(["full_attention"] * 3, False)  # same weights, every block full attention
-    assert abs(ppl(full) - ppl(model)) > 100 * abs(streamed - ppl(model))
+    assert abs(_ppl(full, w) - _ppl(model, w)) > 100 * abs(streamed - _ppl(model, w))
 
 
 def test_models_that_scale_their_embeddings(tmp_path):
@@ -135,14 +132,6 @@ def test_models_that_scale_their_embeddings(tmp_path):
         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
         sliding_window=4, final_logit_softcapping=None, attn_implementation="eager")
     model = transformers.Gemma2ForCausalLM(cfg).eval()
-    model.config.save_pretrained(tmp_path)
-    sd = model.state_dict()
-    if model.config.tie_word_embeddings:
-        sd.pop("lm_head.weight")
-    write_folder(tmp_path, sd, [(n, t.dtype, tuple(t.shape)) for n, t in sd.items()])
+    _save_sharded(model, tmp_path)
     w = _windows(3, 12)
-    with torch.no_grad():
-        logits = model(input_ids=w).logits[:, :-1]
-        ref = float(torch.exp(torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1))))
-    assert StreamedLM(str(tmp_path)).perplexity(w) == pytest.approx(ref, rel=1e-5)
+    assert StreamedLM(str(tmp_path)).perplexity(w) == pytest.approx(_ppl(model, w), rel=1e-5)

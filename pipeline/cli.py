@@ -140,13 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("status", help="show the stages of the last run in a store")
     s.add_argument("root", help="run root (folder or s3:// URL)")
-    s.add_argument("--endpoint-url", metavar="URL")
+    s.add_argument("--endpoint-url", metavar="URL", help="S3-compatible endpoint for the store")
     s.set_defaults(func=_cmd_status)
 
     p = sub.add_parser("report", help="print a run's report")
     p.add_argument("root", help="run root (folder or s3:// URL)")
     p.add_argument("--json", action="store_true", help="report.json instead of report.md")
-    p.add_argument("--endpoint-url", metavar="URL")
+    p.add_argument("--endpoint-url", metavar="URL", help="S3-compatible endpoint for the store")
     p.set_defaults(func=_cmd_report)
 
     for extra in _extra_commands():

@@ -21,7 +21,7 @@ CONFIG ?= configs/lenet5_fmnist.yaml
 STORE ?= runs/default
 ARGS ?=
 
-.PHONY: setup lock data run test lint bench bench-paper bench-llm bench-faults bench-scale clean
+.PHONY: setup lock data run test lint gpu-check bench bench-paper bench-llm bench-faults bench-scale clean
 
 setup: $(STAMP) data
 
@@ -108,6 +108,11 @@ bench-scale: setup
 # fills the README's fault table (benchmarks/results/faults.md). ~20 min on 2 cores.
 bench-faults: setup
 	$(BIN)/python benchmarks/faults.py $(ARGS)
+
+# The CUDA paths on a machine with a GPU (no set-up: such machines may have no network; the
+# venv is used where it exists, else the python on PATH with the packages already there).
+gpu-check:
+	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PY)) benchmarks/gpu_check.py $(ARGS)
 
 clean:
 	rm -rf runs .cache .pytest_cache

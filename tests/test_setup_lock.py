@@ -1,10 +1,10 @@
 """The lock of the resolved dependency set: what `make setup` installs and the tests assert."""
 
 import re
-import tomllib
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+import tomllib
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version

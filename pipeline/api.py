@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from pipeline.config import ConfigError, RunConfig, apply_overrides, from_dict, load_config
+from pipeline.config_paths import resolve_paths
 
 __all__ = ["compress", "to_config"]
 
@@ -55,10 +56,12 @@ def to_config(config: RunConfig | Mapping[str, Any] | str | os.PathLike | None =
             import json
 
             items.append(f"{name}={json.dumps(value)}")
+    # Relative paths of a config given as an object are relative to the working folder.
     if isinstance(config, RunConfig):
-        return from_dict(apply_overrides(config.model_dump(mode="json"), items))
+        return from_dict(resolve_paths(apply_overrides(config.model_dump(mode="json"), items),
+                                       os.getcwd()))
     if isinstance(config, Mapping):
-        return from_dict(apply_overrides(dict(config), items))
+        return from_dict(resolve_paths(apply_overrides(dict(config), items), os.getcwd()))
     if config is None or isinstance(config, (str, os.PathLike)):
         return load_config(config, items)
     raise ConfigError(f"config must be a RunConfig, a dict or a YAML path, got "

@@ -29,6 +29,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from pipeline.config_paths import resolve_paths
 from pipeline.errors import UserError
 
 __all__ = [
@@ -501,4 +502,6 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         data = read_yaml_file(path, "config file", "see configs/ for examples") or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    return from_dict(apply_overrides(data, overrides or []))
+        data = resolve_paths(data, Path(path).parent)  # relative to the config file
+    # --set values are relative to the working folder, where the command was typed.
+    return from_dict(resolve_paths(apply_overrides(data, overrides or []), Path.cwd()))

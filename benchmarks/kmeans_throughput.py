@@ -3,9 +3,9 @@ channel scope (one codebook per row).
 
 Prints a table and writes benchmarks/results/kmeans_throughput.json. Network rows run
 hw_kmeans with k clusters for exactly --iters Lloyd iterations (tol=0) on synthetic weights
-(core.synthetic_weights: Laplacian mixture, lognormal h) that every actor generates for its own
-shard; "weights/s" counts N × iterations over the Lloyd loop only, the init (best of n_init
-starts on a ≤1M-point sample) is reported separately. Memory is peak RSS (ru_maxrss) of the
+(pipeline.testing.synthetic_weights: Laplacian mixture, lognormal h) that every actor
+generates for its own shard; "weights/s" counts N × iterations over the Lloyd loop only, the
+init (best of n_init starts on a ≤1M-point sample) is reported separately. Memory is peak RSS (ru_maxrss) of the
 driver (a high-water mark over the whole script, so later rows inherit earlier peaks) and of
 the largest actor process. Channel rows run to each row's exact fixed point (≤ --iters);
 for Ray tasks their time includes the init and the transfer of the matrix.
@@ -35,7 +35,8 @@ def _gib(b: float) -> float:
 
 
 def run_local(n: int, k: int, iters: int, n_init: int, seed: int, threads: int) -> dict:
-    from pipeline.quantize import LocalBackend, hw_kmeans, synthetic_weights
+    from pipeline.quantize import LocalBackend, hw_kmeans
+    from pipeline.testing import synthetic_weights
 
     w, h = synthetic_weights(0, n, seed)
     be = LocalBackend(w, h, threads=threads)
@@ -69,7 +70,8 @@ def run_ray(n: int, k: int, iters: int, n_init: int, seed: int, actors: int) -> 
 
 def run_channel(rows: int, cols: int, k: int, iters: int, n_init: int, seed: int,
                 tasks: int) -> dict:
-    from pipeline.quantize import solve_channels, synthetic_weights
+    from pipeline.quantize import solve_channels
+    from pipeline.testing import synthetic_weights
 
     w, h = synthetic_weights(0, rows * cols, seed)
     W, H = w.reshape(rows, cols), h.reshape(rows, cols)

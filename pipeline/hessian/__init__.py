@@ -1,4 +1,6 @@
-"""Diagonal-Hessian estimation: plain-function estimators (``estimators``); stages orchestrate."""
+"""Diagonal-Hessian estimation: plain-function estimators (``estimators``, with the engines
+``persample`` and ``hutchinson``; ``lm`` and ``stream`` for language models); stages orchestrate.
+"""
 
 from pipeline.hessian.estimators import (
     ESTIMATORS,

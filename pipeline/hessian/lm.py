@@ -66,7 +66,8 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from pipeline.hessian.estimators import HessianSums, _chunk, _differentiate_only
+from pipeline.hessian.estimators import HessianSums, differentiate_only
+from pipeline.hessian.persample import chunk_size
 from pipeline.models.lm_loss import next_token_nll
 
 __all__ = ["activation_diag_lm", "fisher_diag_lm", "lm_param_groups"]
@@ -303,7 +304,7 @@ class _Slot:
         if self.weight is None:
             return
         out_f, in_f = g3.shape[-1], a3.shape[-1]
-        step = _chunk(out_f * in_f, b, a3.device)
+        step = chunk_size(out_f * in_f, b, a3.device)
         for lo in range(0, b, step):
             # g_sᵀ a_s for a few windows at once: [c, out, in], squared in place (it is ours).
             per = torch.bmm(g3[lo : lo + step].transpose(1, 2), a3[lo : lo + step])
@@ -378,7 +379,7 @@ def _fisher_tapped(
 
     handles = [s.module.register_forward_hook(make_hook(s)) for s in slots]
     try:
-        with _differentiate_only(model, []), torch.enable_grad():
+        with differentiate_only(model, []), torch.enable_grad():
             for lo in range(0, windows.shape[0], batch_size):
                 ids = windows[lo : lo + batch_size]
                 calls.clear()
@@ -419,7 +420,7 @@ def _fisher_generic(
     length = int(windows.shape[1])
     tensors = [p for _, p in named]
     sums = [torch.zeros(p.shape, dtype=torch.float64, device=p.device) for p in tensors]
-    with _differentiate_only(model, tensors):
+    with differentiate_only(model, tensors):
         for s in range(windows.shape[0]):
             with torch.enable_grad():
                 loss = next_token_nll(model, windows[s : s + 1], chunk_tokens=chunk_tokens)[0]

@@ -1,7 +1,9 @@
 """Scalar quantizers (k-means, Hessian-weighted k-means, uniform, ECSQ) and their Ray twin.
 
-The numpy functions live in ``core``; the Ray-sharded backend in ``sharded`` is imported on
-first use of one of its names, so ``import pipeline.quantize`` never imports Ray.
+The numpy functions live in ``scalar`` (k-means, uniform, the Lloyd loop), ``entropy_constrained``
+(ECSQ), ``channel`` (one codebook per row), ``backend`` (block statistics, ``LocalBackend``) and
+``kernels`` (numba); the Ray-sharded backend in ``sharded`` is imported on first use of one of
+its names, so ``import pipeline.quantize`` never imports Ray.
 """
 
 from __future__ import annotations
@@ -9,24 +11,19 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .core import (
+from .backend import (
     BLOCK,
-    ChannelResult,
     DataSummary,
     LocalBackend,
-    QuantResult,
     StatsBackend,
     block_codes,
     block_stats,
     code_dtype,
-    ecsq,
     entropy_bits,
-    hw_kmeans,
-    kmeans,
-    solve_channels,
-    synthetic_weights,
-    uniform,
 )
+from .channel import ChannelResult, solve_channels
+from .entropy_constrained import ecsq
+from .scalar import QuantResult, hw_kmeans, kmeans, uniform
 
 _SHARDED = ("ArrayLoader", "RayBackend", "ShardActor", "SyntheticLoader", "shard_ranges",
             "solve_channels_sharded")
@@ -46,7 +43,6 @@ __all__ = [
     "hw_kmeans",
     "kmeans",
     "solve_channels",
-    "synthetic_weights",
     "uniform",
     *_SHARDED,
 ]

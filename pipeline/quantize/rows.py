@@ -33,7 +33,7 @@ Algorithms
 ----------
 * :func:`ecsq_rows` — iterative ECSQ per row (Chou–Lookabaugh–Gray), one numba kernel over
   rows, from k_max levels; assignment ``argmin_j h_i (w_i − c_j)² − λ log2 p_j``, exact (the
-  bound of ``core``'s outward scan from the nearest centre), weighted-mean centres (rounded to float32, so the
+  bound of ``kernels``' outward scan from the nearest centre), weighted-mean centres (rounded to float32, so the
   objective cannot increase), ``p_j = |C_j| / n``, empty levels dropped. With a level cost
   ``b > 0`` each iteration also removes the levels whose removal lowers the Lagrangian
   (members moved to their second-best level; a set of removals whose moves do not interact,
@@ -43,7 +43,7 @@ Algorithms
   λ, each row picks Δ_r from a fixed log grid relative to its weighted standard deviation
   (plus "one level"), minimising ``D_r(Δ) + λ B_r(Δ)``: exact over that finite set, so a
   row's rate never increases with λ.
-* :func:`kmeans_rows` — a thin wrapper over ``core.solve_channels`` (Hessian-weighted k-means
+* :func:`kmeans_rows` — a thin wrapper over ``channel.solve_channels`` (Hessian-weighted k-means
   per row, best of n_init starts per row) returning a :class:`RowsResult`.
 
 Speed (synthetic Laplacian-mixture weights with lognormal h, one core of the shared 2-core
@@ -68,17 +68,9 @@ from typing import Any
 
 import numpy as np
 
-from .core import (
-    DataSummary,
-    _ch_init_kernel,
-    _hash_uniforms,
-    _ro,
-    _run_ranges,
-    _sort_order,
-    _subject,
-    code_dtype,
-    solve_channels,
-)
+from .backend import DataSummary, code_dtype, read_only, run_ranges, subject_of
+from .channel import hash_uniforms, solve_channels, sort_order
+from .kernels import ch_init_kernel
 from .row_kernels import ecsq_kernel, ecuq_kernel, entropy_kernel, sse_kernel
 
 __all__ = [
@@ -209,7 +201,7 @@ def check_rows(W, H, name: str | None) -> tuple[np.ndarray, np.ndarray]:
     """(W, H) as C-contiguous float32 [R, C]; H None → ones. ValueError for a shape other than
     2-D, differing shapes, NaN/inf in W or H, negative H."""
     W = np.asarray(W)
-    s = _subject(name)
+    s = subject_of(name)
     if W.ndim != 2:
         raise ValueError(f"{s}: W must be 2-D [rows, cols], got shape {W.shape}")
     W = np.ascontiguousarray(W, dtype=np.float32)
@@ -238,7 +230,7 @@ def _finalize(res: RowsResult, W: np.ndarray, H: np.ndarray, fp16: bool) -> Rows
         cb = cb.astype(np.float16).astype(np.float32)
     d = np.zeros(res.rows)
     if res.rows:
-        sse_kernel(_ro(W), _ro(H), _ro(cb), _ro(res.indices), d)
+        sse_kernel(read_only(W), read_only(H), read_only(cb), read_only(res.indices), d)
     return dataclasses.replace(res, codebooks=cb, distortion=d,
                                info={**res.info, "fp16": bool(fp16 or res.info.get("fp16"))})
 
@@ -326,17 +318,18 @@ def _ecsq_starts(W, H, k, init, seed, row_offset) -> tuple[np.ndarray, np.ndarra
         hi = W.max(axis=1).astype(np.float64)[:, None]
         C0 = lo + (hi - lo) * ((np.arange(k) + 0.5) / k)[None, :]
         return np.ascontiguousarray(C0), np.full(R, k, dtype=np.int64)
-    # core's channel init kernel: start 0 = weighted quantiles, start 2 = weighted k-means++
-    # (uniforms hashed from (seed, global row)), so a row's start never depends on its block.
+    # The channel init kernel (kernels.ch_init_kernel): start 0 = weighted quantiles, start 2 =
+    # weighted k-means++ (uniforms hashed from (seed, global row)), so a row's start never
+    # depends on its block.
     n_init = 1 if init == "quantile" else 3
     rows = np.arange(R, dtype=np.int64) + int(row_offset)
-    U = _hash_uniforms(int(seed), rows, n_init, k)
+    U = hash_uniforms(int(seed), rows, n_init, k)
     out = np.zeros((n_init, R, k))
     exact = np.zeros(R, dtype=bool)
-    M = _ro(np.ones((1, 1), dtype=bool))
+    M = read_only(np.ones((1, 1), dtype=bool))
     row_h = np.ascontiguousarray((H > 0).any(axis=1))
-    order = _ro(_sort_order(W, M, False))
-    _ch_init_kernel(_ro(W), _ro(H), M, False, row_h, order, k, n_init, U, out, exact)
+    order = read_only(sort_order(W, M, False))
+    ch_init_kernel(read_only(W), read_only(H), M, False, row_h, order, k, n_init, U, out, exact)
     C0 = np.sort(out[n_init - 1], axis=1)
     return np.ascontiguousarray(C0), np.full(R, k, dtype=np.int64)
 
@@ -350,17 +343,17 @@ def _ecsq_run(W, H, C0, L0, lam, level_bits, iters, tol, dt, return_history, thr
            np.zeros((R, k), dtype=np.int64), np.zeros(R), np.zeros(R),
            np.zeros(R, dtype=np.int64), np.zeros((R, iters + 1) if return_history else (1, 1))]
     out_c, out_idx, out_L, out_cnt, out_H, out_J, out_it, hist = out
-    Wr, Hr = _ro(W), _ro(H)
+    Wr, Hr = read_only(W), read_only(H)
     prune = level_bits > 0 and lam > 0
 
     def run(a: int, b: int) -> None:
-        ecsq_kernel(Wr[a:b], Hr[a:b], _ro(C0[a:b]), _ro(L0[a:b]), lam, level_bits, iters, tol,
-                     prune, hist[a:b] if return_history else hist, return_history,
-                     out_c[a:b], out_idx[a:b], out_L[a:b], out_cnt[a:b], out_H[a:b],
-                     out_J[a:b], out_it[a:b])
+        ecsq_kernel(Wr[a:b], Hr[a:b], read_only(C0[a:b]), read_only(L0[a:b]), lam, level_bits,
+                    iters, tol, prune, hist[a:b] if return_history else hist, return_history,
+                    out_c[a:b], out_idx[a:b], out_L[a:b], out_cnt[a:b], out_H[a:b],
+                    out_J[a:b], out_it[a:b])
 
     if R and C:
-        _run_ranges(run, R, int(threads))
+        run_ranges(run, R, int(threads))
     return out
 
 
@@ -485,18 +478,18 @@ def uniform_rows(W: np.ndarray, H: np.ndarray | None, lam: float | None = None, 
     out_cnt = np.zeros((R, k), dtype=np.int64)
     out_H = np.zeros(R)
     out_step = np.full(R, np.inf)
-    Wr, Hr = _ro(W), _ro(H)
+    Wr, Hr = read_only(W), read_only(H)
 
     def run(a, b):
-        ecuq_kernel(Wr[a:b], Hr[a:b], lam, float(level_bits), _ro(fixed[a:b]), _ro(rel), k,
-                     out_c[a:b], out_idx[a:b], out_L[a:b], out_cnt[a:b], out_H[a:b],
-                     out_step[a:b])
+        ecuq_kernel(Wr[a:b], Hr[a:b], lam, float(level_bits), read_only(fixed[a:b]),
+                    read_only(rel), k, out_c[a:b], out_idx[a:b], out_L[a:b], out_cnt[a:b],
+                    out_H[a:b], out_step[a:b])
 
     if R and C:
-        _run_ranges(run, R, int(threads))
+        run_ranges(run, R, int(threads))
     if np.any(out_L < 0):
         r = int(np.argmax(out_L < 0))
-        raise ValueError(f"{_subject(name)}: step {fixed[r]:.4g} needs more than k_max={k_max} "
+        raise ValueError(f"{subject_of(name)}: step {fixed[r]:.4g} needs more than k_max={k_max} "
                          f"levels on row {row_offset + r}; use a larger step or raise k_max")
     info = {"step": out_step, "k_max": k_max, "level_bits": float(level_bits), "fp16": False,
             "timings": {"total": 0.0}}
@@ -511,7 +504,7 @@ def kmeans_rows(W: np.ndarray, H: np.ndarray | None, k: int, *, n_init: int = 4,
                 iters: int = 100, seed: int = 0, row_offset: int = 0, weighted: bool = True,
                 init_iter: int = 5, tol: float = 1e-6, batch_rows: int = 256,
                 fp16: bool = True, name: str | None = None) -> RowsResult:
-    """Hessian-weighted (weighted=False: plain) k-means per row: ``core.solve_channels``
+    """Hessian-weighted (weighted=False: plain) k-means per row: ``channel.solve_channels``
     (best of n_init starts per row — weighted quantiles, uniform grid, k-means++ draws seeded
     by (seed, row_offset + r) — judged by the row's objective, then Lloyd to a fixed point,
     ``iters`` at most) with its result converted to a :class:`RowsResult`: levels that end
@@ -538,7 +531,7 @@ def kmeans_rows(W: np.ndarray, H: np.ndarray | None, k: int, *, n_init: int = 4,
     idx = np.take_along_axis(lut, ch.codes.astype(np.int64), axis=1).astype(code_dtype(K))
     ent = np.zeros(R)
     if R:
-        entropy_kernel(_ro(cnt[:, :K].astype(np.int64)), C, ent)
+        entropy_kernel(read_only(cnt[:, :K].astype(np.int64)), C, ent)
     info = {"k": k, "n_init": n_init, "seed": seed, "iters": ch.n_iter, "fp16": False,
             "timings": {"total": 0.0}}
     res = _trim(cb, idx, levels, cnt, np.zeros(R), ent, lam=math.nan, row_offset=row_offset,
@@ -562,7 +555,7 @@ def to_groups(W: np.ndarray, H: np.ndarray | None, g: int, *,
     contiguous. ValueError unless W is 2-D and C is a multiple of g.
     """
     W = np.asarray(W)
-    s = _subject(name)
+    s = subject_of(name)
     if W.ndim != 2:
         raise ValueError(f"{s}: W must be 2-D [rows, cols], got shape {W.shape}")
     if g < 1 or W.shape[1] % g:

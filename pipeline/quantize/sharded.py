@@ -3,11 +3,11 @@
 Each :class:`ShardActor` owns a block-aligned shard of (w, h) that it builds itself from a
 *loader* (a picklable zero-argument callable, e.g. one that reads its slice from the object
 store), so the driver never ships the data. :class:`RayBackend` implements
-``core.StatsBackend`` over the actors: per Lloyd iteration only the centres (and an ECSQ
+``backend.StatsBackend`` over the actors: per Lloyd iteration only the centres (and an ECSQ
 penalty) go out, and per-block statistics ``[n_blocks, 4, k]`` come back; the driver reduces the
-blocks of all shards, in global order, exactly as ``core.LocalBackend`` does, so every quantizer
-in ``core`` run on a RayBackend returns bit-identical results to its single-process run with
-the same ``block`` and seed.
+blocks of all shards, in global order, exactly as ``backend.LocalBackend`` does, so every
+quantizer of ``scalar`` and ``entropy_constrained`` run on a RayBackend returns bit-identical
+results to its single-process run with the same ``block`` and seed.
 
 Faults. An actor holds no state but its shard, which its constructor rebuilds from the loader,
 and every method is a pure function of that shard and its arguments (the centres, the ECSQ
@@ -39,15 +39,8 @@ from typing import Any
 import numpy as np
 import ray
 
-from .core import (
-    BLOCK,
-    ChannelResult,
-    DataSummary,
-    block_codes,
-    block_stats,
-    solve_channels,
-    synthetic_weights,
-)
+from .backend import BLOCK, DataSummary, block_codes, block_stats
+from .channel import ChannelResult, solve_channels
 
 __all__ = [
     "ACTOR_FAULT_OPTIONS",
@@ -96,12 +89,16 @@ class ArrayLoader:
 
 
 class SyntheticLoader:
-    """Loader that generates elements [start, stop) of ``core.synthetic_weights`` in the actor."""
+    """Loader that generates elements [start, stop) of ``pipeline.testing.synthetic_weights`` in
+    the actor (benchmarks and tests)."""
 
     def __init__(self, start: int, stop: int, seed: int = 0):
         self.start, self.stop, self.seed = int(start), int(stop), int(seed)
 
     def __call__(self) -> tuple[np.ndarray, np.ndarray]:
+        # Imported here: only benchmarks and tests make synthetic shards.
+        from pipeline.testing import synthetic_weights
+
         return synthetic_weights(self.start, self.stop, self.seed)
 
 
@@ -109,7 +106,7 @@ class SyntheticLoader:
 class ShardActor:
     """Holds one shard: w float32 [n_s], h float32 [n_s] or None, starting at a block boundary.
 
-    Methods mirror core.StatsBackend on the shard; stats() returns the shard's blocks
+    Methods mirror backend.StatsBackend on the shard; stats() returns the shard's blocks
     [ceil(n_s / block), 4, k], computed by the same code as LocalBackend.
     """
 
@@ -156,7 +153,7 @@ class ShardActor:
 
 
 class RayBackend:
-    """core.StatsBackend over ShardActors, one per loader.
+    """backend.StatsBackend over ShardActors, one per loader.
 
     loaders: picklable zero-argument callables, loader i returning (w, h) of shard i.
     block_offsets: global start of each shard (multiples of block, contiguous, in order); None
@@ -265,7 +262,7 @@ def solve_channels_sharded(W: np.ndarray, H: np.ndarray | None, k: int, *,
                            mask: np.ndarray | None = None, n_tasks: int | None = None,
                            task_options: dict[str, Any] | None = None,
                            **opts: Any) -> ChannelResult:
-    """core.solve_channels with row ranges spread over Ray tasks; bit-identical to it.
+    """channel.solve_channels with row ranges spread over Ray tasks; bit-identical to it.
 
     W, H, mask: [rows, cols] as in solve_channels; opts: its keyword options (weighted, n_init,
     init_iter, max_iter, tol, seed, batch_rows, name). n_tasks: number of row ranges (default:

@@ -110,21 +110,22 @@ class StoreShardLoader:
 
 def _solve_1d(cfg: RunConfig, data, k: int | None, name: str | None):
     """Run the configured method on a backend (or arrays (w, h)); returns a QuantResult."""
-    from pipeline.quantize import core
+    from pipeline.quantize.entropy_constrained import ecsq
+    from pipeline.quantize.scalar import hw_kmeans, kmeans, uniform
 
     q = cfg.quantize
     w, h = (data if isinstance(data, tuple) else (data, None))
     common = {"name": name}
     if q.method == "kmeans":
-        return core.kmeans(w, k, h=h, n_init=q.n_init, max_iter=q.iters, tol=q.tol,
-                           seed=cfg.seed, **common)
+        return kmeans(w, k, h=h, n_init=q.n_init, max_iter=q.iters, tol=q.tol, seed=cfg.seed,
+                      **common)
     if q.method == "hw_kmeans":
-        return core.hw_kmeans(w, h, k, n_init=q.n_init, max_iter=q.iters, tol=q.tol,
-                              seed=cfg.seed, **common)
+        return hw_kmeans(w, h, k, n_init=q.n_init, max_iter=q.iters, tol=q.tol, seed=cfg.seed,
+                         **common)
     if q.method == "uniform":
-        return core.uniform(w, h, k=k, target_bits=None if k else q.target_bits,
-                            weighted=q.weighted_mean, **common)
-    return core.ecsq(w, h, target_bits=q.target_bits, max_iter=q.iters, **common)
+        return uniform(w, h, k=k, target_bits=None if k else q.target_bits,
+                       weighted=q.weighted_mean, **common)
+    return ecsq(w, h, target_bits=q.target_bits, max_iter=q.iters, **common)
 
 
 def _layer_task(cfg: RunConfig, loader: StoreShardLoader, k: int | None, name: str):
@@ -162,7 +163,7 @@ def _evaluate_task(cfg: RunConfig, src: StageDir, prune: StageDir | None,
     from pipeline.data import load_split
     from pipeline.evaluate import accuracy_of_state
     from pipeline.hessian.stage import read_hessian
-    from pipeline.quantize.core import entropy_bits
+    from pipeline.quantize.backend import entropy_bits
     from pipeline.train.stage import load_masks, load_model_state
 
     task_threads()

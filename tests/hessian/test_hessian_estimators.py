@@ -15,7 +15,7 @@ from pipeline.hessian import (
     HessianSums,
     adam_diag,
     estimate_diag,
-    estimators,
+    persample,
 )
 
 K = 3  # classes: small, so the dense Jacobians stay tiny
@@ -301,7 +301,7 @@ def test_chunked_materialization_matches(kind: str, monkeypatch: pytest.MonkeyPa
     # A tiny element budget forces several batch chunks (one sample each for the larger layers).
     model, x, y = _setup(kind)
     whole = estimate_diag(model, _batches(x, y), "fisher")
-    monkeypatch.setattr(estimators, "_CHUNK_ELEMENTS_CPU", 40)
+    monkeypatch.setattr(persample, "_CHUNK_ELEMENTS_CPU", 40)
     chunked = estimate_diag(model, _batches(x, y), "fisher")
     for name in whole.sums:
         torch.testing.assert_close(chunked.sums[name], whole.sums[name], rtol=1e-12, atol=1e-300)

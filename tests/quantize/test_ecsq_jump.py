@@ -5,7 +5,7 @@ import logging
 
 import pytest
 
-from pipeline.quantize.core import _search_lam
+from pipeline.quantize.entropy_constrained import _search_lam
 
 
 def _staircase(above: float, below: float):

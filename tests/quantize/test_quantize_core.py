@@ -1,4 +1,5 @@
-"""Properties of the numpy quantizers (pipeline.quantize.core); seeded, synthetic, small."""
+"""Properties of the numpy quantizers (pipeline.quantize: scalar, entropy_constrained, channel,
+backend); seeded, synthetic, small."""
 
 import warnings
 
@@ -15,9 +16,9 @@ from pipeline.quantize import (
     hw_kmeans,
     kmeans,
     solve_channels,
-    synthetic_weights,
     uniform,
 )
+from pipeline.testing import synthetic_weights
 
 N = 100_000
 

@@ -11,9 +11,9 @@ from pipeline.quantize import (
     hw_kmeans,
     kmeans,
     solve_channels,
-    synthetic_weights,
     uniform,
 )
+from pipeline.testing import synthetic_weights
 
 N = 120_000
 BLOCK = 1 << 13  # small blocks so three shards each get several

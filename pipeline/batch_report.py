@@ -26,16 +26,21 @@ def _num(v: Any, metric: str) -> str:
 def render_markdown(result: Mapping[str, Any]) -> str:
     t = result.get("totals") or {}
     lines = [
-        f"# hwq batch — {_cell(result.get('name'))}", "",
+        f"# hwq batch — {_cell(result.get('name'))}",
+        "",
         f"Store `{_cell(result.get('store'))}`; batch file `{_cell(result.get('batch_file'))}`; "
         f"{result.get('state')} (started {result.get('started')}, updated "
-        f"{result.get('updated')}, {result.get('seconds', 0):.1f} s).", "",
+        f"{result.get('updated')}, {result.get('seconds', 0):.1f} s).",
+        "",
         f"{t.get('entries', 0)} entries: {t.get('ok', 0)} ok, {t.get('cached', 0)} cached, "
         f"{t.get('failed', 0)} failed"
         + (f", {t.get('running', 0)} running" if t.get("running") else "")
         + (f", {t.get('interrupted', 0)} interrupted" if t.get("interrupted") else "")
-        + (f", {t.get('pending', 0) + t.get('not_run', 0)} not run"
-           if t.get("pending", 0) + t.get("not_run", 0) else "")
+        + (
+            f", {t.get('pending', 0) + t.get('not_run', 0)} not run"
+            if t.get("pending", 0) + t.get("not_run", 0)
+            else ""
+        )
         + f"; {t.get('stages_ran', 0)} stages computed, {t.get('stages_cached', 0)} cache hits.",
         "",
         "| entry | config | status | metric | baseline | result | bits/weight | ratio | "
@@ -56,10 +61,14 @@ def render_markdown(result: Mapping[str, Any]) -> str:
             f"{f'{bpw:.3f}' if isinstance(bpw, (int, float)) else '–'} | "
             f"{f'{ratio:.2f}×' if isinstance(ratio, (int, float)) else '–'} | "
             f"{f'{secs:.1f}' if isinstance(secs, (int, float)) else '–'} | "
-            f"{_cell(r.get('error', ''))} |")
-    lines += ["", "Result: the metric of the last model state the run has (decoded from the "
-              ".hwq file, else fine-tuned, quantized). Bits per weight: the report's "
-              "`bits_per_weight` (all-in over the quantized weights), or for models without "
-              "it (LeNet-5) 8 × file bytes / all parameters. Each entry's report: "
-              "`<entry>/report.md` beside this file."]
+            f"{_cell(r.get('error', ''))} |"
+        )
+    lines += [
+        "",
+        "Result: the metric of the last model state the run has (decoded from the "
+        ".hwq file, else fine-tuned, quantized). Bits per weight: the report's "
+        "`bits_per_weight` (all-in over the quantized weights), or for models without "
+        "it (LeNet-5) 8 × file bytes / all parameters. Each entry's report: "
+        "`<entry>/report.md` beside this file.",
+    ]
     return "\n".join(lines) + "\n"

@@ -40,8 +40,17 @@ def hash_files(paths: list[Path]) -> str:
     ids = []
     for p in sorted(paths):
         st = os.stat(p)
-        ids.append((str(p.resolve()), p.name, st.st_dev, st.st_ino, st.st_size,
-                    st.st_mtime_ns, st.st_ctime_ns))
+        ids.append(
+            (
+                str(p.resolve()),
+                p.name,
+                st.st_dev,
+                st.st_ino,
+                st.st_size,
+                st.st_mtime_ns,
+                st.st_ctime_ns,
+            )
+        )
     key = tuple(ids)
     if key not in memo:
         memo[key] = _hash_now(paths)

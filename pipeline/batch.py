@@ -290,9 +290,9 @@ def load_batch(source: str | os.PathLike | Mapping[str, Any], *,
         if only and n not in only:  # its config's digest keeps its earlier row, if unchanged
             try:
                 cfg = load_config(cpath, overrides)
-                others.append(BatchEntry(n, i, e.config, overrides, [], cfg, digest(cfg)))
+                others.append(BatchEntry(n, i, e.config, overrides, e.force, cfg, digest(cfg)))
             except ConfigError:
-                others.append(BatchEntry(n, i, e.config, overrides, [], None, None))
+                others.append(BatchEntry(n, i, e.config, overrides, e.force, None, None))
             continue
         if not cpath.is_file():
             errors.append(f"{label}: config {e.config!r} not found (relative paths are read "

@@ -39,13 +39,15 @@ import reprlib
 import time
 import traceback
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from pipeline.batch_report import render_markdown
 from pipeline.config import ConfigError, RunConfig, digest, load_config, read_yaml_file
+from pipeline.digests import memoized_digests
 
 __all__ = ["BatchFile", "Batch", "BatchEntry", "load_batch", "batch_of_configs", "run_batch",
            "BatchRun", "render_markdown", "add_commands"]
@@ -149,8 +151,8 @@ class BatchEntry:
     config: str  # as written in the batch file
     overrides: list[str]  # everything applied on top of the config file, in order
     force: list[str]
-    cfg: RunConfig
-    digest: str
+    cfg: RunConfig | None  # None: not run (--only) and its config does not load
+    digest: str | None
 
     def record(self) -> dict[str, Any]:
         return {"name": self.name, "config": self.config,
@@ -166,6 +168,7 @@ class Batch:
     all_entries: list[BatchEntry]  # every entry of the batch file, in order
     source: str  # the batch file, or "batch" for batch data
     stages: Any = None  # the stage graph (None: the pipeline's; tests inject their own)
+    digests: dict = field(default_factory=dict)  # of model files, hashed once per batch
 
     @property
     def folder(self) -> str:
@@ -257,8 +260,10 @@ def load_batch(source: str | os.PathLike | Mapping[str, Any], *,
                           "entry names must be unique")
         seen.setdefault(n, i)
     unknown_only = [o for o in only if o not in names]
-    if unknown_only:
-        errors.append(f"--only {unknown_only[0]}: no such entry (entries: {', '.join(names)})")
+    if unknown_only:  # at once: nothing else is worth validating
+        shown = ", ".join(names[:20]) + (f", … ({len(names)} in all)" if len(names) > 20 else "")
+        raise ConfigError("\n".join([*errors, f"--only {unknown_only[0]}: no such entry "
+                                                f"(entries: {shown})"]))
 
     # Every entry's config, loaded and checked now.
     from pipeline.driver import check_against_model
@@ -274,20 +279,30 @@ def load_batch(source: str | os.PathLike | Mapping[str, Any], *,
     if ray_address:
         tail.append(f"executor.address={ray_address}")
     entries: list[BatchEntry] = []
+    others: list[BatchEntry] = []  # not chosen by --only: in the report, not validated
     stage_names: dict[str, list[str]] = {}
+    digests: dict[tuple, str] = {}  # each model folder hashed once (memoized_digests)
     for i, (e, n) in enumerate(zip(spec.entries, names, strict=True), 1):
         label = f"{where}: entry {i} ({n!r})"
         p = Path(e.config).expanduser()
         cpath = p if p.is_absolute() else base / p
+        overrides = [*spec.sets, *e.sets, *cli_sets, *tail]
+        if only and n not in only:  # its config's digest keeps its earlier row, if unchanged
+            try:
+                cfg = load_config(cpath, overrides)
+                others.append(BatchEntry(n, i, e.config, overrides, e.force, cfg, digest(cfg)))
+            except ConfigError:
+                others.append(BatchEntry(n, i, e.config, overrides, e.force, None, None))
+            continue
         if not cpath.is_file():
             errors.append(f"{label}: config {e.config!r} not found (relative paths are read "
                           f"from the batch file's folder, {base})")
             continue
-        overrides = [*spec.sets, *e.sets, *cli_sets, *tail]
         try:
             cfg = load_config(cpath, overrides)
             check_against_model(cfg)
-            planned = [p_.stage.name for p_ in plan(cfg, stages)]
+            with memoized_digests(digests):
+                planned = [p_.stage.name for p_ in plan(cfg, stages)]
         except ConfigError as err:
             errors.append(f"{label}: {_one_line(str(err))}")
             continue
@@ -319,8 +334,8 @@ def load_batch(source: str | os.PathLike | Mapping[str, Any], *,
         raise ConfigError(f"{where}: the entries name different executors "
                           f"({sorted(execs, key=str)}); a batch runs on one Ray: set "
                           "executor.* in the batch's `set` or give --ray-address")
-    chosen = [en for en in entries if not only or en.name in only]
-    return Batch(bname, urls[0], chosen, entries, where, stages)
+    every = sorted([*entries, *others], key=lambda en: en.index)
+    return Batch(bname, urls[0], entries, every, where, stages, digests)
 
 
 # -- running it ----------------------------------------------------------------------------
@@ -446,7 +461,7 @@ class BatchRun:
             row = {**e.record(), "status": PENDING if e.name in run_now else NOT_RUN,
                    "report": f"{b.entry_prefix(e)}/report.json"}
             old = previous.get(e.name)
-            if e.name not in run_now and isinstance(old, dict) and \
+            if e.name not in run_now and isinstance(old, dict) and e.digest is not None and \
                     old.get("config_digest") == e.digest and \
                     old.get("status") in (OK, CACHED, FAILED):
                 row = {**row, **_checked_row(old), "previous": True}
@@ -494,7 +509,7 @@ class BatchRun:
         from pipeline.executor import init_ray, shutdown_ray
 
         b = self.batch
-        first = b.entries[0].cfg if b.entries else b.all_entries[0].cfg
+        first = b.entries[0].cfg
         self.store = driver.open_store(first)
         self.store.check_access()
         self._init_result()
@@ -507,8 +522,9 @@ class BatchRun:
             log.info("batch %s: %d of %d entries into %s; report %s", b.name, len(b.entries),
                      len(b.all_entries), self.store.url, self.report_url)
             rows = {r["name"]: r for r in self.result["entries"]}
-            for n, e in enumerate(b.entries, 1):
-                self._run_entry(e, rows[e.name], n)
+            with memoized_digests(b.digests):
+                for n, e in enumerate(b.entries, 1):
+                    self._run_entry(e, rows[e.name], n)
             self.result["state"] = "complete"
         except KeyboardInterrupt:
             self.result["state"] = "interrupted"
@@ -550,7 +566,10 @@ class BatchRun:
             row.update(status=INTERRUPTED, seconds=round(time.perf_counter() - t0, 3),
                        error="interrupted")
             raise
-        except Exception as err:  # noqa: BLE001 - one entry's failure is not the batch's
+        except (SystemExit, GeneratorExit):
+            raise
+        except BaseException as err:  # noqa: BLE001 - one entry's failure is not the batch's
+            # (a library's panic, pyo3's PanicException, is a BaseException)
             line = error_line(err)
             tb = traceback.format_exc()
             log.error("batch %s: [%d/%d] %s failed: %s\n%s", b.name, n, len(b.entries),
@@ -587,61 +606,6 @@ def run_batch(source: str | os.PathLike | Mapping[str, Any] | Batch, *, shutdown
     stages, base_dir)."""
     batch = source if isinstance(source, Batch) else load_batch(source, **kw)
     return BatchRun(batch, shutdown=shutdown).run()
-
-
-# -- batch.md ------------------------------------------------------------------------------
-
-def _cell(text: Any) -> str:
-    s = "".join(c for c in str(text) if c.isprintable())
-    return s.replace("\\", "\\\\").replace("|", "\\|").replace("`", "'")
-
-
-def _num(v: Any, metric: str) -> str:
-    if not isinstance(v, (int, float)):
-        return "–"
-    return f"{100 * v:.2f}%" if metric == "accuracy" else f"{v:.4g}"
-
-
-def render_markdown(result: Mapping[str, Any]) -> str:
-    t = result.get("totals") or {}
-    lines = [
-        f"# hwq batch — {_cell(result.get('name'))}", "",
-        f"Store `{_cell(result.get('store'))}`; batch file `{_cell(result.get('batch_file'))}`; "
-        f"{result.get('state')} (started {result.get('started')}, updated "
-        f"{result.get('updated')}, {result.get('seconds', 0):.1f} s).", "",
-        f"{t.get('entries', 0)} entries: {t.get('ok', 0)} ok, {t.get('cached', 0)} cached, "
-        f"{t.get('failed', 0)} failed"
-        + (f", {t.get('running', 0)} running" if t.get("running") else "")
-        + (f", {t.get('interrupted', 0)} interrupted" if t.get("interrupted") else "")
-        + (f", {t.get('pending', 0) + t.get('not_run', 0)} not run"
-           if t.get("pending", 0) + t.get("not_run", 0) else "")
-        + f"; {t.get('stages_ran', 0)} stages computed, {t.get('stages_cached', 0)} cache hits.",
-        "",
-        "| entry | config | status | metric | baseline | result | bits/weight | ratio | "
-        "seconds | error |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in result.get("entries", []):
-        metric = (r.get("metric") or {}).get("name", "")
-        stage = r.get("result_stage")
-        res = _num(r.get("result"), metric) + (f" ({stage})" if stage else "")
-        bpw = r.get("bits_per_weight")
-        ratio = r.get("compression_ratio")
-        status = r["status"] + (" (earlier run)" if r.get("previous") else "")
-        secs = r.get("seconds")
-        lines.append(
-            f"| {_cell(r['name'])} | {_cell(r.get('config', ''))} | {status} | "
-            f"{_cell(metric) or '–'} | {_num(r.get('baseline'), metric)} | {res} | "
-            f"{f'{bpw:.3f}' if isinstance(bpw, (int, float)) else '–'} | "
-            f"{f'{ratio:.2f}×' if isinstance(ratio, (int, float)) else '–'} | "
-            f"{f'{secs:.1f}' if isinstance(secs, (int, float)) else '–'} | "
-            f"{_cell(r.get('error', ''))} |")
-    lines += ["", "Result: the metric of the last model state the run has (decoded from the "
-              ".hwq file, else fine-tuned, quantized). Bits per weight: the report's "
-              "`bits_per_weight` (all-in over the quantized weights), or for models without "
-              "it (LeNet-5) 8 × file bytes / all parameters. Each entry's report: "
-              "`<entry>/report.md` beside this file."]
-    return "\n".join(lines) + "\n"
 
 
 # -- the command ---------------------------------------------------------------------------

@@ -15,6 +15,8 @@ import logging
 import os
 import sys
 
+from pipeline.errors import UserError
+
 __all__ = ["main"]
 
 EXAMPLES = """\
@@ -166,8 +168,6 @@ def _extra_commands():
 
 def _user_error(e: BaseException) -> BaseException | None:
     """The error to show a user without a traceback, unwrapping Ray's task errors."""
-    from pipeline.errors import UserError
-
     try:
         from ray.exceptions import RayTaskError
     except ImportError:  # pragma: no cover
@@ -177,12 +177,25 @@ def _user_error(e: BaseException) -> BaseException | None:
         e, seen = e.cause, seen + 1
     if isinstance(e, (UserError, ValueError, FileNotFoundError)):
         return e
+    if not isinstance(e, Exception):  # not Ctrl-C or exit (main's caller handles those)
+        return _aborted(e)
     if type(e).__name__ in _STORE_FAILURES or isinstance(e, PermissionError):
         # Raised by s3fs/botocore on any store access, not only the first one.
         from pipeline.store import StoreAccessError, describe_store_error
 
         return StoreAccessError(describe_store_error(e, ""))
     return None
+
+
+def _aborted(e: BaseException) -> UserError:
+    """A library that gave up with a BaseException rather than an Exception: a Rust panic in
+    pyo3's bindings (tokenizers: a tokenizer file whose regex it cannot run) is one. What it
+    was reading is the likeliest cause; one line, not a traceback (-v shows it)."""
+    first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+    where = type(e).__module__.split(".")[0]
+    text = _printable(f"{where}.{type(e).__name__}: {first}"[:300])
+    return UserError(f"a library aborted ({text}); the file it was reading (a tokenizer, a "
+                     "model or data file) is likely malformed")
 
 
 # Exceptions of the storage libraries that mean "this store cannot be used as configured".
@@ -203,7 +216,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("hwq: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
-    except Exception as e:  # noqa: BLE001 - decide below what a user sees
+    except (SystemExit, GeneratorExit):
+        raise
+    except BaseException as e:  # noqa: BLE001 - decide below what a user sees (a library's
+        # panic is a BaseException too)
         shown = _user_error(e)
         if shown is None or args.verbose:
             raise

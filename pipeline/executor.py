@@ -5,9 +5,11 @@ Ray is imported lazily so that importing `pipeline` never starts anything.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
+import shutil
 import socket
 import stat
 import sys
@@ -48,13 +50,25 @@ def _private_or_fresh(p: Path, prefix: str) -> Path:
     return fresh
 
 
-def _ray_temp_dir() -> str:
-    if len(str(cache_dir() / "ray")) <= _MAX_RAY_TMP:
-        return str(private_subdir("ray"))
-    # A deep checkout would overflow Ray's socket paths: a short per-user folder instead, used
-    # only if nobody else made (or linked) that name first.
-    return str(_private_or_fresh(Path(tempfile.gettempdir()) / f"hwq-ray-{os.getuid()}",
-                                 "hwq-ray-"))
+def _ray_temp_dir() -> tuple[str, Path | None]:
+    """Ray's temp folder, and the fresh folder made for it (to remove at shutdown) or None.
+
+    Ray makes its temp folder (and the session and socket folders in it) mode 0777, so that
+    folder is never the one checked: it is `r` inside a private parent, `$HWQ_CACHE/ray-<uid>`
+    (mode 0700, which Ray does not touch). Only this user can reach anything inside, whatever
+    Ray's modes; a parent that is not private (a link, someone else's, shared) is not used.
+    """
+    parent = cache_dir() / f"ray-{os.getuid()}"
+    if len(str(parent / "r")) > _MAX_RAY_TMP:
+        # A deep checkout would overflow Ray's socket paths: a short per-user folder instead,
+        # used only if nobody else made (or linked) that name first.
+        parent = Path(tempfile.gettempdir()) / f"hwq-{os.getuid()}-ray"
+    if _private_dir(parent):
+        return str(parent / "r"), None
+    fresh = Path(tempfile.mkdtemp(prefix="hwq-ray-"))
+    log.warning("%s is not a private folder of this user; using %s (removed at shutdown)",
+                parent, fresh)
+    return str(fresh / "r"), fresh
 
 
 def _private_dir(p: Path) -> bool:
@@ -156,15 +170,25 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
                                 ) from None
     else:
         log.info("starting embedded local Ray (%s CPUs)", num_cpus or os.cpu_count())
-        ray.init(
-            num_cpus=num_cpus,
-            include_dashboard=False,
-            _temp_dir=_ray_temp_dir(),
-            runtime_env=runtime_env,
-            log_to_driver=True,
-            configure_logging=True,
-            logging_level=logging.WARNING,
-        )
+        temp_dir, fresh = _ray_temp_dir()
+        if fresh is not None:
+            _FRESH_DIRS.append(fresh)
+            # Runs before Ray's own exit handler (registered earlier, at import): Ray stops,
+            # then its folder goes, also when nobody calls shutdown_ray.
+            atexit.register(shutdown_ray)
+        try:
+            ray.init(
+                num_cpus=num_cpus,
+                include_dashboard=False,
+                _temp_dir=temp_dir,
+                runtime_env=runtime_env,
+                log_to_driver=True,
+                configure_logging=True,
+                logging_level=logging.WARNING,
+            )
+        except BaseException:
+            shutdown_ray()
+            raise
 
 
 # Set by Ray's job manager in a submitted job's driver: the job's config, runtime env included.
@@ -189,11 +213,19 @@ def without_job_env_vars(ours: dict[str, str], job_config_json: str | None) -> d
     return {k: v for k, v in ours.items() if k not in job_env}
 
 
+# Fresh temporary folders this process made for its embedded Ray: removed when Ray stops.
+_FRESH_DIRS: list[Path] = []
+
+
 def shutdown_ray() -> None:
+    """Stop Ray (if this process started or joined it) and remove the fresh temporary folder
+    made for it, if any."""
     import ray
 
     if ray.is_initialized():
         ray.shutdown()
+    while _FRESH_DIRS:
+        shutil.rmtree(_FRESH_DIRS.pop(), ignore_errors=True)
 
 
 def ray_has_gpus() -> bool:

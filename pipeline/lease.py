@@ -17,6 +17,13 @@ Taking a lease works on any store, S3 included (which has no create-if-absent he
 if free or expired, write ours, wait `settle` seconds and read it back. Of several runs that
 wrote in that window, the last write wins and every other run sees a lease that is not its
 own. Clocks of the runs' machines are assumed to agree to well under `ttl`.
+
+The lease file is read from the store, so it is untrusted: one that is not well-formed (not a
+JSON object of the five fields, of their types), whose times are not plausible (not finite,
+acquired after it expires, or expiring more than `ttl` beyond a holder's `now + ttl`: runs
+sharing a store use one `executor.lease_ttl_s`), or that is not a regular file (a folder, a
+link) is ignored with a warning and replaced, as a dead holder's lease is. The holder's host
+is printed with control characters removed.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.cli import _printable
 from pipeline.errors import UserError
 from pipeline.store import ArtifactError, Store
 
@@ -39,6 +47,8 @@ __all__ = ["StageBusy", "LeaseLost", "StageLease"]
 log = logging.getLogger("hwq")
 
 _MAX_LEASE_BYTES = 4096
+_MAX_NAME_CHARS = 256  # owner and host: hwq writes "<host>:<pid>:<12 hex>" and a host name
+_LAST_TIME = 1e11  # seconds since 1970 (year 5138): beyond, time.gmtime overflows or worse
 
 
 class StageBusy(UserError, RuntimeError):
@@ -59,18 +69,41 @@ class Holder:
 
     def describe(self) -> str:
         since = time.strftime("%H:%M:%S", time.gmtime(self.acquired))
-        return f"{self.host} pid {self.pid} (since {since} UTC)"
+        host = " ".join(_printable(self.host).split())  # one line: no control characters
+        return f"{host} pid {self.pid} (since {since} UTC)"
 
 
-def _parse(data: bytes) -> Holder | None:
-    """The lease's holder, or None for anything that is not a lease (treated as free: a
-    garbage file must not block a stage forever)."""
+def _parse(data: bytes) -> Holder | str:
+    """The lease's holder, or why `data` is not a well-formed lease (it is then treated as
+    free: a garbage file must not block a stage)."""
     try:
         d = json.loads(data)
-        return Holder(owner=str(d["owner"]), host=str(d["host"]), pid=int(d["pid"]),
-                      expires=float(d["expires"]), acquired=float(d["acquired"]))
-    except (ValueError, KeyError, TypeError):
-        return None
+    except (ValueError, RecursionError):
+        return "not JSON"
+    if not isinstance(d, dict) or not {"owner", "host", "pid", "expires", "acquired"} <= set(d):
+        return "not an object of owner, host, pid, acquired and expires"
+    if not all(isinstance(d[k], str) and 0 < len(d[k]) <= _MAX_NAME_CHARS
+               for k in ("owner", "host")):
+        return "owner or host is not a short text"
+    if type(d["pid"]) is not int or not 0 <= d["pid"] < 2**31:
+        return "pid is not a process id"
+    if not all(type(d[k]) in (int, float) and 0 <= d[k] <= _LAST_TIME
+               for k in ("expires", "acquired")):  # NaN and infinity compare false
+        return "acquired or expires is not a time"
+    return Holder(owner=d["owner"], host=d["host"], pid=d["pid"], expires=float(d["expires"]),
+                  acquired=float(d["acquired"]))
+
+
+def _implausible(h: Holder, now: float, ttl: float) -> str | None:
+    """Why a waiter must not believe `h` (None: it may). A holder writes expires = its
+    now + ttl, and its clock may be ahead of ours by up to ttl: a later expiry (1e18) is no
+    holder's, and would make the waiter wait lease_wait_s for nobody."""
+    if h.expires > now + 2 * ttl:
+        return (f"it expires in {h.expires - now:.3g} s, and a holder's lease expires within "
+                f"executor.lease_ttl_s={ttl:.0f} s")
+    if h.acquired > h.expires:
+        return "it was acquired after it expires"
+    return None
 
 
 class StageLease:
@@ -90,13 +123,36 @@ class StageLease:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.lost: str | None = None
+        self._ignored: bytes | None = None  # the last ignored content: warned about once
 
     # -- reading and writing the lease file ------------------------------------------------
-    def _read(self) -> Holder | None:
+    def _read(self, waiting: bool = False) -> Holder | None:
+        """The holder, expired or not; None when the lease is free or is not a well-formed lease
+        (warned once per content; a folder or link at its name is removed, so that the lease
+        can be written). waiting: also None for a lease whose times are implausible (see
+        `_implausible`); a holder checking its own lease sees any other owner's."""
         try:
-            return _parse(self.store.read_bytes(self.rel, _MAX_LEASE_BYTES))
-        except ArtifactError:  # missing, too large, not a regular file
+            data = self.store.read_bytes(self.rel, _MAX_LEASE_BYTES)
+        except ArtifactError as e:  # missing, too large, not a regular file
+            if not self.store.exists(self.rel):
+                return None
+            self._ignore(f"it is not a lease file ({e})", b"")
+            self.store.remove(self.rel)  # links are removed, not followed
             return None
+        got = _parse(data)
+        why = got if isinstance(got, str) else (
+            _implausible(got, time.time(), self.ttl) if waiting and got.owner != self.owner
+            else None)
+        if why is not None:
+            self._ignore(why, data)
+            return None
+        return got
+
+    def _ignore(self, why: str, data: bytes) -> None:
+        if data != self._ignored:
+            log.warning("%s: ignoring the lease there: %s; taking it over",
+                        self.store.full_url(self.rel), _printable(why))
+            self._ignored = data
 
     def _write(self) -> None:
         now = time.time()
@@ -112,7 +168,7 @@ class StageLease:
         deadline = time.monotonic() + self.wait
         announced = False
         while True:
-            cur = self._read()
+            cur = self._read(waiting=True)
             if cur is None or cur.owner == self.owner or cur.expires <= time.time():
                 if cur is not None and cur.owner != self.owner:
                     log.warning("%s: the lease of %s expired (its run stopped without "
@@ -120,7 +176,7 @@ class StageLease:
                 self.acquired = time.time()
                 self._write()
                 time.sleep(self.settle)
-                back = self._read()
+                back = self._read(waiting=True)
                 if back is not None and back.owner == self.owner:
                     self._start_renewing()
                     return True

@@ -8,8 +8,12 @@ serving system wants one path that always holds the newest result. `publish` cop
     DIR/hf/...           with hf_out: the decoded model as a Hugging Face folder (LMs only)
     DIR/output.json      written last: sha256 and size of each file, the run and stage key
 
-Each file is written atomically; output.json, written last, says the folder is complete, and
-the run's `run.json` records where the outputs went (`hwq status` prints it).
+Each file is written atomically; output.json is removed first and written last, so it says
+the folder is complete, and the run's `run.json` records where the outputs went (`hwq status`
+prints it). A local `hf/` is written beside the old one and swapped in (on S3, files an earlier
+publish wrote and this one did not are deleted): no stale file of an earlier model stays. The
+destination is checked before any stage runs (a folder that can be made and written; on S3,
+the credentials and the bucket).
 """
 
 from __future__ import annotations
@@ -18,10 +22,11 @@ import argparse
 import os
 import shutil
 import tempfile
+import uuid
 from typing import Any
 
 from pipeline.config import ConfigError, RunConfig
-from pipeline.store import StageDir, Store, sha256_bytes
+from pipeline.store import StageDir, Store, StoreAccessError, not_a_folder, sha256_bytes
 
 __all__ = ["publish", "check_publishable", "OUTPUT_INDEX"]
 
@@ -39,6 +44,20 @@ def check_publishable(cfg: RunConfig, out: str | None, hf_out: bool) -> None:
     if hf_out and cfg.model.trained_here:
         raise ConfigError("--hf-out writes a Hugging Face model folder: only for language "
                           f"models loaded from a checkpoint, not {cfg.model.name}")
+    if "://" not in out:
+        try:
+            os.makedirs(out, exist_ok=True)
+        except OSError as e:  # a folder inside a file, /dev/null
+            raise ConfigError(not_a_folder(out, e, "--out")) from None
+    dest = _dest(cfg, out)
+    try:
+        dest.check_access()  # writable; on S3, the credentials and the bucket
+    except StoreAccessError as e:
+        raise StoreAccessError(f"--out: {e}") from None
+    for name in ("model.hwq", OUTPUT_INDEX):
+        if dest.is_local and os.path.isdir(dest.path(name)):
+            raise ConfigError(f"--out: {dest.path(name)} is a folder, where publishing writes "
+                              "a file; remove it or choose another --out")
 
 
 def _dest(cfg: RunConfig, out: str) -> Store:
@@ -49,6 +68,7 @@ def publish(cfg: RunConfig, store: Store, encode: StageDir, *, out: str,
             hf_out: bool = False) -> dict[str, Any]:
     """Copy the encode stage's outputs to `out`; returns what output.json holds."""
     dest = _dest(cfg, out)
+    dest.remove(OUTPUT_INDEX)  # the folder is incomplete until the new index is written
     data = encode.read_bytes("model.hwq")  # checked against the manifest's sha256
     files = {"model.hwq": {"sha256": dest.write_bytes("model.hwq", data), "bytes": len(data)}}
     if hf_out:
@@ -82,12 +102,35 @@ def _publish_hf(encode: StageDir, dest: Store, data: bytes) -> dict[str, dict[st
                                   hf_files=os.path.join(tmp, "files"), endpoint_url=None,
                                   max_output_bytes=None, max_header_bytes=None)
         _decode_hf(args)
+        # Locally: written beside the old hf/ and swapped in. On S3 (no folders to rename):
+        # written over it, then what the old one had and this one has not is deleted.
+        staging = f"hf.tmp-{uuid.uuid4().hex[:8]}" if dest.is_local else "hf"
         files = {}
-        for n in sorted(os.listdir(args.hf_out)):
-            with open(os.path.join(args.hf_out, n), "rb") as f:
-                b = f.read()
-            dest.write_bytes(f"hf/{n}", b)
-            files[f"hf/{n}"] = {"sha256": sha256_bytes(b), "bytes": len(b)}
+        try:
+            for n in sorted(os.listdir(args.hf_out)):
+                with open(os.path.join(args.hf_out, n), "rb") as f:
+                    b = f.read()
+                dest.write_bytes(f"{staging}/{n}", b)
+                files[f"hf/{n}"] = {"sha256": sha256_bytes(b), "bytes": len(b)}
+            if dest.is_local:
+                _swap_in(dest, staging, "hf")
+            else:
+                for stale in set(dest.list("hf")) - {f.removeprefix("hf/") for f in files}:
+                    dest.remove(f"hf/{stale}")
+        finally:
+            if staging != "hf":
+                dest.remove(staging)
         return files
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _swap_in(dest: Store, staging: str, name: str) -> None:
+    """Replace the local folder `name` of `dest` by `staging` (two renames: `name` is missing
+    only between them, and never holds a mix of old and new files)."""
+    final = dest.path(name)
+    old = f"{name}.tmp-old-{uuid.uuid4().hex[:8]}"
+    if os.path.lexists(final):
+        os.rename(final, dest.path(old))
+    os.rename(dest.path(staging), final)
+    dest.remove(old)  # a link is removed, not followed

@@ -83,7 +83,10 @@ class Store:
         self.root = self.root.rstrip("/")
         self.is_local = self.fs.protocol in ("file", "local") or "file" in self.fs.protocol
         if self.is_local and create:  # a read-only command (status, report) creates nothing
-            os.makedirs(self.root, exist_ok=True)
+            try:
+                os.makedirs(self.root, exist_ok=True)
+            except OSError as e:
+                raise StoreAccessError(not_a_folder(self.root, e, "store")) from None
 
     def __repr__(self) -> str:
         return f"Store({self.url!r})"
@@ -315,6 +318,22 @@ def describe_store_error(e: BaseException, url: str) -> str:
             isinstance(e, (ConnectionError, TimeoutError, OSError)):
         return f"{where}: cannot connect ({name}: {text}); check the URL and endpoint"
     return f"{where}: cannot be used ({name}: {text})"
+
+
+def not_a_folder(path: str, e: OSError, what: str) -> str:
+    """One line saying why the local folder `path` (a store, an output) cannot be made: the
+    first part of it that exists and is not a folder (a file, /dev/null), or `e`."""
+    part = os.path.abspath(path)
+    while True:
+        if os.path.lexists(part) and not os.path.isdir(part):
+            kind = "a file" if os.path.isfile(part) else "not a folder"
+            inside = "" if part == os.path.abspath(path) else f" is inside {part}, which"
+            return f"{what} {path}{inside} is {kind}; name a folder"
+        parent = os.path.dirname(part)
+        if parent == part:
+            break
+        part = parent
+    return f"{what} {path}: cannot make the folder ({e.strerror or e})"
 
 
 def canonical_safetensors(data: bytes) -> bytes:

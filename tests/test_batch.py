@@ -19,9 +19,14 @@ ROOT = Path(__file__).resolve().parents[1]
 LENET = str(ROOT / "configs/lenet5_fmnist.yaml")
 
 
+class PanicException(BaseException):
+    """What pyo3 raises for a Rust panic (tokenizers on a regex it cannot run): not an
+    Exception."""
+
+
 def _quantize_that_fails_on_tol():
     """The synthetic quantize stage, failing for one entry's setting: tol=0.5 raises the
-    FileExistsError that once aborted a whole batch, tol=0.25 a Ctrl-C."""
+    FileExistsError that once aborted a whole batch, tol=0.25 a Ctrl-C, tol=0.125 a panic."""
     base = _mk("quantize", ("prune", "hessian"), lambda c: {"q": c.quantize.model_dump()})
 
     def body(ctx):
@@ -30,6 +35,8 @@ def _quantize_that_fails_on_tol():
             raise FileExistsError(17, "File exists", "/store/stages/quantize-x/tmp")
         if ctx.cfg.quantize.tol == 0.25:
             raise KeyboardInterrupt
+        if ctx.cfg.quantize.tol == 0.125:
+            raise PanicException("called `Result::unwrap()` on an `Err` value\nmore")
         return base.run(ctx)
 
     return type(base)(name=base.name, version=base.version, inputs=base.inputs,
@@ -95,6 +102,71 @@ def test_invalid_batches_are_refused_with_the_entry_and_key_named(tmp_path):
     with pytest.raises(ConfigError):
         run_batch(bad, stages=_stages())
     assert CALLS == [] and not store.exists()
+
+
+def test_only_validates_the_entries_it_names_and_an_unknown_one_at_once(tmp_path,
+                                                                         monkeypatch):
+    import pipeline.driver
+
+    path = _batch(tmp_path, {"entries": [
+        {"name": "a", "config": LENET},
+        {"name": "typo", "config": LENET, "set": ["quantize.metod=ecsq"]},
+        {"name": "badkeep", "config": LENET, "set": ["prune.keep={fc9.weight: 0.1}"]},
+        {"name": "gone", "config": "nope.yaml"}]})
+    b = load_batch(path, stages=_stages(), only=["a"])
+    assert [e.name for e in b.entries] == ["a"]
+    assert [e.name for e in b.all_entries] == ["a", "typo", "badkeep", "gone"]
+    # An unknown --only name: refused before any entry's config is read or checked.
+    checked = []
+    monkeypatch.setattr(pipeline.driver, "check_against_model", checked.append)
+    many = _batch(tmp_path, {"entries": [{"config": LENET} for _ in range(50)]}, "many.yaml")
+    msg = _errors(many, only=["nope"])
+    assert msg.startswith("--only nope: no such entry (entries: lenet5_fmnist-1, ")
+    assert "(50 in all)" in msg and len(msg) < 600 and checked == []
+
+
+def test_a_batch_hashes_each_model_folder_once(tmp_path, monkeypatch):
+    from pipeline import digests
+    from pipeline.testing import tiny_llama_folder, write_corpus
+
+    tiny_llama_folder(tmp_path / "llama")
+    write_corpus(tmp_path / "calib.txt", 50, 1)
+    cfg = tmp_path / "lm.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "model": {"name": "hf_causal_lm", "path": str(tmp_path / "llama")},
+        "data": {"name": "text", "calibration": [str(tmp_path / "calib.txt")],
+                 "eval": {"a": str(tmp_path / "calib.txt")}},
+        "quantize": {"scope": "channel", "method": "ecsq"}}))
+    hashed = []
+    real = digests._hash_now
+    monkeypatch.setattr(digests, "_hash_now", lambda paths: hashed.append(paths) or real(paths))
+    path = _batch(tmp_path, {"entries": [
+        {"config": str(cfg), "set": [f"quantize.target_bits={b}"]} for b in (2, 3, 4)]})
+    b = load_batch(path)
+    assert len(b.entries) == 3 and len(hashed) == 1
+    with digests.memoized_digests(b.digests):  # as the batch's runs plan
+        from pipeline.models.stage import source_digest
+
+        first = source_digest(b.entries[0].cfg)["model"]
+        assert len(hashed) == 1
+        # A rewritten file (even with its size and mtime put back) is hashed again.
+        weights = next((tmp_path / "llama").glob("*.safetensors"))
+        st = weights.stat()
+        data = bytearray(weights.read_bytes())
+        data[-1] ^= 1
+        weights.write_bytes(bytes(data))
+        os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+        assert source_digest(b.entries[0].cfg)["model"] != first and len(hashed) == 2
+
+
+def test_a_library_panic_fails_its_entry_and_the_batch_goes_on(ray_local, tmp_path):
+    path = _batch(tmp_path, {"store": str(tmp_path / "store"), "entries": [
+        {"name": "panics", "config": LENET, "set": ["quantize.tol=0.125"]},
+        {"name": "good", "config": LENET}]})
+    res = run_batch(path, stages=_stages())
+    panics, good = res["entries"]
+    assert panics["status"] == "failed" and "PanicException" in panics["error"]
+    assert "\n" not in panics["error"] and good["status"] == "ok"
 
 
 def test_a_failed_entry_is_recorded_the_rest_run_and_a_rerun_is_cached(ray_local, tmp_path):

@@ -59,18 +59,56 @@ CASES = {
                                ["quantize.layer_k", "conv9.weight"]),
     "unknown-key": (["--set", "quantize.bitz=3"], ["unknown key"]),
     "force-unknown-stage": (["--force", "nosuch"], ["not a stage"]),
+    # a store that cannot be a folder ({tmp}/file is a file)
+    "store-dev-null": (["--store", "/dev/null"], ["store /dev/null is not a folder"]),
+    "store-inside-a-file": (["--store", "{tmp}/file/store"], ["inside", "which is a file"]),
+    # --out destinations that cannot work: refused before any stage runs, not after all
+    "out-dev-null": (["--out", "/dev/null"], ["--out", "not a folder"]),
+    "out-inside-a-file": (["--out", "{tmp}/file/out"], ["--out", "which is a file"]),
+    "out-a-file": (["--out", "{tmp}/file"], ["--out", "is a file"]),
+    "out-model-hwq-is-a-folder": (["--out", "{tmp}/published"], ["model.hwq is a folder"]),
 }
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_run_bad_input_is_one_line(case, tmp_path):
     args, needles = CASES[case]
+    (tmp_path / "file").write_text("a file, not a folder\n")
+    (tmp_path / "published" / "model.hwq").mkdir(parents=True)
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     if not any(a == "--store" for a in args):
         args = [*args, "--store", str(tmp_path / "store")]
     p, s = _hwq(["run", CONFIG, *args])
     _assert_one_line(p, s, *needles)
     # Nothing that looks like a run was left behind.
     assert not (tmp_path / "store" / "stages").exists()
+
+
+def test_out_to_a_missing_bucket_is_refused_before_any_stage(s3_endpoint, tmp_path):
+    p, s = _hwq(["run", CONFIG, "--store", str(tmp_path / "store"), "--out",
+                 "s3://hwq-no-such-bucket/out", "--endpoint-url", s3_endpoint],
+                env_extra={"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"})
+    _assert_one_line(p, s, "--out", "does not exist")
+    assert not (tmp_path / "store" / "stages").exists()
+
+
+class PanicException(BaseException):
+    """What pyo3 raises for a Rust panic (tokenizers, on a regex it cannot run)."""
+
+
+def test_a_library_panic_is_one_line(monkeypatch, capsys):
+    from pipeline import cli
+
+    def panics(args):
+        raise PanicException("called `Option::unwrap()` on a `None` value\n\x1b[31mmore")
+
+    monkeypatch.setattr(cli, "_cmd_status", panics)
+    assert cli.main(["status", "nowhere"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hwq: error: a library aborted (") and err.count("\n") == 1
+    assert "PanicException: called `Option::unwrap()`" in err and "\x1b" not in err
+    with pytest.raises(PanicException):  # -v: the traceback
+        cli.main(["-v", "status", "nowhere"])
 
 
 def test_missing_config_file(tmp_path):
@@ -136,7 +174,12 @@ CONFIG_CASES = {
     # 10^9 leaves through aliases, all under one key: refused without expanding them.
     "billion-laughs": ("name: [&a [x, x, x, x, x, x, x, x, x, x], "
                        + ", ".join(f"&{c} [{', '.join(['*' + p] * 10)}]"
-                                   for p, c in zip("abcdefgh", "bcdefghi", strict=True)) + "]\n", "name"),
+                                   for p, c in zip("abcdefgh", "bcdefghi", strict=True)) + "]\n",
+                       "aliases"),
+    "alias-cycle": ("quantize: {layer_k: &a [*a]}\n", "contains it"),
+    "deeply-nested": ("name: " + "[" * 500 + "]" * 500 + "\n", "nested more than"),
+    "deeply-nested-blocks": ("".join(" " * i + f"k{i}:\n" for i in range(300)) + " " * 300 + "1\n",
+                             "nested more than"),
     "python-tag": ("name: !!python/object/apply:os.system ['true']\n", "not valid YAML"),
     "seed-too-large": ("seed: 99999999999999999999999999999\n", "seed"),
     "not-utf8": (b"name: \xff\xfe\n", "UTF-8"),
@@ -149,6 +192,34 @@ def test_hostile_config_files_are_one_line(tmp_path, case):
     cfg = tmp_path / "c.yaml"
     cfg.write_bytes(text if isinstance(text, bytes) else text.encode())
     p, s = _hwq(["run", str(cfg), "--store", str(tmp_path / "store")])
+    _assert_one_line(p, s, needle)
+
+
+def _alias_bomb() -> str:
+    # One 2,000-override list reused by 600 entries: 1.2 million values from 10 KB.
+    sets = ", ".join(["quantize.k=4"] * 2000)
+    return ("entries:\n" + f"  - {{config: {ROOT / CONFIG}, set: &s [{sets}]}}\n"
+            + f"  - {{config: {ROOT / CONFIG}, set: *s}}\n" * 599)
+
+
+BATCH_CASES = {
+    "alias-bomb": (_alias_bomb(), ["--only", "nope"], "aliases"),
+    "deeply-nested": ("entries: " + "[" * 500 + "]" * 500 + "\n", [], "nested more than"),
+    "store-dev-null": (f"entries: [{{config: {ROOT / CONFIG}}}]\n", ["--store", "/dev/null"],
+                       "store /dev/null is not a folder"),
+    "only-unknown": (f"entries: [{{config: {ROOT / CONFIG}}}]\n", ["--only", "nope"],
+                     "--only nope: no such entry"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BATCH_CASES))
+def test_hostile_batch_files_are_one_line(tmp_path, case):
+    text, args, needle = BATCH_CASES[case]
+    batch = tmp_path / "b.yaml"
+    batch.write_text(text)
+    if "--store" not in args:
+        args = [*args, "--store", str(tmp_path / "store")]
+    p, s = _hwq(["batch", str(batch), *args])
     _assert_one_line(p, s, needle)
 
 

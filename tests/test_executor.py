@@ -2,12 +2,19 @@
 error for a cluster address nobody listens on."""
 
 import os
+import shutil
 import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
 from pipeline import executor
 from pipeline.errors import ExecutorError
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_worker_env_carries_no_credentials(monkeypatch):
@@ -43,11 +50,57 @@ def test_predictable_tmp_fallback_is_not_trusted_when_planted(tmp_path, monkeypa
     # prepared as a world-writable folder: hwq must not use it.
     monkeypatch.setenv("HWQ_CACHE", str(tmp_path / ("d" * 60)))
     monkeypatch.setattr(executor.tempfile, "tempdir", str(tmp_path))
-    planted = tmp_path / f"hwq-ray-{os.getuid()}"
+    planted = tmp_path / f"hwq-{os.getuid()}-ray"
     planted.mkdir()
     planted.chmod(0o777)
-    got = executor._ray_temp_dir()
-    assert got != str(planted) and executor._private_dir(type(planted)(got))
+    got, fresh = executor._ray_temp_dir()
+    assert not got.startswith(str(planted)) and executor._private_dir(fresh)
+    assert Path(got).parent == fresh
+    fresh.rmdir()
+
+
+# Two embedded Rays one after the other, then one whose parent folder was made shared: Ray's
+# temp folder stays inside a 0700 parent, the second start neither warns nor makes a fresh
+# folder, and the fresh folder of the third is gone after shutdown.
+_RAY_TWICE = """
+import logging, os, stat, sys
+from pathlib import Path
+from pipeline import executor
+warned = []
+class Note(logging.Handler):
+    def emit(self, record):
+        warned.append(record.getMessage())
+logging.getLogger(executor.__name__).addHandler(Note(logging.WARNING))
+parent = Path(os.environ["HWQ_CACHE"]) / f"ray-{os.getuid()}"
+tmp = Path(os.environ["TMPDIR"])
+def mode(p):
+    return oct(stat.S_IMODE(os.lstat(p).st_mode))
+for _ in range(2):
+    executor.init_ray(num_cpus=1)
+    executor.shutdown_ray()
+    assert mode(parent) == "0o700", mode(parent)
+    assert not warned and not list(tmp.iterdir()), (warned, list(tmp.iterdir()))
+parent.chmod(0o777)
+executor.init_ray(num_cpus=1)
+fresh = list(tmp.glob("hwq-ray-*"))
+assert len(fresh) == 1 and mode(fresh[0]) == "0o700" and warned, (fresh, warned)
+executor.shutdown_ray()
+assert not list(tmp.iterdir()), list(tmp.iterdir())
+print("ok")
+"""
+
+
+def test_ray_temp_folder_is_private_and_nothing_is_left(tmp_path):
+    root = Path(tempfile.mkdtemp(prefix="hwqt-", dir="/tmp"))  # short: Ray's socket paths
+    try:
+        (root / "tmp").mkdir()
+        env = {**os.environ, "HWQ_CACHE": str(root / "c"), "TMPDIR": str(root / "tmp"),
+               "PYTHONPATH": str(ROOT)}
+        p = subprocess.run([sys.executable, "-c", _RAY_TWICE], env=env, cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-3000:]
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_unreachable_address_is_a_clear_error_not_a_hang():

@@ -1,6 +1,8 @@
 """Stage leases: two runs on one store never compute (or delete) the same stage at once; a dead
 holder's lease is taken over; a cache hit on S3 downloads nothing but the manifest."""
 
+import json
+import logging
 import threading
 import time
 
@@ -63,6 +65,64 @@ def test_garbage_in_the_lease_file_does_not_block_the_stage(tmp_path):
     lease = StageLease(store, "stages/q-1", ttl=5, wait=1)
     assert lease.acquire()
     lease.release()
+
+
+def _planted(**fields) -> bytes:
+    lease = {"owner": "evil:1:abc", "host": "evil", "pid": 1, "acquired": time.time() - 5,
+             "expires": time.time() + 2, **fields}
+    return json.dumps(lease).encode()  # NaN and Infinity as Python's json writes them
+
+
+@pytest.mark.parametrize("planted", [
+    {"expires": 1e18}, {"expires": float("nan")}, {"expires": float("inf")},
+    {"acquired": 1e300, "expires": 1.0}, {"acquired": float("inf")}, {"pid": "1"},
+    {"host": ["x"]}, {"owner": "o" * 5000}, {"expires": time.time() + 1e6},
+    {"acquired": -1e300, "expires": 1.0}])
+def test_an_implausible_lease_is_ignored_with_a_warning(tmp_path, caplog, planted):
+    # A planted lease expiring far in the future (or never) must not make a run wait
+    # lease_wait_s for a holder that does not exist; absurd times must not be a traceback.
+    store = Store(str(tmp_path))
+    store.write_bytes("stages/q-1.lease", _planted(**planted))
+    lease = StageLease(store, "stages/q-1", ttl=5, wait=0.2, settle=0)
+    with caplog.at_level(logging.WARNING, logger="hwq"):
+        assert lease.acquire()
+    lease.check()
+    lease.release()
+    warned = [r.getMessage() for r in caplog.records if "ignoring the lease" in r.getMessage()]
+    assert len(warned) == 1, caplog.text
+
+
+def test_a_folder_or_link_at_the_lease_path_is_replaced(tmp_path, caplog):
+    store = Store(str(tmp_path))
+    (tmp_path / "stages" / "q-1.lease").mkdir(parents=True)
+    (tmp_path / "stages" / "q-1.lease" / "x").write_text("x")
+    lease = StageLease(store, "stages/q-1", ttl=5, wait=0.2, settle=0)
+    with caplog.at_level(logging.WARNING, logger="hwq"):
+        assert lease.acquire()
+    assert (tmp_path / "stages" / "q-1.lease").is_file()
+    lease.release()
+    assert "not a lease file" in caplog.text
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    (keep / "f").write_text("kept")
+    (tmp_path / "stages" / "q-1.lease").symlink_to(keep)
+    lease = StageLease(store, "stages/q-1", ttl=5, wait=0.2, settle=0)
+    assert lease.acquire()
+    lease.release()
+    assert (keep / "f").read_text() == "kept"  # the link was removed, not followed
+
+
+def test_a_holders_host_is_printed_without_terminal_escapes(tmp_path, caplog):
+    store = Store(str(tmp_path))
+    host = "node\x1b]0;pwned\x07\x1b[2J\r\n9"
+    store.write_bytes("stages/q-1.lease", _planted(host=host, expires=time.time() + 5))
+    lease = StageLease(store, "stages/q-1", ttl=5, wait=0.2, settle=0)
+    with caplog.at_level(logging.INFO, logger="hwq"), pytest.raises(StageBusy) as e:
+        lease.acquire()
+    assert "node]0;pwned[2J 9 pid 1" in str(e.value)
+    for text in (str(e.value), caplog.text):
+        assert not any(c in text for c in "\x1b\x07\r"), repr(text)
+    assert "\n" not in str(e.value)
 
 
 def test_leases_work_on_s3(s3_bucket):

@@ -117,7 +117,11 @@ def test_out_copies_the_hwq_and_the_decoded_folder_to_a_stable_path(lm_run, lm_f
     from pipeline.store import Store
 
     out = tmp_path / "published"
+    (out / "hf").mkdir(parents=True)  # an earlier publish's folder, with a file this one lacks
+    (out / "hf" / "model-00002-of-00002.safetensors").write_bytes(b"stale")
     report = compress(lm_config(lm_files), keep_ray=True, out=str(out), hf_out=True)
+    assert not (out / "hf" / "model-00002-of-00002.safetensors").exists()
+    assert not [p.name for p in out.iterdir() if ".tmp-" in p.name]
     assert all(s["cached"] for s in report["stages"].values())
     src = open(report["metrics"]["encode"]["file"], "rb").read()
     assert (out / "model.hwq").read_bytes() == src

@@ -23,21 +23,12 @@ from typing import Any
 import torch
 
 from pipeline.config import RunConfig
+from pipeline.digests import hash_files
 from pipeline.executor import remote, task_threads
 from pipeline.graph import Stage, StageContext
 from pipeline.workload import HF_DIR, MODEL_JSON, WINDOWS, Workload, expand_path, unique_state
 
 __all__ = ["LOAD", "source_digest"]
-
-
-def _hash_files(paths: list[Path]) -> str:
-    h = hashlib.sha256()
-    for p in sorted(paths):
-        h.update(p.name.encode() + b"\0")
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-    return h.hexdigest()
 
 
 def source_digest(cfg: RunConfig) -> dict[str, Any]:
@@ -47,14 +38,14 @@ def source_digest(cfg: RunConfig) -> dict[str, Any]:
     if m.path and "://" not in m.path:
         p = Path(expand_path(m.path)).expanduser()
         if p.is_file():
-            out["model"] = _hash_files([p])
+            out["model"] = hash_files([p])
         elif p.is_dir():
             files = [f for f in p.iterdir() if f.is_file()]
             if m.gguf_file:
                 files = [f for f in files if f.suffix.lower() != ".gguf" or f.name == m.gguf_file]
-            out["model"] = _hash_files(files)
+            out["model"] = hash_files(files)
     if m.checkpoint and "://" not in m.checkpoint and Path(m.checkpoint).is_file():
-        out["checkpoint"] = _hash_files([Path(m.checkpoint)])
+        out["checkpoint"] = hash_files([Path(m.checkpoint)])
     if cfg.data.name == "text":
         out["texts"] = text_digests(cfg)
     return out

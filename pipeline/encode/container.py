@@ -35,6 +35,7 @@ from .huffman import (
     symbol_dtype,
     unpack_lengths,
 )
+from .limits import TableCache, batches, chunk_rows
 from .positions import (
     MAX_GAP_LIMIT,
     choose_max_gap,
@@ -1097,7 +1098,7 @@ class HwqReader:
         self.max_tensor_bytes = max_tensor_bytes
         self.bytes_read = 0
         self._fs, self._fpath = _url_to_fs(self.path, storage_options)
-        self._tables: dict[int, CodeTable] = {}
+        self._tables = TableCache()  # decoded tables, shared by content, bounded in bytes
         self._codebooks: dict[str, np.ndarray] = {}
         self._levels: dict[str, np.ndarray] = {}  # level counts of ragged codebooks
         self.file_bytes = int(self._fs.size(self._fpath))
@@ -1256,19 +1257,22 @@ class HwqReader:
         return out
 
     def _table(self, i: int, data: dict[int, bytes]):
-        if i not in self._tables:
-            t = self._h.tables[i]
+        """Code table i, built when a chunk needs it; identical tables are built once, and
+        at most limits.TABLE_CACHE_BYTES of them are kept (docs/FORMAT.md, section 6)."""
+        t = self._h.tables[i]
+        raw = bytes(data[id(t.section)]) if t.section.length else b""
+
+        def build():
             try:
                 if t.kind == "fixed":
-                    ct = CodeTable(fixed_lengths(t.alphabet), fixed=True)
-                elif t.kind == "rans":
-                    ct = AnsTable.unpack(bytes(data[id(t.section)]), t.alphabet)
-                else:
-                    ct = CodeTable(unpack_lengths(bytes(data[id(t.section)]), t.alphabet, t.width))
+                    return CodeTable(fixed_lengths(t.alphabet), fixed=True)
+                if t.kind == "rans":
+                    return AnsTable.unpack(raw, t.alphabet)
+                return CodeTable(unpack_lengths(raw, t.alphabet, t.width))
             except DecodeError as exc:
                 self._fail(f"invalid code_tables[{i}]: {exc}")
-            self._tables[i] = ct
-        return self._tables[i]
+
+        return self._tables.get((t.kind, t.alphabet, t.width, raw), build)
 
     def _needed(self, t: _Tensor) -> list[_Section]:
         if t.kind == "raw":
@@ -1278,9 +1282,7 @@ class HwqReader:
             if st is None:
                 continue
             secs += [s for s, _ in st.chunks]
-            for i in dict.fromkeys(st.tables()):
-                if i not in self._tables:
-                    secs.append(self._h.tables[i].section)
+            secs += [self._h.tables[i].section for i in dict.fromkeys(st.tables())]
         return secs
 
     def _rows_in_order(self, t: _Tensor, codes: np.ndarray) -> np.ndarray:
@@ -1309,29 +1311,43 @@ class HwqReader:
         return names
 
     def _stream_parts(self, st: _Stream, data, map_fn, extra=None) -> Iterable[np.ndarray]:
-        """The decoded chunks of a stream, in order; in-process they are decoded lazily, one
-        at a time. A prefix-coded chunk holds at most 8 symbols per byte, an rANS or context
-        chunk at most what its tensor bounds (both checked in the header).
+        """The decoded chunks of a stream, in order, lazily: in-process one chunk at a time
+        (its table looked up or built when it is decoded), through a map_fn in batches of
+        bounded symbols and tables (limits.batches). A prefix-coded chunk holds at most 8
+        symbols per byte, an rANS or context chunk at most what its tensor bounds (both
+        checked in the header).
 
-        extra: for context-coded streams, per chunk the arguments after (data, n) of its
-        decode job (positions: cols, group; indices: k, the chunk's rows)."""
+        extra: for context-coded streams, (kind, args) where args(j) gives chunk j's decode
+        job arguments after (data, n) (mask: cols, group; index: k, the chunk's rows)."""
         if not st.chunks:
-            return []
-        # Workers of a distributed map_fn need picklable bytes, not memoryviews.
-        blobs = [bytes(data[id(s)]) if map_fn else data[id(s)] for s, _ in st.chunks]
-        if st.coder == "context":
-            kind = "mask" if extra and extra[0] == "mask" else "index"
-            jobs = [(kind, b, n, *x) for b, (_, n), x in zip(blobs, st.chunks, extra[1],
-                                                             strict=True)]
-        else:
-            per_chunk = st.chunk_tables or [st.table] * len(st.chunks)
-            tables = {i: self._table(i, data) for i in dict.fromkeys(per_chunk)}
-            jobs = [("table", b, n, tables[i])
-                    for b, (_, n), i in zip(blobs, st.chunks, per_chunk, strict=True)]
+            return iter(())
+        per_chunk = st.chunk_tables or [st.table] * len(st.chunks)
+
+        def job(j: int) -> tuple:
+            s, n = st.chunks[j]
+            # Workers of a distributed map_fn need picklable bytes, not memoryviews.
+            b = bytes(data[id(s)]) if map_fn else data[id(s)]
+            if st.coder == "context":
+                kind = "mask" if extra and extra[0] == "mask" else "index"
+                return (kind, b, n, *extra[1](j))
+            return ("table", b, n, self._table(per_chunk[j], data))
+
+        jobs = (job(j) for j in range(len(st.chunks)))
         if map_fn is None:
             return (self._decode_one(j) for j in jobs)
+        return self._mapped(map_fn, jobs)
+
+    def _mapped(self, map_fn, jobs: Iterable[tuple]) -> Iterable[np.ndarray]:
+        """Decoded chunks through map_fn, one bounded batch at a time."""
+        def size(j: tuple) -> int:
+            return int(j[2]) * (int(j[3]) if j[0] == "mask" else 1)
+
         try:
-            return list(map_fn(decode_job, jobs))
+            for group in batches(jobs, size, lambda j: j[3:4] if j[0] == "table" else ()):
+                parts = list(map_fn(decode_job, group))
+                del group
+                while parts:
+                    yield parts.pop(0)
         except DecodeError as exc:
             self._fail(f"corrupt stream: {exc}")
 
@@ -1341,11 +1357,20 @@ class HwqReader:
         except DecodeError as exc:
             self._fail(f"corrupt stream: {exc}")
 
-    def _decode_stream(self, st: _Stream, data, map_fn, extra=None) -> np.ndarray:
-        parts = list(self._stream_parts(st, data, map_fn, extra))
-        if not parts:
-            return np.zeros(0, np.uint8)
-        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+    def _decode_stream(self, st: _Stream, data, map_fn, dtype, extra=None) -> np.ndarray:
+        """The stream's symbols [n_symbols] of ``dtype``, filled chunk by chunk (no list of
+        decoded chunks next to their concatenation)."""
+        out = np.empty(st.n_symbols, dtype)
+        at = 0
+        for part in self._stream_parts(st, data, map_fn, extra):
+            part = part.reshape(-1)
+            if at + part.shape[0] > out.shape[0]:
+                self._fail(f"{st.chunks[0][0].what}: more symbols than the stream declares")
+            out[at : at + part.shape[0]] = part
+            at += part.shape[0]
+        if at != out.shape[0]:
+            self._fail(f"{st.chunks[0][0].what}: {at} symbols, not {out.shape[0]}")
+        return out
 
     def _positions(self, t: _Tensor, data, map_fn) -> np.ndarray:
         """Kept flat positions int64 [n_kept] of a pruned tensor, from its gap symbols.
@@ -1385,9 +1410,10 @@ class HwqReader:
         out = np.empty(t.n_kept, np.int64)
         n_out = 0
         row = 0
-        extra = ("mask", [(cols, group)] * len(t.positions.chunks))
+        extra = ("mask", lambda j: (cols, group))
         for part in self._stream_parts(t.positions, data, map_fn, extra):
-            p = np.flatnonzero(part.reshape(-1)) + row * cols
+            p = np.flatnonzero(part.reshape(-1))
+            p += row * cols
             if n_out + p.shape[0] > t.n_kept:
                 self._fail(f"tensor {t.name!r}: the mask keeps more than {t.n_kept}")
             out[n_out : n_out + p.shape[0]] = p
@@ -1403,18 +1429,19 @@ class HwqReader:
         if positions is None and t.positions is not None:
             positions = self._positions(t, data, map_fn)
         k = self._h.codebooks[t.codebook][0][-1]
+        dtype = symbol_dtype(k)
         if t.indices.coder == "context":
             _, cols, _ = mask_geometry(t.shape)
-            extra, start = [], 0
-            for _, n in t.indices.chunks:
-                at = positions[start : start + n] if positions is not None else \
-                    np.arange(start, start + n, dtype=np.int64)
-                rows = at // max(cols, 1)
-                extra.append((k, rows - (rows[0] if rows.size else 0)))
-                start += n
-            codes = self._decode_stream(t.indices, data, map_fn, ("index", extra))
+            starts = np.cumsum([0] + [n for _, n in t.indices.chunks]).tolist()
+
+            def rows(j: int) -> tuple:
+                # Built when chunk j is decoded: narrow, and one chunk's at a time.
+                n = t.indices.chunks[j][1]
+                return k, chunk_rows(positions, starts[j], n, cols)
+
+            codes = self._decode_stream(t.indices, data, map_fn, dtype, ("index", rows))
         else:
-            codes = self._decode_stream(t.indices, data, map_fn)
+            codes = self._decode_stream(t.indices, data, map_fn, dtype)
         if t.indices.order == "levels":
             codes = self._rows_in_order(t, codes)
         if codes.size and int(codes.max()) >= k:
@@ -1519,7 +1546,8 @@ class HwqReader:
                     one = _Stream(None, [], 0)
                     for ch, i in zip(st.chunks, per_chunk, strict=True):
                         one.table, one.chunks, one.n_symbols = i, [ch], ch[1]
-                        sym = self._decode_stream(one, data, map_fn)
+                        sym = self._decode_stream(one, data, map_fn,
+                                                  symbol_dtype(self._h.tables[i].alphabet))
                         hist[i] += np.bincount(sym, minlength=hist[i].size)
             if t.kind != "quantized":
                 continue

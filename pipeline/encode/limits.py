@@ -1,0 +1,156 @@
+"""Bounds on the .hwq reader's working memory (docs/FORMAT.md, section 6, "Working memory").
+
+A header can name many code tables and few symbols; without a bound, a reader that builds
+every table's decoder and keeps it for its lifetime spends memory in proportion to the
+tables' declared precision, not to what the file can honestly need. This module holds the
+pieces the reader uses to keep every allocation a header can cause within
+
+    peak <= file bytes + output + 13 · n_kept + TABLE_CACHE_BYTES + a few MiB of blocks
+
+(n_kept: the kept weights of the largest quantized tensor read; see :func:`working_bound`).
+
+- :class:`TableCache`: decoded code tables shared by content and kept within a byte budget
+  (least recently used first out), built lazily when a chunk needs them;
+- :func:`chunk_rows`: the relative row of each code of a context-coded index chunk, in the
+  narrowest unsigned dtype (not int64 per symbol);
+- :func:`batches`: jobs for a distributed ``map_fn`` in groups of bounded symbols and
+  table bytes, so its results and tables are never all held at once.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterable, Iterator
+from typing import Any
+
+import numpy as np
+
+from .ans import AnsTable
+from .huffman import LUT_BITS, CodeTable
+
+__all__ = [
+    "BATCH_SYMBOLS",
+    "TABLE_CACHE_BYTES",
+    "TableCache",
+    "batches",
+    "chunk_rows",
+    "table_bytes",
+    "working_bound",
+]
+
+TABLE_CACHE_BYTES = 64 << 20
+"""Most bytes of decoded code tables a reader holds at once (beyond the one in use). An
+honest file's tables take far less: one per codebook or level count, each at most
+2**16 slots × 5 bytes (rANS at the writer's precision) or a 2**LUT_BITS lookup table."""
+BATCH_SYMBOLS = 1 << 26
+"""Most symbols one call of a distributed map_fn decodes (16 default chunks of 4 M): its
+results arrive together, so this bounds them (at most 2 bytes a symbol) and the row arrays
+its context-coded jobs carry (at most 8 bytes a symbol)."""
+
+
+def table_bytes(table: Any) -> int:
+    """Bytes a decoded table holds while in use: an rANS table's frequencies and 2**prob_bits
+    slots; a prefix table's lengths, codewords, sorted symbols and lookup table."""
+    if isinstance(table, AnsTable):
+        return table.decoder_bytes()
+    if isinstance(table, CodeTable):
+        return 24 * table.alphabet + 4 * (1 << LUT_BITS) + 1024
+    raise TypeError(f"not a code table: {type(table).__name__}")
+
+
+class TableCache:
+    """Decoded tables by content key, at most ``budget`` bytes of them (:func:`table_bytes`),
+    least recently used evicted first; the newest is always kept, whatever its size (one
+    table is bounded by its alphabet: rANS at most ~4 MiB, see ans.max_prob_bits).
+
+    Identical tables (the same kind, alphabet and bytes) are built once; a table evicted and
+    needed again is rebuilt from its bytes, which the reader holds anyway.
+    """
+
+    def __init__(self, budget: int = TABLE_CACHE_BYTES):
+        self.budget = int(budget)
+        self._items: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()
+        self.held = 0
+        self.peak = 0  # most bytes held at once (tests)
+        self.built = 0  # tables built (tests)
+
+    def get(self, key: Hashable, build: Callable[[], Any]) -> Any:
+        hit = self._items.get(key)
+        if hit is not None:
+            self._items.move_to_end(key)
+            return hit[0]
+        table = build()
+        cost = table_bytes(table)
+        self.built += 1
+        while self._items and self.held + cost > self.budget:
+            _, (_, c) = self._items.popitem(last=False)
+            self.held -= c
+        self._items[key] = (table, cost)
+        self.held += cost
+        self.peak = max(self.peak, self.held)
+        return table
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def chunk_rows(positions: np.ndarray | None, start: int, n: int, cols: int) -> np.ndarray:
+    """Row of each of the n codes of a context-coded index chunk, relative to its first code's
+    row: ``flat // cols - first`` where flat is ``positions[start:start+n]`` (a pruned
+    tensor's kept positions) or ``start + arange(n)`` (a dense one).
+
+    Returns uint32 (int64 only for a span of 2**32 rows or more), computed in blocks: no
+    int64 array of n elements. (Two dtypes only: each is one compiled decoder.)
+    """
+    cols = max(int(cols), 1)
+    if n == 0:
+        return np.zeros(0, np.uint8)
+    first = (int(positions[start]) if positions is not None else start) // cols
+    last = (int(positions[start + n - 1]) if positions is not None else start + n - 1) // cols
+    # Kept positions increase, so the span is last - first; anything else is caught by the
+    # decoder as a corrupt stream (the rows only select statistics).
+    span = max(last - first, 0)
+    dtype = np.uint32 if span < 1 << 32 else np.int64
+    out = np.empty(n, dtype)
+    block = 1 << 20
+    for b in range(0, n, block):
+        e = min(n, b + block)
+        at = positions[start + b : start + e] if positions is not None else \
+            np.arange(start + b, start + e, dtype=np.int64)
+        r = at // cols
+        r -= first
+        out[b:e] = r
+    return out
+
+
+def batches(jobs: Iterable[tuple], symbols: Callable[[tuple], int],
+            tables: Callable[[tuple], Iterable[Any]],
+            max_symbols: int = BATCH_SYMBOLS,
+            max_table_bytes: int = TABLE_CACHE_BYTES) -> Iterator[list[tuple]]:
+    """Consecutive groups of jobs, each within max_symbols decoded symbols and max_table_bytes
+    of distinct tables (by identity), and at least one job."""
+    group: list[tuple] = []
+    n = 0
+    seen: dict[int, int] = {}
+    for job in jobs:
+        s = symbols(job)
+        new = {id(t): table_bytes(t) for t in tables(job) if id(t) not in seen}
+        if group and (n + s > max_symbols or sum(seen.values()) + sum(new.values())
+                      > max_table_bytes):
+            yield group
+            group, n, seen = [], 0, {}
+            new = {id(t): table_bytes(t) for t in tables(job)}
+        group.append(job)
+        n += s
+        seen.update(new)
+    if group:
+        yield group
+
+
+def working_bound(n_kept: int, file_bytes: int, output_bytes: int) -> int:
+    """The documented bound on a read's peak memory beyond the interpreter (bytes): the
+    payload held, the dense output, 13 bytes per kept weight of the largest tensor read
+    (8: its int64 positions; 2 + 2: its codes and their row-ordered copy or the chunk being
+    decoded; 1: a context-coded chunk's row indices at the narrowest), the table cache, and
+    32 MiB of block temporaries (gap symbols to positions, codebook scatter, mask chunks)."""
+    return file_bytes + output_bytes + 13 * n_kept + TABLE_CACHE_BYTES + (32 << 20)

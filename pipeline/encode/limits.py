@@ -5,9 +5,10 @@ every table's decoder and keeps it for its lifetime spends memory in proportion 
 tables' declared precision, not to what the file can honestly need. This module holds the
 pieces the reader uses to keep every allocation a header can cause within
 
-    peak <= file bytes + output + 13 · n_kept + TABLE_CACHE_BYTES + a few MiB of blocks
+    peak <= file bytes + output + W + TABLE_CACHE_BYTES + 32 MiB of block temporaries
 
-(n_kept: the kept weights of the largest quantized tensor read; see :func:`working_bound`).
+(W: the working memory of the largest quantized tensor read, about 12 bytes a kept weight
+plus its largest chunk's; see :func:`working_bound`).
 
 - :class:`TableCache`: decoded code tables shared by content and kept within a byte budget
   (least recently used first out), built lazily when a chunk needs them;
@@ -42,10 +43,10 @@ TABLE_CACHE_BYTES = 64 << 20
 """Most bytes of decoded code tables a reader holds at once (beyond the one in use). An
 honest file's tables take far less: one per codebook or level count, each at most
 2**16 slots × 5 bytes (rANS at the writer's precision) or a 2**LUT_BITS lookup table."""
-BATCH_SYMBOLS = 1 << 26
-"""Most symbols one call of a distributed map_fn decodes (16 default chunks of 4 M): its
-results arrive together, so this bounds them (at most 2 bytes a symbol) and the row arrays
-its context-coded jobs carry (at most 8 bytes a symbol)."""
+BATCH_SYMBOLS = 1 << 24
+"""Most symbols one call of a distributed map_fn decodes (4 default chunks of 4 M; or one
+larger chunk): its results arrive together, so this bounds them (at most 2 bytes a symbol)
+and the row arrays its context-coded jobs carry (4 bytes a symbol): 128 MiB at most."""
 
 
 def table_bytes(table: Any) -> int:
@@ -147,10 +148,34 @@ def batches(jobs: Iterable[tuple], symbols: Callable[[tuple], int],
         yield group
 
 
-def working_bound(n_kept: int, file_bytes: int, output_bytes: int) -> int:
-    """The documented bound on a read's peak memory beyond the interpreter (bytes): the
-    payload held, the dense output, 13 bytes per kept weight of the largest tensor read
-    (8: its int64 positions; 2 + 2: its codes and their row-ordered copy or the chunk being
-    decoded; 1: a context-coded chunk's row indices at the narrowest), the table cache, and
-    32 MiB of block temporaries (gap symbols to positions, codebook scatter, mask chunks)."""
-    return file_bytes + output_bytes + 13 * n_kept + TABLE_CACHE_BYTES + (32 << 20)
+def working_bound(tensors: Iterable[Any], file_bytes: int, output_bytes: int) -> int:
+    """The documented bound (docs/FORMAT.md, section 6) on the memory one read allocates,
+    in bytes, from the header alone: the payload it holds, the dense output, the table
+    cache, 32 MiB of block temporaries, and the largest of the tensors' own working memory
+    (tensors decode one at a time; their buffers are freed before the next):
+
+        4·n_kept (codes, up to 2 bytes each, and their row-ordered copy)
+        + 8·n_kept when pruned (the kept positions, int64)
+        + the largest chunk's temporaries: 8 bytes a symbol of a context-coded index chunk
+          (2 + 1 bytes of codes, 4 of rows), rows·cols + 16·kept of a mask chunk (its bits,
+          their positions), 2 bytes a symbol of a table-coded chunk.
+
+    ``tensors``: the reader's parsed tensors (container._Tensor) being read."""
+    work = 0
+    for t in tensors:
+        if t.kind != "quantized":
+            continue
+        k = t.n_kept
+        w = 4 * k + (8 * k if t.positions is not None else 0)
+        chunk = 0
+        for st in (t.indices, t.positions):
+            if st is None:
+                continue
+            for _, n in st.chunks:
+                if st.coder == "context" and st is t.positions:
+                    cols = t.numel // max(t.shape[0], 1) if len(t.shape) >= 2 else t.numel
+                    chunk = max(chunk, n * cols + 16 * min(k, n * cols))
+                else:
+                    chunk = max(chunk, (8 if st.coder == "context" else 2) * n)
+        work = max(work, w + chunk)
+    return int(file_bytes) + int(output_bytes) + work + TABLE_CACHE_BYTES + (32 << 20)

@@ -35,7 +35,8 @@ from .huffman import (
     symbol_dtype,
     unpack_lengths,
 )
-from .limits import TableCache, batches, chunk_rows
+from .inspection import format_inspect  # noqa: F401 - re-exported
+from .limits import TableCache, batches, chunk_rows, not_a_file
 from .positions import (
     MAX_GAP_LIMIT,
     choose_max_gap,
@@ -1098,6 +1099,8 @@ class HwqReader:
         self.max_tensor_bytes = max_tensor_bytes
         self.bytes_read = 0
         self._fs, self._fpath = _url_to_fs(self.path, storage_options)
+        if (why := not_a_file(self._fs, self._fpath)) is not None:
+            self._fail(f"{why}; give the path of a .hwq file")  # (a FIFO would hang a read)
         self._tables = TableCache()  # decoded tables, shared by content, bounded in bytes
         self._codebooks: dict[str, np.ndarray] = {}
         self._levels: dict[str, np.ndarray] = {}  # level counts of ragged codebooks
@@ -1737,28 +1740,3 @@ def inspect_hwq(
         path_or_url, storage_options=storage_options, max_header_bytes=max_header_bytes
     )
     return reader.inspect()
-
-
-def format_inspect(rows: list[dict]) -> str:
-    """A human-readable table of :func:`inspect_hwq` rows, with totals."""
-    head = f"{'name':<36} {'kind':<10} {'shape':<18} {'kept':>7} {'b/weight':>9} {'bytes':>12} {'share':>7}"
-    lines = [head, "-" * len(head)]
-    total = sum(r["bytes"] for r in rows)
-    n_weights = sum(r.get("numel", 0) for r in rows if r["kind"] == "quantized")
-    n_kept = sum(r.get("n_kept", 0) for r in rows if r["kind"] == "quantized")
-    for r in rows:
-        shape = "x".join(map(str, r["shape"])) if "shape" in r else ""
-        kept = f"{r['kept_fraction']:.2%}" if "kept_fraction" in r else ""
-        bpw = f"{r['bits_per_weight']:.3f}" if "bits_per_weight" in r else ""
-        name = r["name"] if len(r["name"]) <= 36 else "..." + r["name"][-33:]
-        lines.append(
-            f"{name:<36} {r['kind']:<10} {shape:<18} {kept:>7} {bpw:>9} {r['bytes']:>12,} "
-            f"{r['share']:>7.2%}"
-        )
-    lines.append("-" * len(head))
-    kept = f"{n_kept / n_weights:.2%}" if n_weights else ""
-    bpw = f"{8 * total / n_weights:.3f}" if n_weights else ""
-    lines.append(
-        f"{'total (quantized weights)':<36} {'':<10} {'':<18} {kept:>7} {bpw:>9} {total:>12,} {1:>7.2%}"
-    )
-    return "\n".join(lines)

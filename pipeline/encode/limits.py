@@ -15,7 +15,9 @@ plus its largest chunk's; see :func:`working_bound`).
 - :func:`chunk_rows`: the relative row of each code of a context-coded index chunk, in the
   narrowest unsigned dtype (not int64 per symbol);
 - :func:`batches`: jobs for a distributed ``map_fn`` in groups of bounded symbols and
-  table bytes, so its results and tables are never all held at once.
+  table bytes, so its results and tables are never all held at once;
+- :func:`not_a_file`, :func:`read_small_file`: a folder, FIFO or device where a file is
+  expected is one clear error, never a hang or a traceback.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ __all__ = [
     "TableCache",
     "batches",
     "chunk_rows",
+    "not_a_file",
+    "read_small_file",
     "table_bytes",
     "working_bound",
 ]
@@ -116,18 +120,24 @@ def chunk_rows(positions: np.ndarray | None, start: int, n: int, cols: int) -> n
     block = 1 << 20
     for b in range(0, n, block):
         e = min(n, b + block)
-        at = positions[start + b : start + e] if positions is not None else \
-            np.arange(start + b, start + e, dtype=np.int64)
+        at = (
+            positions[start + b : start + e]
+            if positions is not None
+            else np.arange(start + b, start + e, dtype=np.int64)
+        )
         r = at // cols
         r -= first
         out[b:e] = r
     return out
 
 
-def batches(jobs: Iterable[tuple], symbols: Callable[[tuple], int],
-            tables: Callable[[tuple], Iterable[Any]],
-            max_symbols: int = BATCH_SYMBOLS,
-            max_table_bytes: int = TABLE_CACHE_BYTES) -> Iterator[list[tuple]]:
+def batches(
+    jobs: Iterable[tuple],
+    symbols: Callable[[tuple], int],
+    tables: Callable[[tuple], Iterable[Any]],
+    max_symbols: int = BATCH_SYMBOLS,
+    max_table_bytes: int = TABLE_CACHE_BYTES,
+) -> Iterator[list[tuple]]:
     """Consecutive groups of jobs, each within max_symbols decoded symbols and max_table_bytes
     of distinct tables (by identity), and at least one job."""
     group: list[tuple] = []
@@ -136,8 +146,9 @@ def batches(jobs: Iterable[tuple], symbols: Callable[[tuple], int],
     for job in jobs:
         s = symbols(job)
         new = {id(t): table_bytes(t) for t in tables(job) if id(t) not in seen}
-        if group and (n + s > max_symbols or sum(seen.values()) + sum(new.values())
-                      > max_table_bytes):
+        if group and (
+            n + s > max_symbols or sum(seen.values()) + sum(new.values()) > max_table_bytes
+        ):
             yield group
             group, n, seen = [], 0, {}
             new = {id(t): table_bytes(t) for t in tables(job)}
@@ -179,3 +190,70 @@ def working_bound(tensors: Iterable[Any], file_bytes: int, output_bytes: int) ->
                     chunk = max(chunk, (8 if st.coder == "context" else 2) * n)
         work = max(work, w + chunk)
     return int(file_bytes) + int(output_bytes) + work + TABLE_CACHE_BYTES + (32 << 20)
+
+
+# ---------------------------------------------------------------------------------------------
+# untrusted paths: a folder or a FIFO where a file is expected must not hang or trace back
+
+
+def _local(fs: Any) -> bool:
+    from fsspec.implementations.local import LocalFileSystem
+
+    return isinstance(fs, LocalFileSystem)
+
+
+def _kind(mode: int) -> str:
+    import stat
+
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "not a regular file"
+
+
+def not_a_file(fs: Any, path: str) -> str | None:
+    """Why a local ``path`` cannot be read as a file ("is a folder", ...), None when it is a
+    regular file (through symlinks), missing (the read says so), or not local (an object
+    store has no FIFOs; its folders fail as missing keys)."""
+    import os
+    import stat
+
+    if not _local(fs):
+        return None
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    return None if stat.S_ISREG(mode) else f"is {_kind(mode)}, not a file"
+
+
+def read_small_file(fs: Any, path: str, max_bytes: int) -> bytes:
+    """The bytes of a small file; ValueError (one line) for a folder, FIFO or device, or one
+    larger than max_bytes. Locally it is opened non-blocking (a FIFO without a writer would
+    block an ordinary open forever) and checked to be a regular file before it is read."""
+    import os
+    import stat
+
+    if not _local(fs):
+        if fs.isdir(path):
+            raise ValueError(f"{path} is a folder, not a file")
+        with fs.open(path, "rb") as f:
+            data = f.read(max_bytes + 1)
+    else:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        try:
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):
+                raise ValueError(f"{path} is {_kind(mode)}, not a file")
+            with os.fdopen(fd, "rb", closefd=False) as f:
+                data = f.read(max_bytes + 1)
+        finally:
+            os.close(fd)
+    if len(data) > max_bytes:
+        raise ValueError(f"{path} is larger than {max_bytes >> 20} MiB; not a model file")
+    return data

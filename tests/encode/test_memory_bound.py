@@ -43,8 +43,13 @@ def _read_capped(path, warm, **kw) -> dict:
     r = HwqReader(path, max_output_bytes=kw.get("max_output_bytes"))
     bound = working_bound(r._h.tensors.values(), r.file_bytes, r.decoded_bytes())
     env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, "-c", _CHILD, str(path), str(warm), str(bound),
-                        json.dumps(kw)], env=env, capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(path), str(warm), str(bound), json.dumps(kw)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     return dict(json.loads(p.stdout.splitlines()[-1]), bound=bound)
 

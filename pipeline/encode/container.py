@@ -36,7 +36,7 @@ from .huffman import (
     unpack_lengths,
 )
 from .inspection import format_inspect  # noqa: F401 - re-exported
-from .limits import TableCache, batches, chunk_rows, not_a_file
+from .limits import TableCache, batches, chunk_rows, codebook_work, not_a_file
 from .positions import (
     MAX_GAP_LIMIT,
     choose_max_gap,
@@ -1460,6 +1460,17 @@ class HwqReader:
             secs += [t.section for t in self._h.tables]
         else:
             secs = [s for t in tensors for s in self._needed(t)]
+        # Codebooks are decoded per call (not kept for the reader's life), and their dense
+        # form, which a ragged one's few bytes can make large, is bounded first.
+        self._codebooks.clear()
+        self._levels.clear()
+        ids = {id(s) for s in secs}
+        need = sum(codebook_work(c[0]) for c in self._h.codebooks.values() if id(c[1]) in ids)
+        limit, why = self.output_limit()
+        if need > max(limit, OUTPUT_FLOOR_BYTES):
+            self._fail(f"its codebooks would take {need:,} bytes to decode, above the "
+                       f"{max(limit, OUTPUT_FLOOR_BYTES):,}-byte cap ({why}); if you trust "
+                       f"this file, raise it: max_output_bytes={need}")
         data = self._fetch(secs)
         for i, t in enumerate(self._h.tables):
             if id(t.section) in data:

@@ -22,6 +22,7 @@ plus its largest chunk's; see :func:`working_bound`).
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from typing import Any
@@ -37,6 +38,7 @@ __all__ = [
     "TableCache",
     "batches",
     "chunk_rows",
+    "codebook_work",
     "not_a_file",
     "read_small_file",
     "table_bytes",
@@ -51,6 +53,14 @@ BATCH_SYMBOLS = 1 << 24
 """Most symbols one call of a distributed map_fn decodes (4 default chunks of 4 M; or one
 larger chunk): its results arrive together, so this bounds them (at most 2 bytes a symbol)
 and the row arrays its context-coded jobs carry (4 bytes a symbol): 128 MiB at most."""
+
+
+def codebook_work(shape: tuple[int, ...]) -> int:
+    """Most bytes decoding a codebook of ``shape`` takes at once: 10 per value while a ragged
+    one is expanded (float32 values, two bool masks, the gathered fill), then 4 kept and up
+    to 8 of a cast copy per tensor read: 16 a value. (A ragged codebook stores only the
+    levels its rows use, so a few bytes can declare [rows, 2**24].)"""
+    return 16 * math.prod(shape)
 
 
 def table_bytes(table: Any) -> int:

@@ -308,6 +308,23 @@ def context_index_file(folder: Path, *, rows: int = 2048, cols: int = 2048) -> b
     return path.read_bytes()
 
 
+def wide_ragged_codebook_file(folder: Path, *, k: int = 1 << 22) -> bytes:
+    """A ragged codebook declared [16, k]: its stored bytes are its rows' few levels, its
+    dense form 16 · k float32 (256 MiB for k = 2**22) plus the masks that expand it."""
+    h, payload = split(level_table_file(folder, rows=16, cols=4, prob_bits=16))
+    c = h["codebooks"][0]
+    # Stored as a writer would for k > 255: uint16 level counts (2 a row), then the levels.
+    levels = np.sort(np.random.default_rng(1).normal(size=(16, 2)), axis=1)
+    sec = np.full(16, 2, "<u2").tobytes() + levels.astype("<f2").tobytes()
+    delta = len(sec) - c["length"]
+    c.update(shape=[16, k], length=len(sec), crc32=zlib.crc32(sec))
+    for t in h["code_tables"]:
+        t["offset"] += delta
+    for ch in tensor(h, "lm.q")["indices"]["chunks"]:
+        ch[0] += delta
+    return join(h, sec + bytes(payload[c["offset"] + len(sec) - delta :]))
+
+
 def memory_bombs(folder: Path) -> dict[str, tuple[bytes, bool]]:
     """name -> (file, must be refused): the crafted files of the decoder's memory bound, at
     fuzz-case sizes (each decodes or is refused in well under a second)."""
@@ -317,4 +334,5 @@ def memory_bombs(folder: Path) -> dict[str, tuple[bytes, bool]]:
         "level-tables-pb17-wide": (level_table_file(folder, rows=2, cols=16, prob_bits=17,
                                                     alphabet=1 << 14 | 1), False),
         "context-indices-4M": (context_index_file(folder), False),
+        "ragged-codebook-16x2^22": (wide_ragged_codebook_file(folder), True),
     }

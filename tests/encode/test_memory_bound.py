@@ -102,6 +102,15 @@ def test_tiny_tables_at_20_bits_are_refused_within_the_bound(folder):
     assert got["result"] == "refused" and "prob_bits 20 > 16" in got["message"], got
 
 
+def test_a_wide_ragged_codebook_is_refused_within_the_bound(folder):
+    """A few hundred bytes declaring a [16, 2**22] ragged codebook: ~640 MiB to expand (the
+    old reader tried); its decoded size is checked against the output cap first."""
+    p = folder / "wide-cb.hwq"
+    p.write_bytes(hf.wide_ragged_codebook_file(folder))
+    got = _read_capped(p, _warm(folder, "ans", coder="ans"))
+    assert got["result"] == "refused" and "codebooks would take" in got["message"], got
+
+
 def test_identical_tables_are_built_once():
     cache = TableCache(budget=1 << 20)
     built = []

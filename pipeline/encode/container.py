@@ -1102,6 +1102,7 @@ class HwqReader:
         if (why := not_a_file(self._fs, self._fpath)) is not None:
             self._fail(f"{why}; give the path of a .hwq file")  # (a FIFO would hang a read)
         self._tables = TableCache()  # decoded tables, shared by content, bounded in bytes
+        self._table_keys: dict[int, tuple] = {}  # table index -> its content key
         self._codebooks: dict[str, np.ndarray] = {}
         self._levels: dict[str, np.ndarray] = {}  # level counts of ragged codebooks
         self.file_bytes = int(self._fs.size(self._fpath))
@@ -1263,7 +1264,11 @@ class HwqReader:
         """Code table i, built when a chunk needs it; identical tables are built once, and
         at most limits.TABLE_CACHE_BYTES of them are kept (docs/FORMAT.md, section 6)."""
         t = self._h.tables[i]
-        raw = bytes(data[id(t.section)]) if t.section.length else b""
+        key = self._table_keys.get(i)
+        if key is None:  # the table's bytes (CRC-checked, so fixed for the file) name it
+            raw = bytes(data[id(t.section)]) if t.section.length else b""
+            key = self._table_keys[i] = (t.kind, t.alphabet, t.width, raw)
+        raw = key[3]
 
         def build():
             try:
@@ -1275,7 +1280,7 @@ class HwqReader:
             except DecodeError as exc:
                 self._fail(f"invalid code_tables[{i}]: {exc}")
 
-        return self._tables.get((t.kind, t.alphabet, t.width, raw), build)
+        return self._tables.get(key, build)
 
     def _needed(self, t: _Tensor) -> list[_Section]:
         if t.kind == "raw":

@@ -35,7 +35,7 @@ from .huffman import (
     symbol_dtype,
     unpack_lengths,
 )
-from .inspection import format_inspect  # noqa: F401 - re-exported
+from .inspection import format_inspect, inspect_rows  # noqa: F401 - format_inspect re-exported
 from .limits import TableCache, batches, chunk_rows, codebook_work, not_a_file
 from .positions import (
     MAX_GAP_LIMIT,
@@ -1589,7 +1589,7 @@ class HwqReader:
 
     def inspect(self) -> list[dict]:
         """Per-item rows from the header alone (see :func:`inspect_hwq`)."""
-        return _inspect_rows(self._h, self.payload_start, self.file_bytes)
+        return inspect_rows(self._h, self.payload_start, self.file_bytes, self._out_bytes)
 
 
 def _reject_constant(name: str):
@@ -1704,39 +1704,6 @@ def _accounting(h: _Header, table_hist: list[np.ndarray], payload_start: int,
 
 # ---------------------------------------------------------------------------------------------
 # inspection
-
-
-def _inspect_rows(h: _Header, payload_start: int, file_bytes: int) -> list[dict]:
-    rows: list[dict] = [{"kind": "header", "name": "(header)", "bytes": payload_start}]
-    for name, (shape, sec, *_) in h.codebooks.items():
-        rows.append({"kind": "codebook", "name": name, "shape": shape, "bytes": sec.length})
-    for i, t in enumerate(h.tables):
-        rows.append(
-            {"kind": "code_table", "name": f"table {i} ({t.kind}, {t.alphabet} symbols)",
-             "bytes": t.section.length}
-        )  # fmt: skip
-    for t in h.tensors.values():
-        r: dict[str, Any] = {
-            "kind": t.kind, "name": t.name, "shape": t.shape, "dtype": t.dtype,
-            "numel": t.numel, "decoded_bytes": HwqReader._out_bytes(t),
-        }  # fmt: skip
-        if t.kind == "raw":
-            r.update(bytes=t.raw.length, kept_fraction=1.0)
-        else:
-            ib = sum(s.length for s, _ in t.indices.chunks)
-            pb = sum(s.length for s, _ in t.positions.chunks) if t.positions else 0
-            r.update(
-                scope=t.scope, codebook=t.codebook, n_kept=t.n_kept,
-                kept_fraction=t.n_kept / t.numel if t.numel else 1.0,
-                index_bytes=ib, position_bytes=pb, bytes=ib + pb,
-                index_bits_per_kept=8 * ib / t.n_kept if t.n_kept else 0.0,
-                position_bits_per_kept=8 * pb / t.n_kept if t.n_kept else 0.0,
-            )  # fmt: skip
-        r["bits_per_weight"] = 8 * r["bytes"] / t.numel if t.numel else 0.0
-        rows.append(r)
-    for r in rows:
-        r["share"] = r["bytes"] / file_bytes if file_bytes else 0.0
-    return rows
 
 
 def inspect_hwq(

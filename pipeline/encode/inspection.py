@@ -10,7 +10,47 @@ weights, as this table once did, reported ~12 bits where the report said ~3.
 
 from __future__ import annotations
 
-__all__ = ["format_inspect", "inspect_totals"]
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["format_inspect", "inspect_rows", "inspect_totals"]
+
+
+def inspect_rows(
+    h: Any, payload_start: int, file_bytes: int, out_bytes: Callable[[Any], int]
+) -> list[dict]:
+    """Per-item rows of a parsed header (container._Header): see ``inspect_hwq``.
+    ``out_bytes(tensor)``: the bytes of its dense form."""
+    rows: list[dict] = [{"kind": "header", "name": "(header)", "bytes": payload_start}]
+    for name, (shape, sec, *_) in h.codebooks.items():
+        rows.append({"kind": "codebook", "name": name, "shape": shape, "bytes": sec.length})
+    for i, t in enumerate(h.tables):
+        rows.append(
+            {"kind": "code_table", "name": f"table {i} ({t.kind}, {t.alphabet} symbols)",
+             "bytes": t.section.length}
+        )  # fmt: skip
+    for t in h.tensors.values():
+        r: dict[str, Any] = {
+            "kind": t.kind, "name": t.name, "shape": t.shape, "dtype": t.dtype,
+            "numel": t.numel, "decoded_bytes": out_bytes(t),
+        }  # fmt: skip
+        if t.kind == "raw":
+            r.update(bytes=t.raw.length, kept_fraction=1.0)
+        else:
+            ib = sum(s.length for s, _ in t.indices.chunks)
+            pb = sum(s.length for s, _ in t.positions.chunks) if t.positions else 0
+            r.update(
+                scope=t.scope, codebook=t.codebook, n_kept=t.n_kept,
+                kept_fraction=t.n_kept / t.numel if t.numel else 1.0,
+                index_bytes=ib, position_bytes=pb, bytes=ib + pb,
+                index_bits_per_kept=8 * ib / t.n_kept if t.n_kept else 0.0,
+                position_bits_per_kept=8 * pb / t.n_kept if t.n_kept else 0.0,
+            )  # fmt: skip
+        r["bits_per_weight"] = 8 * r["bytes"] / t.numel if t.numel else 0.0
+        rows.append(r)
+    for r in rows:
+        r["share"] = r["bytes"] / file_bytes if file_bytes else 0.0
+    return rows
 
 
 def inspect_totals(rows: list[dict]) -> dict:

@@ -137,3 +137,17 @@ def test_chunk_rows_are_narrow_and_right():
     d = chunk_rows(None, 25, 30, 10)
     assert d.dtype == np.uint32 and d.tolist() == [(25 + i) // 10 - 2 for i in range(30)]
     assert chunk_rows(None, 0, 0, 10).size == 0
+
+
+def test_map_fn_batches_bound_symbols_and_tables():
+    from pipeline.encode.limits import batches, table_bytes
+
+    t1, t2 = hf_table(1), hf_table(2)
+    jobs = [("table", b"", 40, t1), ("table", b"", 40, t1), ("table", b"", 40, t2),
+            ("table", b"", 500, t2), ("table", b"", 1, t1)]  # fmt: skip
+    groups = list(batches(jobs, lambda j: j[2], lambda j: [j[3]], max_symbols=100,
+                          max_table_bytes=table_bytes(t1) + table_bytes(t2)))  # fmt: skip
+    assert [len(g) for g in groups] == [2, 1, 1, 1]  # 120 > 100; one job always goes
+    groups = list(batches(jobs, lambda j: j[2], lambda j: [j[3]], max_symbols=10**6,
+                          max_table_bytes=table_bytes(t1)))  # fmt: skip
+    assert [len(g) for g in groups] == [2, 2, 1]  # a second distinct table starts a group

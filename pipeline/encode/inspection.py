@@ -10,6 +10,7 @@ weights, as this table once did, reported ~12 bits where the report said ~3.
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Callable
 from typing import Any
 
@@ -114,13 +115,15 @@ def format_inspect(rows: list[dict]) -> str:
         f"{'':>11} {raw:>12,} {raw / f:>7.2%}"
     )
     lines.append(
-        f"{'file':<36} {'':<10} {'':<18} {'':>7} {'':>11} {t['file_bytes']:>12,} {1:>7.2%}"
+        f"{'total (the file)':<36} {'':<10} {'':<18} {'':>7} {'':>11} "
+        f"{t['file_bytes']:>12,} {1:>7.2%}"
     )
-    lines.append(
+    note = (
         f"* bits per weight as the run report counts them: indices, positions, "
         f"codebooks, code tables and the header's share, over the "
         f"{t['n_weights']:,} quantized weights (pruned ones included); unquantized "
         f"tensors ({t['n_raw_elements']:,} values) are not in it. A tensor's row: its "
         "own index and position bits over its elements."
     )
+    lines += textwrap.wrap(note, len(head), subsequent_indent="  ")
     return "\n".join(lines)

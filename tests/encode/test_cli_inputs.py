@@ -115,3 +115,4 @@ def test_inspect_total_is_the_report_bits_per_weight(model, capsys):
     assert f"{want:.3f}" in line.split()
     assert re.search(r"^unquantized tensors \(stored as is\)\s+12[89],", text, re.M), text
     assert "bits/weight" in text.splitlines()[0] and "as the run report counts" in text
+    assert re.search(rf"^total \(the file\)\s+{model.stat().st_size:,}\s+100\.00%$", text, re.M)

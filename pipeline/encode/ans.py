@@ -47,6 +47,7 @@ from functools import cached_property
 import numpy as np
 from numba import njit
 
+from .ans_search import SEARCH_MAX_FRACTION, decode_one_lane_search
 from .bitio import DecodeError
 from .huffman import _as_readonly_u8, symbol_dtype
 
@@ -757,9 +758,16 @@ def ans_decode(
     limit = table.max_symbols(size)
     if n > limit:
         raise DecodeError(f"{n} symbols cannot fit in {size} bytes with this table")
-    lut, syms, mask = table._decoder
     out = np.empty(n, dtype)
     pb = table.prob_bits
+    if n < MULTI_LANE_MIN and n * SEARCH_MAX_FRACTION < 1 << pb and "_decoder" not in vars(table):
+        # Short, and no lookup table yet: search rather than build 2**prob_bits slots.
+        freq, cum = table._encoder
+        r = decode_one_lane_search(arr, n, cum, freq, pb, _one_lane_start(1 << pb), _L, out)
+        if r:
+            raise DecodeError(f"rANS stream: {_DECODE_ERRORS[int(r)]}")
+        return out
+    lut, syms, mask = table._decoder
     if n >= MULTI_LANE_MIN:
         r = _decode_four_lanes(arr, n, lut, syms, pb, mask, out)
     else:

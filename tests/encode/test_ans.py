@@ -330,13 +330,13 @@ def test_writer_precision_never_exceeds_what_readers_accept():
     histogram: skewed, flat, sparse, every alphabet size up to the container's 2**16."""
     rng = np.random.default_rng(21)
     for k in (1, 2, 3, 5, 255, 256, 4096, 1 << 14, (1 << 14) + 1, 40_000, 1 << 16):
-        for c in (rng.integers(0, 1000, k), np.r_[10**9, np.ones(k - 1, np.int64)],
-                  rng.integers(1, 3, k)):
+        skewed = np.r_[10**9, np.ones(k - 1, np.int64)]
+        for c in (rng.integers(0, 1000, k), skewed, rng.integers(1, 3, k)):
             t = AnsTable.from_counts(c)
             assert t.prob_bits <= max_prob_bits(k), (k, t.prob_bits)
             assert AnsTable.unpack(t.pack(), k).prob_bits == t.prob_bits
-    assert [max_prob_bits(a) for a in (1, 2, 1 << 14, (1 << 14) + 1, 1 << 16)] == [16, 16, 16,
-                                                                                   17, 18]
+    sizes = (1, 2, 1 << 14, (1 << 14) + 1, 1 << 16)
+    assert [max_prob_bits(a) for a in sizes] == [16, 16, 16, 17, 18]
 
 
 def test_tiny_table_at_high_precision_is_refused_before_its_decoder_exists():
@@ -510,3 +510,35 @@ def test_encode_refuses_bad_symbols():
         ans_encode(np.zeros((2, 2), np.uint8), t)
     with pytest.raises(ValueError):
         ans_encode(np.array([0.0, 1.0]), t)
+
+
+def test_short_streams_decode_by_search_exactly_as_by_lookup_table():
+    """A stream of fewer than M / 16 symbols is decoded without building the 2**prob_bits
+    lookup table (a header may give every chunk a table of its own); valid or corrupted, the
+    result or refusal is the same as through the table."""
+    rng = np.random.default_rng(22)
+    searched = 0
+    for trial in range(200):
+        k = int(rng.integers(2, 300))
+        c = rng.integers(0, 60, k) * (rng.random(k) < 0.7)
+        c[0] += 1
+        lo = (int((c > 0).sum()) - 1).bit_length()
+        t = AnsTable.from_counts(c, prob_bits=int(rng.integers(max(lo, 8), max_prob_bits(k) + 1)))
+        n = int(rng.integers(1, 3000))
+        sym = rng.choice(k, n, p=c / c.sum())
+        data = ans_encode(sym, t)
+        fresh = AnsTable(t.freqs, t.prob_bits)
+        assert np.array_equal(ans_decode(data, n, fresh), sym), trial
+        searched += "_decoder" not in vars(fresh)
+        for _ in range(3):
+            bad = bytearray(data)
+            bad[int(rng.integers(len(bad)))] ^= int(rng.integers(1, 256))
+            m = max(0, n + int(rng.integers(-2, 3)))
+            got = []
+            for tt in (AnsTable(t.freqs, t.prob_bits), t):  # search, lookup table
+                try:
+                    got.append(ans_decode(bytes(bad), m, tt).tobytes())
+                except DecodeError as exc:
+                    got.append(str(exc))
+            assert got[0] == got[1], trial
+    assert searched > 30

@@ -741,7 +741,9 @@ def ans_decode(
     symbols; a checksum (the container's CRC32) is what detects corruption. The output is
     allocated for n_symbols once it passes max_symbols: a one-symbol table's streams are empty
     whatever n_symbols, and a very skewed table's bound is large, so the caller bounds
-    n_symbols too (the container: by the tensor's size).
+    n_symbols too (the container: by the tensor's size). A one-lane stream of fewer than
+    M / 16 symbols, under a table whose lookup table is not built yet, is decoded by search
+    (:mod:`pipeline.encode.ans_search`) rather than by building M slots for a few symbols.
     """
     arr = _as_readonly_u8(data)
     if isinstance(n_symbols, bool) or not isinstance(n_symbols, (int, np.integer)):

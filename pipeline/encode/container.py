@@ -1352,10 +1352,10 @@ class HwqReader:
 
         try:
             for group in batches(jobs, size, lambda j: j[3:4] if j[0] == "table" else ()):
-                parts = list(map_fn(decode_job, group))
+                parts = list(map_fn(decode_job, group))[::-1]
                 del group
-                while parts:
-                    yield parts.pop(0)
+                while parts:  # each part released once the caller has taken it
+                    yield parts.pop()
         except DecodeError as exc:
             self._fail(f"corrupt stream: {exc}")
 

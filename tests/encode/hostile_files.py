@@ -333,6 +333,6 @@ def memory_bombs(folder: Path) -> dict[str, tuple[bytes, bool]]:
         "level-tables-pb16": (level_table_file(folder, rows=16, cols=16, prob_bits=16), False),
         "level-tables-pb17-wide": (level_table_file(folder, rows=2, cols=16, prob_bits=17,
                                                     alphabet=1 << 14 | 1), False),
-        "context-indices-4M": (context_index_file(folder), False),
+        "context-indices-1M": (context_index_file(folder, rows=1024, cols=1024), False),
         "ragged-codebook-16x2^22": (wide_ragged_codebook_file(folder), True),
     }

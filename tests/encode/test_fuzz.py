@@ -281,7 +281,8 @@ def fuzz(folder: Path) -> dict:
 
     # The decoder's memory bound (docs/FORMAT.md, section 6): per-chunk rANS tables (at 20
     # bits, refused; at 16 and 17 bits, different for every chunk), 1 M context-coded
-    # indices from a few hundred bytes, a [16, 2^22] ragged codebook (refused); then seeded header and section edits of the table files.
+    # indices from a few hundred bytes, a [16, 2^22] ragged codebook (refused); then seeded
+    # header and section edits of the table files.
     mem = hf.memory_bombs(folder)
     for name, (blob, must) in mem.items():
         case("memory bombs", f"memory {name}", blob, must_refuse=must, accounting=True)

@@ -1475,7 +1475,8 @@ class HwqReader:
         if need > max(limit, OUTPUT_FLOOR_BYTES):
             self._fail(f"its codebooks would take {need:,} bytes to decode, above the "
                        f"{max(limit, OUTPUT_FLOOR_BYTES):,}-byte cap ({why}); if you trust "
-                       f"this file, raise it: max_output_bytes={need}")
+                       f"this file, raise it: max_output_bytes={need} "
+                       f"(hwq decode --max-output-bytes {need})")
         data = self._fetch(secs)
         for i, t in enumerate(self._h.tables):
             if id(t.section) in data:

@@ -31,7 +31,10 @@ Either way the decoder must end exactly at the last byte; any inconsistency is a
 stream the decoder accepts is exactly what :func:`ans_encode` writes for the decoded symbols.
 
 Limits: ``prob_bits`` 0..20 (decoder state at least 8 after a step keeps renormalization at
-<= 3 bytes a symbol), alphabets of 1..2**20 symbols, at most 2**prob_bits used symbols.
+<= 3 bytes a symbol), alphabets of 1..2**20 symbols, at most 2**prob_bits used symbols; a
+serialized table's ``prob_bits`` at most :func:`max_prob_bits` of its alphabet (what
+:meth:`AnsTable.from_counts` can choose), so a decoder's 2**prob_bits slots are bounded by
+the alphabet.
 :meth:`AnsTable.max_symbols` bounds the symbols a stream of a given size can hold.
 """
 
@@ -44,6 +47,7 @@ from functools import cached_property
 import numpy as np
 from numba import njit
 
+from .ans_search import SEARCH_MAX_FRACTION, decode_one_lane_search
 from .bitio import DecodeError
 from .huffman import _as_readonly_u8, symbol_dtype
 
@@ -54,6 +58,7 @@ __all__ = [
     "AnsTable",
     "ans_decode",
     "ans_encode",
+    "max_prob_bits",
     "normalize_freqs",
 ]
 
@@ -179,6 +184,15 @@ def _int_counts(c: np.ndarray) -> np.ndarray:
     if c.size and c.min() < 0:
         raise ValueError("counts must be non-negative integers")
     return c.astype(np.int64)
+
+
+def max_prob_bits(alphabet: int) -> int:
+    """Largest ``prob_bits`` a serialized table of ``alphabet`` symbols may have: what
+    :meth:`AnsTable.from_counts` can pick for it, max(16, ceil(log2 alphabet) + 2), at most
+    PROB_BITS_MAX. A reader refuses more: a 2-symbol table at 20 bits would cost a 2**20-slot
+    decoder (9 MiB) for three bytes of file."""
+    lo = (int(alphabet) - 1).bit_length() if alphabet > 1 else 0
+    return min(PROB_BITS_MAX, max(AUTO_PROB_BITS_MAX, lo + 2))
 
 
 def _check_prob_bits(prob_bits, exc) -> int:
@@ -460,8 +474,9 @@ class AnsTable:
         if arr.shape[0] == 0:
             raise DecodeError("an rANS table has at least one byte")
         pb = int(arr[0])
-        if pb > PROB_BITS_MAX:
-            raise DecodeError(f"rANS table prob_bits {pb} > {PROB_BITS_MAX}")
+        if pb > max_prob_bits(int(alphabet)):
+            raise DecodeError(f"rANS table prob_bits {pb} > {max_prob_bits(int(alphabet))}, the "
+                              f"most a writer uses for an alphabet of {int(alphabet)}")
         freqs = np.zeros(int(alphabet), np.int64)
         r = int(_unpack_kernel(arr, pb, freqs))
         if r:
@@ -493,15 +508,25 @@ class AnsTable:
     def _decoder(self) -> tuple[np.ndarray, np.ndarray, int]:
         """(lut, syms, mask) over the M slots: lut = (f - 1) << prob_bits | (slot - cum) of the
         slot's symbol (uint32 up to 16 bits, else uint64), syms = the symbol. Two small arrays
-        rather than one wide one: 5 bytes a slot at 16 bits, 320 KiB, mostly in L2."""
+        rather than one wide one: 5 bytes a slot at 16 bits, 320 KiB, mostly in L2. Built
+        without int64 per-slot temporaries: at most decoder_bytes() plus one lut-sized array."""
         pb = self.prob_bits
         m = 1 << pb
         f = self.freqs.astype(np.int64)
-        syms = np.repeat(np.arange(self.alphabet, dtype=np.int64), f)
         cum = np.cumsum(f) - f
-        lut = ((f[syms] - 1) << pb) | (np.arange(m, dtype=np.int64) - cum[syms])
-        lut = lut.astype(np.uint32 if pb <= 16 else np.uint64)
-        return lut, syms.astype(symbol_dtype(self.alphabet)), m - 1
+        dt = np.uint32 if pb <= 16 else np.uint64
+        syms = np.repeat(np.arange(self.alphabet, dtype=symbol_dtype(self.alphabet)), f)
+        lut = np.arange(m, dtype=dt)
+        lut -= np.repeat(cum.astype(dt), f)  # slot - cum >= 0
+        lut |= np.repeat(((f - 1) << pb).astype(dt), f)
+        return lut, syms, m - 1
+
+    def decoder_bytes(self) -> int:
+        """Bytes of the decoding tables (:attr:`_decoder`) and the frequencies: what a reader
+        holds while this table is in use."""
+        m = 1 << self.prob_bits
+        lut = 4 if self.prob_bits <= 16 else 8
+        return m * (lut + np.dtype(symbol_dtype(self.alphabet)).itemsize) + 12 * self.alphabet
 
 
 # ---------------------------------------------------------------------------------------------
@@ -716,7 +741,9 @@ def ans_decode(
     symbols; a checksum (the container's CRC32) is what detects corruption. The output is
     allocated for n_symbols once it passes max_symbols: a one-symbol table's streams are empty
     whatever n_symbols, and a very skewed table's bound is large, so the caller bounds
-    n_symbols too (the container: by the tensor's size).
+    n_symbols too (the container: by the tensor's size). A one-lane stream of fewer than
+    M / 16 symbols, under a table whose lookup table is not built yet, is decoded by search
+    (:mod:`pipeline.encode.ans_search`) rather than by building M slots for a few symbols.
     """
     arr = _as_readonly_u8(data)
     if isinstance(n_symbols, bool) or not isinstance(n_symbols, (int, np.integer)):
@@ -733,9 +760,16 @@ def ans_decode(
     limit = table.max_symbols(size)
     if n > limit:
         raise DecodeError(f"{n} symbols cannot fit in {size} bytes with this table")
-    lut, syms, mask = table._decoder
     out = np.empty(n, dtype)
     pb = table.prob_bits
+    if n < MULTI_LANE_MIN and n * SEARCH_MAX_FRACTION < 1 << pb and "_decoder" not in vars(table):
+        # Short, and no lookup table yet: search rather than build 2**prob_bits slots.
+        freq, cum = table._encoder
+        r = decode_one_lane_search(arr, n, cum, freq, pb, _one_lane_start(1 << pb), _L, out)
+        if r:
+            raise DecodeError(f"rANS stream: {_DECODE_ERRORS[int(r)]}")
+        return out
+    lut, syms, mask = table._decoder
     if n >= MULTI_LANE_MIN:
         r = _decode_four_lanes(arr, n, lut, syms, pb, mask, out)
     else:

@@ -98,8 +98,11 @@ _HF_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokeniz
 
 def _hf_files(args) -> dict[str, bytes]:
     """The non-weight files of the model folder: from --hf-files, else the `hf/` folder the
-    encode stage writes beside the .hwq file."""
+    encode stage writes beside the .hwq file. Each must be a regular file of at most 64 MiB
+    (a folder or FIFO in its place is one error line, never a hang)."""
     import fsspec
+
+    from pipeline.encode.limits import read_small_file
 
     src = args.hf_files or (args.file.rsplit("/", 1)[0] + "/hf" if "/" in args.file else "hf")
     fs, path = fsspec.core.url_to_fs(src, **_opts(args))
@@ -110,12 +113,22 @@ def _hf_files(args) -> dict[str, bytes]:
     out = {}
     for name in _HF_FILES:
         if fs.exists(f"{path}/{name}"):
-            with fs.open(f"{path}/{name}", "rb") as f:
-                data = f.read(64 << 20 + 1)
-            if len(data) > 64 << 20:
-                raise OutputError(f"{src}/{name} is larger than 64 MiB; not a model file")
-            out[name] = data
+            try:
+                out[name] = read_small_file(fs, f"{path}/{name}", 64 << 20)
+            except (ValueError, OSError) as exc:
+                raise OutputError(f"--hf-out: cannot use {src}/{name}: "
+                                  f"{exc.strerror if isinstance(exc, OSError) else exc} (the "
+                                  "model folder's config and tokenizer files must be regular "
+                                  "files)") from exc
     return out
+
+
+def _existing_ancestor(path: str) -> str:
+    """The nearest folder above ``path`` that exists (``path``'s own parent in most cases)."""
+    anc = os.path.dirname(path)
+    while not os.path.lexists(anc) and os.path.dirname(anc) != anc:
+        anc = os.path.dirname(anc)
+    return anc
 
 
 def _decode_hf(args) -> int:
@@ -129,13 +142,15 @@ def _decode_hf(args) -> int:
 
     out = os.path.abspath(args.hf_out)
     parent = os.path.dirname(out)
-    if not os.path.isdir(parent):
-        raise FileNotFoundError(f"folder {parent} does not exist (create it first)")
+    # Missing folders above the output are created (after decoding), under a folder.
+    anc = _existing_ancestor(out)
+    if not os.path.isdir(anc):
+        raise OutputError(f"--hf-out {args.hf_out}: {anc} is not a folder")
     if os.path.lexists(out) and (not os.path.isdir(out) or os.path.islink(out)
                                  or os.listdir(out)):
         raise OutputError(f"--hf-out {args.hf_out} exists and is not an empty folder")
+    reader = _reader(args)  # the header first: a bad .hwq is the first thing to say
     files = _hf_files(args)
-    reader = _reader(args)
     tensors = {}
     for n, a in reader.read().items():
         t = torch.from_numpy(np.ascontiguousarray(a).reshape(a.shape))
@@ -143,7 +158,11 @@ def _decode_hf(args) -> int:
             t = t.view(torch.int16).view(torch.bfloat16)
         tensors[n] = t
     tmp = os.path.join(parent, f".{os.path.basename(out)}.tmp-{uuid.uuid4().hex}")
-    os.mkdir(tmp)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        os.mkdir(tmp)
+    except OSError as exc:
+        raise OutputError(f"cannot write {args.hf_out}: {exc}") from exc
     try:
         save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         for name, data in files.items():

@@ -35,6 +35,8 @@ from .huffman import (
     symbol_dtype,
     unpack_lengths,
 )
+from .inspection import format_inspect, inspect_rows  # noqa: F401 - format_inspect re-exported
+from .limits import TableCache, batches, chunk_rows, codebook_work, not_a_file
 from .positions import (
     MAX_GAP_LIMIT,
     choose_max_gap,
@@ -1097,7 +1099,10 @@ class HwqReader:
         self.max_tensor_bytes = max_tensor_bytes
         self.bytes_read = 0
         self._fs, self._fpath = _url_to_fs(self.path, storage_options)
-        self._tables: dict[int, CodeTable] = {}
+        if (why := not_a_file(self._fs, self._fpath)) is not None:
+            self._fail(f"{why}; give the path of a .hwq file")  # (a FIFO would hang a read)
+        self._tables = TableCache()  # decoded tables, shared by content, bounded in bytes
+        self._table_keys: dict[int, tuple] = {}  # table index -> its content key
         self._codebooks: dict[str, np.ndarray] = {}
         self._levels: dict[str, np.ndarray] = {}  # level counts of ragged codebooks
         self.file_bytes = int(self._fs.size(self._fpath))
@@ -1256,19 +1261,26 @@ class HwqReader:
         return out
 
     def _table(self, i: int, data: dict[int, bytes]):
-        if i not in self._tables:
-            t = self._h.tables[i]
+        """Code table i, built when a chunk needs it; identical tables are built once, and
+        at most limits.TABLE_CACHE_BYTES of them are kept (docs/FORMAT.md, section 6)."""
+        t = self._h.tables[i]
+        key = self._table_keys.get(i)
+        if key is None:  # the table's bytes (CRC-checked, so fixed for the file) name it
+            raw = bytes(data[id(t.section)]) if t.section.length else b""
+            key = self._table_keys[i] = (t.kind, t.alphabet, t.width, raw)
+        raw = key[3]
+
+        def build():
             try:
                 if t.kind == "fixed":
-                    ct = CodeTable(fixed_lengths(t.alphabet), fixed=True)
-                elif t.kind == "rans":
-                    ct = AnsTable.unpack(bytes(data[id(t.section)]), t.alphabet)
-                else:
-                    ct = CodeTable(unpack_lengths(bytes(data[id(t.section)]), t.alphabet, t.width))
+                    return CodeTable(fixed_lengths(t.alphabet), fixed=True)
+                if t.kind == "rans":
+                    return AnsTable.unpack(raw, t.alphabet)
+                return CodeTable(unpack_lengths(raw, t.alphabet, t.width))
             except DecodeError as exc:
                 self._fail(f"invalid code_tables[{i}]: {exc}")
-            self._tables[i] = ct
-        return self._tables[i]
+
+        return self._tables.get(key, build)
 
     def _needed(self, t: _Tensor) -> list[_Section]:
         if t.kind == "raw":
@@ -1278,9 +1290,7 @@ class HwqReader:
             if st is None:
                 continue
             secs += [s for s, _ in st.chunks]
-            for i in dict.fromkeys(st.tables()):
-                if i not in self._tables:
-                    secs.append(self._h.tables[i].section)
+            secs += [self._h.tables[i].section for i in dict.fromkeys(st.tables())]
         return secs
 
     def _rows_in_order(self, t: _Tensor, codes: np.ndarray) -> np.ndarray:
@@ -1309,29 +1319,43 @@ class HwqReader:
         return names
 
     def _stream_parts(self, st: _Stream, data, map_fn, extra=None) -> Iterable[np.ndarray]:
-        """The decoded chunks of a stream, in order; in-process they are decoded lazily, one
-        at a time. A prefix-coded chunk holds at most 8 symbols per byte, an rANS or context
-        chunk at most what its tensor bounds (both checked in the header).
+        """The decoded chunks of a stream, in order, lazily: in-process one chunk at a time
+        (its table looked up or built when it is decoded), through a map_fn in batches of
+        bounded symbols and tables (limits.batches). A prefix-coded chunk holds at most 8
+        symbols per byte, an rANS or context chunk at most what its tensor bounds (both
+        checked in the header).
 
-        extra: for context-coded streams, per chunk the arguments after (data, n) of its
-        decode job (positions: cols, group; indices: k, the chunk's rows)."""
+        extra: for context-coded streams, (kind, args) where args(j) gives chunk j's decode
+        job arguments after (data, n) (mask: cols, group; index: k, the chunk's rows)."""
         if not st.chunks:
-            return []
-        # Workers of a distributed map_fn need picklable bytes, not memoryviews.
-        blobs = [bytes(data[id(s)]) if map_fn else data[id(s)] for s, _ in st.chunks]
-        if st.coder == "context":
-            kind = "mask" if extra and extra[0] == "mask" else "index"
-            jobs = [(kind, b, n, *x) for b, (_, n), x in zip(blobs, st.chunks, extra[1],
-                                                             strict=True)]
-        else:
-            per_chunk = st.chunk_tables or [st.table] * len(st.chunks)
-            tables = {i: self._table(i, data) for i in dict.fromkeys(per_chunk)}
-            jobs = [("table", b, n, tables[i])
-                    for b, (_, n), i in zip(blobs, st.chunks, per_chunk, strict=True)]
+            return iter(())
+        per_chunk = st.chunk_tables or [st.table] * len(st.chunks)
+
+        def job(j: int) -> tuple:
+            s, n = st.chunks[j]
+            # Workers of a distributed map_fn need picklable bytes, not memoryviews.
+            b = bytes(data[id(s)]) if map_fn else data[id(s)]
+            if st.coder == "context":
+                kind = "mask" if extra and extra[0] == "mask" else "index"
+                return (kind, b, n, *extra[1](j))
+            return ("table", b, n, self._table(per_chunk[j], data))
+
+        jobs = (job(j) for j in range(len(st.chunks)))
         if map_fn is None:
             return (self._decode_one(j) for j in jobs)
+        return self._mapped(map_fn, jobs)
+
+    def _mapped(self, map_fn, jobs: Iterable[tuple]) -> Iterable[np.ndarray]:
+        """Decoded chunks through map_fn, one bounded batch at a time."""
+        def size(j: tuple) -> int:
+            return int(j[2]) * (int(j[3]) if j[0] == "mask" else 1)
+
         try:
-            return list(map_fn(decode_job, jobs))
+            for group in batches(jobs, size, lambda j: j[3:4] if j[0] == "table" else ()):
+                parts = list(map_fn(decode_job, group))[::-1]
+                del group
+                while parts:  # each part released once the caller has taken it
+                    yield parts.pop()
         except DecodeError as exc:
             self._fail(f"corrupt stream: {exc}")
 
@@ -1341,11 +1365,20 @@ class HwqReader:
         except DecodeError as exc:
             self._fail(f"corrupt stream: {exc}")
 
-    def _decode_stream(self, st: _Stream, data, map_fn, extra=None) -> np.ndarray:
-        parts = list(self._stream_parts(st, data, map_fn, extra))
-        if not parts:
-            return np.zeros(0, np.uint8)
-        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+    def _decode_stream(self, st: _Stream, data, map_fn, dtype, extra=None) -> np.ndarray:
+        """The stream's symbols [n_symbols] of ``dtype``, filled chunk by chunk (no list of
+        decoded chunks next to their concatenation)."""
+        out = np.empty(st.n_symbols, dtype)
+        at = 0
+        for part in self._stream_parts(st, data, map_fn, extra):
+            part = part.reshape(-1)
+            if at + part.shape[0] > out.shape[0]:
+                self._fail(f"{st.chunks[0][0].what}: more symbols than the stream declares")
+            out[at : at + part.shape[0]] = part
+            at += part.shape[0]
+        if at != out.shape[0]:
+            self._fail(f"{st.chunks[0][0].what}: {at} symbols, not {out.shape[0]}")
+        return out
 
     def _positions(self, t: _Tensor, data, map_fn) -> np.ndarray:
         """Kept flat positions int64 [n_kept] of a pruned tensor, from its gap symbols.
@@ -1385,9 +1418,10 @@ class HwqReader:
         out = np.empty(t.n_kept, np.int64)
         n_out = 0
         row = 0
-        extra = ("mask", [(cols, group)] * len(t.positions.chunks))
+        extra = ("mask", lambda j: (cols, group))
         for part in self._stream_parts(t.positions, data, map_fn, extra):
-            p = np.flatnonzero(part.reshape(-1)) + row * cols
+            p = np.flatnonzero(part.reshape(-1))
+            p += row * cols
             if n_out + p.shape[0] > t.n_kept:
                 self._fail(f"tensor {t.name!r}: the mask keeps more than {t.n_kept}")
             out[n_out : n_out + p.shape[0]] = p
@@ -1403,18 +1437,19 @@ class HwqReader:
         if positions is None and t.positions is not None:
             positions = self._positions(t, data, map_fn)
         k = self._h.codebooks[t.codebook][0][-1]
+        dtype = symbol_dtype(k)
         if t.indices.coder == "context":
             _, cols, _ = mask_geometry(t.shape)
-            extra, start = [], 0
-            for _, n in t.indices.chunks:
-                at = positions[start : start + n] if positions is not None else \
-                    np.arange(start, start + n, dtype=np.int64)
-                rows = at // max(cols, 1)
-                extra.append((k, rows - (rows[0] if rows.size else 0)))
-                start += n
-            codes = self._decode_stream(t.indices, data, map_fn, ("index", extra))
+            starts = np.cumsum([0] + [n for _, n in t.indices.chunks]).tolist()
+
+            def rows(j: int) -> tuple:
+                # Built when chunk j is decoded: narrow, and one chunk's at a time.
+                n = t.indices.chunks[j][1]
+                return k, chunk_rows(positions, starts[j], n, cols)
+
+            codes = self._decode_stream(t.indices, data, map_fn, dtype, ("index", rows))
         else:
-            codes = self._decode_stream(t.indices, data, map_fn)
+            codes = self._decode_stream(t.indices, data, map_fn, dtype)
         if t.indices.order == "levels":
             codes = self._rows_in_order(t, codes)
         if codes.size and int(codes.max()) >= k:
@@ -1430,6 +1465,18 @@ class HwqReader:
             secs += [t.section for t in self._h.tables]
         else:
             secs = [s for t in tensors for s in self._needed(t)]
+        # Codebooks are decoded per call (not kept for the reader's life), and their dense
+        # form, which a ragged one's few bytes can make large, is bounded first.
+        self._codebooks.clear()
+        self._levels.clear()
+        ids = {id(s) for s in secs}
+        need = sum(codebook_work(c[0]) for c in self._h.codebooks.values() if id(c[1]) in ids)
+        limit, why = self.output_limit()
+        if need > max(limit, OUTPUT_FLOOR_BYTES):
+            self._fail(f"its codebooks would take {need:,} bytes to decode, above the "
+                       f"{max(limit, OUTPUT_FLOOR_BYTES):,}-byte cap ({why}); if you trust "
+                       f"this file, raise it: max_output_bytes={need} "
+                       f"(hwq decode --max-output-bytes {need})")
         data = self._fetch(secs)
         for i, t in enumerate(self._h.tables):
             if id(t.section) in data:
@@ -1519,7 +1566,8 @@ class HwqReader:
                     one = _Stream(None, [], 0)
                     for ch, i in zip(st.chunks, per_chunk, strict=True):
                         one.table, one.chunks, one.n_symbols = i, [ch], ch[1]
-                        sym = self._decode_stream(one, data, map_fn)
+                        sym = self._decode_stream(one, data, map_fn,
+                                                  symbol_dtype(self._h.tables[i].alphabet))
                         hist[i] += np.bincount(sym, minlength=hist[i].size)
             if t.kind != "quantized":
                 continue
@@ -1542,7 +1590,7 @@ class HwqReader:
 
     def inspect(self) -> list[dict]:
         """Per-item rows from the header alone (see :func:`inspect_hwq`)."""
-        return _inspect_rows(self._h, self.payload_start, self.file_bytes)
+        return inspect_rows(self._h, self.payload_start, self.file_bytes, self._out_bytes)
 
 
 def _reject_constant(name: str):
@@ -1659,39 +1707,6 @@ def _accounting(h: _Header, table_hist: list[np.ndarray], payload_start: int,
 # inspection
 
 
-def _inspect_rows(h: _Header, payload_start: int, file_bytes: int) -> list[dict]:
-    rows: list[dict] = [{"kind": "header", "name": "(header)", "bytes": payload_start}]
-    for name, (shape, sec, *_) in h.codebooks.items():
-        rows.append({"kind": "codebook", "name": name, "shape": shape, "bytes": sec.length})
-    for i, t in enumerate(h.tables):
-        rows.append(
-            {"kind": "code_table", "name": f"table {i} ({t.kind}, {t.alphabet} symbols)",
-             "bytes": t.section.length}
-        )  # fmt: skip
-    for t in h.tensors.values():
-        r: dict[str, Any] = {
-            "kind": t.kind, "name": t.name, "shape": t.shape, "dtype": t.dtype,
-            "numel": t.numel, "decoded_bytes": HwqReader._out_bytes(t),
-        }  # fmt: skip
-        if t.kind == "raw":
-            r.update(bytes=t.raw.length, kept_fraction=1.0)
-        else:
-            ib = sum(s.length for s, _ in t.indices.chunks)
-            pb = sum(s.length for s, _ in t.positions.chunks) if t.positions else 0
-            r.update(
-                scope=t.scope, codebook=t.codebook, n_kept=t.n_kept,
-                kept_fraction=t.n_kept / t.numel if t.numel else 1.0,
-                index_bytes=ib, position_bytes=pb, bytes=ib + pb,
-                index_bits_per_kept=8 * ib / t.n_kept if t.n_kept else 0.0,
-                position_bits_per_kept=8 * pb / t.n_kept if t.n_kept else 0.0,
-            )  # fmt: skip
-        r["bits_per_weight"] = 8 * r["bytes"] / t.numel if t.numel else 0.0
-        rows.append(r)
-    for r in rows:
-        r["share"] = r["bytes"] / file_bytes if file_bytes else 0.0
-    return rows
-
-
 def inspect_hwq(
     path_or_url: str | os.PathLike,
     *,
@@ -1709,28 +1724,3 @@ def inspect_hwq(
         path_or_url, storage_options=storage_options, max_header_bytes=max_header_bytes
     )
     return reader.inspect()
-
-
-def format_inspect(rows: list[dict]) -> str:
-    """A human-readable table of :func:`inspect_hwq` rows, with totals."""
-    head = f"{'name':<36} {'kind':<10} {'shape':<18} {'kept':>7} {'b/weight':>9} {'bytes':>12} {'share':>7}"
-    lines = [head, "-" * len(head)]
-    total = sum(r["bytes"] for r in rows)
-    n_weights = sum(r.get("numel", 0) for r in rows if r["kind"] == "quantized")
-    n_kept = sum(r.get("n_kept", 0) for r in rows if r["kind"] == "quantized")
-    for r in rows:
-        shape = "x".join(map(str, r["shape"])) if "shape" in r else ""
-        kept = f"{r['kept_fraction']:.2%}" if "kept_fraction" in r else ""
-        bpw = f"{r['bits_per_weight']:.3f}" if "bits_per_weight" in r else ""
-        name = r["name"] if len(r["name"]) <= 36 else "..." + r["name"][-33:]
-        lines.append(
-            f"{name:<36} {r['kind']:<10} {shape:<18} {kept:>7} {bpw:>9} {r['bytes']:>12,} "
-            f"{r['share']:>7.2%}"
-        )
-    lines.append("-" * len(head))
-    kept = f"{n_kept / n_weights:.2%}" if n_weights else ""
-    bpw = f"{8 * total / n_weights:.3f}" if n_weights else ""
-    lines.append(
-        f"{'total (quantized weights)':<36} {'':<10} {'':<18} {kept:>7} {bpw:>9} {total:>12,} {1:>7.2%}"
-    )
-    return "\n".join(lines)

@@ -871,12 +871,17 @@ def decode_indices(data, n: int, k: int, rows: np.ndarray) -> np.ndarray:
         return np.zeros(n, dtype)
     if n > max_decisions(buf.size):
         raise DecodeError(f"{n} index symbols cannot be coded in {buf.size} bytes")
-    codes = np.zeros(n, np.int64)
+    # Narrow arrays (2 bytes a code, rows as given: uint32 from the reader), not int64: the
+    # decoder's working memory stays a small multiple of its output. One compiled variant
+    # for the codes (uint16), and rows as uint32 unless they need int64.
+    codes = np.zeros(n, np.uint16)
     st = np.zeros(4, np.int64)
-    rr = np.ascontiguousarray(r, np.int64)
+    narrow = (r.dtype.kind == "u" and r.dtype.itemsize <= 4) or (
+        int(r.min()) >= 0 and int(r.max()) < 1 << 32)
+    rr = np.ascontiguousarray(r, np.uint32 if narrow else np.int64)
     if _idx_kernel(codes, n, k, rr, 2, buf, np.zeros(0, np.uint8), st, np.zeros(1)) < 0:
         raise DecodeError("corrupt index stream (it does not end where its symbols end)")
-    return codes.astype(dtype)
+    return codes if dtype == codes.dtype else codes.astype(dtype)
 
 
 def indices_cost_bits(codes, k: int, rows) -> float:

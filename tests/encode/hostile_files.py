@@ -243,3 +243,96 @@ def bombs(ok: bytes) -> dict[str, tuple[bytes, dict]]:
     unused_table(hh)
     out["unused-2^24-table"] = (join(hh, bytes(payload) + bytes(1 << 21)), {})
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# memory bombs: small files whose decoding once needed far more memory than their output
+
+
+def level_table_file(folder: Path, *, rows: int = 32, cols: int = 32, prob_bits: int = 20,
+                     alphabet: int = 2, seed: int = 0) -> bytes:
+    """A level-ordered tensor (ragged codebook) whose every chunk is one symbol coded with
+    its own rANS table of ``alphabet`` symbols at ``prob_bits``, each table different (so no
+    sharing). With prob_bits 20 and 1024 chunks (~100 KB of file, 2 KiB of output) a reader
+    that builds and keeps each table's 2**20-slot decoder needs ~9.4 GB; at 16 bits ~330 MB.
+    Checksums right; every chunk a valid stream."""
+    from pipeline.encode.ans import AnsTable, ans_encode
+
+    rng = np.random.default_rng(seed)
+    k = alphabet
+    cb = np.sort(rng.normal(size=(rows, k)), axis=1).astype(np.float16).astype(np.float32)
+    codes = rng.integers(0, k, (rows, cols))
+    codes[:, 0] = k - 1  # every row uses all k levels: the level order is the row order
+    path = folder / f"level-tables-{prob_bits}.hwq"
+    write_hwq(path, [TensorEntry.quantized("lm.q", (rows, cols), codes.reshape(-1), "rows",
+                                           dtype="bfloat16")],
+              {"rows": cb}, codebook_dtype="float16", coder="ans")  # fmt: skip
+    h, payload = split(path.read_bytes())
+    c = h["codebooks"][0]
+    assert c["offset"] == 0
+    payload = bytearray(payload[: c["length"]])
+    m = 1 << prob_bits
+    tables, chunks = [], []
+
+    def add(blob: bytes) -> tuple[int, int, int]:
+        off = len(payload)
+        payload.extend(blob)
+        return off, len(blob), zlib.crc32(blob)
+
+    for j, s in enumerate(codes.reshape(-1)):
+        f = np.full(k, m // k, np.int64)
+        f[0] += m - int(f.sum())
+        # A different table for every chunk (some frequency moved from a symbol to symbol 0).
+        delta, at = (1 + j, 1) if k == 2 else (1, 1 + j % (k - 1))
+        f[0] += delta
+        f[at] -= delta
+        table = AnsTable(f.astype(np.uint32), prob_bits)
+        off, n, crc = add(table.pack())
+        tables.append({"kind": "rans", "alphabet": k, "offset": off, "length": n, "crc32": crc})
+        off, n, crc = add(ans_encode(np.array([s]), table))
+        chunks.append([off, n, 1, crc, j])
+    h["code_tables"] = tables
+    tensor(h, "lm.q")["indices"]["chunks"] = chunks
+    return join(h, payload)
+
+
+def context_index_file(folder: Path, *, rows: int = 2048, cols: int = 2048) -> bytes:
+    """A dense float16 tensor of rows × cols zeros, its indices context-coded (k = 2) in one
+    chunk: ~1 KB of file, 2 bytes of output a weight. A reader that builds int64 row and code
+    arrays for it needs ~40 bytes a weight (2.6 GB for 64 M weights: 20× the output)."""
+    path = folder / f"context-{rows}x{cols}.hwq"
+    write_hwq(path, [TensorEntry.quantized("w", (rows, cols), np.zeros(rows * cols, np.int64),
+                                           "c", dtype="float16")],
+              {"c": np.array([0.0, 1.0], np.float32)}, indices="context", coder="ans",
+              chunk_symbols=rows * cols)  # fmt: skip
+    return path.read_bytes()
+
+
+def wide_ragged_codebook_file(folder: Path, *, k: int = 1 << 22) -> bytes:
+    """A ragged codebook declared [16, k]: its stored bytes are its rows' few levels, its
+    dense form 16 · k float32 (256 MiB for k = 2**22) plus the masks that expand it."""
+    h, payload = split(level_table_file(folder, rows=16, cols=4, prob_bits=16))
+    c = h["codebooks"][0]
+    # Stored as a writer would for k > 255: uint16 level counts (2 a row), then the levels.
+    levels = np.sort(np.random.default_rng(1).normal(size=(16, 2)), axis=1)
+    sec = np.full(16, 2, "<u2").tobytes() + levels.astype("<f2").tobytes()
+    delta = len(sec) - c["length"]
+    c.update(shape=[16, k], length=len(sec), crc32=zlib.crc32(sec))
+    for t in h["code_tables"]:
+        t["offset"] += delta
+    for ch in tensor(h, "lm.q")["indices"]["chunks"]:
+        ch[0] += delta
+    return join(h, sec + bytes(payload[c["offset"] + len(sec) - delta :]))
+
+
+def memory_bombs(folder: Path) -> dict[str, tuple[bytes, bool]]:
+    """name -> (file, must be refused): the crafted files of the decoder's memory bound, at
+    fuzz-case sizes (each decodes or is refused in well under a second)."""
+    return {
+        "level-tables-pb20": (level_table_file(folder, rows=16, cols=16), True),
+        "level-tables-pb16": (level_table_file(folder, rows=16, cols=16, prob_bits=16), False),
+        "level-tables-pb17-wide": (level_table_file(folder, rows=2, cols=16, prob_bits=17,
+                                                    alphabet=1 << 14 | 1), False),
+        "context-indices-1M": (context_index_file(folder, rows=1024, cols=1024), False),
+        "ragged-codebook-16x2^22": (wide_ragged_codebook_file(folder), True),
+    }

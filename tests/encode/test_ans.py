@@ -14,6 +14,7 @@ from pipeline.encode.ans import (
     AnsTable,
     ans_decode,
     ans_encode,
+    max_prob_bits,
     normalize_freqs,
 )
 from pipeline.encode.bitio import DecodeError
@@ -280,6 +281,11 @@ def test_pack_unpack_round_trip():
     for t in tables:
         data = t.pack()
         assert len(data) == t.table_bytes() <= 4 * t.alphabet + 1
+        if t.prob_bits > max_prob_bits(t.alphabet):
+            # More precision than the writer ever picks for the alphabet: refused on reading.
+            with pytest.raises(DecodeError, match="the most a writer uses"):
+                AnsTable.unpack(data, t.alphabet)
+            continue
         u = AnsTable.unpack(data, t.alphabet)
         assert u.prob_bits == t.prob_bits and np.array_equal(u.freqs, t.freqs)
         assert u.pack() == data
@@ -317,6 +323,48 @@ def test_table_validation():
     for alphabet in (0, -1, (1 << 20) + 1, 2.0, True):
         with pytest.raises(DecodeError):
             AnsTable.unpack(good, alphabet)
+
+
+def test_writer_precision_never_exceeds_what_readers_accept():
+    """from_counts picks at most max_prob_bits(alphabet) (the reader's rule), whatever the
+    histogram: skewed, flat, sparse, every alphabet size up to the container's 2**16."""
+    rng = np.random.default_rng(21)
+    for k in (1, 2, 3, 5, 255, 256, 4096, 1 << 14, (1 << 14) + 1, 40_000, 1 << 16):
+        skewed = np.r_[10**9, np.ones(k - 1, np.int64)]
+        for c in (rng.integers(0, 1000, k), skewed, rng.integers(1, 3, k)):
+            t = AnsTable.from_counts(c)
+            assert t.prob_bits <= max_prob_bits(k), (k, t.prob_bits)
+            assert AnsTable.unpack(t.pack(), k).prob_bits == t.prob_bits
+    sizes = (1, 2, 1 << 14, (1 << 14) + 1, 1 << 16)
+    assert [max_prob_bits(a) for a in sizes] == [16, 16, 16, 17, 18]
+
+
+def test_tiny_table_at_high_precision_is_refused_before_its_decoder_exists():
+    """A 2-symbol table at 20 bits is 8 bytes of file and would be a 9 MiB decoder."""
+    t = AnsTable(np.array([(1 << 19) + 1, (1 << 19) - 1], np.uint32), 20)
+    assert len(t.pack()) <= 8 and t.decoder_bytes() > 9 << 20
+    with pytest.raises(DecodeError, match="prob_bits 20 > 16"):
+        AnsTable.unpack(t.pack(), 2)
+    ok = AnsTable(np.array([(1 << 15) + 1, (1 << 15) - 1], np.uint32), 16)
+    assert AnsTable.unpack(ok.pack(), 2).decoder_bytes() < 400 << 10
+
+
+def test_decoder_tables_are_built_without_wide_temporaries():
+    """The 2**prob_bits-slot decoder costs decoder_bytes() plus one lut-sized temporary, not
+    four int64 arrays of the slots (the old build peaked at ~48 MiB for 20 bits)."""
+    import tracemalloc
+
+    t = AnsTable.from_counts(np.random.default_rng(3).integers(1, 100, 300), prob_bits=20)
+    tracemalloc.start()
+    lut, syms, _ = t._decoder
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak <= t.decoder_bytes() + lut.nbytes + (1 << 20), peak
+    f = t.freqs.astype(np.int64)
+    s = np.repeat(np.arange(t.alphabet), f)
+    cum = np.cumsum(f) - f
+    want = ((f[s] - 1) << 20) | (np.arange(1 << 20) - cum[s])
+    assert np.array_equal(lut.astype(np.int64), want) and np.array_equal(syms, s)
 
 
 def test_unpack_hostile_bytes():
@@ -462,3 +510,35 @@ def test_encode_refuses_bad_symbols():
         ans_encode(np.zeros((2, 2), np.uint8), t)
     with pytest.raises(ValueError):
         ans_encode(np.array([0.0, 1.0]), t)
+
+
+def test_short_streams_decode_by_search_exactly_as_by_lookup_table():
+    """A stream of fewer than M / 16 symbols is decoded without building the 2**prob_bits
+    lookup table (a header may give every chunk a table of its own); valid or corrupted, the
+    result or refusal is the same as through the table."""
+    rng = np.random.default_rng(22)
+    searched = 0
+    for trial in range(200):
+        k = int(rng.integers(2, 300))
+        c = rng.integers(0, 60, k) * (rng.random(k) < 0.7)
+        c[0] += 1
+        lo = (int((c > 0).sum()) - 1).bit_length()
+        t = AnsTable.from_counts(c, prob_bits=int(rng.integers(max(lo, 8), max_prob_bits(k) + 1)))
+        n = int(rng.integers(1, 3000))
+        sym = rng.choice(k, n, p=c / c.sum())
+        data = ans_encode(sym, t)
+        fresh = AnsTable(t.freqs, t.prob_bits)
+        assert np.array_equal(ans_decode(data, n, fresh), sym), trial
+        searched += "_decoder" not in vars(fresh)
+        for _ in range(3):
+            bad = bytearray(data)
+            bad[int(rng.integers(len(bad)))] ^= int(rng.integers(1, 256))
+            m = max(0, n + int(rng.integers(-2, 3)))
+            got = []
+            for tt in (AnsTable(t.freqs, t.prob_bits), t):  # search, lookup table
+                try:
+                    got.append(ans_decode(bytes(bad), m, tt).tobytes())
+                except DecodeError as exc:
+                    got.append(str(exc))
+            assert got[0] == got[1], trial
+    assert searched > 30

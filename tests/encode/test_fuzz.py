@@ -4,7 +4,9 @@ HwqFormatError — never another exception, never MemoryError, never slowly.
 Valid files from the writer (tests/encode/hostile_files.py) are mutated byte-wise
 (truncations, bit flips, overwrites and splices: all must be refused), rewritten with a
 modified header and right checksums (random JSON edits, payload sections replaced with their
-CRC fixed: decode or refuse), and replaced by hand-made bombs (refused in under a second).
+CRC fixed: decode or refuse), and replaced by hand-made bombs (refused in under a second)
+and the memory bombs of the decoder's bound (per-chunk rANS tables, context-coded indices:
+decoded or refused within the address-space limit, and edited).
 The loop runs in a child process under an address-space limit (1.5 GiB above the warmed-up
 baseline), each case timed; seeded, so a failure reproduces with its label.
 """
@@ -277,6 +279,27 @@ def fuzz(folder: Path) -> dict:
     # Honest large ones stay readable: the escape-coded sparse file decodes to 1.2 MB.
     case("bombs", "honest sparse-escapes", bases["sparse-escapes"], must_refuse=False)
 
+    # The decoder's memory bound (docs/FORMAT.md, section 6): per-chunk rANS tables (at 20
+    # bits, refused; at 16 and 17 bits, different for every chunk), 1 M context-coded
+    # indices from a few hundred bytes, a [16, 2^22] ragged codebook (refused); then seeded
+    # header and section edits of the table files.
+    mem = hf.memory_bombs(folder)
+    for name, (blob, must) in mem.items():
+        case("memory bombs", f"memory {name}", blob, must_refuse=must, accounting=True)
+        case("memory bombs", f"memory {name} partial", blob, must_refuse=must, partial=True)
+    for name in ("level-tables-pb20", "level-tables-pb16"):
+        h, payload = hf.split(mem[name][0])
+        for i in range(15):
+            hh = _edit_json(h, rng)
+            try:
+                blob = hf.join(hh, payload, fix_payload_len=False)
+            except (ValueError, TypeError):
+                continue
+            case("memory bombs", f"memory {name} json#{i}", blob, must_refuse=False)
+            hh, pl = _edit_payload(h, payload, rng)
+            case("memory bombs", f"memory {name} section#{i}", hf.join(hh, pl),
+                 must_refuse=False)
+
     total = {k: sum(c[k] for c in counts.values()) for k in ("tried", "refused", "decoded")}
     return {
         "seed": SEED, "counts": counts, "total": total, "failures": failures,
@@ -305,6 +328,7 @@ def test_fuzz_reader_refuses_cleanly(tmp_path):
     counts = summary["counts"]
     assert counts["truncations"]["tried"] >= 300 and counts["bit flips"]["tried"] >= 1500
     assert counts["crafted headers"]["refused"] > 1000 and counts["bombs"]["refused"] >= 15
+    assert counts["memory bombs"]["tried"] >= 60 and counts["memory bombs"]["decoded"] >= 6
     # The crafted files reach the checks past the checksums, and some decode.
     assert counts["crafted payloads"]["decoded"] > 0 and counts["crafted headers"]["decoded"] > 0
     assert elapsed < 120, elapsed

@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import posixpath
-import uuid
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -96,13 +95,18 @@ class WorkFolder:
 
     def write_bytes(self, rel: str, data: bytes) -> dict:
         """Publish `data` whole under `rel`; its bytes and sha256 (computed while writing)."""
-        sink = _Sink(self.files, rel)
         try:
-            sink.write(data)
-            sink.commit()
-        except BaseException:
-            sink.abort()
-            raise
+            sink = _Sink(self.files, rel)
+            try:
+                sink.write(data)
+                sink.commit()
+            except BaseException:
+                sink.abort()
+                raise
+        except (IsADirectoryError, NotADirectoryError, FileExistsError) as e:
+            # Something planted where hwq writes a file (a folder, a file where a folder goes).
+            raise ArtifactError(f"cannot write {self.store.full_url(rel)}: {e.strerror} (remove "
+                                "what is in the way and rerun)") from None
         return {"bytes": sink.written, "sha256": sink.sha256.hexdigest()}
 
     def exists(self, rel: str) -> bool:
@@ -168,11 +172,12 @@ class WorkFolder:
         return data
 
     def verified_copy(self, rel: str, digest: dict | OutputDigest, folder: str) -> str:
-        """Copy `rel` into a new private file under local `folder`, hashing while copying, and
-        return its path once size and sha256 match `digest` (the copy is what gets parsed: a
-        file too large to hold in memory, read once)."""
+        """Copy `rel` into a new private file of its own name under local `folder` (a fresh
+        private folder), hashing while copying, and return its path once size and sha256 match
+        `digest` (the copy is what gets parsed: a file too large to hold in memory, read
+        once)."""
         d = digest if isinstance(digest, OutputDigest) else OutputDigest(**digest)
-        dst = os.path.join(folder, f"{posixpath.basename(rel)}.{uuid.uuid4().hex}")
+        dst = os.path.join(folder, posixpath.basename(rel))
         h, n = hashlib.sha256(), 0
         try:
             with self.store._open_regular(check_output_name(rel)) as f, \

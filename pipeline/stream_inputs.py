@@ -18,15 +18,34 @@ from typing import Any
 
 from pipeline.errors import UserError
 
-__all__ = ["StreamInputError", "check_paths", "model_config", "check_lengths", "hf_files",
-           "tokenizer_folder", "load_tokenizer", "TOKENIZER_FILES"]
+__all__ = [
+    "StreamInputError",
+    "check_paths",
+    "model_config",
+    "check_lengths",
+    "hf_files",
+    "tokenizer_folder",
+    "load_tokenizer",
+    "TOKENIZER_FILES",
+]
 
 # Any one of these makes a tokenizer transformers can load without running code.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt",
-                   "spiece.model", "sentencepiece.bpe.model")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
 # Read beside them (the tokenizer's settings, special tokens, merges, chat template).
-_COMPANIONS = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-               "merges.txt", "chat_template.jinja")
+_COMPANIONS = (
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "merges.txt",
+    "chat_template.jinja",
+)
 _MAX_FILE = 64 << 20  # one config or tokenizer file (the largest real tokenizer.json ~ 20 MB)
 _MAX_CONFIG = 4 << 20
 
@@ -51,9 +70,14 @@ def _nul(what: str, value: str | None) -> None:
         raise StreamInputError(f"{what} {value!r} contains a NUL byte: not a path")
 
 
-def check_paths(model: str, work: str, storage_options: dict | None, *,
-                texts: dict[str, str | None] | None = None, tokenizer: str | None = None
-                ) -> None:
+def check_paths(
+    model: str,
+    work: str,
+    storage_options: dict | None,
+    *,
+    texts: dict[str, str | None] | None = None,
+    tokenizer: str | None = None,
+) -> None:
     """The model exists (a folder or .safetensors file, local or on a store), the work
     folder is a folder or can be made one, and no path holds a NUL byte."""
     _nul("model path", model)
@@ -78,8 +102,9 @@ def check_paths(model: str, work: str, storage_options: dict | None, *,
         try:
             os.makedirs(path, exist_ok=True)
         except OSError as e:
-            raise StreamInputError(f"cannot make the work folder {work}: "
-                                   f"{e.strerror or e}") from None
+            raise StreamInputError(
+                f"cannot make the work folder {work}: {e.strerror or e}"
+            ) from None
         if not os.access(path, os.W_OK | os.X_OK):
             raise StreamInputError(f"work folder {work} is not writable")
 
@@ -98,8 +123,9 @@ def _config(model: str, storage_options: dict | None) -> tuple[bytes, dict[str, 
         with fs.open(p, "rb") as f:
             raw = f.read(_MAX_CONFIG + 1)
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-        raise StreamInputError(f"{model} holds no config.json file (the model's Hugging Face "
-                               "config)") from None
+        raise StreamInputError(
+            f"{model} holds no config.json file (the model's Hugging Face config)"
+        ) from None
     if len(raw) > _MAX_CONFIG:
         raise StreamInputError(f"{model}/config.json is larger than {_MAX_CONFIG >> 20} MiB")
     try:
@@ -113,12 +139,20 @@ def _config(model: str, storage_options: dict | None) -> tuple[bytes, dict[str, 
 
 def check_lengths(cfg: dict[str, Any], model: str, lengths: dict[str, int]) -> None:
     """Each window length (flag -> tokens) fits the model's positions."""
-    most = next((cfg[k] for k in ("max_position_embeddings", "n_positions", "max_seq_len")
-                 if type(cfg.get(k)) is int and cfg[k] > 0), None)
+    most = next(
+        (
+            cfg[k]
+            for k in ("max_position_embeddings", "n_positions", "max_seq_len")
+            if type(cfg.get(k)) is int and cfg[k] > 0
+        ),
+        None,
+    )
     for flag, n in lengths.items():
         if most is not None and n > most:
-            raise StreamInputError(f"{flag} {n} is longer than the {most} positions of {model} "
-                                   f"(max_position_embeddings); give at most {most}")
+            raise StreamInputError(
+                f"{flag} {n} is longer than the {most} positions of {model} "
+                f"(max_position_embeddings); give at most {most}"
+            )
 
 
 def _read_capped(fs, path: str, where: str) -> bytes:
@@ -153,7 +187,8 @@ def _tokenizer_files(url: str, storage_options: dict | None) -> dict[str, bytes]
     if not any(n in out for n in TOKENIZER_FILES):
         raise StreamInputError(
             f"{url} holds no tokenizer files (one of {', '.join(TOKENIZER_FILES)}): text needs "
-            "the model's tokenizer; copy it there or give --tokenizer FOLDER_OR_URL")
+            "the model's tokenizer; copy it there or give --tokenizer FOLDER_OR_URL"
+        )
     return out
 
 
@@ -182,21 +217,24 @@ def load_tokenizer(url: str, storage_options: dict | None):
 
     with tokenizer_folder(url, storage_options) as local:
         try:
-            tok = AutoTokenizer.from_pretrained(local, local_files_only=True,
-                                                trust_remote_code=False)
+            tok = AutoTokenizer.from_pretrained(
+                local, local_files_only=True, trust_remote_code=False
+            )
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as e:  # noqa: BLE001 - the tokenizers library panics as BaseException
             text = " ".join(str(e).split())[:300]
-            raise StreamInputError(f"the tokenizer in {url} cannot be loaded "
-                                   f"({type(e).__name__}: {text})") from None
+            raise StreamInputError(
+                f"the tokenizer in {url} cannot be loaded ({type(e).__name__}: {text})"
+            ) from None
     if len(tok) == 0:
         raise StreamInputError(f"the tokenizer in {url} has an empty vocabulary")
     return tok
 
 
-def hf_files(model: str, storage_options: dict | None, tokenizer: str | None = None
-             ) -> dict[str, bytes]:
+def hf_files(
+    model: str, storage_options: dict | None, tokenizer: str | None = None
+) -> dict[str, bytes]:
     """config.json and generation_config.json of the model, and the tokenizer files of
     `tokenizer` (default: the model folder; none if it has none), by name: what `hwq run`'s
     encode stage puts in hf/ (pipeline/encode/cli.py's list). A model without a generation
@@ -233,4 +271,3 @@ def _generation_config(cfg: dict[str, Any]) -> bytes | None:
         return GenerationConfig.from_model_config(conf).to_json_string().encode()
     except Exception:  # noqa: BLE001 - no generation config is better than no decoded folder
         return None
-

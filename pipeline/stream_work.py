@@ -105,8 +105,10 @@ class WorkFolder:
                 raise
         except (IsADirectoryError, NotADirectoryError, FileExistsError) as e:
             # Something planted where hwq writes a file (a folder, a file where a folder goes).
-            raise ArtifactError(f"cannot write {self.store.full_url(rel)}: {e.strerror} (remove "
-                                "what is in the way and rerun)") from None
+            raise ArtifactError(
+                f"cannot write {self.store.full_url(rel)}: {e.strerror} (remove "
+                "what is in the way and rerun)"
+            ) from None
         return {"bytes": sink.written, "sha256": sink.sha256.hexdigest()}
 
     def exists(self, rel: str) -> bool:
@@ -154,8 +156,10 @@ class WorkFolder:
     # -- verified reads of another stage's outputs ---------------------------------------------
 
     def _bad(self, rel: str, why: str) -> ArtifactError:
-        return ArtifactError(f"{self.store.full_url(rel)} is {why} since its stage wrote it; "
-                             "rerun `hwq stream` to recompute it")
+        return ArtifactError(
+            f"{self.store.full_url(rel)} is {why} since its stage wrote it; "
+            "rerun `hwq stream` to recompute it"
+        )
 
     def verified_bytes(self, rel: str, digest: dict | OutputDigest) -> bytes:
         """The whole file, read once and checked against `digest` ({"bytes", "sha256"})."""
@@ -163,8 +167,14 @@ class WorkFolder:
         try:
             data = self.store.read_bytes(check_output_name(rel), max_bytes=d.bytes)
         except ArtifactError as e:
-            raise self._bad(rel, "missing" if "does not exist" in str(e) else
-                            "not a regular file" if "regular" in str(e) else "resized") from None
+            raise self._bad(
+                rel,
+                "missing"
+                if "does not exist" in str(e)
+                else "not a regular file"
+                if "regular" in str(e)
+                else "resized",
+            ) from None
         if len(data) != d.bytes:
             raise self._bad(rel, f"resized ({len(data)} bytes, {d.bytes} recorded)")
         if sha256_bytes(data) != d.sha256:
@@ -180,8 +190,10 @@ class WorkFolder:
         dst = os.path.join(folder, posixpath.basename(rel))
         h, n = hashlib.sha256(), 0
         try:
-            with self.store._open_regular(check_output_name(rel)) as f, \
-                    open(dst, "xb", opener=lambda p, fl: os.open(p, fl, 0o600)) as out:
+            with (
+                self.store._open_regular(check_output_name(rel)) as f,
+                open(dst, "xb", opener=lambda p, fl: os.open(p, fl, 0o600)) as out,
+            ):
                 while n <= d.bytes and (chunk := f.read(min(8 << 20, d.bytes + 1 - n))):
                     h.update(chunk)
                     out.write(chunk)

@@ -43,15 +43,18 @@ def _one_line(capsys) -> str:
     return err[0]
 
 
-@pytest.mark.parametrize(("args", "says"), [
-    (["--cpus", "0"], "argument --cpus: must be at least 1"),
-    (["--windows", "-1"], "argument --windows: must be at least 1"),
-    (["--windows", "0"], "argument --windows: must be at least 1"),
-    (["--seq-len", "0"], "argument --seq-len: must be at least 2"),
-    (["--eval-windows", "0"], "argument --eval-windows: must be at least 1"),
-    (["--bits", "nan"], "argument --bits: must be a number of bits"),
-    (["--seed", "-1"], "argument --seed: must be at least 0"),
-])
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--cpus", "0"], "argument --cpus: must be at least 1"),
+        (["--windows", "-1"], "argument --windows: must be at least 1"),
+        (["--windows", "0"], "argument --windows: must be at least 1"),
+        (["--seq-len", "0"], "argument --seq-len: must be at least 2"),
+        (["--eval-windows", "0"], "argument --eval-windows: must be at least 1"),
+        (["--bits", "nan"], "argument --bits: must be a number of bits"),
+        (["--seed", "-1"], "argument --seed: must be at least 0"),
+    ],
+)
 def test_bad_numbers_are_refused_when_parsed(model, tmp_path, capsys, args, says):
     from pipeline.cli import main
 
@@ -71,14 +74,19 @@ def test_bad_paths_and_lengths_are_one_line_before_ray(model, tmp_path, capsys):
         ([str(model), str(tmp_path / "file" / "w")], "cannot make the work folder"),
         ([str(model), "/dev/null"], "work folder /dev/null exists and is not a folder"),
         ([str(model), str(tmp_path / "w\x00x")], "contains a NUL byte"),
-        ([str(model), str(tmp_path / "w"), "--seq-len", "100000"],
-         "--seq-len 100000 is longer than the 256 positions"),
-        ([str(model), str(tmp_path / "w"), "--eval", str(text), "--eval-seq-len", "300"],
-         "--eval-seq-len 300 is longer than the 256 positions"),
-        ([str(model), str(tmp_path / "w"), "--text", str(text), "--seq-len", "250"],
-         "--text .*calib.txt: the text has .* tokens, fewer than one window"),
-        ([str(model), str(tmp_path / "w"), "--text", str(tmp_path / "none.txt")],
-         "none.txt"),
+        (
+            [str(model), str(tmp_path / "w"), "--seq-len", "100000"],
+            "--seq-len 100000 is longer than the 256 positions",
+        ),
+        (
+            [str(model), str(tmp_path / "w"), "--eval", str(text), "--eval-seq-len", "300"],
+            "--eval-seq-len 300 is longer than the 256 positions",
+        ),
+        (
+            [str(model), str(tmp_path / "w"), "--text", str(text), "--seq-len", "250"],
+            "--text .*calib.txt: the text has .* tokens, fewer than one window",
+        ),
+        ([str(model), str(tmp_path / "w"), "--text", str(tmp_path / "none.txt")], "none.txt"),
     ]
     import re
 
@@ -102,10 +110,33 @@ def test_a_model_without_tokenizer_files_says_so(tmp_path, capsys):
     tok = tmp_path / "tok"
     tiny_tokenizer(300).save_pretrained(tok)
     with pytest.raises(AssertionError, match="Ray started"):
-        main(["stream", str(bare), str(tmp_path / "w"), "--text", str(text), "--tokenizer",
-              str(tok), "--seq-len", "16"])
-    assert main(["stream", str(bare), str(tmp_path / "w"), "--text", str(text), "--tokenizer",
-                 str(tmp_path / "nope")]) == 2
+        main(
+            [
+                "stream",
+                str(bare),
+                str(tmp_path / "w"),
+                "--text",
+                str(text),
+                "--tokenizer",
+                str(tok),
+                "--seq-len",
+                "16",
+            ]
+        )
+    assert (
+        main(
+            [
+                "stream",
+                str(bare),
+                str(tmp_path / "w"),
+                "--text",
+                str(text),
+                "--tokenizer",
+                str(tmp_path / "nope"),
+            ]
+        )
+        == 2
+    )
     assert "tokenizer folder" in _one_line(capsys)
 
 

@@ -30,8 +30,9 @@ def model(tmp_path_factory):
     m.config.save_pretrained(path)
     tiny_tokenizer(300).save_pretrained(path)
     sd = dict(m.state_dict())
-    write_folder(path, sd, [(n, t.dtype, tuple(t.shape)) for n, t in sd.items()],
-                 max_shard_bytes=30_000)
+    write_folder(
+        path, sd, [(n, t.dtype, tuple(t.shape)) for n, t in sd.items()], max_shard_bytes=30_000
+    )
     return path
 
 
@@ -100,8 +101,9 @@ def test_codes_zeroed_after_quantize_are_recomputed(model, reference, tmp_path, 
     assert not q.get("cached")  # recomputed, not a size-only hit
 
 
-def test_a_manifest_naming_a_file_outside_the_folder_is_not_followed(model, reference,
-                                                                      tmp_path, capsys):
+def test_a_manifest_naming_a_file_outside_the_folder_is_not_followed(
+    model, reference, tmp_path, capsys
+):
     """The quantize manifest names ../evil/e.safetensors (zeroed codes, its digest recorded):
     the manifest is invalid, quantize recomputes, the evil file is never encoded."""
     work = _copy(reference, tmp_path)
@@ -115,15 +117,18 @@ def test_a_manifest_naming_a_file_outside_the_folder_is_not_followed(model, refe
     m["codes"][name] = "../evil/e.safetensors"
     del m["outputs"]["codes/00000.safetensors"]
     m["outputs"]["../evil/e.safetensors"] = {
-        "bytes": evil.stat().st_size, "sha256": hashlib.sha256(evil.read_bytes()).hexdigest()}
+        "bytes": evil.stat().st_size,
+        "sha256": hashlib.sha256(evil.read_bytes()).hexdigest(),
+    }
     mpath.write_text(json.dumps(m))
     (work / "manifests" / "encode.json").unlink()
     assert _stream(model, work, capsys)[0] == 0
     assert _finals(work) == _finals(reference)
 
 
-def test_a_swapped_decoded_shard_with_rewritten_digests_is_recomputed(model, reference,
-                                                                       tmp_path, capsys):
+def test_a_swapped_decoded_shard_with_rewritten_digests_is_recomputed(
+    model, reference, tmp_path, capsys
+):
     work = _copy(reference, tmp_path)
     dec = work / "decoded"
     index = json.loads((dec / "model.safetensors.index.json").read_text())
@@ -134,10 +139,10 @@ def test_a_swapped_decoded_shard_with_rewritten_digests_is_recomputed(model, ref
     (n,) = struct.unpack_from("<Q", data)
     b, e = json.loads(data[8 : 8 + n])[name]["data_offsets"]
     index["metadata"]["hwq_tensor_sha256"][name] = hashlib.sha256(
-        data[8 + n + b : 8 + n + e]).hexdigest()
+        data[8 + n + b : 8 + n + e]
+    ).hexdigest()
     index["metadata"]["hwq_shard_sha256"][shard] = hashlib.sha256(data).hexdigest()
-    (dec / "model.safetensors.index.json").write_text(json.dumps(index, indent=1,
-                                                                 sort_keys=True))
+    (dec / "model.safetensors.index.json").write_text(json.dumps(index, indent=1, sort_keys=True))
     assert _stream(model, work, capsys)[0] == 0
     assert _finals(work) == _finals(reference)
 

@@ -51,11 +51,13 @@ def _tokenized(args, opts, path: str, flag: str, make):
     from pipeline.stream_inputs import StreamInputError, load_tokenizer
 
     tok = load_tokenizer(args.tokenizer or args.model, opts)
-    text = read_text(path)
+    text = read_text(path, opts)
     try:
         return make(tok, text)
-    except ValueError as e:
-        raise StreamInputError(f"{flag} {path}: {e}") from None
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # noqa: BLE001 - a tokenizer's regex can panic (BaseException)
+        raise StreamInputError(f"{flag} {path}: {' '.join(str(e).split())[:300]}") from None
 
 
 def _windows(args, opts):

@@ -103,8 +103,8 @@ def _cached(work: WorkFolder, stage: str, key: str, need: tuple[str, ...] = ()) 
             d = m.model_dump(exclude_none=True)
             d["cached"] = True
             return d
-    if why != "no manifest":
-        log.warning("%s: recomputing: %s", stage, why)
+    if why not in ("no manifest", "settings or inputs changed"):
+        log.warning("%s: recomputing: %s", stage, why)  # the folder was changed behind hwq
     return None
 
 

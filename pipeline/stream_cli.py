@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
+import math
 import time
 
 __all__ = ["add_commands"]
@@ -12,41 +14,77 @@ log = logging.getLogger(__name__)
 GiB = 1 << 30
 
 
-def _windows(args):
-    """Calibration windows from --text with the model folder's tokenizer, or None (seeded
-    random tokens: enough for a synthetic model, a poor Hessian for a real one)."""
+def _int_at_least(lo: int):
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if n < lo:
+            raise argparse.ArgumentTypeError(f"must be at least {lo}, got {n}")
+        return n
+
+    return parse
+
+
+def _bits(text: str) -> float:
+    try:
+        b = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(b) or not 0 < b <= 32:
+        raise argparse.ArgumentTypeError(f"must be a number of bits in (0, 32], got {text}")
+    return b
+
+
+def _seed(text: str) -> int:
+    n = _int_at_least(0)(text)
+    if n >= 2**31:
+        raise argparse.ArgumentTypeError(f"must be below 2^31, got {n}")
+    return n
+
+
+def _tokenized(args, opts, path: str, flag: str, make):
+    """Windows from the text at `path` with the tokenizer (--tokenizer, else the model's);
+    an error names the text and the flag."""
+    from pipeline.data.text import read_text
+    from pipeline.stream_inputs import StreamInputError, load_tokenizer
+
+    tok = load_tokenizer(args.tokenizer or args.model, opts)
+    text = read_text(path, opts)
+    try:
+        return make(tok, text)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # noqa: BLE001 - a tokenizer's regex can panic (BaseException)
+        raise StreamInputError(f"{flag} {path}: {' '.join(str(e).split())[:300]}") from None
+
+
+def _windows(args, opts):
+    """Calibration windows from --text with the model's tokenizer, or None (seeded random
+    tokens: enough for a synthetic model, a poor Hessian for a real one)."""
     if not args.text:
         log.warning("no --text: calibrating on seeded random tokens (fine for a synthetic "
                     "model; give real text for a real one)")
         return None
-    from transformers import AutoTokenizer
+    from pipeline.data.text import calibration_windows
 
-    from pipeline.data.text import calibration_windows, read_text
-
-    if "://" in args.model:
-        raise ValueError("--text needs the tokenizer files of a local model folder; copy "
-                         "them next to the text or calibrate without --text")
-    tok = AutoTokenizer.from_pretrained(args.model, local_files_only=True,
-                                        trust_remote_code=False)
-    return calibration_windows(tok, read_text(args.text), args.windows, args.seq_len, args.seed)
+    return _tokenized(args, opts, args.text, "--text", lambda tok, text: calibration_windows(
+        tok, text, args.windows, args.seq_len, args.seed))
 
 
-def _eval_windows(args):
+def _eval_windows(args, opts):
     if not args.eval:
         return None
-    from transformers import AutoTokenizer
+    from pipeline.data.text import eval_windows
 
-    from pipeline.data.text import eval_windows, read_text
-
-    if "://" in args.model:
-        raise ValueError("--eval needs the tokenizer files of a local model folder")
-    tok = AutoTokenizer.from_pretrained(args.model, local_files_only=True,
-                                        trust_remote_code=False)
-    return eval_windows(tok, read_text(args.eval), args.eval_seq_len, args.eval_windows)
+    return _tokenized(args, opts, args.eval, "--eval", lambda tok, text: eval_windows(
+        tok, text, args.eval_seq_len, args.eval_windows))
 
 
 def _stream(args) -> int:
     from pipeline.executor import init_ray, shutdown_ray
+    from pipeline.stream_inputs import check_lengths, check_paths, hf_files, model_config
     from pipeline.streamed import StreamSettings, run_streamed
 
     opts = {"client_kwargs": {"endpoint_url": args.endpoint_url}} if args.endpoint_url else None
@@ -57,9 +95,17 @@ def _stream(args) -> int:
                                                           "decode").index(args.until) + 1]
     from pipeline.models.weights import WeightsFolder
 
-    WeightsFolder(args.model, opts)  # a clear error before anything starts
-    windows = _windows(args)
-    ev = _eval_windows(args)
+    # Every check the arguments and the file system allow, before Ray starts.
+    check_paths(args.model, args.work, opts, texts={"--text": args.text, "--eval": args.eval},
+                tokenizer=args.tokenizer)
+    WeightsFolder(args.model, opts)
+    lengths = {"--seq-len": args.seq_len}
+    if args.eval:
+        lengths["--eval-seq-len"] = args.eval_seq_len
+    check_lengths(model_config(args.model, opts), args.model, lengths)
+    windows = _windows(args, opts)
+    ev = _eval_windows(args, opts)
+    hf = hf_files(args.model, opts, args.tokenizer)
     import ray
 
     started = not ray.is_initialized()
@@ -81,7 +127,7 @@ def _stream(args) -> int:
     try:
         out = run_streamed(args.model, args.work, st, storage_options=opts, windows=windows,
                            stages=stages, on_stage=on_stage, progress=progress,
-                           eval_windows=ev)
+                           eval_windows=ev, hf_files=hf)
     finally:
         if started:
             shutdown_ray()
@@ -126,22 +172,30 @@ def add_commands(sub) -> None:
                    "per-window squared gradients, block-wise recomputation")
     s.add_argument("--method", choices=("uniform", "ecsq"), default="uniform",
                    help="per-channel quantizer under one λ for every row (default uniform)")
-    s.add_argument("--bits", type=float, default=3.0,
+    s.add_argument("--bits", type=_bits, default=3.0,
                    help="all-in bits per weight of the quantized tensors (default 3)")
     s.add_argument("--text", help="calibration text (file, folder or URL); default: seeded "
                    "random tokens")
-    s.add_argument("--windows", type=int, default=4, help="calibration windows (default 4)")
-    s.add_argument("--seq-len", type=int, default=64, help="tokens per window (default 64)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--tokenizer", metavar="PATH_OR_URL",
+                   help="folder (or s3:// URL) with the tokenizer files for --text and --eval, "
+                   "copied into hf/ and the decoded folder (default: the model's own)")
+    s.add_argument("--windows", type=_int_at_least(1), default=4,
+                   help="calibration windows (default 4)")
+    s.add_argument("--seq-len", type=_int_at_least(2), default=64,
+                   help="tokens per window, at most the model's positions (default 64)")
+    s.add_argument("--seed", type=_seed, default=0)
     s.add_argument("--coder", choices=("huffman", "ans"), default="huffman")
     s.add_argument("--eval", metavar="TEXT", help="after decoding, perplexity of the original "
                    "and the decoded model on this text (non-overlapping windows, both models "
-                   "streamed block by block); needs the tokenizer in the model folder")
-    s.add_argument("--eval-seq-len", type=int, default=512, help="tokens per eval window")
-    s.add_argument("--eval-windows", type=int, default=16, help="at most this many windows")
+                   "streamed block by block); needs the model's tokenizer (or --tokenizer)")
+    s.add_argument("--eval-seq-len", type=_int_at_least(2), default=512,
+                   help="tokens per eval window")
+    s.add_argument("--eval-windows", type=_int_at_least(1), default=16,
+                   help="at most this many windows")
     s.add_argument("--until", choices=("hessian", "quantize", "encode", "decode"),
                    default="decode", help="stop after this stage")
-    s.add_argument("--cpus", type=int, help="CPUs of the embedded Ray (default: all)")
+    s.add_argument("--cpus", type=_int_at_least(1),
+                   help="CPUs of the embedded Ray (default: all)")
     s.add_argument("--ray-address", metavar="ADDR", help="join a Ray cluster instead")
     s.add_argument("--endpoint-url", metavar="URL", help="S3-compatible endpoint")
     s.add_argument("--json", action="store_true", help="also print the manifests as JSON")

@@ -14,15 +14,20 @@ folder (local or ``s3://``), a manifest per stage written last:
               (indices and per-row codebook); the driver keeps per-tensor sums only.
 ``encode``    `write_hwq` with lazily loaded entries: codes and raw tensors are read one at a
               time, the payload spools to disk and is uploaded in parts.
+              The model's config, generation config and tokenizer files go to ``hf/``
+              beside it (as `hwq run`'s encode stage writes them), so `hwq decode --hf-out`
+              needs no ``--hf-files``.
 ``decode``    `decode_to_folder`: the .hwq back to a sharded bf16/fp32 folder, tensor by
-              tensor, with the model's config.json beside it.
+              tensor, with the config, generation config and tokenizer files beside it.
 
 Every manifest records the stage's seconds, weights per second, the bytes it read, the peak
 RSS of the driver and of every worker process that ran it (and the GPU allocator's peak where
-there is a GPU), and each output's bytes and sha256 computed while it was written. A rerun
-whose stage key (settings + the inputs' digests) matches a manifest is a cache hit after
-checking the outputs' sizes only: their digests were verified at write time and are trusted,
-and a reader checks them again where it reads (per-tensor digests of codes and model shards).
+there is a GPU), and each output's bytes and sha256 computed while it was written. The work
+folder is untrusted (pipeline/stream_work.py): a rerun whose stage key (settings + the inputs'
+digests) matches a valid manifest is a cache hit only after every output re-hashes to its
+recorded sha256, and every read of another stage's output is checked against the digest that
+stage's manifest recorded (whole files read once, hashed and parsed from those bytes; the
+Hessian table tensor by tensor).
 """
 
 from __future__ import annotations
@@ -31,7 +36,6 @@ import hashlib
 import json
 import logging
 import math
-import posixpath
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -42,7 +46,9 @@ import torch
 
 from pipeline.executor import private_subdir
 from pipeline.memory import peak_rss, process_peaks, release_memory
-from pipeline.models.weights import INDEX, WeightsFolder, _Files, _Sink
+from pipeline.models.weights import INDEX, WeightsFolder
+from pipeline.store import ArtifactError
+from pipeline.stream_work import WorkFolder, manifest_rel
 
 __all__ = ["StreamSettings", "run_streamed", "stage_hessian", "stage_quantize", "stage_encode",
            "stage_decode", "block_targets", "one_tensor_decode"]
@@ -51,6 +57,7 @@ log = logging.getLogger(__name__)
 HESSIAN = "hessian.parquet"
 HWQ = "model.hwq"
 DECODED = "decoded"
+HF = "hf"  # config and tokenizer files beside model.hwq, as `hwq run`'s encode stage writes
 
 
 @dataclass
@@ -80,63 +87,28 @@ def _model_digest(w: WeightsFolder) -> str:
                     for n, t in w.tensors.items()})
 
 
-class _Work:
-    """The work folder: small JSON files and streamed outputs, local or on an object store."""
-
-    def __init__(self, url: str, storage_options: dict | None = None):
-        self.url = url.rstrip("/")
-        self.storage_options = storage_options
-        self.files = _Files(self.url, storage_options)
-
-    def sub(self, rel: str) -> str:
-        return posixpath.join(self.url, rel) if "://" in self.url else f"{self.url}/{rel}"
-
-    def write_bytes(self, rel: str, data: bytes) -> dict:
-        sink = _Sink(self.files, rel)
-        try:
-            sink.write(data)
-            sink.commit()
-        except BaseException:
-            sink.abort()
-            raise
-        return {"bytes": sink.written, "sha256": sink.sha256.hexdigest()}
-
-    def read_json(self, rel: str) -> Any:
-        return json.loads(self.files.read_whole(rel, 64 << 20))
-
-    def exists(self, rel: str) -> bool:
-        return self.files.exists(rel)
-
-    def size(self, rel: str) -> int:
-        return self.files.size(rel)
+_Work = WorkFolder  # the name benchmarks/scale_memory.py imports
 
 
-def _manifest_rel(stage: str) -> str:
-    return f"manifests/{stage}.json"
+def _cached(work: WorkFolder, stage: str, key: str, need: tuple[str, ...] = ()) -> dict | None:
+    """The stage's manifest, as a dict, if it is valid for `key`, has the fields `need`, and
+    every output it lists re-hashes to its recorded sha256; else None (recompute)."""
+    m, why = work.manifest(stage, key)
+    if m is not None and any(getattr(m, f, None) is None for f in need):
+        m, why = None, f"its manifest has no {', '.join(need)}"
+    if m is not None:
+        why = work.check(m.outputs)
+        if why is None:
+            log.info("%s: cache hit (every output re-hashed to its manifest's sha256)", stage)
+            d = m.model_dump(exclude_none=True)
+            d["cached"] = True
+            return d
+    if why not in ("no manifest", "settings or inputs changed"):
+        log.warning("%s: recomputing: %s", stage, why)  # the folder was changed behind hwq
+    return None
 
 
-def _cached(work: _Work, stage: str, key: str) -> dict | None:
-    rel = _manifest_rel(stage)
-    if not work.exists(rel):
-        return None
-    try:
-        m = work.read_json(rel)
-    except (ValueError, OSError):
-        return None
-    if m.get("key") != key:
-        return None
-    for out, d in m.get("outputs", {}).items():
-        if not work.exists(out) or work.size(out) != d["bytes"]:
-            log.warning("%s: %s is missing or changed size since its manifest; recomputing",
-                        stage, out)
-            return None
-    log.info("%s: cache hit (outputs' sizes checked; their sha256, computed while they were "
-             "written, are trusted)", stage)
-    m["cached"] = True
-    return m
-
-
-def _finish(work: _Work, stage: str, key: str, t0: float, outputs: dict, workers: list,
+def _finish(work: WorkFolder, stage: str, key: str, t0: float, outputs: dict, workers: list,
             **figures: Any) -> dict:
     m = {"stage": stage, "key": key, "seconds": time.perf_counter() - t0,
          "outputs": outputs, "verified": "sha256 computed while writing",
@@ -145,7 +117,7 @@ def _finish(work: _Work, stage: str, key: str, t0: float, outputs: dict, workers
          **figures}
     if m.get("weights"):
         m["weights_per_s"] = m["weights"] / max(m["seconds"], 1e-9)
-    work.write_bytes(_manifest_rel(stage), json.dumps(m, indent=1).encode())
+    work.write_bytes(manifest_rel(stage), json.dumps(m, indent=1).encode())
     m["cached"] = False
     return m
 
@@ -185,7 +157,7 @@ def _hessian_task(model_url: str, work_url: str, s: dict, windows: torch.Tensor 
     names = block_targets(lm.weights)
     if windows is None:
         windows = random_windows(int(lm.config.vocab_size), st.windows, st.seq_len, st.seed)
-    work = _Work(work_url, storage_options)
+    work = WorkFolder(work_url, storage_options)
     with TensorTableWriter(work.sub(HESSIAN), storage_options,
                            metadata={"estimator": st.estimator}) as table:
         def emit(name: str, sums: np.ndarray, n: int) -> None:
@@ -201,7 +173,8 @@ def _hessian_task(model_url: str, work_url: str, s: dict, windows: torch.Tensor 
         out = table.close()
     weights = sum(lm.weights.tensors[n].numel for n in names)
     return {"outputs": {HESSIAN: out}, "weights": weights, "tensors": len(names),
-            "bytes_read": lm.weights.bytes_read, "process": process_peaks()}
+            "tensor_sha256": table.tensor_sha256, "bytes_read": lm.weights.bytes_read,
+            "process": process_peaks()}
 
 
 def _h_rows(h: np.ndarray, shape: tuple[int, int], rows: slice | np.ndarray) -> np.ndarray:
@@ -213,9 +186,22 @@ def _h_rows(h: np.ndarray, shape: tuple[int, int], rows: slice | np.ndarray) -> 
     return h.reshape(R, C)[rows]
 
 
-def _sample_task(model_url: str, hess_url: str, name: str, every: int, offset: int,
-                 storage_options: dict | None):
+def _hessian_values(hess_url: str, name: str, shape: tuple[int, int], digest: str,
+                    storage_options: dict | None) -> np.ndarray:
+    """One tensor's Hessian values: an activation [in] vector or a full [out·in], bounded
+    by the tensor's shape before decoding and checked against the manifest's digest."""
     from pipeline.hessian.table import TensorTable
+
+    R, C = shape
+    t = TensorTable(hess_url, storage_options)
+    try:
+        return t.read(name, sizes=(C, R * C), sha256=digest)
+    finally:
+        t.close()
+
+
+def _sample_task(model_url: str, hess_url: str, name: str, every: int, offset: int,
+                 digest: str, storage_options: dict | None):
     from pipeline.quantize.rate import RowBlock
 
     w = WeightsFolder(model_url, storage_options)
@@ -223,17 +209,15 @@ def _sample_task(model_url: str, hess_url: str, name: str, every: int, offset: i
     R, C = info.shape
     rows = np.arange(0, R, every)
     W = w.read(name, torch.float32).numpy()[rows]
-    t = TensorTable(hess_url, storage_options)
-    H = _h_rows(t.read(name), (R, C), rows)
-    t.close()
+    H = _h_rows(_hessian_values(hess_url, name, (R, C), digest, storage_options), (R, C), rows)
     return RowBlock(np.ascontiguousarray(W), np.ascontiguousarray(H), offset)
 
 
 def _quantize_task(model_url: str, hess_url: str, work_url: str, name: str, index: int,
-                   lam: float, s: dict, row_offset: int, storage_options: dict | None) -> dict:
+                   lam: float, s: dict, row_offset: int, digest: str,
+                   storage_options: dict | None) -> dict:
     from safetensors.torch import save
 
-    from pipeline.hessian.table import TensorTable
     from pipeline.quantize.rate import RowBlock, solve_rows_at
 
     st = StreamSettings(**s)
@@ -241,9 +225,7 @@ def _quantize_task(model_url: str, hess_url: str, work_url: str, name: str, inde
     info = w.info(name)
     R, C = info.shape
     Wt = w.read(name)  # stored dtype (bf16: half the bytes of float32)
-    t = TensorTable(hess_url, storage_options)
-    h = t.read(name)
-    t.close()
+    h = _hessian_values(hess_url, name, (R, C), digest, storage_options)
     opts = {"k_max": st.k_max, "threads": st.threads}
     results = []
     for a in range(0, R, st.slab_rows):
@@ -265,7 +247,7 @@ def _quantize_task(model_url: str, hess_url: str, work_url: str, name: str, inde
                  "codebooks": torch.from_numpy(codebooks.astype(np.float32))},
                 metadata={"tensor": name, "dtype": info.dtype, "lam": repr(lam)})
     rel = f"codes/{index:05d}.safetensors"
-    out = _Work(work_url, storage_options).write_bytes(rel, blob)
+    out = WorkFolder(work_url, storage_options).write_bytes(rel, blob)
     return {"name": name, "rel": rel, "output": out, "weights": R * C, "rows": R,
             "index_bits": index_bits, "levels": levels, "distortion": distortion,
             "bytes_read": w.bytes_read, "process": process_peaks()}
@@ -284,24 +266,49 @@ _HWQ_DTYPE = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "fl
 _NP_RAW = {"bfloat16": np.uint16, "bool": np.bool_}
 
 
-def _encode_task(model_url: str, work_url: str, codes: dict[str, str], s: dict,
-                 storage_options: dict | None) -> dict:
+def _codes(work: WorkFolder, rel: str, digest: dict, shape: tuple[int, ...]
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """(indices uint8/int16 [R, C], codebooks float32 [R, K]) of one tensor: its codes file read
+    once, checked against the quantize manifest's digest, parsed from those bytes."""
+    from safetensors.numpy import load
+
+    data = work.verified_bytes(rel, digest)
+    try:
+        t = load(data)
+        idx, cb = t["indices"], t["codebooks"]
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own types on bad input
+        raise ArtifactError(f"{work.sub(rel)} is not a codes file ({type(e).__name__}); "
+                            "rerun `hwq stream` to recompute it") from None
+    if (len(shape) != 2 or idx.shape != tuple(shape) or idx.dtype not in (np.uint8, np.int16)
+            or cb.dtype != np.float32 or cb.ndim != 2 or cb.shape[0] != shape[0]
+            or not 1 <= cb.shape[1] <= 1 << 15 or (idx.size and not 0 <= idx.min() <= idx.max()
+                                                   < cb.shape[1])):
+        raise ArtifactError(f"{work.sub(rel)} does not hold codes of a {list(shape)} tensor; "
+                            "rerun `hwq stream` to recompute it")
+    return idx, cb
+
+
+def _encode_task(model_url: str, work_url: str, codes: dict[str, str], digests: dict[str, dict],
+                 hf: dict[str, bytes], s: dict, storage_options: dict | None) -> dict:
+    """codes: tensor -> codes file; digests: codes file -> {"bytes", "sha256"} (the quantize
+    manifest's); hf: the model's config and tokenizer files, written to hf/."""
     from pipeline.encode.container import TensorEntry, write_hwq
 
     st = StreamSettings(**s)
-    work = _Work(work_url, storage_options)
+    work = WorkFolder(work_url, storage_options)
     w = WeightsFolder(model_url, storage_options)
     codebooks: dict[str, np.ndarray] = {}
-    code_files: dict[str, WeightsFolder] = {}
+    read = 0
     for name, rel in codes.items():
-        f = WeightsFolder(work.sub(rel), storage_options)
-        codebooks[name] = f.read("codebooks").numpy()
-        code_files[name] = f
+        codebooks[name] = _codes(work, rel, digests[rel], w.info(name).shape)[1]
+        read += digests[rel]["bytes"]
 
     def quantized(name: str) -> TensorEntry:
+        nonlocal read
         release_memory()  # what the previous tensor's encoding freed
         info = w.info(name)
-        idx = code_files[name].read("indices").numpy().reshape(-1)
+        idx = _codes(work, codes[name], digests[codes[name]], info.shape)[0].reshape(-1)
+        read += digests[codes[name]]["bytes"]
         return TensorEntry.quantized(name, info.shape, idx, name, dtype=_HWQ_DTYPE[info.dtype])
 
     def raw(name: str) -> TensorEntry:
@@ -327,41 +334,68 @@ def _encode_task(model_url: str, work_url: str, codes: dict[str, str], s: dict,
     size = work.size(HWQ)
     for a in range(0, size, 64 << 20):
         h.update(work.files.read(HWQ, a, min(size, a + (64 << 20))))
+    outputs = {HWQ: {"bytes": size, "sha256": h.hexdigest()}}
+    for n, data in sorted(hf.items()):  # beside the .hwq, as `hwq run`'s encode stage
+        outputs[f"{HF}/{n}"] = work.write_bytes(f"{HF}/{n}", data)
     weights = sum(w.info(n).numel for n in codes)
-    return {"outputs": {HWQ: {"bytes": size, "sha256": h.hexdigest()}}, "weights": weights,
-            "accounting": acct,
-            "bytes_read": w.bytes_read + sum(f.bytes_read for f in code_files.values()),
-            "process": process_peaks()}
+    return {"outputs": outputs, "weights": weights, "accounting": acct,
+            "bytes_read": w.bytes_read + read, "process": process_peaks()}
 
 
-def _decode_task(model_url: str, work_url: str, storage_options: dict | None) -> dict:
+def _decode_task(work_url: str, enc_outputs: dict[str, dict], storage_options: dict | None
+                 ) -> dict:
+    """The .hwq (copied privately while its sha256 is checked) back to a sharded folder, with
+    the hf/ files (each checked) beside it."""
+    import shutil
+    import tempfile
+
     from pipeline.encode.folder import decode_to_folder
 
-    work = _Work(work_url, storage_options)
-    out = decode_to_folder(work.sub(HWQ), work.sub(DECODED), storage_options=storage_options)
-    src = _Files(model_url, storage_options)
-    cfg = work.write_bytes(f"{DECODED}/config.json", src.read_whole("config.json", 4 << 20))
-    index = json.loads(work.files.read_whole(f"{DECODED}/{INDEX}", 64 << 20))
-    outputs = {f"{DECODED}/config.json": cfg}
+    work = WorkFolder(work_url, storage_options)
+    tmp = tempfile.mkdtemp(dir=private_subdir("spill"))
+    try:
+        local = work.verified_copy(HWQ, enc_outputs[HWQ], tmp)
+        out = decode_to_folder(local, work.sub(DECODED), storage_options=storage_options)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    outputs = {}
+    for rel, digest in sorted(enc_outputs.items()):
+        if rel.startswith(f"{HF}/"):
+            data = work.verified_bytes(rel, digest)
+            outputs[f"{DECODED}/{rel[len(HF) + 1:]}"] = work.write_bytes(
+                f"{DECODED}/{rel[len(HF) + 1:]}", data)
+    # The index this task just wrote, read back once: its digest, and the shards' it records.
+    raw = work.store.read_bytes(f"{DECODED}/{INDEX}")
+    index = json.loads(raw)
     for shard, digest in index["metadata"]["hwq_shard_sha256"].items():
         rel = f"{DECODED}/{shard}"
         outputs[rel] = {"bytes": work.size(rel), "sha256": digest}
-    outputs[f"{DECODED}/{INDEX}"] = {"bytes": work.size(f"{DECODED}/{INDEX}"), "sha256": None}
+    outputs[f"{DECODED}/{INDEX}"] = {"bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
     return {"outputs": outputs, "weights": out["elements"], "tensors": out["tensors"],
+            "tensor_sha256": index["metadata"]["hwq_tensor_sha256"],
             "bytes_read": out["bytes_read"], "bytes_written": out["bytes_written"],
             "process": process_peaks()}
 
 
-def _evaluate_task(model_url: str, work_url: str, windows: torch.Tensor,
+def _evaluate_task(model_url: str, work_url: str, windows: torch.Tensor, dec: dict,
                    storage_options: dict | None) -> dict:
+    """dec: the decode manifest; the decoded folder's config is checked against it and every
+    decoded tensor read against the digests it recorded."""
     from pipeline.executor import task_threads
     from pipeline.models.stream import StreamedLM
 
     task_threads()
-    work = _Work(work_url, storage_options)
-    out = {}
+    work = WorkFolder(work_url, storage_options)
+    work.verified_bytes(f"{DECODED}/config.json", dec["outputs"][f"{DECODED}/config.json"])
+    out, shapes = {}, {}
     for label, url in (("original", model_url), ("decoded", work.sub(DECODED))):
         lm = StreamedLM(url, storage_options, dtype=torch.float32)
+        got = {n: (t.dtype, t.shape) for n, t in lm.weights.tensors.items()}
+        if label == "decoded" and (got != shapes or dec["tensor_sha256"] != {
+                n: t.sha256 for n, t in lm.weights.tensors.items()}):
+            raise ArtifactError(f"{work.sub(DECODED)} is not the folder the decode stage wrote "
+                                "(its index differs from the manifest); rerun `hwq stream`")
+        shapes = got
         out[f"{label}_perplexity"] = lm.perplexity(windows)
         out[f"{label}_bytes_read"] = lm.weights.bytes_read
     blob = json.dumps(out, indent=1).encode()
@@ -379,24 +413,48 @@ def _remote(fn, cpus: int = 1):
     return remote(fn, cpus=cpus)
 
 
-def stage_hessian(model_url, work: _Work, st: StreamSettings, model_key: str,
-                  windows=None, cpus: int = 2) -> dict:
+def _get(refs):
+    """ray.get, with a file-system error of a task (a folder planted where hwq writes a file)
+    as one line naming the path instead of Ray's traceback."""
     import ray
+    from ray.exceptions import RayTaskError
+
+    try:
+        return ray.get(refs)
+    except RayTaskError as e:
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, OSError) and not isinstance(cause, (FileNotFoundError,
+                                                                  PermissionError)):
+            where = f"{cause.filename}: " if cause.filename else ""
+            raise ArtifactError(f"{where}{cause.strerror or cause} (hwq writes a regular file "
+                                "there: remove what is in the way and rerun)") from None
+        raise
+
+
+def stage_hessian(model_url, work: WorkFolder, st: StreamSettings, model_key: str,
+                  windows=None, cpus: int = 2, names: list[str] | None = None) -> dict:
+    """names: the tensors the table must hold values of (default: the model's targets)."""
 
     key = _digest({"model": model_key, "estimator": st.estimator, "windows": st.windows,
                    "seq_len": st.seq_len, "seed": st.seed,
                    "custom_windows": None if windows is None else _digest(windows.tolist())})
-    hit = _cached(work, "hessian", key)
+    hit = _cached(work, "hessian", key, need=("tensor_sha256",))
+    if names is None:
+        names = block_targets(WeightsFolder(model_url, work.storage_options))
+    if hit and set(hit["tensor_sha256"]) != set(names):
+        log.warning("hessian: recomputing: its manifest lists other tensors than the model's")
+        hit = None
     if hit:
         return hit
     t0 = time.perf_counter()
-    r = ray.get(_remote(_hessian_task, cpus).remote(model_url, work.url, asdict(st), windows,
-                                                     work.storage_options))
+    r = _get(_remote(_hessian_task, cpus).remote(model_url, work.url, asdict(st), windows,
+                                                  work.storage_options))
     return _finish(work, "hessian", key, t0, r["outputs"], [r["process"]],
-                   weights=r["weights"], tensors=r["tensors"], bytes_read=r["bytes_read"])
+                   weights=r["weights"], tensors=r["tensors"], bytes_read=r["bytes_read"],
+                   tensor_sha256=r["tensor_sha256"])
 
 
-def stage_quantize(model_url, work: _Work, st: StreamSettings, hess: dict,
+def stage_quantize(model_url, work: WorkFolder, st: StreamSettings, hess: dict,
                    progress: Callable[[str], object] | None = None) -> dict:
     import ray
 
@@ -405,12 +463,18 @@ def stage_quantize(model_url, work: _Work, st: StreamSettings, hess: dict,
     key = _digest({"hessian": hess["outputs"][HESSIAN]["sha256"], "method": st.method,
                    "target_bits": st.target_bits, "sample_weights": st.sample_weights,
                    "k_max": st.k_max, "slab_rows": st.slab_rows, "model": hess["key"]})
-    hit = _cached(work, "quantize", key)
+    w = WeightsFolder(model_url, work.storage_options)
+    names = block_targets(w)
+    # The codes files are named by the driver, never taken from a manifest.
+    codes = {n: f"codes/{i:05d}.safetensors" for i, n in enumerate(names)}
+    hit = _cached(work, "quantize", key, need=("codes",))
+    if hit and (hit["codes"] != codes or set(hit["outputs"]) != set(codes.values())):
+        log.warning("quantize: recomputing: its manifest names other codes files")
+        hit = None
     if hit:
         return hit
     t0 = time.perf_counter()
-    w = WeightsFolder(model_url, work.storage_options)
-    names = block_targets(w)
+    digests = hess["tensor_sha256"]
     total = sum(w.info(n).numel for n in names)
     every = max(1, math.ceil(total / max(st.sample_weights, 1)))
     offsets, at = {}, 0
@@ -419,8 +483,8 @@ def stage_quantize(model_url, work: _Work, st: StreamSettings, hess: dict,
         at += w.info(n).shape[0]
     hess_url = work.sub(HESSIAN)
     sample = _remote(_sample_task)
-    blocks = ray.get([sample.remote(model_url, hess_url, n, every, offsets[n],
-                                    work.storage_options) for n in names])
+    blocks = _get([sample.remote(model_url, hess_url, n, every, offsets[n], digests[n],
+                                 work.storage_options) for n in names])
     t_search = time.perf_counter()
     opts = {"k_max": st.k_max}
     found = solve_rows_global_rate(blocks, st.target_bits, st.method, **opts)
@@ -432,11 +496,11 @@ def stage_quantize(model_url, work: _Work, st: StreamSettings, hess: dict,
              every, t_search, len(names))
     task = _remote(_quantize_task, max(1, st.threads))
     refs = [task.remote(model_url, hess_url, work.url, n, i, lam, asdict(st), offsets[n],
-                        work.storage_options) for i, n in enumerate(names)]
+                        digests[n], work.storage_options) for i, n in enumerate(names)]
     parts, pending = [], list(refs)
     while pending:
         done, pending = ray.wait(pending, num_returns=1)
-        r = ray.get(done[0])
+        r = _get(done[0])
         parts.append(r)
         if progress:
             progress(r["name"])
@@ -463,51 +527,52 @@ def _per_process(procs: list[dict]) -> list[dict]:
     return sorted(by.values(), key=lambda p: p["pid"])
 
 
-def stage_encode(model_url, work: _Work, st: StreamSettings, quant: dict, cpus: int = 2
-                 ) -> dict:
-    import ray
-
+def stage_encode(model_url, work: WorkFolder, st: StreamSettings, quant: dict,
+                 hf: dict[str, bytes], cpus: int = 2) -> dict:
+    """hf: the config and tokenizer files written to hf/ beside the .hwq (name -> bytes)."""
     key = _digest({"quantize": quant["key"], "coder": st.coder,
-                   "codes": {r: d["sha256"] for r, d in quant["outputs"].items()}})
+                   "codes": {n: (r, quant["outputs"][r]["sha256"])
+                             for n, r in quant["codes"].items()},
+                   "hf": {n: hashlib.sha256(b).hexdigest() for n, b in hf.items()}})
     hit = _cached(work, "encode", key)
+    if hit and set(hit["outputs"]) != {HWQ, *(f"{HF}/{n}" for n in hf)}:
+        log.warning("encode: recomputing: its manifest lists other outputs")
+        hit = None
     if hit:
         return hit
     t0 = time.perf_counter()
-    r = ray.get(_remote(_encode_task, cpus).remote(model_url, work.url, quant["codes"],
-                                                    asdict(st), work.storage_options))
+    r = _get(_remote(_encode_task, cpus).remote(model_url, work.url, quant["codes"],
+                                                 quant["outputs"], hf, asdict(st),
+                                                 work.storage_options))
     return _finish(work, "encode", key, t0, r["outputs"], [r["process"]], weights=r["weights"],
                    accounting=r["accounting"], bytes_read=r["bytes_read"])
 
 
-def stage_decode(model_url, work: _Work, enc: dict, cpus: int = 2) -> dict:
-    import ray
-
-    key = _digest({"encode": enc["outputs"][HWQ]["sha256"]})
-    hit = _cached(work, "decode", key)
+def stage_decode(model_url, work: WorkFolder, enc: dict, cpus: int = 2) -> dict:
+    key = _digest({"encode": {r: d["sha256"] for r, d in enc["outputs"].items()}})
+    hit = _cached(work, "decode", key, need=("tensor_sha256",))
     if hit:
         return hit
     t0 = time.perf_counter()
-    r = ray.get(_remote(_decode_task, cpus).remote(model_url, work.url, work.storage_options))
+    r = _get(_remote(_decode_task, cpus).remote(work.url, enc["outputs"], work.storage_options))
     return _finish(work, "decode", key, t0, r["outputs"], [r["process"]], weights=r["weights"],
                    tensors=r["tensors"], bytes_read=r["bytes_read"],
-                   bytes_written=r["bytes_written"])
+                   bytes_written=r["bytes_written"], tensor_sha256=r["tensor_sha256"])
 
 
-def stage_evaluate(model_url, work: _Work, dec: dict, windows: torch.Tensor, cpus: int = 2
+def stage_evaluate(model_url, work: WorkFolder, dec: dict, windows: torch.Tensor, cpus: int = 2
                    ) -> dict:
     """Perplexity of the original and of the decoded folder on `windows`, both streamed one
     block at a time in float32 (GPTQ's protocol: exp of the mean NLL of every predicted
     token)."""
-    import ray
-
     key = _digest({"decode": {r: d["sha256"] for r, d in dec["outputs"].items()},
                    "windows": _digest(windows.tolist())})
     hit = _cached(work, "evaluate", key)
     if hit:
         return hit
     t0 = time.perf_counter()
-    r = ray.get(_remote(_evaluate_task, cpus).remote(model_url, work.url, windows,
-                                                      work.storage_options))
+    r = _get(_remote(_evaluate_task, cpus).remote(model_url, work.url, windows, dec,
+                                                   work.storage_options))
     f = r["figures"]
     return _finish(work, "evaluate", key, t0, r["outputs"], [r["process"]],
                    windows=list(windows.shape), **f,
@@ -515,7 +580,7 @@ def stage_evaluate(model_url, work: _Work, dec: dict, windows: torch.Tensor, cpu
                    bytes_read=f["original_bytes_read"] + f["decoded_bytes_read"])
 
 
-def one_tensor_decode(work: _Work, name: str) -> dict:
+def one_tensor_decode(work: WorkFolder, name: str) -> dict:
     """Decode one tensor of the .hwq by range reads; bytes read beside what it needs."""
     from pipeline.encode.container import HwqReader
 
@@ -541,15 +606,25 @@ def run_streamed(model_url: str, work_url: str, settings: StreamSettings | None 
                  stages: tuple[str, ...] = ("hessian", "quantize", "encode", "decode"),
                  on_stage: Callable[[str, dict], object] | None = None,
                  progress: Callable[[str], object] | None = None,
-                 eval_windows: torch.Tensor | None = None) -> dict[str, dict]:
+                 eval_windows: torch.Tensor | None = None,
+                 hf_files: dict[str, bytes] | None = None) -> dict[str, dict]:
     """Run the streamed stages in order (Ray must be initialised); returns their manifests.
     With `eval_windows` (int64 [m, L]) and the decode stage, an evaluate stage follows:
-    perplexity of the original and the decoded model, both streamed."""
+    perplexity of the original and the decoded model, both streamed.
+    hf_files: config and tokenizer files (name -> bytes) for hf/ and the decoded folder;
+    default: those in the model folder (`stream_inputs.hf_files`)."""
+    from pipeline.executor import _smallest_node_cpus
+    from pipeline.stream_inputs import hf_files as model_hf_files
+
     st = settings or StreamSettings()
-    work = _Work(work_url, storage_options)
-    model_key = _model_digest(WeightsFolder(model_url, storage_options))
+    work = WorkFolder(work_url, storage_options)
+    model = WeightsFolder(model_url, storage_options)
+    model_key = _model_digest(model)
+    # A whole-stage task asks for 2 CPUs, or fewer on a smaller node (more would never run).
+    cpus = max(1, min(2, _smallest_node_cpus()))
     out: dict[str, dict] = {}
-    out["hessian"] = stage_hessian(model_url, work, st, model_key, windows)
+    out["hessian"] = stage_hessian(model_url, work, st, model_key, windows, cpus,
+                                   block_targets(model))
     if on_stage:
         on_stage("hessian", out["hessian"])
     if "quantize" in stages:
@@ -557,15 +632,17 @@ def run_streamed(model_url: str, work_url: str, settings: StreamSettings | None 
         if on_stage:
             on_stage("quantize", out["quantize"])
     if "encode" in stages:
-        out["encode"] = stage_encode(model_url, work, st, out["quantize"])
+        hf = model_hf_files(model_url, storage_options) if hf_files is None else hf_files
+        out["encode"] = stage_encode(model_url, work, st, out["quantize"], hf, cpus)
         if on_stage:
             on_stage("encode", out["encode"])
     if "decode" in stages:
-        out["decode"] = stage_decode(model_url, work, out["encode"])
+        out["decode"] = stage_decode(model_url, work, out["encode"], cpus)
         if on_stage:
             on_stage("decode", out["decode"])
         if eval_windows is not None:
-            out["evaluate"] = stage_evaluate(model_url, work, out["decode"], eval_windows)
+            out["evaluate"] = stage_evaluate(model_url, work, out["decode"], eval_windows,
+                                             cpus)
             if on_stage:
                 on_stage("evaluate", out["evaluate"])
     return out

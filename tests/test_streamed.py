@@ -125,3 +125,13 @@ def test_streamed_pipeline_on_s3(ray_local, bf16_folder, s3_bucket):
     again = run_streamed(f"{url}/model", f"{url}/work", st, storage_options=opts,
                          stages=("hessian", "quantize", "encode"))
     assert all(m["cached"] for m in again.values())
+    # One flipped byte of the .hwq on the store (same size): re-hashed, not a cache hit.
+    hwq = f"{url[5:]}/work/model.hwq"
+    good = fs.cat_file(hwq)
+    fs.pipe_file(hwq, good[:100] + bytes([good[100] ^ 1]) + good[101:])
+    fs.invalidate_cache()
+    third = run_streamed(f"{url}/model", f"{url}/work", st, storage_options=opts,
+                         stages=("hessian", "quantize", "encode"))
+    assert third["quantize"]["cached"] and not third["encode"]["cached"]
+    fs.invalidate_cache()
+    assert fs.cat_file(hwq) == good

@@ -8,13 +8,20 @@ non-negative. Chunks are bounded so huge tensors stream row by row.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-__all__ = ["to_table", "from_table", "iter_rows", "table_metadata"]
+from pipeline.errors import UserError
+
+__all__ = ["to_table", "from_table", "iter_rows", "table_metadata", "TensorTable",
+           "TensorTableWriter", "TableError"]
+
+
+class TableError(UserError, ValueError):
+    """A Hessian table that cannot be what its writer wrote; the message names the file."""
 
 
 def to_table(
@@ -95,6 +102,8 @@ class TensorTableWriter:
 
     Rows are (tensor, offset, values ≤ chunk floats, crc32 of the values' bytes), so a reader
     fetches one tensor's row group (its byte range) and checks it without the rest of the file.
+    `tensor_sha256` holds the sha256 of each tensor's float32 values: recorded by the caller
+    (the streamed Hessian stage's manifest), it lets a reader verify the one tensor it reads.
     Published whole on `close` (local rename or a completed S3 multipart upload); an exception
     inside `with` removes (aborts) it."""
 
@@ -112,8 +121,10 @@ class TensorTableWriter:
         self._writer = pq.ParquetWriter(self._sink, schema, compression="none")
         self.chunk = int(chunk)
         self.names: list[str] = []
+        self.tensor_sha256: dict[str, str] = {}
 
     def add(self, tensor: str, values: np.ndarray) -> None:
+        import hashlib
         import zlib
 
         flat = np.ascontiguousarray(np.asarray(values, dtype=np.float32).reshape(-1))
@@ -130,6 +141,7 @@ class TensorTableWriter:
                          schema=self._writer.schema)
         self._writer.write_table(batch, row_group_size=len(offs))
         self.names.append(tensor)
+        self.tensor_sha256[tensor] = hashlib.sha256(memoryview(flat).cast("B")).hexdigest()
 
     def close(self) -> dict:
         """Publish the file; returns its bytes and sha256 (computed while writing)."""
@@ -152,42 +164,114 @@ class TensorTableWriter:
             self.abort()
 
 
+# Bytes a row may take beyond its values once decoded (offset, crc32, list offset, levels):
+# bounds the column chunks of an honest file, whose page sizes are its values' 4 bytes each.
+_ROW_BYTES = 64
+_SLACK = 1 << 20
+
+
 class TensorTable:
-    """Read one tensor's values from a `TensorTableWriter` file (its row groups only)."""
+    """Read one tensor's values from a `TensorTableWriter` file (its row groups only).
+
+    The file is untrusted: its schema must be the writer's, and `read` checks a row group's
+    metadata (rows, values, uncompressed column sizes) against the tensor's expected size
+    before it decodes anything, so a small file cannot make it allocate gigabytes."""
 
     def __init__(self, url: str, storage_options: dict | None = None):
         import pyarrow.parquet as pq
 
         self.url = str(url)
-        if "://" in self.url and not self.url.startswith("file://"):
-            from fsspec.core import url_to_fs
+        try:
+            if "://" in self.url and not self.url.startswith("file://"):
+                from fsspec.core import url_to_fs
 
-            fs, path = url_to_fs(self.url, **(storage_options or {}))
-            self._f = fs.open(path, "rb", block_size=1 << 16, cache_type="none")
-        else:
-            self._f = open(self.url, "rb")  # noqa: SIM115 - closed in close()
+                fs, path = url_to_fs(self.url, **(storage_options or {}))
+                self._f = fs.open(path, "rb", block_size=1 << 16, cache_type="none")
+            else:
+                self._f = open(self.url, "rb")  # noqa: SIM115 - closed in close()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
+            raise TableError(f"{self.url}: cannot open the Hessian table ({e.strerror or e})"
+                             ) from None
+        try:
+            self._open(pq)
+        except TableError:
+            self._f.close()
+            raise
+        except (pa.ArrowException, OSError, ValueError, UnicodeDecodeError) as e:
+            self._f.close()
+            raise TableError(f"{self.url}: not a readable Hessian table ({_one_line(e)}); "
+                             "rerun the Hessian stage") from None
+
+    def _open(self, pq) -> None:
         self._pf = pq.ParquetFile(self._f)
+        got = self._pf.schema_arrow
+        if [(f.name, f.type) for f in got] != [(f.name, f.type) for f in _TENSOR_SCHEMA]:
+            raise TableError(f"{self.url}: not a Hessian table of this version (schema "
+                             f"{', '.join(f'{f.name}: {f.type}' for f in got)})")
         md = self._pf.metadata
-        col = self._pf.schema_arrow.get_field_index("tensor")
+        self._leaf = {md.row_group(0).column(i).path_in_schema: i
+                      for i in range(md.num_columns)} if md.num_row_groups else {}
         self.groups: dict[str, list[int]] = {}
         for g in range(md.num_row_groups):
-            st = md.row_group(g).column(col).statistics
+            st = md.row_group(g).column(0).statistics
             if st is None or not st.has_min_max or st.min != st.max:
-                raise ValueError(f"{self.url}: row group {g} is not one tensor's")
+                raise TableError(f"{self.url}: row group {g} is not one tensor's")
             self.groups.setdefault(st.min, []).append(g)
         self.metadata = {k.decode(): v.decode()
-                         for k, v in (self._pf.schema_arrow.metadata or {}).items()}
+                         for k, v in (got.metadata or {}).items()}
 
     @property
     def names(self) -> list[str]:
         return list(self.groups)
 
-    def read(self, name: str) -> np.ndarray:
-        import zlib
+    def _check_groups(self, name: str, bound: int) -> None:
+        """Refuse, from the footer alone, row groups of `name` that hold more than `bound`
+        values (or rows), or whose columns inflate to more than such values can take."""
+        md = self._pf.metadata
+        groups = self.groups[name]
+        rows = sum(md.row_group(g).num_rows for g in groups)
+        values = sum(md.row_group(g).column(self._leaf["values.list.element"]).num_values
+                     for g in groups)
+        inflated = sum(md.row_group(g).column(i).total_uncompressed_size
+                       for g in groups for i in range(md.num_columns))
+        cap = 4 * max(bound, 1) + _ROW_BYTES * rows + _SLACK
+        if rows > max(bound, 1) or values > max(bound, 1) + rows or inflated > cap:
+            raise TableError(
+                f"{self.url}: the row groups of {name} hold {rows:,} rows, {values:,} values "
+                f"and {inflated:,} bytes uncompressed, more than its {bound:,} values can "
+                "take; the table is corrupt or not this model's (rerun the Hessian stage)")
+
+    def read(self, name: str, sizes: Sequence[int] | None = None,
+             sha256: str | None = None) -> np.ndarray:
+        """float32 [n]: the values of `name`.
+
+        sizes: the value counts the tensor may have (e.g. (in, out·in) for an activation
+            vector or a full Hessian): checked before decoding, from the row-group metadata.
+        sha256: the digest of the float32 values recorded when they were written."""
+        import hashlib
 
         if name not in self.groups:
             raise KeyError(f"{self.url} holds no Hessian values for {name!r}")
-        t = self._pf.read_row_groups(self.groups[name])
+        if sizes is not None:
+            self._check_groups(name, max(sizes))
+        try:
+            t = self._pf.read_row_groups(self.groups[name], columns=["offset", "values",
+                                                                       "crc32"])
+        except (pa.ArrowException, OSError, ValueError) as e:
+            raise TableError(f"{self.url}: the Hessian values of {name} cannot be decoded "
+                             f"({_one_line(e)}); rerun the Hessian stage") from None
+        out = self._assemble(name, t)
+        if sizes is not None and out.size not in sizes:
+            raise TableError(f"{self.url}: {name} has {out.size:,} Hessian values, expected "
+                             f"{' or '.join(f'{n:,}' for n in sizes)} (not this model's table)")
+        if sha256 is not None and hashlib.sha256(memoryview(out).cast("B")).hexdigest() != sha256:
+            raise TableError(f"{self.url}: the Hessian values of {name} differ from the digest "
+                             "recorded when they were written; rerun the Hessian stage")
+        return out
+
+    def _assemble(self, name: str, t: pa.Table) -> np.ndarray:
+        import zlib
+
         lists = t.column("values").combine_chunks()
         bounds = lists.offsets.to_numpy()
         flat = lists.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
@@ -196,11 +280,19 @@ class TensorTable:
                                            t.column("crc32").to_pylist(), strict=True)):
             v = flat[bounds[i] : bounds[i + 1]]
             if off != at or zlib.crc32(v.tobytes()) != crc:
-                raise ValueError(f"{self.url}: the Hessian values of {name} are corrupt "
+                raise TableError(f"{self.url}: the Hessian values of {name} are corrupt "
                                  f"(offset {off}); rerun the Hessian stage")
             parts.append(v)
             at += v.size
-        return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+        out = np.ascontiguousarray(np.concatenate(parts)) if parts else np.zeros(0, np.float32)
+        if not np.isfinite(out).all():
+            raise TableError(f"{self.url}: the Hessian values of {name} hold NaN or inf")
+        return out
 
     def close(self) -> None:
         self._f.close()
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text[:300] + ("..." if len(text) > 300 else "")

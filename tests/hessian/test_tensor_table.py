@@ -32,3 +32,74 @@ def test_interrupted_table_is_not_published(tmp_path):
 def test_nan_values_are_refused(tmp_path):
     with pytest.raises(ValueError, match="NaN"), TensorTableWriter(str(tmp_path / "h.parquet")) as w:
         w.add("a", np.array([1.0, np.nan]))
+
+
+def _crafted(path, values: np.ndarray, name: str = "a", **kw) -> None:
+    """One tensor's row group holding `values` in one row, with a correct crc32."""
+    import zlib
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.hessian.table import _TENSOR_SCHEMA
+
+    v = values.astype(np.float32)
+    t = pa.table({"tensor": [name], "offset": pa.array([0], pa.int64()),
+                  "values": pa.array([v], pa.list_(pa.float32())),
+                  "crc32": pa.array([zlib.crc32(v.tobytes())], pa.int64())},
+                 schema=_TENSOR_SCHEMA)
+    pq.write_table(t, str(path), **kw)
+
+
+def test_row_groups_larger_than_the_tensor_are_refused_before_decoding(tmp_path, monkeypatch):
+    """A small compressed file whose row group inflates far beyond the tensor's size (the
+    issue's 19 KB → 3.56 GB): refused from the footer, naming the file, decoding nothing."""
+    from pipeline.hessian.table import TableError
+
+    path = tmp_path / "h.parquet"
+    _crafted(path, np.ones(1 << 21), compression="zstd")
+    assert path.stat().st_size < 64 << 10  # 8 MiB of values in a few KB
+    t = TensorTable(str(path))
+
+    def boom(*a, **k):
+        raise AssertionError("decoded a row group the metadata already ruled out")
+
+    monkeypatch.setattr(t._pf, "read_row_groups", boom)
+    with pytest.raises(TableError, match=r"h\.parquet.*a hold.*2,097,152 values"):
+        t.read("a", sizes=(64, 64 * 32))
+
+
+def test_a_table_with_other_columns_or_sizes_is_refused_with_its_name(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.hessian.table import TableError
+
+    other = tmp_path / "other.parquet"
+    pq.write_table(pa.table({"tensor": ["a"], "values": [[1.0, 2.0]]}), str(other))
+    with pytest.raises(TableError, match="other.parquet.*schema"):
+        TensorTable(str(other))
+    junk = tmp_path / "junk.parquet"
+    junk.write_bytes(b"PAR1" + b"\x00" * 100)
+    with pytest.raises(TableError, match="junk.parquet"):
+        TensorTable(str(junk))
+    small = tmp_path / "small.parquet"
+    _crafted(small, np.ones(10))
+    with pytest.raises(TableError, match="small.parquet: a has 10 Hessian values, expected 8"):
+        TensorTable(str(small)).read("a", sizes=(8, 64))
+
+
+def test_values_that_differ_from_their_recorded_digest_are_refused(tmp_path):
+    from pipeline.hessian.table import TableError
+
+    path = str(tmp_path / "h.parquet")
+    with TensorTableWriter(path) as w:
+        w.add("a", np.arange(8.0))
+        w.close()
+    digest = w.tensor_sha256["a"]
+    assert TensorTable(path).read("a", sizes=(8,), sha256=digest)[3] == 3
+    with TensorTableWriter(path) as w:  # another, well-formed table in its place
+        w.add("a", np.arange(8.0) + 1)
+        w.close()
+    with pytest.raises(TableError, match="differ from the digest"):
+        TensorTable(path).read("a", sizes=(8,), sha256=digest)

@@ -183,7 +183,8 @@ def add_commands(sub) -> None:
                    help="calibration windows (default 4)")
     s.add_argument("--seq-len", type=_int_at_least(2), default=64,
                    help="tokens per window, at most the model's positions (default 64)")
-    s.add_argument("--seed", type=_seed, default=0)
+    s.add_argument("--seed", type=_seed, default=0,
+                   help="seed of the calibration windows and quantizer inits (default 0)")
     s.add_argument("--coder", choices=("huffman", "ans"), default="huffman")
     s.add_argument("--eval", metavar="TEXT", help="after decoding, perplexity of the original "
                    "and the decoded model on this text (non-overlapping windows, both models "

@@ -245,7 +245,7 @@ def add_commands(sub) -> None:
                    "(default: the hf/ folder beside the .hwq file, as the encode stage writes)")
     d.add_argument("--tensor", action="append", metavar="NAME",
                    help="decode only this tensor (repeatable)")
-    d.add_argument("--endpoint-url", metavar="URL")
+    d.add_argument("--endpoint-url", metavar="URL", help="S3-compatible endpoint for an s3:// file")
     _limits(d)
     d.set_defaults(func=_decode_cmd)
 
@@ -255,6 +255,6 @@ def add_commands(sub) -> None:
                        "size against the decode limit. Reads the header only.")
     i.add_argument("file", help="a .hwq file or URL")
     i.add_argument("--json", action="store_true", help="rows as JSON")
-    i.add_argument("--endpoint-url", metavar="URL")
+    i.add_argument("--endpoint-url", metavar="URL", help="S3-compatible endpoint for an s3:// file")
     _limits(i)
     i.set_defaults(func=_inspect)

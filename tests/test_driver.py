@@ -112,3 +112,43 @@ def synthetic_run(tmp_path):
 
     rerun()
     return rerun, Store(str(tmp_path / "store")), f"stages/prune-{plan(cfg, _stages())[1].key}"
+
+
+def test_a_failed_run_is_recorded_and_status_describes_it(cfg, tmp_path, capsys):
+    """A run that died in a stage leaves run.json saying so; `hwq status` lists the stages
+    that completed, the one that failed and the error (not "holds no hwq run")."""
+    from pipeline.cli import main
+    from pipeline.driver import run_state
+
+    with pytest.raises(RuntimeError, match="hessian killed"):
+        _run(cfg(), crash={"hessian": True})
+    store = Store(str(tmp_path / "store"))
+    state = run_state(store)
+    assert state["status"] == "failed" and state["failed_stage"] == "hessian"
+    assert state["error"] == "RuntimeError: hessian killed"
+    rows = status(store)
+    assert [(r["stage"], r["complete"], r["failed"]) for r in rows] == [
+        ("train", True, False), ("prune", True, False), ("hessian", False, True),
+        ("quantize", False, False)]
+    assert main(["status", str(tmp_path / "store")]) == 0
+    out = capsys.readouterr().out
+    assert "failed" in out.splitlines()[3]  # the hessian row
+    assert "run: failed in stage hessian (2 of 4 stages complete): RuntimeError: hessian " \
+           "killed" in out
+    _run(cfg())  # the rerun completes: run.json says so
+    assert run_state(store)["status"] == "complete"
+    assert all(r["complete"] and not r["failed"] for r in status(store))
+
+
+def test_status_of_a_store_with_stages_but_no_run_json(cfg, tmp_path, capsys):
+    """A store whose failed run left no run.json (an older hwq): its stage folders."""
+    from pipeline.cli import main
+
+    with pytest.raises(RuntimeError):
+        _run(cfg(), crash={"hessian": True})
+    (tmp_path / "store" / "run.json").unlink()
+    rows = status(Store(str(tmp_path / "store")))
+    assert [(r["stage"], r["complete"]) for r in rows] == [("train", True), ("prune", True),
+                                                           ("hessian", False)]
+    assert main(["status", str(tmp_path / "store")]) == 0
+    assert "no run.json" in capsys.readouterr().out

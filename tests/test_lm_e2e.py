@@ -216,12 +216,18 @@ def test_folder_without_config_json_and_config_errors(tmp_path):
                      "quantize": {"scope": "channel", "method": "ecsq"}})
     with pytest.raises(ModelSourceError, match="no config.json"):
         Workload(cfg).adapter.load()
+    # Inferred for a language model (docs/LANGUAGE_MODELS.md): text data, per-channel scope.
+    assert to_config({"model": {"name": "hf_causal_lm", "path": "x"},
+                      "data": {"calibration": ["x"]}}).quantize.scope == "channel"
     with pytest.raises(ConfigError, match="scope=channel"):
         to_config({"model": {"name": "hf_causal_lm", "path": "x"},
-                   "data": {"name": "text", "calibration": ["x"], "eval": {"a": "y"}}})
+                   "data": {"name": "text", "calibration": ["x"], "eval": {"a": "y"}},
+                   "quantize": {"scope": "network"}})
+    with pytest.raises(ConfigError, match="needs data.calibration"):
+        to_config({"model": {"name": "hf_causal_lm", "path": "x"}})
     with pytest.raises(ConfigError, match="needs data.name=text"):
         to_config({"model": {"name": "hf_causal_lm", "path": "x"},
-                   "quantize": {"scope": "channel"}})
+                   "data": {"name": "fashion_mnist"}})
     with pytest.raises(ConfigError, match="lenet5"):
         to_config({"model": {"name": "hf_causal_lm", "path": "x"},
                    "data": {"name": "text", "calibration": ["x"], "eval": {"a": "y"}},

@@ -152,3 +152,35 @@ def test_status_of_a_store_with_stages_but_no_run_json(cfg, tmp_path, capsys):
                                                            ("hessian", False)]
     assert main(["status", str(tmp_path / "store")]) == 0
     assert "no run.json" in capsys.readouterr().out
+
+
+_API_LOGGING = """
+import logging, sys
+import pipeline.driver
+from pipeline.api import compress
+
+def fake_run(cfg, **kw):
+    logging.getLogger("hwq").info("[1/1] quantize  done in 1.0 s")
+    logging.getLogger("hwq").debug("debug detail")
+    return {}
+
+pipeline.driver.run = fake_run
+if sys.argv[1] == "configured":  # the CLI's setup (or a caller's): its handler, not ours
+    logging.basicConfig(level=logging.INFO, format="ROOT %(message)s")
+compress(None)
+compress(None)  # a second call adds no second handler
+"""
+
+
+@pytest.mark.parametrize("setup", ["none", "configured"])
+def test_the_python_api_shows_progress_without_logging_setup_and_never_twice(setup):
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-c", _API_LOGGING, setup], capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    lines = [ln for ln in p.stderr.splitlines() if "quantize  done" in ln]
+    assert len(lines) == 2, p.stderr  # once per call
+    assert all(ln.startswith("ROOT") == (setup == "configured") for ln in lines), lines
+    assert "debug detail" not in p.stderr

@@ -92,6 +92,8 @@ __all__ = [
     "plan_steps",
     "global_batch",
     "finetune_worker",
+    "recording_user_errors",
+    "data_source",
 ]
 
 FAIL_ENV = "HWQ_FINETUNE_FAIL_AFTER_STEPS"
@@ -258,15 +260,20 @@ def finetune_worker(conf: dict[str, Any]) -> None:
     same point (and rank 0's own evaluation shares its outcome with the others before they
     part: `_rank0_then_barrier`), and no worker is left waiting in a collective.
     """
-    try:
-        _worker(conf)
-    except UserError as e:
-        import ray.train
+    import ray.train
 
-        rank = ray.train.get_context().get_world_rank()
+    recording_user_errors(_worker, conf, lambda: ray.train.get_context().get_world_rank())
+
+
+def recording_user_errors(body: Any, conf: dict[str, Any], rank: Any) -> None:
+    """body(conf); a UserError it raises is written to conf["out"] as
+    `user_error-<rank()>.json` instead of failing the worker (see finetune_worker)."""
+    try:
+        body(conf)
+    except UserError as e:
         out: StageDir = conf["out"]
-        out.write_json(f"{USER_ERROR}-{rank}.json", {"error": str(e),
-                                                    "type": type(e).__name__})
+        out.write_json(f"{USER_ERROR}-{rank()}.json", {"error": str(e),
+                                                      "type": type(e).__name__})
 
 
 def _worker(conf: dict[str, Any]) -> None:
@@ -476,7 +483,7 @@ def _resources(workers: int) -> tuple[float, float]:
 def _run(ctx: StageContext) -> dict[str, Any]:
     from ray.train import FailureConfig, ScalingConfig
     from ray.train import RunConfig as TrainRunConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     cfg, ft = ctx.cfg, ctx.cfg.finetune
     deepspeed_config(ft, ft.workers)  # a batch the workers cannot split fails here, not in them
@@ -497,7 +504,7 @@ def _run(ctx: StageContext) -> dict[str, Any]:
     elif why:
         ctx.log.warning("finetune: ignoring the checkpoint in %s (%s); fine-tuning from step 0",
                         ctx.store.full_url(ckpt.rel), why)
-    trainer = TorchTrainer(
+    trainer = _trainer_class()(
         finetune_worker,
         train_loop_config=conf,
         scaling_config=ScalingConfig(num_workers=ft.workers, use_gpu=use_gpu,
@@ -532,6 +539,27 @@ def _run(ctx: StageContext) -> dict[str, Any]:
             "log_every": facts["log_every"], "history": facts["history"],
         },
     }
+
+
+def _trainer_class():
+    """Ray Train's TorchTrainer without its PlacementGroupCleaner.
+
+    That detached actor asks Ray's state API every second whether the Train controller still
+    lives, through an address it finds for itself: with another Ray instance on the machine
+    it finds several and its thread dies with a ConnectionError traceback on every fine-tune;
+    with a `ray start` cluster's address in /tmp/ray it asks that cluster, which does not know
+    our controller, and would remove the placement group of a live fine-tune. The controller
+    removes its placement group itself when it finishes (the tidy shutdown), and one it leaves
+    behind by dying goes with this driver's job; hwq needs no cleaner. (Ray Train v1 has no
+    such callback: the override is then never called.)"""
+    from ray.train.torch import TorchTrainer
+
+    class HwqTorchTrainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            return [c for c in super()._create_default_callbacks()
+                    if type(c).__name__ != "PlacementGroupCleanerCallback"]
+
+    return HwqTorchTrainer
 
 
 def _raise_user_error(out: StageDir) -> None:

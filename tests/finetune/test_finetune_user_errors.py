@@ -57,3 +57,31 @@ def test_the_trainer_starts_no_placement_group_cleaner():
     names = [type(c).__name__ for c in trainer._create_default_callbacks()]
     assert "PlacementGroupCleanerCallback" not in names
     assert "BackendSetupCallback" in names  # the rest of Ray Train's own callbacks stay
+
+
+def test_a_user_error_in_the_workers_is_not_retried_by_ray_train(tmp_path, ray_local):
+    """Custom data with 16 samples and the default batch of 128: only the workers can see it
+    (data.factory is called there). One attempt (max_failures=3 would make four), one
+    UserError naming the data's setting, and run.json says where the run failed."""
+    import os
+    from pathlib import Path
+
+    from pipeline.api import compress
+    from pipeline.driver import run_state
+
+    calls = Path(os.environ.get("HWQ_CACHE") or Path.cwd() / ".cache") / "byo-train-calls.txt"
+    calls.unlink(missing_ok=True)
+    store = tmp_path / "s"
+    with pytest.raises(UserError, match=r"finetune.batch_size=128 is larger than the training "
+                                        r"set \(16 samples; the calibration batches of "
+                                        r"data.factory\)"):
+        compress({"model": {"name": "factory", "factory": "tests.byo_model:small_mlp",
+                            "kwargs": {"hidden": 8}},
+                  "data": {"name": "custom", "factory": "tests.byo_model:few_batches"},
+                  "evaluate": {"metric": "tests.byo_model:batch_accuracy"},
+                  "quantize": {"method": "hw_kmeans", "k": 4},
+                  "finetune": {"workers": 1}, "executor": {"num_cpus": 2},
+                  "store": {"url": str(store)}}, keep_ray=True)
+    assert calls.read_text().split() == ["calibration"]  # one worker, one attempt
+    state = run_state(Store(str(store)))
+    assert state["status"] == "failed" and state["failed_stage"] == "finetune"

@@ -435,14 +435,12 @@ def status(store: Store, report_prefix: str = "") -> list[dict[str, Any]]:
     and `failed` (the stage a failed run died in; `run_state` has the error). A store without
     a run.json but with stage folders lists those."""
     pre = f"{report_prefix.strip('/')}/" if report_prefix else ""
+    listed = [] if pre or store.exists(f"{pre}{RUN_INDEX}") else _listed_stages(store)
     try:
-        index = store.read_json(f"{pre}{RUN_INDEX}")
+        index = {"stages": listed} if listed else store.read_json(f"{pre}{RUN_INDEX}")
     except ArtifactError:
-        listed = [] if pre else _listed_stages(store)
-        if not listed:
-            raise ArtifactError(f"{store.full_url(pre or '.')} holds no hwq run (no "
-                                f"{RUN_INDEX}, no stages)") from None
-        index = {"stages": listed}
+        raise ArtifactError(f"{store.full_url(pre or '.')} holds no hwq run (no "
+                            f"{RUN_INDEX}, no stages)") from None
     except ValueError:
         raise ArtifactError(f"{store.full_url(pre + RUN_INDEX)} is not valid JSON") from None
     stages = index.get("stages") if isinstance(index, dict) else None

@@ -73,7 +73,7 @@ def _check_checkpoint(cfg: RunConfig) -> None:
         if not p.exists():
             raise PreflightError(f"model.checkpoint {ck!r} does not exist")
         if not p.is_file():
-            raise PreflightError(f"model.checkpoint {ck!r} is not a file")
+            raise PreflightError(f"model.checkpoint {ck!r} is not a regular file")
 
 
 def _check_targets(wl) -> None:

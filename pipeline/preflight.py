@@ -17,7 +17,9 @@ What is checked here (local sources only: a remote model folder is not downloade
   device from config.json, so without reading its weights);
 - text data: every text exists, is UTF-8 and not empty, and has at least one window of
   `data.seq_len` tokens (two for a calibration text that also gives the held-out eval tail),
-  each counted with the model's tokenizer and named by its key and file.
+  each counted with the model's tokenizer (a GGUF's texts only against their bytes: building
+  its tokenizer takes ~20 s, and the load stage counts them anyway) and named by its key and
+  file.
 """
 
 from __future__ import annotations
@@ -54,11 +56,13 @@ def check_before_work(cfg: RunConfig) -> None:
     adapter = wl.adapter
     if _is_remote(cfg.model.path or ""):
         return  # not downloaded here: the load stage fetches and checks it
-    adapter.resolve()  # the folder or .gguf exists, with config.json and weights
+    _, gguf = adapter.resolve()  # the folder or .gguf exists, with config.json and weights
     if cfg.quantize.targets is not None or cfg.quantize.ignore:
         _check_targets(wl)
     if cfg.data.name == "text":
-        tok = adapter.tokenizer()  # tokenizer files present and matching the embedding
+        # A GGUF carries its tokenizer, but building it takes transformers ~20 s: its texts
+        # are only checked against their bytes (a token is at least one byte).
+        tok = adapter.tokenizer() if gguf is None else None  # tokenizer files, matching
         _check_texts(cfg, tok)
 
 
@@ -108,7 +112,10 @@ def _check_texts(cfg: RunConfig, tokenizer: Any) -> None:
     for key, src, windows in sources:
         text = read_text(_sources(src), opts)  # missing, empty, not UTF-8: names the file
         need = windows * d.seq_len
-        got = _tokens_at_least(tokenizer, text, need)
+        if tokenizer is None:  # at most one token a byte (+1: a leading word marker)
+            got, most = len(text.encode()) + 1, "at most "
+        else:
+            got, most = _tokens_at_least(tokenizer, text, need), ""
         if got < need:
             what = (
                 "one window"
@@ -116,7 +123,7 @@ def _check_texts(cfg: RunConfig, tokenizer: Any) -> None:
                 else f"{windows} windows (with no data.eval, its tail is held out for evaluation)"
             )
             raise PreflightError(
-                f"{key} {_named(src)}: the text has {got} tokens, fewer than {what} of "
+                f"{key} {_named(src)}: the text has {most}{got} tokens, fewer than {what} of "
                 f"data.seq_len={d.seq_len} tokens; give more text or a shorter data.seq_len"
             )
 

@@ -429,6 +429,11 @@ class RunConfig(_Section):
         n, key = None, ""
         if self.data.name == "text":
             n, key = self.data.calibration_windows, "data.calibration_windows"
+        elif self.data.name == "fashion_mnist" and not self.model.trained_here:
+            # (a loaded model fine-tunes on the Hessian's calibration images)
+            n, key = self.hessian.calibration_samples, "hessian.calibration_samples"
+            if self.data.train_samples is not None and self.data.train_samples < n:
+                n, key = self.data.train_samples, "data.train_samples"
         elif self.data.name == "fashion_mnist" and self.data.train_samples is not None:
             n, key = self.data.train_samples, "data.train_samples"
         if n is not None and ft.batch_size > n:

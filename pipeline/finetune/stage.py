@@ -160,6 +160,8 @@ def data_source(cfg: RunConfig) -> str:
         return "data.calibration_windows"
     if cfg.data.name == "custom":
         return "the calibration batches of data.factory"
+    if not cfg.model.trained_here:  # a loaded model: the Hessian's calibration images
+        return "hessian.calibration_samples, at most data.train_samples"
     return "data.train_samples"
 
 

@@ -88,7 +88,9 @@ def compress(config: RunConfig | Mapping[str, Any] | str | os.PathLike | None = 
     (`baseline_perplexity`, `decoded_accuracy`, ...).
     """
     from pipeline import driver
+    from pipeline.progress import default_log_handler
 
+    default_log_handler()  # progress lines even where the caller configured no logging
     cfg = to_config(config, overrides, **sections)
     try:
         return driver.run(cfg, force=list(force), out=out, hf_out=hf_out)

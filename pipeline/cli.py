@@ -71,20 +71,32 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_status(args) -> int:
-    from pipeline.driver import published_output, status
+    from pipeline.driver import published_output, run_state, status
     from pipeline.store import Store
 
     store = Store(args.root, _store_options(args), create=False)
     rows = status(store)
+    run = run_state(store)
     print(f"{'stage':<10} {'key':<18} {'state':<9} {'seconds':>8}  headline")
     for r in rows:
-        state = "missing" if not r["complete"] else ("cached" if r["cached"] else "ran")
+        state = ("failed" if r.get("failed") else "missing" if not r["complete"] else
+                 "cached" if r["cached"] else "ran")
         secs = f"{r['seconds']:.1f}" if r["seconds"] is not None else "–"
         head = ", ".join(
             f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
             for k, v in r["metrics"].items() if not isinstance(v, (dict, list))
         )
         print(f"{r['stage']:<10} {r['key']:<18} {state:<9} {secs:>8}  {_printable(head)}")
+    done = sum(r["complete"] for r in rows)
+    if run["status"] is None:
+        print(f"run: no run.json (a run that failed before this version recorded it, or "
+              f"was killed); {done} of {len(rows)} stages complete")
+    elif run["status"] != "complete":
+        where = f" in stage {run['failed_stage']}" if run["failed_stage"] else ""
+        why = f": {run['error']}" if run["error"] else ""
+        label = "running (or killed)" if run["status"] == "running" else run["status"]
+        print(_printable(f"run: {label}{where} ({done} of {len(rows)} stages complete)"
+                         f"{why}"))
     out = published_output(store)
     if out:
         print(f"output: {_printable(out)}")

@@ -27,7 +27,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from pipeline.config_paths import resolve_paths
 from pipeline.errors import UserError
@@ -101,9 +108,11 @@ class DataConfig(_Section):
     root: str = "/usr/share/datasets/fashion-mnist"
     # Train on a seeded random subset of this many images (quick runs, tests); None = all.
     train_samples: int | None = Field(None, ge=1)
-    # text: calibration text (files, globs or fsspec URLs, concatenated; `{stdlib}` is the
-    # Python standard library's folder), cut into `calibration_windows` seeded windows of
-    # `seq_len` tokens; `eval` names held-out texts, each cut into non-overlapping windows.
+    # text: calibration text (a file, or files, globs or fsspec URLs, concatenated; `{stdlib}`
+    # is the Python standard library's folder), cut into `calibration_windows` seeded windows
+    # of `seq_len` tokens; `eval` names held-out texts, each cut into non-overlapping windows.
+    # No `eval`: the model is scored on a held-out tail of the calibration text (the eval set
+    # "heldout"; pipeline.data.text.split_heldout), which the calibration windows never see.
     calibration: list[str] = Field(default_factory=list)
     calibration_windows: int = Field(64, ge=1)
     seq_len: int = Field(512, ge=2)
@@ -111,13 +120,18 @@ class DataConfig(_Section):
     eval_max_windows: int | None = Field(None, ge=1)  # per text; None = the whole text
     factory: str | None = None
 
+    @field_validator("calibration", mode="before")
+    @classmethod
+    def _one_file(cls, v: Any) -> Any:
+        # `calibration: corpus.txt` is one source; stored as the list it stands for (so it
+        # hashes like `[corpus.txt]`).
+        return [v] if isinstance(v, str) else v
+
     @model_validator(mode="after")
     def _sources(self) -> DataConfig:
-        if self.name == "text":
-            if not self.calibration:
-                raise ValueError("data.name=text needs data.calibration (text files or globs)")
-            if not self.eval:
-                raise ValueError("data.name=text needs data.eval ({name: text file, ...})")
+        if self.name == "text" and not self.calibration:
+            raise ValueError("data.name=text needs data.calibration (a text file, or files "
+                             "and globs)")
         if self.name == "custom" and not self.factory:
             raise ValueError("data.name=custom needs data.factory ('package.module:function')")
         return self
@@ -332,11 +346,43 @@ class RunConfig(_Section):
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _sections_by_model(cls, data: Any) -> Any:
+        """Defaults of other sections that follow from the model, filled in before those
+        sections validate: a causal LM reads text (`data.name=text`), and every model but
+        LeNet-5 is quantized per output channel (`quantize.scope=channel`). A value the
+        config gives wins; an inferred one is the very value an explicit config would hold,
+        so it hashes the same (stage keys, and so cache hits, do not change)."""
+        if not isinstance(data, dict):
+            return data
+        name = _given(data.get("model"), "name") or "lenet5"
+        if name == "lenet5":
+            return data
+        data = dict(data)
+        if name == "hf_causal_lm" and _unset(data.get("data"), "name"):
+            data["data"] = {**_as_dict(data.get("data")), "name": "text"}
+        if _unset(data.get("quantize"), "scope"):
+            data["quantize"] = {**_as_dict(data.get("quantize")), "scope": "channel"}
+        return data
+
     @model_validator(mode="after")
     def _defaults_by_model(self) -> RunConfig:
         """Settings whose default depends on the model: filled in here so every dump (and so
         every stage key) holds the value used."""
         lenet = self.model.trained_here
+        if self.data.name == "text" and self.finetune.enabled and \
+                "batch_size" not in self.finetune.model_fields_set:
+            # A fine-tune step takes a batch of calibration windows: the default (128) is
+            # cut to the windows there are, in whole shares of the workers.
+            ft, n = self.finetune, self.data.calibration_windows
+            if n < ft.workers:
+                raise ValueError(f"finetune.workers={ft.workers} is more than the "
+                                 f"{n} calibration windows (data.calibration_windows): each "
+                                 "worker needs at least one; set fewer workers or more windows")
+            b = min(ft.batch_size, n)
+            ft.__dict__["batch_size"] = b - b % ft.workers
+        self._check_finetune_batch()
         if self.hessian.estimator is None:
             self.hessian.__dict__["estimator"] = "ggn" if lenet else "fisher"
         if self.evaluate.metric is None:
@@ -372,6 +418,30 @@ class RunConfig(_Section):
                              "Adam state); use hessian.estimator=ggn, fisher or hutchinson")
         return self
 
+    def _check_finetune_batch(self) -> None:
+        """A fine-tune batch the workers cannot split, or larger than the data it is drawn
+        from, fails here rather than after the stages before fine-tuning."""
+        ft = self.finetune
+        if not (ft.enabled and self.quantize.enabled):
+            return
+        if ft.batch_size % ft.workers:
+            raise ValueError(f"finetune.batch_size={ft.batch_size} is not divisible by "
+                             f"finetune.workers={ft.workers}: each worker takes an equal share")
+        n, key = None, ""
+        if self.data.name == "text":
+            n, key = self.data.calibration_windows, "data.calibration_windows"
+        elif self.data.name == "fashion_mnist" and not self.model.trained_here:
+            # (a loaded model fine-tunes on the Hessian's calibration images)
+            n, key = self.hessian.calibration_samples, "hessian.calibration_samples"
+            if self.data.train_samples is not None and self.data.train_samples < n:
+                n, key = self.data.train_samples, "data.train_samples"
+        elif self.data.name == "fashion_mnist" and self.data.train_samples is not None:
+            n, key = self.data.train_samples, "data.train_samples"
+        if n is not None and ft.batch_size > n:
+            raise ValueError(f"finetune.batch_size={ft.batch_size} is larger than the {n} "
+                             f"samples it is drawn from ({key}); set finetune.batch_size ≤ "
+                             f"{n} or raise {key}")
+
     def resolved(self) -> dict[str, Any]:
         """Every setting with defaults filled in, as JSON-able data."""
         return self.model_dump(mode="json")
@@ -383,6 +453,28 @@ class RunConfig(_Section):
             if d["store"].get(k):
                 d["store"][k] = "***"
         return d
+
+
+def _given(section: Any, key: str) -> Any:
+    """`section[key]` of raw config data (a mapping or a section object), None if not given."""
+    if isinstance(section, dict):
+        return section.get(key)
+    if isinstance(section, BaseModel) and key in section.model_fields_set:
+        return getattr(section, key)
+    return None
+
+
+def _unset(section: Any, key: str) -> bool:
+    """Whether raw section data (absent, a mapping or a section object) leaves `key` unset;
+    anything else is left for validation to reject."""
+    return (section is None or isinstance(section, (dict, BaseModel))) and \
+        _given(section, key) is None
+
+
+def _as_dict(section: Any) -> dict[str, Any]:
+    if isinstance(section, BaseModel):
+        return section.model_dump(exclude_unset=True)
+    return dict(section) if isinstance(section, dict) else {}
 
 
 # Sections that say where work runs, not what it computes: in no digest.

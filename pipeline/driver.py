@@ -36,7 +36,7 @@ from pipeline.manifest import (
 from pipeline.memory import peak_rss
 from pipeline.store import ArtifactError, StageDir, Store
 
-__all__ = ["run", "status", "open_store", "check_against_model"]
+__all__ = ["run", "status", "run_state", "open_store", "check_against_model"]
 
 log = logging.getLogger("hwq")
 
@@ -102,6 +102,9 @@ def run(
     out, hf_out: copy the final .hwq (and the decoded model folder) there (pipeline/outputs.py).
     Returns the report (the content of report.json).
     """
+    from pipeline.preflight import check_before_work
+
+    check_before_work(cfg)  # the mistakes the config and files show, before any work
     store = open_store(cfg)
     plans = plan(cfg, stages)
     names = [p.stage.name for p in plans]
@@ -132,6 +135,35 @@ def run(
     ledger = _ledger()
 
     log.info("run %s: %d stages, store %s", cfg.name, len(plans), store.url)
+    index = {"config_digest": digest(cfg), "stages": [[p.stage.name, p.key] for p in plans]}
+    if until is None:  # a partial run (a sweep's shared prefix) is no run of its own
+        store.write_json(f"{pre}{RUN_INDEX}", {**index, "status": "running"})
+    try:
+        return _run_stages(cfg, store, plans, forced, ledger, until, out, hf_out, pre, index)
+    except BaseException as e:
+        if until is None:
+            _record_failure(store, f"{pre}{RUN_INDEX}", index, e)
+        raise
+
+
+def _record_failure(store: Store, rel: str, index: dict[str, Any], e: BaseException) -> None:
+    """run.json of a run that failed: its stages, the one it failed in, the error line
+    (`hwq status` shows them). Best effort: the error itself is what the caller must see."""
+    from pipeline.batch import error_line
+
+    state = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+    try:
+        store.write_json(rel, {**index, "status": state,
+                               "error": "interrupted" if state == "interrupted"
+                               else error_line(e)})
+    except Exception as w:  # noqa: BLE001 - e.g. the store itself is what failed
+        log.warning("could not record the failed run in %s (%s)", rel, w)
+
+
+def _run_stages(cfg: RunConfig, store: Store, plans: list[StagePlan], forced: set[str],
+                ledger, until: str | None, out: str | None, hf_out: bool, pre: str,
+                index: dict[str, Any]) -> dict[str, Any]:
+    """The stage loop of `run`, then the report (see `run`)."""
     dirs: dict[str, StageDir] = {}
     records: dict[str, dict[str, Any]] = {}
     recomputed: set[str] = set()
@@ -173,7 +205,9 @@ def run(
             started = time.time()
             if ledger is not None:
                 ledger.begin(name)
+            index["failed_stage"] = name  # what run.json says if this raises
             metrics = p.stage.run(ctx) or {}
+            index.pop("failed_stage")
             seconds = time.perf_counter() - t0
             placement = ledger.take(name) if ledger is not None else {}
             workers = placement.pop("processes", [])
@@ -226,8 +260,7 @@ def run(
         report["output"] = output
     store.write_json(f"{pre}report.json", report)
     store.write_text(f"{pre}report.md", render_markdown(report))
-    index = {"config_digest": report["config_digest"],
-             "stages": [[n, records[n]["key"]] for n in names]}
+    index = {**index, "status": "complete"}
     if output is not None:
         index["output"] = output["url"]
     store.write_json(f"{pre}{RUN_INDEX}", index)
@@ -366,13 +399,48 @@ def published_output(store: Store, report_prefix: str = "") -> str | None:
     return out if isinstance(out, str) else None
 
 
-def status(store: Store, report_prefix: str = "") -> list[dict[str, Any]]:
-    """Each stage of the last run in `store`: key, complete?, cached?, seconds, headline."""
+def run_state(store: Store, report_prefix: str = "") -> dict[str, Any]:
+    """How the last run in `store` ended, from its run.json: {"status": "complete" | "running"
+    | "failed" | "interrupted", "failed_stage": name or None, "error": line or None}. A run
+    killed outright stays "running". {"status": None} without a readable run.json."""
     pre = f"{report_prefix.strip('/')}/" if report_prefix else ""
     try:
         index = store.read_json(f"{pre}{RUN_INDEX}")
+    except (ArtifactError, ValueError):
+        return {"status": None, "failed_stage": None, "error": None}
+    index = index if isinstance(index, dict) else {}
+    state = index.get("status", "complete")  # run.json of older versions: complete runs only
+    out = {"status": state if state in ("complete", "running", "failed", "interrupted")
+           else None}
+    for k in ("failed_stage", "error"):
+        v = index.get(k)
+        out[k] = v[:2000] if isinstance(v, str) else None
+    return out
+
+
+def _listed_stages(store: Store) -> list[list[str]]:
+    """[name, key] of every stage folder in the store (for a store without a run.json: a run
+    of an older version that failed, or one killed before it wrote one), oldest first."""
+    found = []
+    for d in store.list_dirs("stages"):
+        name, _, key = d.rpartition("-")
+        if re.fullmatch(r"[a-z_]{1,32}", name) and re.fullmatch(r"[0-9a-f]{16}", key):
+            m = _status_manifest(store, StageDir(store, name, key))
+            found.append((m.timings.started if m else float("inf"), [name, key]))
+    return [e for _, e in sorted(found, key=lambda t: t[0])]
+
+
+def status(store: Store, report_prefix: str = "") -> list[dict[str, Any]]:
+    """Each stage of the last run in `store`: key, complete?, cached?, seconds, headline,
+    and `failed` (the stage a failed run died in; `run_state` has the error). A store without
+    a run.json but with stage folders lists those."""
+    pre = f"{report_prefix.strip('/')}/" if report_prefix else ""
+    listed = [] if pre or store.exists(f"{pre}{RUN_INDEX}") else _listed_stages(store)
+    try:
+        index = {"stages": listed} if listed else store.read_json(f"{pre}{RUN_INDEX}")
     except ArtifactError:
-        raise ArtifactError(f"{store.full_url(pre or '.')} holds no hwq run (no {RUN_INDEX})") from None
+        raise ArtifactError(f"{store.full_url(pre or '.')} holds no hwq run (no "
+                            f"{RUN_INDEX}, no stages)") from None
     except ValueError:
         raise ArtifactError(f"{store.full_url(pre + RUN_INDEX)} is not valid JSON") from None
     stages = index.get("stages") if isinstance(index, dict) else None
@@ -388,6 +456,8 @@ def status(store: Store, report_prefix: str = "") -> list[dict[str, Any]]:
         report = {}
     recorded = report.get("stages") if isinstance(report, dict) else None
     recorded = recorded if isinstance(recorded, dict) else {}
+    failed = index.get("failed_stage") if index.get("status") in ("failed", "interrupted") \
+        else None
     rows = []
     for name, key in stages:
         sd = StageDir(store, name, key)
@@ -401,5 +471,6 @@ def status(store: Store, report_prefix: str = "") -> list[dict[str, Any]]:
             "cached": rec.get("cached"),
             "seconds": manifest.timings.seconds if manifest else None,
             "metrics": manifest.metrics if manifest else {},
+            "failed": manifest is None and name == failed,
         })
     return rows

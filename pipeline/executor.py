@@ -108,6 +108,9 @@ def _worker_env(cluster: bool = False) -> dict[str, str]:
         # shared cluster): waiting is right, Ray Train's 60 s default would fail the stage.
         "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": os.environ.get(
             "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "1800"),
+        # Ray Train's workers would route print() through the root logger too, and each
+        # fine-tune line reached the terminal twice (the print and the log record).
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
         # Bars redraw in place on a terminal; in a log file they would repeat every update.
         "HWQ_PROGRESS": os.environ.get("HWQ_PROGRESS", "1" if sys.stderr.isatty() else "0"),
     }

@@ -1,4 +1,5 @@
-"""Progress bars that work in the driver and inside Ray workers.
+"""Progress bars that work in the driver and inside Ray workers, and the fallback log handler
+that shows a run's progress to a caller of the Python API who set up no logging.
 
 Inside a Ray task or actor, `ray.experimental.tqdm_ray` sends bar updates to the driver, which
 draws them in place instead of interleaving raw carriage returns from many workers.
@@ -6,10 +7,11 @@ draws them in place instead of interleaving raw carriage returns from many worke
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
-__all__ = ["bar"]
+__all__ = ["bar", "default_log_handler"]
 
 
 def _in_ray_worker() -> bool:
@@ -42,3 +44,32 @@ def bar(total: int | None, desc: str, unit: str = "it"):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit=unit, leave=False)
+
+
+class _FallbackHandler(logging.StreamHandler):
+    """Writes hwq's records to stderr only while the root logger has no handler: progress
+    for a caller of the Python API who configured no logging, and no second copy of each line
+    once anyone (the CLI, the caller) has."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not logging.getLogger().handlers:
+            super().emit(record)
+
+
+_LOGGERS = ("hwq", "pipeline")  # the stage lines; module loggers (executor: Ray starting)
+
+
+def default_log_handler() -> None:
+    """Give hwq's loggers a fallback handler (as transformers gives its own), so that
+    `pipeline.compress` shows its progress without any logging setup; INFO and above unless
+    the caller set a level. Idempotent."""
+    quiet = not logging.getLogger().handlers
+    for name in _LOGGERS:
+        lg = logging.getLogger(name)
+        if not any(isinstance(h, _FallbackHandler) for h in lg.handlers):
+            h = _FallbackHandler()
+            h.setFormatter(logging.Formatter("%(asctime)s %(levelname).1s %(name)s: %(message)s",
+                                             "%H:%M:%S"))
+            lg.addHandler(h)
+        if quiet and lg.level == logging.NOTSET:
+            lg.setLevel(logging.INFO)

@@ -35,6 +35,7 @@ __all__ = ["Workload", "expand_path", "WINDOWS", "HF_DIR", "MODEL_JSON"]
 WINDOWS = "windows.safetensors"  # {"calibration": [n, L], "eval/<name>": [m, L]} int64
 HF_DIR = "hf"  # config.json, generation_config.json, tokenizer files of a causal LM
 MODEL_JSON = "model.json"  # {"adapter", "tied": {alias: source}, "dtype", "info"}
+HELDOUT = "heldout"  # the eval set of a run without data.eval: the calibration text's tail
 
 _PLACEHOLDER = re.compile(r"\{(stdlib|package:[A-Za-z0-9_.]+)\}")
 
@@ -63,6 +64,22 @@ def expand_path(text: str) -> str:
 
 def _sources(v: str | list[str]) -> list[str]:
     return [expand_path(s) for s in ([v] if isinstance(v, str) else v)]
+
+
+def _named(v: str | list[str]) -> str:
+    """A text source as a user wrote it, for messages: 'a.txt' or ['a.txt', 'b/*.txt']."""
+    return repr(v[0]) if isinstance(v, list) and len(v) == 1 else repr(v)
+
+
+@contextlib.contextmanager
+def _naming(what: str):
+    """A text too short for a window names the source it came from."""
+    from pipeline.data.text import TextSourceError
+
+    try:
+        yield
+    except TextSourceError as e:
+        raise TextSourceError(f"{what}: {e}") from None
 
 
 class Workload:
@@ -120,17 +137,31 @@ class Workload:
 
     def tokenize(self, tokenizer: Any) -> dict[str, torch.Tensor]:
         """The text windows of the run (load stage): calibration and every eval text."""
-        from pipeline.data.text import calibration_windows, eval_windows, read_text, token_ids
+        from pipeline.data.text import (
+            calibration_windows,
+            eval_windows,
+            read_text,
+            split_heldout,
+            token_ids,
+        )
 
         d = self.cfg.data
         opts = self.cfg.store.storage_options()
         out = {}
         ids = token_ids(tokenizer, read_text(_sources(d.calibration), opts))
-        out["calibration"] = calibration_windows(tokenizer, ids, d.calibration_windows,
-                                                 d.seq_len, self.cfg.seed)
+        what = f"data.calibration {_named(d.calibration)}"
+        if not d.eval:  # no eval text: score on a held-out tail of the calibration text
+            ids, held = split_heldout(ids, d.seq_len, source=what)
+            out[f"eval/{HELDOUT}"] = eval_windows(tokenizer, held, d.seq_len,
+                                                  d.eval_max_windows)
+        with _naming(what):
+            out["calibration"] = calibration_windows(tokenizer, ids, d.calibration_windows,
+                                                     d.seq_len, self.cfg.seed)
         for name, src in d.eval.items():
             text = read_text(_sources(src), opts)
-            out[f"eval/{name}"] = eval_windows(tokenizer, text, d.seq_len, d.eval_max_windows)
+            with _naming(f"data.eval.{name} {_named(src)}"):
+                out[f"eval/{name}"] = eval_windows(tokenizer, text, d.seq_len,
+                                                   d.eval_max_windows)
         return out
 
     def calibration(self, load) -> Any:

@@ -260,3 +260,83 @@ def test_decode_refuses_to_replace_a_special_output(tmp_path):
     p, s = _hwq(["decode", str(hwq_file), "--out", str(fifo)])
     _assert_one_line(p, s, "not a regular file")
     assert fifo.is_fifo()
+
+
+# -- language models: every mistake the config and the files show, before Ray starts --------
+
+
+@pytest.fixture(scope="module")
+def lm_folder(tmp_path_factory):
+    pytest.importorskip("transformers")
+    from pipeline.testing import tiny_llama_folder, write_corpus
+
+    d = tmp_path_factory.mktemp("lm")
+    tiny_llama_folder(d / "llama")
+    write_corpus(d / "calib.txt", 300, 1)  # ~4,000 tokens of the tiny tokenizer
+    (d / "short.txt").write_text("the quick brown fox.\n")
+    no_tok = d / "no-tokenizer"
+    no_tok.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        (no_tok / f).write_bytes((d / "llama" / f).read_bytes())
+    return d
+
+
+def _lm_yaml(tmp_path, d, **sections):
+    import yaml
+
+    cfg = {"model": {"name": "hf_causal_lm", "path": str(d / "llama")},
+           "data": {"calibration": str(d / "calib.txt"), "seq_len": 64, "calibration_windows": 8},
+           "store": {"url": str(tmp_path / "store")}}
+    for k, v in sections.items():
+        cfg[k] = {**cfg.get(k, {}), **v}
+    p = tmp_path / "lm.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+LM_CASES = {
+    "model-path-missing": ({"model": {"path": "MISSING"}}, ["model.path", "does not exist"]),
+    "eval-text-too-short": ({"data": {"eval": {"tiny": "SHORT"}}},
+                            ["data.eval.tiny", "short.txt", "fewer than one window",
+                             "data.seq_len=64"]),
+    "metric-without-direction": ({"evaluate": {"metric": "math:fsum"}},
+                                 ["math:fsum", "direction"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LM_CASES))
+def test_language_model_mistakes_are_one_line_before_ray_starts(case, lm_folder, tmp_path):
+    """One line, exit 2, and nothing else on stderr: not even the line that Ray is starting
+    (the config's mistakes are found before any stage or Ray)."""
+    change, needles = LM_CASES[case]
+    subs = {"MISSING": str(tmp_path / "nothing"), "SHORT": str(lm_folder / "short.txt")}
+    change = {s: {k: ({n: subs.get(t, t) for n, t in v.items()} if isinstance(v, dict)
+                      else subs.get(v, v)) for k, v in kv.items()} for s, kv in change.items()}
+    p, s = _hwq(["run", str(_lm_yaml(tmp_path, lm_folder, **change))])
+    _assert_one_line(p, s, *needles)
+    assert not (tmp_path / "store" / "stages").exists()
+
+
+def test_preflight_finds_each_mistake_the_files_show(lm_folder, tmp_path):
+    """The checks themselves, in process (no Ray, no stage): each names its key and file."""
+    from pipeline.config import load_config
+    from pipeline.errors import UserError
+    from pipeline.preflight import check_before_work
+
+    def check(**sections):
+        check_before_work(load_config(_lm_yaml(tmp_path, lm_folder, **sections)))
+
+    check()  # the three-line config itself is fine
+    cases = [
+        ({"model": {"path": str(lm_folder / "no-tokenizer")}}, "no tokenizer files"),
+        ({"data": {"seq_len": 4000}}, r"data.calibration '.*calib.txt': the text has \d+ "
+                                      r"tokens, fewer than 2 windows"),
+        ({"data": {"calibration": str(lm_folder / "short.txt")}}, "short.txt"),
+        ({"data": {"calibration": str(lm_folder / "none.txt")}}, "none.txt.* does not exist"),
+        ({"quantize": {"targets": ["model.layers.*.no_such_proj"]}}, "no_such_proj"),
+        ({"quantize": {"ignore": ["no_such_module"]}}, "no_such_module"),
+        ({"model": {"checkpoint": str(lm_folder / "none.safetensors")}}, "model.checkpoint"),
+    ]
+    for sections, needle in cases:
+        with pytest.raises(UserError, match=needle):
+            check(**sections)

@@ -112,3 +112,75 @@ def synthetic_run(tmp_path):
 
     rerun()
     return rerun, Store(str(tmp_path / "store")), f"stages/prune-{plan(cfg, _stages())[1].key}"
+
+
+def test_a_failed_run_is_recorded_and_status_describes_it(cfg, tmp_path, capsys):
+    """A run that died in a stage leaves run.json saying so; `hwq status` lists the stages
+    that completed, the one that failed and the error (not "holds no hwq run")."""
+    from pipeline.cli import main
+    from pipeline.driver import run_state
+
+    with pytest.raises(RuntimeError, match="hessian killed"):
+        _run(cfg(), crash={"hessian": True})
+    store = Store(str(tmp_path / "store"))
+    state = run_state(store)
+    assert state["status"] == "failed" and state["failed_stage"] == "hessian"
+    assert state["error"] == "RuntimeError: hessian killed"
+    rows = status(store)
+    assert [(r["stage"], r["complete"], r["failed"]) for r in rows] == [
+        ("train", True, False), ("prune", True, False), ("hessian", False, True),
+        ("quantize", False, False)]
+    assert main(["status", str(tmp_path / "store")]) == 0
+    out = capsys.readouterr().out
+    assert "failed" in out.splitlines()[3]  # the hessian row
+    assert "run: failed in stage hessian (2 of 4 stages complete): RuntimeError: hessian " \
+           "killed" in out
+    _run(cfg())  # the rerun completes: run.json says so
+    assert run_state(store)["status"] == "complete"
+    assert all(r["complete"] and not r["failed"] for r in status(store))
+
+
+def test_status_of_a_store_with_stages_but_no_run_json(cfg, tmp_path, capsys):
+    """A store whose failed run left no run.json (an older hwq): its stage folders."""
+    from pipeline.cli import main
+
+    with pytest.raises(RuntimeError):
+        _run(cfg(), crash={"hessian": True})
+    (tmp_path / "store" / "run.json").unlink()
+    rows = status(Store(str(tmp_path / "store")))
+    assert [(r["stage"], r["complete"]) for r in rows] == [("train", True), ("prune", True),
+                                                           ("hessian", False)]
+    assert main(["status", str(tmp_path / "store")]) == 0
+    assert "no run.json" in capsys.readouterr().out
+
+
+_API_LOGGING = """
+import logging, sys
+import pipeline.driver
+from pipeline.api import compress
+
+def fake_run(cfg, **kw):
+    logging.getLogger("hwq").info("[1/1] quantize  done in 1.0 s")
+    logging.getLogger("hwq").debug("debug detail")
+    return {}
+
+pipeline.driver.run = fake_run
+if sys.argv[1] == "configured":  # the CLI's setup (or a caller's): its handler, not ours
+    logging.basicConfig(level=logging.INFO, format="ROOT %(message)s")
+compress(None)
+compress(None)  # a second call adds no second handler
+"""
+
+
+@pytest.mark.parametrize("setup", ["none", "configured"])
+def test_the_python_api_shows_progress_without_logging_setup_and_never_twice(setup):
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-c", _API_LOGGING, setup], capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    lines = [ln for ln in p.stderr.splitlines() if "quantize  done" in ln]
+    assert len(lines) == 2, p.stderr  # once per call
+    assert all(ln.startswith("ROOT") == (setup == "configured") for ln in lines), lines
+    assert "debug detail" not in p.stderr

@@ -220,13 +220,40 @@ def test_folder_without_config_json_and_config_errors(tmp_path):
                      "quantize": {"scope": "channel", "method": "ecsq"}})
     with pytest.raises(ModelSourceError, match="no config.json"):
         Workload(cfg).adapter.load()
+    # Inferred for a language model (docs/LANGUAGE_MODELS.md): text data, per-channel scope.
+    assert to_config({"model": {"name": "hf_causal_lm", "path": "x"},
+                      "data": {"calibration": ["x"]}}).quantize.scope == "channel"
     with pytest.raises(ConfigError, match="scope=channel"):
         to_config({"model": {"name": "hf_causal_lm", "path": "x"},
-                   "data": {"name": "text", "calibration": ["x"], "eval": {"a": "y"}}})
+                   "data": {"name": "text", "calibration": ["x"], "eval": {"a": "y"}},
+                   "quantize": {"scope": "network"}})
+    with pytest.raises(ConfigError, match="needs data.calibration"):
+        to_config({"model": {"name": "hf_causal_lm", "path": "x"}})
     with pytest.raises(ConfigError, match="needs data.name=text"):
         to_config({"model": {"name": "hf_causal_lm", "path": "x"},
-                   "quantize": {"scope": "channel"}})
+                   "data": {"name": "fashion_mnist"}})
     with pytest.raises(ConfigError, match="lenet5"):
         to_config({"model": {"name": "hf_causal_lm", "path": "x"},
                    "data": {"name": "text", "calibration": ["x"], "eval": {"a": "y"}},
                    "quantize": {"scope": "channel"}, "hessian": {"estimator": "ggn"}})
+
+
+def test_the_three_line_config_runs_first_time(tmp_path, ray_local, capfd):
+    """A model folder and one text, nothing else (docs/LANGUAGE_MODELS.md): text data,
+    per-channel scope, the Fisher, a fine-tune batch cut to the 64 windows, evaluation on
+    the held-out tail of the text; every stage runs. Each fine-tune line is printed once."""
+    # (hidden 128: the 2-layer 64-wide Llama has too few rows for the uniform quantizer's
+    # default 3 bits to be met within its tolerance)
+    tiny_llama_folder(tmp_path / "llama", hidden=128)
+    write_corpus(tmp_path / "corpus.txt", 500, 1)  # ~9,700 tokens: 19 windows of 512
+    cfg = {"model": {"name": "hf_causal_lm", "path": str(tmp_path / "llama")},
+           "data": {"calibration": str(tmp_path / "corpus.txt")}}
+    r = compress(cfg, keep_ray=True, store=str(tmp_path / "store"))
+    m = r["metrics"]
+    assert list(r["stages"]) == ["load", "hessian", "quantize", "finetune", "encode"]
+    assert set(m["baseline_perplexity_by_set"]) == {"heldout"}
+    assert math.isfinite(m["decoded_perplexity"])
+    assert m["finetune"]["steps"] == 1  # one batch of all 64 windows
+    out = capfd.readouterr()
+    steps = [ln for ln in (out.out + out.err).splitlines() if "finetune: step 1/1" in ln]
+    assert len(steps) == 1, steps

@@ -24,7 +24,8 @@ import torch
 
 from pipeline.errors import UserError
 
-__all__ = ["TextSourceError", "read_text", "token_ids", "calibration_windows", "eval_windows"]
+__all__ = ["TextSourceError", "read_text", "token_ids", "calibration_windows", "eval_windows",
+           "split_heldout"]
 
 _MAGIC = ("*", "?", "[")
 
@@ -237,3 +238,20 @@ def eval_windows(
             raise ValueError(f"max_windows must be ≥ 1, got {max_windows}")
         m = min(m, max_windows)
     return ids[: m * seq_len].reshape(m, seq_len).clone()
+
+
+def split_heldout(ids: torch.Tensor, seq_len: int, fraction: float = 0.1,
+                  source: str = "the calibration text") -> tuple[torch.Tensor, torch.Tensor]:
+    """(calibration part, held-out tail) of token ids int64 [T], for a run that names no eval
+    text: the tail is the last max(1, ⌊fraction·T / seq_len⌋) whole windows of `seq_len`
+    tokens, the calibration windows are drawn from the rest (T − tail ≥ seq_len tokens).
+    A TextSourceError naming `source` if T < 2·seq_len."""
+    total = len(ids)
+    if total < 2 * seq_len:
+        raise TextSourceError(
+            f"{source} has {total} tokens; with no data.eval, hwq holds out its tail for "
+            f"evaluation and needs at least 2 windows of data.seq_len={seq_len} tokens "
+            f"({2 * seq_len}): give more text, a shorter data.seq_len, or data.eval texts")
+    held = seq_len * max(1, int(fraction * total) // seq_len)
+    held = min(held, seq_len * ((total - seq_len) // seq_len))
+    return ids[: total - held], ids[total - held :]

@@ -78,6 +78,7 @@ from typing import Any
 import torch
 
 from pipeline.config import FinetuneConfig, RunConfig
+from pipeline.errors import UserError
 from pipeline.finetune.checkpoint import Checkpoints
 from pipeline.graph import Stage, StageContext
 from pipeline.store import StageDir
@@ -91,6 +92,8 @@ __all__ = [
     "plan_steps",
     "global_batch",
     "finetune_worker",
+    "recording_user_errors",
+    "data_source",
 ]
 
 FAIL_ENV = "HWQ_FINETUNE_FAIL_AFTER_STEPS"
@@ -98,6 +101,9 @@ KILL_ONCE_ENV = "HWQ_FINETUNE_KILL_ONCE"
 CODEBOOKS = "codebooks.safetensors"
 SUMMARY = "finetune.json"
 FACTS = "attempt.json"  # beside the checkpoints: this attempt's resume point and timings
+# In the stage folder: a user error a worker met, raised by the driver after fit() (the
+# folder is emptied before every attempt of the stage, so it never outlives its run).
+USER_ERROR = "user_error"  # user_error-<rank>.json
 # Not part of the stage key: resuming is exact whatever they are.
 _UNKEYED = ("checkpoint_every", "max_failures")
 
@@ -137,13 +143,31 @@ def deepspeed_config(ft: FinetuneConfig, world: int) -> dict[str, Any]:
     }
 
 
-def plan_steps(n_train: int, batch_size: int, epochs: float) -> tuple[int, int]:
-    """(total steps, full batches per epoch) for `epochs` (fractional allowed) over n_train."""
+def plan_steps(n_train: int, batch_size: int, epochs: float,
+               source: str = "data.train_samples") -> tuple[int, int]:
+    """(total steps, full batches per epoch) for `epochs` (fractional allowed) over n_train.
+    source: the setting that decides n_train, named in the error (`data_source`)."""
     per_epoch = n_train // batch_size
     if per_epoch < 1:
-        raise ValueError(f"finetune.batch_size={batch_size} is larger than the training set "
-                         f"({n_train} samples; data.train_samples)")
+        raise FinetuneUserError(f"finetune.batch_size={batch_size} is larger than the training "
+                                f"set ({n_train} samples; {source})")
     return max(1, round(epochs * per_epoch)), per_epoch
+
+
+def data_source(cfg: RunConfig) -> str:
+    """The setting that decides how many samples a fine-tune draws its batches from."""
+    if cfg.data.name == "text":
+        return "data.calibration_windows"
+    if cfg.data.name == "custom":
+        return "the calibration batches of data.factory"
+    if not cfg.model.trained_here:  # a loaded model: the Hessian's calibration images
+        return "hessian.calibration_samples, at most data.train_samples"
+    return "data.train_samples"
+
+
+class FinetuneUserError(UserError, ValueError):
+    """A mistake in the config or data that fine-tuning found (caught in the workers and
+    raised once by the driver, never retried by Ray Train)."""
 
 
 def global_batch(n_train: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
@@ -230,7 +254,31 @@ def finetune_worker(conf: dict[str, Any]) -> None:
 
     conf: {"cfg": RunConfig, "out": StageDir, "model": StageDir, "quantize": StageDir,
     "ckpt": Checkpoints, "fail_after": int | None, "kill_once": str | None, "threads": int}.
+
+    A UserError (a mistake in the config or data, which a restart would only meet again) does
+    not fail the worker: Ray Train would restart the group `max_failures` times and end with
+    a traceback. The worker writes it to USER_ERROR and returns; the driver raises it. Every
+    worker reads the same config and data, so such an error happens in all of them at the
+    same point (and rank 0's own evaluation shares its outcome with the others before they
+    part: `_rank0_then_barrier`), and no worker is left waiting in a collective.
     """
+    import ray.train
+
+    recording_user_errors(_worker, conf, lambda: ray.train.get_context().get_world_rank())
+
+
+def recording_user_errors(body: Any, conf: dict[str, Any], rank: Any) -> None:
+    """body(conf); a UserError it raises is written to conf["out"] as
+    `user_error-<rank()>.json` instead of failing the worker (see finetune_worker)."""
+    try:
+        body(conf)
+    except UserError as e:
+        out: StageDir = conf["out"]
+        out.write_json(f"{USER_ERROR}-{rank()}.json", {"error": str(e),
+                                                      "type": type(e).__name__})
+
+
+def _worker(conf: dict[str, Any]) -> None:
     import deepspeed
     import ray.train
     import torch.distributed as dist
@@ -281,7 +329,7 @@ def finetune_worker(conf: dict[str, Any]) -> None:
     else:
         train = load_split(cfg.data.root, "train", cfg.data.train_samples, cfg.seed)
         n = len(train)
-    steps, per_epoch = plan_steps(n, ft.batch_size, ft.epochs)
+    steps, per_epoch = plan_steps(n, ft.batch_size, ft.epochs, data_source(cfg))
     start = ckpt.load(engine, rank, before=steps)
     log_every = max(1, min(50, steps // 10))
     history: list[dict[str, Any]] = []
@@ -328,7 +376,9 @@ def finetune_worker(conf: dict[str, Any]) -> None:
 
     codebooks = {name: _master_fp32(engine, engine.module.codebooks[f"c{i}"])
                  for i, name in enumerate(engine.module.codebook_names)}
-    if rank == 0:
+
+    def finish() -> None:  # rank 0: write the codebooks, score the fine-tuned model
+        nonlocal codebooks
         pbar.close()
         out: StageDir = conf["out"]
         if generic:
@@ -360,7 +410,19 @@ def finetune_worker(conf: dict[str, Any]) -> None:
             "deepspeed_op_seconds": round(op_seconds, 3), "deepspeed_op_cached": op_cached,
         })
         print(f"finetune: done, {next(iter(scores))} {acc:.4f}", flush=True)
-    dist.barrier()
+
+    failure = None
+    if rank == 0:
+        try:
+            finish()
+        except UserError as e:  # e.g. a metric of the user's that fails on this model
+            failure = e
+    # The barrier before the workers part, carrying whether rank 0 failed: every rank
+    # returns normally either way (see finetune_worker), none waits for a rank that left.
+    flag = torch.tensor([0.0 if failure is None else 1.0], device=engine.device)
+    dist.all_reduce(flag)
+    if failure is not None:
+        raise failure
     from pipeline.placement import note_memory
 
     note_memory("finetune_worker")
@@ -423,7 +485,7 @@ def _resources(workers: int) -> tuple[float, float]:
 def _run(ctx: StageContext) -> dict[str, Any]:
     from ray.train import FailureConfig, ScalingConfig
     from ray.train import RunConfig as TrainRunConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     cfg, ft = ctx.cfg, ctx.cfg.finetune
     deepspeed_config(ft, ft.workers)  # a batch the workers cannot split fails here, not in them
@@ -444,7 +506,7 @@ def _run(ctx: StageContext) -> dict[str, Any]:
     elif why:
         ctx.log.warning("finetune: ignoring the checkpoint in %s (%s); fine-tuning from step 0",
                         ctx.store.full_url(ckpt.rel), why)
-    trainer = TorchTrainer(
+    trainer = _trainer_class()(
         finetune_worker,
         train_loop_config=conf,
         scaling_config=ScalingConfig(num_workers=ft.workers, use_gpu=use_gpu,
@@ -456,7 +518,12 @@ def _run(ctx: StageContext) -> dict[str, Any]:
                                   failure_config=FailureConfig(max_failures=ft.max_failures)),
     )
     t0 = time.perf_counter()
-    trainer.fit()
+    try:
+        trainer.fit()
+    except Exception:
+        _raise_user_error(ctx.out)  # what a worker recorded explains the failure best
+        raise
+    _raise_user_error(ctx.out)
     seconds = time.perf_counter() - t0
     summary = ctx.out.read_json(SUMMARY)
     facts = ckpt.store.read_json(f"{ckpt.rel}/{FACTS}")  # written by worker 0 just now
@@ -474,6 +541,36 @@ def _run(ctx: StageContext) -> dict[str, Any]:
             "log_every": facts["log_every"], "history": facts["history"],
         },
     }
+
+
+def _trainer_class():
+    """Ray Train's TorchTrainer without its PlacementGroupCleaner.
+
+    That detached actor asks Ray's state API every second whether the Train controller still
+    lives, through an address it finds for itself: with another Ray instance on the machine
+    it finds several and its thread dies with a ConnectionError traceback on every fine-tune;
+    with a `ray start` cluster's address in /tmp/ray it asks that cluster, which does not know
+    our controller, and would remove the placement group of a live fine-tune. The controller
+    removes its placement group itself when it finishes (the tidy shutdown), and one it leaves
+    behind by dying goes with this driver's job; hwq needs no cleaner. (Ray Train v1 has no
+    such callback: the override is then never called.)"""
+    from ray.train.torch import TorchTrainer
+
+    class HwqTorchTrainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            return [c for c in super()._create_default_callbacks()
+                    if type(c).__name__ != "PlacementGroupCleanerCallback"]
+
+    return HwqTorchTrainer
+
+
+def _raise_user_error(out: StageDir) -> None:
+    """Raise the user error a worker recorded (finetune_worker), if any, as one error."""
+    for name in sorted(f for f in out.files() if f.startswith(USER_ERROR + "-")):
+        rec = out.read_json(name)
+        msg = rec.get("error") if isinstance(rec, dict) else None
+        raise FinetuneUserError(f"finetune: {msg}" if isinstance(msg, str) else
+                                f"finetune: a worker failed on the config or data ({name})")
 
 
 def _sections(cfg: RunConfig) -> dict[str, Any]:

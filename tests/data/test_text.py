@@ -149,3 +149,20 @@ def test_windows_need_enough_text(tok):
         eval_windows(tok, corpus(10), 1)
     with pytest.raises(ValueError, match="n must be ≥ 1"):
         calibration_windows(tok, corpus(10), 0, 8, seed=0)
+
+
+def test_held_out_tail_is_whole_windows_the_calibration_never_sees():
+    import torch
+
+    from pipeline.data.text import TextSourceError, split_heldout
+
+    ids = torch.arange(10_000)
+    calib, held = split_heldout(ids, 512)
+    assert len(held) == 512 * 1 and len(calib) == 10_000 - 512  # ⌊1000 / 512⌋ = 1 window
+    assert torch.equal(torch.cat([calib, held]), ids)
+    calib, held = split_heldout(torch.arange(100_000), 512)
+    assert len(held) == 512 * 19  # 10%, in whole windows
+    calib, held = split_heldout(torch.arange(1024), 512)  # the least: one window each
+    assert len(calib) == len(held) == 512
+    with pytest.raises(TextSourceError, match=r"data.calibration 'c.txt' has 1023 tokens"):
+        split_heldout(torch.arange(1023), 512, source="data.calibration 'c.txt'")

@@ -19,29 +19,23 @@ def _windows(args):
         log.warning("no --text: calibrating on seeded random tokens (fine for a synthetic "
                     "model; give real text for a real one)")
         return None
-    from transformers import AutoTokenizer
-
-    from pipeline.data.text import calibration_windows, read_text
+    from pipeline.data.text import calibration_windows, load_tokenizer, read_text
 
     if "://" in args.model:
         raise ValueError("--text needs the tokenizer files of a local model folder; copy "
                          "them next to the text or calibrate without --text")
-    tok = AutoTokenizer.from_pretrained(args.model, local_files_only=True,
-                                        trust_remote_code=False)
+    tok = load_tokenizer(args.model)  # checked files; a tokenizer panic is one line
     return calibration_windows(tok, read_text(args.text), args.windows, args.seq_len, args.seed)
 
 
 def _eval_windows(args):
     if not args.eval:
         return None
-    from transformers import AutoTokenizer
-
-    from pipeline.data.text import eval_windows, read_text
+    from pipeline.data.text import eval_windows, load_tokenizer, read_text
 
     if "://" in args.model:
         raise ValueError("--eval needs the tokenizer files of a local model folder")
-    tok = AutoTokenizer.from_pretrained(args.model, local_files_only=True,
-                                        trust_remote_code=False)
+    tok = load_tokenizer(args.model)  # checked files; a tokenizer panic is one line
     return eval_windows(tok, read_text(args.eval), args.eval_seq_len, args.eval_windows)
 
 

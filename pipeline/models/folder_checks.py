@@ -26,7 +26,7 @@ from typing import Any
 from pipeline.errors import UserError
 
 __all__ = ["ModelFileError", "PICKLES", "parse_json", "check_shard_name", "check_regular_file",
-           "check_json_files", "check_config_against_weights", "JSON_FILES", "MAX_JSON_DEPTH"]
+           "check_json_files", "check_config_against_weights", "check_model_type", "JSON_FILES", "MAX_JSON_DEPTH"]
 
 MAX_JSON_DEPTH = 64  # real configs and tokenizers nest < 10 levels
 PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -144,6 +144,20 @@ def check_digests(meta: Any, where: str) -> dict[str, str]:
             isinstance(v, str) and _HEX64.fullmatch(v) for v in meta.values()):
         raise ModelFileError(f"{where}: its sha256 digests are not {{name: 64 hex digits}}")
     return dict(meta)
+
+
+def check_model_type(cfg: Mapping[str, Any], where: str) -> str:
+    """config.json's model_type, which must be one transformers implements: hwq never runs a
+    folder's own code (its `auto_map`)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    mt = cfg.get("model_type")
+    if not isinstance(mt, str) or mt not in CONFIG_MAPPING:
+        hint = (" (its auto_map names Python code of its own, which hwq never runs)"
+                if "auto_map" in cfg else "")
+        raise ModelFileError(f"{where}: model_type {mt!r} is not a model transformers "
+                             f"implements{hint}")
+    return mt
 
 
 # -- config.json against the weights ---------------------------------------------------------

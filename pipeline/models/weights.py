@@ -290,6 +290,15 @@ class WeightsFolder:
         return list(self.tensors)
 
     @property
+    def sha256_any(self) -> bool:
+        """Whether the index carries a sha256 for any tensor."""
+        return any(t.sha256 for t in self.tensors.values())
+
+    @property
+    def sha256_all(self) -> bool:
+        return bool(self.tensors) and all(t.sha256 for t in self.tensors.values())
+
+    @property
     def verified(self) -> str:
         """How a tensor read is checked: "sha256" (per-tensor digests) or "structure"."""
         return "sha256" if all(t.sha256 for t in self.tensors.values()) else "structure"

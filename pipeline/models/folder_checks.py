@@ -16,17 +16,19 @@ never a traceback, a hang, or memory spent on a model the weights cannot fill.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import stat
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from pipeline.errors import UserError
 
 __all__ = ["ModelFileError", "PICKLES", "parse_json", "check_shard_name", "check_regular_file",
-           "check_json_files", "check_config_against_weights", "check_model_type", "JSON_FILES", "MAX_JSON_DEPTH"]
+           "check_json_files", "check_config_against_weights", "check_model_type",
+           "building_from", "JSON_FILES", "MAX_JSON_DEPTH"]
 
 MAX_JSON_DEPTH = 64  # real configs and tokenizers nest < 10 levels
 PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -160,6 +162,23 @@ def check_model_type(cfg: Mapping[str, Any], where: str) -> str:
     return mt
 
 
+@contextlib.contextmanager
+def building_from(where: str) -> Iterator[None]:
+    """Run transformers on an untrusted config.json: what it raises (a KeyError for an unknown
+    activation, a validation error, a ZeroDivisionError for zero heads...) becomes one
+    ModelFileError naming `where`; the original stays chained for `-v`. A MemoryError is not
+    converted: the checks before a build exist so that none happens."""
+    try:
+        yield
+    except (UserError, MemoryError):
+        raise
+    except Exception as e:  # noqa: BLE001 - the input is untrusted, any failure is its fault
+        text = str(e).strip()
+        first = text.splitlines()[0][:300] if text else ""
+        raise ModelFileError(f"{where}: transformers cannot build a model from it "
+                             f"({type(e).__name__}: {first})") from e
+
+
 # -- config.json against the weights ---------------------------------------------------------
 
 _LAYERS = ("num_hidden_layers", "n_layer", "num_layers")
@@ -237,8 +256,8 @@ def check_config_against_weights(cfg: Any, shapes: Mapping[str, tuple[int, ...]]
             n = _int_field(c, key, where)
             if not n:
                 continue
-            need = set(range(n))
-            if not any(need <= got for got in layers_by_prefix.values()):
+            if not any(len(got) >= n and all(i in got for i in range(n))
+                       for got in layers_by_prefix.values()):
                 best = max(layers_by_prefix.items(), key=lambda kv: len(kv[1]), default=None)
                 held = (f"{len(best[1])} numbered layers under {best[0]!r}" if best
                         else "no numbered layers")

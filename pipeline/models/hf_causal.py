@@ -36,6 +36,7 @@ from torch import nn
 from pipeline.errors import UserError
 from pipeline.models.base import ModelAdapter, ModelInfo, register
 from pipeline.models.folder_checks import (
+    building_from,
     check_config_against_weights,
     check_json_files,
     check_model_type,
@@ -384,7 +385,9 @@ class HFCausalLM(ModelAdapter):
                                                              **kw)
         except UserError:
             raise
-        except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
+        except MemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001 - untrusted files: any failure is theirs
             first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
             raise ModelSourceError(f"model.path {self.path!r}: transformers cannot load it "
                                    f"({first})") from e
@@ -427,7 +430,9 @@ class HFCausalLM(ModelAdapter):
             try:
                 cfg = AutoConfig.from_pretrained(str(folder), trust_remote_code=False, **kw)
                 self._vocab_rows = int(cfg.get_text_config().vocab_size)
-            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            except MemoryError:
+                raise
+            except Exception as e:  # noqa: BLE001 - untrusted files: any failure is theirs
                 raise ModelSourceError(f"model.path {self.path!r}: its config gives no vocabulary "
                                        f"size ({type(e).__name__}: {str(e)[:200]})") from None
         return self._vocab_rows
@@ -479,11 +484,13 @@ def skeleton_from_folder(folder: str | Path, dtype: str | None = None) -> nn.Mod
     where = repr(str(Path(folder) / _CONFIG))
     check_model_type(parse_json(read_small_file(str(Path(folder) / _CONFIG), 4 << 20, where),
                                 where), where)
-    cfg = AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
     kw: dict[str, Any] = {}
     if dtype:
         kw[_dtype_kw()] = getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=False, **kw)
+    with building_from(where):
+        cfg = AutoConfig.from_pretrained(str(folder), local_files_only=True,
+                                         trust_remote_code=False)
+        model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=False, **kw)
     model.config.use_cache = False
     return model
 

@@ -31,7 +31,12 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from pipeline.memory import release_memory
-from pipeline.models.folder_checks import check_config_against_weights, check_model_type, parse_json
+from pipeline.models.folder_checks import (
+    building_from,
+    check_config_against_weights,
+    check_model_type,
+    parse_json,
+)
 from pipeline.models.lm_loss import _LOGIT_TRANSFORMS, _chunk_nll
 from pipeline.models.weights import WeightsError, WeightsFolder
 
@@ -86,18 +91,15 @@ class StreamedLM:
         check_config_against_weights(
             cfg_dict, {n: t.shape for n, t in self.weights.tensors.items()}, where)
         check_model_type(cfg_dict, where)
-        try:
+        with building_from(where):
             cfg = CONFIG_MAPPING[cfg_dict["model_type"]].from_dict(cfg_dict)
-        except (KeyError, ValueError, TypeError, AttributeError) as e:
-            raise WeightsError(f"{url}: no usable config.json "
-                               f"({type(e).__name__}: {str(e)[:200]})") from None
         cfg.use_cache = False
         self.config = cfg
         if dtype == "stored":
             stored = {t.dtype for t in self.weights.tensors.values() if len(t.shape) == 2}
             dtype = torch.bfloat16 if stored == {"BF16"} else torch.float32
         self.dtype = dtype
-        with params_on_meta():
+        with building_from(where), params_on_meta():
             self.model = AutoModelForCausalLM.from_config(cfg, dtype=dtype,
                                                           trust_remote_code=False)
         self.model.eval()

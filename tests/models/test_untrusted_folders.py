@@ -345,3 +345,53 @@ def test_a_tokenizer_that_fails_on_text_is_one_line(folder):
     tok = load_tokenizer(folder)
     with pytest.raises(TokenizerError, match=f"tokenizer of '{folder}' failed on the text"):
         calibration_windows(tok, "some text here", 1, 2, 0)
+
+
+# -- item 3: GGUF metadata -----------------------------------------------------------------------
+
+
+def _gguf_plus_array(g: bytes, itype: int, count: int, payload: bytes) -> bytes:
+    n_keys = struct.unpack_from("<Q", g, 16)[0]
+    key = b"tokenizer.ggml.extra"
+    kv = struct.pack("<Q", len(key)) + key + struct.pack("<IIQ", 9, itype, count) + payload
+    return g[:16] + struct.pack("<Q", n_keys + 1) + kv + g[24:]
+
+
+@pytest.mark.parametrize("itype, count, payload, match", [
+    (0, 5 << 20, bytes(5 << 20), "an array of 5242880 items .at most 1048576"),
+    (0, 300_000, bytes(300_000), "more than 65536 items in all"),  # a small file: few items
+    (0, 1 << 62, b"", "an array of 4611686018427387904 items"),
+    (8, 1 << 40, b"\0" * 64, "an array of 1099511627776 items"),
+    # the counts below read the rest of the file as the array's items, then misparse
+    (8, 1000, b"\0" * 64, "bytes long .at most"),
+    (4, 10, b"\0" * 8, "metadata key 2 is 7308604896145334642 bytes long"),
+])
+def test_gguf_metadata_is_bounded_before_transformers_reads_it(tmp_path, model, monkeypatch,
+                                                               itype, count, payload, match):
+    import gguf
+
+    from tests.models.test_adapters import write_llama_gguf
+
+    def never(*a, **k):
+        raise AssertionError("gguf's reader saw a file hwq should have refused")
+
+    write_llama_gguf(model, tmp_path / "ok.gguf")
+    (tmp_path / "bad.gguf").write_bytes(
+        _gguf_plus_array((tmp_path / "ok.gguf").read_bytes(), itype, count, payload))
+    monkeypatch.setattr(gguf, "GGUFReader", never)
+    with pytest.raises(ModelFileError, match=match) as e:
+        make_adapter("hf_causal_lm", path=str(tmp_path / "bad.gguf")).load()
+    assert "bad.gguf' is not a GGUF file hwq can read" in str(e.value)
+
+
+def test_gguf_truncated_anywhere_is_one_line(tmp_path, model):
+    from pipeline.models.gguf_check import check_gguf
+    from tests.models.test_adapters import write_llama_gguf
+
+    write_llama_gguf(model, tmp_path / "ok.gguf")
+    g = (tmp_path / "ok.gguf").read_bytes()
+    assert check_gguf(tmp_path / "ok.gguf")["tensors"] == 21
+    for cut in (0, 3, 4, 23, 24, 25, 100, 1000, len(g) // 2, len(g) - 1):
+        (tmp_path / "t.gguf").write_bytes(g[:cut])
+        with pytest.raises(ModelFileError, match="t.gguf"):
+            check_gguf(tmp_path / "t.gguf")

@@ -212,21 +212,13 @@ def tokenizer_folder(url: str, storage_options: dict | None) -> Iterator[str]:
 
 
 def load_tokenizer(url: str, storage_options: dict | None):
-    """The tokenizer of folder `url` (local or remote), loaded without running any code."""
-    from transformers import AutoTokenizer
+    """The tokenizer of folder `url` (local or remote: its files are copied to a private local
+    folder first), loaded by `pipeline.data.text.load_tokenizer` (checked JSON, no code, a
+    library panic is one line)."""
+    from pipeline.data.text import load_tokenizer as load_local
 
     with tokenizer_folder(url, storage_options) as local:
-        try:
-            tok = AutoTokenizer.from_pretrained(
-                local, local_files_only=True, trust_remote_code=False
-            )
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except BaseException as e:  # noqa: BLE001 - the tokenizers library panics as BaseException
-            text = " ".join(str(e).split())[:300]
-            raise StreamInputError(
-                f"the tokenizer in {url} cannot be loaded ({type(e).__name__}: {text})"
-            ) from None
+        tok = load_local(local, where=repr(url))
     if len(tok) == 0:
         raise StreamInputError(f"the tokenizer in {url} has an empty vocabulary")
     return tok

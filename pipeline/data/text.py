@@ -24,8 +24,8 @@ import torch
 
 from pipeline.errors import UserError
 
-__all__ = ["TextSourceError", "read_text", "token_ids", "calibration_windows", "eval_windows",
-           "split_heldout"]
+__all__ = ["TextSourceError", "TokenizerError", "read_text", "load_tokenizer", "token_ids",
+           "calibration_windows", "eval_windows", "split_heldout"]
 
 _MAGIC = ("*", "?", "[")
 
@@ -92,6 +92,57 @@ def read_text(sources: str | Sequence[str], storage_options: dict[str, Any] | No
 
 
 # -- tokenization -------------------------------------------------------------------------------
+
+
+class TokenizerError(UserError, ValueError):
+    """A tokenizer that cannot be loaded or fails on the text; the message names its folder."""
+
+
+def _is_library_failure(e: BaseException) -> bool:
+    """An error of the tokenizer libraries on bad input: the Rust `tokenizers` raises bare
+    Exceptions, and its panics (pyo3's PanicException) derive from BaseException only."""
+    return isinstance(e, Exception) or type(e).__name__ == "PanicException"
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:300]}" if text else type(e).__name__
+
+
+def load_tokenizer(folder: str | os.PathLike[str], *, gguf_file: str | None = None,
+                   where: str | None = None) -> Any:
+    """The AutoTokenizer of a local model folder: never remote code, never the Hub. Its JSON
+    files are checked first (size, UTF-8, nesting); any failure while loading, a panic of the
+    Rust library included, is a TokenizerError naming the folder."""
+    from transformers import AutoTokenizer
+
+    from pipeline.models.folder_checks import check_json_files
+
+    where = where or repr(os.fspath(folder))
+    check_json_files(folder)
+    kw: dict[str, Any] = {"local_files_only": True}
+    if gguf_file is not None:
+        kw["gguf_file"] = gguf_file
+    try:
+        return AutoTokenizer.from_pretrained(os.fspath(folder), trust_remote_code=False, **kw)
+    except UserError:
+        raise
+    except BaseException as e:
+        if not _is_library_failure(e):
+            raise
+        raise TokenizerError(f"{where}: cannot load its tokenizer ({_first_line(e)})") from None
+
+
+def _guarded(tokenizer: Any, fn: Any, *args: Any, **kw: Any) -> Any:
+    """fn(*args, **kw) with the tokenizer libraries' failures as one TokenizerError."""
+    try:
+        return fn(*args, **kw)
+    except BaseException as e:
+        if not _is_library_failure(e) or isinstance(e, UserError):
+            raise
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise TokenizerError(f"the tokenizer of {name!r} failed on the text "
+                             f"({_first_line(e)})") from None
 
 
 def _call_ids(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
@@ -166,6 +217,11 @@ def token_ids(
     backend on a sample, the whole text is tokenized in one call. Either way the result equals
     `tokenizer(text, add_special_tokens=...)["input_ids"]`.
     """
+    return _guarded(tokenizer, _token_ids, tokenizer, text, add_special_tokens, piece_chars)
+
+
+def _token_ids(tokenizer: Any, text: str, add_special_tokens: bool,
+               piece_chars: int) -> torch.Tensor:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if len(text) > 2 * piece_chars and not add_special_tokens and backend is not None:
         sample = text[: min(len(text), 4096)]

@@ -35,6 +35,16 @@ from torch import nn
 
 from pipeline.errors import UserError
 from pipeline.models.base import ModelAdapter, ModelInfo, register
+from pipeline.models.folder_checks import (
+    building_from,
+    check_config_against_weights,
+    check_json_files,
+    check_model_type,
+    check_shard_name,
+    parse_json,
+    read_small_file,
+)
+from pipeline.models.weights import WeightsFolder, parse_index
 
 __all__ = ["HFCausalLM", "ModelSourceError", "TokenizerMismatch", "fetch_model_folder",
            "largest_module_list", "skeleton_from_folder", "save_folder_files"]
@@ -70,13 +80,14 @@ def _is_remote(path: str) -> bool:
 
 
 def _weights_for(names: set[str], index: dict[str, Any] | None, where: str) -> list[str]:
-    """The safetensors files transformers will read from a folder holding `names`."""
+    """The safetensors files transformers will read from a folder holding `names`; `index` is
+    the index's weight_map (checked by `weights.parse_index`: plain safetensors names)."""
     if _CONFIG not in names:
         ggufs = sorted(n for n in names if n.lower().endswith(".gguf"))
         hint = f" (it holds {ggufs[0]!r}: point model.path at that file)" if ggufs else ""
         raise ModelSourceError(f"{where} is not a Hugging Face model folder: no config.json{hint}")
     if index is not None:
-        shards = sorted(set(index.get("weight_map", {}).values()))
+        shards = sorted({check_shard_name(s, f"{where}: {_INDEX}") for s in index.values()})
         missing = [s for s in shards if s not in names]
         if not shards or missing:
             raise ModelSourceError(f"{where}: {_INDEX} lists missing shards {missing[:3]}"
@@ -140,7 +151,11 @@ def fetch_model_folder(
             raise ModelSourceError(f"{where} has no file {gguf_file!r}")
         weights = [gguf_file]
     else:
-        index = json.loads(fs.cat_file(f"{root}/{_INDEX}")) if _INDEX in names else None
+        index = None
+        if _INDEX in names:
+            if int(files[_INDEX].get("size") or 0) > 64 << 20:
+                raise ModelSourceError(f"{where}: {_INDEX} is over 64 MiB")
+            index = parse_index(fs.cat_file(f"{root}/{_INDEX}"), f"{where}: {_INDEX}")[0]
         weights = _weights_for(names, index, where)
     # Everything else at the top level that is not a weight file: configs, tokenizer files.
     extras = [n for n in names if not n.endswith(_NEVER) and not n.endswith(".safetensors")
@@ -272,6 +287,7 @@ class HFCausalLM(ModelAdapter):
     cache_dir: str | None = None  # where remote folders are downloaded; None = $HWQ_CACHE
     _resolved: tuple[Path, str | None] | None = field(default=None, init=False, repr=False)
     _vocab_rows: int | None = field(default=None, init=False, repr=False)
+    _weights: WeightsFolder | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -304,15 +320,36 @@ class HFCausalLM(ModelAdapter):
                 raise ModelSourceError(f"{where} does not exist")
             if not local.is_dir():
                 raise ModelSourceError(f"{where} is a file, not a model folder or a .gguf file")
-            names = {p.name for p in local.iterdir() if p.is_file()}
+            names = {p.name for p in local.iterdir()}
             if gguf is not None:
                 if gguf not in names:
                     raise ModelSourceError(f"{where}: no GGUF file {gguf!r} in {str(local)!r}")
             else:
-                index = json.loads((local / _INDEX).read_text()) if _INDEX in names else None
+                index = None
+                if _INDEX in names:
+                    index = parse_index(read_small_file(str(local / _INDEX), 64 << 20),
+                                        f"{where}: {_INDEX}")[0]
                 _weights_for(names, index, where)
+        self._check_files(local, gguf, where)
         self._resolved = (local, gguf)
         return self._resolved
+
+    def _check_files(self, local: Path, gguf: str | None, where: str) -> None:
+        """Everything hwq can check before transformers reads the folder: a GGUF's header and
+        metadata; else every JSON file, the weights' headers, and config.json against them."""
+        if gguf is not None:
+            _require("gguf", "loading a GGUF file")
+            from pipeline.models.gguf_check import check_gguf
+
+            check_gguf(local / gguf)
+            check_json_files(local)  # tokenizer files beside it
+            return
+        jsons = check_json_files(local)
+        check_model_type(jsons["config.json"], f"{where}: config.json")
+        self._weights = WeightsFolder(local)
+        check_config_against_weights(
+            jsons["config.json"], {n: t.shape for n, t in self._weights.tensors.items()},
+            f"{where}: config.json")
 
     # -- loading ---------------------------------------------------------------------------------
 
@@ -320,7 +357,7 @@ class HFCausalLM(ModelAdapter):
         folder, gguf = self.resolve()
         from transformers import AutoModelForCausalLM
 
-        kw: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False}
+        kw: dict[str, Any] = {"local_files_only": True}
         dtype: Any = self.dtype if self.dtype == "auto" else getattr(torch, self.dtype)
         if gguf is not None:
             _require("gguf", "loading a GGUF file")
@@ -339,9 +376,19 @@ class HFCausalLM(ModelAdapter):
         if self.attn_implementation:
             kw["attn_implementation"] = self.attn_implementation
         try:
-            model = AutoModelForCausalLM.from_pretrained(str(folder), **kw)
-        except (OSError, ValueError, KeyError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if gguf is None and self._weights is not None and self._weights.sha256_any:
+                # hwq's digests: load through reads that check them, not through transformers.
+                model = load_verified(folder, self._weights, None if dtype == "auto" else dtype,
+                                      self.attn_implementation)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=False,
+                                                             **kw)
+        except UserError:
+            raise
+        except MemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001 - untrusted files: any failure is theirs
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
             raise ModelSourceError(f"model.path {self.path!r}: transformers cannot load it "
                                    f"({first})") from e
         if gguf is not None:
@@ -355,19 +402,15 @@ class HFCausalLM(ModelAdapter):
         """The model's AutoTokenizer; TokenizerMismatch if it can produce an id ≥ the number
         of embedding rows (fewer tokens than rows is fine: vocabularies are often padded)."""
         folder, gguf = self.resolve()
-        from transformers import AutoTokenizer
+        from pipeline.data.text import load_tokenizer
 
-        kw: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False}
+        from_gguf = None
         if not any((folder / n).is_file() for n in _TOKENIZER_FILES):
             if gguf is None:
                 raise ModelSourceError(f"model.path {self.path!r}: no tokenizer files "
                                        f"({', '.join(_TOKENIZER_FILES[:3])}, ...)")
-            kw["gguf_file"] = gguf
-        try:
-            tok = AutoTokenizer.from_pretrained(str(folder), **kw)
-        except (OSError, ValueError, KeyError) as e:
-            raise ModelSourceError(f"model.path {self.path!r}: cannot load its tokenizer "
-                                   f"({type(e).__name__}: {e})") from e
+            from_gguf = gguf
+        tok = load_tokenizer(folder, gguf_file=from_gguf, where=f"model.path {self.path!r}")
         needed = max(len(tok), max(tok.get_vocab().values(), default=-1) + 1)
         rows = self._embedding_rows()
         if needed > rows:
@@ -384,8 +427,14 @@ class HFCausalLM(ModelAdapter):
             kw: dict[str, Any] = {"local_files_only": True}
             if gguf is not None:
                 kw["gguf_file"] = gguf
-            cfg = AutoConfig.from_pretrained(str(folder), **kw)
-            self._vocab_rows = int(cfg.get_text_config().vocab_size)
+            try:
+                cfg = AutoConfig.from_pretrained(str(folder), trust_remote_code=False, **kw)
+                self._vocab_rows = int(cfg.get_text_config().vocab_size)
+            except MemoryError:
+                raise
+            except Exception as e:  # noqa: BLE001 - untrusted files: any failure is theirs
+                raise ModelSourceError(f"model.path {self.path!r}: its config gives no vocabulary "
+                                       f"size ({type(e).__name__}: {str(e)[:200]})") from None
         return self._vocab_rows
 
     # -- the pipeline's questions ------------------------------------------------------------------
@@ -432,11 +481,53 @@ def skeleton_from_folder(folder: str | Path, dtype: str | None = None) -> nn.Mod
     caller loads a state dict). Never runs remote code."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
+    where = repr(str(Path(folder) / _CONFIG))
+    check_model_type(parse_json(read_small_file(str(Path(folder) / _CONFIG), 4 << 20, where),
+                                where), where)
     kw: dict[str, Any] = {}
     if dtype:
         kw[_dtype_kw()] = getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_config(cfg, **kw)
+    with building_from(where):
+        cfg = AutoConfig.from_pretrained(str(folder), local_files_only=True,
+                                         trust_remote_code=False)
+        model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=False, **kw)
+    model.config.use_cache = False
+    return model
+
+
+def load_verified(folder: Path, weights: WeightsFolder, dtype: torch.dtype | None,
+                  attn_implementation: str | None = None) -> nn.Module:
+    """The model of `folder` built on the meta device from its config.json, each parameter
+    then read through `weights` (which checks every tensor's sha256 from the index against
+    the bytes it read) and assigned in its stored dtype (or `dtype`)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from pipeline.models.stream import params_on_meta
+
+    if not weights.sha256_all:
+        raise ModelSourceError(f"{weights.url}: its index has sha256 digests for only some "
+                               "tensors; every tensor needs one (or none)")
+    cfg = AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
+    kw: dict[str, Any] = {}
+    if attn_implementation:
+        kw["attn_implementation"] = attn_implementation
+    with params_on_meta():
+        model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=False, **kw)
+    state = {}
+    for name, p in model.named_parameters():
+        if name not in weights.tensors:
+            continue  # a tied head: tie_weights() below points it at the embedding
+        t = weights.read(name)
+        if tuple(t.shape) != tuple(p.shape):
+            raise ModelSourceError(f"{weights.url}: tensor {name!r} is {list(t.shape)}, but "
+                                   f"config.json makes it {list(p.shape)}")
+        state[name] = t if dtype is None else t.to(dtype)
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if missing:
+        raise ModelSourceError(f"{weights.url}: no tensor {missing[0]!r} (config.json's model "
+                               f"has {len(missing)} parameters the weights do not hold)")
     model.config.use_cache = False
     return model
 

@@ -19,7 +19,6 @@ files (safetensors, never pickles) in a folder the caller chooses.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import shutil
@@ -32,6 +31,12 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from pipeline.memory import release_memory
+from pipeline.models.folder_checks import (
+    building_from,
+    check_config_against_weights,
+    check_model_type,
+    parse_json,
+)
 from pipeline.models.lm_loss import _LOGIT_TRANSFORMS, _chunk_nll
 from pipeline.models.weights import WeightsError, WeightsFolder
 
@@ -78,25 +83,41 @@ class StreamedLM:
 
         self.weights = WeightsFolder(url, storage_options)
         files = self.weights._files
-        try:
-            cfg_dict = json.loads(files.read_whole("config.json", 4 << 20))
+        where = f"{url}/config.json"
+        if not files.exists("config.json"):
+            raise WeightsError(f"{url} has no config.json")
+        cfg_dict = parse_json(files.read_whole("config.json", 4 << 20), where)
+        # Before anything is built: the layer count and sizes must be what the weights hold.
+        check_config_against_weights(
+            cfg_dict, {n: t.shape for n, t in self.weights.tensors.items()}, where)
+        check_model_type(cfg_dict, where)
+        with building_from(where):
             cfg = CONFIG_MAPPING[cfg_dict["model_type"]].from_dict(cfg_dict)
-        except (KeyError, ValueError, FileNotFoundError, OSError) as e:
-            raise WeightsError(f"{url}: no usable config.json ({e})") from None
         cfg.use_cache = False
         self.config = cfg
         if dtype == "stored":
             stored = {t.dtype for t in self.weights.tensors.values() if len(t.shape) == 2}
             dtype = torch.bfloat16 if stored == {"BF16"} else torch.float32
         self.dtype = dtype
-        with params_on_meta():
-            self.model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+        with building_from(where), params_on_meta():
+            self.model = AutoModelForCausalLM.from_config(cfg, dtype=dtype,
+                                                          trust_remote_code=False)
         self.model.eval()
         self.model.config.use_cache = False
         self.layers_name, self.layers = largest_module_list(self.model)
         self.names = {id(m): n for n, m in self.model.named_modules()}
         self.tied = bool(getattr(cfg, "tie_word_embeddings", False))
         self.plain_head = all(getattr(cfg, a, None) in (None, 1, 1.0) for a in _LOGIT_TRANSFORMS)
+        self._check_shapes()
+
+    def _check_shapes(self) -> None:
+        """Every parameter of the skeleton has a tensor of its shape in the weights (before
+        any block runs: a wrong folder fails here, not blocks into a run)."""
+        for name, p in self.model.named_parameters():
+            t = self.weights.tensors[self._key(name)]
+            if tuple(t.shape) != tuple(p.shape):
+                raise WeightsError(f"{self.weights.url}: tensor {name!r} is {list(t.shape)} in "
+                                   f"the weights, but config.json makes it {list(p.shape)}")
 
     # -- loading pieces ----------------------------------------------------------------------
 

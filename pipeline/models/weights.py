@@ -36,7 +36,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.errors import UserError
+from pipeline.models.folder_checks import (
+    ModelFileError,
+    check_digests,
+    check_regular_file,
+    check_shard_name,
+    parse_json,
+)
 
 __all__ = ["WeightsError", "TensorInfo", "WeightsFolder", "ShardedWriter", "DTYPES",
            "INDEX", "SINGLE"]
@@ -55,7 +61,7 @@ _MAX_HEADER = 100 << 20  # the safetensors library's own cap on a header
 _CHUNK = 8 << 20  # bytes per write/read call when streaming
 
 
-class WeightsError(UserError, ValueError):
+class WeightsError(ModelFileError):
     """A model folder or safetensors file that cannot be read as one; the message says why."""
 
 
@@ -101,12 +107,19 @@ class _Files:
         return posixpath.join(self.base, name) if self.remote else os.path.join(self.base, name)
 
     def exists(self, name: str) -> bool:
-        return self.fs.exists(self.path(name)) if self.remote else os.path.isfile(self.path(name))
+        return self.fs.exists(self.path(name)) if self.remote else os.path.lexists(self.path(name))
 
     def size(self, name: str) -> int:
-        if self.remote:
-            return int(self.fs.size(self.path(name)))
-        return os.stat(self.path(name)).st_size
+        """Size of a regular file (locally: not a link, folder, FIFO or device)."""
+        if not self.remote:
+            return _as_weights_error(check_regular_file, self.path(name))
+        try:
+            info = self.fs.info(self.path(name))
+        except FileNotFoundError:
+            raise WeightsError(f"{self.path(name)} does not exist") from None
+        if info.get("type") != "file":
+            raise WeightsError(f"{self.path(name)} is not a file")
+        return int(info["size"])
 
     def read(self, name: str, start: int, end: int) -> bytes | bytearray:
         """Bytes [start, end) of one file: exactly those bytes are requested."""
@@ -119,7 +132,7 @@ class _Files:
             data = bytearray(end - start)
             view = memoryview(data)
             got = 0
-            fd = os.open(self.path(name), os.O_RDONLY)
+            fd = os.open(self.path(name), os.O_RDONLY | os.O_NOFOLLOW)
             try:
                 while got < len(data):
                     n = os.preadv(fd, [view[got : got + _CHUNK]], start + got)
@@ -143,12 +156,32 @@ class _Files:
         return self.read(name, 0, size)
 
 
+def _as_weights_error(fn, *args):
+    """fn(*args), its ModelFileError raised as a WeightsError (one type for this module)."""
+    try:
+        return fn(*args)
+    except WeightsError:
+        raise
+    except ModelFileError as e:
+        raise WeightsError(str(e)) from None
+
+
+def parse_index(raw: bytes | bytearray, where: str) -> tuple[dict[str, str], dict[str, Any]]:
+    """(weight_map, metadata) of a safetensors index; every shard a plain safetensors name."""
+    index = _as_weights_error(parse_json, raw, where)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    meta = (index.get("metadata") or {}) if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not isinstance(meta, dict):
+        raise WeightsError(f"{where} is not a safetensors index (a weight_map object of "
+                           "tensor name -> shard file, and a metadata object)")
+    for s in weight_map.values():
+        _as_weights_error(check_shard_name, s, where)
+    return weight_map, meta
+
+
 def _parse_header(where: str, raw: bytes, header_len: int, file_size: int
                   ) -> tuple[dict[str, tuple[str, tuple[int, ...], int, int]], dict[str, str]]:
-    try:
-        h = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise WeightsError(f"{where}: the safetensors header is not JSON ({e})") from None
+    h = _as_weights_error(parse_json, raw, f"{where}: the safetensors header")
     if not isinstance(h, dict):
         raise WeightsError(f"{where}: the safetensors header is not a JSON object")
     meta = h.pop("__metadata__", None) or {}
@@ -161,7 +194,7 @@ def _parse_header(where: str, raw: bytes, header_len: int, file_size: int
         if not isinstance(d, dict) or set(d) != {"dtype", "shape", "data_offsets"}:
             raise WeightsError(f"{where}: tensor {name!r} is not dtype/shape/data_offsets")
         dt, shape, offs = d["dtype"], d["shape"], d["data_offsets"]
-        if dt not in DTYPES:
+        if not isinstance(dt, str) or dt not in DTYPES:
             raise WeightsError(f"{where}: tensor {name!r} has dtype {dt!r}, which hwq does not "
                                f"read (known: {', '.join(DTYPES)})")
         if (not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape)
@@ -184,7 +217,9 @@ def _parse_header(where: str, raw: bytes, header_len: int, file_size: int
             raise WeightsError(f"{where}: tensor {name!r} starts at {b}, expected {at} "
                                f"(overlapping or gapped data)")
         at = e
-    return out, {str(k): str(v) for k, v in meta.items()}
+    if not all(isinstance(v, str) for v in meta.values()):
+        raise WeightsError(f"{where}: __metadata__ values are not strings")
+    return out, dict(meta)
 
 
 class WeightsFolder:
@@ -199,25 +234,19 @@ class WeightsFolder:
         self.url = url
         if url.endswith(".safetensors"):
             root, single = url.rsplit("/", 1) if "/" in url else (".", url)
+            _as_weights_error(check_shard_name, single, url)
             self._files = _Files(root, storage_options)
             shards, digests, shard_digests = [single], {}, {}
             weight_map = None
         else:
             self._files = _Files(url, storage_options)
             if self._files.exists(INDEX):
-                try:
-                    index = json.loads(self._files.read_whole(INDEX, 64 << 20))
-                    weight_map = dict(index["weight_map"])
-                    meta = index.get("metadata") or {}
-                except (KeyError, TypeError, ValueError) as e:
-                    raise WeightsError(f"{url}/{INDEX} is not a safetensors index ({e})") from None
-                digests = dict(meta.get("hwq_tensor_sha256") or {})
-                shard_digests = dict(meta.get("hwq_shard_sha256") or {})
+                where = f"{url}/{INDEX}"
+                weight_map, meta = parse_index(self._files.read_whole(INDEX, 64 << 20), where)
+                digests = _as_weights_error(check_digests, meta.get("hwq_tensor_sha256"), where)
+                shard_digests = _as_weights_error(check_digests, meta.get("hwq_shard_sha256"),
+                                                  where)
                 shards = sorted(set(weight_map.values()))
-                for s in shards:
-                    if "/" in s or "\\" in s or s in ("", ".", ".."):
-                        raise WeightsError(f"{url}/{INDEX}: shard name {s!r} is not a file "
-                                           f"name in the folder")
             elif self._files.exists(SINGLE):
                 shards, weight_map, digests, shard_digests = [SINGLE], None, {}, {}
             else:
@@ -259,6 +288,15 @@ class WeightsFolder:
     @property
     def names(self) -> list[str]:
         return list(self.tensors)
+
+    @property
+    def sha256_any(self) -> bool:
+        """Whether the index carries a sha256 for any tensor."""
+        return any(t.sha256 for t in self.tensors.values())
+
+    @property
+    def sha256_all(self) -> bool:
+        return bool(self.tensors) and all(t.sha256 for t in self.tensors.values())
 
     @property
     def verified(self) -> str:

@@ -272,9 +272,9 @@ _GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
                "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
 
 
-def write_llama_gguf(model, path):
+def write_llama_gguf(model, path, tokens=None):
     """The model as an F32 GGUF in llama.cpp's layout (q/k rows permuted as its converter
-    does; transformers undoes it on load)."""
+    does; transformers undoes it on load); `tokens`: a token list stored in its metadata."""
     gguf = pytest.importorskip("gguf")
     cfg = model.config
 
@@ -294,6 +294,10 @@ def write_llama_gguf(model, path):
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_rope_freq_base(10000.0)
     w.add_vocab_size(cfg.vocab_size)
+    if tokens is not None:
+        w.add_token_list(tokens)
+        w.add_token_scores([0.0] * len(tokens))
+        w.add_token_types([1] * len(tokens))
     for name, t in model.state_dict().items():
         a = t.float().numpy()
         if name == "model.embed_tokens.weight":

@@ -87,13 +87,13 @@ def _check_targets(wl) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder, gguf = wl.adapter.resolve()
-    kw: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False}
+    kw: dict[str, Any] = {"local_files_only": True}
     if gguf is not None:
         kw["gguf_file"] = gguf
     try:
-        conf = AutoConfig.from_pretrained(str(folder), **kw)
+        conf = AutoConfig.from_pretrained(str(folder), trust_remote_code=False, **kw)
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(conf)
+            model = AutoModelForCausalLM.from_config(conf, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as e:  # the load stage says it with more detail
         log.debug("preflight: the model's targets are checked by the load stage (%s)", e)
         return

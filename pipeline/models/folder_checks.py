@@ -27,6 +27,7 @@ from typing import Any
 from pipeline.errors import UserError
 
 __all__ = ["ModelFileError", "PICKLES", "parse_json", "check_shard_name", "check_regular_file",
+           "model_file_target",
            "check_json_files", "check_config_against_weights", "check_model_type",
            "building_from", "JSON_FILES", "MAX_JSON_DEPTH"]
 
@@ -89,9 +90,12 @@ def check_shard_name(name: Any, where: str) -> str:
     return name
 
 
-def check_regular_file(path: str, what: str | None = None) -> int:
-    """Size of the local file `path`, which must be a regular file and not a symbolic link;
-    ModelFileError otherwise (a folder, FIFO or device would hang or fail mid-read)."""
+def model_file_target(path: str, what: str | None = None) -> str:
+    """The file to open for `path`: the path itself, or, in a Hugging Face cache snapshot
+    (`…/models--ORG--NAME/snapshots/REV/FILE`, whose files are links to `../../blobs/HASH`),
+    the blob of that same cache folder it links to. Any other symbolic link is refused: a link
+    in a folder someone else can write could make hwq read (and put into its output) any file
+    this user can read."""
     what = what or repr(path)
     try:
         st = os.lstat(path)
@@ -99,10 +103,29 @@ def check_regular_file(path: str, what: str | None = None) -> int:
         raise ModelFileError(f"{what} does not exist") from None
     except (OSError, ValueError) as e:  # ValueError: an embedded NUL
         raise ModelFileError(f"{what} cannot be read ({type(e).__name__}: {e})") from None
-    if stat.S_ISLNK(st.st_mode):
-        raise ModelFileError(f"{what} is a symbolic link; hwq reads model files only as "
-                             "regular files in the folder (copy it with `cp -L` to resolve "
-                             "links)")
+    if not stat.S_ISLNK(st.st_mode):
+        return path
+    snapshot = os.path.dirname(os.path.abspath(path))
+    snapshots = os.path.dirname(snapshot)
+    blobs = os.path.join(os.path.realpath(os.path.dirname(snapshots)), "blobs")
+    real = os.path.realpath(path)
+    if os.path.basename(snapshots) == "snapshots" and os.path.dirname(real) == blobs:
+        return real
+    raise ModelFileError(f"{what} is a symbolic link; hwq reads model files only as regular "
+                         "files in the folder, or the blobs of a Hugging Face cache snapshot "
+                         "(copy it with `cp -L` to resolve links)")
+
+
+def check_regular_file(path: str, what: str | None = None) -> int:
+    """Size of the local file `path`, which must be a regular file (or a Hugging Face cache
+    snapshot's link to its blob: `model_file_target`); ModelFileError otherwise (a folder,
+    FIFO or device would hang or fail mid-read)."""
+    what = what or repr(path)
+    target = model_file_target(path, what)
+    try:
+        st = os.lstat(target)
+    except (OSError, ValueError) as e:
+        raise ModelFileError(f"{what} cannot be read ({type(e).__name__}: {e})") from None
     if not stat.S_ISREG(st.st_mode):
         raise ModelFileError(f"{what} is not a regular file (a folder, FIFO or device)")
     return st.st_size
@@ -114,7 +137,7 @@ def read_small_file(path: str, cap: int, what: str | None = None) -> bytes:
     size = check_regular_file(path, what)
     if size > cap:
         raise ModelFileError(f"{what} is {size} bytes, more than the {cap} allowed for it")
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    fd = os.open(model_file_target(path, what), os.O_RDONLY | os.O_NOFOLLOW)
     try:
         with os.fdopen(fd, "rb") as f:
             return f.read(cap + 1)[:cap]

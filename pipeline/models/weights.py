@@ -41,6 +41,7 @@ from pipeline.models.folder_checks import (
     check_digests,
     check_regular_file,
     check_shard_name,
+    model_file_target,
     parse_json,
 )
 
@@ -132,7 +133,7 @@ class _Files:
             data = bytearray(end - start)
             view = memoryview(data)
             got = 0
-            fd = os.open(self.path(name), os.O_RDONLY | os.O_NOFOLLOW)
+            fd = os.open(model_file_target(self.path(name)), os.O_RDONLY | os.O_NOFOLLOW)
             try:
                 while got < len(data):
                     n = os.preadv(fd, [view[got : got + _CHUNK]], start + got)

@@ -161,6 +161,35 @@ def test_shards_must_be_regular_files(tmp_path, model, kind):
             load(d)
 
 
+def test_a_hugging_face_cache_snapshot_reads_through_its_blob_links(tmp_path, model):
+    """The Hub's cache keeps files as blobs and each snapshot's names as links to
+    ../../blobs/HASH: such a folder loads; a link out of its cache folder is refused."""
+    import hashlib
+    import os
+
+    src = _hwq_folder(tmp_path / "src", model)
+    repo = tmp_path / "hub" / "models--org--tiny"
+    snap = repo / "snapshots" / "0123abc"
+    (repo / "blobs").mkdir(parents=True)
+    snap.mkdir(parents=True)
+    for f in sorted(src.iterdir()):
+        blob = repo / "blobs" / hashlib.sha256(f.read_bytes()).hexdigest()
+        blob.write_bytes(f.read_bytes())
+        (snap / f.name).symlink_to(os.path.relpath(blob, snap))
+    ref = WeightsFolder(src)
+    got = WeightsFolder(snap)
+    name = ref.names[0]
+    assert torch.equal(got.read(name), ref.read(name))
+    assert torch.equal(_resident(snap).state_dict()[name], model.state_dict()[name])
+    shard = sorted(snap.glob("model-*.safetensors"))[0]
+    outside = tmp_path / "elsewhere.safetensors"
+    outside.write_bytes(shard.read_bytes())
+    shard.unlink()
+    shard.symlink_to(outside)
+    with pytest.raises(UserError, match="symbolic link"):
+        WeightsFolder(snap)
+
+
 @pytest.mark.parametrize("shard, match", [
     ("a\0b.safetensors", "not a file name"),
     ("../m2/model.safetensors", "not a file name"),

@@ -1733,4 +1733,10 @@ def format_inspect(rows: list[dict]) -> str:
     lines.append(
         f"{'total (quantized weights)':<36} {'':<10} {'':<18} {kept:>7} {bpw:>9} {total:>12,} {1:>7.2%}"
     )
+    # The whole file over every parameter it holds (raw tensors too): what a user comparing
+    # file sizes of whole models reads.
+    n_all = sum(r.get("numel", 0) for r in rows if r["kind"] in ("quantized", "raw"))
+    if n_all:
+        lines.append(f"{'total (all ' + format(n_all, ',') + ' parameters)':<36} {'':<10} "
+                     f"{'':<18} {'':>7} {8 * total / n_all:>9.3f} {total:>12,} {1:>7.2%}")
     return "\n".join(lines)

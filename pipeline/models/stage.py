@@ -128,8 +128,9 @@ def _run(ctx: StageContext) -> dict:
 def _targets(cfg: RunConfig) -> dict[str, Any]:
     q = cfg.quantize
     out: dict[str, Any] = {"targets": q.targets, "ignore": q.ignore}
-    if cfg.model.name == "hf_causal_lm" and q.targets is None:
-        out["embeddings"] = q.embeddings  # 2026-12: embeddings and head quantized by default
+    # Quantized embeddings change the selection; `keep` is the earlier selection and key.
+    if cfg.model.name == "hf_causal_lm" and q.targets is None and q.embeddings == "quantize":
+        out["embeddings"] = q.embeddings
     return out
 
 

@@ -216,7 +216,7 @@ class QuantizeConfig(_Section):
     embeddings: Literal["quantize", "keep"] = "quantize"
     # Quantized embeddings: each row's Hessian is raised to at least this fraction of the
     # tensor's mean, so tokens the calibration text never shows (Fisher ≈ 0) keep a few levels.
-    embedding_floor: float = Field(0.01, ge=0)
+    embedding_floor: float = Field(0.1, ge=0)
 
     @model_validator(mode="after")
     def _rate(self) -> QuantizeConfig:

@@ -29,11 +29,11 @@ def test_lm_keys_embeddings_in_load_floor_in_quantize_keep_is_the_earlier_key(tm
     LM = _lm(tmp_path)
     new = _sections(to_config(LM))
     assert new["load"]["targets"] == {"targets": None, "ignore": [], "embeddings": "quantize"}
-    assert new["quantize"]["quantize"]["embedding_floor"] == 0.01
+    assert new["quantize"]["quantize"]["embedding_floor"] == 0.1
     old = _sections(to_config(LM, quantize={"embeddings": "keep"}))
     assert old["load"]["targets"] == {"targets": None, "ignore": []}  # as before the option
     assert "embedding_floor" not in old["quantize"]["quantize"]
-    other = _sections(to_config(LM, quantize={"embedding_floor": 0.1}))
+    other = _sections(to_config(LM, quantize={"embedding_floor": 0.3}))
     assert other["load"] == new["load"] and other["quantize"] != new["quantize"]
 
 

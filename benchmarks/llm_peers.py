@@ -170,7 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.workload import Workload
 
     out = Path(args.out)
-    cfg = to_config(args.config, store=args.store)
+    # Like the peers, the decoder Linears only: the embedding and the norms as stored (the
+    # recorded stage keys; benchmarks/llm_embeddings.py measures the whole model compressed).
+    cfg = to_config(args.config, store=args.store, quantize={"embeddings": "keep"},
+                    encode={"raw_dtype": "keep"})
     doc = {"model": cfg.model.path, "rows": [], "machine": ""}
     if _rows_file(out).exists() and not args.fresh:
         old = json.loads(_rows_file(out).read_text())

@@ -107,9 +107,17 @@ def render_markdown(report: dict) -> str:
                   f"{enc['codebook_bits_per_weight']:.3f}); the file is "
                   f"{enc['compression_ratio']:.2f}× smaller than the source "
                   f"({enc['original_bytes']:,} bytes) and {enc['compression_ratio_vs_fp32']:.2f}× "
-                  "smaller than fp32. Unquantized tensors (embeddings, norms) are stored as "
-                  f"they are: {enc['raw_tensor_bytes']:,} bytes.", "",
-                  "| where the bits go | bits | share |", "|---|---|---|"]
+                  "smaller than fp32. Tensors stored as they are (norms, biases, unquantized "
+                  f"embeddings): {enc['raw_tensor_bytes']:,} bytes.", ""]
+        if "bits_per_weight_all" in enc:
+            emb = enc.get("embeddings") or {}
+            lines += [f"Whole file over all {enc['params']:,} parameters: "
+                      f"**{enc['bits_per_weight_all']:.3f} bits per parameter**; decoder "
+                      f"Linears alone {enc['bits_per_weight_linears']:.3f} bits per weight"
+                      + (f"; embeddings ({', '.join(emb['names'])}, {emb['params']:,} weights) "
+                         f"{emb['bits_per_weight']:.3f} bits per weight."
+                         if emb.get("params") else "; embeddings not quantized."), ""]
+        lines += ["| where the bits go | bits | share |", "|---|---|---|"]
         total = sum(enc["bits"].values()) or 1
         for k, v in enc["bits"].items():
             lines.append(f"| {k} | {v:,} | {100 * v / total:.1f}% |")

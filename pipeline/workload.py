@@ -109,8 +109,28 @@ class Workload:
         return make_adapter(m.name, **m.options)
 
     def quantizable(self, model: nn.Module) -> list[str]:
+        """The tensors the run quantizes: `quantize.targets` minus `ignore`, else the adapter's
+        default plus, for causal LMs with `quantize.embeddings: quantize`, the token embedding
+        and the output head (a tied pair once, by its first name), minus `ignore`."""
         q = self.cfg.quantize
-        return self.adapter.quantizable(model, q.targets, q.ignore)
+        names = self.adapter.quantizable(model, q.targets, q.ignore)
+        if q.targets is None and self.cfg.model.name == "hf_causal_lm" \
+                and q.embeddings == "quantize":
+            dropped = set(self.adapter._ignored(model, q.ignore)) if q.ignore else set()
+            extra = set(self.embedding_names(model)) - dropped
+            if self.cfg.hessian.estimator == "activation":
+                _activation_covers(model, extra)
+            chosen = set(names) | extra
+            names = [n for n, _ in model.named_parameters() if n in chosen]
+        return names
+
+    def embedding_names(self, model: nn.Module) -> list[str]:
+        """Canonical names of an LM's input embedding and output head weights (tied: one)."""
+        if self.cfg.model.name != "hf_causal_lm":
+            return []
+        from pipeline.models.hf_causal import embedding_names
+
+        return embedding_names(model)
 
     def model_from(self, src) -> nn.Module:
         """The model with the weights model stage `src` wrote (in eval mode)."""
@@ -246,6 +266,21 @@ class Workload:
         if len(result["by_set"]) > 1 or self.is_text:
             out[f"{key}_by_set"] = result["by_set"]
         return out
+
+
+def _activation_covers(model: nn.Module, names: set[str]) -> None:
+    """ConfigError unless every embedding in `names` is the head's weight (tied or not): the
+    activation estimator's statistics are a Linear's inputs, and the head is that Linear."""
+    from pipeline.config import ConfigError
+
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    weight = getattr(head, "weight", None) if isinstance(head, nn.Linear) else None
+    params = dict(model.named_parameters())
+    for n in sorted(names):
+        if params[n] is not weight:
+            raise ConfigError(f"hessian.estimator=activation has no statistics for {n} (an "
+                              "input embedding not tied to the head): use hessian.estimator="
+                              "fisher, or quantize.embeddings=keep")
 
 
 def unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

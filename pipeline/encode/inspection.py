@@ -114,9 +114,17 @@ def format_inspect(rows: list[dict]) -> str:
         f"{'unquantized tensors (stored as is)':<36} {'':<10} {'':<18} {'':>7} "
         f"{'':>11} {raw:>12,} {raw / f:>7.2%}"
     )
+    # The whole file over every parameter it holds (raw tensors too): what a user comparing
+    # the file sizes of whole models reads.
+    n_all = t["n_weights"] + t["n_raw_elements"]
+    all_bpw = f"{8 * t['file_bytes'] / n_all:.3f}" if n_all else ""
     lines.append(
         f"{'total (the file)':<36} {'':<10} {'':<18} {'':>7} {'':>11} "
         f"{t['file_bytes']:>12,} {1:>7.2%}"
+    )
+    lines.append(
+        f"{'total (all ' + format(n_all, ',') + ' parameters)':<36} {'':<10} {'':<18} "
+        f"{'':>7} {all_bpw:>11} {t['file_bytes']:>12,} {1:>7.2%}"
     )
     note = (
         f"* bits per weight as the run report counts them: indices, positions, "

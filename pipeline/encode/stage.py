@@ -186,7 +186,7 @@ def _run_loaded(ctx: StageContext) -> dict:
 
     from pipeline.encode.container import write_hwq
     from pipeline.train.stage import model_stage
-    from pipeline.workload import Workload
+    from pipeline.workload import MODEL_JSON, Workload
 
     cfg, out, e = ctx.cfg, ctx.out, ctx.cfg.encode
     t0 = time.perf_counter()
@@ -214,15 +214,24 @@ def _run_loaded(ctx: StageContext) -> dict:
     n_q = sum(state[n].numel() for n in qm.assignment)
     qbits = quantized_bits(acct, len(qm.assignment), len(entries))
     source = sum(t.numel() * t.element_size() for t in state.values())
-    fp32 = 4 * sum(t.numel() for t in state.values())
+    n_all = sum(t.numel() for t in state.values())
+    fp32 = 4 * n_all
+    emb = embedding_bits(out, src.read_json(MODEL_JSON).get("embeddings", []), state)
     return {
         **Workload(cfg).metric_fields("decoded", ev),
         "bits_per_weight": qbits / max(n_q, 1),
+        "bits_per_weight_all": 8 * file_bytes / max(n_all, 1),
         "encode": {
             "file": out.url(FILE),
             "file_bytes": file_bytes,
             "quantized_params": n_q,
+            "params": n_all,
             "bits_per_weight": qbits / max(n_q, 1),
+            # The whole file over every parameter (tied weights once), raw tensors included.
+            "bits_per_weight_all": 8 * file_bytes / max(n_all, 1),
+            # The decoder Linears alone (the quantized tensors less the embeddings).
+            "bits_per_weight_linears": (qbits - emb["bits"]) / max(n_q - emb["params"], 1),
+            "embeddings": emb,
             "index_bits_per_weight": acct["bits"]["indices"] / max(n_q, 1),
             "codebook_bits_per_weight": acct["bits"]["codebooks"] / max(n_q, 1),
             "raw_tensor_bytes": acct["bits"]["raw_tensors"] // 8,
@@ -235,6 +244,22 @@ def _run_loaded(ctx: StageContext) -> dict:
             "seconds": round(time.perf_counter() - t0, 3),
         },
     }
+
+
+def embedding_bits(out: StageDir, names: list[str], state: dict[str, torch.Tensor]) -> dict:
+    """What the quantized embeddings (and head) cost in the file just written: their index
+    and position streams plus their codebooks (the shared code tables are not split)."""
+    from pipeline.encode.container import HwqReader
+
+    if not names:
+        return {"names": [], "params": 0, "bits": 0, "bits_per_weight": None}
+    rows = HwqReader(out.url(FILE), storage_options=out.store.storage_options).inspect()
+    want = set(names)
+    bits = 8 * sum(r["bytes"] for r in rows
+                   if r["kind"] in ("quantized", "codebook") and r["name"] in want)
+    params = sum(state[n].numel() for n in names)
+    return {"names": list(names), "params": params, "bits": bits,
+            "bits_per_weight": bits / max(params, 1)}
 
 
 def _inputs(cfg: RunConfig) -> tuple[str, ...]:

@@ -149,9 +149,20 @@ class QuantizedTrainable(nn.Module):
                 # int64, so a bf16 cast of the module leaves the divisor exact.
                 self.register_buffer(f"count{i}", counts[n], persistent=False)
 
+        # Tied weights (an LM's embedding and head): every other place the same parameter is
+        # registered reads the rebuilt weight too, so it is removed there as well.
+        self._aliases: dict[str, list[str]] = {n: [] for n in self.tensor_names}
+        for mod_name, mod in model.named_modules(remove_duplicate=False):
+            for leaf, p in mod.named_parameters(recurse=False):
+                full = f"{mod_name}.{leaf}" if mod_name else leaf
+                for name in self.tensor_names:
+                    if p is params[name] and full != name:
+                        self._aliases[name].append(full)
         for name in self.tensor_names:
-            owner, leaf = _split(model, name)
-            del owner._parameters[leaf]  # rebuilt in forward; no dense copy to train or store
+            for full in [name, *self._aliases[name]]:
+                owner, leaf = _split(model, full)
+                # rebuilt in forward; no dense copy to train or store
+                owner._parameters.pop(leaf, None)
         for p in model.parameters():
             p.requires_grad_(train_unquantized)
 
@@ -182,6 +193,9 @@ class QuantizedTrainable(nn.Module):
         `loss_fn(model, *args)` computed with them instead (a model adapter's loss, which may
         call the model's parts rather than its forward)."""
         weights = self.quantized_weights()
+        for name, aliases in self._aliases.items():
+            for a in aliases:
+                weights[a] = weights[name]
         if loss_fn is None:
             return functional_call(self.model, weights, args, kwargs, strict=False)
         wrapper = _WithLoss(self.model, loss_fn)

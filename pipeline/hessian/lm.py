@@ -127,11 +127,15 @@ def fisher_diag_lm(
     windows = windows.to(device)
 
     with _eval_mode(model):
-        slots = _tap_slots(model, named)
+        tapped = _tap_slots(model, named)
         sums = None
-        if slots is not None:
+        if tapped is not None:
+            slots, extras = tapped
+            # Other parameters (an embedding, the head) take their gradient from the same
+            # backward, one window at a time (a batch's gradient would be a sum of windows').
             try:
-                sums = _fisher_tapped(model, windows, slots, batch_size, chunk_tokens, progress)
+                sums = _fisher_tapped(model, windows, slots, 1 if extras else batch_size,
+                                      chunk_tokens, progress, extras)
             except _NotOnce:
                 sums = None  # a tapped Linear ran twice: its per-window gradient is a sum
         if sums is None:
@@ -181,10 +185,16 @@ def activation_diag_lm(
     _check_positive("batch_size", batch_size)
     named = _select(model, linear_names)
     modules: dict[str, nn.Linear] = {}
-    for name, _ in named:
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    for name, p in named:
         owner = _owner(model, name)
+        if isinstance(head, nn.Linear) and p is head.weight:
+            # An input embedding tied to the head: the head's inputs (final hidden states)
+            # are the statistics of the shared weight's rows.
+            owner = ("weight", head)
         if owner is None or not isinstance(owner[1], nn.Linear) or owner[0] != "weight":
-            raise ValueError(f"{name!r} is not the weight of an nn.Linear module")
+            raise ValueError(f"{name!r} is not the weight of an nn.Linear module (an input "
+                             "embedding not tied to the head has no activation statistics)")
         modules[name] = owner[1]
     device = named[0][1].device
     windows = windows.to(device)
@@ -332,16 +342,28 @@ class _Tap(torch.autograd.Function):
         return (g if ctx.needs_input_grad[0] else None), None, None
 
 
-def _tap_slots(model: nn.Module, named: list[tuple[str, Tensor]]) -> list[_Slot] | None:
-    """Slots for the batched path, or ``None`` when a group parameter needs the generic path
-    (not owned by an nn.Linear, the output head, a weight or module used at two places)."""
+def _tap_slots(
+    model: nn.Module, named: list[tuple[str, Tensor]]
+) -> tuple[list[_Slot], list[tuple[str, Tensor]]] | None:
+    """(slots, extras) for the tapped path, or ``None`` when it cannot serve the group.
+
+    Extras are the input embedding and the output head weights (tied or not): their gradient
+    comes from the same backward (run one window at a time). Any other parameter not owned
+    by an nn.Linear, or a weight or module used at two places, needs the generic path."""
+    embeddings = {id(getattr(m, "weight", None)) for m in (
+        getattr(model, "get_input_embeddings", lambda: None)(),
+        getattr(model, "get_output_embeddings", lambda: None)()) if m is not None}
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     module_uses = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
     param_uses = Counter(
         id(p) for _, m in model.named_modules() for p in m.parameters(recurse=False)
     )
     by_module: dict[int, tuple[nn.Linear, dict[str, str]]] = {}
+    extras = []
     for name, p in named:
+        if id(p) in embeddings:
+            extras.append((name, p))
+            continue
         owner = _owner(model, name)
         if owner is None:
             return None
@@ -354,7 +376,8 @@ def _tap_slots(model: nn.Module, named: list[tuple[str, Tensor]]) -> list[_Slot]
         ):
             return None
         by_module.setdefault(id(module), (module, {}))[1][attr] = name
-    return [_Slot(m, names.get("weight"), names.get("bias")) for m, names in by_module.values()]
+    slots = [_Slot(m, names.get("weight"), names.get("bias")) for m, names in by_module.values()]
+    return slots, extras
 
 
 def _fisher_tapped(
@@ -364,9 +387,14 @@ def _fisher_tapped(
     batch_size: int,
     chunk_tokens: int,
     progress: Progress | None,
+    extras: list[tuple[str, Tensor]] = (),
 ) -> dict[str, Tensor]:
     length = int(windows.shape[1])
     probe = torch.zeros((), device=windows.device, requires_grad=True)
+    if extras and batch_size != 1:
+        raise ValueError("parameters outside the taps need one window per backward")
+    tensors = [p for _, p in extras]
+    extra_sums = [torch.zeros(p.shape, dtype=torch.float64, device=p.device) for p in tensors]
     calls: Counter[int] = Counter()
 
     def make_hook(slot: _Slot) -> Callable[[nn.Module, tuple, Tensor], Tensor]:
@@ -379,7 +407,7 @@ def _fisher_tapped(
 
     handles = [s.module.register_forward_hook(make_hook(s)) for s in slots]
     try:
-        with differentiate_only(model, []), torch.enable_grad():
+        with differentiate_only(model, tensors), torch.enable_grad():
             for lo in range(0, windows.shape[0], batch_size):
                 ids = windows[lo : lo + batch_size]
                 calls.clear()
@@ -392,8 +420,12 @@ def _fisher_tapped(
                     if calls[id(s)] > 1 or any(a.dim() < 2 or a.shape[0] != ids.shape[0]
                                                for a in s.inputs):
                         raise _NotOnce
-                if loss.requires_grad:  # False when no tapped Linear is on the loss's path
-                    torch.autograd.grad(loss, probe, allow_unused=True)
+                if loss.requires_grad:  # False when nothing of the group is on its path
+                    grads = torch.autograd.grad(loss, [probe, *tensors], allow_unused=True)
+                    for acc, g in zip(extra_sums, grads[1:], strict=True):
+                        if g is not None:
+                            acc += g.to(torch.float64).square_()
+                    del grads
                 del loss
                 if progress is not None:
                     progress(int(ids.shape[0]))
@@ -402,7 +434,9 @@ def _fisher_tapped(
             h.remove()
         for s in slots:
             s.inputs.clear()
-    return {n: v for s in slots for n, v in s.sums.items()}
+    out = {n: v for s in slots for n, v in s.sums.items()}
+    out.update({name: acc for (name, _), acc in zip(extras, extra_sums, strict=True)})
+    return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -46,7 +46,8 @@ from pipeline.models.folder_checks import (
 )
 from pipeline.models.weights import WeightsFolder, parse_index
 
-__all__ = ["HFCausalLM", "ModelSourceError", "TokenizerMismatch", "fetch_model_folder",
+__all__ = ["HFCausalLM", "ModelSourceError", "TokenizerMismatch", "embedding_names",
+           "fetch_model_folder",
            "largest_module_list", "skeleton_from_folder", "save_folder_files"]
 
 _CONFIG = "config.json"
@@ -474,6 +475,20 @@ class HFCausalLM(ModelAdapter):
                  "layers": len(self.blocks(model)),
                  "vocab_rows": model.get_input_embeddings().num_embeddings}
         return ModelInfo(info.name, info.params, info.dtype, extra)
+
+
+def embedding_names(model: nn.Module) -> list[str]:
+    """Canonical parameter names (`named_parameters()` order, tied weights once under their
+    first name) of the input embedding's and the output head's weights, where the model has
+    them: `["model.embed_tokens.weight"]` for a Llama with tied embeddings, two names
+    otherwise."""
+    wanted = set()
+    for get in ("get_input_embeddings", "get_output_embeddings"):
+        mod = getattr(model, get, lambda: None)()
+        w = getattr(mod, "weight", None) if mod is not None else None
+        if isinstance(w, nn.Parameter):
+            wanted.add(id(w))
+    return [n for n, p in model.named_parameters() if id(p) in wanted]
 
 
 def skeleton_from_folder(folder: str | Path, dtype: str | None = None) -> nn.Module:

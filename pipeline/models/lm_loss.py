@@ -39,9 +39,15 @@ def _decoder(model: nn.Module) -> nn.Module:
     return model.base_model if hasattr(model, "base_model") else model.model
 
 
-def _chunk_nll(head: nn.Module, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Sum over positions of -log p(target) for one chunk: h [B, C, H], targets [B, C] → [B]."""
-    logits = head(h).float()
+def _chunk_nll(head: nn.Module, h: torch.Tensor, targets: torch.Tensor,
+               weight: torch.Tensor | None = None, bias: torch.Tensor | None = None
+               ) -> torch.Tensor:
+    """Sum over positions of -log p(target) for one chunk: h [B, C, H], targets [B, C] → [B].
+    With `weight` (an nn.Linear head's, read in the forward), the logits are h·weightᵀ + bias:
+    the backward's recomputation then uses the tensors of the forward, also where the head's
+    weight was substituted only for the forward (a tied, quantized head under
+    `torch.func.functional_call`)."""
+    logits = (head(h) if weight is None else nn.functional.linear(h, weight, bias)).float()
     nll = nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
     return nll.sum(dim=1)
 
@@ -70,13 +76,15 @@ def next_token_nll(
     # No KV cache: nothing is generated, and it would only hold memory.
     hidden = _decoder(model)(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]
     head = model.get_output_embeddings()
+    linear = type(head) is nn.Linear and not head._forward_hooks and not head._forward_pre_hooks
+    wb = (head.weight, head.bias) if linear else (None, None)
     total = hidden.new_zeros(input_ids.shape[0], dtype=torch.float32)
     grad = torch.is_grad_enabled()
     for s in range(0, hidden.shape[1], chunk_tokens):
         h, t = hidden[:, s : s + chunk_tokens], targets[:, s : s + chunk_tokens]
         if grad:
             # Recompute this chunk's logits in the backward pass instead of keeping them.
-            total = total + checkpoint(_chunk_nll, head, h, t, use_reentrant=False)
+            total = total + checkpoint(_chunk_nll, head, h, t, *wb, use_reentrant=False)
         else:
             total = total + _chunk_nll(head, h, t)
     return total

@@ -97,6 +97,7 @@ def _load_task(cfg: RunConfig, out, expect: dict[str, Any]) -> dict:
         "adapter": cfg.model.name, "tied": tied,
         "dtype": dtypes[0] if len(dtypes) == 1 else None,
         "quantizable": names, "shapes": {n: list(state[n].shape) for n in names},
+        "embeddings": [n for n in wl.embedding_names(model) if n in set(names)],
         "info": info.to_dict(),
     })
     ev = wl.evaluate(model, out)
@@ -115,11 +116,20 @@ def _run(ctx: StageContext) -> dict:
                                                           ctx.sections.get("sources", {})))
 
 
+def _targets(cfg: RunConfig) -> dict[str, Any]:
+    q = cfg.quantize
+    out: dict[str, Any] = {"targets": q.targets, "ignore": q.ignore}
+    # Quantized embeddings change the selection; `keep` is the earlier selection and key.
+    if cfg.model.name == "hf_causal_lm" and q.targets is None and q.embeddings == "quantize":
+        out["embeddings"] = q.embeddings
+    return out
+
+
 def _sections(cfg: RunConfig) -> dict[str, Any]:
     return {"seed": cfg.seed, "model": cfg.model.model_dump(mode="json"),
             "data": cfg.data.model_dump(mode="json"),
             "evaluate": cfg.evaluate.model_dump(mode="json"),
-            "targets": {"targets": cfg.quantize.targets, "ignore": cfg.quantize.ignore},
+            "targets": _targets(cfg),
             "sources": source_digest(cfg)}
 
 

@@ -127,6 +127,21 @@ def coded_bits(parts: list[RowsResult]) -> dict[str, float]:
             "tables": tables, "header": 8.0 * (28 * len(hists) + 60)}
 
 
+def embedding_floor(H: np.ndarray, rel: float, name: str = "", log: Any = None) -> np.ndarray:
+    """H [V, C] of an embedding (or head) with every value raised to at least `rel` × its
+    mean. The Fisher of a token's row comes from the windows it occurs in (and, for a head,
+    from its predicted probability): rows of tokens the calibration text never shows are ~0,
+    would get one level each, and such a token would read and score as a constant vector."""
+    m = float(H.mean(dtype=np.float64))
+    if rel <= 0 or m <= 0:
+        return H
+    low = H.mean(axis=1) < rel * m
+    if log is not None:
+        log.info("quantize: %s: %d of %d rows below the embedding floor (%.3g × the mean)",
+                 name, int(low.sum()), H.shape[0], rel)
+    return np.maximum(H, np.float32(rel * m))
+
+
 def _divisor_near(n: int, g: int) -> int:
     return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: (abs(d - g), -d))
 
@@ -169,6 +184,7 @@ def run_rows(ctx: StageContext) -> dict:
     state = src.read_safetensors("model.safetensors")
     shapes = {n: tuple(state[n].shape) for n in names}
     H_all = read_hessian(hess, shapes, names=names) if hess is not None else None
+    embeddings = set(meta.get("embeddings", []))
 
     blocks: list[RowBlock] = []
     owner: list[str] = []
@@ -181,6 +197,8 @@ def run_rows(ctx: StageContext) -> dict:
         H = None
         if H_all is not None:
             H = floor_hessian(H_all[n].reshape(W.shape), q.hessian_floor)
+            if n in embeddings:
+                H = embedding_floor(H, q.embedding_floor, n, ctx.log)
         if group:  # rows of group_size consecutive input columns
             if W.shape[1] % q.group_size:
                 raise ValueError(f"quantize.group_size={q.group_size} does not divide the "
@@ -261,6 +279,7 @@ def run_rows(ctx: StageContext) -> dict:
                      "mean_levels": float(r.levels.mean()), "max_levels": int(r.levels.max()),
                      "index_entropy_bits": index_rate(r),
                      "all_in_bits": all_in_rate(r),
+                     "one_level_rows": int((r.levels == 1).sum()),
                      "weighted_distortion": float(r.distortion.sum() / max(r.rows * r.n, 1))}
     raw = [n for n in state if n not in set(names)]
     overall = {"index_entropy_bits": index_rate(results), "all_in_bits": all_in_rate(results)}

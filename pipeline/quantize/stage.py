@@ -292,6 +292,15 @@ def _run(ctx: StageContext) -> dict:
     }
 
 
+def _sections(cfg: RunConfig) -> dict:
+    # `embeddings` decides which tensors the load stage lists (its key holds it); the floor
+    # only matters where an embedding is quantized, so other configs keep their keys.
+    q = cfg.quantize.model_dump(mode="json", exclude={"embeddings", "embedding_floor"})
+    if cfg.model.name == "hf_causal_lm" and cfg.quantize.embeddings == "quantize":
+        q["embedding_floor"] = cfg.quantize.embedding_floor
+    return {"seed": cfg.seed, "quantize": q}
+
+
 def _inputs(cfg: RunConfig) -> tuple[str, ...]:
     from pipeline.train.stage import model_stage
 
@@ -310,7 +319,7 @@ QUANTIZE = Stage(
     name="quantize",
     version=2,  # 2: loaded models' per-row codebooks are aimed at the file's coded rate
     inputs=_inputs,
-    sections=lambda cfg: {"seed": cfg.seed, "quantize": cfg.quantize.model_dump(mode="json")},
+    sections=_sections,
     run=_run,
     enabled=lambda cfg: cfg.quantize.enabled,
     headline=("quantized_accuracy", "quantized_perplexity"),

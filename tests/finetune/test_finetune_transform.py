@@ -176,3 +176,46 @@ def test_rejects_mismatched_artifacts(setup):
         _wrap(state, qm, masks)
     with pytest.raises(ValueError, match="grad"):
         _wrap(state, _network_scope(state, masks), masks, grad="median")
+
+
+def test_tied_embedding_and_head_read_the_rebuilt_weight():
+    """A quantized embedding tied to the head: both uses read codebook[codes] (the head does
+    not keep the dense weight), and the codebook's gradient is the sum over both uses."""
+    pytest.importorskip("transformers")
+    from pipeline.testing import tiny_llama
+
+    model = tiny_llama(vocab=50, hidden=32, layers=1, tie_word_embeddings=True)
+    name = "model.embed_tokens.weight"
+    W = model.get_parameter(name).detach()
+    g = torch.Generator().manual_seed(0)
+    cb = torch.randn(W.shape[0], 4, generator=g) * 0.02
+    idx = torch.randint(0, 4, W.shape, generator=g)
+    qm = QuantizedModel("channel", "ecsq", {name: cb}, {name: idx}, {name: name})
+    ids = torch.randint(0, 50, (2, 9), generator=g)
+    dense = tiny_llama(vocab=50, hidden=32, layers=1, tie_word_embeddings=True)
+    dense.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        dense.get_parameter(name).copy_(gather_weights(cb, idx))
+    assert dense.lm_head.weight.data_ptr() == dense.model.embed_tokens.weight.data_ptr()
+    net = QuantizedTrainable(model, qm)
+    assert "lm_head.weight" not in dict(model.named_parameters())
+    out = net(input_ids=ids).logits
+    torch.testing.assert_close(out, dense(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
+    out.square().sum().backward()
+    # The head's share of the gradient reaches the codebook of every row, also those of
+    # tokens the input never holds.
+    unseen = sorted(set(range(50)) - set(ids.flatten().tolist()))
+    assert bool((net.codebooks["c0"].grad[unseen].abs().sum(1) > 0).all())
+    # The adapter's loss recomputes the head's chunks in the backward (activation
+    # checkpointing), after functional_call has put the weights back: same loss, and the
+    # backward runs on the rebuilt head.
+    from pipeline.models.lm_loss import next_token_nll
+
+    def loss_fn(m, x):
+        return next_token_nll(m, x, chunk_tokens=4).sum()
+
+    net.codebooks["c0"].grad = None
+    loss = net(ids, loss_fn=loss_fn)
+    torch.testing.assert_close(loss, loss_fn(dense, ids), rtol=1e-5, atol=1e-5)
+    loss.backward()
+    assert bool((net.codebooks["c0"].grad[unseen].abs().sum(1) > 0).all())

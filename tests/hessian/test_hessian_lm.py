@@ -88,6 +88,24 @@ def test_fisher_other_params_use_generic_path_and_equal_brute_force():
     _close(fisher_diag_lm(model, w, names, batch_size=3).sums, _brute_fisher(model, w, names))
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_fisher_embedding_and_head_share_the_tapped_backward(monkeypatch, tied):
+    # Quantized embeddings: the embedding (tied: also the head) and an untied head take their
+    # per-window gradients from the tapped path's backward, one window at a time, exactly.
+    model = _llama(tie_word_embeddings=tied)
+    w = _windows(4)
+    names = ["model.embed_tokens.weight", *([] if tied else ["lm_head.weight"]),
+             "model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"]
+    want = _brute_fisher(model, w, names)
+    _no_generic(monkeypatch)
+    got = fisher_diag_lm(model, w, names, batch_size=3, chunk_tokens=5)
+    _close(got.sums, want)
+    # Every row of a tied weight has a gradient through the head, seen tokens or not.
+    if tied:
+        assert bool((got.sums["model.embed_tokens.weight"].sum(1) > 0).all())
+    assert all(p.requires_grad for p in model.parameters())  # flags restored
+
+
 def test_fisher_linear_called_twice_falls_back_and_sums_before_squaring(monkeypatch):
     model = _llama()
     mlp = model.model.layers[1].mlp
@@ -243,6 +261,14 @@ def test_activation_removes_hooks_and_restores_mode_when_forward_raises():
         activation_diag_lm(model, _windows(2), names)
     assert [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in mods] == before
     assert model.training and model.model.layers[0].training
+
+
+def test_activation_of_a_tied_embedding_is_the_heads_input_statistics():
+    model = _llama(tie_word_embeddings=True)
+    w = _windows(3)
+    got = activation_diag_lm(model, w, ["model.embed_tokens.weight"])
+    want = _brute_activation(model, w, ["lm_head.weight"])["lm_head.weight"]
+    torch.testing.assert_close(got.sums["model.embed_tokens.weight"], want, rtol=1e-10, atol=0)
 
 
 def test_activation_rejects_non_linear_names():

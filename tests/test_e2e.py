@@ -83,7 +83,7 @@ def test_user_errors_are_one_line_not_tracebacks(tmp_path):
             "--set", "prune.kep=0.1", check=False)
     assert p.returncode == 2 and "did you mean 'keep'" in p.stderr and "Traceback" not in p.stderr
     p = hwq("run", "configs/lenet5_fmnist.yaml", "--store", str(tmp_path),
-            "--set", f"data.root={tmp_path}", "--set", "data.train_samples=100", check=False)
+            "--set", f"data.root={tmp_path}", "--set", "data.train_samples=1000", check=False)
     assert p.returncode == 2 and "dataset-fashion-mnist" in p.stderr
     assert "Traceback" not in p.stderr
 

@@ -36,6 +36,7 @@ def _argv(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     from pipeline import cli
     from pipeline.batch import add_arguments, cmd_batch
+    from pipeline.error_lines import user_error
 
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     ap = argparse.ArgumentParser(prog="python jobs/batch.py", description=__doc__,
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         print("hwq: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001
-        shown = cli._user_error(e)
+        shown = user_error(e)
         if shown is None or args.verbose:
             raise
         print(f"hwq: error: {shown}", file=sys.stderr)

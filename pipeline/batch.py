@@ -48,6 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pipeline.batch_report import render_markdown
 from pipeline.config import ConfigError, RunConfig, digest, load_config, read_yaml_file
 from pipeline.digests import memoized_digests
+from pipeline.error_lines import MAX_ERROR_CHARS, error_line, one_line
 
 __all__ = ["BatchFile", "Batch", "BatchEntry", "load_batch", "batch_of_configs", "run_batch",
            "BatchRun", "render_markdown", "add_commands"]
@@ -59,7 +60,6 @@ REPORT_DIR = "batches"
 # Statuses of an entry in batch.json.
 OK, CACHED, FAILED, PENDING, RUNNING, INTERRUPTED, NOT_RUN = (
     "ok", "cached", "failed", "pending", "running", "interrupted", "not run")
-_MAX_ERROR_CHARS = 400
 
 
 # -- the batch file ------------------------------------------------------------------------
@@ -187,14 +187,6 @@ def _key(item: str) -> str:
     return item.split("=", 1)[0].strip()
 
 
-def _one_line(text: str) -> str:
-    """A config error (possibly one line per problem) as one line."""
-    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
-    if len(lines) > 1 and lines[0].endswith(":"):
-        return f"{lines[0]} " + "; ".join(lines[1:])
-    return "; ".join(lines)
-
-
 def load_batch(source: str | os.PathLike | Mapping[str, Any], *,
                base_dir: str | os.PathLike | None = None, store: str | None = None,
                endpoint_url: str | None = None, ray_address: str | None = None,
@@ -304,10 +296,10 @@ def load_batch(source: str | os.PathLike | Mapping[str, Any], *,
             with memoized_digests(digests):
                 planned = [p_.stage.name for p_ in plan(cfg, stages)]
         except ConfigError as err:
-            errors.append(f"{label}: {_one_line(str(err))}")
+            errors.append(f"{label}: {one_line(str(err))}")
             continue
         except ValueError as err:  # plan(): a stage needs a disabled one
-            errors.append(f"{label}: {_one_line(str(err))}")
+            errors.append(f"{label}: {one_line(str(err))}")
             continue
         bad = [f for f in e.force if f not in planned]
         if bad:
@@ -342,30 +334,6 @@ def load_batch(source: str | os.PathLike | Mapping[str, Any], *,
 
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-def error_line(e: BaseException) -> str:
-    """A readable one-line error: Ray's task errors unwrapped, user errors as their message,
-    anything else as `Type: message`."""
-    from pipeline.cli import _user_error
-
-    try:
-        from ray.exceptions import RayTaskError
-    except ImportError:  # pragma: no cover
-        RayTaskError = ()  # noqa: N806
-    inner, seen = e, 0
-    while isinstance(inner, RayTaskError) and getattr(inner, "cause", None) is not None \
-            and seen < 5:
-        inner, seen = inner.cause, seen + 1
-    shown = _user_error(inner)
-    text = str(shown) if shown is not None else (
-        f"{type(inner).__name__}: {inner}" if str(inner) else type(inner).__name__)
-    if isinstance(inner, RayTaskError):  # no cause: its text is a traceback; keep the end
-        lines = [ln for ln in str(inner).splitlines() if ln.strip()]
-        text = f"{type(inner).__name__}: {lines[-1].strip() if lines else ''}"
-    text = _one_line(text)
-    text = "".join(c for c in text if c.isprintable())
-    return text if len(text) <= _MAX_ERROR_CHARS else text[: _MAX_ERROR_CHARS - 1] + "…"
 
 
 def summarize(report: Mapping[str, Any]) -> dict[str, Any]:
@@ -413,7 +381,7 @@ def _checked_row(old: Mapping[str, Any]) -> dict[str, Any]:
            and isinstance(v, _ROW_FIELDS[k]) and not isinstance(v, bool)}
     for k in ("error", "error_file", "started", "bits_per_weight_basis"):
         if k in row:
-            row[k] = row[k][:_MAX_ERROR_CHARS]
+            row[k] = row[k][:MAX_ERROR_CHARS]
     if row.get("result_stage") not in ("decoded", "finetuned", "quantized", "pruned"):
         row.pop("result_stage", None)
     metric = old.get("metric")

@@ -15,7 +15,8 @@ import logging
 import os
 import sys
 
-from pipeline.errors import UserError
+from pipeline.error_lines import user_error as _user_error
+from pipeline.errors import printable
 
 __all__ = ["main"]
 
@@ -86,7 +87,7 @@ def _cmd_status(args) -> int:
             f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
             for k, v in r["metrics"].items() if not isinstance(v, (dict, list))
         )
-        print(f"{r['stage']:<10} {r['key']:<18} {state:<9} {secs:>8}  {_printable(head)}")
+        print(f"{r['stage']:<10} {r['key']:<18} {state:<9} {secs:>8}  {printable(head)}")
     done = sum(r["complete"] for r in rows)
     if run["status"] is None:
         print(f"run: no run.json (a run that failed before this version recorded it, or "
@@ -95,18 +96,14 @@ def _cmd_status(args) -> int:
         where = f" in stage {run['failed_stage']}" if run["failed_stage"] else ""
         why = f": {run['error']}" if run["error"] else ""
         label = "running (or killed)" if run["status"] == "running" else run["status"]
-        print(_printable(f"run: {label}{where} ({done} of {len(rows)} stages complete)"
+        print(printable(f"run: {label}{where} ({done} of {len(rows)} stages complete)"
                          f"{why}"))
     out = published_output(store)
     if out:
-        print(f"output: {_printable(out)}")
+        print(f"output: {printable(out)}")
     return 0
 
 
-def _printable(text: str) -> str:
-    """Text from the store with control characters (terminal escapes) removed; newlines and
-    tabs kept. A store is untrusted, and a terminal obeys escape sequences."""
-    return "".join(c for c in text if c in "\n\t" or (c.isprintable() and c != "\x7f"))
 
 
 def _cmd_report(args) -> int:
@@ -116,7 +113,7 @@ def _cmd_report(args) -> int:
     if args.json:
         print(json.dumps(store.read_json("report.json"), indent=2))
     else:
-        print(_printable(store.read_bytes("report.md").decode("utf-8", "replace")))
+        print(printable(store.read_bytes("report.md").decode("utf-8", "replace")))
     return 0
 
 
@@ -176,47 +173,6 @@ def _extra_commands():
     from pipeline.sweep import add_commands as sweep_commands
 
     return [encode_commands, sweep_commands, batch_commands, stream_commands]
-
-
-def _user_error(e: BaseException) -> BaseException | None:
-    """The error to show a user without a traceback, unwrapping Ray's task errors."""
-    try:
-        from ray.exceptions import RayTaskError
-    except ImportError:  # pragma: no cover
-        RayTaskError = ()  # noqa: N806
-    seen = 0
-    while isinstance(e, RayTaskError) and getattr(e, "cause", None) is not None and seen < 5:
-        e, seen = e.cause, seen + 1
-    if isinstance(e, (UserError, ValueError, FileNotFoundError)):
-        return e
-    if not isinstance(e, Exception):  # not Ctrl-C or exit (main's caller handles those)
-        return _aborted(e)
-    if type(e).__name__ in _STORE_FAILURES or isinstance(e, PermissionError):
-        # Raised by s3fs/botocore on any store access, not only the first one.
-        from pipeline.store import StoreAccessError, describe_store_error
-
-        return StoreAccessError(describe_store_error(e, ""))
-    return None
-
-
-def _aborted(e: BaseException) -> UserError:
-    """A library that gave up with a BaseException rather than an Exception: a Rust panic in
-    pyo3's bindings (tokenizers: a tokenizer file whose regex it cannot run) is one. What it
-    was reading is the likeliest cause; one line, not a traceback (-v shows it)."""
-    first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
-    where = type(e).__module__.split(".")[0]
-    text = _printable(f"{where}.{type(e).__name__}: {first}"[:300])
-    return UserError(f"a library aborted ({text}); the file it was reading (a tokenizer, a "
-                     "model or data file) is likely malformed")
-
-
-# Exceptions of the storage libraries that mean "this store cannot be used as configured".
-_STORE_FAILURES = frozenset({
-    "NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError",
-    "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ClientError",
-    "NoSuchBucket", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ParamValidationError",
-    "ClientPayloadError", "ServerDisconnectedError", "ConnectionClosedError",
-})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -149,7 +149,7 @@ def run(
 def _record_failure(store: Store, rel: str, index: dict[str, Any], e: BaseException) -> None:
     """run.json of a run that failed: its stages, the one it failed in, the error line
     (`hwq status` shows them). Best effort: the error itself is what the caller must see."""
-    from pipeline.batch import error_line
+    from pipeline.error_lines import error_line
 
     state = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
     try:

@@ -5,7 +5,7 @@ Everything else is a bug in hwq (or a dependency) and keeps its traceback.
 
 from __future__ import annotations
 
-__all__ = ["UserError", "StoreAccessError", "ExecutorError"]
+__all__ = ["UserError", "StoreAccessError", "ExecutorError", "printable"]
 
 
 class UserError(Exception):
@@ -19,3 +19,9 @@ class StoreAccessError(UserError, RuntimeError):
 
 class ExecutorError(UserError, RuntimeError):
     """The Ray cluster cannot be reached or joined."""
+
+
+def printable(text: str) -> str:
+    """Text from the store with control characters (terminal escapes) removed; newlines and
+    tabs kept. A store is untrusted, and a terminal obeys escape sequences."""
+    return "".join(c for c in text if c in "\n\t" or (c.isprintable() and c != "\x7f"))

@@ -38,8 +38,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.cli import _printable
-from pipeline.errors import UserError
+from pipeline.errors import UserError, printable
 from pipeline.store import ArtifactError, Store
 
 __all__ = ["StageBusy", "LeaseLost", "StageLease"]
@@ -69,7 +68,7 @@ class Holder:
 
     def describe(self) -> str:
         since = time.strftime("%H:%M:%S", time.gmtime(self.acquired))
-        host = " ".join(_printable(self.host).split())  # one line: no control characters
+        host = " ".join(printable(self.host).split())  # one line: no control characters
         return f"{host} pid {self.pid} (since {since} UTC)"
 
 
@@ -151,7 +150,7 @@ class StageLease:
     def _ignore(self, why: str, data: bytes) -> None:
         if data != self._ignored:
             log.warning("%s: ignoring the lease there: %s; taking it over",
-                        self.store.full_url(self.rel), _printable(why))
+                        self.store.full_url(self.rel), printable(why))
             self._ignored = data
 
     def _write(self) -> None:

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.batch import error_line, load_batch, run_batch
+from pipeline.batch import load_batch, run_batch
 from pipeline.config import ConfigError
+from pipeline.error_lines import error_line
 from tests.test_driver import CALLS, _mk
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -29,7 +29,7 @@ from pipeline.errors import UserError
 __all__ = ["ModelFileError", "PICKLES", "parse_json", "check_shard_name", "check_regular_file",
            "model_file_target",
            "check_json_files", "check_config_against_weights", "check_model_type",
-           "building_from", "JSON_FILES", "MAX_JSON_DEPTH"]
+           "building_from", "params_on_meta", "JSON_FILES", "MAX_JSON_DEPTH"]
 
 MAX_JSON_DEPTH = 64  # real configs and tokenizers nest < 10 levels
 PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -293,3 +293,23 @@ def _numel(shape: tuple[int, ...]) -> int:
     for s in shape:
         n *= s
     return n
+
+
+@contextlib.contextmanager
+def params_on_meta() -> Iterator[None]:
+    """Build modules whose parameters live on the meta device (buffers stay on the CPU)."""
+    from torch import nn
+
+    register = nn.Module.register_parameter
+
+    def on_meta(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(self, name, param)
+        p = self._parameters.get(name)
+        if p is not None and p.device.type != "meta":
+            self._parameters[name] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register

@@ -41,6 +41,7 @@ from pipeline.models.folder_checks import (
     check_json_files,
     check_model_type,
     check_shard_name,
+    params_on_meta,
     parse_json,
     read_small_file,
 )
@@ -517,7 +518,6 @@ def load_verified(folder: Path, weights: WeightsFolder, dtype: torch.dtype | Non
     the bytes it read) and assigned in its stored dtype (or `dtype`)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from pipeline.models.stream import params_on_meta
 
     if not weights.sha256_all:
         raise ModelSourceError(f"{weights.url}: its index has sha256 digests for only some "

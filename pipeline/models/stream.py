@@ -23,7 +23,6 @@ import math
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -35,30 +34,13 @@ from pipeline.models.folder_checks import (
     building_from,
     check_config_against_weights,
     check_model_type,
+    params_on_meta,
     parse_json,
 )
 from pipeline.models.lm_loss import _LOGIT_TRANSFORMS, _chunk_nll
 from pipeline.models.weights import WeightsError, WeightsFolder
 
-__all__ = ["StreamedLM", "ActivationCache", "params_on_meta"]
-
-
-@contextlib.contextmanager
-def params_on_meta() -> Iterator[None]:
-    """Build modules whose parameters live on the meta device (buffers stay on the CPU)."""
-    register = nn.Module.register_parameter
-
-    def on_meta(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        register(self, name, param)
-        p = self._parameters.get(name)
-        if p is not None and p.device.type != "meta":
-            self._parameters[name] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
-
-    nn.Module.register_parameter = on_meta
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register
+__all__ = ["StreamedLM", "ActivationCache"]
 
 
 class _Stop(Exception):

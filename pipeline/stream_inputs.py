@@ -9,7 +9,6 @@ Every problem is a `StreamInputError`: one line saying what is wrong and how to 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import tempfile
@@ -17,6 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from pipeline.errors import UserError
+from pipeline.models.folder_checks import TOKENIZER_FILES, parse_json
 
 __all__ = [
     "StreamInputError",
@@ -26,21 +26,10 @@ __all__ = [
     "hf_files",
     "tokenizer_folder",
     "load_tokenizer",
-    "TOKENIZER_FILES",
 ]
 
-# Any one of these makes a tokenizer transformers can load without running code.
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer.model",
-    "vocab.json",
-    "vocab.txt",
-    "spiece.model",
-    "sentencepiece.bpe.model",
-)
-# Read beside them (the tokenizer's settings, special tokens, merges, chat template).
+# Read beside the tokenizer files (special tokens, merges, chat template).
 _COMPANIONS = (
-    "tokenizer_config.json",
     "special_tokens_map.json",
     "added_tokens.json",
     "merges.txt",
@@ -128,10 +117,7 @@ def _config(model: str, storage_options: dict | None) -> tuple[bytes, dict[str, 
         ) from None
     if len(raw) > _MAX_CONFIG:
         raise StreamInputError(f"{model}/config.json is larger than {_MAX_CONFIG >> 20} MiB")
-    try:
-        cfg = json.loads(raw)
-    except (ValueError, RecursionError) as e:
-        raise StreamInputError(f"{model}/config.json is not JSON ({type(e).__name__})") from None
+    cfg = parse_json(raw, f"{model}/config.json")  # strict UTF-8, bounded nesting
     if not isinstance(cfg, dict):
         raise StreamInputError(f"{model}/config.json is not a JSON object")
     return raw, cfg

@@ -29,9 +29,14 @@ from pipeline.errors import UserError
 __all__ = ["ModelFileError", "PICKLES", "parse_json", "check_shard_name", "check_regular_file",
            "model_file_target",
            "check_json_files", "check_config_against_weights", "check_model_type",
-           "building_from", "params_on_meta", "JSON_FILES", "MAX_JSON_DEPTH"]
+           "building_from", "params_on_meta", "TOKENIZER_FILES", "JSON_FILES", "MAX_JSON_DEPTH"]
 
 MAX_JSON_DEPTH = 64  # real configs and tokenizers nest < 10 levels
+# Any one of these in a model folder is a tokenizer transformers can load without running
+# code (a tokenizer_config.json alone can describe a byte-level one; an empty result is
+# refused where it is loaded).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+                   "vocab.txt", "spiece.model", "sentencepiece.bpe.model")
 PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # JSON files transformers reads from a model folder, with the most bytes each may have.
 JSON_FILES = {"config.json": 4 << 20, "generation_config.json": 4 << 20,

@@ -36,6 +36,7 @@ from torch import nn
 from pipeline.errors import UserError
 from pipeline.models.base import ModelAdapter, ModelInfo, register
 from pipeline.models.folder_checks import (
+    TOKENIZER_FILES,
     building_from,
     check_config_against_weights,
     check_json_files,
@@ -54,8 +55,6 @@ __all__ = ["HFCausalLM", "ModelSourceError", "TokenizerMismatch", "embedding_nam
 _CONFIG = "config.json"
 _SINGLE = "model.safetensors"
 _INDEX = "model.safetensors.index.json"
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
-                    "spiece.model", "vocab.txt")
 # Weights in formats hwq never loads (pickles and other frameworks): never downloaded.
 _NEVER = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".h5", ".msgpack", ".onnx",
           ".onnx_data", ".tflite", ".ot", ".npz", ".npy", ".joblib")
@@ -407,10 +406,10 @@ class HFCausalLM(ModelAdapter):
         from pipeline.data.text import load_tokenizer
 
         from_gguf = None
-        if not any((folder / n).is_file() for n in _TOKENIZER_FILES):
+        if not any((folder / n).is_file() for n in TOKENIZER_FILES):
             if gguf is None:
                 raise ModelSourceError(f"model.path {self.path!r}: no tokenizer files "
-                                       f"({', '.join(_TOKENIZER_FILES[:3])}, ...)")
+                                       f"({', '.join(TOKENIZER_FILES[:3])}, ...)")
             from_gguf = gguf
         tok = load_tokenizer(folder, gguf_file=from_gguf, where=f"model.path {self.path!r}")
         needed = max(len(tok), max(tok.get_vocab().values(), default=-1) + 1)

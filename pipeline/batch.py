@@ -291,7 +291,9 @@ def load_batch(source: str | os.PathLike | Mapping[str, Any], *,
                           f"from the batch file's folder, {base})")
             continue
         try:
-            cfg = load_config(cpath, overrides)
+            from pipeline.models.source import resolve_residency
+
+            cfg = resolve_residency(load_config(cpath, overrides))
             check_against_model(cfg)
             with memoized_digests(digests):
                 planned = [p_.stage.name for p_ in plan(cfg, stages)]

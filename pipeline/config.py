@@ -49,6 +49,28 @@ __all__ = [
 ]
 
 
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+
+
+def parse_bytes(v: int | str, key: str) -> int:
+    """A size as bytes: an integer, or a number with a unit ("24GiB", "500 MB", "1.5gb")."""
+    import re
+
+    if isinstance(v, bool):
+        raise ValueError(f"{key} is a size such as 24GiB, not {v!r}")
+    if isinstance(v, int):
+        n = v
+    else:
+        m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", str(v))
+        if not m or m.group(2).lower() not in _UNITS:
+            raise ValueError(f"{key}={v!r} is not a size: write e.g. 24GiB, 500MB or 1000000")
+        n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if n < 1:
+        raise ValueError(f"{key} must be a positive size, got {v!r}")
+    return n
+
+
 # A run config is a few KB; anything near this is not one.
 MAX_CONFIG_BYTES = 1 << 20
 
@@ -80,6 +102,12 @@ class ModelConfig(_Section):
     kwargs: dict[str, Any] = Field(default_factory=dict)
     loss_fn: str = "cross_entropy"
     options: dict[str, Any] = Field(default_factory=dict)  # for an adapter given by import path
+    # Where the weights live while the stages run (pipeline/models/source.py). resident: the
+    # load stage loads the model through its adapter and stores its weights; stages may hold
+    # it whole. streamed: a safetensors folder (local or s3://) read in place, tensor by tensor
+    # and block by block; no process ever holds the model. auto: streamed when the folder's
+    # bytes exceed executor.memory_budget, else resident.
+    residency: Literal["auto", "resident", "streamed"] = "auto"
 
     @model_validator(mode="after")
     def _source(self) -> ModelConfig:
@@ -103,7 +131,9 @@ class DataConfig(_Section):
     # fashion_mnist: images (IDX files under `root`); text: token windows of text files;
     # custom: `factory` ("package.module:function", called with "calibration" or "eval",
     # returning a list of batches the model's loss and the metric accept).
-    name: Literal["fashion_mnist", "text", "custom"] = "fashion_mnist"
+    # random_tokens: seeded uniform token windows from the model's vocabulary (a synthetic
+    # checkpoint without a tokenizer; a poor Hessian for a real model). No eval set.
+    name: Literal["fashion_mnist", "text", "custom", "random_tokens"] = "fashion_mnist"
     # Debian's dataset-fashion-mnist installs the IDX files here.
     root: str = "/usr/share/datasets/fashion-mnist"
     # Train on a seeded random subset of this many images (quick runs, tests); None = all.
@@ -313,6 +343,14 @@ class ExecutorConfig(_Section):
     # is taken over after ttl; another run waits up to lease_wait_s for a live holder.
     lease_ttl_s: float = Field(60.0, ge=1)
     lease_wait_s: float = Field(900.0, ge=0)
+    # model.residency=auto streams a model whose weights take more bytes than this ("24GiB",
+    # "500MB" or a number of bytes); None: half of this machine's memory.
+    memory_budget: int | str | None = None
+
+    @field_validator("memory_budget")
+    @classmethod
+    def _budget(cls, v: int | str | None) -> int | None:
+        return None if v is None else parse_bytes(v, "executor.memory_budget")
 
 
 class StoreConfig(_Section):
@@ -393,7 +431,8 @@ class RunConfig(_Section):
         if self.hessian.estimator is None:
             self.hessian.__dict__["estimator"] = "ggn" if lenet else "fisher"
         if self.evaluate.metric is None:
-            self.evaluate.__dict__["metric"] = "perplexity" if self.data.name == "text" \
+            self.evaluate.__dict__["metric"] = "perplexity" if self.data.name in (
+                "text", "random_tokens") \
                 else "accuracy"
         if not lenet:
             if self.prune.enabled and "prune" in self.model_fields_set and \
@@ -415,6 +454,11 @@ class RunConfig(_Section):
                              "LeNet-5 uses network, layer or channel")
         elif self.data.name != "fashion_mnist":
             raise ValueError("model.name=lenet5 trains on data.name=fashion_mnist")
+        if self.data.name == "random_tokens" and self.model.name != "hf_causal_lm":
+            raise ValueError("data.name=random_tokens is for model.name=hf_causal_lm (token "
+                             "windows drawn from its vocabulary)")
+        if self.model.residency == "streamed":
+            self._check_streamed()
         if self.hessian.estimator == "activation" and lenet:
             raise ValueError("hessian.estimator=activation is for language models")
         if self.prune.enabled and self.prune.criterion == "obd" and \
@@ -424,6 +468,29 @@ class RunConfig(_Section):
                              f"{self.hessian.estimator} cannot (it reads the training run's "
                              "Adam state); use hessian.estimator=ggn, fisher or hutchinson")
         return self
+
+    def _check_streamed(self) -> None:
+        """What the streamed residency runs today: a causal LM's decoder-block Linears, one
+        λ per channel (uniform or ECSQ), Fisher or activation Hessian, no fine-tuning."""
+        why = None
+        if self.model.name != "hf_causal_lm":
+            why = "model.name=hf_causal_lm (a safetensors folder)"
+        elif self.model.gguf_file or str(self.model.path or "").lower().endswith(".gguf"):
+            why = "a safetensors folder, not a GGUF file (convert it, or run it resident)"
+        elif self.finetune.enabled and self.quantize.enabled:
+            why = "finetune.enabled=false (fine-tuning holds the whole model)"
+        elif self.quantize.scope != "channel" or self.quantize.method not in ("uniform",
+                                                                                "ecsq"):
+            why = "quantize.scope=channel with quantize.method uniform or ecsq"
+        elif self.quantize.targets is None and self.quantize.embeddings == "quantize":
+            why = ("quantize.embeddings=keep (the streamed Hessian covers the decoder "
+                   "blocks; the embedding and head are stored as they are)")
+        elif self.encode.positions != "gaps" or self.encode.indices != "static" or \
+                self.encode.fixed_length:
+            why = "encode.indices=static and encode.positions=gaps"
+        if why:
+            raise ValueError(f"model.residency=streamed needs {why}; or set "
+                             "model.residency=resident where the model fits in memory")
 
     def _check_finetune_batch(self) -> None:
         """A fine-tune batch the workers cannot split, or larger than the data it is drawn

@@ -102,8 +102,10 @@ def run(
     out, hf_out: copy the final .hwq (and the decoded model folder) there (pipeline/outputs.py).
     Returns the report (the content of report.json).
     """
+    from pipeline.models.source import resolve_residency
     from pipeline.preflight import check_before_work
 
+    cfg = resolve_residency(cfg)  # model.residency auto -> resident or streamed, keyed as such
     check_before_work(cfg)  # the mistakes the config and files show, before any work
     store = open_store(cfg)
     plans = plan(cfg, stages)
@@ -134,7 +136,8 @@ def run(
     check_store_reaches_every_node(cfg, store)
     ledger = _ledger()
 
-    log.info("run %s: %d stages, store %s", cfg.name, len(plans), store.url)
+    log.info("run %s: %d stages, %s model, store %s", cfg.name, len(plans),
+             cfg.model.residency, store.url)
     index = {"config_digest": digest(cfg), "stages": [[p.stage.name, p.key] for p in plans]}
     if until is None:  # a partial run (a sweep's shared prefix) is no run of its own
         store.write_json(f"{pre}{RUN_INDEX}", {**index, "status": "running"})

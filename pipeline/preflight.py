@@ -57,6 +57,11 @@ def check_before_work(cfg: RunConfig) -> None:
     if _is_remote(cfg.model.path or ""):
         return  # not downloaded here: the load stage fetches and checks it
     _, gguf = adapter.resolve()  # the folder or .gguf exists, with config.json and weights
+    if cfg.model.residency == "streamed":
+        _check_streamed(cfg)
+        if cfg.data.name == "text":
+            _check_texts(cfg, adapter.tokenizer())
+        return
     if cfg.quantize.targets is not None or cfg.quantize.ignore:
         _check_targets(wl)
     if cfg.data.name == "text":
@@ -78,6 +83,17 @@ def _check_checkpoint(cfg: RunConfig) -> None:
             raise PreflightError(f"model.checkpoint {ck!r} does not exist")
         if not p.is_file():
             raise PreflightError(f"model.checkpoint {ck!r} is not a regular file")
+
+
+def _check_streamed(cfg: RunConfig) -> None:
+    """A streamed model's targets against its tensor names (the shard headers only)."""
+    from pipeline.models.load_streamed import quantizable_names
+    from pipeline.models.source import source_url
+    from pipeline.models.weights import WeightsFolder
+
+    url, opts = source_url(cfg, None)
+    w = WeightsFolder(url, opts)
+    quantizable_names(cfg, w.names, {n: tuple(t.shape) for n, t in w.tensors.items()})
 
 
 def _check_targets(wl) -> None:

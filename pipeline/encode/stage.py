@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from pipeline.config import RunConfig
+from pipeline.encode.entries import dtype_of, quantized_bits, raw_array, raw_cast
 from pipeline.executor import ray_map, remote, task_threads
 from pipeline.graph import Stage, StageContext
 from pipeline.quantize.artifacts import QuantizedModel
@@ -24,26 +25,6 @@ from pipeline.store import StageDir
 __all__ = ["ENCODE", "FILE", "entries_for"]
 
 FILE = "model.hwq"
-
-
-def _dtype_of(t: torch.Tensor) -> str:
-    return str(t.dtype).removeprefix("torch.")
-
-
-def _raw_array(t: torch.Tensor) -> tuple[np.ndarray, str]:
-    """A tensor as the container stores it, in its own dtype (bfloat16 as uint16 bits)."""
-    t = t.detach().contiguous().cpu()
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(np.uint16), "bfloat16"
-    return t.numpy(), _dtype_of(t)
-
-
-def raw_cast(t: torch.Tensor, raw_dtype: str) -> torch.Tensor:
-    """A tensor stored as is, in encode.raw_dtype: "keep" leaves it; "float16"/"bfloat16"
-    round wider floating-point tensors (biases, norms) to 16 bits. Integers are kept."""
-    if raw_dtype == "keep" or not t.is_floating_point() or t.element_size() <= 2:
-        return t
-    return t.to(getattr(torch, raw_dtype))
 
 
 def entries_for(state: dict[str, torch.Tensor], qm: QuantizedModel,
@@ -65,22 +46,14 @@ def entries_for(state: dict[str, torch.Tensor], qm: QuantizedModel,
                 name, tuple(t.shape), codes.astype(np.uint32 if k > 65536 else
                                                    np.uint16 if k > 256 else np.uint8),
                 qm.assignment[name], mask=m,
-                dtype=_dtype_of(t) if keep_dtype else "float32"))
+                dtype=dtype_of(t) if keep_dtype else "float32"))
         elif keep_dtype or raw_dtype != "keep":
-            a, dt = _raw_array(raw_cast(t, raw_dtype))
+            a, dt = raw_array(raw_cast(t, raw_dtype))
             entries.append(TensorEntry.raw_tensor(name, a, dt))
         else:
             entries.append(TensorEntry.raw_tensor(name, t.detach().float().numpy()))
     codebooks = {k: v.float().numpy() for k, v in qm.codebooks.items()}
     return entries, codebooks
-
-
-def quantized_bits(acct: dict, n_quantized_entries: int, n_entries: int) -> int:
-    """Bits of the file the quantized tensors need: indices, positions, codebooks, code tables,
-    and their share of the header (by number of tensor entries)."""
-    b = acct["bits"]
-    header = b["header"] * n_quantized_entries / max(n_entries, 1)
-    return int(round(b["indices"] + b["positions"] + b["codebooks"] + b["code_tables"] + header))
 
 
 def _decoded_state(out: StageDir, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -121,6 +94,10 @@ def _run(ctx: StageContext) -> dict:
     from pipeline.train.stage import load_masks, load_model_state, model_stage
 
     cfg, out, e = ctx.cfg, ctx.out, ctx.cfg.encode
+    if cfg.model.residency == "streamed":
+        from pipeline.encode.tensors_stage import run_encode_streamed
+
+        return run_encode_streamed(ctx)
     if not cfg.model.trained_here:
         return _run_loaded(ctx)
     t0 = time.perf_counter()

@@ -286,6 +286,10 @@ def _run(ctx: StageContext) -> dict:
     from pipeline.train.stage import model_stage
 
     cfg, out = ctx.cfg, ctx.out
+    if cfg.model.residency == "streamed":
+        from pipeline.hessian.streamed_stage import run_hessian_streamed
+
+        return run_hessian_streamed(ctx)
     src = ctx.inputs[model_stage(cfg)]
     h = cfg.hessian
     t0 = time.perf_counter()
@@ -414,5 +418,6 @@ HESSIAN = Stage(
     run=_run,
     enabled=lambda cfg: cfg.hessian.enabled,
     headline=(),
-    outputs=lambda cfg: (TABLE,),
+    # a streamed model's values are in per-group tables listed by tensors.json
+    outputs=lambda cfg: ("tensors.json",) if cfg.model.residency == "streamed" else (TABLE,),
 )

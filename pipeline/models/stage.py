@@ -35,6 +35,13 @@ def source_digest(cfg: RunConfig) -> dict[str, Any]:
     """sha256 of the local files the load stage reads (model, checkpoint, texts)."""
     out: dict[str, Any] = {}
     m = cfg.model
+    if m.residency == "streamed":  # never read whole: keyed by its headers and shard sizes
+        from pipeline.models.load_streamed import source_identity
+
+        out["model"] = source_identity(cfg)
+        if cfg.data.name == "text":
+            out["texts"] = text_digests(cfg)
+        return out
     if m.path and "://" not in m.path:
         p = Path(expand_path(m.path)).expanduser()
         if p.is_file():
@@ -112,6 +119,11 @@ def _load_task(cfg: RunConfig, out, expect: dict[str, Any]) -> dict:
 def _run(ctx: StageContext) -> dict:
     import ray
 
+    if ctx.cfg.model.residency == "streamed":
+        from pipeline.models.load_streamed import run_load_streamed
+
+        return run_load_streamed(ctx)
+
     return ray.get(remote(_load_task, cpus="worker", gpus="task").remote(ctx.cfg, ctx.out,
                                                           ctx.sections.get("sources", {})))
 
@@ -134,8 +146,9 @@ def _sections(cfg: RunConfig) -> dict[str, Any]:
 
 
 def _outputs(cfg: RunConfig) -> tuple[str, ...]:
-    outs = ["model.safetensors", MODEL_JSON]
-    if cfg.data.name == "text":
+    outs = [MODEL_JSON] if cfg.model.residency == "streamed" else ["model.safetensors",
+                                                                     MODEL_JSON]
+    if cfg.data.name in ("text", "random_tokens"):
         outs.append(WINDOWS)
     if cfg.model.name == "hf_causal_lm":
         outs.append(f"{HF_DIR}/config.json")

@@ -35,7 +35,7 @@ from torch import nn
 
 from pipeline.errors import UserError
 
-__all__ = ["TargetError", "match_named_parameters", "output_axis", "parameter_owner"]
+__all__ = ["TargetError", "match_named_parameters", "match_names", "output_axis", "parameter_owner"]
 
 _WILDCARD = re.compile(r"[*?\[]")
 
@@ -114,9 +114,23 @@ def match_named_parameters(
     Returns canonical names in `model.named_parameters()` order. Raises TargetError for a
     pattern that matches nothing. `where` prefixes messages (e.g. "quantize.targets").
     """
+    order, places = _candidates(model)
+    return _match(order, places, targets, ignore, where)
+
+
+def match_names(names: Sequence[str], targets: Sequence[str], ignore: Sequence[str] = (), *,
+                where: str = "targets") -> list[str]:
+    """`match_named_parameters` on tensor names alone (a safetensors folder read in place, no
+    module built): `a.b.weight` is parameter `weight` of module `a.b`; same rules, same
+    errors, names in the given order."""
+    places = [(n.rsplit(".", 1)[0] if "." in n else "", n.rsplit(".", 1)[-1], n) for n in names]
+    return _match(list(names), places, targets, ignore, where)
+
+
+def _match(order: list[str], places: list[tuple[str, str, str]], targets: Sequence[str],
+           ignore: Sequence[str], where: str) -> list[str]:
     if isinstance(targets, str) or isinstance(ignore, str):
         raise TargetError(f"{where}: targets and ignore are lists of patterns, not one string")
-    order, places = _candidates(model)
     everything = [m for m, _, _ in places if m] + order
 
     def union(patterns: Sequence[str], label: str) -> set[str]:

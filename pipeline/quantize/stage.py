@@ -196,6 +196,10 @@ def _run(ctx: StageContext) -> dict:
     from pipeline.train.stage import load_masks, load_model_state, model_stage
 
     cfg, out, q = ctx.cfg, ctx.out, ctx.cfg.quantize
+    if cfg.model.residency == "streamed":  # a tensor per unit, read in place
+        from pipeline.quantize.tensors_stage import run_quantize_tensors
+
+        return run_quantize_tensors(ctx)
     if not cfg.model.trained_here:  # a loaded model: per-channel codebooks
         from pipeline.quantize.rows_stage import run_rows
 
@@ -323,6 +327,7 @@ QUANTIZE = Stage(
     run=_run,
     enabled=lambda cfg: cfg.quantize.enabled,
     headline=("quantized_accuracy", "quantized_perplexity"),
-    outputs=lambda cfg: ("codebooks.safetensors", "indices.safetensors", "quantized.json",
-                         "layers.json"),
+    outputs=lambda cfg: (("codes.json", "layers.json") if cfg.model.residency == "streamed"
+                         else ("codebooks.safetensors", "indices.safetensors", "quantized.json",
+                               "layers.json")),
 )

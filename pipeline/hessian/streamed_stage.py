@@ -1,0 +1,241 @@
+"""The `hessian` stage of a streamed model: P data partitions × G block groups as Ray tasks.
+
+Units: the calibration windows are cut into P contiguous partitions and the decoder blocks
+holding quantized tensors into G groups of consecutive blocks, balanced by their weights. Unit
+(p, g) is one Ray task: it streams the model one block at a time and writes the float64 sums of
+its group's tensors over its partition's windows to ``partials/p{p}-g{g}.parquet`` (a row
+group per tensor, CRC per row). How a group gets its input activations: **recomputed** — the
+task runs the blocks below its group forward itself (one block resident at a time) rather than
+waiting for another task's hidden states; the Fisher also runs the blocks above its group (the
+loss is at the top) and back-propagates down to its group. The cost is measured by
+benchmarks/hessian_groups.py.
+
+Then one reduce unit per group sums its partitions and divides by the sample count (windows
+for the Fisher, tokens for the activation estimator) into ``hessian/g{g}.parquet``, and
+removes that group's partials. ``tensors.json`` maps every tensor to its table and the sha256
+of its float32 values, which the quantize stage checks on each read.
+
+Every unit is recorded when its file is written (pipeline/units.py): a killed or lost task is
+the only work a rerun repeats.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.config import RunConfig
+from pipeline.executor import remote, task_threads
+from pipeline.graph import StageContext
+
+__all__ = ["run_hessian_streamed", "TENSORS", "group_names", "read_tensor_hessian"]
+
+TENSORS = "tensors.json"  # {tensor: {"table": rel, "sha256": hex of its float32 values}}
+
+
+def group_names(names: list[str], shapes: dict[str, list[int]], groups: int
+                ) -> list[tuple[range, list[str]]]:
+    """(block range, its tensors in model order) of ≤ `groups` runs of consecutive decoder
+    blocks, balanced by the weights of the tensors in them."""
+    from pipeline.models.load_streamed import block_of
+
+    per: dict[int, int] = {}
+    for n in names:
+        b = block_of(n)
+        per[b] = per.get(b, 0) + int(np.prod(shapes[n]))
+    blocks = sorted(per)
+    g = max(1, min(groups, len(blocks)))
+    total = sum(per.values())
+    cuts, acc, k = [], 0, 1
+    for i, b in enumerate(blocks):
+        acc += per[b]
+        # close a group once it holds its share, leaving a block for each later group
+        if k < g and acc >= total * k / g and len(blocks) - i - 1 >= g - k:
+            cuts.append(i + 1)
+            k += 1
+    bounds = [0, *cuts, len(blocks)]
+    out = []
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        own = set(blocks[a:b])
+        out.append((range(blocks[a], blocks[b - 1] + 1),
+                    [n for n in names if block_of(n) in own]))
+    return out
+
+
+def _partition(n: int, parts: int, p: int) -> tuple[int, int]:
+    return p * n // parts, (p + 1) * n // parts
+
+
+def _partial_task(cfg: RunConfig, out, url: str, opts: dict | None, windows: torch.Tensor,
+                  p: int, g: int, blocks: range, names: list[str]) -> dict:
+    """Unit (p, g): float64 sums of group g's tensors over partition p's windows."""
+    from pipeline.executor import private_subdir
+    from pipeline.hessian.stream import activation_streamed, fisher_streamed
+    from pipeline.hessian.table import TensorTableWriter
+    from pipeline.memory import process_peaks
+    from pipeline.models.stream import StreamedLM
+    from pipeline.units import Units
+
+    task_threads()
+    h = cfg.hessian
+    # Forward-only statistics run in the checkpoint's dtype (sums in float64); the Fisher's
+    # gradients in float32.
+    lm = StreamedLM(url, opts, dtype="stored" if h.estimator == "activation" else torch.float32)
+    n = int(windows.numel()) if h.estimator == "activation" else int(windows.shape[0])
+    rel = f"partials/p{p}-g{g}.parquet"
+    with TensorTableWriter(out.url(rel), out.store.storage_options or None,
+                           metadata={"estimator": h.estimator, "n": n}) as table:
+        def emit(name: str, sums: np.ndarray, count: int) -> None:
+            table.add(name, sums)
+
+        if h.estimator == "activation":
+            activation_streamed(lm, windows, names, emit, blocks=blocks)
+        else:
+            fisher_streamed(lm, windows, names, emit, blocks=blocks,
+                            spill_dir=str(private_subdir("spill")))
+        table.close()
+    Units(out).record(f"p{p}-g{g}", [rel], n=n, tensor_sha256=table.tensor_sha256)
+    return {"unit": f"p{p}-g{g}", "bytes_read": lm.weights.bytes_read,
+            "process": process_peaks()}
+
+
+def _reduce_task(out, g: int, names: list[str], parts: list[dict], total: int) -> dict:
+    """Unit g: Σ_p partials / total into hessian/g{g}.parquet; then the partials go."""
+    from pipeline.hessian.table import TensorTable, TensorTableWriter
+    from pipeline.units import Units
+
+    task_threads()
+    rel = f"hessian/g{g}.parquet"
+    opts = out.store.storage_options or None
+    tables = [TensorTable(out.url(pt["table"]), opts) for pt in parts]
+    try:
+        with TensorTableWriter(out.url(rel), opts, metadata={"n": total}) as w:
+            for name in names:
+                acc = None
+                for t, pt in zip(tables, parts, strict=True):
+                    v = t.read(name, sha256=pt["tensor_sha256"][name]).astype(np.float64)
+                    acc = v if acc is None else acc + v
+                w.add(name, acc / total)
+            w.close()
+    finally:
+        for t in tables:
+            t.close()
+    rec = Units(out).record(f"g{g}", [rel], tensor_sha256=w.tensor_sha256)
+    for pt in parts:
+        out.store.remove(out.rel(pt["table"]))
+    return rec
+
+
+def read_tensor_hessian(hess, name: str, shape: tuple[int, int]) -> np.ndarray:
+    """One tensor's Hessian values from a streamed hessian stage folder: an [in] vector
+    (activation) or [out·in] values, bounded by the shape and checked against tensors.json."""
+    from pipeline.hessian.table import TensorTable
+
+    entry = hess.read_json(TENSORS)[name]
+    R, C = shape
+    t = TensorTable(hess.url(entry["table"]), hess.store.storage_options or None)
+    try:
+        return t.read(name, sizes=(C, R * C), sha256=entry["sha256"])
+    finally:
+        t.close()
+
+
+def run_hessian_streamed(ctx: StageContext) -> dict[str, Any]:
+    import ray
+
+    from pipeline.models.source import source_url
+    from pipeline.progress import bar
+    from pipeline.units import Units
+    from pipeline.workload import MODEL_JSON, WINDOWS
+
+    cfg, out, h = ctx.cfg, ctx.out, ctx.cfg.hessian
+    t0 = time.perf_counter()
+    load = ctx.inputs["load"]
+    meta = load.read_json(MODEL_JSON)
+    windows = load.read_safetensors(WINDOWS)["calibration"]
+    url, opts = source_url(cfg, load)
+    groups = group_names(meta["quantizable"], meta["shapes"], h.groups)
+    P = max(1, min(h.partitions, int(windows.shape[0])))
+    units = Units(out)
+    total = int(windows.numel()) if h.estimator == "activation" else int(windows.shape[0])
+
+    finals: dict[int, dict] = {}
+    todo: list[tuple[int, int]] = []
+    records: dict[tuple[int, int], dict] = {}
+    for g in range(len(groups)):
+        done = units.done(f"g{g}")
+        if done is not None:
+            finals[g] = done
+            continue
+        for p in range(P):
+            rec = units.done(f"p{p}-g{g}")
+            if rec is None:
+                todo.append((p, g))
+            else:
+                records[(p, g)] = rec
+    ctx.log.info("hessian: %s over %d windows of %d tokens (streamed): %d partitions × %d "
+                 "block groups %s; %d units to run, %d reused", h.estimator,
+                 windows.shape[0], windows.shape[1], P, len(groups),
+                 [f"{r.start}-{r.stop - 1}" for r, _ in groups], len(todo),
+                 len(records) + (P + 1) * len(finals))
+    reused = len(records) + (P + 1) * len(finals)
+    task = remote(_partial_task, cpus=_task_cpus(cfg, P * len(groups)), gpus="task")
+    refs = {}
+    for p, g in todo:
+        lo, hi = _partition(int(windows.shape[0]), P, p)
+        rng, names = groups[g]
+        refs[task.remote(cfg, out, url, opts, windows[lo:hi], p, g, rng, names)] = (p, g)
+    pbar = bar(len(refs), "hessian units", unit="unit")
+    pending = list(refs)
+    bytes_read = 0
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        r = ray.get(ready[0])
+        bytes_read += r["bytes_read"]
+        pbar.update(1)
+    pbar.close()
+    reducer = remote(_reduce_task, cpus=1)
+    reds = {}
+    for g in range(len(groups)):
+        if g in finals:
+            continue
+        parts = []
+        for p in range(P):
+            rec = records.get((p, g)) or units.done(f"p{p}-g{g}")
+            if rec is None:
+                raise RuntimeError(f"hessian unit p{p}-g{g} finished without its record")
+            parts.append({"table": next(iter(rec["outputs"])),
+                          "tensor_sha256": rec["fields"]["tensor_sha256"]})
+        reds[g] = reducer.remote(out, g, groups[g][1], parts, total)
+    for g, ref in reds.items():
+        finals[g] = ray.get(ref)
+    tensors = {}
+    for g in range(len(groups)):
+        rec = finals[g]
+        table = next(iter(rec["outputs"]))
+        for name, sha in rec["fields"]["tensor_sha256"].items():
+            tensors[name] = {"table": table, "sha256": sha}
+    missing = [n for n in meta["quantizable"] if n not in tensors]
+    if missing:
+        raise RuntimeError(f"the Hessian tables hold no values of {missing[0]}")
+    out.write_json(TENSORS, tensors)
+    if out.store.exists(out.rel("partials")):
+        out.store.remove(out.rel("partials"))
+    return {"hessian": {"estimator": h.estimator, "residency": "streamed",
+                        "samples": int(windows.shape[0]), "normalizer": total,
+                        "partitions": P, "groups": len(groups),
+                        "block_groups": [[r.start, r.stop] for r, _ in groups],
+                        "units": {"total": (P + 1) * len(groups), "reused": reused,
+                                  "computed": (P + 1) * len(groups) - reused},
+                        "bytes_read": bytes_read,
+                        "seconds": round(time.perf_counter() - t0, 3)}}
+
+
+def _task_cpus(cfg: RunConfig, n_units: int) -> int:
+    """executor.cpus_per_task, else the cluster's CPUs shared by the units (torch threads)."""
+    from pipeline.executor import _cluster_cpus, task_cpus
+
+    return task_cpus(max(1, _cluster_cpus() // max(1, n_units)))

@@ -1,0 +1,171 @@
+"""The `load` stage of a streamed model: what the model is, without reading its weights.
+
+The model is a safetensors folder (local or ``s3://``) that stays where it is; the later stages
+read it tensor by tensor and block by block (pipeline/models/source.py). This stage writes
+
+- ``model.json``: the source folder, the tensors to quantize and their shapes, the model's
+  size and dtype (the same schema as a resident load, with ``residency: streamed``);
+- ``windows.safetensors``: the calibration windows (and each eval text's windows), tokenized
+  once here, or seeded random tokens (``data.name: random_tokens``);
+- ``hf/…``: config.json, generation_config.json and the tokenizer files (what the decoded
+  folder needs beside its weights).
+
+With eval texts it also scores the original model (perplexity, streamed block by block): the
+baseline of the report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+from typing import Any
+
+import torch
+
+from pipeline.config import ConfigError, RunConfig
+from pipeline.executor import remote, task_threads
+from pipeline.graph import StageContext
+from pipeline.workload import HF_DIR, MODEL_JSON, WINDOWS, Workload
+
+__all__ = ["run_load_streamed", "source_identity", "block_targets", "random_windows",
+           "streamed_perplexity", "quantizable_names", "block_of"]
+
+_BLOCK = re.compile(r"(^|\.)(layers|h|blocks)\.(\d+)\.")
+
+
+def block_targets(names: list[str], shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    """The 2-D ``.weight`` tensors inside decoder blocks (``…layers.<i>.…``), in file order."""
+    return [n for n in names if n.endswith(".weight") and len(shapes[n]) == 2
+            and _BLOCK.search(n)]
+
+
+def block_of(name: str) -> int | None:
+    m = _BLOCK.search(name)
+    return int(m.group(3)) if m else None
+
+
+def random_windows(vocab: int, n: int, seq_len: int, seed: int) -> torch.Tensor:
+    """Seeded uniform token windows int64 [n, seq_len] (a synthetic model has no tokenizer)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n, seq_len), generator=g)
+
+
+def source_identity(cfg: RunConfig) -> dict[str, Any]:
+    """What keys a streamed model without reading its weights: each tensor's sha256 where the
+    index records one, else its dtype, shape and byte range; and each shard's size (and, for a
+    local folder, its modification time), so a rewritten shard is a new key."""
+    from pipeline.models.source import source_url
+    from pipeline.models.weights import WeightsFolder
+
+    url, opts = source_url(cfg, None)
+    w = WeightsFolder(url, opts)
+    tensors = {n: (t.sha256 or [t.dtype, list(t.shape), t.file, t.start, t.end])
+               for n, t in w.tensors.items()}
+    shards = {}
+    for f in sorted({t.file for t in w.tensors.values()}):
+        shards[f] = [w._files.size(f)]
+        if "://" not in url:
+            shards[f].append(os.stat(w._files.path(f)).st_mtime_ns)
+    blob = json.dumps({"tensors": tensors, "shards": shards}, sort_keys=True).encode()
+    return {"url": url, "identity": hashlib.sha256(blob).hexdigest()}
+
+
+def quantizable_names(cfg: RunConfig, names: list[str], shapes: dict[str, tuple[int, ...]]
+                 ) -> list[str]:
+    from pipeline.models.targets import match_names
+
+    q = cfg.quantize
+    if q.targets is not None:
+        chosen = match_names(names, q.targets, q.ignore, where="quantize.targets")
+    else:
+        ignored = set(match_names(names, q.ignore, where="quantize.ignore")) if q.ignore else set()
+        chosen = [n for n in block_targets(names, shapes) if n not in ignored]
+    if not chosen:
+        raise ConfigError("quantize.targets selects no tensor of the model")
+    for n in chosen:
+        if len(shapes[n]) != 2:
+            raise ConfigError(f"quantize.targets: {n} has shape {list(shapes[n])}; a streamed "
+                              "model quantizes 2-D weights per row")
+        if block_of(n) is None:
+            raise ConfigError(f"quantize.targets: {n} is not inside a decoder block "
+                              "(…layers.<i>.…); the streamed Hessian covers block weights only")
+    return chosen
+
+
+def streamed_perplexity(url: str, opts: dict | None, sets: dict[str, torch.Tensor],
+                        batch: int) -> dict[str, Any]:
+    """{"value": pooled perplexity over every set's predicted tokens, "by_set": {name: ppl}},
+    the model at `url` streamed one decoder block at a time in float32."""
+    from pipeline.models.stream import StreamedLM
+
+    by, nll, tokens = {}, 0.0, 0
+    for name, win in sets.items():
+        lm = StreamedLM(url, opts, dtype=torch.float32)
+        ppl = lm.perplexity(win, batch=batch)
+        by[name] = ppl
+        n = int(win.shape[0]) * (int(win.shape[1]) - 1)
+        nll += math.log(ppl) * n
+        tokens += n
+    return {"value": math.exp(nll / max(tokens, 1)), "by_set": by}
+
+
+def _load_task(cfg: RunConfig, out) -> dict:
+    from pipeline.models.source import source_url
+    from pipeline.models.weights import WeightsFolder
+    from pipeline.stream_inputs import check_lengths, hf_files, load_tokenizer, model_config
+
+    task_threads()
+    url, opts = source_url(cfg, None)
+    w = WeightsFolder(url, opts)
+    conf = model_config(url, opts)
+    check_lengths(conf, url, {"data.seq_len": cfg.data.seq_len})
+    names = w.names
+    shapes = {n: tuple(w.info(n).shape) for n in names}
+    chosen = quantizable_names(cfg, names, shapes)
+    if cfg.data.name == "random_tokens":
+        vocab = conf.get("vocab_size")
+        if type(vocab) is not int or vocab < 1:
+            raise ConfigError(f"{url}/config.json has no vocab_size: data.name=random_tokens "
+                              "draws tokens from it")
+        windows = {"calibration": random_windows(vocab, cfg.data.calibration_windows,
+                                                 cfg.data.seq_len, cfg.seed)}
+    else:
+        windows = Workload(cfg).tokenize(load_tokenizer(url, opts))
+    out.write_safetensors(WINDOWS, windows)
+    for name, data in sorted(hf_files(url, opts).items()):
+        out.write_bytes(f"{HF_DIR}/{name}", data)
+    dtypes = sorted({w.info(n).dtype for n in chosen})
+    params = sum(t.numel for t in w.tensors.values())
+    quantized = sum(w.info(n).numel for n in chosen)
+    info = {"name": url, "params": params, "dtype": "+".join(sorted({t.dtype for t in
+                                                                      w.tensors.values()})),
+            "model_type": conf.get("model_type"), "layers": conf.get("num_hidden_layers"),
+            "bytes": sum(t.nbytes for t in w.tensors.values())}
+    out.write_json(MODEL_JSON, {
+        "adapter": "hf_causal_lm", "residency": "streamed", "source": url, "tied": {},
+        "dtype": dtypes[0] if len(dtypes) == 1 else None, "quantizable": chosen,
+        "shapes": {n: list(shapes[n]) for n in chosen}, "embeddings": [], "info": info})
+    metrics: dict[str, Any] = {"params": params, "quantized_params": quantized,
+                               "load": {"model": info, "tensors": len(chosen),
+                                        "dtype": "+".join(dtypes), "residency": "streamed",
+                                        "bytes_read": w.bytes_read}}
+    sets = {k.removeprefix("eval/"): v for k, v in windows.items() if k.startswith("eval/")}
+    wl = Workload(cfg)
+    if sets:
+        ev = streamed_perplexity(url, opts, sets, cfg.evaluate.batch_size)
+        metrics.update(wl.metric_fields("baseline", ev))
+        base = f"baseline {wl.metric.name} {ev['value']:.4f}"
+    else:
+        base = "no eval text"
+    print(f"load: {url} (streamed): {params:,} parameters, {len(chosen)} tensors "
+          f"({quantized:,} weights) to quantize; {base}", flush=True)
+    return metrics
+
+
+def run_load_streamed(ctx: StageContext) -> dict:
+    import ray
+
+    return ray.get(remote(_load_task, cpus="worker").remote(ctx.cfg, ctx.out))

@@ -1,0 +1,112 @@
+"""Where a model's weights live while the stages run: the run's residency and its source.
+
+Every stage after `load` reads the model through its *source*: a safetensors folder read one
+tensor at a time (`WeightsFolder`, local or ``s3://``) and, for a causal LM, one decoder block
+at a time (`StreamedLM`). The residency decides which folder that is and what may hold the
+model whole:
+
+``resident``  the load stage loads the model through its adapter (a Hugging Face folder or
+              GGUF file, one's own module, LeNet-5) and stores its weights in its own folder
+              (``model.safetensors``); whole-model steps (fine-tuning, in-memory evaluation)
+              are allowed.
+``streamed``  the model is a safetensors folder read in place; no process reads it whole, and
+              the load stage stores only what the model is (tensor list, config, tokenizer
+              files, calibration windows). Peak memory is a block or a tensor, not the model.
+``auto``      streamed when the folder's weights take more bytes than
+              ``executor.memory_budget`` (default: half of this machine's memory), else
+              resident. Resolved once, before planning: the stored config and every stage key
+              hold the concrete value.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from pipeline.config import ConfigError, RunConfig
+
+__all__ = ["resolve_residency", "is_streamed", "memory_budget", "model_bytes", "source_url"]
+
+log = logging.getLogger("hwq")
+
+
+def is_streamed(cfg: RunConfig) -> bool:
+    return cfg.model.residency == "streamed"
+
+
+def memory_budget(cfg: RunConfig) -> int:
+    """executor.memory_budget in bytes, else half of this machine's physical memory."""
+    if cfg.executor.memory_budget is not None:
+        return int(cfg.executor.memory_budget)
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = 16 << 30
+    return total // 2
+
+
+def _streamable_path(cfg: RunConfig) -> str | None:
+    """The model's safetensors folder when the model can be streamed at all, else None."""
+    m = cfg.model
+    if m.name != "hf_causal_lm" or not m.path or m.gguf_file:
+        return None
+    from pipeline.workload import expand_path
+
+    path = expand_path(m.path)
+    if path.lower().endswith(".gguf"):
+        return None
+    return path
+
+
+def model_bytes(url: str, storage_options: dict | None = None) -> int:
+    """Bytes of the weights in a safetensors folder (from the shard headers; nothing else is
+    read)."""
+    from pipeline.models.weights import WeightsFolder
+
+    w = WeightsFolder(url, storage_options)
+    return sum(t.nbytes for t in w.tensors.values())
+
+
+def resolve_residency(cfg: RunConfig) -> RunConfig:
+    """`cfg` with model.residency resolved to resident or streamed (a copy if it changes)."""
+    res = cfg.model.residency
+    if res == "auto":
+        path = _streamable_path(cfg)
+        res = "resident"
+        if path is not None:
+            try:
+                size = model_bytes(path, cfg.store.storage_options(path) or None)
+            except Exception as e:  # noqa: BLE001 - not a safetensors folder: the load stage says why
+                log.debug("residency auto: %s is not a safetensors folder (%s)", path, e)
+                size = None
+            budget = memory_budget(cfg)
+            if size is not None and size > budget:
+                res = "streamed"
+                log.info("residency: streamed (the model's weights, %.2f GiB, exceed "
+                         "executor.memory_budget %.2f GiB)", size / 2**30, budget / 2**30)
+        if res == "streamed":
+            try:
+                cfg = cfg.model_copy(deep=True)
+                cfg.model.residency = "streamed"
+                cfg._check_streamed()
+            except ValueError as e:
+                raise ConfigError(f"the model is larger than executor.memory_budget, so it "
+                                  f"would be streamed, but {e}") from None
+            return cfg
+        cfg = cfg.model_copy(deep=True)
+        cfg.model.residency = "resident"
+    if cfg.model.residency == "resident" and cfg.data.name == "random_tokens":
+        raise ConfigError("data.name=random_tokens is for model.residency=streamed (a synthetic "
+                          "checkpoint); give data.name=text with a calibration text instead")
+    return cfg
+
+
+def source_url(cfg: RunConfig, load: Any) -> tuple[str, dict | None]:
+    """(URL, fsspec options) of the folder the stages read the model's tensors from: the
+    load stage's own folder (resident) or the model's folder itself (streamed)."""
+    if is_streamed(cfg):
+        path = _streamable_path(cfg)
+        assert path is not None  # the config refuses anything else for streamed
+        return path, cfg.store.storage_options(path) or None
+    return load.url(""), load.store.storage_options or None

@@ -1,0 +1,287 @@
+"""The `quantize` stage, one tensor per unit: per-channel uniform/ECSQ under one λ for every row
+of every tensor, with the rate the *file* spends aimed at quantize.target_bits.
+
+Reads the model through its source (pipeline/models/source.py) one tensor at a time and the
+Hessian tensor by tensor, so no process holds more than one tensor and its Hessian.
+
+1. **λ from sampled rows.** A Ray task per tensor returns every s-th row of it (with its
+   Hessian rows), s chosen so the sample holds about 8 M weights; the driver searches λ on the
+   sample so its all-in rate meets the aim (`solve_rows_global_rate`, a Ray task per tensor's
+   sample at each λ), and predicts the bits the file will spend from the sample's coded size
+   (one Huffman table per tensor and level count, as the encoder writes them).
+2. **Every tensor at that λ,** a Ray task (a unit) each: it solves its rows in slabs, writes
+   ``codes/<i>-<λ tag>.safetensors`` (frequency-ranked indices uint8/uint16 [R, C] and the
+   per-row codebooks float32 [R, K]) and records the unit with the coded bits it measured.
+3. **The exact-rate loop.** The coded bits of every tensor give the file's rate; outside
+   [target − 0.015, target] the aim moves by the miss and steps 1–2 run again (at most three
+   full passes; the pass closest below the target is kept, the others' codes removed).
+
+A unit's name holds its tensor and its λ, so a rerun after a kill reuses the tensors already
+quantized at the λ the (deterministic) search finds again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.config import RunConfig
+from pipeline.executor import remote, task_cpus, task_threads
+from pipeline.graph import StageContext
+
+__all__ = ["run_quantize_tensors", "CODES", "read_codes"]
+
+CODES = "codes.json"  # {"lambda", "codes": {tensor: rel}, "shapes": {tensor: [R, C]}}
+_SAMPLE_WEIGHTS = 8_000_000  # the λ search's sample: about this many weights
+_SLAB_WEIGHTS = 1 << 20  # rows solved at once inside a tensor's task
+_PASSES = 3
+
+
+def _h_rows(h: np.ndarray, shape: tuple[int, int], rows) -> np.ndarray:
+    """Hessian rows of a tensor: an activation [in] vector broadcast, or a full [out, in]."""
+    R, C = shape
+    if h.size == C:
+        n = len(range(*rows.indices(R))) if isinstance(rows, slice) else len(rows)
+        return np.broadcast_to(h.reshape(1, C), (n, C))
+    return h.reshape(R, C)[rows]
+
+
+def _tensor_and_hessian(cfg: RunConfig, url: str, opts: dict | None, hess, name: str,
+                        shape: tuple[int, int]):
+    from pipeline.hessian.streamed_stage import read_tensor_hessian
+    from pipeline.models.weights import WeightsFolder
+    from pipeline.quantize.rows import floor_hessian
+
+    w = WeightsFolder(url, opts)
+    info = w.info(name)
+    if tuple(info.shape) != tuple(shape):
+        raise ValueError(f"{name} is {list(info.shape)} in {url}, {list(shape)} when the run "
+                         "was loaded: the model changed; rerun")
+    t = w.read(name)
+    h = floor_hessian(read_tensor_hessian(hess, name, shape), cfg.quantize.hessian_floor)
+    return t, h, info.dtype, w.bytes_read
+
+
+def _sample_task(cfg: RunConfig, url: str, opts: dict | None, hess, name: str,
+                 shape: tuple[int, int], every: int, row0: int):
+    from pipeline.quantize.rate import RowBlock
+
+    task_threads()
+    t, h, _, _ = _tensor_and_hessian(cfg, url, opts, hess, name, shape)
+    rows = np.arange(0, shape[0], every)
+    W = t[torch.from_numpy(rows)].to(torch.float32).numpy()
+    if not np.isfinite(W).all():
+        raise ValueError(f"tensor {name} has NaN or inf weights")
+    return RowBlock(np.ascontiguousarray(W), np.ascontiguousarray(_h_rows(h, shape, rows)),
+                    row0)
+
+
+def _opts(cfg: RunConfig, threads: int = 1) -> dict[str, Any]:
+    q = cfg.quantize
+    o: dict[str, Any] = {"k_max": q.k_max}
+    if q.method == "ecsq":
+        o.update(iters=q.iters, seed=cfg.seed)
+    if threads > 1:
+        o["threads"] = threads
+    return o
+
+
+def _tensor_task(cfg: RunConfig, out, url: str, opts: dict | None, hess, name: str, i: int,
+                 shape: tuple[int, int], lam: float, row0: int, tag: str) -> dict:
+    """Unit `t<i>-<tag>`: every row of tensor `name` at λ → its codes file and coded bits."""
+    from safetensors.torch import save
+
+    from pipeline.memory import process_peaks, release_memory
+    from pipeline.quantize.rate import RowBlock, solve_rows_at
+    from pipeline.quantize.rows import RowsResult, index_rate
+    from pipeline.quantize.rows import rate as all_in_rate
+    from pipeline.quantize.rows_stage import coded_bits, frequency_ranked
+    from pipeline.store import canonical_safetensors
+    from pipeline.units import Units
+
+    threads = task_threads()
+    q = cfg.quantize
+    t, h, dtype, read = _tensor_and_hessian(cfg, url, opts, hess, name, shape)
+    R, C = shape
+    step = max(1, _SLAB_WEIGHTS // max(C, 1))
+    parts = []
+    for a in range(0, R, step):
+        b = min(R, a + step)
+        W = t[a:b].to(torch.float32).numpy()
+        if not np.isfinite(W).all():
+            raise ValueError(f"tensor {name} has NaN or inf weights")
+        H = np.ascontiguousarray(_h_rows(h, shape, slice(a, b)))
+        (res,) = solve_rows_at([RowBlock(W, H, row0 + a)], lam, q.method,
+                               **_opts(cfg, threads))
+        parts.append(res)
+    del t, h
+    bits = coded_bits(parts)
+    r = RowsResult.concat(parts)
+    del parts
+    cb, idx = frequency_ranked(r)
+    K = cb.shape[1]
+    idx_t = torch.from_numpy(idx.astype(np.uint8 if K <= 256 else np.int16))
+    layer = {"rows": R, "cols": C, "mean_levels": float(r.levels.mean()),
+             "max_levels": int(r.levels.max()), "index_entropy_bits": index_rate(r),
+             "all_in_bits": all_in_rate(r), "one_level_rows": int((r.levels == 1).sum()),
+             "weighted_distortion": float(r.distortion.sum() / max(R * C, 1))}
+    del r
+    release_memory()
+    rel = f"codes/{i:05d}-{tag}.safetensors"
+    out.write_bytes(rel, canonical_safetensors(save(
+        {"indices": idx_t, "codebooks": torch.from_numpy(cb.astype(np.float32))},
+        metadata={"tensor": name, "dtype": dtype, "lam": repr(lam)})))
+    return Units(out).record(f"t{i:05d}-{tag}", [rel], name=name, bits=bits, layer=layer,
+                             bytes_read=read, process=process_peaks())
+
+
+def read_codes(sd, rel: str, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(indices uint8/int16 [R, C], codebooks float32 [R, K]) of one tensor's codes file, read
+    through the stage folder (its sha256 checked against the manifest) and bounded by shape."""
+    from safetensors.numpy import load
+
+    data = sd.read_bytes(rel)  # checked against the manifest's sha256
+    try:
+        t = load(data)
+        idx, cb = t["indices"], t["codebooks"]
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own types on bad input
+        raise sd._corrupt(rel, f"not a codes file ({type(e).__name__})") from None
+    R, C = shape
+    if (idx.shape != (R, C) or idx.dtype not in (np.uint8, np.int16) or cb.dtype != np.float32
+            or cb.ndim != 2 or cb.shape[0] != R or not 1 <= cb.shape[1] <= 1 << 15
+            or (idx.size and not 0 <= idx.min() <= idx.max() < cb.shape[1])):
+        raise sd._corrupt(rel, f"not the codes of a {[R, C]} tensor")
+    return idx, cb
+
+
+def _tag(lam: float) -> str:
+    return hashlib.sha256(repr(float(lam)).encode()).hexdigest()[:10]
+
+
+def _predicted_bits(found, shapes: list[tuple[int, int]], sampled: list[int]) -> float:
+    """Bits the file would spend at the sample's λ: each tensor's index and codebook bits
+    scaled from its sampled rows to all its rows, its tables and header share once."""
+    from pipeline.quantize.rows_stage import coded_bits
+
+    total = 0.0
+    for res, (R, _), n in zip(found.results, shapes, sampled, strict=True):
+        b = coded_bits([res])
+        total += (b["indices"] + b["codebooks"]) * R / max(n, 1) + b["tables"] + b["header"]
+    return total
+
+
+def run_quantize_tensors(ctx: StageContext) -> dict[str, Any]:
+    import ray
+
+    from pipeline.models.source import source_url
+    from pipeline.progress import bar
+    from pipeline.quantize.rate import solve_rows_global_rate
+    from pipeline.quantize.rows_stage import RayBlockMap
+    from pipeline.units import Units
+    from pipeline.workload import MODEL_JSON
+
+    cfg, out, q = ctx.cfg, ctx.out, ctx.cfg.quantize
+    t0 = time.perf_counter()
+    load, hess = ctx.inputs["load"], ctx.inputs["hessian"]
+    meta = load.read_json(MODEL_JSON)
+    names: list[str] = meta["quantizable"]
+    shapes = {n: tuple(meta["shapes"][n]) for n in names}
+    url, opts = source_url(cfg, load)
+    weights = sum(R * C for R, C in shapes.values())
+    row0, at = {}, 0
+    for n in names:
+        row0[n] = at
+        at += shapes[n][0]
+    every = max(1, math.ceil(weights / _SAMPLE_WEIGHTS))
+    sampler = remote(_sample_task, cpus=task_cpus(1))
+    sample = ray.get([sampler.remote(cfg, url, opts, hess, n, shapes[n], every, row0[n])
+                      for n in names])
+    sampled = [b.W.shape[0] for b in sample]
+    ctx.log.info("quantize: %s per channel, %d tensors, %d rows, %d weights; λ searched on "
+                 "every %d-th row (%d rows)", q.method, len(names), at, weights, every,
+                 sum(sampled))
+    mapper = RayBlockMap()
+    units = Units(out)
+    task = remote(_tensor_task, cpus=task_cpus(1), gpus="task")
+    target = float(q.target_bits)
+    aim, lam0, evals, passes, best, reused = target, None, 0, 0, None, 0
+    while passes < _PASSES:
+        # λ on the sample, aimed so the predicted file rate is within the window
+        for _ in range(4):
+            found = solve_rows_global_rate(sample, aim, q.method, map_fn=mapper, lam0=lam0,
+                                           tol=0.005, **_opts(cfg))
+            evals += len(found.evaluations)
+            lam0 = found.lam
+            pred = _predicted_bits(found, [shapes[n] for n in names], sampled) / weights
+            ctx.log.info("quantize: λ=%.4g on the sample: predicted %.4f bits/weight in the "
+                         "file (aim %.4f, target %.4f)", found.lam, pred, aim, target)
+            if target - 0.012 <= pred <= target - 0.002 or aim - (pred - target) <= 0:
+                break
+            aim = aim - (pred - target) - 0.007
+        lam = float(found.lam)
+        tag = _tag(lam)
+        passes += 1
+        recs: dict[str, dict] = {}
+        refs = {}
+        for i, n in enumerate(names):
+            rec = units.done(f"t{i:05d}-{tag}")
+            if rec is not None:
+                recs[n] = rec
+                reused += 1
+            else:
+                refs[task.remote(cfg, out, url, opts, hess, n, i, shapes[n], lam, row0[n],
+                                 tag)] = n
+        pbar = bar(len(refs), f"quantize pass {passes}", unit="tensor")
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            recs[refs[ready[0]]] = ray.get(ready[0])
+            pbar.update(1)
+        pbar.close()
+        coded = math.fsum(sum(recs[n]["fields"]["bits"].values()) for n in names) / weights
+        ctx.log.info("quantize: pass %d at λ=%.4g: the file will spend %.4f bits/weight "
+                     "(target %.4f; %d tensors reused)", passes, lam, coded, target,
+                     len(names) - len(refs))
+        if best is None or (coded <= target and (best[0] > target or coded > best[0])) \
+                or (best[0] > target and coded < best[0]):
+            if best is not None:
+                _drop(out, best[3])
+            best = (coded, lam, aim, recs)
+        else:
+            _drop(out, recs)
+        if target - 0.015 <= coded <= target:
+            break
+        aim = aim - (coded - target) - 0.005
+    del sample, mapper
+    coded, lam, aim, recs = best
+    codes = {n: next(iter(recs[n]["outputs"])) for n in names}
+    layers = {n: recs[n]["fields"]["layer"] for n in names}
+    out.write_json(CODES, {"lambda": lam, "codes": codes,
+                           "shapes": {n: list(shapes[n]) for n in names}})
+    out.write_json("layers.json", layers)
+    w_levels = sum(layers[n]["mean_levels"] * shapes[n][0] for n in names)
+    return {"quantize": {
+        "method": q.method, "scope": q.scope, "target_bits": q.target_bits,
+        "residency": cfg.model.residency, "rows": at, "weights": weights,
+        "lambda": lam, "aimed_rate_bits": aim, "coded_rate_bits": coded,
+        "index_entropy_bits": math.fsum(layers[n]["index_entropy_bits"] * shapes[n][0]
+                                        * shapes[n][1] for n in names) / weights,
+        "mean_levels": w_levels / max(at, 1),
+        "lambda_evaluations": evals, "full_passes": passes, "sample_every": every,
+        "units": {"total": len(names), "reused": reused},
+        "bytes_read": sum(recs[n]["fields"]["bytes_read"] for n in names),
+        "weights_per_s": weights * passes / max(time.perf_counter() - t0, 1e-9),
+        "seconds": round(time.perf_counter() - t0, 3)}}
+
+
+def _drop(out, recs: dict[str, dict]) -> None:
+    """Remove a rejected pass's codes files and unit records."""
+    for rec in recs.values():
+        for rel in rec["outputs"]:
+            out.store.remove(out.rel(rel))
+        out.store.remove(out.rel(f"units/{rec['unit']}.json"))

@@ -6,7 +6,8 @@ output, its inputs' keys). Its files live under `<root>/stages/<name>-<key>/`, a
 
 - a rerun whose stage key exists and verifies is a cache hit (nothing recomputed);
 - a sweep over quantizer settings shares the train/prune/hessian folders;
-- a run killed inside a stage left no manifest there, and resumes at that stage;
+- a run killed inside a stage left no manifest there, and resumes at that stage: in its
+  folder, reusing the units the stage recorded as finished (pipeline/units.py);
 - `--force NAME` reruns NAME and everything downstream of it, and so does a stage whose
   inputs were recomputed in this run.
 """
@@ -35,6 +36,7 @@ from pipeline.manifest import (
 )
 from pipeline.memory import peak_rss
 from pipeline.store import ArtifactError, StageDir, Store
+from pipeline.units import keep_recorded
 
 __all__ = ["run", "status", "run_state", "open_store", "check_against_model"]
 
@@ -201,8 +203,16 @@ def _run_stages(cfg: RunConfig, store: Store, plans: list[StagePlan], forced: se
             reason = ("forced" if name in forced else
                       "inputs recomputed" if stale_inputs else
                       "incomplete, resuming" if store.exists(sd.prefix) else "new")
+            if reason == "incomplete, resuming":
+                # A killed attempt's folder: its finished units (pipeline/units.py) are kept
+                # for the stage to reuse; everything else it left (temporary files, a unit
+                # cut short, an invalid manifest) goes.
+                kept = keep_recorded(sd)
+                if kept:
+                    reason += f", {kept} unit{'s' if kept != 1 else ''} recorded"
+            else:  # forced, or its inputs changed: no earlier file of it may be reused
+                store.remove(sd.prefix)
             log.info("[%d/%d] %-9s running (key %s, %s)", i, len(plans), name, p.key, reason)
-            store.remove(sd.prefix)  # a killed earlier attempt may have left partial files
             sd.outputs = None  # being written: its own reads are of what it just wrote
             ctx = StageContext(cfg, store, sd, {n: dirs[n] for n in p.inputs}, sections=p.config)
             started = time.time()

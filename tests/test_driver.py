@@ -6,6 +6,7 @@ from pipeline.config import load_config
 from pipeline.driver import run, status
 from pipeline.graph import Stage, plan
 from pipeline.store import Store
+from pipeline.units import Units
 
 CALLS: list[str] = []
 
@@ -73,6 +74,71 @@ def test_killed_run_resumes_in_the_stage_it_died_in(cfg, tmp_path):
     assert CALLS == ["train", "prune", "hessian"]
     _run(cfg())
     assert CALLS == ["hessian", "quantize"]
+
+
+UNIT_CALLS: list[str] = []
+
+
+def _unit_stages(kill_after=None):
+    """train, prune, a `hessian` made of four units (pipeline/units.py), quantize. With
+    kill_after=k the run is interrupted (KeyboardInterrupt) once k units were computed."""
+
+    def body(ctx):
+        units = Units(ctx.out)
+        for i in range(4):
+            if units.done(f"u{i}") is None:
+                if len(UNIT_CALLS) == kill_after:
+                    raise KeyboardInterrupt
+                UNIT_CALLS.append(f"u{i}")
+                ctx.out.write_json(f"parts/u{i}.json", {"v": i})
+                units.record(f"u{i}", [f"parts/u{i}.json"], v=i)
+        value = ctx.inputs["prune"].read_json("out.json")["value"] + 1
+        ctx.out.write_json("out.json", {"value": value})
+        return {"units": units.summary()}
+
+    st = _stages()
+    unit_hessian = Stage(name="hessian", version=1, inputs=lambda cfg: ("prune",),
+                         sections=lambda c: {"hessian": c.hessian.model_dump()}, run=body)
+    return [st[0], st[1], unit_hessian, st[3]]
+
+
+def _unit_run(cfg, kill_after=None, **kw):
+    CALLS.clear()
+    UNIT_CALLS.clear()
+    return run(cfg, stages=_unit_stages(kill_after), init_executor=False, **kw)
+
+
+def test_killed_stage_resumes_its_recorded_units_only(cfg, tmp_path):
+    """A run killed inside a stage after 2 of its 4 units: the rerun computes the other 2 in
+    the same folder; the manifest lists no stale temporary file; --force and recomputed
+    inputs start the stage from an empty folder."""
+    with pytest.raises(KeyboardInterrupt):
+        _unit_run(cfg(), kill_after=2)
+    assert UNIT_CALLS == ["u0", "u1"]
+    store = Store(str(tmp_path / "store"))
+    hp = plan(cfg(), _unit_stages())[2]
+    folder = tmp_path / "store" / f"stages/hessian-{hp.key}"
+    (folder / "parts" / "u2.json.tmp-deadbeef").write_text("a write the kill cut short")
+    (folder / "parts" / "u3.json").write_text("a unit killed before its record")
+    _unit_run(cfg())
+    assert UNIT_CALLS == ["u2", "u3"] and CALLS == ["quantize"]
+    m = store.read_json(f"stages/hessian-{hp.key}/manifest.json")
+    assert m["metrics"]["units"] == {"total": 4, "reused": 2, "computed": 2}
+    assert not any(".tmp-" in f for f in m["outputs"])
+    assert not (folder / "parts" / "u2.json.tmp-deadbeef").exists()
+    # The records stay, listed in the manifest like every other file of the folder.
+    assert {f"units/u{i}.json" for i in range(4)} <= set(m["outputs"])
+    _unit_run(cfg())
+    assert UNIT_CALLS == [] and CALLS == []  # complete: a cache hit
+    _unit_run(cfg(), force=["hessian"])
+    assert UNIT_CALLS == ["u0", "u1", "u2", "u3"]
+    # Killed again; then its input is recomputed in the rerun (prune's manifest is gone):
+    # same key, but nothing recorded against the old input may be reused.
+    with pytest.raises(KeyboardInterrupt):
+        _unit_run(cfg(), kill_after=2, force=["hessian"])
+    store.remove(f"stages/prune-{plan(cfg(), _unit_stages())[1].key}/manifest.json")
+    _unit_run(cfg())
+    assert CALLS == ["prune", "quantize"] and UNIT_CALLS == ["u0", "u1", "u2", "u3"]
 
 
 def test_force_reruns_stage_and_downstream(cfg):

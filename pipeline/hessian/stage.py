@@ -4,9 +4,12 @@ The calibration set (a seeded subset of the training images) is split into P par
 the parameters into G groups balanced by element count. Each (partition, group) is one Ray task
 (one GPU each when the cluster has GPUs): it reads the model once from the store, runs its
 partition with gradients only for its group, and writes float64 partial sums to
-`partials/p{p}-g{g}.parquet`. A tree of Ray tasks sums the partitions of each group pairwise;
-a last task divides by the sample count and writes `hessian.parquet` (float32; see
-`pipeline.hessian.table`). The partials are removed once the final table is written.
+`partials/p{p}-g{g}.parquet`, then records it as unit `p{p}-g{g}` (pipeline/units.py), so a
+run killed in this stage reruns only the pairs not recorded. A tree of Ray tasks sums the
+partitions of each group pairwise; a last task divides by the sample count and writes
+`hessian.parquet` (float32; see `pipeline.hessian.table`). Once that table is written the unit
+records are removed, then the partials (a kill between the two leaves partials no record
+names: the rerun computes every pair again, as it does after a kill at any later point).
 
 Output: hessian.parquet — what the quantizers read, shard by shard.
 """
@@ -22,6 +25,7 @@ from pipeline.config import RunConfig
 from pipeline.executor import remote, task_threads
 from pipeline.graph import Stage, StageContext
 from pipeline.store import StageDir
+from pipeline.units import UNITS_DIR, Units
 
 __all__ = ["HESSIAN", "balance_groups", "read_hessian", "NONNEG_RULE"]
 
@@ -91,6 +95,9 @@ def _partial_task(cfg: RunConfig, out: StageDir, src: StageDir, part: int, n_par
     from pipeline.hessian.estimators import estimate_diag
     from pipeline.hessian.table import to_table
 
+    name, units = f"partials/p{part}-g{g}.parquet", Units(out)
+    if (rec := units.done(f"p{part}-g{g}")) is not None:  # a retry of a task that finished
+        return name, rec["fields"].get("n")
     task_threads()
     h = cfg.hessian
     model = _build_model(cfg, src)
@@ -104,9 +111,9 @@ def _partial_task(cfg: RunConfig, out: StageDir, src: StageDir, part: int, n_par
                              mode=h.mode, n_samples=h.n_samples,
                              seed=cfg.seed * 1_000_003 + b)
         total = sums if total is None else total.add(sums)
-    name = f"partials/p{part}-g{g}.parquet"
     out.write_table(name, to_table(total.sums, h.chunk_size, dtype=np.float64,
                                    metadata={"n": total.n}))
+    units.record(f"p{part}-g{g}", [name], n=total.n)
     return name, total.n
 
 
@@ -123,6 +130,9 @@ def _generic_partial_task(cfg: RunConfig, out: StageDir, src: StageDir, part: in
     from pipeline.progress import bar
     from pipeline.workload import Workload
 
+    name, units = f"partials/p{part}-g{g}.parquet", Units(out)
+    if (rec := units.done(f"p{part}-g{g}")) is not None:  # a retry of a task that finished
+        return name, rec["fields"].get("n")
     task_threads()
     h = cfg.hessian
     wl = Workload(cfg)
@@ -155,9 +165,9 @@ def _generic_partial_task(cfg: RunConfig, out: StageDir, src: StageDir, part: in
             pbar.update(1)
         sums = HessianSums(acc, hi - lo)
     pbar.close()
-    name = f"partials/p{part}-g{g}.parquet"
     out.write_table(name, to_table(sums.sums, h.chunk_size, dtype=np.float64,
                                    metadata={"n": sums.n}))
+    units.record(f"p{part}-g{g}", [name], n=sums.n)
     return name, sums.n
 
 
@@ -306,6 +316,7 @@ def _run(ctx: StageContext) -> dict:
     if h.estimator == "adam":
         res = ray.get(remote(_adam_task).remote(cfg, out, src))
         groups, n_parts = [list(sizes)], 0
+        unit_counts = {"total": 0, "reused": 0, "computed": 0}  # one task, no units
     else:
         from pipeline.executor import task_cpus
 
@@ -319,14 +330,26 @@ def _run(ctx: StageContext) -> dict:
             # Whole batches per partition (see _partition_batches).
             n_parts = min(h.partitions, -(-min(h.calibration_samples, 60_000) // h.batch_size))
             task = remote(_partial_task, gpus=gpus, cpus=task_cpus(1))
-        refs = {(p, g): task.remote(cfg, out, src, p, n_parts, grp, g)
-                for p in range(n_parts) for g, grp in enumerate(groups)}
+        # A pair recorded by a killed earlier attempt (same key) is reused, not resubmitted.
+        units = Units(out)
+        partial: dict[tuple[int, int], str] = {}
+        refs = {}
+        for p in range(n_parts):
+            for g, grp in enumerate(groups):
+                rec = units.done(f"p{p}-g{g}")
+                if rec is not None and f"partials/p{p}-g{g}.parquet" in rec["outputs"]:
+                    partial[(p, g)] = f"partials/p{p}-g{g}.parquet"
+                else:
+                    refs[(p, g)] = task.remote(cfg, out, src, p, n_parts, grp, g)
+        unit_counts = {"total": n_parts * len(groups), "reused": len(partial),
+                       "computed": len(refs)}
         what = (f"{cfg.data.calibration_windows} windows of {cfg.data.seq_len} tokens"
                 if cfg.data.name == "text" else
                 f"{h.calibration_samples} samples" if cfg.model.trained_here else "calibration data")
-        ctx.log.info("hessian: %s%s over %s: %d partitions × %d groups = %d Ray tasks",
+        ctx.log.info("hessian: %s%s over %s: %d partitions × %d groups = %d Ray tasks%s",
                      h.estimator, f"/{h.mode}" if h.estimator == "ggn" else "",
-                     what, n_parts, len(groups), len(refs))
+                     what, n_parts, len(groups), len(refs),
+                     f" ({len(partial)} more recorded by an earlier attempt)" if partial else "")
         from pipeline.progress import bar
 
         pbar = bar(len(refs), "hessian tasks", unit="task")
@@ -338,7 +361,8 @@ def _run(ctx: StageContext) -> dict:
         pbar.close()
         # Tree reduce per group: pairs of partial files summed by Ray tasks, level by level.
         summer = remote(_sum_task)
-        level = {g: [ray.get(refs[(p, g)])[0] for p in range(n_parts)] for g in range(len(groups))}
+        partial.update({pg: ray.get(ref)[0] for pg, ref in refs.items()})
+        level = {g: [partial[(p, g)] for p in range(n_parts)] for g in range(len(groups))}
         depth = 0
         while any(len(files) > 1 for files in level.values()):
             depth += 1
@@ -353,6 +377,8 @@ def _run(ctx: StageContext) -> dict:
                      for g, files in nxt.items()}
         finals = [level[g][0] for g in range(len(groups))]
         res = ray.get(remote(_final_task).remote(cfg, out, src, finals, list(sizes)))
+        # The table is written: records first (a record must never outlive its partial).
+        ctx.store.remove(out.rel(UNITS_DIR))
         ctx.store.remove(out.rel("partials"))
     return {
         "hessian": {
@@ -363,6 +389,7 @@ def _run(ctx: StageContext) -> dict:
             "groups": len(groups),
             "seconds": round(time.perf_counter() - t0, 3),
             "mean_h": res["mean_h"],
+            "units": unit_counts,
         }
     }
 

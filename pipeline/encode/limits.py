@@ -181,7 +181,7 @@ def working_bound(tensors: Iterable[Any], file_bytes: int, output_bytes: int) ->
           (2 + 1 bytes of codes, 4 of rows), rows·cols + 16·kept of a mask chunk (its bits,
           their positions), 2 bytes a symbol of a table-coded chunk.
 
-    ``tensors``: the reader's parsed tensors (container._Tensor) being read."""
+    ``tensors``: the reader's parsed tensors (container.header._Tensor) being read."""
     work = 0
     for t in tensors:
         if t.kind != "quantized":

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from ..ans import AnsTable
+from ..ans_table import AnsTable
 from ..bitio import DecodeError
 from ..codebooks import count_dtype, decode_codebook
 from ..huffman import CodeTable, entropy_bits, fixed_lengths, symbol_dtype, unpack_lengths

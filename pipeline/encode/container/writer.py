@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from ..ans import AnsTable
+from ..ans_table import AnsTable
 from ..codebooks import encode_codebook, level_classes, row_levels
 from ..coders import encode_job, make_table, mask_geometry, table_kind
 from ..huffman import entropy_bits, pack_lengths

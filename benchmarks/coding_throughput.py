@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.encode.ans import AnsTable, ans_decode, ans_encode
+from pipeline.encode.ans import ans_decode, ans_encode
+from pipeline.encode.ans_table import AnsTable
 from pipeline.encode.huffman import (
     CodeTable,
     decode_chunk,

@@ -7,7 +7,6 @@ from .container import (
     HwqFormatError,
     HwqReader,
     TensorEntry,
-    format_inspect,
     hwq_accounting,
     inspect_hwq,
     read_hwq,
@@ -27,6 +26,7 @@ from .huffman import (
     huffman_lengths,
     kraft_ok,
 )
+from .inspection import format_inspect
 from .positions import choose_max_gap, gaps_from_mask, gaps_to_symbols, symbols_to_positions
 
 __all__ = [

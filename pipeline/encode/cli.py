@@ -199,7 +199,7 @@ def _decode_cmd(args) -> int:
 def _inspect(args) -> int:
     import json
 
-    from pipeline.encode.container import format_inspect
+    from pipeline.encode.inspection import format_inspect
 
     reader = _reader(args)
     rows = reader.inspect()

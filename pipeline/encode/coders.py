@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from .ans import AnsTable, ans_decode, ans_encode
+from .ans import ans_decode, ans_encode
+from .ans_table import AnsTable
 from .context import decode_indices, decode_mask, encode_indices, encode_mask
 from .huffman import CodeTable, EncodedChunk, decode_chunk, encode_chunk
 

@@ -20,7 +20,7 @@ __all__ = ["format_inspect", "inspect_rows", "inspect_totals"]
 def inspect_rows(
     h: Any, payload_start: int, file_bytes: int, out_bytes: Callable[[Any], int]
 ) -> list[dict]:
-    """Per-item rows of a parsed header (container._Header): see ``inspect_hwq``.
+    """Per-item rows of a parsed header (container.header._Header): see ``inspect_hwq``.
     ``out_bytes(tensor)``: the bytes of its dense form."""
     rows: list[dict] = [{"kind": "header", "name": "(header)", "bytes": payload_start}]
     for name, (shape, sec, *_) in h.codebooks.items():

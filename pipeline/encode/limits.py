@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from .ans import AnsTable
+from .ans_table import AnsTable
 from .huffman import LUT_BITS, CodeTable
 
 __all__ = [
@@ -76,7 +76,7 @@ def table_bytes(table: Any) -> int:
 class TableCache:
     """Decoded tables by content key, at most ``budget`` bytes of them (:func:`table_bytes`),
     least recently used evicted first; the newest is always kept, whatever its size (one
-    table is bounded by its alphabet: rANS at most ~4 MiB, see ans.max_prob_bits).
+    table is bounded by its alphabet: rANS at most ~4 MiB, see ans_table.max_prob_bits).
 
     Identical tables (the same kind, alphabet and bytes) are built once; a table evicted and
     needed again is rebuilt from its bytes, which the reader holds anyway.
@@ -181,7 +181,7 @@ def working_bound(tensors: Iterable[Any], file_bytes: int, output_bytes: int) ->
           (2 + 1 bytes of codes, 4 of rows), rows·cols + 16·kept of a mask chunk (its bits,
           their positions), 2 bytes a symbol of a table-coded chunk.
 
-    ``tensors``: the reader's parsed tensors (container._Tensor) being read."""
+    ``tensors``: the reader's parsed tensors (container.header._Tensor) being read."""
     work = 0
     for t in tensors:
         if t.kind != "quantized":

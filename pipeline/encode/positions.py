@@ -96,7 +96,7 @@ def choose_max_gap(
         fixed: fixed-length codes (Han et al.'s fixed-width gap field): candidates are
             2**b - 1 for b = 1..16, and the table costs nothing.
         coder: ``"huffman"`` (a :class:`CodeTable`) or ``"ans"`` (an rANS
-            :class:`~pipeline.encode.ans.AnsTable`, costed by its coded bits plus its table).
+            :class:`~pipeline.encode.ans_table.AnsTable`, costed by its coded bits plus its table).
 
     Returns:
         (max_gap, table) with table.alphabet == max_gap + 1.
@@ -125,7 +125,7 @@ def choose_max_gap(
 def _gap_table(hist: np.ndarray, max_gap: int, fixed: bool, coder: str):
     """(table, bits its serialization costs) for a gap-symbol histogram."""
     if coder == "ans":
-        from .ans import AnsTable
+        from .ans_table import AnsTable
 
         table = AnsTable.from_counts(hist)
         return table, 8 * table.table_bytes()

@@ -256,7 +256,8 @@ def level_table_file(folder: Path, *, rows: int = 32, cols: int = 32, prob_bits:
     sharing). With prob_bits 20 and 1024 chunks (~100 KB of file, 2 KiB of output) a reader
     that builds and keeps each table's 2**20-slot decoder needs ~9.4 GB; at 16 bits ~330 MB.
     Checksums right; every chunk a valid stream."""
-    from pipeline.encode.ans import AnsTable, ans_encode
+    from pipeline.encode.ans import ans_encode
+    from pipeline.encode.ans_table import AnsTable
 
     rng = np.random.default_rng(seed)
     k = alphabet

@@ -8,15 +8,8 @@ import pickle
 import numpy as np
 import pytest
 
-from pipeline.encode.ans import (
-    MULTI_LANE_MIN,
-    PROB_BITS_MAX,
-    AnsTable,
-    ans_decode,
-    ans_encode,
-    max_prob_bits,
-    normalize_freqs,
-)
+from pipeline.encode.ans import MULTI_LANE_MIN, ans_decode, ans_encode
+from pipeline.encode.ans_table import PROB_BITS_MAX, AnsTable, max_prob_bits, normalize_freqs
 from pipeline.encode.bitio import DecodeError
 from pipeline.encode.huffman import CodeTable, entropy_bits, symbol_dtype
 

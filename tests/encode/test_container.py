@@ -21,7 +21,7 @@ from pipeline.encode import (
     read_hwq,
     write_hwq,
 )
-from pipeline.encode.container import _f32_to_bf16_bits
+from pipeline.encode.container.reader import _f32_to_bf16_bits
 
 
 def _model(seed=0, k=16):

@@ -20,9 +20,9 @@ from pipeline.encode import HwqFormatError, HwqReader, TensorEntry, read_hwq, wr
 from pipeline.encode.container import (
     DEFAULT_MAX_HEADER_BYTES,
     DEFAULT_MAX_OUTPUT_RATIO,
-    OUTPUT_FLOOR_BYTES,
     UnknownTensorError,
 )
+from pipeline.encode.container.header import OUTPUT_FLOOR_BYTES
 
 
 @pytest.fixture(scope="module")

@@ -125,7 +125,7 @@ def test_identical_tables_are_built_once():
 
 
 def hf_table(seed):
-    from pipeline.encode.ans import AnsTable
+    from pipeline.encode.ans_table import AnsTable
 
     return AnsTable.from_counts(np.random.default_rng(seed).integers(1, 9, 5))
 

@@ -6,8 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.encode import container
-from pipeline.encode.container import TensorEntry, read_hwq, write_hwq
+from pipeline.encode.container import TensorEntry, read_hwq, storage, write_hwq
 
 
 def _entries(big_raw: int = 17):
@@ -81,7 +80,7 @@ def test_s3_multipart_streamed_write_and_interruption(s3_bucket, monkeypatch):
     import s3fs
 
     url, opts = s3_bucket
-    monkeypatch.setattr(container, "S3_PART_BYTES", 5 << 20)
+    monkeypatch.setattr(storage, "S3_PART_BYTES", 5 << 20)
     entries, cbs = _entries(big_raw=3_000_000)  # 12 MB: three parts
     write_hwq(f"{url}/a.hwq", _Lazy(entries).items(), cbs, storage_options=opts,
               stream_symbols=5000, spool_bytes=1 << 20)
@@ -90,7 +89,7 @@ def test_s3_multipart_streamed_write_and_interruption(s3_bucket, monkeypatch):
     np.testing.assert_array_equal(got["raw"], entries[-1].raw)
 
     calls = {"n": 0}
-    real = container._copy
+    real = storage._copy
 
     def dying_copy(src, write, bufsize=8 << 20):
         def w(b):
@@ -100,7 +99,7 @@ def test_s3_multipart_streamed_write_and_interruption(s3_bucket, monkeypatch):
             write(b)
         real(src, w, bufsize=1 << 20)
 
-    monkeypatch.setattr(container, "_copy", dying_copy)
+    monkeypatch.setattr(storage, "_copy", dying_copy)
     with pytest.raises(ConnectionError):
         write_hwq(f"{url}/b.hwq", entries, cbs, storage_options=opts)
     fs.invalidate_cache()

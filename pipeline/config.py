@@ -108,6 +108,9 @@ class ModelConfig(_Section):
     # and block by block; no process ever holds the model. auto: streamed when the folder's
     # bytes exceed executor.memory_budget, else resident.
     residency: Literal["auto", "resident", "streamed"] = "auto"
+    # streamed: a folder (or s3:// URL) with the tokenizer files, where the model folder has
+    # none; they are also copied beside the decoded weights. None: the model's own.
+    tokenizer: str | None = None
 
     @model_validator(mode="after")
     def _source(self) -> ModelConfig:
@@ -148,6 +151,7 @@ class DataConfig(_Section):
     seq_len: int = Field(512, ge=2)
     eval: dict[str, str | list[str]] = Field(default_factory=dict)
     eval_max_windows: int | None = Field(None, ge=1)  # per text; None = the whole text
+    eval_seq_len: int | None = Field(None, ge=2)  # tokens per eval window; None: seq_len
     factory: str | None = None
 
     @field_validator("calibration", mode="before")

@@ -21,8 +21,8 @@ __all__ = ["PATH_FIELDS", "resolve_paths"]
 
 # (section, key): the fields that name input files or folders. A value may be a string, a
 # list of strings (data.calibration) or a mapping of names to either (data.eval).
-PATH_FIELDS = (("model", "path"), ("model", "checkpoint"), ("data", "root"),
-               ("data", "calibration"), ("data", "eval"))
+PATH_FIELDS = (("model", "path"), ("model", "checkpoint"), ("model", "tokenizer"),
+               ("data", "root"), ("data", "calibration"), ("data", "eval"))
 
 
 def _absolute(value: str, base: Path) -> str:

@@ -60,7 +60,11 @@ def check_before_work(cfg: RunConfig) -> None:
     if cfg.model.residency == "streamed":
         _check_streamed(cfg)
         if cfg.data.name == "text":
-            _check_texts(cfg, adapter.tokenizer())
+            from pipeline.models.source import source_url
+            from pipeline.stream_inputs import load_tokenizer
+
+            url, opts = source_url(cfg, None)
+            _check_texts(cfg, load_tokenizer(cfg.model.tokenizer or url, opts))
         return
     if cfg.quantize.targets is not None or cfg.quantize.ignore:
         _check_targets(wl)

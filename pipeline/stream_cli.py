@@ -1,4 +1,6 @@
-"""`hwq stream`: the streamed pipeline for a model larger than memory (pipeline/streamed.py)."""
+"""`hwq stream MODEL WORK`: `hwq run` with model.residency=streamed, its flags mapped onto
+config keys (`stream_config`), so the commands written for the earlier separate program keep
+working. WORK is the run's store."""
 
 from __future__ import annotations
 
@@ -6,12 +8,16 @@ import argparse
 import json
 import logging
 import math
-import time
+
+from pipeline.errors import UserError
 
 __all__ = ["add_commands"]
 
 log = logging.getLogger(__name__)
-GiB = 1 << 30
+
+
+class StreamFlagError(UserError, ValueError):
+    """Flags of `hwq stream` that do not go together."""
 
 
 def _int_at_least(lo: int):
@@ -44,129 +50,88 @@ def _seed(text: str) -> int:
     return n
 
 
-def _tokenized(args, opts, path: str, flag: str, make):
-    """Windows from the text at `path` with the tokenizer (--tokenizer, else the model's);
-    an error names the text and the flag."""
-    from pipeline.data.text import read_text
-    from pipeline.stream_inputs import StreamInputError, load_tokenizer
-
-    tok = load_tokenizer(args.tokenizer or args.model, opts)
-    text = read_text(path, opts)
-    try:
-        return make(tok, text)
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except BaseException as e:  # noqa: BLE001 - a tokenizer's regex can panic (BaseException)
-        raise StreamInputError(f"{flag} {path}: {' '.join(str(e).split())[:300]}") from None
-
-
-def _windows(args, opts):
-    """Calibration windows from --text with the model's tokenizer, or None (seeded random
-    tokens: enough for a synthetic model, a poor Hessian for a real one)."""
-    if not args.text:
+def stream_config(args) -> dict:
+    """The `hwq run` config `hwq stream`'s flags stand for (a dict of sections)."""
+    data: dict = {"calibration_windows": args.windows, "seq_len": args.seq_len}
+    if args.text:
+        data.update(name="text", calibration=[args.text])
+        if args.eval:
+            data["eval"] = {"eval": args.eval}
+            data["eval_seq_len"] = args.eval_seq_len
+            data["eval_max_windows"] = args.eval_windows
+    else:
+        if args.eval:
+            raise StreamFlagError("--eval needs --text (the calibration text; the model's "
+                                  "tokenizer reads both)")
         log.warning("no --text: calibrating on seeded random tokens (fine for a synthetic "
                     "model; give real text for a real one)")
-        return None
-    from pipeline.data.text import calibration_windows
-
-    return _tokenized(args, opts, args.text, "--text", lambda tok, text: calibration_windows(
-        tok, text, args.windows, args.seq_len, args.seed))
-
-
-def _eval_windows(args, opts):
-    if not args.eval:
-        return None
-    from pipeline.data.text import eval_windows
-
-    return _tokenized(args, opts, args.eval, "--eval", lambda tok, text: eval_windows(
-        tok, text, args.eval_seq_len, args.eval_windows))
+        data["name"] = "random_tokens"
+    model = {"name": "hf_causal_lm", "path": args.model, "residency": "streamed"}
+    if args.tokenizer:
+        model["tokenizer"] = args.tokenizer
+    store: dict = {"url": args.work}
+    if args.endpoint_url:
+        store["endpoint_url"] = args.endpoint_url
+    executor: dict = {}
+    if args.cpus:
+        executor["num_cpus"] = args.cpus
+    if args.ray_address:
+        executor["address"] = args.ray_address
+    return {
+        "name": "stream", "seed": args.seed, "model": model, "data": data,
+        "hessian": {"estimator": args.estimator, "partitions": args.partitions,
+                    "groups": args.groups},
+        "quantize": {"method": args.method, "scope": "channel", "target_bits": args.bits,
+                     "embeddings": "keep"},
+        "finetune": {"enabled": False},
+        "encode": {"coder": args.coder},
+        "store": store, "executor": executor,
+    }
 
 
 def _stream(args) -> int:
-    from pipeline.executor import init_ray, shutdown_ray
-    from pipeline.stream_inputs import check_lengths, check_paths, hf_files, model_config
-    from pipeline.streamed import StreamSettings, run_streamed
+    from pipeline import driver
+    from pipeline.api import to_config
+    from pipeline.executor import shutdown_ray
+    from pipeline.progress import default_log_handler
+    from pipeline.report import render_markdown
+    from pipeline.stream_inputs import check_paths
 
     opts = {"client_kwargs": {"endpoint_url": args.endpoint_url}} if args.endpoint_url else None
-    st = StreamSettings(estimator=args.estimator, windows=args.windows, seq_len=args.seq_len,
-                        seed=args.seed, method=args.method, target_bits=args.bits,
-                        coder=args.coder)
-    stages = ("hessian", "quantize", "encode", "decode")[: ("hessian", "quantize", "encode",
-                                                          "decode").index(args.until) + 1]
-    from pipeline.models.weights import WeightsFolder
-
     # Every check the arguments and the file system allow, before Ray starts.
     check_paths(args.model, args.work, opts, texts={"--text": args.text, "--eval": args.eval},
                 tokenizer=args.tokenizer)
-    WeightsFolder(args.model, opts)
-    lengths = {"--seq-len": args.seq_len}
-    if args.eval:
-        lengths["--eval-seq-len"] = args.eval_seq_len
-    check_lengths(model_config(args.model, opts), args.model, lengths)
-    windows = _windows(args, opts)
-    ev = _eval_windows(args, opts)
-    hf = hf_files(args.model, opts, args.tokenizer)
-    import ray
-
-    started = not ray.is_initialized()
-    init_ray(address=args.ray_address, num_cpus=args.cpus)
-    t0 = time.perf_counter()
-    rows = []
-
-    def on_stage(name: str, m: dict) -> None:
-        mem = m["memory"]
-        rows.append((name, m))
-        log.info("%s: %s%.1f s, %.2f M weights/s, driver %.2f GiB, workers ≤ %.2f GiB",
-                 name, "cache hit; " if m.get("cached") else "", m["seconds"],
-                 m.get("weights_per_s", 0) / 1e6, mem["driver_peak_rss"] / GiB,
-                 mem["workers_peak_rss"] / GiB)
-
-    def progress(name: str) -> None:
-        log.debug("quantized %s", name)
-
+    cfg = to_config(stream_config(args))
+    default_log_handler()
+    until = {"hessian": "hessian", "quantize": "quantize"}.get(args.until)
     try:
-        out = run_streamed(args.model, args.work, st, storage_options=opts, windows=windows,
-                           stages=stages, on_stage=on_stage, progress=progress,
-                           eval_windows=ev, hf_files=hf)
+        report = driver.run(cfg, until=until, out=args.out)
     finally:
-        if started:
-            shutdown_ray()
-    print(f"\n{'stage':<9} {'state':<7} {'seconds':>8} {'M weights/s':>12} "
-          f"{'driver GiB':>10} {'worker GiB':>10}")
-    for name, m in rows:
-        print(f"{name:<9} {'cached' if m.get('cached') else 'ran':<7} {m['seconds']:>8.1f} "
-              f"{m.get('weights_per_s', 0) / 1e6:>12.2f} "
-              f"{m['memory']['driver_peak_rss'] / GiB:>10.2f} "
-              f"{m['memory']['workers_peak_rss'] / GiB:>10.2f}")
-    if "quantize" in out:
-        print(f"rate: {out['quantize']['rate_bits']:.3f} bits/weight (all-in, quantized "
-              f"tensors), λ = {out['quantize']['lam']:.4g}")
-    if "encode" in out:
-        print(f"file: {args.work.rstrip('/')}/model.hwq "
-              f"({out['encode']['outputs']['model.hwq']['bytes'] / GiB:.3f} GiB)")
-    if "decode" in out:
-        print(f"decoded folder: {args.work.rstrip('/')}/decoded")
-    if "evaluate" in out:
-        e = out["evaluate"]
-        print(f"perplexity: {e['original_perplexity']:.4g} original, "
-              f"{e['decoded_perplexity']:.4g} decoded ({e['perplexity_ratio']:.3f}×)")
-    print(f"manifests: {args.work.rstrip('/')}/manifests/ ({time.perf_counter() - t0:.0f} s)")
+        shutdown_ray()
+    if until is not None:
+        print(f"stopped after {until}: {args.work.rstrip('/')}/stages/")
+        return 0
+    print()
+    print(render_markdown(report))
     if args.json:
-        print(json.dumps(out, indent=1, default=str))
+        print(json.dumps(report, indent=1, default=str))
     return 0
 
 
 def add_commands(sub) -> None:
     s = sub.add_parser(
-        "stream", help="compress a safetensors model larger than memory, tensor by tensor",
-        description="The streamed pipeline: Hessian one decoder block at a time, per-channel "
-        "quantization under one λ with a Ray task per tensor, a .hwq written section by "
-        "section, and a decoded sharded folder. No process reads the whole model: every "
-        "tensor is a range read of its bytes (local or s3://). Rerunning resumes: a stage "
-        "whose manifest matches is a cache hit. Manifests under WORK/manifests/ record "
-        "seconds, weights/s, bytes read and the peak RSS of the driver and every worker.")
+        "stream", help="compress a safetensors model larger than memory (hwq run, streamed)",
+        description="hwq run with model.residency=streamed: the model folder is read in place, "
+        "tensor by tensor and one decoder block at a time, never whole. Stages: load (what the "
+        "model is, the calibration windows), hessian (P data partitions x G block groups as Ray "
+        "tasks), quantize (a Ray task per tensor under one λ, the file's rate aimed at --bits), "
+        "encode (the .hwq written section by section, then decoded tensor by tensor and checked "
+        "bit for bit; with --eval, perplexity of the original and the decoded model). WORK is "
+        "the run's store: stage folders with manifests, report.md, and per-unit records, so a "
+        "killed run resumes without redoing finished units. Same as `hwq run CONFIG` with the "
+        "config these flags stand for.")
     s.add_argument("model", help="a safetensors model folder with config.json (or s3:// URL)")
-    s.add_argument("work", help="work folder for every output (or s3:// URL)")
+    s.add_argument("work", help="the run's store: a folder or s3:// URL")
     s.add_argument("--estimator", choices=("activation", "fisher"), default="activation",
                    help="activation: E[x²] per input channel, forward only (default); fisher: "
                    "per-window squared gradients, block-wise recomputation")
@@ -193,11 +158,19 @@ def add_commands(sub) -> None:
                    help="tokens per eval window")
     s.add_argument("--eval-windows", type=_int_at_least(1), default=16,
                    help="at most this many windows")
+    s.add_argument("--partitions", type=_int_at_least(1), default=2,
+                   help="Hessian data partitions (default 2)")
+    s.add_argument("--groups", type=_int_at_least(1), default=2,
+                   help="Hessian groups of consecutive decoder blocks (default 2); partitions x "
+                   "groups Ray tasks")
     s.add_argument("--until", choices=("hessian", "quantize", "encode", "decode"),
-                   default="decode", help="stop after this stage")
+                   default="decode", help="stop after this stage (encode and decode: the whole "
+                   "run; the encode stage decodes its file to check it)")
+    s.add_argument("--out", metavar="DIR_OR_URL",
+                   help="copy the final model.hwq there (as hwq run --out)")
     s.add_argument("--cpus", type=_int_at_least(1),
                    help="CPUs of the embedded Ray (default: all)")
     s.add_argument("--ray-address", metavar="ADDR", help="join a Ray cluster instead")
     s.add_argument("--endpoint-url", metavar="URL", help="S3-compatible endpoint")
-    s.add_argument("--json", action="store_true", help="also print the manifests as JSON")
+    s.add_argument("--json", action="store_true", help="also print the report as JSON")
     s.set_defaults(func=_stream)

@@ -172,7 +172,7 @@ class Workload:
         what = f"data.calibration {_named(d.calibration)}"
         if not d.eval:  # no eval text: score on a held-out tail of the calibration text
             ids, held = split_heldout(ids, d.seq_len, source=what)
-            out[f"eval/{HELDOUT}"] = eval_windows(tokenizer, held, d.seq_len,
+            out[f"eval/{HELDOUT}"] = eval_windows(tokenizer, held, d.eval_seq_len or d.seq_len,
                                                   d.eval_max_windows)
         with _naming(what):
             out["calibration"] = calibration_windows(tokenizer, ids, d.calibration_windows,
@@ -180,7 +180,7 @@ class Workload:
         for name, src in d.eval.items():
             text = read_text(_sources(src), opts)
             with _naming(f"data.eval.{name} {_named(src)}"):
-                out[f"eval/{name}"] = eval_windows(tokenizer, text, d.seq_len,
+                out[f"eval/{name}"] = eval_windows(tokenizer, text, d.eval_seq_len or d.seq_len,
                                                    d.eval_max_windows)
         return out
 

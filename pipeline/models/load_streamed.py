@@ -121,7 +121,8 @@ def _load_task(cfg: RunConfig, out) -> dict:
     url, opts = source_url(cfg, None)
     w = WeightsFolder(url, opts)
     conf = model_config(url, opts)
-    check_lengths(conf, url, {"data.seq_len": cfg.data.seq_len})
+    check_lengths(conf, url, {"data.seq_len": cfg.data.seq_len,
+                              "data.eval_seq_len": cfg.data.eval_seq_len or cfg.data.seq_len})
     names = w.names
     shapes = {n: tuple(w.info(n).shape) for n in names}
     chosen = quantizable_names(cfg, names, shapes)
@@ -133,9 +134,9 @@ def _load_task(cfg: RunConfig, out) -> dict:
         windows = {"calibration": random_windows(vocab, cfg.data.calibration_windows,
                                                  cfg.data.seq_len, cfg.seed)}
     else:
-        windows = Workload(cfg).tokenize(load_tokenizer(url, opts))
+        windows = Workload(cfg).tokenize(load_tokenizer(cfg.model.tokenizer or url, opts))
     out.write_safetensors(WINDOWS, windows)
-    for name, data in sorted(hf_files(url, opts).items()):
+    for name, data in sorted(hf_files(url, opts, cfg.model.tokenizer).items()):
         out.write_bytes(f"{HF_DIR}/{name}", data)
     dtypes = sorted({w.info(n).dtype for n in chosen})
     params = sum(t.numel for t in w.tensors.values())

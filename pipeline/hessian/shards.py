@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "block_of",
     "block_index",
     "num_blocks",
     "block_counts",
@@ -32,6 +33,11 @@ __all__ = [
 # The same decoder-block naming `pipeline.streamed.block_targets` selects (`…layers.<i>.…`,
 # GPT-2's `h.<i>.`, `blocks.<i>.`); the first match in a name is its block.
 _BLOCK = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
+
+
+def block_of(name: str) -> int | None:
+    """The decoder block index in a tensor name (`…layers.<i>.…`), or None."""
+    return _index(name)
 
 
 def _index(name: str) -> int | None:

@@ -39,29 +39,19 @@ TENSORS = "tensors.json"  # {tensor: {"table": rel, "sha256": hex of its float32
 def group_names(names: list[str], shapes: dict[str, list[int]], groups: int
                 ) -> list[tuple[range, list[str]]]:
     """(block range, its tensors in model order) of ≤ `groups` runs of consecutive decoder
-    blocks, balanced by the weights of the tensors in them."""
-    from pipeline.models.load_streamed import block_of
+    blocks, balanced by the weights of the tensors in them (`shards.block_groups`); a run
+    without any tensor to quantize is left out."""
+    from pipeline.hessian.shards import block_groups, block_of
 
-    per: dict[int, int] = {}
-    for n in names:
-        b = block_of(n)
-        per[b] = per.get(b, 0) + int(np.prod(shapes[n]))
-    blocks = sorted(per)
-    g = max(1, min(groups, len(blocks)))
-    total = sum(per.values())
-    cuts, acc, k = [], 0, 1
-    for i, b in enumerate(blocks):
-        acc += per[b]
-        # close a group once it holds its share, leaving a block for each later group
-        if k < g and acc >= total * k / g and len(blocks) - i - 1 >= g - k:
-            cuts.append(i + 1)
-            k += 1
-    bounds = [0, *cuts, len(blocks)]
+    where = {n: block_of(n) for n in names}
+    counts = [0] * (max(where.values()) + 1)
+    for n, b in where.items():
+        counts[b] += int(np.prod(shapes[n]))
     out = []
-    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
-        own = set(blocks[a:b])
-        out.append((range(blocks[a], blocks[b - 1] + 1),
-                    [n for n in names if block_of(n) in own]))
+    for rng in block_groups(counts, groups):
+        own = [n for n in names if where[n] in rng]
+        if own:
+            out.append((rng, own))
     return out
 
 

@@ -20,7 +20,6 @@ import hashlib
 import json
 import math
 import os
-import re
 from typing import Any
 
 import torch
@@ -28,23 +27,16 @@ import torch
 from pipeline.config import ConfigError, RunConfig
 from pipeline.executor import remote, task_threads
 from pipeline.graph import StageContext
+from pipeline.hessian.shards import block_of
 from pipeline.workload import HF_DIR, MODEL_JSON, WINDOWS, Workload
 
 __all__ = ["run_load_streamed", "source_identity", "block_targets", "random_windows",
            "streamed_perplexity", "quantizable_names", "block_of"]
 
-_BLOCK = re.compile(r"(^|\.)(layers|h|blocks)\.(\d+)\.")
-
-
 def block_targets(names: list[str], shapes: dict[str, tuple[int, ...]]) -> list[str]:
     """The 2-D ``.weight`` tensors inside decoder blocks (``…layers.<i>.…``), in file order."""
     return [n for n in names if n.endswith(".weight") and len(shapes[n]) == 2
-            and _BLOCK.search(n)]
-
-
-def block_of(name: str) -> int | None:
-    m = _BLOCK.search(name)
-    return int(m.group(3)) if m else None
+            and block_of(n) is not None]
 
 
 def random_windows(vocab: int, n: int, seq_len: int, seed: int) -> torch.Tensor:

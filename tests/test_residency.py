@@ -1,0 +1,177 @@
+"""One pipeline, two residencies: `hwq run` on a safetensors folder read in place
+(model.residency=streamed) through the same driver — manifests, units, report — and
+model.residency=auto choosing by executor.memory_budget. Resume inside a stage: a run
+interrupted after some units reuses them, and its file is the uninterrupted run's."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import driver
+from pipeline.config import ConfigError, RunConfig
+from pipeline.models.source import resolve_residency
+from pipeline.models.weights import write_folder
+from pipeline.testing import tiny_llama, tiny_tokenizer, write_corpus
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("residency")
+    path = root / "model"
+    model = tiny_llama(layers=4, hidden=64).to(torch.bfloat16)
+    model.config.save_pretrained(path)
+    tiny_tokenizer(300).save_pretrained(path)
+    sd = dict(model.state_dict())
+    write_folder(path, sd, [(n, t.dtype, tuple(t.shape)) for n, t in sd.items()],
+                 max_shard_bytes=60_000)
+    write_corpus(root / "corpus.txt", lines=400)
+    return path
+
+
+def _cfg(folder: Path, store: Path, **over) -> RunConfig:
+    d = {"name": "t", "model": {"name": "hf_causal_lm", "path": str(folder),
+                                "residency": "streamed"},
+         "data": {"name": "text", "calibration": [str(folder.parent / "corpus.txt")],
+                  "calibration_windows": 6, "seq_len": 16},
+         "hessian": {"estimator": "fisher", "partitions": 2, "groups": 2},
+         "quantize": {"method": "ecsq", "target_bits": 3.0, "embeddings": "keep"},
+         "finetune": {"enabled": False}, "store": {"url": str(store)}}
+    for k, v in over.items():
+        d[k] = {**d.get(k, {}), **v}
+    return RunConfig.model_validate(d)
+
+
+def _stage(store: Path, name: str) -> Path:
+    (d,) = (store / "stages").glob(f"{name}-*")
+    return d
+
+
+@pytest.fixture(scope="module")
+def streamed_run(folder, tmp_path_factory, ray_local):
+    store = tmp_path_factory.mktemp("store")
+    return store, driver.run(_cfg(folder, store))
+
+
+def test_streamed_run_through_the_driver(streamed_run, folder):
+    store, report = streamed_run
+    m = report["metrics"]
+    # load read headers and tokenizer only: no weights copied into the store
+    load = _stage(store, "load")
+    assert not (load / "model.safetensors").exists()
+    meta = json.loads((load / "model.json").read_text())
+    assert meta["residency"] == "streamed" and meta["source"] == str(folder)
+    assert len(meta["quantizable"]) == 4 * 7
+    # P × G units, then a reduce per group
+    assert m["hessian"]["units"] == {"total": 6, "reused": 0, "computed": 6}
+    assert m["hessian"]["block_groups"] == [[0, 2], [2, 4]]
+    # the λ loop aims the coded rate below the target; every tensor was a unit
+    q = m["quantize"]
+    assert q["coded_rate_bits"] <= 3.0 and q["units"]["total"] == 28
+    codes = json.loads((_stage(store, "quantize") / "codes.json").read_text())
+    assert set(codes["codes"]) == set(meta["quantizable"])
+    # the encode stage decoded every tensor and checked it bit for bit
+    enc = m["encode"]
+    assert enc["decode_check"]["tensors"] == len(json.loads(
+        (folder / "model.safetensors.index.json").read_text())["weight_map"])
+    assert np.isfinite(m["decoded_perplexity"]) and np.isfinite(m["baseline_perplexity"])
+    for name in ("load", "hessian", "quantize", "encode"):
+        man = json.loads((_stage(store, name) / "manifest.json").read_text())
+        assert man["memory"]["workers"], name  # every stage ran as Ray tasks
+    assert "streamed" in (store / "config.yaml").read_text()
+
+
+def test_decoded_file_is_the_codes(streamed_run):
+    """The .hwq decodes to each row's codebook at its codes, in the tensor's dtype."""
+    from safetensors.numpy import load_file
+
+    from pipeline.encode.container import read_hwq
+
+    store, _ = streamed_run
+    q = _stage(store, "quantize")
+    codes = json.loads((q / "codes.json").read_text())["codes"]
+    dec = read_hwq(str(_stage(store, "encode") / "model.hwq"))
+    for name, rel in list(codes.items())[:6]:
+        t = load_file(q / rel)
+        want = torch.from_numpy(np.take_along_axis(t["codebooks"], t["indices"].astype(np.int64),
+                                                   axis=1)).to(torch.bfloat16)
+        got = torch.from_numpy(np.asarray(dec[name]).view(np.int16)).view(torch.bfloat16)
+        assert torch.equal(got, want), name
+
+
+def test_rerun_is_all_cache_hits(streamed_run, folder):
+    store, _ = streamed_run
+    report = driver.run(_cfg(folder, store))
+    assert all(s["cached"] for s in report["stages"].values())
+
+
+def _interrupt_after(monkeypatch, stage: str, n: int) -> None:
+    """The stage's progress bar in the driver raises KeyboardInterrupt at its n-th update: a
+    run killed after n units of the stage finished (units still running may finish and record
+    too)."""
+    import pipeline.progress as progress
+
+    real = progress.bar
+
+    class Bar:
+        def __init__(self, total, desc, *a, **k):
+            self.inner, self.seen, self.mine = real(total, desc, *a, **k), 0, \
+                desc.startswith(stage)
+
+        def update(self, k=1):
+            self.seen += k
+            if self.mine and self.seen >= n:
+                raise KeyboardInterrupt
+            self.inner.update(k)
+
+        def close(self):
+            self.inner.close()
+
+    monkeypatch.setattr(progress, "bar", Bar)
+
+
+@pytest.mark.parametrize("stage, output, done", [("hessian", "tensors.json", 2),
+                                                 ("quantize", "codes.json", 10)])
+def test_a_killed_stage_resumes_from_its_units(streamed_run, folder, monkeypatch, stage,
+                                               output, done):
+    store, _ = streamed_run
+    want = (_stage(store, stage) / output).read_bytes()
+    cfg = _cfg(folder, store)
+    with monkeypatch.context() as mp:
+        _interrupt_after(mp, stage, done)
+        with pytest.raises(KeyboardInterrupt):
+            driver.run(cfg, force=[stage], until=stage)
+    assert not (_stage(store, stage) / "manifest.json").exists()
+    report = driver.run(cfg, until=stage)
+    u = report["stages"][stage]["metrics"][stage]["units"]
+    assert u["reused"] >= done - 1, u  # the finished units were not recomputed
+    # the resumed stage's output is the uninterrupted run's, byte for byte
+    assert (_stage(store, stage) / output).read_bytes() == want
+
+
+def test_auto_residency_follows_the_memory_budget(folder, tmp_path):
+    auto = {"model": {"residency": "auto"}}
+    small = resolve_residency(_cfg(folder, tmp_path, **auto,
+                                   executor={"memory_budget": "1KB"}))
+    assert small.model.residency == "streamed"
+    big = resolve_residency(_cfg(folder, tmp_path, **auto, executor={"memory_budget": "1GiB"}))
+    assert big.model.residency == "resident"
+    # a model that must be streamed with a setting streaming cannot honour: one clear error
+    with pytest.raises(ConfigError, match="larger than executor.memory_budget.*finetune"):
+        resolve_residency(_cfg(folder, tmp_path, **auto, executor={"memory_budget": 1000},
+                               finetune={"enabled": True, "batch_size": 6}))
+
+
+@pytest.mark.parametrize("over, message", [
+    ({"finetune": {"enabled": True, "batch_size": 6}}, "finetune.enabled=false"),
+    ({"quantize": {"embeddings": "quantize"}}, "quantize.embeddings=keep"),
+    ({"quantize": {"method": "kmeans", "k": 4, "target_bits": None}}, "scope=channel"),
+    ({"executor": {"memory_budget": "12 parsecs"}}, "not a size"),
+])
+def test_streamed_settings_it_cannot_run_are_refused(folder, tmp_path, over, message):
+    with pytest.raises(ValueError, match=message):
+        _cfg(folder, tmp_path, **over)

@@ -350,3 +350,32 @@ def ray_map(fn, jobs, *, cpus: int = 1) -> list:
 
     task = remote(fn, cpus=cpus)
     return ray.get([task.remote(j) for j in jobs])
+
+
+def call(fn, *args, cpus: int | str = 1, gpus: float | str = 0, **kwargs):
+    """fn(*args, **kwargs) as one Ray task (resources as in `remote`); its result."""
+    import ray
+
+    return ray.get(remote(fn, cpus=cpus, gpus=gpus).remote(*args, **kwargs))
+
+
+def map_units(fn, calls, *, cpus: int | str = 1, gpus: float | str = 0,
+              desc: str | None = None, unit: str = "unit"):
+    """Run fn(*args) for each args tuple of `calls` as Ray tasks; yield (i, result) in the order
+    they finish, with a progress bar (`desc`). A task's error is raised when it is reached;
+    the stage code that drives this imports no Ray."""
+    import ray
+
+    from pipeline import progress
+
+    task = remote(fn, cpus=cpus, gpus=gpus)
+    refs = {task.remote(*args): i for i, args in enumerate(calls)}
+    pbar = progress.bar(len(refs), desc or getattr(fn, "__name__", "tasks"), unit=unit)
+    pending = list(refs)
+    try:
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            yield refs[ready[0]], ray.get(ready[0])
+            pbar.update(1)
+    finally:
+        pbar.close()

@@ -109,8 +109,8 @@ def test_rerun_is_all_cache_hits(streamed_run, folder):
     assert all(s["cached"] for s in report["stages"].values())
 
 
-def _interrupt_after(monkeypatch, stage: str, n: int) -> None:
-    """The stage's progress bar in the driver raises KeyboardInterrupt at its n-th update: a
+def _interrupt_after(monkeypatch, bar: str, n: int) -> None:
+    """The progress bar `bar` (of a stage's units, in the driver) raises KeyboardInterrupt at its n-th update: a
     run killed after n units of the stage finished (units still running may finish and record
     too)."""
     import pipeline.progress as progress
@@ -120,7 +120,7 @@ def _interrupt_after(monkeypatch, stage: str, n: int) -> None:
     class Bar:
         def __init__(self, total, desc, *a, **k):
             self.inner, self.seen, self.mine = real(total, desc, *a, **k), 0, \
-                desc.startswith(stage)
+                desc.startswith(bar)
 
         def update(self, k=1):
             self.seen += k
@@ -134,15 +134,16 @@ def _interrupt_after(monkeypatch, stage: str, n: int) -> None:
     monkeypatch.setattr(progress, "bar", Bar)
 
 
-@pytest.mark.parametrize("stage, output, done", [("hessian", "tensors.json", 2),
-                                                 ("quantize", "codes.json", 10)])
-def test_a_killed_stage_resumes_from_its_units(streamed_run, folder, monkeypatch, stage,
+@pytest.mark.parametrize("stage, bar, output, done", [
+    ("hessian", "hessian units", "tensors.json", 2),
+    ("quantize", "quantize pass", "codes.json", 10)])
+def test_a_killed_stage_resumes_from_its_units(streamed_run, folder, monkeypatch, stage, bar,
                                                output, done):
     store, _ = streamed_run
     want = (_stage(store, stage) / output).read_bytes()
     cfg = _cfg(folder, store)
     with monkeypatch.context() as mp:
-        _interrupt_after(mp, stage, done)
+        _interrupt_after(mp, bar, done)
         with pytest.raises(KeyboardInterrupt):
             driver.run(cfg, force=[stage], until=stage)
     assert not (_stage(store, stage) / "manifest.json").exists()

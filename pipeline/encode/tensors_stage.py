@@ -24,7 +24,7 @@ import torch
 
 from pipeline.config import RunConfig
 from pipeline.encode.entries import quantized_bits, raw_array, raw_cast
-from pipeline.executor import remote, task_threads
+from pipeline.executor import call, task_threads
 from pipeline.graph import StageContext
 
 __all__ = ["run_encode_streamed"]
@@ -140,8 +140,6 @@ def _evaluate_task(cfg: RunConfig, out, sets: dict[str, torch.Tensor], hf: list[
 
 
 def run_encode_streamed(ctx: StageContext) -> dict[str, Any]:
-    import ray
-
     from pipeline.models.source import source_url
     from pipeline.workload import MODEL_JSON, WINDOWS, Workload
 
@@ -159,8 +157,7 @@ def run_encode_streamed(ctx: StageContext) -> dict[str, Any]:
     hf = sorted(rel for rel in (load.outputs or {}) if rel.startswith("hf/"))
     for rel in hf:
         out.write_bytes(rel, load.read_bytes(rel))
-    r = ray.get(remote(_encode_task, cpus="worker").remote(cfg, out, url, opts, quant, codes,
-                                                            shapes))
+    r = call(_encode_task, cfg, out, url, opts, quant, codes, shapes, cpus="worker")
     acct, file_bytes = r["acct"], r["file_bytes"]
     n_q = sum(a * b for a, b in shapes.values())
     qbits = quantized_bits(acct, len(codes), r["entries"])
@@ -171,7 +168,7 @@ def run_encode_streamed(ctx: StageContext) -> dict[str, Any]:
     windows = load.read_safetensors(WINDOWS)
     sets = {k.removeprefix("eval/"): v for k, v in windows.items() if k.startswith("eval/")}
     if sets:
-        ev = ray.get(remote(_evaluate_task, cpus="worker").remote(cfg, out, sets, hf))
+        ev = call(_evaluate_task, cfg, out, sets, hf, cpus="worker")
         metrics.update(Workload(cfg).metric_fields("decoded", ev))
     metrics["encode"] = {
         "file": out.url(FILE), "file_bytes": file_bytes, "residency": "streamed",

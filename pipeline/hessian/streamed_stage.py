@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from pipeline.config import RunConfig
-from pipeline.executor import remote, task_threads
+from pipeline.executor import map_units, task_threads
 from pipeline.graph import StageContext
 
 __all__ = ["run_hessian_streamed", "TENSORS", "group_names", "read_tensor_hessian"]
@@ -134,10 +134,7 @@ def read_tensor_hessian(hess, name: str, shape: tuple[int, int]) -> np.ndarray:
 
 
 def run_hessian_streamed(ctx: StageContext) -> dict[str, Any]:
-    import ray
-
     from pipeline.models.source import source_url
-    from pipeline.progress import bar
     from pipeline.units import Units
     from pipeline.workload import MODEL_JSON, WINDOWS
 
@@ -172,23 +169,16 @@ def run_hessian_streamed(ctx: StageContext) -> dict[str, Any]:
                  [f"{r.start}-{r.stop - 1}" for r, _ in groups], len(todo),
                  len(records) + (P + 1) * len(finals))
     reused = len(records) + (P + 1) * len(finals)
-    task = remote(_partial_task, cpus=_task_cpus(cfg, P * len(groups)), gpus="task")
-    refs = {}
+    calls = []
     for p, g in todo:
         lo, hi = _partition(int(windows.shape[0]), P, p)
         rng, names = groups[g]
-        refs[task.remote(cfg, out, url, opts, windows[lo:hi], p, g, rng, names)] = (p, g)
-    pbar = bar(len(refs), "hessian units", unit="unit")
-    pending = list(refs)
+        calls.append((cfg, out, url, opts, windows[lo:hi], p, g, rng, names))
     bytes_read = 0
-    while pending:
-        ready, pending = ray.wait(pending, num_returns=1)
-        r = ray.get(ready[0])
+    for _, r in map_units(_partial_task, calls, cpus=_task_cpus(cfg, P * len(groups)),
+                          gpus="task", desc="hessian units"):
         bytes_read += r["bytes_read"]
-        pbar.update(1)
-    pbar.close()
-    reducer = remote(_reduce_task, cpus=1)
-    reds = {}
+    reduces = []
     for g in range(len(groups)):
         if g in finals:
             continue
@@ -199,9 +189,9 @@ def run_hessian_streamed(ctx: StageContext) -> dict[str, Any]:
                 raise RuntimeError(f"hessian unit p{p}-g{g} finished without its record")
             parts.append({"table": next(iter(rec["outputs"])),
                           "tensor_sha256": rec["fields"]["tensor_sha256"]})
-        reds[g] = reducer.remote(out, g, groups[g][1], parts, total)
-    for g, ref in reds.items():
-        finals[g] = ray.get(ref)
+        reduces.append((g, (out, g, groups[g][1], parts, total)))
+    for i, rec in map_units(_reduce_task, [c for _, c in reduces], desc="hessian reduce"):
+        finals[reduces[i][0]] = rec
     tensors = {}
     for g in range(len(groups)):
         rec = finals[g]

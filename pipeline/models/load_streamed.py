@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from pipeline.config import ConfigError, RunConfig
-from pipeline.executor import remote, task_threads
+from pipeline.executor import call, task_threads
 from pipeline.graph import StageContext
 from pipeline.hessian.shards import block_of
 from pipeline.workload import HF_DIR, MODEL_JSON, WINDOWS, Workload
@@ -159,6 +159,4 @@ def _load_task(cfg: RunConfig, out) -> dict:
 
 
 def run_load_streamed(ctx: StageContext) -> dict:
-    import ray
-
-    return ray.get(remote(_load_task, cpus="worker").remote(ctx.cfg, ctx.out))
+    return call(_load_task, ctx.cfg, ctx.out, cpus="worker")

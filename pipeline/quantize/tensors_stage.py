@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from pipeline.config import RunConfig
-from pipeline.executor import remote, task_cpus, task_threads
+from pipeline.executor import map_units, task_cpus, task_threads
 from pipeline.graph import StageContext
 
 __all__ = ["run_quantize_tensors", "CODES", "read_codes"]
@@ -176,10 +176,7 @@ def _predicted_bits(found, shapes: list[tuple[int, int]], sampled: list[int]) ->
 
 
 def run_quantize_tensors(ctx: StageContext) -> dict[str, Any]:
-    import ray
-
     from pipeline.models.source import source_url
-    from pipeline.progress import bar
     from pipeline.quantize.rate import solve_rows_global_rate
     from pipeline.quantize.rows_stage import RayBlockMap
     from pipeline.units import Units
@@ -198,16 +195,17 @@ def run_quantize_tensors(ctx: StageContext) -> dict[str, Any]:
         row0[n] = at
         at += shapes[n][0]
     every = max(1, math.ceil(weights / _SAMPLE_WEIGHTS))
-    sampler = remote(_sample_task, cpus=task_cpus(1))
-    sample = ray.get([sampler.remote(cfg, url, opts, hess, n, shapes[n], every, row0[n])
-                      for n in names])
+    sample = [None] * len(names)
+    for i, block in map_units(_sample_task, [(cfg, url, opts, hess, n, shapes[n], every, row0[n])
+                                             for n in names], cpus=task_cpus(1),
+                              desc="quantize sample", unit="tensor"):
+        sample[i] = block
     sampled = [b.W.shape[0] for b in sample]
     ctx.log.info("quantize: %s per channel, %d tensors, %d rows, %d weights; λ searched on "
                  "every %d-th row (%d rows)", q.method, len(names), at, weights, every,
                  sum(sampled))
     mapper = RayBlockMap()
     units = Units(out)
-    task = remote(_tensor_task, cpus=task_cpus(1), gpus="task")
     target = float(q.target_bits)
     aim, lam0, evals, passes, best, reused = target, None, 0, 0, None, 0
     while passes < _PASSES:
@@ -227,26 +225,21 @@ def run_quantize_tensors(ctx: StageContext) -> dict[str, Any]:
         tag = _tag(lam)
         passes += 1
         recs: dict[str, dict] = {}
-        refs = {}
+        todo = []
         for i, n in enumerate(names):
             rec = units.done(f"t{i:05d}-{tag}")
             if rec is not None:
                 recs[n] = rec
                 reused += 1
             else:
-                refs[task.remote(cfg, out, url, opts, hess, n, i, shapes[n], lam, row0[n],
-                                 tag)] = n
-        pbar = bar(len(refs), f"quantize pass {passes}", unit="tensor")
-        pending = list(refs)
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            recs[refs[ready[0]]] = ray.get(ready[0])
-            pbar.update(1)
-        pbar.close()
+                todo.append((cfg, out, url, opts, hess, n, i, shapes[n], lam, row0[n], tag))
+        for j, rec in map_units(_tensor_task, todo, cpus=task_cpus(1), gpus="task",
+                                desc=f"quantize pass {passes}", unit="tensor"):
+            recs[todo[j][5]] = rec
         coded = math.fsum(sum(recs[n]["fields"]["bits"].values()) for n in names) / weights
         ctx.log.info("quantize: pass %d at λ=%.4g: the file will spend %.4f bits/weight "
                      "(target %.4f; %d tensors reused)", passes, lam, coded, target,
-                     len(names) - len(refs))
+                     len(names) - len(todo))
         if best is None or (coded <= target and (best[0] > target or coded > best[0])) \
                 or (best[0] > target and coded < best[0]):
             if best is not None:

@@ -165,6 +165,13 @@ def run_encode_streamed(ctx: StageContext) -> dict[str, Any]:
         "bits_per_weight": qbits / max(n_q, 1),
         "bits_per_weight_all": 8 * file_bytes / max(r["params"], 1),
     }
+    target = cfg.quantize.target_bits
+    if target is not None and not target - 0.015 <= qbits / max(n_q, 1) <= target:
+        # the quantize stage aims the file from each tensor's coded size; a model of few,
+        # small tensors pays a header share that estimate misses
+        ctx.log.warning("encode: the file spends %.4f bits per quantized weight, outside "
+                        "[%.3f, %.3f] (quantize.target_bits %.3f)", qbits / max(n_q, 1),
+                        target - 0.015, target, target)
     windows = load.read_safetensors(WINDOWS)
     sets = {k.removeprefix("eval/"): v for k, v in windows.items() if k.startswith("eval/")}
     if sets:

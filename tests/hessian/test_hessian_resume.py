@@ -23,16 +23,33 @@ def _train(ctx):
 
 
 # A stand-in for training: a seeded LeNet-5, so the test spends its time in the Hessian.
-STAGES = [Stage(name="train", version=1, inputs=lambda cfg: (), sections=lambda cfg: {"s": 0},
-                run=_train, outputs=lambda cfg: ("model.safetensors",)), HESSIAN]
+STAGES = [
+    Stage(
+        name="train",
+        version=1,
+        inputs=lambda cfg: (),
+        sections=lambda cfg: {"s": 0},
+        run=_train,
+        outputs=lambda cfg: ("model.safetensors",),
+    ),
+    HESSIAN,
+]
 
 
 def _cfg(store):
     # 256 samples in batches of 64: P=2 partitions × G=2 groups = 4 units.
-    return load_config("configs/lenet5_fmnist.yaml", [
-        f"store.url={store}", "prune.enabled=false", "hessian.calibration_samples=256",
-        "hessian.batch_size=64", "hessian.partitions=2", "hessian.groups=2",
-        "executor.cpus_per_task=1"])
+    return load_config(
+        "configs/lenet5_fmnist.yaml",
+        [
+            f"store.url={store}",
+            "prune.enabled=false",
+            "hessian.calibration_samples=256",
+            "hessian.batch_size=64",
+            "hessian.partitions=2",
+            "hessian.groups=2",
+            "executor.cpus_per_task=1",
+        ],
+    )
 
 
 def _manifest(store: Store, cfg) -> dict:
@@ -69,8 +86,12 @@ def test_killed_hessian_reruns_only_its_missing_units(ray_local, tmp_path, monke
         with pytest.raises(KeyboardInterrupt):
             run(cfg, stages=STAGES, init_executor=False, until="hessian")
     folder = f"stages/hessian-{plan(cfg, STAGES)[1].key}"
-    assert sorted(store.list(f"{folder}/units")) == ["p0-g0.json", "p0-g1.json", "p1-g0.json",
-                                                     "p1-g1.json"]
+    assert sorted(store.list(f"{folder}/units")) == [
+        "p0-g0.json",
+        "p0-g1.json",
+        "p1-g0.json",
+        "p1-g1.json",
+    ]
     assert not store.exists(f"{folder}/manifest.json")
     # What a kill at different moments leaves: p1-g0 wrote its partial but not its record,
     # p0-g1's partial was damaged after its record, and a write was cut short.
@@ -82,12 +103,14 @@ def test_killed_hessian_reruns_only_its_missing_units(ray_local, tmp_path, monke
 
     with caplog.at_level(logging.WARNING, logger="hwq"):
         run(cfg, stages=STAGES, init_executor=False, until="hessian")
-    assert any("p0-g1" in r.getMessage() and "does not match" in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        "p0-g1" in r.getMessage() and "does not match" in r.getMessage() for r in caplog.records
+    )
     got = _manifest(store, cfg)
     assert got["metrics"]["hessian"]["units"] == {"total": 4, "reused": 2, "computed": 2}
     assert set(got["outputs"]) == {"hessian.parquet"}
     assert got["outputs"]["hessian.parquet"] == ref["outputs"]["hessian.parquet"]
-    assert (store.read_bytes(f"{folder}/hessian.parquet")
-            == whole.read_bytes(f"{folder}/hessian.parquet"))
+    assert store.read_bytes(f"{folder}/hessian.parquet") == whole.read_bytes(
+        f"{folder}/hessian.parquet"
+    )
     assert store.list(folder) == ["hessian.parquet", "manifest.json"]

@@ -32,8 +32,10 @@ def _unit(sd: StageDir, unit: str, data: bytes = b"partial sums", **fields) -> d
 
 
 def _warned(caplog, *words: str) -> bool:
-    return any(all(w in r.getMessage() for w in words) and r.levelno == logging.WARNING
-               for r in caplog.records)
+    return any(
+        all(w in r.getMessage() for w in words) and r.levelno == logging.WARNING
+        for r in caplog.records
+    )
 
 
 def test_recorded_unit_is_done_and_counted(store):
@@ -69,17 +71,20 @@ def test_tampered_output_is_recomputed_with_a_warning(store, caplog):
     assert _warned(caplog, "p2-g0", "missing")
 
 
-@pytest.mark.parametrize("edit,why", [
-    (lambda r: r["outputs"]["partials/u.bin"].update(sha256="0" * 64), "does not match"),
-    (lambda r: r["outputs"]["partials/u.bin"].update(bytes=-1), "schema"),
-    (lambda r: r.update(extra=1), "schema"),
-    (lambda r: r.update(fields=[1]), "schema"),
-    (lambda r: r.update(unit="../u"), "schema"),
-    (lambda r: r.update(unit="v"), "unit v"),
-    (lambda r: r.update(stage="quantize"), "quantize-k3"),
-    (lambda r: r["outputs"].update({"../escape": r["outputs"]["partials/u.bin"]}), "schema"),
-    (lambda r: r["outputs"].update({"units/u.json": r["outputs"]["partials/u.bin"]}), "schema"),
-])
+@pytest.mark.parametrize(
+    "edit,why",
+    [
+        (lambda r: r["outputs"]["partials/u.bin"].update(sha256="0" * 64), "does not match"),
+        (lambda r: r["outputs"]["partials/u.bin"].update(bytes=-1), "schema"),
+        (lambda r: r.update(extra=1), "schema"),
+        (lambda r: r.update(fields=[1]), "schema"),
+        (lambda r: r.update(unit="../u"), "schema"),
+        (lambda r: r.update(unit="v"), "unit v"),
+        (lambda r: r.update(stage="quantize"), "quantize-k3"),
+        (lambda r: r["outputs"].update({"../escape": r["outputs"]["partials/u.bin"]}), "schema"),
+        (lambda r: r["outputs"].update({"units/u.json": r["outputs"]["partials/u.bin"]}), "schema"),
+    ],
+)
 def test_tampered_record_is_recomputed_with_a_warning(local, caplog, edit, why):
     sd = StageDir(local, "hessian", "k3")
     rec = _unit(sd, "u")
@@ -89,14 +94,17 @@ def test_tampered_record_is_recomputed_with_a_warning(local, caplog, edit, why):
     assert _warned(caplog, "unit u", why), [r.getMessage() for r in caplog.records]
 
 
-@pytest.mark.parametrize("data,why", [
-    (b"{not json", "not JSON"),
-    (b"\xff\xfe", "not JSON"),
-    (b"[" * 100_000 + b"]" * 100_000, "not JSON"),
-    (b"[]", "schema"),
-    (b"{}", "schema"),
-    (b" " * (MAX_RECORD_BYTES + 1), "larger than"),
-])
+@pytest.mark.parametrize(
+    "data,why",
+    [
+        (b"{not json", "not JSON"),
+        (b"\xff\xfe", "not JSON"),
+        (b"[" * 100_000 + b"]" * 100_000, "not JSON"),
+        (b"[]", "schema"),
+        (b"{}", "schema"),
+        (b" " * (MAX_RECORD_BYTES + 1), "larger than"),
+    ],
+)
 def test_garbage_or_huge_record_is_recomputed_with_a_warning(local, caplog, data, why):
     sd = StageDir(local, "hessian", "k4")
     _unit(sd, "u")

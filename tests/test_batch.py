@@ -276,8 +276,8 @@ def _hwq_batch(*args):
 
 
 def test_cli_batch_end_to_end_on_lenet(tmp_path, quick_run):
-    from pipeline.faults import seed_store
     from pipeline.store import Store
+    from testkit.faults import seed_store
 
     store = tmp_path / "store"
     # The suite's quick run already computed this config's stages up to fine-tuning: seed the

@@ -128,7 +128,7 @@ def test_only_validates_the_entries_it_names_and_an_unknown_one_at_once(tmp_path
 
 def test_a_batch_hashes_each_model_folder_once(tmp_path, monkeypatch):
     from pipeline import digests
-    from pipeline.testing import tiny_llama_folder, write_corpus
+    from testkit.models import tiny_llama_folder, write_corpus
 
     tiny_llama_folder(tmp_path / "llama")
     write_corpus(tmp_path / "calib.txt", 50, 1)

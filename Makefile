@@ -77,8 +77,8 @@ test: setup
 	$(BIN)/python -m pytest -q tests $(ARGS)
 
 lint: setup
-	$(BIN)/ruff check pipeline tests benchmarks jobs
-	$(BIN)/ruff format --check pipeline tests benchmarks jobs
+	$(BIN)/ruff check pipeline testkit tests benchmarks jobs
+	$(BIN)/ruff format --check pipeline testkit tests benchmarks jobs
 
 bench: setup
 	$(BIN)/python benchmarks/hessian_throughput.py

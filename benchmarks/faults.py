@@ -11,7 +11,7 @@ everything after it are computed under the fault:
 
 - worker-kill-*: kill -9 of a Ray worker in the middle of hessian / quantize / finetune /
   encode (Ray retries the task, restarts the actor, or Ray Train restarts the worker group);
-- node-stop: a two-node cluster (pipeline.localcluster), the second node killed while the
+- node-stop: a two-node cluster (testkit.localcluster), the second node killed while the
   Hessian's tasks run on it; the job is submitted through the Ray Jobs API, store on S3;
 - driver-kill: the job's driver killed (kill -9) while it fine-tunes, the same job submitted
   again: it waits out the dead driver's stage lease and resumes;
@@ -44,8 +44,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.faults import WorkerKiller, audit, seed_store, stage_digests  # noqa: E402
 from pipeline.store import Store  # noqa: E402
+from testkit.faults import WorkerKiller, audit, seed_store, stage_digests  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 WORK = ROOT / "runs" / "faults"
@@ -146,7 +146,7 @@ def worker_kill(ctx, stage: str, names: tuple[str, ...], after: float) -> dict:
 
 
 def s3_transient(ctx, mode: str, every: int) -> dict:
-    from pipeline.chaos import ChaosProxy
+    from testkit.chaos import ChaosProxy
 
     s3 = ctx["s3"]
     url = s3.bucket()
@@ -164,7 +164,7 @@ def s3_transient(ctx, mode: str, every: int) -> dict:
 
 
 def s3_permanent(ctx, kind: str) -> dict:
-    from pipeline.chaos import ChaosProxy
+    from testkit.chaos import ChaosProxy
 
     s3 = ctx["s3"]
     if kind == "denied":
@@ -225,7 +225,7 @@ def _two_node_job(ctx, stage: str, fault, *extra: str) -> tuple[dict, dict]:
     """A two-node cluster, an S3 store seeded up to `stage`, the run submitted as a job;
     `fault(cluster, url)` is called a few seconds after `stage` took its lease and returns
     (injected, facts). Returns (the row, facts)."""
-    from pipeline.localcluster import LocalCluster
+    from testkit.localcluster import LocalCluster
 
     s3 = ctx["s3"]
     url = s3.bucket()
@@ -298,7 +298,7 @@ SCENARIOS = {
 
 def cache_hit_transfer(s3: S3) -> dict:
     """The default config on S3 through a counting proxy, then again: bytes moved."""
-    from pipeline.chaos import ChaosProxy
+    from testkit.chaos import ChaosProxy
 
     url = s3.bucket()
     with ChaosProxy(s3.endpoint) as proxy:

@@ -3,7 +3,7 @@ channel scope (one codebook per row).
 
 Prints a table and writes benchmarks/results/kmeans_throughput.json. Network rows run
 hw_kmeans with k clusters for exactly --iters Lloyd iterations (tol=0) on synthetic weights
-(pipeline.testing.synthetic_weights: Laplacian mixture, lognormal h) that every actor
+(testkit.synthetic.synthetic_weights: Laplacian mixture, lognormal h) that every actor
 generates for its own shard; "weights/s" counts N × iterations over the Lloyd loop only, the
 init (best of n_init starts on a ≤1M-point sample) is reported separately. Memory is peak RSS (ru_maxrss) of the
 driver (a high-water mark over the whole script, so later rows inherit earlier peaks) and of
@@ -36,7 +36,7 @@ def _gib(b: float) -> float:
 
 def run_local(n: int, k: int, iters: int, n_init: int, seed: int, threads: int) -> dict:
     from pipeline.quantize import LocalBackend, hw_kmeans
-    from pipeline.testing import synthetic_weights
+    from testkit.synthetic import synthetic_weights
 
     w, h = synthetic_weights(0, n, seed)
     be = LocalBackend(w, h, threads=threads)
@@ -51,7 +51,8 @@ def run_local(n: int, k: int, iters: int, n_init: int, seed: int, threads: int) 
 
 
 def run_ray(n: int, k: int, iters: int, n_init: int, seed: int, actors: int) -> dict:
-    from pipeline.quantize import BLOCK, RayBackend, SyntheticLoader, hw_kmeans, shard_ranges
+    from pipeline.quantize import BLOCK, RayBackend, hw_kmeans, shard_ranges
+    from testkit.synthetic import SyntheticLoader
 
     ranges = shard_ranges(n, actors, BLOCK)
     t0 = time.perf_counter()
@@ -71,7 +72,7 @@ def run_ray(n: int, k: int, iters: int, n_init: int, seed: int, actors: int) -> 
 def run_channel(rows: int, cols: int, k: int, iters: int, n_init: int, seed: int,
                 tasks: int) -> dict:
     from pipeline.quantize import solve_channels
-    from pipeline.testing import synthetic_weights
+    from testkit.synthetic import synthetic_weights
 
     w, h = synthetic_weights(0, rows * cols, seed)
     W, H = w.reshape(rows, cols), h.reshape(rows, cols)

@@ -32,8 +32,8 @@ def hwq(*args, check=True, env_extra=None, timeout=900):
 
 def local_digests(store: Path) -> dict[str, dict[str, str]]:
     """{stage: {file: sha256}} of the run in a local store, from its manifests."""
-    from pipeline.faults import stage_digests
     from pipeline.store import Store
+    from testkit.faults import stage_digests
 
     st = Store(str(store), create=False)
     return stage_digests(st, st.read_json("report.json")["stages"])

@@ -128,7 +128,7 @@ def test_only_validates_the_entries_it_names_and_an_unknown_one_at_once(tmp_path
 
 def test_a_batch_hashes_each_model_folder_once(tmp_path, monkeypatch):
     from pipeline import digests
-    from pipeline.testing import tiny_llama_folder, write_corpus
+    from testkit.models import tiny_llama_folder, write_corpus
 
     tiny_llama_folder(tmp_path / "llama")
     write_corpus(tmp_path / "calib.txt", 50, 1)
@@ -276,8 +276,8 @@ def _hwq_batch(*args):
 
 
 def test_cli_batch_end_to_end_on_lenet(tmp_path, quick_run):
-    from pipeline.faults import seed_store
     from pipeline.store import Store
+    from testkit.faults import seed_store
 
     store = tmp_path / "store"
     # The suite's quick run already computed this config's stages up to fine-tuning: seed the

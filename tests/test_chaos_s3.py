@@ -1,4 +1,4 @@
-"""Fault injection between s3fs/botocore and S3 (moto on loopback), through pipeline.chaos.
+"""Fault injection between s3fs/botocore and S3 (moto on loopback), through testkit.chaos.
 
 What hwq's Store (key, secret and endpoint_url only: botocore's "legacy" retries, 5 attempts,
 and s3fs's own 5 tries around each call) rides out, measured here:
@@ -24,8 +24,8 @@ import urllib.request
 
 import pytest
 
-from pipeline.chaos import ChaosProxy, Fault
 from pipeline.store import Store, StoreAccessError
+from testkit.chaos import ChaosProxy, Fault
 
 SMALL = b'{"step": 1}\n'
 BIG = os.urandom(12 << 20)  # > s3fs's 5 MiB minimum part; Store puts it with one PUT (< 100 MiB)

@@ -268,7 +268,7 @@ def test_decode_refuses_to_replace_a_special_output(tmp_path):
 @pytest.fixture(scope="module")
 def lm_folder(tmp_path_factory):
     pytest.importorskip("transformers")
-    from pipeline.testing import tiny_llama_folder, write_corpus
+    from testkit.models import tiny_llama_folder, write_corpus
 
     d = tmp_path_factory.mktemp("lm")
     tiny_llama_folder(d / "llama")

@@ -8,9 +8,9 @@ import uuid
 
 import pytest
 
-from pipeline.faults import stage_digests
-from pipeline.localcluster import LocalCluster
 from pipeline.store import Store
+from testkit.faults import stage_digests
+from testkit.localcluster import LocalCluster
 from tests.quick import QUICK, ROOT, local_digests
 
 

@@ -40,7 +40,7 @@ import pytest
 import yaml
 from referencing import Registry, Resource
 
-from pipeline.localcluster import free_port, kill_ray_of
+from testkit.localcluster import free_port, kill_ray_of
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"

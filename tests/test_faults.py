@@ -7,8 +7,8 @@ import uuid
 
 import pytest
 
-from pipeline.faults import WorkerKiller, audit, seed_store, stage_digests
 from pipeline.store import Store
+from testkit.faults import WorkerKiller, audit, seed_store, stage_digests
 from tests.quick import QUICK, hwq
 
 
@@ -44,7 +44,7 @@ def test_a_store_that_fails_for_good_stops_the_run_with_one_line(fault, s3_endpo
         url, key = f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}/run", "testing"
         expect = "does not exist"
     else:
-        from pipeline.chaos import ChaosProxy  # a server refusing every request
+        from testkit.chaos import ChaosProxy  # a server refusing every request
 
         url, key = "s3://any/run", "testing"
         expect = "access denied"

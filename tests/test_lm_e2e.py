@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers")
 
 from pipeline.api import compress, to_config  # noqa: E402
 from pipeline.config import ConfigError  # noqa: E402
-from pipeline.testing import tiny_llama_folder, write_corpus  # noqa: E402
+from testkit.models import tiny_llama_folder, write_corpus  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +135,7 @@ def test_decode_hf_out_loads_with_transformers_and_gives_the_same_perplexity(lm_
 
     from pipeline.cli import main
     from pipeline.evaluate.perplexity import perplexity
-    from pipeline.testing import tiny_tokenizer
+    from testkit.models import tiny_tokenizer
 
     hwq = lm_run["metrics"]["encode"]["file"]
     out = tmp_path / "decoded"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.executor import without_job_env_vars
-from pipeline.localcluster import LocalCluster
+from testkit.localcluster import LocalCluster
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))

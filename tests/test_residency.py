@@ -16,7 +16,7 @@ from pipeline import driver
 from pipeline.config import ConfigError, RunConfig
 from pipeline.models.source import resolve_residency
 from pipeline.models.weights import write_folder
-from pipeline.testing import tiny_llama, tiny_tokenizer, write_corpus
+from testkit.models import tiny_llama, tiny_tokenizer, write_corpus
 
 
 @pytest.fixture(scope="module")

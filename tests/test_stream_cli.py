@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipeline.models.weights import write_folder
-from pipeline.testing import tiny_llama, tiny_tokenizer, write_corpus
+from testkit.models import tiny_llama, tiny_tokenizer, write_corpus
 
 
 def _folder(path, tokenizer: bool = True):

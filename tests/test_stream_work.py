@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from pipeline.models.weights import write_folder
-from pipeline.testing import tiny_llama, tiny_tokenizer
+from testkit.models import tiny_llama, tiny_tokenizer
 
 ARGS = ["--windows", "2", "--seq-len", "8", "--bits", "3"]
 FINAL = "model.hwq"

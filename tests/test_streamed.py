@@ -11,7 +11,7 @@ import torch
 
 from pipeline.models.weights import WeightsFolder, write_folder
 from pipeline.streamed import StreamSettings, _Work, one_tensor_decode, run_streamed
-from pipeline.testing import tiny_llama, tiny_tokenizer, write_corpus
+from testkit.models import tiny_llama, tiny_tokenizer, write_corpus
 
 
 @pytest.fixture(scope="module")

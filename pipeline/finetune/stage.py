@@ -60,23 +60,20 @@ own forward (here the `codebooks` ParameterDict) and registers it as an external
 Stage 3 is not covered by the tests; its checkpoints are per-rank parameter partitions, so a
 resume needs the same worker count (which the stage key guarantees).
 
-Test hooks: the environment variable `HWQ_FINETUNE_FAIL_AFTER_STEPS=n`, read in the driver
-process and passed to the workers, makes every worker raise right after finishing step n (a
-simulated crash, for the resume test; it fires in every attempt that reaches step n). With
-`HWQ_FINETUNE_KILL_ONCE=<marker file>` as well, the first worker to finish step n creates the
-marker and exits its process at once (`os._exit`, as if killed); no worker fires once the
-marker exists, so a restarted worker group finishes.
+Hooks: after each step (and its checkpoint) every worker fires the `pipeline.hooks` event
+`finetune.step`; the resume tests crash or kill a worker there. The driver reads HWQ_HOOK and
+passes it to the workers in their config.
 """
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from pipeline import hooks
 from pipeline.config import FinetuneConfig, RunConfig
 from pipeline.errors import UserError
 from pipeline.finetune.checkpoint import Checkpoints
@@ -86,8 +83,6 @@ from pipeline.train.stage import model_stage
 
 __all__ = [
     "FINETUNE",
-    "FAIL_ENV",
-    "KILL_ONCE_ENV",
     "deepspeed_config",
     "plan_steps",
     "global_batch",
@@ -96,8 +91,6 @@ __all__ = [
     "data_source",
 ]
 
-FAIL_ENV = "HWQ_FINETUNE_FAIL_AFTER_STEPS"
-KILL_ONCE_ENV = "HWQ_FINETUNE_KILL_ONCE"
 CODEBOOKS = "codebooks.safetensors"
 SUMMARY = "finetune.json"
 FACTS = "attempt.json"  # beside the checkpoints: this attempt's resume point and timings
@@ -235,25 +228,11 @@ def _master_fp32(engine, param: torch.Tensor) -> torch.Tensor:
     return (param if full is None else full).detach().float().cpu().clone()
 
 
-def _simulated_failure(done: int, kill_once: str | None) -> None:
-    """The test hook (module docstring): raise, or with a marker file kill this process once."""
-    if kill_once is None:
-        raise RuntimeError(f"{FAIL_ENV}={done}: simulated failure after step {done}")
-    try:
-        fd = os.open(kill_once, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-    except FileExistsError:
-        return  # it already fired (in this attempt's other worker, or an earlier attempt)
-    os.close(fd)
-    print(f"finetune: {KILL_ONCE_ENV}: killing this worker (pid {os.getpid()}) after step "
-          f"{done}", flush=True)
-    os._exit(1)  # no cleanup, no exception: as if the process were killed
-
-
 def finetune_worker(conf: dict[str, Any]) -> None:
     """Ray Train worker loop (one DeepSpeed engine per worker); see the module docstring.
 
     conf: {"cfg": RunConfig, "out": StageDir, "model": StageDir, "quantize": StageDir,
-    "ckpt": Checkpoints, "fail_after": int | None, "kill_once": str | None, "threads": int}.
+    "ckpt": Checkpoints, "hook": str | None (pipeline.hooks), "threads": int}.
 
     A UserError (a mistake in the config or data, which a restart would only meet again) does
     not fail the worker: Ray Train would restart the group `max_failures` times and end with
@@ -370,8 +349,7 @@ def _worker(conf: dict[str, Any]) -> None:
             running, pending = 0.0, 0
         if done % ft.checkpoint_every == 0 and done < steps:
             ckpt.save(engine, done, rank)
-        if conf.get("fail_after") is not None and done == conf["fail_after"]:
-            _simulated_failure(done, conf.get("kill_once"))
+        hooks.fire(conf.get("hook"), "finetune.step", step=done, rank=rank)
     train_seconds = time.perf_counter() - t0
 
     codebooks = {name: _master_fp32(engine, engine.module.codebooks[f"c{i}"])
@@ -492,11 +470,9 @@ def _run(ctx: StageContext) -> dict[str, Any]:
     ckpt = Checkpoints(ctx.store, ctx.out.key)
     gpus, cpus = _resources(ft.workers)
     use_gpu = gpus > 0
-    fail = os.environ.get(FAIL_ENV)
     conf = {"cfg": cfg, "out": ctx.out, "model": ctx.inputs[model_stage(cfg)],
-            "quantize": ctx.inputs["quantize"], "ckpt": ckpt,
-            "fail_after": int(fail) if fail else None,
-            "kill_once": os.environ.get(KILL_ONCE_ENV) or None, "threads": max(1, int(cpus))}
+            "quantize": ctx.inputs["quantize"], "ckpt": ckpt, "hook": hooks.from_env(),
+            "threads": max(1, int(cpus))}
     ckpt.clear_ray_storage()
     # What the workers will find (they check again, and unpickle weights-only, themselves).
     resumed, why = ckpt.inspect()

@@ -25,8 +25,7 @@ from .channel import ChannelResult, solve_channels
 from .entropy_constrained import ecsq
 from .scalar import QuantResult, hw_kmeans, kmeans, uniform
 
-_SHARDED = ("ArrayLoader", "RayBackend", "ShardActor", "SyntheticLoader", "shard_ranges",
-            "solve_channels_sharded")
+_SHARDED = ("ArrayLoader", "RayBackend", "ShardActor", "shard_ranges", "solve_channels_sharded")
 
 __all__ = [
     "BLOCK",

@@ -21,10 +21,10 @@ retried (it would only repeat); Ray's actor restarts are for dead processes.
 Channel scope needs no reduction: :func:`solve_channels_sharded` gives row ranges to Ray tasks
 and concatenates; every row depends only on its own data, the seed and its global index.
 
-Example::
+Example, with ``SliceLoader(a, b)`` a loader of elements [a, b)::
 
     ranges = shard_ranges(n, 2, BLOCK)
-    with RayBackend([SyntheticLoader(a, b) for a, b in ranges], [a for a, _ in ranges]) as be:
+    with RayBackend([SliceLoader(a, b) for a, b in ranges], [a for a, _ in ranges]) as be:
         res = hw_kmeans(be, None, 32)
 """
 
@@ -47,7 +47,6 @@ __all__ = [
     "ArrayLoader",
     "RayBackend",
     "ShardActor",
-    "SyntheticLoader",
     "shard_ranges",
     "solve_channels_sharded",
 ]
@@ -86,20 +85,6 @@ class ArrayLoader:
 
     def __call__(self) -> tuple[np.ndarray, np.ndarray | None]:
         return self.w, self.h
-
-
-class SyntheticLoader:
-    """Loader that generates elements [start, stop) of ``pipeline.testing.synthetic_weights`` in
-    the actor (benchmarks and tests)."""
-
-    def __init__(self, start: int, stop: int, seed: int = 0):
-        self.start, self.stop, self.seed = int(start), int(stop), int(seed)
-
-    def __call__(self) -> tuple[np.ndarray, np.ndarray]:
-        # Imported here: only benchmarks and tests make synthetic shards.
-        from pipeline.testing import synthetic_weights
-
-        return synthetic_weights(self.start, self.stop, self.seed)
 
 
 @ray.remote

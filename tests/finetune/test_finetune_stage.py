@@ -12,22 +12,17 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline import hooks
 from pipeline.config import load_config
 from pipeline.driver import run as run_stages
-from pipeline.finetune.stage import (
-    FAIL_ENV,
-    FINETUNE,
-    KILL_ONCE_ENV,
-    deepspeed_config,
-    global_batch,
-    plan_steps,
-)
+from pipeline.finetune.stage import FINETUNE, deepspeed_config, global_batch, plan_steps
 from pipeline.finetune.transform import QuantizedTrainable
 from pipeline.graph import Stage, StageContext
 from pipeline.models import build
 from pipeline.quantize.artifacts import QuantizedModel
 from pipeline.store import StageDir, Store
 from pipeline.train import magnitude_masks
+from testkit.faults import crash_finetune
 
 KEEP = {"conv1.weight": 0.66, "conv2.weight": 0.12, "fc1.weight": 0.08, "fc2.weight": 0.19}
 # 512 samples, batch 64: 8 steps per epoch; 0.5 epochs = 4 steps. lr 1e-3 so the centres move
@@ -212,8 +207,7 @@ def test_a_killed_worker_is_restarted_and_resumes_bit_identically(ray_local, inp
     """Default finetune.max_failures: one worker process dies (os._exit) after step 3; Ray
     Train restarts the group, which resumes from the step-2 checkpoint and finishes."""
     store, prune, quant = inputs
-    monkeypatch.setenv(FAIL_ENV, "3")
-    monkeypatch.setenv(KILL_ONCE_ENV, str(tmp_path / "killed"))
+    monkeypatch.setenv(hooks.ENV, crash_finetune(3, tmp_path / "killed"))
     cfg = _cfg(*ZERO2)
     assert cfg.finetune.max_failures >= 1  # the default
     out = StageDir(store, "finetune", "killed")
@@ -243,7 +237,7 @@ def test_two_workers_resume_from_checkpoint_after_a_crash(ray_local, tmp_path, m
                f"store.url={tmp_path}/run")
     store = Store(cfg.store.url)
 
-    monkeypatch.setenv(FAIL_ENV, "3")
+    monkeypatch.setenv(hooks.ENV, crash_finetune(3))
     with pytest.raises(Exception, match="simulated failure after step 3"):
         run_stages(cfg, stages=stages, init_executor=False)
     ckpts = store.list_dirs("checkpoints")
@@ -253,7 +247,7 @@ def test_two_workers_resume_from_checkpoint_after_a_crash(ray_local, tmp_path, m
     tags = [d for d in store.list_dirs(f"checkpoints/{ckpts[0]}") if d.startswith("step")]
     assert tags == ["step000000002"]
 
-    monkeypatch.delenv(FAIL_ENV)
+    monkeypatch.delenv(hooks.ENV)
     report = run_stages(cfg, stages=stages, init_executor=False)
     assert report["stages"]["prune"]["cached"] and report["stages"]["quantize"]["cached"]
     ft = report["metrics"]["finetune"]

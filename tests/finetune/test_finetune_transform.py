@@ -182,7 +182,7 @@ def test_tied_embedding_and_head_read_the_rebuilt_weight():
     """A quantized embedding tied to the head: both uses read codebook[codes] (the head does
     not keep the dense weight), and the codebook's gradient is the sum over both uses."""
     pytest.importorskip("transformers")
-    from pipeline.testing import tiny_llama
+    from testkit.models import tiny_llama
 
     model = tiny_llama(vocab=50, hidden=32, layers=1, tie_word_embeddings=True)
     name = "model.embed_tokens.weight"

@@ -9,7 +9,7 @@ from pipeline.hessian.lm import activation_diag_lm, fisher_diag_lm
 from pipeline.hessian.stream import activation_streamed, fisher_streamed
 from pipeline.models.stream import StreamedLM
 from pipeline.models.weights import write_folder
-from pipeline.testing import tiny_llama
+from testkit.models import tiny_llama
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from pipeline.hessian.shards import (
 from pipeline.hessian.stream import activation_streamed, fisher_streamed
 from pipeline.models.stream import StreamedLM
 from pipeline.models.weights import WeightsFolder, write_folder
-from pipeline.testing import tiny_llama
+from testkit.models import tiny_llama
 
 LAYERS = 4
 

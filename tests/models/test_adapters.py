@@ -13,8 +13,8 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
-from pipeline.testing import tiny_llama as _tiny_llama  # noqa: E402
-from pipeline.testing import tiny_tokenizer  # noqa: E402
+from testkit.models import tiny_llama as _tiny_llama  # noqa: E402
+from testkit.models import tiny_tokenizer  # noqa: E402
 
 VOCAB = 300
 

@@ -103,7 +103,7 @@ def _bases(root: Path) -> dict[str, Path]:
     from test_adapters import write_llama_gguf
 
     from pipeline.models.weights import write_folder
-    from pipeline.testing import tiny_llama, tiny_tokenizer
+    from testkit.models import tiny_llama, tiny_tokenizer
 
     model = tiny_llama(VOCAB, hidden=16, tie_word_embeddings=False)
     tok = tiny_tokenizer(VOCAB)

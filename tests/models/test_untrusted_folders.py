@@ -18,7 +18,7 @@ from pipeline.errors import UserError  # noqa: E402
 from pipeline.models import make_adapter  # noqa: E402
 from pipeline.models.folder_checks import ModelFileError  # noqa: E402
 from pipeline.models.weights import INDEX, WeightsError, WeightsFolder, write_folder  # noqa: E402
-from pipeline.testing import tiny_llama, tiny_tokenizer  # noqa: E402
+from testkit.models import tiny_llama, tiny_tokenizer  # noqa: E402
 
 VOCAB = 300
 

@@ -18,7 +18,7 @@ from pipeline.quantize import (
     solve_channels,
     uniform,
 )
-from pipeline.testing import synthetic_weights
+from testkit.synthetic import synthetic_weights
 
 N = 100_000
 

@@ -13,7 +13,7 @@ from pipeline.quantize import (
     solve_channels,
     uniform,
 )
-from pipeline.testing import synthetic_weights
+from testkit.synthetic import SyntheticLoader, synthetic_weights
 
 N = 120_000
 BLOCK = 1 << 13  # small blocks so three shards each get several
@@ -33,7 +33,7 @@ def test_shard_ranges_are_block_aligned_and_balanced():
 @pytest.fixture(scope="module")
 def shards(ray_local):
     """Three actors that make their own shard of the synthetic stream (no data shipped)."""
-    from pipeline.quantize import RayBackend, SyntheticLoader, shard_ranges
+    from pipeline.quantize import RayBackend, shard_ranges
 
     ranges = shard_ranges(N, 3, BLOCK)
     be = RayBackend([SyntheticLoader(a, b, seed=7) for a, b in ranges], [a for a, _ in ranges],
@@ -125,7 +125,7 @@ def test_a_killed_actor_is_restarted_and_the_result_is_bit_identical(ray_local, 
     and the lost call is retried: the same bits as the single-process run."""
     import ray
 
-    from pipeline.quantize import SyntheticLoader, shard_ranges
+    from pipeline.quantize import shard_ranges
 
     ranges = shard_ranges(N, 3, BLOCK)
     backend = killing_backend(at=4, victim=1)

@@ -1,5 +1,6 @@
 """Fault injection for tests and `benchmarks/faults.py`: kill -9 a Ray worker in the middle of
-a stage, seed a store with a finished run's upstream stages, and audit a store afterwards.
+a stage, crash or kill a fine-tune worker after a chosen step (a `pipeline.hooks` hook), seed
+a store with a finished run's upstream stages, and audit a store afterwards.
 
 The audit is the "nothing lost, nothing false" check: every stage folder with a manifest must
 verify (each file's sha256 and size, no unlisted file), and every stage folder without one is
@@ -9,12 +10,14 @@ incomplete folders; it must never leave a manifest over files that do not match 
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-__all__ = ["WorkerKiller", "seed_store", "audit", "stage_digests"]
+__all__ = ["WorkerKiller", "crash_finetune", "seed_store", "audit", "stage_digests"]
 
 
 @dataclass
@@ -70,6 +73,36 @@ class WorkerKiller:
                             continue
                         return
             time.sleep(0.2)
+
+
+def crash_finetune(step: int, marker: str | Path | None = None) -> str:
+    """The HWQ_HOOK value (`pipeline.hooks`) that crashes fine-tune workers after `step`.
+
+    Without `marker` every worker raises right after finishing step `step` (a simulated crash;
+    it fires in every attempt that reaches that step). With `marker` (a file path) the first
+    worker to finish it creates the marker and exits its process at once (`os._exit`, as if
+    killed); no worker fires once the marker exists, so a restarted worker group finishes.
+    Set it in the driver's environment: the driver hands it to its workers."""
+    return f"{__name__}:finetune_crash_hook:{int(step)}" + (f",{marker}" if marker else "")
+
+
+def finetune_crash_hook(event: str, argument: str, *, step: int, **info: Any) -> None:
+    """The hook `crash_finetune` names; argument: "<step>[,<marker path>]"."""
+    if event != "finetune.step":
+        return
+    at, _, marker = argument.partition(",")
+    if step != int(at):
+        return
+    if not marker:
+        raise RuntimeError(f"simulated failure after step {step}")
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    except FileExistsError:
+        return  # it already fired (in this attempt's other worker, or an earlier attempt)
+    os.close(fd)
+    print(f"finetune: test hook: killing this worker (pid {os.getpid()}) after step {step}",
+          flush=True)
+    os._exit(1)  # no cleanup, no exception: as if the process were killed
 
 
 def seed_store(src, dst, stages: dict[str, str]) -> None:

@@ -21,7 +21,7 @@ with probability p drawn from the seed and the request's number, so a run whose 
 requests one at a time is reproduced exactly by the same seed. A fault with no schedule fires on
 every request it matches: a permanent fault.
 
-Run standalone for a benchmark: `python -m pipeline.chaos http://127.0.0.1:5000 --mode throttle
+Run standalone for a benchmark: `python -m testkit.chaos http://127.0.0.1:5000 --mode throttle
 --every 3 --port 9000`.
 """
 
@@ -543,7 +543,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m pipeline.chaos",
+    ap = argparse.ArgumentParser(prog="python -m testkit.chaos",
                                  description="A fault-injecting proxy in front of an S3 server.")
     ap.add_argument("upstream", help="the S3 server, e.g. http://127.0.0.1:5000")
     ap.add_argument("--mode", action="append", default=[], help=f"one of {', '.join(MODES)}")

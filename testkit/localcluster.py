@@ -27,6 +27,7 @@ from pathlib import Path
 __all__ = ["LocalCluster", "free_port", "pids_of", "kill_ray_of"]
 
 RAY = str(Path(sys.executable).with_name("ray"))
+ROOT = Path(__file__).resolve().parents[1]  # the checkout: pipeline/ and testkit/
 
 
 def free_port() -> int:
@@ -104,8 +105,12 @@ class LocalCluster:
     def __init__(self, *, env: dict[str, str] | None = None, cpus: int = 2, gpus: int = 0,
                  head_resource: str = "hwq_head"):
         self.temp_dir = tempfile.mkdtemp(prefix="hwqc-")  # short: socket paths are limited
-        self.env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
-                        OMP_WAIT_POLICY="PASSIVE", **(env or {}))
+        # The checkout first on every node's path: its workers import this tree's pipeline
+        # (as a node image holds hwq) and testkit (a test hook a worker fires), whatever the
+        # driver's folder or the venv's install.
+        path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+        self.env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+                    "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": path, **(env or {})}
         for k in ("RAY_ADDRESS", "RAY_JOB_CONFIG_JSON_ENV_VAR"):
             self.env.pop(k, None)
         self.cpus = cpus

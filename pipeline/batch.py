@@ -49,6 +49,7 @@ from pipeline.batch_report import render_markdown
 from pipeline.config import ConfigError, RunConfig, digest, load_config, read_yaml_file
 from pipeline.digests import memoized_digests
 from pipeline.error_lines import MAX_ERROR_CHARS, error_line, one_line
+from pipeline.stages import default_stages
 
 __all__ = ["BatchFile", "Batch", "BatchEntry", "load_batch", "batch_of_configs", "run_batch",
            "BatchRun", "render_markdown", "add_commands"]
@@ -296,7 +297,7 @@ def load_batch(source: str | os.PathLike | Mapping[str, Any], *,
             cfg = resolve_residency(load_config(cpath, overrides))
             check_against_model(cfg)
             with memoized_digests(digests):
-                planned = [p_.stage.name for p_ in plan(cfg, stages)]
+                planned = [p_.stage.name for p_ in plan(cfg, stages if stages is not None else default_stages())]
         except ConfigError as err:
             errors.append(f"{label}: {one_line(str(err))}")
             continue

@@ -35,6 +35,7 @@ from pipeline.manifest import (
     parse_manifest,
 )
 from pipeline.memory import peak_rss
+from pipeline.stages import default_stages
 from pipeline.store import ArtifactError, StageDir, Store
 from pipeline.units import keep_recorded
 
@@ -110,7 +111,7 @@ def run(
     cfg = resolve_residency(cfg)  # model.residency auto -> resident or streamed, keyed as such
     check_before_work(cfg)  # the mistakes the config and files show, before any work
     store = open_store(cfg)
-    plans = plan(cfg, stages)
+    plans = plan(cfg, stages if stages is not None else default_stages())
     names = [p.stage.name for p in plans]
     unknown = [f for f in force if f not in names]
     if unknown:

@@ -68,12 +68,9 @@ class StagePlan:
     config: dict[str, Any]
 
 
-def plan(cfg: RunConfig, stages: list[Stage] | None = None) -> list[StagePlan]:
-    """The enabled stages in order, each with its key."""
-    if stages is None:
-        from pipeline.stages import default_stages
-
-        stages = default_stages()
+def plan(cfg: RunConfig, stages: list[Stage]) -> list[StagePlan]:
+    """The enabled stages of `stages` (in order: `pipeline.stages.default_stages()`, or a
+    test's own), each with its key. This module imports no stage: the caller names them."""
     keys: dict[str, str] = {}
     out = []
     for st in stages:

@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 from pipeline.config import ConfigError, RunConfig, load_config
+from pipeline.stages import default_stages
 
 __all__ = ["parse_grid", "expand", "sweep", "add_commands"]
 
@@ -129,7 +130,7 @@ def sweep(config: str | None, points: list[list[str]], *, name: str = "sweep",
     t0 = time.perf_counter()
     init_ray(cfgs[0].executor.address, cfgs[0].executor.num_cpus)
     store = driver.open_store(cfgs[0])
-    plans = [plan(c, stages) for c in cfgs]
+    plans = [plan(c, stages if stages is not None else default_stages()) for c in cfgs]
     order: list[str] = []
     for pl in plans:
         for p in pl:

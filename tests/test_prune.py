@@ -77,15 +77,16 @@ def test_obd_needs_an_estimator_it_can_rerun():
 
 def test_prune_key_defaults_hash_as_before_and_obd_adds_the_hessian():
     from pipeline.graph import plan
+    from pipeline.stages import default_stages
 
     cfg = load_config("configs/lenet5_fmnist.yaml")
-    sections = {p.stage.name: p.config for p in plan(cfg)}["prune"]
+    sections = {p.stage.name: p.config for p in plan(cfg, default_stages())}["prune"]
     assert set(sections["prune"]) == {"enabled", "keep", "steps", "retrain_epochs", "lr",
                                       "batch_size"}
     assert "hessian" not in sections
     obd = load_config("configs/lenet5_fmnist.yaml", ["prune.criterion=obd"])
-    p_obd = {p.stage.name: p for p in plan(obd)}
-    p_mag = {p.stage.name: p for p in plan(cfg)}
+    p_obd = {p.stage.name: p for p in plan(obd, default_stages())}
+    p_mag = {p.stage.name: p for p in plan(cfg, default_stages())}
     assert p_obd["prune"].config["hessian"]["estimator"] == "ggn"
     assert p_obd["prune"].key != p_mag["prune"].key
     assert p_obd["train"].key == p_mag["train"].key
@@ -93,11 +94,11 @@ def test_prune_key_defaults_hash_as_before_and_obd_adds_the_hessian():
     obd2 = load_config("configs/lenet5_fmnist.yaml",
                        ["prune.criterion=obd", "hessian.estimator=fisher"])
     mag2 = load_config("configs/lenet5_fmnist.yaml", ["hessian.estimator=fisher"])
-    assert {p.stage.name: p for p in plan(obd2)}["prune"].key != p_obd["prune"].key
-    assert {p.stage.name: p for p in plan(mag2)}["prune"].key == p_mag["prune"].key
+    assert {p.stage.name: p for p in plan(obd2, default_stages())}["prune"].key != p_obd["prune"].key
+    assert {p.stage.name: p for p in plan(mag2, default_stages())}["prune"].key == p_mag["prune"].key
     # Disabling the Hessian stage or resharding it does not re-prune.
     obd3 = load_config("configs/lenet5_fmnist.yaml",
                        ["prune.criterion=obd", "hessian.enabled=false", "hessian.partitions=4",
                         "quantize.enabled=false", "finetune.enabled=false",
                         "encode.enabled=false"])
-    assert {p.stage.name: p for p in plan(obd3)}["prune"].key == p_obd["prune"].key
+    assert {p.stage.name: p for p in plan(obd3, default_stages())}["prune"].key == p_obd["prune"].key

@@ -18,7 +18,7 @@ from pipeline.data.text import (
     token_ids,
 )
 
-__all__ = ["Split", "load_split", "batches", "DatasetMissing",
+__all__ = ["Split", "load_split", "batches", "DatasetMissing", "calibration_indices",
            "TextSourceError", "read_text", "token_ids", "calibration_windows", "eval_windows"]
 
 _FILES = {
@@ -99,3 +99,12 @@ def batches(split: Split, batch_size: int, *, shuffle: bool = False, seed: int =
     for i in range(0, len(idx), batch_size):
         b = idx[i : i + batch_size]
         yield split.x[b], split.y[b]
+
+
+def calibration_indices(cfg, n_train: int) -> torch.Tensor:
+    """The Hessian's calibration images: a seeded draw of hessian.calibration_samples of the
+    n_train training images (not the training subset's draw); the Hessian stage and the OBD
+    pruning steps use the same."""
+    n = min(cfg.hessian.calibration_samples, n_train)
+    g = torch.Generator().manual_seed(cfg.seed + 7919)
+    return torch.randperm(n_train, generator=g)[:n]

@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import RunConfig
+from pipeline.data import calibration_indices
 from pipeline.executor import remote, task_threads
 from pipeline.graph import Stage, StageContext
 from pipeline.store import StageDir
@@ -54,15 +55,6 @@ def balance_groups(sizes: dict[str, int], groups: int) -> list[list[str]]:
         bins[i].append(name)
         load[i] += sizes[name]
     return [sorted(b, key=order.__getitem__) for b in bins if b]
-
-
-def calibration_indices(cfg: RunConfig, n_train: int):
-    """The Hessian's calibration samples: a seeded draw of hessian.calibration_samples."""
-    import torch
-
-    n = min(cfg.hessian.calibration_samples, n_train)
-    g = torch.Generator().manual_seed(cfg.seed + 7919)  # not the training subset's draw
-    return torch.randperm(n_train, generator=g)[:n]
 
 
 def _build_model(cfg: RunConfig, src: StageDir):

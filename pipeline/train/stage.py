@@ -179,8 +179,8 @@ def obd_hessian(cfg: RunConfig, model, train, names: list[str], step: int) -> di
     """The diagonal Hessian of the model as it is now, for OBD: hessian.estimator over the
     Hessian stage's calibration samples (the same draw, batches and settings), {name: mean}.
     Step s draws its Monte-Carlo labels from its own seed."""
+    from pipeline.data import calibration_indices
     from pipeline.hessian.estimators import estimate_diag
-    from pipeline.hessian.stage import calibration_indices
 
     h = cfg.hessian
     idx = calibration_indices(cfg, len(train))

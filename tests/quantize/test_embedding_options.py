@@ -5,6 +5,7 @@ import numpy as np
 from pipeline.api import to_config
 from pipeline.graph import plan
 from pipeline.quantize.rows_stage import embedding_floor
+from pipeline.stages import default_stages
 
 
 def _lm(tmp_path) -> dict:
@@ -16,7 +17,7 @@ def _lm(tmp_path) -> dict:
 
 
 def _sections(cfg) -> dict:
-    return {p.stage.name: p.config for p in plan(cfg)}
+    return {p.stage.name: p.config for p in plan(cfg, default_stages())}
 
 
 def test_lenet_keys_hold_neither_option():

@@ -36,6 +36,7 @@ from pydantic import (
     model_validator,
 )
 
+from pipeline.config_checks import parse_bytes, streamed_gap
 from pipeline.config_paths import resolve_paths
 from pipeline.errors import UserError
 
@@ -47,28 +48,6 @@ __all__ = [
     "digest",
     "section_digest",
 ]
-
-
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
-
-
-def parse_bytes(v: int | str, key: str) -> int:
-    """A size as bytes: an integer, or a number with a unit ("24GiB", "500 MB", "1.5gb")."""
-    import re
-
-    if isinstance(v, bool):
-        raise ValueError(f"{key} is a size such as 24GiB, not {v!r}")
-    if isinstance(v, int):
-        n = v
-    else:
-        m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", str(v))
-        if not m or m.group(2).lower() not in _UNITS:
-            raise ValueError(f"{key}={v!r} is not a size: write e.g. 24GiB, 500MB or 1000000")
-        n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-    if n < 1:
-        raise ValueError(f"{key} must be a positive size, got {v!r}")
-    return n
 
 
 # A run config is a few KB; anything near this is not one.
@@ -474,24 +453,7 @@ class RunConfig(_Section):
         return self
 
     def _check_streamed(self) -> None:
-        """What the streamed residency runs today: a causal LM's decoder-block Linears, one
-        λ per channel (uniform or ECSQ), Fisher or activation Hessian, no fine-tuning."""
-        why = None
-        if self.model.name != "hf_causal_lm":
-            why = "model.name=hf_causal_lm (a safetensors folder)"
-        elif self.model.gguf_file or str(self.model.path or "").lower().endswith(".gguf"):
-            why = "a safetensors folder, not a GGUF file (convert it, or run it resident)"
-        elif self.finetune.enabled and self.quantize.enabled:
-            why = "finetune.enabled=false (fine-tuning holds the whole model)"
-        elif self.quantize.scope != "channel" or self.quantize.method not in ("uniform",
-                                                                                "ecsq"):
-            why = "quantize.scope=channel with quantize.method uniform or ecsq"
-        elif self.quantize.targets is None and self.quantize.embeddings == "quantize":
-            why = ("quantize.embeddings=keep (the streamed Hessian covers the decoder "
-                   "blocks; the embedding and head are stored as they are)")
-        elif self.encode.positions != "gaps" or self.encode.indices != "static" or \
-                self.encode.fixed_length:
-            why = "encode.indices=static and encode.positions=gaps"
+        why = streamed_gap(self)
         if why:
             raise ValueError(f"model.residency=streamed needs {why}; or set "
                              "model.residency=resident where the model fits in memory")

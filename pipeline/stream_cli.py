@@ -95,12 +95,17 @@ def _stream(args) -> int:
     from pipeline.executor import shutdown_ray
     from pipeline.progress import default_log_handler
     from pipeline.report import render_markdown
-    from pipeline.stream_inputs import check_paths
+    from pipeline.stream_inputs import check_lengths, check_paths, model_config
 
     opts = {"client_kwargs": {"endpoint_url": args.endpoint_url}} if args.endpoint_url else None
-    # Every check the arguments and the file system allow, before Ray starts.
+    # Every check the arguments and the file system allow, before Ray starts, named by flag
+    # (driver.run's preflight checks the config again, named by its keys).
     check_paths(args.model, args.work, opts, texts={"--text": args.text, "--eval": args.eval},
                 tokenizer=args.tokenizer)
+    lengths = {"--seq-len": args.seq_len}
+    if args.eval:
+        lengths["--eval-seq-len"] = args.eval_seq_len
+    check_lengths(model_config(args.model, opts), args.model, lengths)
     cfg = to_config(stream_config(args))
     default_log_handler()
     until = {"hessian": "hessian", "quantize": "quantize"}.get(args.until)

@@ -23,6 +23,7 @@ import logging
 import os
 import posixpath
 import re
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -103,13 +104,28 @@ class Units:
     def _rel(self, unit: str) -> str:
         return f"{UNITS_DIR}/{check_unit_name(unit)}.json"
 
-    def done(self, unit: str) -> dict | None:
+    def done(
+        self,
+        unit: str,
+        outputs: list[str] | None = None,
+        check: Callable[[dict], str | None] | None = None,
+    ) -> dict | None:
         """The unit's record if units/<unit>.json exists, is a regular small file, parses
-        under `UnitRecord`, names this stage, key and unit, and every output it lists hashes
-        to its recorded size and sha256; else None. A record that existed but failed is
-        logged (why) and removed: the unit is then recomputed. ValueError: `unit` not plain."""
+        under `UnitRecord`, names this stage, key and unit, lists exactly `outputs` (the files
+        the unit writes, when the caller knows them: a record naming another unit's file,
+        however well it hashes, is a lie), `check(fields)` finds nothing wrong with its
+        fields (returns why not, else None), and every output it lists hashes to its
+        recorded size and sha256; else None. A record that existed but failed is logged (why)
+        and removed: the unit is then recomputed. ValueError: `unit` not plain."""
         rel = self._rel(unit)
         rec, why = self._read(unit)
+        if rec is not None and outputs is not None and set(rec["outputs"]) != set(outputs):
+            rec, why = None, (f"it lists {sorted(rec['outputs'])[:3]}, not the unit's own "
+                              f"output{'s' if len(outputs) != 1 else ''} {sorted(outputs)}")
+        if rec is not None and check is not None:
+            bad = check(rec["fields"])
+            if bad is not None:
+                rec, why = None, f"its fields are not the unit's: {bad}"
         if rec is not None:
             why = self._verify_outputs(rec)
         if why is None and rec is not None:

@@ -1,5 +1,6 @@
-"""`hwq stream`'s checks before any work: one line for each bad argument, path or tokenizer,
-and never a Ray start (a monkeypatched init_ray fails the test if reached)."""
+"""`hwq stream`'s checks before any work (stream_inputs.check_paths, then the config its flags
+stand for): one line for each bad argument, path or tokenizer, and never a Ray start (a
+monkeypatched init_ray fails the test if reached)."""
 
 from __future__ import annotations
 
@@ -84,7 +85,8 @@ def test_bad_paths_and_lengths_are_one_line_before_ray(model, tmp_path, capsys):
         ),
         (
             [str(model), str(tmp_path / "w"), "--text", str(text), "--seq-len", "250"],
-            "--text .*calib.txt: the text has .* tokens, fewer than one window",
+            # named by the config key --text stands for (driver.run's preflight)
+            "data.calibration .*calib.txt.*: the text has .* tokens.* data.seq_len=250",
         ),
         ([str(model), str(tmp_path / "w"), "--text", str(tmp_path / "none.txt")], "none.txt"),
     ]
@@ -155,3 +157,21 @@ def test_tokenizer_and_hf_files_of_a_model_on_s3(model, s3_bucket):
     files = hf_files(f"{url}/model", opts)
     assert {"config.json", "tokenizer.json", "generation_config.json"} <= set(files)
     assert json.loads(files["config.json"]) == json.loads((model / "config.json").read_text())
+
+
+def test_a_folder_without_weights_is_refused(tmp_path, capsys):
+    from pipeline.cli import main
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    assert main(["stream", str(tmp_path / "m"), str(tmp_path / "w")]) == 2
+    _one_line(capsys)
+
+
+def test_eval_without_text_is_one_line_before_ray(model, tmp_path, capsys):
+    from pipeline.cli import main
+
+    text = write_corpus(tmp_path / "calib.txt", lines=20)
+    argv = ["stream", str(model), str(tmp_path / "w"), "--eval", str(text), "--eval-seq-len", "32"]
+    assert main(argv) == 2
+    assert "--eval needs --text" in _one_line(capsys)

@@ -187,3 +187,26 @@ def test_keep_recorded_never_follows_a_link(local, tmp_path):
     assert (victim / "keep.txt").read_text() == "not the store's"
     assert not os.path.lexists(local.path(sd.rel("partials/linked")))
     assert not os.path.lexists(local.path(sd.rel("file-link")))
+
+
+def test_a_record_naming_another_units_file_or_fields_is_not_believed(local, caplog):
+    """A record is believed only when it lists exactly the files its unit writes and its
+    fields pass the stage's check, however well the files it names hash."""
+    sd = StageDir(local, "quantize", "k9")
+    _unit(sd, "t0", name="a")
+    other = _unit(sd, "t1", name="b")
+    lie = json.loads(sd.read_bytes(f"{UNITS_DIR}/t0.json"))
+    lie["outputs"] = other["outputs"]  # t1's file, its true digest
+    sd.write_bytes(f"{UNITS_DIR}/t0.json", json.dumps(lie).encode())
+    assert Units(sd).done("t0") is not None  # without the expected outputs: believed
+    assert Units(sd).done("t0", ["partials/t0.bin"]) is None
+    assert _warned(caplog, "t0", "not the unit's own output")
+    assert not sd.exists(f"{UNITS_DIR}/t0.json")  # removed: the unit is recomputed
+
+    def named_b(fields: dict) -> str | None:
+        return None if fields.get("name") == "b" else f"it names {fields.get('name')!r}"
+
+    assert Units(sd).done("t1", ["partials/t1.bin"], named_b) is not None
+    _unit(sd, "t2", name="a")
+    assert Units(sd).done("t2", ["partials/t2.bin"], named_b) is None
+    assert _warned(caplog, "t2", "its fields are not the unit's", "'a'")

@@ -30,8 +30,8 @@ __all__ = [
     "reduce_partials",
 ]
 
-# The same decoder-block naming `pipeline.streamed.block_targets` selects (`…layers.<i>.…`,
-# GPT-2's `h.<i>.`, `blocks.<i>.`); the first match in a name is its block.
+# The same decoder-block naming `pipeline.models.load_streamed.block_targets` selects
+# (`…layers.<i>.…`, GPT-2's `h.<i>.`, `blocks.<i>.`); the first match in a name is its block.
 _BLOCK = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
 
 

@@ -153,12 +153,13 @@ def run_hessian_streamed(ctx: StageContext) -> dict[str, Any]:
     todo: list[tuple[int, int]] = []
     records: dict[tuple[int, int], dict] = {}
     for g in range(len(groups)):
-        done = units.done(f"g{g}")
+        own = _fields_check(groups[g][1])
+        done = units.done(f"g{g}", [f"hessian/g{g}.parquet"], own)
         if done is not None:
             finals[g] = done
             continue
         for p in range(P):
-            rec = units.done(f"p{p}-g{g}")
+            rec = units.done(f"p{p}-g{g}", [f"partials/p{p}-g{g}.parquet"], own)
             if rec is None:
                 todo.append((p, g))
             else:
@@ -184,7 +185,9 @@ def run_hessian_streamed(ctx: StageContext) -> dict[str, Any]:
             continue
         parts = []
         for p in range(P):
-            rec = records.get((p, g)) or units.done(f"p{p}-g{g}")
+            rec = records.get((p, g)) or units.done(f"p{p}-g{g}",
+                                                    [f"partials/p{p}-g{g}.parquet"],
+                                                    _fields_check(groups[g][1]))
             if rec is None:
                 raise RuntimeError(f"hessian unit p{p}-g{g} finished without its record")
             parts.append({"table": next(iter(rec["outputs"])),
@@ -212,6 +215,22 @@ def run_hessian_streamed(ctx: StageContext) -> dict[str, Any]:
                                   "computed": (P + 1) * len(groups) - reused},
                         "bytes_read": bytes_read,
                         "seconds": round(time.perf_counter() - t0, 3)}}
+
+
+def _fields_check(names: list[str]):
+    """The check of a hessian unit record's fields (`Units.done`): its per-tensor digests
+    name exactly the group's tensors (a record is read from the store, untrusted)."""
+    import re
+
+    def check(fields: dict) -> str | None:
+        sha = fields.get("tensor_sha256")
+        if not isinstance(sha, dict) or set(sha) != set(names):
+            return "its tensors are not the group's"
+        if not all(isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) for v in sha.values()):
+            return "its tensor digests are not sha256 hex"
+        return None
+
+    return check
 
 
 def _task_cpus(cfg: RunConfig, n_units: int) -> int:

@@ -159,6 +159,21 @@ def read_codes(sd, rel: str, shape: tuple[int, int]) -> tuple[np.ndarray, np.nda
     return idx, cb
 
 
+def _record_fields_wrong(fields: dict, name: str) -> str | None:
+    """Why a tensor unit's recorded fields are not those `_tensor_task` writes for `name`
+    (a record is read from the store, untrusted), else None."""
+    if fields.get("name") != name:
+        return f"it is the record of tensor {fields.get('name')!r}, not {name!r}"
+    bits = fields.get("bits")
+    if not isinstance(bits, dict) or set(bits) != {"indices", "codebooks", "tables", "header"} \
+            or not all(type(v) in (int, float) and math.isfinite(v) and v >= 0
+                       for v in bits.values()):
+        return "its bits are not four finite counts"
+    if not isinstance(fields.get("layer"), dict) or type(fields.get("bytes_read")) is not int:
+        return "it has no layer figures or bytes read"
+    return None
+
+
 def _tag(lam: float) -> str:
     return hashlib.sha256(repr(float(lam)).encode()).hexdigest()[:10]
 
@@ -227,7 +242,8 @@ def run_quantize_tensors(ctx: StageContext) -> dict[str, Any]:
         recs: dict[str, dict] = {}
         todo = []
         for i, n in enumerate(names):
-            rec = units.done(f"t{i:05d}-{tag}")
+            rec = units.done(f"t{i:05d}-{tag}", [f"codes/{i:05d}-{tag}.safetensors"],
+                             lambda f, n=n: _record_fields_wrong(f, n))
             if rec is not None:
                 recs[n] = rec
                 reused += 1

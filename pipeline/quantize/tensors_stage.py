@@ -223,14 +223,16 @@ def run_quantize_tensors(ctx: StageContext) -> dict[str, Any]:
     units = Units(out)
     target = float(q.target_bits)
     aim, lam0, evals, passes, best, reused = target, None, 0, 0, None, 0
+    bias = 0.0  # what the full passes so far spent beyond the sample's prediction
     while passes < _PASSES:
-        # λ on the sample, aimed so the predicted file rate is within the window
-        for _ in range(4):
+        # λ on the sample, aimed so the predicted file rate (corrected by the last full
+        # pass's miss) is within the window
+        for _ in range(6):
             found = solve_rows_global_rate(sample, aim, q.method, map_fn=mapper, lam0=lam0,
                                            tol=0.005, **_opts(cfg))
             evals += len(found.evaluations)
             lam0 = found.lam
-            pred = _predicted_bits(found, [shapes[n] for n in names], sampled) / weights
+            pred = _predicted_bits(found, [shapes[n] for n in names], sampled) / weights + bias
             ctx.log.info("quantize: λ=%.4g on the sample: predicted %.4f bits/weight in the "
                          "file (aim %.4f, target %.4f)", found.lam, pred, aim, target)
             if target - 0.012 <= pred <= target - 0.002 or aim - (pred - target) <= 0:
@@ -265,7 +267,7 @@ def run_quantize_tensors(ctx: StageContext) -> dict[str, Any]:
             _drop(out, recs)
         if target - 0.015 <= coded <= target:
             break
-        aim = aim - (coded - target) - 0.005
+        bias += coded - pred
     del sample, mapper
     coded, lam, aim, recs = best
     codes = {n: next(iter(recs[n]["outputs"])) for n in names}

@@ -14,7 +14,8 @@ _DEPTH = 8  # wrappers unwrapped at most (a task's error inside a worker's insid
 def unwrap(e: BaseException) -> BaseException:
     """The error inside Ray's wrappers: a task's RayTaskError (its cause), Ray Train's
     WorkerGroupError (the first worker failure that is the user's, else the first, by rank),
-    ControllerError (the controller's failure) and Train v1's TrainingFailedError (its cause).
+    ControllerError (the controller's failure), Train v1's TrainingFailedError (its cause) and
+    an error carrying a `user_error` (a fine-tune worker's, pipeline.finetune.stage._Unheld).
     Anything else is returned as it is."""
     for _ in range(_DEPTH):
         inner = _inner(e)
@@ -40,7 +41,8 @@ def _inner(e: BaseException) -> BaseException | None:
         return inner if isinstance(inner, BaseException) else None
     if "TrainingFailedError" in kinds:
         return e.__cause__
-    return None
+    held = getattr(e, "user_error", None)  # a fine-tune worker's error that had to fail it
+    return held if isinstance(held, BaseException) else None
 
 
 def is_users(e: BaseException) -> bool:

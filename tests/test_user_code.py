@@ -59,3 +59,34 @@ def test_rays_and_ray_trains_wrappers_unwrap_to_the_users_error():
 def test_a_store_that_cannot_be_reached_is_retried():
     assert not is_users(StoreAccessError("cannot reach the store"))
     assert is_users(ValueError("bad value")) and is_users(FileNotFoundError("gone"))
+
+
+def test_a_workers_user_error_in_a_step_is_held_until_the_next_all_reduce():
+    """_in_step: with peers, the user's error is held and the step's loss is zero (the same
+    gradient collectives run); alone it is raised; under ZeRO-3 it fails the worker (_Unheld,
+    not recorded), and the driver still shows the user's error; a bug is raised as it is."""
+    import pickle
+
+    from pipeline.finetune.stage import _in_step, _Unheld, recording_user_errors
+
+    params = [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))]
+    mine = UserCodeError("model.loss_fn 'm:f' raised KeyError: 7")
+
+    def fails(idx):
+        raise mine
+
+    loss, held = _in_step(fails, torch.arange(2), None, params, world=2, zero_stage=2)
+    assert held is mine and float(loss.detach()) == 0.0
+    loss.backward()
+    assert all(p.grad is not None and not p.grad.any() for p in params)
+    again, held = _in_step(lambda idx: 1 / 0, torch.arange(2), mine, params, 2, 0)
+    assert held is mine and float(again.detach()) == 0.0  # held: the forward is not run again
+    with pytest.raises(UserCodeError):
+        _in_step(fails, torch.arange(2), None, params, world=1, zero_stage=0)
+    with pytest.raises(_Unheld) as e:
+        _in_step(fails, torch.arange(2), None, params, world=2, zero_stage=3)
+    assert unwrap(pickle.loads(pickle.dumps(e.value))).args == mine.args
+    with pytest.raises(_Unheld):  # fails the worker: Ray Train stops every worker
+        recording_user_errors(lambda conf: _in_step(fails, None, None, params, 2, 3), {}, int)
+    with pytest.raises(ZeroDivisionError):
+        _in_step(lambda idx: 1 / 0, torch.arange(2), None, params, world=2, zero_stage=0)

@@ -288,7 +288,7 @@ def recording_user_errors(body: Any, conf: dict[str, Any], rank: Any) -> None:
     except _PeerFailed:
         return
     except Exception as e:
-        if not is_users(e):
+        if isinstance(e, _Unheld) or not is_users(e):
             raise
         shown = unwrap(e)
         out: StageDir = conf["out"]
@@ -374,7 +374,7 @@ def _worker(conf: dict[str, Any]) -> None:
     failed: BaseException | None = None  # a user error of this worker, held (finetune_worker)
     for step in range(start, steps):
         idx = global_batch(n, ft.batch_size, step, cfg.seed)[rank::world]
-        loss, failed = _in_step(forward, idx, failed, trainable, world)
+        loss, failed = _in_step(forward, idx, failed, trainable, world, ft.zero_stage)
         engine.backward(loss)
         engine.step()
         running = running + loss.detach()  # no host sync per step; read at log steps only
@@ -463,13 +463,16 @@ def _worker(conf: dict[str, Any]) -> None:
 
 
 def _in_step(forward: Any, idx: torch.Tensor, failed: BaseException | None,
-             trainable: list[torch.Tensor], world: int
+             trainable: list[torch.Tensor], world: int, zero_stage: int
              ) -> tuple[torch.Tensor, BaseException | None]:
-    """(forward(idx): the loss of this step, the user error held so far). With several workers, a user error
-    in this worker's forward (the user's loss or model on its shard) is held, not raised: the
-    worker goes on with a zero loss through the same gradient collectives as its peers until
-    the next all-reduce, where every worker learns of it and stops (finetune_worker). One
-    worker raises at once."""
+    """(forward(idx): the loss of this step, the user error held so far). With several workers,
+    a user error in this worker's forward (the user's loss or model on its shard) is held, not
+    raised: the worker goes on with a zero loss through the same gradient collectives as its
+    peers until the next all-reduce, where every worker learns of it and stops
+    (finetune_worker). One worker raises at once. Under ZeRO-3 the forward itself gathers
+    parameters (collectives a worker that skips it would not join): the error fails this
+    worker (`_Unheld`), Ray Train stops the group and restarts it as for any failure, and the
+    driver shows the user's error inside as one line."""
     if failed is None:
         from pipeline.error_lines import is_users
 
@@ -478,9 +481,23 @@ def _in_step(forward: Any, idx: torch.Tensor, failed: BaseException | None,
         except Exception as e:
             if not is_users(e) or world == 1:
                 raise
+            if zero_stage >= 3:
+                raise _Unheld(e) from e
             failed = e
     # Zero gradients for every trainable parameter: DeepSpeed reduces them as usual.
     return sum((p.sum() * 0.0).float() for p in trainable), failed
+
+
+class _Unheld(RuntimeError):
+    """A user error that must fail its worker (not be recorded): see `_in_step`. Carries the
+    error as `user_error`, which `pipeline.error_lines.unwrap` shows."""
+
+    def __init__(self, user_error: BaseException):
+        super().__init__(str(user_error))
+        self.user_error = user_error
+
+    def __reduce__(self):
+        return (type(self), (self.user_error,))
 
 
 # ---------------------------------------------------------------------------------------------

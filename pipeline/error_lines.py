@@ -4,20 +4,60 @@ Shared by the CLI, `hwq batch`, the driver's run record and the job entrypoints.
 
 from __future__ import annotations
 
-from pipeline.errors import UserError, printable
+from pipeline.errors import ExecutorError, StoreAccessError, UserError, printable
 
-__all__ = ["user_error", "aborted", "error_line", "one_line"]
+__all__ = ["user_error", "unwrap", "is_users", "aborted", "error_line", "one_line"]
+
+_DEPTH = 8  # wrappers unwrapped at most (a task's error inside a worker's inside Train's)
+
+
+def unwrap(e: BaseException) -> BaseException:
+    """The error inside Ray's wrappers: a task's RayTaskError (its cause), Ray Train's
+    WorkerGroupError (the first worker failure that is the user's, else the first, by rank),
+    ControllerError (the controller's failure), Train v1's TrainingFailedError (its cause) and
+    an error carrying a `user_error` (a fine-tune worker's, pipeline.finetune.stage._Unheld).
+    Anything else is returned as it is."""
+    for _ in range(_DEPTH):
+        inner = _inner(e)
+        if inner is None or inner is e:
+            break
+        e = inner
+    return e
+
+
+def _inner(e: BaseException) -> BaseException | None:
+    kinds = {c.__name__ for c in type(e).__mro__}  # by name: no Ray import to classify
+    if "RayTaskError" in kinds:
+        cause = getattr(e, "cause", None)
+        return cause if isinstance(cause, BaseException) else None
+    failures = getattr(e, "worker_failures", None)
+    if "WorkerGroupError" in kinds and isinstance(failures, dict) and failures:
+        errs = [failures[k] for k in sorted(failures, key=str)
+                if isinstance(failures[k], BaseException)]
+        # A user error in one worker fails its peers' collectives too: show its cause.
+        return next((x for x in errs if is_users(x)), errs[0] if errs else None)
+    if "ControllerError" in kinds:
+        inner = getattr(e, "controller_failure", None)
+        return inner if isinstance(inner, BaseException) else None
+    if "TrainingFailedError" in kinds:
+        return e.__cause__
+    held = getattr(e, "user_error", None)  # a fine-tune worker's error that had to fail it
+    return held if isinstance(held, BaseException) else None
+
+
+def is_users(e: BaseException) -> bool:
+    """Whether `e` (unwrapped) is a mistake for the user to fix that a rerun would meet
+    again: a UserError, or a ValueError or FileNotFoundError (what `hwq` shows as one line).
+    Ray and Ray Train must not retry these. A store or cluster that cannot be reached is the
+    exception: it may be back on the next try."""
+    e = unwrap(e)
+    return (isinstance(e, (UserError, ValueError, FileNotFoundError))
+            and not isinstance(e, (StoreAccessError, ExecutorError)))
 
 
 def user_error(e: BaseException) -> BaseException | None:
-    """The error to show a user without a traceback, unwrapping Ray's task errors."""
-    try:
-        from ray.exceptions import RayTaskError
-    except ImportError:  # pragma: no cover
-        RayTaskError = ()  # noqa: N806
-    seen = 0
-    while isinstance(e, RayTaskError) and getattr(e, "cause", None) is not None and seen < 5:
-        e, seen = e.cause, seen + 1
+    """The error to show a user without a traceback, unwrapping Ray's task and Train errors."""
+    e = unwrap(e)
     if isinstance(e, (UserError, ValueError, FileNotFoundError)):
         return e
     if not isinstance(e, Exception):  # not Ctrl-C or exit (main's caller handles those)
@@ -56,18 +96,12 @@ MAX_ERROR_CHARS = 400
 def error_line(e: BaseException) -> str:
     """A readable one-line error: Ray's task errors unwrapped, user errors as their message,
     anything else as `Type: message`."""
-    try:
-        from ray.exceptions import RayTaskError
-    except ImportError:  # pragma: no cover
-        RayTaskError = ()  # noqa: N806
-    inner, seen = e, 0
-    while isinstance(inner, RayTaskError) and getattr(inner, "cause", None) is not None \
-            and seen < 5:
-        inner, seen = inner.cause, seen + 1
+    inner = unwrap(e)
     shown = user_error(inner)
     text = str(shown) if shown is not None else (
         f"{type(inner).__name__}: {inner}" if str(inner) else type(inner).__name__)
-    if isinstance(inner, RayTaskError):  # no cause: its text is a traceback; keep the end
+    if "RayTaskError" in {c.__name__ for c in type(inner).__mro__}:
+        # no cause: its text is a traceback; keep the end
         lines = [ln for ln in str(inner).splitlines() if ln.strip()]
         text = f"{type(inner).__name__}: {lines[-1].strip() if lines else ''}"
     text = one_line(text)

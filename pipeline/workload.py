@@ -148,7 +148,7 @@ class Workload:
                         (Path(tmp) / Path(rel).name).write_bytes(src.read_bytes(rel))
                 model = skeleton_from_folder(tmp, meta.get("dtype"))
         else:
-            model = self.adapter.load()
+            model = _without_checkpoint(self.adapter).load()
         load_state(model, state, meta.get("tied", {}))
         model.eval()
         return model
@@ -213,9 +213,11 @@ class Workload:
 
     def _custom(self, split: str) -> list[Any]:
         from pipeline.models.factory import import_callable
+        from pipeline.user_code import call_user
 
-        fn = import_callable(self.cfg.data.factory or "", "data.factory")
-        batches = list(fn(split))
+        spec = self.cfg.data.factory or ""
+        fn = import_callable(spec, "data.factory")
+        batches = call_user(f"data.factory {spec!r}", lambda: list(fn(split)))
         if not batches:
             raise UserError(f"data.factory {self.cfg.data.factory!r} returned no {split} batches")
         return batches
@@ -266,6 +268,18 @@ class Workload:
         if len(result["by_set"]) > 1 or self.is_text:
             out[f"{key}_by_set"] = result["by_set"]
         return out
+
+
+def _without_checkpoint(adapter):
+    """The adapter building the bare model: the model stage's weights replace the checkpoint's,
+    and a worker on another node (or a later run) need not reach `model.checkpoint` at all."""
+    import dataclasses
+
+    from pipeline.models.factory import FactoryAdapter
+
+    if isinstance(adapter, FactoryAdapter) and adapter.checkpoint:
+        return dataclasses.replace(adapter, checkpoint=None)
+    return adapter
 
 
 def _activation_covers(model: nn.Module, names: set[str]) -> None:

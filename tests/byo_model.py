@@ -40,3 +40,46 @@ def batch_accuracy(model, batches) -> float:
 
 
 batch_accuracy.direction = "higher"
+
+
+def _count_call(what: str) -> int | None:
+    """Append a line to the file $HWQ_TEST_CALLS names (how many times a test's user function
+    ran, retries included): `what`, and ` rank<r>` in Ray Train's worker of rank r. Returns
+    that rank, or None outside a Train worker."""
+    import os
+
+    try:
+        import ray.train
+
+        rank = ray.train.get_context().get_world_rank()
+    except Exception:  # noqa: BLE001 - not in a Train worker
+        rank = None
+    path = os.environ.get("HWQ_TEST_CALLS")
+    if path:
+        with open(path, "a") as f:
+            f.write(what + ("" if rank is None else f" rank{rank}") + "\n")
+    return rank
+
+
+def bad_batches(split: str) -> list:
+    """`data.factory` whose images have 3 values, not 28x28: the model cannot take them."""
+    import torch
+
+    _count_call(f"bad_batches {split}")
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(16, 3, generator=g), torch.randint(0, 10, (16,), generator=g))]
+
+
+def loss_failing_in_finetune(model, batch):
+    """`model.loss_fn`: cross-entropy, except in the Ray Train worker whose rank is
+    $HWQ_TEST_FAIL_RANK (default: every worker), where it raises (once a call is counted)."""
+    import os
+
+    from torch import nn
+
+    rank = _count_call("loss")
+    fail = os.environ.get("HWQ_TEST_FAIL_RANK")
+    if rank is not None and (fail is None or int(fail) == rank):
+        raise RuntimeError("labels must be smoothed before fine-tuning")
+    x, y = batch
+    return nn.functional.cross_entropy(model(x).float(), y)

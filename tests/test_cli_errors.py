@@ -340,3 +340,50 @@ def test_preflight_finds_each_mistake_the_files_show(lm_folder, tmp_path):
     for sections, needle in cases:
         with pytest.raises(UserError, match=needle):
             check(**sections)
+
+
+def _user_code_config(path, store, **sections) -> None:
+    """A bring-your-own MLP (tests/byo_model.py) config, the smallest the stages allow."""
+    import yaml
+
+    cfg = {"model": {"name": "factory", "factory": "tests.byo_model:small_mlp",
+                     "kwargs": {"hidden": 8}},
+           "data": {"name": "custom", "factory": "tests.byo_model:few_batches"},
+           "evaluate": {"metric": "tests.byo_model:batch_accuracy"},
+           "quantize": {"method": "hw_kmeans", "k": 4},
+           "executor": {"num_cpus": 2}, "store": {"url": str(store)}}
+    for k, v in sections.items():
+        cfg[k] = {**cfg.get(k, {}), **v}
+    path.write_text(yaml.safe_dump(cfg))
+
+
+def assert_user_error_line(p, *needles) -> str:
+    """The run ended with one `hwq: error:` line (its last line), exit status 2, no
+    traceback anywhere (Ray's and Ray Train's output included); the line's text."""
+    out = p.stdout + p.stderr
+    assert p.returncode == 2, (p.returncode, out[-3000:])
+    assert "Traceback" not in out, out[-3000:]
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("hwq: error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], out[-3000:]
+    for n in needles:
+        assert n in errors[0], errors[0]
+    return errors[0].removeprefix("hwq: error: ")
+
+
+def test_an_error_of_the_users_code_in_a_ray_task_is_one_line_and_not_retried(tmp_path):
+    """data.factory returns images the model cannot take: the user's metric fails inside the
+    load stage's Ray task. One attempt (the data function ran once), one line naming the
+    setting, the exception and the user's line; run.json records it."""
+    import json
+
+    calls, store = tmp_path / "calls.txt", tmp_path / "store"
+    _user_code_config(tmp_path / "run.yaml", store,
+                      data={"factory": "tests.byo_model:bad_batches"})
+    p, _ = _hwq(["run", str(tmp_path / "run.yaml")], env_extra={"HWQ_TEST_CALLS": str(calls)})
+    line = assert_user_error_line(
+        p, "evaluate.metric 'tests.byo_model:batch_accuracy' raised RuntimeError: mat1 and "
+        "mat2 shapes cannot be multiplied", "(at tests/byo_model.py:")
+    assert calls.read_text().splitlines() == ["bad_batches eval"]
+    run = json.loads((store / "run.json").read_text())
+    assert (run["status"], run["failed_stage"], run["error"]) == ("failed", "load", line)

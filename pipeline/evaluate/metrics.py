@@ -34,7 +34,12 @@ class Metric:
     direction: Direction
 
     def __call__(self, model: nn.Module, data: Any, **kwargs: Any) -> float:
-        return float(self.fn(model, data, **kwargs))
+        value = self.fn(model, data, **kwargs)
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise MetricError(f"metric {self.name!r} returned a {type(value).__name__}, not a "
+                              "number") from None
 
 
 def _accuracy(model: nn.Module, data: Any, **kwargs: Any) -> float:
@@ -83,7 +88,11 @@ def get_metric(name: str, direction: Direction | None = None) -> Metric:
     if chosen is None:
         raise MetricError(f"metric {name!r}: say whether higher or lower is better (set the "
                           "function's `direction` attribute to 'higher' or 'lower')")
-    return Metric(name.rsplit(":", 1)[1].rsplit(".", 1)[-1], fn,
+    from pipeline.user_code import UserCallable
+
+    # What the user's metric raises (also their model's forward inside it) is theirs to fix.
+    return Metric(name.rsplit(":", 1)[1].rsplit(".", 1)[-1],
+                  UserCallable(f"evaluate.metric {name!r}", fn),
                   _check_direction(chosen, repr(name)))
 
 

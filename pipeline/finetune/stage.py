@@ -234,27 +234,47 @@ def finetune_worker(conf: dict[str, Any]) -> None:
     conf: {"cfg": RunConfig, "out": StageDir, "model": StageDir, "quantize": StageDir,
     "ckpt": Checkpoints, "hook": str | None (pipeline.hooks), "threads": int}.
 
-    A UserError (a mistake in the config or data, which a restart would only meet again) does
-    not fail the worker: Ray Train would restart the group `max_failures` times and end with
-    a traceback. The worker writes it to USER_ERROR and returns; the driver raises it. Every
-    worker reads the same config and data, so such an error happens in all of them at the
-    same point (and rank 0's own evaluation shares its outcome with the others before they
-    part: `_rank0_then_barrier`), and no worker is left waiting in a collective.
+    A mistake for the user to fix (`is_users`: a UserError, such as what the user's own loss,
+    metric, factory or data function raised, see `pipeline.user_code`; a ValueError) does not
+    fail the worker: Ray Train would restart the group `max_failures` times, meet it again
+    each time and end with a traceback. The worker writes it to USER_ERROR and returns; the
+    driver raises it, once. No worker may then be left waiting in a collective for one that
+    returned: a mistake met before training (config, data, model) is met by every worker at
+    the same point (they read the same files); one met in a step (the user's loss on this
+    worker's shard of the batch) is held until the next all-reduce every worker makes anyway
+    (`_in_step`), and rank 0's own evaluation shares its outcome the same way
+    (`_rank0_then_barrier`). A killed worker or a bug still fails the worker: Ray Train
+    restarts the group as before.
     """
     import ray.train
 
     recording_user_errors(_worker, conf, lambda: ray.train.get_context().get_world_rank())
 
 
+class _PeerFailed(Exception):
+    """This worker stops because another one met a user error (which that one records)."""
+
+
 def recording_user_errors(body: Any, conf: dict[str, Any], rank: Any) -> None:
-    """body(conf); a UserError it raises is written to conf["out"] as
+    """body(conf); a user's mistake it raises (`is_users`) is written to conf["out"] as
     `user_error-<rank()>.json` instead of failing the worker (see finetune_worker)."""
+    import traceback
+
+    from pipeline.error_lines import is_users, unwrap
+
     try:
         body(conf)
-    except UserError as e:
+    except _PeerFailed:
+        return
+    except Exception as e:
+        if isinstance(e, _Unheld) or not is_users(e):
+            raise
+        shown = unwrap(e)
         out: StageDir = conf["out"]
-        out.write_json(f"{USER_ERROR}-{rank()}.json", {"error": str(e),
-                                                      "type": type(e).__name__})
+        out.write_json(f"{USER_ERROR}-{rank()}.json", {
+            "error": str(shown), "type": type(shown).__name__,
+            # For `hwq -v` (the driver logs it at debug level): where in the code it began.
+            "traceback": "".join(traceback.format_exception(e))[-20000:]})
 
 
 def _worker(conf: dict[str, Any]) -> None:
@@ -266,6 +286,7 @@ def _worker(conf: dict[str, Any]) -> None:
 
     note("finetune_worker")
     from pipeline.data import load_split
+    from pipeline.error_lines import is_users
     from pipeline.evaluate import accuracy
     from pipeline.finetune.transform import QuantizedTrainable
     from pipeline.models import build
@@ -321,24 +342,35 @@ def _worker(conf: dict[str, Any]) -> None:
     t0 = time.perf_counter()
     running, pending = 0.0, 0
     engine.train()
+
+    def forward(idx: torch.Tensor) -> torch.Tensor:  # the loss of this worker's samples idx
+        if generic:
+            return engine(_take(data, idx, engine.device, dtype), loss_fn=loss_fn).float()
+        x = train.x[idx].to(engine.device, dtype)
+        y = train.y[idx].to(engine.device)
+        return torch.nn.functional.cross_entropy(engine(x).float(), y)
+
+    failed: BaseException | None = None  # a user error of this worker, held (finetune_worker)
     for step in range(start, steps):
         idx = global_batch(n, ft.batch_size, step, cfg.seed)[rank::world]
-        if generic:
-            loss = engine(_take(data, idx, engine.device, dtype), loss_fn=loss_fn).float()
-        else:
-            x = train.x[idx].to(engine.device, dtype)
-            y = train.y[idx].to(engine.device)
-            loss = torch.nn.functional.cross_entropy(engine(x).float(), y)
+        loss, failed = _in_step(forward, idx, failed, trainable, world, ft.zero_stage)
         engine.backward(loss)
         engine.step()
         running = running + loss.detach()  # no host sync per step; read at log steps only
         pending += 1
         done = step + 1
-        if done % log_every == 0 or done == steps:
-            # Mean over workers and steps since the last line: one tiny all-reduce per log,
-            # on the engine's device (NCCL reduces only GPU tensors).
-            t = torch.tensor([float(running), pending], dtype=torch.float64, device=engine.device)
+        logs = done % log_every == 0 or done == steps
+        saves = done % ft.checkpoint_every == 0 and done < steps
+        if logs or saves:
+            # Mean over workers and steps since the last line, and whether any worker met a
+            # user error: one tiny all-reduce per log (and before a checkpoint, which must
+            # not hold a failed step), on the engine's device (NCCL reduces only GPU tensors).
+            t = torch.tensor([float(running), pending, float(failed is not None)],
+                             dtype=torch.float64, device=engine.device)
             dist.all_reduce(t)
+            if t[2] > 0:
+                raise failed if failed is not None else _PeerFailed()
+        if logs:
             mean = float(t[0] / t[1])
             if rank == 0:
                 history.append({"step": done, "loss": mean,
@@ -393,7 +425,9 @@ def _worker(conf: dict[str, Any]) -> None:
     if rank == 0:
         try:
             finish()
-        except UserError as e:  # e.g. a metric of the user's that fails on this model
+        except Exception as e:  # e.g. a metric of the user's that fails on this model
+            if not is_users(e):
+                raise
             failure = e
     # The barrier before the workers part, carrying whether rank 0 failed: every rank
     # returns normally either way (see finetune_worker), none waits for a rank that left.
@@ -404,6 +438,44 @@ def _worker(conf: dict[str, Any]) -> None:
     from pipeline.placement import note_memory
 
     note_memory("finetune_worker")
+
+
+def _in_step(forward: Any, idx: torch.Tensor, failed: BaseException | None,
+             trainable: list[torch.Tensor], world: int, zero_stage: int
+             ) -> tuple[torch.Tensor, BaseException | None]:
+    """(forward(idx): the loss of this step, the user error held so far). With several workers,
+    a user error in this worker's forward (the user's loss or model on its shard) is held, not
+    raised: the worker goes on with a zero loss through the same gradient collectives as its
+    peers until the next all-reduce, where every worker learns of it and stops
+    (finetune_worker). One worker raises at once. Under ZeRO-3 the forward itself gathers
+    parameters (collectives a worker that skips it would not join): the error fails this
+    worker (`_Unheld`), Ray Train stops the group and restarts it as for any failure, and the
+    driver shows the user's error inside as one line."""
+    if failed is None:
+        from pipeline.error_lines import is_users
+
+        try:
+            return forward(idx), None
+        except Exception as e:
+            if not is_users(e) or world == 1:
+                raise
+            if zero_stage >= 3:
+                raise _Unheld(e) from e
+            failed = e
+    # Zero gradients for every trainable parameter: DeepSpeed reduces them as usual.
+    return sum((p.sum() * 0.0).float() for p in trainable), failed
+
+
+class _Unheld(RuntimeError):
+    """A user error that must fail its worker (not be recorded): see `_in_step`. Carries the
+    error as `user_error`, which `pipeline.error_lines.unwrap` shows."""
+
+    def __init__(self, user_error: BaseException):
+        super().__init__(str(user_error))
+        self.user_error = user_error
+
+    def __reduce__(self):
+        return (type(self), (self.user_error,))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -422,8 +494,8 @@ def _as_dataset(data: Any) -> Any:
     if batches and all(isinstance(b, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in b)
                        for b in batches):
         return tuple(torch.cat(parts) for parts in zip(*batches, strict=True))
-    raise ValueError("fine-tuning needs calibration batches that are tensors or tuples of "
-                     "tensors (concatenated along dimension 0)")
+    raise FinetuneUserError("fine-tuning needs calibration batches that are tensors or tuples "
+                            "of tensors (concatenated along dimension 0); check data.factory")
 
 
 def _dataset_len(data: Any) -> int:
@@ -542,9 +614,14 @@ def _trainer_class():
 
 def _raise_user_error(out: StageDir) -> None:
     """Raise the user error a worker recorded (finetune_worker), if any, as one error."""
+    import logging
+
     for name in sorted(f for f in out.files() if f.startswith(USER_ERROR + "-")):
         rec = out.read_json(name)
         msg = rec.get("error") if isinstance(rec, dict) else None
+        if isinstance(rec, dict) and isinstance(rec.get("traceback"), str):
+            logging.getLogger(__name__).debug("finetune: %s: the worker's traceback:\n%s",
+                                              name, rec["traceback"])
         raise FinetuneUserError(f"finetune: {msg}" if isinstance(msg, str) else
                                 f"finetune: a worker failed on the config or data ({name})")
 

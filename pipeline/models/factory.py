@@ -19,6 +19,7 @@ from torch import nn
 
 from pipeline.errors import UserError
 from pipeline.models.base import ModelAdapter, register
+from pipeline.user_code import UserCodeError, call_user, user_code_error
 
 __all__ = ["ImportPathError", "import_object", "import_callable", "FactoryAdapter",
            "LeNet5Adapter"]
@@ -114,6 +115,11 @@ class FactoryAdapter(ModelAdapter):
             model = fn(**self.kwargs)
         except TypeError as e:
             raise ImportPathError(f"model.factory {self.factory!r}: {e}") from None
+        except Exception as e:  # noqa: BLE001 - the user's code failed: say where, once
+            err = user_code_error(f"model.factory {self.factory!r}", e)
+            if err is None:
+                raise
+            raise err from e
         if not isinstance(model, nn.Module):
             raise ImportPathError(f"model.factory {self.factory!r} returned a "
                                   f"{type(model).__name__}, not a torch.nn.Module")
@@ -125,8 +131,22 @@ class FactoryAdapter(ModelAdapter):
         return model
 
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
-        fn = _LOSSES.get(self.loss_fn) or import_callable(self.loss_fn, "model.loss_fn")
-        return fn(model, batch)
+        """The scalar loss of `model` on `batch`. An error of the user's loss function, or of
+        the user's model inside a built-in loss, is a UserCodeError naming the setting."""
+        fn = _LOSSES.get(self.loss_fn)
+        if fn is None:
+            fn, what = import_callable(self.loss_fn, "model.loss_fn"), \
+                f"model.loss_fn {self.loss_fn!r}"
+        elif self.factory.startswith("pipeline."):  # hwq's own model and loss: a bug is ours
+            return fn(model, batch)
+        else:
+            what = f"model.loss_fn {self.loss_fn!r} on the model of model.factory {self.factory!r}"
+        loss = call_user(what, fn, model, batch)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            got = (f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor)
+                   else f"a {type(loss).__name__}")
+            raise UserCodeError(f"{what} returned {got}, not a scalar tensor")
+        return loss
 
     def label(self) -> str:
         return self.factory

@@ -85,3 +85,31 @@ def test_a_user_error_in_the_workers_is_not_retried_by_ray_train(tmp_path, ray_l
     assert calls.read_text().split() == ["calibration"]  # one worker, one attempt
     state = run_state(Store(str(store)))
     assert state["status"] == "failed" and state["failed_stage"] == "finetune"
+
+
+def test_an_error_of_the_users_loss_in_one_train_worker_is_one_line_and_not_retried(tmp_path):
+    """The user's loss raises (a RuntimeError) in fine-tuning's worker 1 of 2 only, on its
+    first step: worker 0 goes on to the next all-reduce and stops there (no hang), Ray Train
+    restarts nothing (the loss failed once: max_failures=3 would make four), `hwq run` ends
+    with one line naming the setting and the user's line, and run.json records it. Ten
+    epochs of two steps: the failed worker holds its error over a step (loss logged every 2)."""
+    import json
+
+    from tests.test_cli_errors import _hwq, _user_code_config, assert_user_error_line
+
+    calls, store = tmp_path / "calls.txt", tmp_path / "store"
+    _user_code_config(tmp_path / "run.yaml", store,
+                      model={"loss_fn": "tests.byo_model:loss_failing_in_finetune"},
+                      finetune={"workers": 2, "batch_size": 8, "epochs": 10})
+    p, _ = _hwq(["run", str(tmp_path / "run.yaml")],
+                env_extra={"HWQ_TEST_CALLS": str(calls), "HWQ_TEST_FAIL_RANK": "1"})
+    line = assert_user_error_line(
+        p, "finetune: model.loss_fn 'tests.byo_model:loss_failing_in_finetune' raised "
+        "RuntimeError: labels must be smoothed before fine-tuning",
+        "tests/byo_model.py:")  # the worker's folder is Ray Train's: the path is absolute
+    train = [ln for ln in calls.read_text().splitlines() if " rank" in ln]
+    # Worker 1 failed at step 0 and held it; worker 0 ran steps 0 and 1 and both stopped at
+    # the all-reduce after step 2: one attempt.
+    assert sorted(train) == ["loss rank0", "loss rank0", "loss rank1"], train
+    run = json.loads((store / "run.json").read_text())
+    assert (run["status"], run["failed_stage"], run["error"]) == ("failed", "finetune", line)

@@ -173,7 +173,7 @@ def run_one(label: str, model: Path, work: Path, a: argparse.Namespace, one_tens
             fresh: bool) -> dict:
     from pipeline import driver
     from pipeline.api import to_config
-    from pipeline.encode.inspection import one_tensor_decode
+    from pipeline.encode.container.reader import one_tensor_decode
     from pipeline.stream_cli import stream_config
 
     if fresh:

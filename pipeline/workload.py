@@ -212,8 +212,7 @@ class Workload:
         return {"test": load_split(d.root, "test")}
 
     def _custom(self, split: str) -> list[Any]:
-        from pipeline.models.factory import import_callable
-        from pipeline.user_code import call_user
+        from pipeline.user_code import call_user, import_callable
 
         spec = self.cfg.data.factory or ""
         fn = import_callable(spec, "data.factory")

@@ -99,7 +99,7 @@ def test_streamed_run_end_to_end(reference, bf16_folder, tmp_path):
 
     from pipeline.cli import main
     from pipeline.encode.container import read_hwq
-    from pipeline.encode.inspection import one_tensor_decode
+    from pipeline.encode.container.reader import one_tensor_decode
 
     work, out, _ = reference
     assert "model.hwq" in out and "perplexity" in out
@@ -221,7 +221,7 @@ def test_streamed_run_on_s3(ray_local, bf16_folder, s3_bucket):
     from pipeline import driver
     from pipeline.api import to_config
     from pipeline.cli import build_parser
-    from pipeline.encode.inspection import one_tensor_decode
+    from pipeline.encode.container.reader import one_tensor_decode
     from pipeline.stream_cli import stream_config
 
     url, opts = s3_bucket

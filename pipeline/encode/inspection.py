@@ -11,11 +11,10 @@ weights, as this table once did, reported ~12 bits where the report said ~3.
 from __future__ import annotations
 
 import textwrap
-import time
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["format_inspect", "inspect_rows", "inspect_totals", "one_tensor_decode"]
+__all__ = ["format_inspect", "inspect_rows", "inspect_totals"]
 
 
 def inspect_rows(
@@ -136,26 +135,3 @@ def format_inspect(rows: list[dict]) -> str:
     )
     lines += textwrap.wrap(note, len(head), subsequent_indent="  ")
     return "\n".join(lines)
-
-
-def one_tensor_decode(url: str, name: str, storage_options: dict | None = None) -> dict:
-    """Decode one tensor of a .hwq file by range reads, and count the bytes read beside what
-    that tensor needs: the header, its index and position sections, its codebook and the code
-    tables its chunks use. Returns {"tensor", "shape", "seconds", "bytes_read",
-    "header_bytes", "tensor_section_bytes", "file_bytes"}."""
-    from pipeline.encode.container import HwqReader
-
-    t0 = time.perf_counter()
-    r = HwqReader(url, storage_options=storage_options)
-    header_bytes = r.bytes_read
-    d = next(x for x in r.header["tensors"] if x["name"] == name)
-    sections = [d[s] for s in ("indices", "positions") if d.get(s)]
-    own = sum(c[1] for s in sections for c in s["chunks"])
-    cb = next(c for c in r.header["codebooks"] if c["name"] == d.get("codebook"))
-    tables = {c[4] if len(c) > 4 else s.get("code_table") for s in sections for c in s["chunks"]}
-    table_bytes = sum(r.header["code_tables"][i]["length"] for i in tables if i is not None)
-    a = r.read([name])[name]
-    return {"tensor": name, "shape": list(a.shape), "seconds": time.perf_counter() - t0,
-            "bytes_read": r.bytes_read, "header_bytes": header_bytes,
-            "tensor_section_bytes": own + cb["length"] + table_bytes,
-            "file_bytes": r.file_bytes}

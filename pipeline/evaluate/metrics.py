@@ -81,7 +81,7 @@ def get_metric(name: str, direction: Direction | None = None) -> Metric:
     if ":" not in name:
         raise MetricError(f"unknown metric {name!r}; choose one of {sorted(METRICS)} or give "
                           "'package.module:function'")
-    from pipeline.models.factory import import_callable
+    from pipeline.user_code import import_callable
 
     fn = import_callable(name, "metric")
     chosen = direction if direction is not None else getattr(fn, "direction", None)

@@ -199,7 +199,7 @@ def get_adapter(name: str) -> type[ModelAdapter]:
         importlib.import_module(_BUILTIN[name])
         return ADAPTERS[name]
     if ":" in name:
-        from pipeline.models.factory import import_object
+        from pipeline.user_code import import_object
 
         cls = import_object(name, what="model adapter")
         if not (isinstance(cls, type) and issubclass(cls, ModelAdapter)):

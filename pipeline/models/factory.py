@@ -8,8 +8,6 @@ safetensors checkpoint (never a pickle). `lenet5` is the same adapter with the b
 
 from __future__ import annotations
 
-import difflib
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,58 +15,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.errors import UserError
 from pipeline.models.base import ModelAdapter, register
-from pipeline.user_code import UserCodeError, call_user, user_code_error
+from pipeline.user_code import (
+    ImportPathError,
+    UserCodeError,
+    call_user,
+    import_callable,
+    import_object,
+    user_code_error,
+)
 
 __all__ = ["ImportPathError", "import_object", "import_callable", "FactoryAdapter",
            "LeNet5Adapter"]
-
-
-class ImportPathError(UserError, ValueError):
-    """A "package.module:attribute" path that cannot be resolved."""
-
-
-def import_object(spec: str, what: str = "object") -> Any:
-    """The object at "package.module:attribute" (the attribute may be dotted: "mod:Cls.make").
-
-    what: how messages name it ("model.factory", "data.factory", ...).
-    """
-    if not isinstance(spec, str) or spec.count(":") != 1:
-        raise ImportPathError(f"{what} {spec!r}: expected 'package.module:name'")
-    mod_name, attr = spec.split(":")
-    if not mod_name or not attr:
-        raise ImportPathError(f"{what} {spec!r}: expected 'package.module:name'")
-    try:
-        obj: Any = importlib.import_module(mod_name)
-    except ModuleNotFoundError as e:
-        # The module itself (or a parent package) is missing, or something it imports is.
-        if e.name and (mod_name == e.name or mod_name.startswith(e.name + ".")):
-            raise ImportPathError(f"{what} {spec!r}: no module named {e.name!r} (is it on "
-                                  "PYTHONPATH, or installed?)") from None
-        raise ImportPathError(f"{what} {spec!r}: module {mod_name!r} failed to import: {e}"
-                              ) from None
-    except Exception as e:  # noqa: BLE001 - any error while importing user code
-        raise ImportPathError(f"{what} {spec!r}: module {mod_name!r} failed to import: "
-                              f"{type(e).__name__}: {e}") from None
-    done = mod_name
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            names = [n for n in dir(obj) if not n.startswith("_")]
-            near = difflib.get_close_matches(part, names, n=1)
-            hint = f"; did you mean {near[0]!r}?" if near else ""
-            raise ImportPathError(f"{what} {spec!r}: {done!r} has no attribute {part!r}{hint}")
-        obj = getattr(obj, part)
-        done = f"{done}:{part}" if done == mod_name else f"{done}.{part}"
-    return obj
-
-
-def import_callable(spec: str, what: str = "function") -> Callable[..., Any]:
-    """`import_object` that also checks the result is callable."""
-    obj = import_object(spec, what)
-    if not callable(obj):
-        raise ImportPathError(f"{what} {spec!r} is a {type(obj).__name__}, not a function")
-    return obj
 
 
 def _cross_entropy(model: nn.Module, batch: Any) -> torch.Tensor:

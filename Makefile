@@ -21,7 +21,7 @@ CONFIG ?= configs/lenet5_fmnist.yaml
 STORE ?= runs/default
 ARGS ?=
 
-.PHONY: setup lock data run test lint gpu-check bench bench-paper bench-llm bench-faults bench-scale clean
+.PHONY: setup lock data run test lint gpu-check bench bench-paper bench-llm bench-faults bench-stream-faults bench-scale clean
 
 setup: $(STAMP) data
 
@@ -111,6 +111,13 @@ bench-scale: setup
 # fills the README's fault table (benchmarks/results/faults.md). ~20 min on 2 cores.
 bench-faults: setup
 	$(BIN)/python benchmarks/faults.py $(ARGS)
+
+# Kill -9 of a Ray worker at random moments of the streamed hessian, quantize and encode stages
+# (SmolLM2-135M, 3 kills each; ARGS=--kills 1 for a quicker pass) and of the driver once per
+# stage: each run's model.hwq must be the uninterrupted run's, and a kill must cost only the
+# units it interrupted (benchmarks/results/stream_faults.md).
+bench-stream-faults: setup
+	$(BIN)/python benchmarks/stream_faults.py $(ARGS)
 
 # The CUDA paths on a machine with a GPU (no set-up: such machines may have no network; the
 # venv is used where it exists, else the python on PATH with the packages already there).

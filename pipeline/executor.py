@@ -20,7 +20,8 @@ from pathlib import Path
 from pipeline.errors import ExecutorError
 
 __all__ = ["cache_dir", "private_subdir", "init_ray", "shutdown_ray", "ray_has_gpus", "remote",
-           "task_threads", "ray_map", "configure", "task_gpus", "worker_cpus", "task_device"]
+           "task_threads", "ray_map", "configure", "task_gpus", "worker_cpus", "task_device",
+           "task_attempt"]
 
 log = logging.getLogger(__name__)
 
@@ -341,6 +342,17 @@ def task_threads() -> int:
         n = 1
     torch.set_num_threads(max(1, n))
     return n
+
+
+def task_attempt() -> int:
+    """Inside a Ray task: how many times Ray ran it before (0 the first time; 1 after one
+    retry of a killed worker); 0 outside a task. Never imports Ray (0 where it is not)."""
+    ray = sys.modules.get("ray")
+    try:
+        return int(ray._private.worker.global_worker.core_worker
+                   .get_current_task_attempt_number()) if ray is not None else 0
+    except Exception:  # noqa: BLE001 - not in a Ray worker, or Ray moved the call
+        return 0
 
 
 def ray_map(fn, jobs, *, cpus: int = 1) -> list:

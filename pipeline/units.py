@@ -13,6 +13,10 @@ those that verify. A record is read from the store, so it is untrusted like a ma
 that is not a small regular file, does not parse under the schema, names another stage or key,
 or lists a file whose bytes no longer hash to it is not believed (a warning says why, the
 record is removed, and the unit is computed again).
+
+A record also says which attempt of its Ray task wrote it (`attempt`: 0 the first time, 1 after
+Ray retried the task once because its worker was killed), so a stage can report how many unit
+executions its units cost (`retried` in its metrics; benchmarks/stream_faults.py counts them).
 """
 
 from __future__ import annotations
@@ -68,6 +72,9 @@ class UnitRecord(_Strict):
     key: str
     outputs: dict[str, UnitOutput]
     fields: dict[str, Any] = Field(default_factory=dict)
+    # Ray's attempt number of the task that wrote the record (0: not retried); records
+    # written before this field existed read as 0.
+    attempt: int = Field(default=0, ge=0)
 
     @field_validator("unit")
     @classmethod
@@ -146,7 +153,10 @@ class Units:
     def record(self, unit: str, outputs: list[str], **fields: Any) -> dict:
         """After the unit's output files (names relative to the stage folder) are written:
         hash them, write units/<unit>.json atomically (after the outputs), return the record.
-        fields: the unit's small JSON-able results (e.g. a sample count), kept in `fields`."""
+        fields: the unit's small JSON-able results (e.g. a sample count), kept in `fields`.
+        The record's `attempt` is the calling Ray task's attempt number (0 outside Ray)."""
+        from pipeline.executor import task_attempt
+
         rel = self._rel(unit)
         digests = {}
         for name in outputs:
@@ -165,6 +175,7 @@ class Units:
             "key": self.sd.key,
             "outputs": digests,
             "fields": fields,
+            "attempt": task_attempt(),
         }
         data = (json.dumps(rec, indent=1, sort_keys=True, allow_nan=False) + "\n").encode()
         if len(data) > MAX_RECORD_BYTES:

@@ -67,7 +67,7 @@ def test_streamed_run_through_the_driver(streamed_run, folder):
     assert meta["residency"] == "streamed" and meta["source"] == str(folder)
     assert len(meta["quantizable"]) == 4 * 7
     # P × G units, then a reduce per group
-    assert m["hessian"]["units"] == {"total": 6, "reused": 0, "computed": 6}
+    assert m["hessian"]["units"] == {"total": 6, "reused": 0, "computed": 6, "retried": 0}
     assert m["hessian"]["block_groups"] == [[0, 2], [2, 4]]
     # the λ loop aims the coded rate below the target; every tensor was a unit
     q = m["quantize"]
@@ -152,6 +152,29 @@ def test_a_killed_stage_resumes_from_its_units(streamed_run, folder, monkeypatch
     assert u["reused"] >= done - 1, u  # the finished units were not recomputed
     # the resumed stage's output is the uninterrupted run's, byte for byte
     assert (_stage(store, stage) / output).read_bytes() == want
+
+
+def _unit_whose_worker_dies_once(sd) -> dict:
+    """A unit task whose first attempt dies as a kill -9 would (no cleanup, no result)."""
+    import os
+
+    from pipeline.executor import task_attempt
+    from pipeline.units import Units
+
+    if task_attempt() == 0:
+        os._exit(1)
+    sd.write_bytes("partials/u.bin", b"sums")
+    return Units(sd).record("u", ["partials/u.bin"])
+
+
+def test_a_unit_retried_by_ray_records_its_attempt(ray_local, tmp_path):
+    """The record of a unit whose worker died once says attempt 1 (what the streamed stages
+    sum as `units.retried`)."""
+    from pipeline.executor import call
+    from pipeline.store import StageDir, Store
+
+    rec = call(_unit_whose_worker_dies_once, StageDir(Store(str(tmp_path)), "hessian", "k"))
+    assert rec["attempt"] == 1
 
 
 def test_auto_residency_follows_the_memory_budget(folder, tmp_path):

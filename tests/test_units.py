@@ -71,20 +71,29 @@ def test_tampered_output_is_recomputed_with_a_warning(store, caplog):
     assert _warned(caplog, "p2-g0", "missing")
 
 
-@pytest.mark.parametrize(
-    "edit,why",
-    [
-        (lambda r: r["outputs"]["partials/u.bin"].update(sha256="0" * 64), "does not match"),
-        (lambda r: r["outputs"]["partials/u.bin"].update(bytes=-1), "schema"),
-        (lambda r: r.update(extra=1), "schema"),
-        (lambda r: r.update(fields=[1]), "schema"),
-        (lambda r: r.update(unit="../u"), "schema"),
-        (lambda r: r.update(unit="v"), "unit v"),
-        (lambda r: r.update(stage="quantize"), "quantize-k3"),
-        (lambda r: r["outputs"].update({"../escape": r["outputs"]["partials/u.bin"]}), "schema"),
-        (lambda r: r["outputs"].update({"units/u.json": r["outputs"]["partials/u.bin"]}), "schema"),
-    ],
-)
+def test_record_says_which_attempt_wrote_it(local):
+    """Outside a Ray task a record is attempt 0; a record from before the field existed (no
+    `attempt`) is still reused, and reads as attempt 0."""
+    sd = StageDir(local, "hessian", "k5")
+    rec = _unit(sd, "u")
+    assert rec["attempt"] == 0
+    del rec["attempt"]
+    sd.write_bytes(f"{UNITS_DIR}/u.json", json.dumps(rec).encode())
+    assert Units(sd).done("u")["attempt"] == 0
+
+
+@pytest.mark.parametrize("edit,why", [
+    (lambda r: r["outputs"]["partials/u.bin"].update(sha256="0" * 64), "does not match"),
+    (lambda r: r["outputs"]["partials/u.bin"].update(bytes=-1), "schema"),
+    (lambda r: r.update(extra=1), "schema"),
+    (lambda r: r.update(fields=[1]), "schema"),
+    (lambda r: r.update(attempt=-1), "schema"),
+    (lambda r: r.update(unit="../u"), "schema"),
+    (lambda r: r.update(unit="v"), "unit v"),
+    (lambda r: r.update(stage="quantize"), "quantize-k3"),
+    (lambda r: r["outputs"].update({"../escape": r["outputs"]["partials/u.bin"]}), "schema"),
+    (lambda r: r["outputs"].update({"units/u.json": r["outputs"]["partials/u.bin"]}), "schema"),
+])
 def test_tampered_record_is_recomputed_with_a_warning(local, caplog, edit, why):
     sd = StageDir(local, "hessian", "k3")
     rec = _unit(sd, "u")

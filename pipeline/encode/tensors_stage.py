@@ -73,7 +73,7 @@ def _check_decoded(path: str, opts: dict | None, w, quant, codes: dict[str, str]
 def _encode_task(cfg: RunConfig, out, url: str, opts: dict | None, quant, codes: dict[str, str],
                  shapes: dict[str, tuple[int, int]]) -> dict:
     from pipeline.encode.container import TensorEntry, write_hwq
-    from pipeline.executor import private_subdir
+    from pipeline.executor import private_subdir, task_attempt
     from pipeline.memory import process_peaks, release_memory
     from pipeline.models.weights import WeightsFolder
     from pipeline.quantize.tensors_stage import read_codes
@@ -115,7 +115,7 @@ def _encode_task(cfg: RunConfig, out, url: str, opts: dict | None, quant, codes:
     return {"acct": acct, "file_bytes": file_bytes, "entries": len(w.names),
             "params": n_all, "original_bytes": sum(t.nbytes for t in w.tensors.values()),
             "check_seconds": time.perf_counter() - t_check, "check_bytes_read": checked_bytes,
-            "bytes_read": w.bytes_read, "process": process_peaks()}
+            "bytes_read": w.bytes_read, "process": process_peaks(), "attempt": task_attempt()}
 
 
 def _evaluate_task(cfg: RunConfig, out, sets: dict[str, torch.Tensor], hf: list[str]) -> dict:
@@ -195,6 +195,8 @@ def run_encode_streamed(ctx: StageContext) -> dict[str, Any]:
         "decode_check": {"tensors": r["entries"], "seconds": round(r["check_seconds"], 3),
                          "bytes_read": r["check_bytes_read"]},
         "bytes_read": r["bytes_read"],
+        # Ray's retries of the encode task (its worker killed mid-write or mid-check)
+        "retried": r["attempt"],
         "seconds": round(time.perf_counter() - t0, 3),
     }
     return metrics

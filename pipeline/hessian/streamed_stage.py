@@ -93,11 +93,18 @@ def _partial_task(cfg: RunConfig, out, url: str, opts: dict | None, windows: tor
 
 
 def _reduce_task(out, g: int, names: list[str], parts: list[dict], total: int) -> dict:
-    """Unit g: Σ_p partials / total into hessian/g{g}.parquet; then the partials go."""
+    """Unit g: Σ_p partials / total into hessian/g{g}.parquet; then the partials go (a retry
+    that finds the unit recorded only finishes that)."""
     from pipeline.hessian.table import TensorTable, TensorTableWriter
     from pipeline.units import Units
 
     task_threads()
+    done = Units(out).done(f"g{g}")
+    if done is not None:  # a retry of a worker killed after the record: only the cleanup left
+        for pt in parts:
+            if out.store.exists(out.rel(pt["table"])):
+                out.store.remove(out.rel(pt["table"]))
+        return done
     rel = f"hessian/g{g}.parquet"
     opts = out.store.storage_options or None
     tables = [TensorTable(out.url(pt["table"]), opts) for pt in parts]
@@ -180,14 +187,17 @@ def run_hessian_streamed(ctx: StageContext) -> dict[str, Any]:
                           gpus="task", desc="hessian units"):
         bytes_read += r["bytes_read"]
     reduces = []
+    retried = 0  # Ray's retries of this run's units (a worker killed mid-unit)
     for g in range(len(groups)):
         if g in finals:
             continue
         parts = []
         for p in range(P):
-            rec = records.get((p, g)) or units.done(f"p{p}-g{g}",
-                                                    [f"partials/p{p}-g{g}.parquet"],
-                                                    _fields_check(groups[g][1]))
+            rec = records.get((p, g))
+            if rec is None:
+                rec = units.done(f"p{p}-g{g}", [f"partials/p{p}-g{g}.parquet"],
+                                 _fields_check(groups[g][1]))
+                retried += rec["attempt"] if rec is not None else 0
             if rec is None:
                 raise RuntimeError(f"hessian unit p{p}-g{g} finished without its record")
             parts.append({"table": next(iter(rec["outputs"])),
@@ -195,6 +205,7 @@ def run_hessian_streamed(ctx: StageContext) -> dict[str, Any]:
         reduces.append((g, (out, g, groups[g][1], parts, total)))
     for i, rec in map_units(_reduce_task, [c for _, c in reduces], desc="hessian reduce"):
         finals[reduces[i][0]] = rec
+        retried += rec.get("attempt", 0)
     tensors = {}
     for g in range(len(groups)):
         rec = finals[g]
@@ -212,7 +223,8 @@ def run_hessian_streamed(ctx: StageContext) -> dict[str, Any]:
                         "partitions": P, "groups": len(groups),
                         "block_groups": [[r.start, r.stop] for r, _ in groups],
                         "units": {"total": (P + 1) * len(groups), "reused": reused,
-                                  "computed": (P + 1) * len(groups) - reused},
+                                  "computed": (P + 1) * len(groups) - reused,
+                                  "retried": retried},
                         "bytes_read": bytes_read,
                         "seconds": round(time.perf_counter() - t0, 3)}}
 

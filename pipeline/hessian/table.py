@@ -118,7 +118,10 @@ class TensorTableWriter:
         folder, name = posixpath.split(str(url))
         self._sink = _Sink(_Files(folder or ".", storage_options), name)
         schema = _TENSOR_SCHEMA.with_metadata({k: str(v) for k, v in (metadata or {}).items()})
-        self._writer = pq.ParquetWriter(self._sink, schema, compression="none")
+        # Plain floats: a dictionary page of Hessian values (which hardly repeat) only inflates the
+        # row group past what the reader accepts for the tensor's shape (`_check_groups`).
+        self._writer = pq.ParquetWriter(self._sink, schema, compression="none",
+                                        use_dictionary=["tensor"])
         self.chunk = int(chunk)
         self.names: list[str] = []
         self.tensor_sha256: dict[str, str] = {}

@@ -224,6 +224,7 @@ def run_quantize_tensors(ctx: StageContext) -> dict[str, Any]:
     target = float(q.target_bits)
     aim, lam0, evals, passes, best, reused = target, None, 0, 0, None, 0
     bias = 0.0  # what the full passes so far spent beyond the sample's prediction
+    retried = 0  # Ray's retries of this run's tensor units (a worker killed mid-unit)
     while passes < _PASSES:
         # λ on the sample, aimed so the predicted file rate (corrected by the last full
         # pass's miss) is within the window
@@ -254,6 +255,7 @@ def run_quantize_tensors(ctx: StageContext) -> dict[str, Any]:
         for j, rec in map_units(_tensor_task, todo, cpus=task_cpus(1), gpus="task",
                                 desc=f"quantize pass {passes}", unit="tensor"):
             recs[todo[j][5]] = rec
+            retried += rec.get("attempt", 0)
         coded = math.fsum(sum(recs[n]["fields"]["bits"].values()) for n in names) / weights
         ctx.log.info("quantize: pass %d at λ=%.4g: the file will spend %.4f bits/weight "
                      "(target %.4f; %d tensors reused)", passes, lam, coded, target,
@@ -284,7 +286,7 @@ def run_quantize_tensors(ctx: StageContext) -> dict[str, Any]:
                                         * shapes[n][1] for n in names) / weights,
         "mean_levels": w_levels / max(at, 1),
         "lambda_evaluations": evals, "full_passes": passes, "sample_every": every,
-        "units": {"total": len(names), "reused": reused},
+        "units": {"total": len(names), "reused": reused, "retried": retried},
         "bytes_read": sum(recs[n]["fields"]["bytes_read"] for n in names),
         "weights_per_s": weights * passes / max(time.perf_counter() - t0, 1e-9),
         "seconds": round(time.perf_counter() - t0, 3)}}

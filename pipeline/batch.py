@@ -292,9 +292,7 @@ def load_batch(source: str | os.PathLike | Mapping[str, Any], *,
                           f"from the batch file's folder, {base})")
             continue
         try:
-            from pipeline.models.source import resolve_residency
-
-            cfg = resolve_residency(load_config(cpath, overrides))
+            cfg = load_config(cpath, overrides)  # (its residency resolves when it runs)
             check_against_model(cfg)
             with memoized_digests(digests):
                 planned = [p_.stage.name for p_ in plan(cfg, stages if stages is not None else default_stages())]

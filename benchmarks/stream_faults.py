@@ -69,7 +69,7 @@ TASKS = {
 TEXT = "{stdlib}/a*.py"  # Python stdlib sources (a*: tokenized in seconds, enough for 8 windows)
 
 
-def config(folder: Path, windows: int, text: str) -> dict:
+def config(folder: Path, windows: int, text: str, method: str = "ecsq") -> dict:
     """The `hwq run` config of `hwq stream FOLDER WORK --estimator fisher --method ecsq
     --bits 3.5 --text TEXT --windows W --seq-len 128 --partitions 2 --groups 4`."""
     from pipeline.stream_cli import stream_config
@@ -78,7 +78,7 @@ def config(folder: Path, windows: int, text: str) -> dict:
         model=str(folder),
         work="unused",
         estimator="fisher",
-        method="ecsq",
+        method=method,
         bits=3.5,
         text=text,
         tokenizer=None,
@@ -368,6 +368,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stages", nargs="+", choices=list(TASKS), default=list(TASKS))
     ap.add_argument("--windows", type=int, default=8, help="calibration windows (default 8)")
     ap.add_argument("--text", default=TEXT, help=f"calibration text (default {TEXT})")
+    ap.add_argument(
+        "--method",
+        choices=("ecsq", "uniform"),
+        default="ecsq",
+        help="quantizer (default ecsq, as the issue; uniform: a quicker quantize stage)",
+    )
     ap.add_argument("--seed", type=int, default=0, help="seed of the kill moments")
     ap.add_argument("--work", default=str(ROOT / "runs" / "stream_faults"))
     ap.add_argument("--out", default=str(RESULTS / "stream_faults"))
@@ -377,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     folder = _folder()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    cfg = config(folder, a.windows, a.text)
+    cfg = config(folder, a.windows, a.text, a.method)
     cfg_path = work / "config.yaml"
     cfg_path.write_text(json.dumps(cfg, indent=1))  # JSON is YAML
     load0 = os.getloadavg()
@@ -393,8 +399,10 @@ def main(argv: list[str] | None = None) -> int:
     ctx["max_delay"] = {s: max(1.0, 0.5 * t) for s, t in base["stage_seconds"].items()}
     rng = random.Random(a.seed)
     rows = []
-    plan = [("worker", s, i) for s in a.stages for i in range(a.kills)]
-    plan += [] if a.no_driver else [("driver", s, 0) for s in a.stages]
+    # Cheapest first (encode redoes one stage, hessian three): a run cut short keeps the most.
+    order = [s for s in ("encode", "quantize", "hessian") if s in a.stages]
+    plan = [("worker", s, i) for s in order for i in range(a.kills)]
+    plan += [] if a.no_driver else [("driver", s, 0) for s in order]
     for kind, stage, i in plan:
         print(f"== {kind} kill in {stage} ({i + 1})", flush=True)
         try:
@@ -472,7 +480,7 @@ def render(out: dict) -> str:
         "",
         f"SmolLM2-135M (bf16 folder) streamed: Fisher over {w['calibration_windows']} "
         f"windows × {w['seq_len']} tokens of `{w['calibration'][0]}`, 2 partitions × 4 "
-        f"groups, ECSQ at 3.5 bits. Baseline run {b['seconds']} s (stages: "
+        f"groups, {out['config']['quantize']['method']} at 3.5 bits. Baseline run {b['seconds']} s (stages: "
         f"{b['stage_seconds']}), model.hwq sha256 {b['sha256'][:16]}…. "
         f"{ok} of {len(out['rows'])} fault runs ok. Load average "
         f"{out['loadavg_start'][0]:.1f} at start, {out['loadavg_end'][0]:.1f} at end, "

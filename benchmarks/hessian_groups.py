@@ -63,10 +63,10 @@ def _cpu() -> float:
 def child(kind: str, folder: str, n: int, L: int, lo: int, hi: int, threads: int) -> dict:
     """One task: the estimator over blocks [lo, hi) (lo = hi = -1: every block)."""
     import torch
+    from pipeline.streamed import block_targets, random_windows
 
     from pipeline.hessian.stream import activation_streamed, fisher_streamed
     from pipeline.models.stream import StreamedLM
-    from pipeline.streamed import block_targets, random_windows
 
     torch.set_num_threads(threads)
     rss_imports = _status("VmRSS")
@@ -231,10 +231,11 @@ def main() -> None:
         kind, folder, n, L, lo, hi, threads = sys.argv[2:9]
         print(json.dumps(child(kind, folder, int(n), int(L), int(lo), int(hi), int(threads))))
         return
+    from pipeline.streamed import block_targets
+
     from pipeline.executor import cache_dir
     from pipeline.hessian.shards import block_counts, block_groups
     from pipeline.models.weights import WeightsFolder
-    from pipeline.streamed import block_targets
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from scale_memory import smollm2_folder

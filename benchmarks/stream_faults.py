@@ -55,8 +55,9 @@ from types import SimpleNamespace
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.faults import RESULTS  # noqa: E402
 from pipeline.faults import seed_store  # noqa: E402
+
+from benchmarks.faults import RESULTS  # noqa: E402
 from pipeline.store import Store  # noqa: E402
 
 ORDER = ["load", "hessian", "quantize", "encode"]

@@ -60,19 +60,26 @@ def _cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def _targets(w) -> list[str]:
+    """The decoder-block Linears of a WeightsFolder (what a streamed run quantizes)."""
+    from pipeline.models.load_streamed import block_targets
+
+    return block_targets(w.names, {n: tuple(t.shape) for n, t in w.tensors.items()})
+
+
 def child(kind: str, folder: str, n: int, L: int, lo: int, hi: int, threads: int) -> dict:
     """One task: the estimator over blocks [lo, hi) (lo = hi = -1: every block)."""
     import torch
-    from pipeline.streamed import block_targets, random_windows
 
     from pipeline.hessian.stream import activation_streamed, fisher_streamed
+    from pipeline.models.load_streamed import random_windows
     from pipeline.models.stream import StreamedLM
 
     torch.set_num_threads(threads)
     rss_imports = _status("VmRSS")
     t0, c0 = time.perf_counter(), _cpu()
     lm = StreamedLM(folder, dtype="stored" if kind == "activation" else torch.float32)
-    names = block_targets(lm.weights)
+    names = _targets(lm.weights)
     windows = random_windows(int(lm.config.vocab_size), n, L, 0)
     totals: dict[str, float] = {}
 
@@ -231,8 +238,6 @@ def main() -> None:
         kind, folder, n, L, lo, hi, threads = sys.argv[2:9]
         print(json.dumps(child(kind, folder, int(n), int(L), int(lo), int(hi), int(threads))))
         return
-    from pipeline.streamed import block_targets
-
     from pipeline.executor import cache_dir
     from pipeline.hessian.shards import block_counts, block_groups
     from pipeline.models.weights import WeightsFolder
@@ -250,7 +255,7 @@ def main() -> None:
     a = ap.parse_args()
     folder = smollm2_folder(Path(a.root) / "smollm2-135m-bf16")
     w = WeightsFolder(str(folder))
-    groups = block_groups(block_counts(w, block_targets(w)), a.groups)
+    groups = block_groups(block_counts(w, _targets(w)), a.groups)
     res = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "windows": a.windows,

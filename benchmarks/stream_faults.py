@@ -55,10 +55,9 @@ from types import SimpleNamespace
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.faults import seed_store  # noqa: E402
-
 from benchmarks.faults import RESULTS  # noqa: E402
 from pipeline.store import Store  # noqa: E402
+from testkit.faults import seed_store  # noqa: E402
 
 ORDER = ["load", "hessian", "quantize", "encode"]
 # The Ray task functions that are a stage's units (their process titles are ray::<name>).
@@ -156,7 +155,7 @@ class Driver:
 def _tagged(tag: str, names: tuple[str, ...] | None = None) -> list:
     """Processes whose environment has HWQ_FAULT_TAG=tag (this run's Ray processes), those
     whose title is ray::<one of names> if `names` is given (the same match as
-    pipeline.faults.WorkerKiller)."""
+    testkit.faults.WorkerKiller)."""
     import psutil
 
     out = []

@@ -542,13 +542,25 @@ class StageDir:
         unlisted = sorted(set(self.files()) - set(self.outputs))
         if unlisted:
             return f"{unlisted[0]} is in the folder but not in the manifest"
-        for f, meta in self.outputs.items():
-            try:
-                digest, n = self.store.sha256(self.rel(f), limit=meta["bytes"])
-            except FileNotFoundError:
-                return f"{f} is missing"
-            except OSError:  # a folder, device, FIFO or link where a file should be
-                return f"{f} is not a regular file"
-            if n != meta["bytes"] or digest != meta["sha256"]:
-                return f"{f} does not match its manifest digest"
-        return None
+        bad = first_mismatch(self.store, self.prefix, self.outputs)
+        if bad is None:
+            return None
+        f, why = bad
+        return f"{f} {'does not match its manifest digest' if why == 'differs' else why}"
+
+
+def first_mismatch(store: Store, prefix: str, outputs: dict[str, dict[str, Any]]
+                   ) -> tuple[str, str] | None:
+    """The first of `outputs` (name under `prefix` -> {"bytes", "sha256"}) whose file is
+    "missing", "not a regular file", or "differs" from its recorded size and sha256, as
+    (name, why); None when every one re-hashes to its record (a manifest's or a unit's)."""
+    for name, meta in outputs.items():
+        try:
+            digest, n = store.sha256(f"{prefix}/{name}", limit=meta["bytes"])
+        except FileNotFoundError:
+            return name, "is missing"
+        except OSError:  # a folder, device, FIFO or link where a file should be
+            return name, "is not a regular file"
+        if n != meta["bytes"] or digest != meta["sha256"]:
+            return name, "differs"
+    return None

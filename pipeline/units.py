@@ -33,7 +33,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pipeline.manifest import check_output_name
-from pipeline.store import ArtifactError, StageDir
+from pipeline.store import ArtifactError, StageDir, first_mismatch
 
 __all__ = ["UNITS_DIR", "MAX_RECORD_BYTES", "Units", "UnitRecord", "keep_recorded"]
 
@@ -227,16 +227,12 @@ class Units:
         return rec.model_dump(), None
 
     def _verify_outputs(self, rec: dict) -> str | None:
-        for name, meta in rec["outputs"].items():
-            try:
-                sha, n = self.sd.store.sha256(self.sd.rel(name), limit=meta["bytes"])
-            except FileNotFoundError:
-                return f"its output {name} is missing"
-            except OSError:  # a folder, device, FIFO or link where a file should be
-                return f"its output {name} is not a regular file"
-            if n != meta["bytes"] or sha != meta["sha256"]:
-                return f"its output {name} does not match the recorded size and sha256"
-        return None
+        bad = first_mismatch(self.sd.store, self.sd.prefix, rec["outputs"])
+        if bad is None:
+            return None
+        name, why = bad
+        return (f"its output {name} "
+                f"{'does not match the recorded size and sha256' if why == 'differs' else why}")
 
 
 def _reason(e: ArtifactError) -> str:

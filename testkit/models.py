@@ -63,3 +63,21 @@ def write_corpus(path: str | Path, lines: int = 200, seed: int = 0) -> Path:
     path = Path(path)
     path.write_text(corpus(lines, seed))
     return path
+
+
+def tiny_sharded_bf16_folder(path: str | Path, layers: int = 2, hidden: int = 64,
+                             max_shard_bytes: int = 60_000) -> Path:
+    """A tiny random Llama as a sharded bf16 safetensors folder (index, config, tokenizer):
+    what a streamed run reads in place."""
+    import torch
+
+    from pipeline.models.weights import write_folder
+
+    path = Path(path)
+    model = tiny_llama(layers=layers, hidden=hidden).to(torch.bfloat16)
+    model.config.save_pretrained(path)
+    tiny_tokenizer(300).save_pretrained(path)
+    sd = dict(model.state_dict())
+    write_folder(path, sd, [(n, t.dtype, tuple(t.shape)) for n, t in sd.items()],
+                 max_shard_bytes=max_shard_bytes)
+    return path

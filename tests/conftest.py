@@ -58,3 +58,14 @@ def quick_run(tmp_path_factory):
     t0 = time.perf_counter()
     hwq("run", "configs/lenet5_fmnist.yaml", "--store", str(store), *QUICK)
     return store, time.perf_counter() - t0
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request, tmp_path, s3_endpoint):
+    """A store on a local folder, then on the S3 server (tests run once for each)."""
+    from pipeline.store import Store
+
+    if request.param == "local":
+        return Store(str(tmp_path / "root"))
+    url, opts = request.getfixturevalue("s3_bucket")
+    return Store(url, opts)

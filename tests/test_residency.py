@@ -15,20 +15,13 @@ import torch
 from pipeline import driver
 from pipeline.config import ConfigError, RunConfig
 from pipeline.models.source import resolve_residency
-from pipeline.models.weights import write_folder
-from testkit.models import tiny_llama, tiny_tokenizer, write_corpus
+from testkit.models import tiny_sharded_bf16_folder, write_corpus
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("residency")
-    path = root / "model"
-    model = tiny_llama(layers=4, hidden=64).to(torch.bfloat16)
-    model.config.save_pretrained(path)
-    tiny_tokenizer(300).save_pretrained(path)
-    sd = dict(model.state_dict())
-    write_folder(path, sd, [(n, t.dtype, tuple(t.shape)) for n, t in sd.items()],
-                 max_shard_bytes=60_000)
+    path = tiny_sharded_bf16_folder(root / "model", layers=4)
     write_corpus(root / "corpus.txt", lines=400)
     return path
 

@@ -5,14 +5,6 @@ import torch
 from pipeline.store import ArtifactError, StageDir, Store
 
 
-@pytest.fixture(params=["local", "s3"])
-def store(request, tmp_path, s3_endpoint):
-    if request.param == "local":
-        return Store(str(tmp_path / "root"))
-    url, opts = request.getfixturevalue("s3_bucket")
-    return Store(url, opts)
-
-
 def _finish(sd: StageDir) -> None:
     sd.outputs = sd.hash_outputs()
 

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.models.weights import WeightsFolder, write_folder
-from testkit.models import tiny_llama, tiny_tokenizer, write_corpus
+from pipeline.models.weights import WeightsFolder
+from testkit.models import tiny_sharded_bf16_folder, write_corpus
 
 ARGS = ["--windows", "3", "--seq-len", "16", "--bits", "3", "--partitions", "2",
         "--groups", "2", "--cpus", "2"]
@@ -25,14 +25,7 @@ ARGS = ["--windows", "3", "--seq-len", "16", "--bits", "3", "--partitions", "2",
 
 @pytest.fixture(scope="module")
 def bf16_folder(tmp_path_factory):
-    path = tmp_path_factory.mktemp("scale") / "model"
-    model = tiny_llama(layers=2, hidden=64).to(torch.bfloat16)
-    model.config.save_pretrained(path)
-    tiny_tokenizer(300).save_pretrained(path)
-    sd = dict(model.state_dict())
-    write_folder(path, sd, [(n, t.dtype, tuple(t.shape)) for n, t in sd.items()],
-                 max_shard_bytes=60_000)
-    return path
+    return tiny_sharded_bf16_folder(tmp_path_factory.mktemp("scale") / "model")
 
 
 def _stream(model, work, *extra: str) -> tuple[int, str]:

@@ -12,14 +12,6 @@ from pipeline.store import ArtifactError, StageDir, Store
 from pipeline.units import MAX_RECORD_BYTES, UNITS_DIR, Units, keep_recorded
 
 
-@pytest.fixture(params=["local", "s3"])
-def store(request, tmp_path, s3_endpoint):
-    if request.param == "local":
-        return Store(str(tmp_path / "root"))
-    url, opts = request.getfixturevalue("s3_bucket")
-    return Store(url, opts)
-
-
 @pytest.fixture
 def local(tmp_path):
     return Store(str(tmp_path / "root"))

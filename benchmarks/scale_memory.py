@@ -164,6 +164,7 @@ def stream_args(model: Path, work: Path, a: argparse.Namespace) -> SimpleNamespa
     """The flags of `hwq stream MODEL WORK` this benchmark runs (as its parser leaves them)."""
     return SimpleNamespace(
         model=str(model), work=str(work), estimator=a.estimator, method=a.method, bits=a.bits,
+        ecsq_bins=a.ecsq_bins,
         text=None, tokenizer=None, windows=a.windows, seq_len=a.seq_len, seed=0,
         coder="huffman", eval=None, eval_seq_len=512, eval_windows=16,
         partitions=a.partitions, groups=a.groups, cpus=2, ray_address=None, endpoint_url=None)
@@ -362,6 +363,8 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=32, help="decoder blocks of the 7B shape")
     ap.add_argument("--estimator", choices=("activation", "fisher"), default="fisher")
     ap.add_argument("--method", choices=("uniform", "ecsq"), default="ecsq")
+    ap.add_argument("--ecsq-bins", type=int, default=256,
+                    help="quantize.ecsq_bins (0: the exact ECSQ solver, ~25x slower)")
     ap.add_argument("--bits", type=float, default=3.0, help="target bits per weight of the file")
     ap.add_argument("--windows", type=int, default=8, help="calibration windows")
     ap.add_argument("--seq-len", type=int, default=128)

@@ -91,6 +91,7 @@ def config(folder: Path, windows: int, text: str, method: str = "ecsq") -> dict:
         eval_windows=16,
         partitions=2,
         groups=4,
+        ecsq_bins=0,
         until="decode",
         out=None,
         cpus=None,

@@ -234,6 +234,9 @@ class QuantizeConfig(_Section):
     weighted_mean: bool = True  # uniform: shared values are Hessian-weighted means
     n_init: int = Field(8, ge=1)  # best of several starts; one start stalls (docs/METHOD.md §2)
     iters: int = Field(50, ge=1)
+    # Channel-scope ECSQ: iterate rows of ≥ 8·ecsq_bins weights on this many bins of
+    # values, then one exact pass (0: every weight in every iteration; docs/METHOD.md).
+    ecsq_bins: int = Field(0, ge=0, le=65536)
     tol: float = Field(1e-7, ge=0)
     actors: int = Field(2, ge=1)  # Ray actors holding parameter shards
     quantize_biases: bool = False  # biases are few; stored raw unless asked

@@ -82,7 +82,7 @@ def stream_config(args) -> dict:
         "hessian": {"estimator": args.estimator, "partitions": args.partitions,
                     "groups": args.groups},
         "quantize": {"method": args.method, "scope": "channel", "target_bits": args.bits,
-                     "embeddings": "keep"},
+                     "embeddings": "keep", "ecsq_bins": args.ecsq_bins},
         "finetune": {"enabled": False},
         "encode": {"coder": args.coder},
         "store": store, "executor": executor,
@@ -142,6 +142,10 @@ def add_commands(sub) -> None:
                    "per-window squared gradients, block-wise recomputation")
     s.add_argument("--method", choices=("uniform", "ecsq"), default="uniform",
                    help="per-channel quantizer under one λ for every row (default uniform)")
+    s.add_argument("--ecsq-bins", type=_int_at_least(0), default=0, metavar="N",
+                   help="--method ecsq on rows of at least 8·N weights: iterate on N bins of "
+                   "values, then one exact pass (20-30x faster, a Lagrangian ~1-4%% above the "
+                   "exact solver's); 0: exact (default)")
     s.add_argument("--bits", type=_bits, default=3.0,
                    help="all-in bits per weight of the quantized tensors (default 3)")
     s.add_argument("--text", help="calibration text (file, folder or URL); default: seeded "

@@ -14,7 +14,7 @@ import math
 import numpy as np
 from numba import njit
 
-__all__ = ["ecsq_kernel", "ecuq_kernel", "entropy_kernel", "sse_kernel"]
+__all__ = ["bin_rows_kernel", "ecsq_kernel", "ecuq_kernel", "entropy_kernel", "sse_kernel"]
 
 # Up to this many midpoints the nearest centre is found by a linear, branch-free count (SIMD);
 # beyond it by a branch-free bisection over midpoints padded to a power of two.
@@ -159,8 +159,8 @@ def _beyond2(x, hx, cp, pp, rmin, lmin, L, j0, j1, j2, b1, b2):
 
 
 @njit(cache=True, nogil=True)
-def ecsq_kernel(W, H, C0, L0, lam, lb, iters, tol, prune, hist, use_hist,
-                 out_c, out_idx, out_L, out_cnt, out_H, out_J, out_it):
+def ecsq_kernel(W, H, C0, L0, lam, lb, iters, tol, prune, hist, use_hist, M, use_m, P0,
+                use_p0, out_c, out_idx, out_L, out_cnt, out_H, out_J, out_it):
     """Iterative ECSQ of every row of W [R, n] (float32) with weights H [R, n] (float32 ≥ 0).
 
     C0 float64 [R, K]: sorted starting centres, row r uses C0[r, :L0[r]] (duplicates merged).
@@ -169,6 +169,12 @@ def ecsq_kernel(W, H, C0, L0, lam, lb, iters, tol, prune, hist, use_hist,
     −λ log2 p_j. hist [R, iters + 1] receives J after each update when use_hist.
     Outputs per row: out_c [R, K] sorted levels (padding repeats the last), out_idx [R, n],
     out_L, out_cnt [R, K], out_H (bits/weight), out_J (the Lagrangian), out_it (iterations).
+
+    use_m: element i of row r stands for M[r, i] ≥ 0 weights (a bin of the row, see
+    bin_rows_kernel; W its h-weighted mean, H the mean h of its members): every sum counts it
+    M[r, i] times, and n is Σ M[r]. M = 1 gives the plain kernel, bit for bit.
+    use_p0: iteration 0 is already penalised, with P0[r, :L0[r]] the penalties of C0's levels
+    (the last stage of the binned solver: one exact pass from the bins' solution).
     """
     R, n = W.shape
     K = C0.shape[1]
@@ -204,19 +210,24 @@ def ecsq_kernel(W, H, C0, L0, lam, lb, iters, tol, prune, hist, use_hist,
     for r in range(R):
         w = W[r]
         h = H[r]
+        if use_m:
+            nf = 0.0
+            for i in range(n):
+                nf += M[r, i]
+            log2n = np.log2(nf) if nf > 0 else 0.0
+            nlog = nf * log2n
         L = 0
         for j in range(L0[r]):
             v = C0[r, j]
             if L == 0 or v != c[L - 1]:
                 c[L] = v
+                pen[L] = P0[r, j] if use_p0 else 0.0
                 L += 1
-        for j in range(L):
-            pen[j] = 0.0
         Jp = np.inf
         J = 0.0
         t = 0
         while True:
-            penal = t > 0
+            penal = t > 0 or use_p0
             do_pr = prune and penal and L >= 2
             if penal:
                 m = np.inf
@@ -298,19 +309,20 @@ def ecsq_kernel(W, H, C0, L0, lam, lb, iters, tol, prune, hist, use_hist,
                                                   b1, b2)
                         a[i] = j1
                         a2[i] = j2
-                    gain[j1] += b2 - b1
+                    gain[j1] += (b2 - b1) * (M[r, i] if use_m else 1.0)
                     mark[j1, j2 >> 6] |= one << np.uint64(j2 & 63)
             for i in range(n):
                 j = a[i]
                 x = np.float64(w[i])
-                hx = np.float64(h[i])
+                mi = M[r, i] if use_m else 1.0
+                hx = np.float64(h[i]) * mi
                 d = x - c[j]
                 hd = hx * d
-                acc[j, 0] += 1.0
+                acc[j, 0] += mi
                 acc[j, 1] += hx
                 acc[j, 2] += hd
                 acc[j, 3] += hd * d
-                acc[j, 4] += d
+                acc[j, 4] += mi * d
             if do_pr:
                 # Removing level j moves its members to their second best: J changes by
                 # gain_j − λ·lb (p unchanged for the others; renewing p afterwards only lowers
@@ -347,14 +359,15 @@ def ecsq_kernel(W, H, C0, L0, lam, lb, iters, tol, prune, hist, use_hist,
                             j = a2[i]
                             a[i] = j
                         x = np.float64(w[i])
-                        hx = np.float64(h[i])
+                        mi = M[r, i] if use_m else 1.0
+                        hx = np.float64(h[i]) * mi
                         d = x - c[j]
                         hd = hx * d
-                        acc[j, 0] += 1.0
+                        acc[j, 0] += mi
                         acc[j, 1] += hx
                         acc[j, 2] += hd
                         acc[j, 3] += hd * d
-                        acc[j, 4] += d
+                        acc[j, 4] += mi * d
             # Update: weighted means rounded to float32 (the nearest float32 to the mean is no
             # further from it than the old float32 centre, so D cannot grow); a level whose
             # members all have h = 0 takes their plain mean (its D is 0 either way).
@@ -411,6 +424,85 @@ def ecsq_kernel(W, H, C0, L0, lam, lb, iters, tol, prune, hist, use_hist,
         out_H[r] = max(nlog - S, 0.0) / nf
         out_J[r] = J
         out_it[r] = t
+
+
+@njit(cache=True, nogil=True)
+def bin_rows_kernel(W, H, B, spread, out_x, out_h, out_m):
+    """Each row of W [R, n] (weights H [R, n] ≥ 0) summarised by B bins of equal width over
+    the row's mean ± spread·std (its [min, max] if narrower), the weights outside that range
+    kept one by one (up to E = out_x.shape[1] − B of them, else the bins span [min, max]).
+    Outputs [R, B + E] float64, the non-empty bins first (ascending), then the outliers:
+    out_x the h-weighted mean of a bin's members (their plain mean where every h is 0; an
+    outlier's value), out_h their mean h, out_m their count; unused slots count 0 (h = 0).
+
+    For a bin b assigned to a level c, Σ_b h_i (w_i − c)² = m_b·h̄_b·(x_b − c)² + (a term
+    without c): ecsq_kernel with M = out_m solves the row's problem with each bin's members
+    kept together.
+    """
+    R, n = W.shape
+    E = out_x.shape[1] - B
+    cnt = np.zeros(B)
+    sh = np.zeros(B)
+    shw = np.zeros(B)
+    sw = np.zeros(B)
+    for r in range(R):
+        lo = np.inf
+        hi = -np.inf
+        s1 = 0.0
+        s2 = 0.0
+        for i in range(n):
+            x = np.float64(W[r, i])
+            lo = min(lo, x)
+            hi = max(hi, x)
+            s1 += x
+            s2 += x * x
+        mu = s1 / max(n, 1)
+        sd = math.sqrt(max(s2 / max(n, 1) - mu * mu, 0.0))
+        a = max(lo, mu - spread * sd)
+        z = min(hi, mu + spread * sd)
+        out = 0
+        for i in range(n):
+            x = np.float64(W[r, i])
+            out += (x < a) | (x > z)
+        if out > E or not z > a:
+            a = lo
+            z = hi
+        for b in range(B):
+            cnt[b] = 0.0
+            sh[b] = 0.0
+            shw[b] = 0.0
+            sw[b] = 0.0
+        scale = B / (z - a) if z > a else 0.0
+        q = 0
+        for i in range(n):
+            x = np.float64(W[r, i])
+            hx = np.float64(H[r, i])
+            if x < a or x > z:
+                out_x[r, B + q] = x
+                out_h[r, B + q] = hx
+                q += 1
+                continue
+            b = min(np.int64((x - a) * scale), B - 1)
+            cnt[b] += 1.0
+            sh[b] += hx
+            shw[b] += hx * x
+            sw[b] += x
+        k = 0
+        for b in range(B):
+            if cnt[b] > 0.0:
+                out_m[r, k] = cnt[b]
+                out_h[r, k] = sh[b] / cnt[b]
+                out_x[r, k] = shw[b] / sh[b] if sh[b] > 0.0 else sw[b] / cnt[b]
+                k += 1
+        for i in range(q):
+            out_x[r, k] = out_x[r, B + i]
+            out_h[r, k] = out_h[r, B + i]
+            out_m[r, k] = 1.0
+            k += 1
+        for i in range(k, B + E):
+            out_x[r, i] = a
+            out_h[r, i] = 0.0
+            out_m[r, i] = 0.0
 
 
 @njit(cache=True, nogil=True, inline="always")

@@ -223,7 +223,7 @@ def run_rows(ctx: StageContext) -> dict:
     if q.method in ("uniform", "ecsq"):
         opts: dict[str, Any] = {"k_max": q.k_max}
         if q.method == "ecsq":
-            opts.update(iters=q.iters, seed=cfg.seed)
+            opts.update(iters=q.iters, seed=cfg.seed, bins=q.ecsq_bins)
         # The search meets a rate model (per-row entropy + 20 bits a level); the file codes
         # the indices with one Huffman table per tensor and level count. Aim lower by the
         # measured difference until the bits the file will spend are within 0.015 below the

@@ -85,7 +85,7 @@ def _opts(cfg: RunConfig, threads: int = 1) -> dict[str, Any]:
     q = cfg.quantize
     o: dict[str, Any] = {"k_max": q.k_max}
     if q.method == "ecsq":
-        o.update(iters=q.iters, seed=cfg.seed)
+        o.update(iters=q.iters, seed=cfg.seed, bins=q.ecsq_bins)
     if threads > 1:
         o["threads"] = threads
     return o

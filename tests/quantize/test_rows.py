@@ -345,3 +345,87 @@ def test_ecsq_kernel_equals_a_brute_force_reference(k_max):
         L = res.levels[r]
         np.testing.assert_array_equal(res.codebooks[r, :L], c.astype(np.float32))
         np.testing.assert_array_equal(res.indices[r], a)
+
+
+# --------------------------------------------------------------------------------------------
+# Binned ECSQ (ecsq_rows(bins=...)): the counted kernel, the bins, the exact last pass
+# --------------------------------------------------------------------------------------------
+
+
+def test_counted_kernel_with_unit_counts_is_the_plain_kernel_bit_for_bit():
+    from pipeline.quantize.rows import _ecsq_run, _ecsq_starts
+
+    W, H = laplace_rows(12, 300, seed=21)
+    C0, L0 = _ecsq_starts(W, H, 32, "uniform", 0, 0)
+    plain = _ecsq_run(W, H, C0, L0, 0.05, 20.0, 20, 1e-7, np.uint8, False, 1)
+    ones = _ecsq_run(W, H, C0, L0, 0.05, 20.0, 20, 1e-7, np.uint8, False, 1,
+                     M=np.ones(W.shape))
+    for a, b in zip(plain[:7], ones[:7], strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_counted_element_solves_like_its_copies():
+    """An element with count m and mean h stands for m copies of (x, h): same levels, same
+    assignment, same Lagrangian (up to summation order)."""
+    from pipeline.quantize.rows import _ecsq_run, _ecsq_starts
+
+    rng = np.random.default_rng(5)
+    R, n = 4, 60
+    X = rng.laplace(size=(R, n))
+    Hm = rng.lognormal(size=(R, n))
+    M = rng.integers(1, 6, size=(R, n)).astype(np.float64)
+    C0, L0 = _ecsq_starts(X.astype(np.float32), Hm.astype(np.float32), 12, "uniform", 0, 0)
+    counted = _ecsq_run(X, Hm, C0, L0, 0.3, 0.0, 15, 1e-9, np.uint8, False, 1, M=M)
+    for r in range(R):
+        rep = M[r].astype(int)
+        Xe, He = np.repeat(X[r], rep)[None], np.repeat(Hm[r], rep)[None]
+        full = _ecsq_run(Xe, He, C0[r:r + 1], L0[r:r + 1], 0.3, 0.0, 15, 1e-9, np.uint8, False,
+                         1)
+        L = counted[2][r]
+        assert full[2][0] == L
+        np.testing.assert_allclose(full[0][0, :L], counted[0][r, :L], rtol=1e-6)
+        np.testing.assert_array_equal(full[1][0], np.repeat(counted[1][r], rep))
+        np.testing.assert_allclose(full[5][0], counted[5][r], rtol=1e-9)
+
+
+def test_bins_keep_every_weight_and_its_moments():
+    from pipeline.quantize.row_kernels import bin_rows_kernel
+
+    W, H = laplace_rows(5, 2000, seed=3)
+    W[0, :3] = [40.0, -55.0, 60.0]  # outliers: kept one by one, the bins stay narrow
+    H[1] = 0.0  # all h = 0: plain means
+    B, E = 64, 16
+    X, Hb, Mb = np.empty((5, B + E)), np.empty((5, B + E)), np.empty((5, B + E))
+    bin_rows_kernel(W, H, B, 6.0, X, Hb, Mb)
+    w64, h64 = W.astype(np.float64), H.astype(np.float64)
+    np.testing.assert_array_equal(Mb.sum(axis=1), 2000)
+    np.testing.assert_allclose((Mb * Hb).sum(axis=1), h64.sum(axis=1), rtol=1e-9)
+    np.testing.assert_allclose((Mb * Hb * X).sum(axis=1), (h64 * w64).sum(axis=1), rtol=1e-9,
+                               atol=1e-9)
+    np.testing.assert_allclose((Mb * X)[1].sum(), w64[1].sum(), rtol=1e-9)
+    assert {40.0, -55.0, 60.0} <= set(X[0][Mb[0] == 1].tolist())
+    assert np.all(Mb[Mb > 0] == np.floor(Mb[Mb > 0]))
+
+
+def test_binned_ecsq_is_a_valid_near_exact_solution():
+    W, H = laplace_rows(24, 2048, seed=9)
+    W[:, :2] *= 10
+    lam = 0.5
+    exact = ecsq_rows(W, H, lam, level_bits=20.0)
+    binned = ecsq_rows(W, H, lam, level_bits=20.0, bins=256)
+    assert binned.info["bins"] == 256 and exact.info["bins"] == 0
+    for r in range(W.shape[0]):
+        L = binned.levels[r]
+        assert binned.indices[r].max() < L and np.all(binned.counts[r, :L] > 0)
+        assert np.all(np.diff(binned.codebooks[r, :L]) > 0)
+    np.testing.assert_allclose(binned.dequantize(), W, atol=np.abs(W).max())
+    j_exact = lagrangian(exact, lam, 20.0).sum()
+    j_binned = lagrangian(binned, lam, 20.0).sum()
+    assert j_exact <= j_binned <= 1.06 * j_exact
+    again = ecsq_rows(W, H, lam, level_bits=20.0, bins=256)
+    np.testing.assert_array_equal(again.indices, binned.indices)
+    # rows shorter than 8·bins are solved exactly
+    short = ecsq_rows(W[:, :1024], H[:, :1024], lam, level_bits=20.0, bins=256)
+    plain = ecsq_rows(W[:, :1024], H[:, :1024], lam, level_bits=20.0)
+    assert short.info["bins"] == 0
+    np.testing.assert_array_equal(short.indices, plain.indices)

@@ -1,11 +1,11 @@
 """Checks of a run config that need more than one section, kept out of config.py: sizes
-with units, and what the streamed residency can run."""
+with units, and which runs the per-tensor stages and the streamed residency can take."""
 
 from __future__ import annotations
 
 import re
 
-__all__ = ["parse_bytes", "streamed_gap"]
+__all__ = ["parse_bytes", "per_tensor", "per_tensor_gap", "streamed_gap"]
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
@@ -27,23 +27,35 @@ def parse_bytes(v: int | str, key: str) -> int:
     return n
 
 
-def streamed_gap(cfg) -> str | None:
-    """What the streamed residency runs today: a causal LM's decoder-block Linears, one
-    λ per channel (uniform or ECSQ), Fisher or activation Hessian, no fine-tuning."""
-    why = None
+def per_tensor_gap(cfg) -> str | None:
+    """What keeps a causal LM off the per-tensor stages (hessian/streamed_stage.py,
+    quantize/tensors_stage.py, encode/tensors_stage.py) — the settings they do not cover yet —
+    else None. Both residencies run those stages when this is None; a resident run outside
+    them takes the whole-model stage bodies."""
     if cfg.model.name != "hf_causal_lm":
-        why = "model.name=hf_causal_lm (a safetensors folder)"
-    elif cfg.model.gguf_file or str(cfg.model.path or "").lower().endswith(".gguf"):
-        why = "a safetensors folder, not a GGUF file (convert it, or run it resident)"
-    elif cfg.finetune.enabled and cfg.quantize.enabled:
-        why = "finetune.enabled=false (fine-tuning holds the whole model)"
-    elif cfg.quantize.scope != "channel" or cfg.quantize.method not in ("uniform",
-                                                                            "ecsq"):
-        why = "quantize.scope=channel with quantize.method uniform or ecsq"
-    elif cfg.quantize.targets is None and cfg.quantize.embeddings == "quantize":
-        why = ("quantize.embeddings=keep (the streamed Hessian covers the decoder "
-               "blocks; the embedding and head are stored as they are)")
-    elif cfg.encode.positions != "gaps" or cfg.encode.indices != "static" or \
+        return "model.name=hf_causal_lm (a safetensors folder)"
+    if cfg.finetune.enabled and cfg.quantize.enabled:
+        return "finetune.enabled=false (fine-tuning holds the whole model)"
+    if cfg.quantize.scope != "channel" or cfg.quantize.method not in ("uniform", "ecsq"):
+        return "quantize.scope=channel with quantize.method uniform or ecsq"
+    if cfg.quantize.targets is None and cfg.quantize.embeddings == "quantize":
+        return ("quantize.embeddings=keep (the streamed Hessian covers the decoder "
+                "blocks; the embedding and head are stored as they are)")
+    if cfg.encode.positions != "gaps" or cfg.encode.indices != "static" or \
             cfg.encode.fixed_length:
-        why = "encode.indices=static and encode.positions=gaps"
-    return why
+        return "encode.indices=static and encode.positions=gaps"
+    return None
+
+
+def per_tensor(cfg) -> bool:
+    """Whether the stages after `load` run per tensor (a streamed model always does)."""
+    return cfg.model.residency == "streamed" or per_tensor_gap(cfg) is None
+
+
+def streamed_gap(cfg) -> str | None:
+    """What the streamed residency cannot run: a model that is not a safetensors causal LM,
+    or settings outside the per-tensor stages (`per_tensor_gap`)."""
+    if cfg.model.name == "hf_causal_lm" and (
+            cfg.model.gguf_file or str(cfg.model.path or "").lower().endswith(".gguf")):
+        return "a safetensors folder, not a GGUF file (convert it, or run it resident)"
+    return per_tensor_gap(cfg)

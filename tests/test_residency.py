@@ -78,6 +78,24 @@ def test_streamed_run_through_the_driver(streamed_run, folder):
     assert "streamed" in (store / "config.yaml").read_text()
 
 
+def test_resident_run_writes_the_streamed_runs_file_byte_for_byte(streamed_run, folder,
+                                                                   tmp_path):
+    """One pipeline: the resident residency loads the model whole (its baseline in memory, its
+    weights copied into the load stage's folder), then runs the same per-tensor stages on
+    that copy; the file is the streamed run's, byte for byte."""
+    store, report = streamed_run
+    res = driver.run(_cfg(folder, tmp_path / "store", model={"residency": "resident"}))
+    load = _stage(tmp_path / "store", "load")
+    assert (load / "model.safetensors").exists()  # resident: the weights were loaded whole
+    assert json.loads((load / "model.json").read_text())["tied"] == json.loads(
+        (_stage(store, "load") / "model.json").read_text())["tied"]
+    assert res["metrics"]["quantize"]["residency"] == "resident"
+    assert res["metrics"]["hessian"]["units"]["total"] == report["metrics"]["hessian"][
+        "units"]["total"]
+    assert (_stage(tmp_path / "store", "encode") / "model.hwq").read_bytes() == \
+        (_stage(store, "encode") / "model.hwq").read_bytes()
+
+
 def test_decoded_file_is_the_codes(streamed_run):
     """The .hwq decodes to each row's codebook at its codes, in the tensor's dtype."""
     from safetensors.numpy import load_file

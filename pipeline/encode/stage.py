@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from pipeline.config import RunConfig
+from pipeline.config_checks import per_tensor
 from pipeline.encode.entries import dtype_of, quantized_bits, raw_array, raw_cast
 from pipeline.executor import ray_map, remote, task_threads
 from pipeline.graph import Stage, StageContext
@@ -94,7 +95,7 @@ def _run(ctx: StageContext) -> dict:
     from pipeline.train.stage import load_masks, load_model_state, model_stage
 
     cfg, out, e = ctx.cfg, ctx.out, ctx.cfg.encode
-    if cfg.model.residency == "streamed":
+    if per_tensor(cfg):
         from pipeline.encode.tensors_stage import run_encode_streamed
 
         return run_encode_streamed(ctx)

@@ -48,8 +48,9 @@ def _expected(w, name: str, codes: tuple[np.ndarray, np.ndarray] | None, raw_dty
     return raw_array(raw_cast(w.read(name), raw_dtype))[0]
 
 
-def _check_decoded(path: str, opts: dict | None, w, quant, codes: dict[str, str],
-                   shapes: dict[str, tuple[int, int]], raw_dtype: str) -> int:
+def _check_decoded(path: str, opts: dict | None, w, names: list[str], quant,
+                   codes: dict[str, str], shapes: dict[str, tuple[int, int]],
+                   raw_dtype: str) -> int:
     """Decode every tensor of the file just written and compare it bit for bit; returns the
     bytes read."""
     from pipeline.encode.container import HwqReader
@@ -57,7 +58,7 @@ def _check_decoded(path: str, opts: dict | None, w, quant, codes: dict[str, str]
     from pipeline.quantize.tensors_stage import read_codes
 
     r = HwqReader(path, storage_options=opts)
-    for name in w.names:
+    for name in names:
         got = np.asarray(r.read([name])[name])
         c = read_codes(quant, codes[name], shapes[name]) if name in codes else None
         want = _expected(w, name, c, raw_dtype)
@@ -71,10 +72,11 @@ def _check_decoded(path: str, opts: dict | None, w, quant, codes: dict[str, str]
 
 
 def _encode_task(cfg: RunConfig, out, url: str, opts: dict | None, quant, codes: dict[str, str],
-                 shapes: dict[str, tuple[int, int]]) -> dict:
+                 shapes: dict[str, tuple[int, int]], tied: dict[str, str]) -> dict:
     from pipeline.encode.container import TensorEntry, write_hwq
     from pipeline.executor import private_subdir, task_attempt
     from pipeline.memory import process_peaks, release_memory
+    from pipeline.models.source import tensor_order
     from pipeline.models.weights import WeightsFolder
     from pipeline.quantize.tensors_stage import read_codes
 
@@ -94,8 +96,9 @@ def _encode_task(cfg: RunConfig, out, url: str, opts: dict | None, quant, codes:
         a, dt = raw_array(raw_cast(w.read(name), e.raw_dtype))
         return TensorEntry.raw_tensor(name, a, dt)
 
+    names = [n for n in tensor_order(w.names) if n not in tied]  # a tied alias: stored once
     entries = [(lambda n=n: quantized(n)) if n in codes else (lambda n=n: raw(n))
-               for n in w.names]
+               for n in names]
     path = out.url(FILE)
     sopts = out.store.storage_options or None
     acct = write_hwq(path, entries, codebooks, coder=e.coder, code_sharing=e.code_sharing,
@@ -103,17 +106,18 @@ def _encode_task(cfg: RunConfig, out, url: str, opts: dict | None, quant, codes:
                      spool_bytes=16 << 20, stream_symbols=16 << 20, storage_options=sopts,
                      spill_dir=str(private_subdir("spill")),
                      metadata={"model": cfg.model.name, "scope": cfg.quantize.scope,
-                               "method": cfg.quantize.method, "source": url})
+                               "method": cfg.quantize.method, "source": cfg.model.path,
+                               "tied": tied})
     del codebooks
     release_memory()
     file_bytes = out.store.size(out.rel(FILE))
     if file_bytes != acct["file_bytes"] or sum(acct["bits"].values()) != 8 * file_bytes:
         raise RuntimeError(f"accounting of {path} does not add up to its size")
     t_check = time.perf_counter()
-    checked_bytes = _check_decoded(path, sopts, w, quant, codes, shapes, e.raw_dtype)
-    n_all = sum(t.numel for t in w.tensors.values())
-    return {"acct": acct, "file_bytes": file_bytes, "entries": len(w.names),
-            "params": n_all, "original_bytes": sum(t.nbytes for t in w.tensors.values()),
+    checked_bytes = _check_decoded(path, sopts, w, names, quant, codes, shapes, e.raw_dtype)
+    n_all = sum(w.info(n).numel for n in names)
+    return {"acct": acct, "file_bytes": file_bytes, "entries": len(names),
+            "params": n_all, "original_bytes": sum(w.info(n).nbytes for n in names),
             "check_seconds": time.perf_counter() - t_check, "check_bytes_read": checked_bytes,
             "bytes_read": w.bytes_read, "process": process_peaks(), "attempt": task_attempt()}
 
@@ -157,7 +161,8 @@ def run_encode_streamed(ctx: StageContext) -> dict[str, Any]:
     hf = sorted(rel for rel in (load.outputs or {}) if rel.startswith("hf/"))
     for rel in hf:
         out.write_bytes(rel, load.read_bytes(rel))
-    r = call(_encode_task, cfg, out, url, opts, quant, codes, shapes, cpus="worker")
+    r = call(_encode_task, cfg, out, url, opts, quant, codes, shapes, meta.get("tied", {}),
+             cpus="worker")
     acct, file_bytes = r["acct"], r["file_bytes"]
     n_q = sum(a * b for a, b in shapes.values())
     qbits = quantized_bits(acct, len(codes), r["entries"])
@@ -178,7 +183,7 @@ def run_encode_streamed(ctx: StageContext) -> dict[str, Any]:
         ev = call(_evaluate_task, cfg, out, sets, hf, cpus="worker")
         metrics.update(Workload(cfg).metric_fields("decoded", ev))
     metrics["encode"] = {
-        "file": out.url(FILE), "file_bytes": file_bytes, "residency": "streamed",
+        "file": out.url(FILE), "file_bytes": file_bytes, "residency": cfg.model.residency,
         "quantized_params": n_q, "params": r["params"],
         "bits_per_weight": qbits / max(n_q, 1),
         "bits_per_weight_all": 8 * file_bytes / max(r["params"], 1),

@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import RunConfig
+from pipeline.config_checks import per_tensor
 from pipeline.data import calibration_indices
 from pipeline.executor import remote, task_threads
 from pipeline.graph import Stage, StageContext
@@ -288,7 +289,7 @@ def _run(ctx: StageContext) -> dict:
     from pipeline.train.stage import model_stage
 
     cfg, out = ctx.cfg, ctx.out
-    if cfg.model.residency == "streamed":
+    if per_tensor(cfg):
         from pipeline.hessian.streamed_stage import run_hessian_streamed
 
         return run_hessian_streamed(ctx)
@@ -438,5 +439,5 @@ HESSIAN = Stage(
     enabled=lambda cfg: cfg.hessian.enabled,
     headline=(),
     # a streamed model's values are in per-group tables listed by tensors.json
-    outputs=lambda cfg: ("tensors.json",) if cfg.model.residency == "streamed" else (TABLE,),
+    outputs=lambda cfg: ("tensors.json",) if per_tensor(cfg) else (TABLE,),
 )

@@ -141,7 +141,7 @@ def read_tensor_hessian(hess, name: str, shape: tuple[int, int]) -> np.ndarray:
 
 
 def run_hessian_streamed(ctx: StageContext) -> dict[str, Any]:
-    from pipeline.models.source import source_url
+    from pipeline.models.source import source_url, tensor_order
     from pipeline.units import Units
     from pipeline.workload import MODEL_JSON, WINDOWS
 
@@ -151,7 +151,7 @@ def run_hessian_streamed(ctx: StageContext) -> dict[str, Any]:
     meta = load.read_json(MODEL_JSON)
     windows = load.read_safetensors(WINDOWS)["calibration"]
     url, opts = source_url(cfg, load)
-    groups = group_names(meta["quantizable"], meta["shapes"], h.groups)
+    groups = group_names(tensor_order(meta["quantizable"]), meta["shapes"], h.groups)
     P = max(1, min(h.partitions, int(windows.shape[0])))
     units = Units(out)
     total = int(windows.numel()) if h.estimator == "activation" else int(windows.shape[0])
@@ -218,7 +218,7 @@ def run_hessian_streamed(ctx: StageContext) -> dict[str, Any]:
     out.write_json(TENSORS, tensors)
     if out.store.exists(out.rel("partials")):
         out.store.remove(out.rel("partials"))
-    return {"hessian": {"estimator": h.estimator, "residency": "streamed",
+    return {"hessian": {"estimator": h.estimator, "residency": cfg.model.residency,
                         "samples": int(windows.shape[0]), "normalizer": total,
                         "partitions": P, "groups": len(groups),
                         "block_groups": [[r.start, r.stop] for r, _ in groups],

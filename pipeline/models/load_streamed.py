@@ -31,7 +31,7 @@ from pipeline.hessian.shards import block_of
 from pipeline.workload import HF_DIR, MODEL_JSON, WINDOWS, Workload
 
 __all__ = ["run_load_streamed", "source_identity", "block_targets", "random_windows",
-           "streamed_perplexity", "quantizable_names", "block_of"]
+           "streamed_perplexity", "quantizable_names", "block_of", "tied_aliases"]
 
 def block_targets(names: list[str], shapes: dict[str, tuple[int, ...]]) -> list[str]:
     """The 2-D ``.weight`` tensors inside decoder blocks (``…layers.<i>.…``), in file order."""
@@ -104,6 +104,22 @@ def streamed_perplexity(url: str, opts: dict | None, sets: dict[str, torch.Tenso
     return {"value": math.exp(nll / max(tokens, 1)), "by_set": by}
 
 
+def tied_aliases(conf: dict, names: list[str]) -> dict[str, str]:
+    """{alias: tensor} of a folder's tensors the model ties rather than reads: its output head
+    when the config ties word embeddings (transformers then ignores a stored head). The same
+    map a resident load records (`unique_state`), so the file stores the tensor once either way."""
+    from transformers import AutoConfig
+
+    try:
+        tie = bool(AutoConfig.for_model(**conf).tie_word_embeddings)
+    except Exception:  # noqa: BLE001 - an unknown model type: the load already checked the folder
+        tie = bool(conf.get("tie_word_embeddings", False))
+    embed = [n for n in names if n.endswith("embed_tokens.weight")]
+    if tie and "lm_head.weight" in names and len(embed) == 1:
+        return {"lm_head.weight": embed[0]}
+    return {}
+
+
 def _load_task(cfg: RunConfig, out) -> dict:
     from pipeline.models.source import source_url
     from pipeline.models.weights import WeightsFolder
@@ -138,7 +154,8 @@ def _load_task(cfg: RunConfig, out) -> dict:
             "model_type": conf.get("model_type"), "layers": conf.get("num_hidden_layers"),
             "bytes": sum(t.nbytes for t in w.tensors.values())}
     out.write_json(MODEL_JSON, {
-        "adapter": "hf_causal_lm", "residency": "streamed", "source": url, "tied": {},
+        "adapter": "hf_causal_lm", "residency": "streamed", "source": url,
+        "tied": tied_aliases(conf, names),
         "dtype": dtypes[0] if len(dtypes) == 1 else None, "quantizable": chosen,
         "shapes": {n: list(shapes[n]) for n in chosen}, "embeddings": [], "info": info})
     metrics: dict[str, Any] = {"params": params, "quantized_params": quantized,

@@ -22,11 +22,14 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+from collections.abc import Iterable
 from typing import Any
 
 from pipeline.config import ConfigError, RunConfig
 
-__all__ = ["resolve_residency", "is_streamed", "memory_budget", "model_bytes", "source_url"]
+__all__ = ["resolve_residency", "is_streamed", "memory_budget", "model_bytes", "source_url",
+           "tensor_order"]
 
 log = logging.getLogger("hwq")
 
@@ -110,3 +113,12 @@ def source_url(cfg: RunConfig, load: Any) -> tuple[str, dict | None]:
         assert path is not None  # the config refuses anything else for streamed
         return path, cfg.store.storage_options(path) or None
     return load.url(""), load.store.storage_options or None
+
+
+def tensor_order(names: Iterable[str]) -> list[str]:
+    """Tensor names in the order the per-tensor stages number and write them: by name with
+    numbers compared as numbers (layers.2 before layers.10). It depends on the names only,
+    not on how a folder's shards or a state dict happen to list them, so both residencies
+    write the same file."""
+    return sorted(names, key=lambda n: [int(p) if p.isdigit() else p
+                                        for p in re.split(r"(\d+)", n)])

@@ -6,7 +6,9 @@ load → model.safetensors (every weight in its source dtype; tied weights once)
        hf/… (causal LMs: config.json, generation_config.json, tokenizer files — what
        `hwq decode --hf-out` puts beside the decoded weights),
        windows.safetensors (text: the calibration windows and every eval text's windows,
-       tokenized once here so that every later stage sees the same tokens).
+       tokenized once here so that every later stage sees the same tokens),
+       config.json (causal LMs: hf/config.json again, beside model.safetensors, so that this
+       folder is the model source the per-tensor stages read, see pipeline/models/source.py).
 
 Runs as one Ray task. The stage key holds the model and data settings and a sha256 of the
 local source files (model and texts), so a changed file is a new key; remote sources are
@@ -98,6 +100,9 @@ def _load_task(cfg: RunConfig, out, expect: dict[str, Any]) -> dict:
             with tempfile.TemporaryDirectory(prefix="hwq-hf-") as tmp:
                 for f in save_folder_files(model, tok, tmp):
                     out.write_bytes(f"{HF_DIR}/{f.name}", f.read_bytes())
+                    if f.name == "config.json":  # beside model.safetensors: this folder is
+                        # the model source of the per-tensor stages (models/source.py)
+                        out.write_bytes("config.json", f.read_bytes())
     out.write_safetensors("model.safetensors", state, metadata={"model": adapter.label()})
     quantized_params = sum(state[n].numel() for n in names)
     out.write_json(MODEL_JSON, {
@@ -152,6 +157,8 @@ def _outputs(cfg: RunConfig) -> tuple[str, ...]:
         outs.append(WINDOWS)
     if cfg.model.name == "hf_causal_lm":
         outs.append(f"{HF_DIR}/config.json")
+        if cfg.model.residency != "streamed" and cfg.data.name == "text":
+            outs.append("config.json")
     return tuple(outs)
 
 

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from pipeline.config import RunConfig
+from pipeline.config_checks import per_tensor
 from pipeline.executor import remote, task_cpus, task_threads
 from pipeline.graph import Stage, StageContext
 from pipeline.quantize.artifacts import QuantizedModel
@@ -196,7 +197,7 @@ def _run(ctx: StageContext) -> dict:
     from pipeline.train.stage import load_masks, load_model_state, model_stage
 
     cfg, out, q = ctx.cfg, ctx.out, ctx.cfg.quantize
-    if cfg.model.residency == "streamed":  # a tensor per unit, read in place
+    if per_tensor(cfg):  # a tensor per unit, read from the model source
         from pipeline.quantize.tensors_stage import run_quantize_tensors
 
         return run_quantize_tensors(ctx)
@@ -327,7 +328,7 @@ QUANTIZE = Stage(
     run=_run,
     enabled=lambda cfg: cfg.quantize.enabled,
     headline=("quantized_accuracy", "quantized_perplexity"),
-    outputs=lambda cfg: (("codes.json", "layers.json") if cfg.model.residency == "streamed"
+    outputs=lambda cfg: (("codes.json", "layers.json") if per_tensor(cfg)
                          else ("codebooks.safetensors", "indices.safetensors", "quantized.json",
                                "layers.json")),
 )

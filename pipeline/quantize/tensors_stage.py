@@ -191,7 +191,7 @@ def _predicted_bits(found, shapes: list[tuple[int, int]], sampled: list[int]) ->
 
 
 def run_quantize_tensors(ctx: StageContext) -> dict[str, Any]:
-    from pipeline.models.source import source_url
+    from pipeline.models.source import source_url, tensor_order
     from pipeline.quantize.rate import solve_rows_global_rate
     from pipeline.quantize.rows_stage import RayBlockMap
     from pipeline.units import Units
@@ -201,7 +201,7 @@ def run_quantize_tensors(ctx: StageContext) -> dict[str, Any]:
     t0 = time.perf_counter()
     load, hess = ctx.inputs["load"], ctx.inputs["hessian"]
     meta = load.read_json(MODEL_JSON)
-    names: list[str] = meta["quantizable"]
+    names: list[str] = tensor_order(meta["quantizable"])
     shapes = {n: tuple(meta["shapes"][n]) for n in names}
     url, opts = source_url(cfg, load)
     weights = sum(R * C for R, C in shapes.values())

@@ -28,8 +28,9 @@ def parse_bytes(v: int | str, key: str) -> int:
 
 
 def streamed_gap(cfg) -> str | None:
-    """What the streamed residency runs today: a causal LM's decoder-block Linears, one
-    λ per channel (uniform or ECSQ), Fisher or activation Hessian, no fine-tuning."""
+    """What the streamed residency runs today: a causal LM's decoder-block Linears (and its
+    embedding and head), one λ per channel (uniform or ECSQ), Fisher or activation Hessian,
+    no fine-tuning."""
     why = None
     if cfg.model.name != "hf_causal_lm":
         why = "model.name=hf_causal_lm (a safetensors folder)"
@@ -40,9 +41,6 @@ def streamed_gap(cfg) -> str | None:
     elif cfg.quantize.scope != "channel" or cfg.quantize.method not in ("uniform",
                                                                             "ecsq"):
         why = "quantize.scope=channel with quantize.method uniform or ecsq"
-    elif cfg.quantize.targets is None and cfg.quantize.embeddings == "quantize":
-        why = ("quantize.embeddings=keep (the streamed Hessian covers the decoder "
-               "blocks; the embedding and head are stored as they are)")
     elif cfg.encode.positions != "gaps" or cfg.encode.indices != "static" or \
             cfg.encode.fixed_length:
         why = "encode.indices=static and encode.positions=gaps"

@@ -49,7 +49,7 @@ def _expected(w, name: str, codes: tuple[np.ndarray, np.ndarray] | None, raw_dty
 
 
 def _check_decoded(path: str, opts: dict | None, w, quant, codes: dict[str, str],
-                   shapes: dict[str, tuple[int, int]], raw_dtype: str) -> int:
+                   shapes: dict[str, tuple[int, int]], raw_dtype: str, names: list[str]) -> int:
     """Decode every tensor of the file just written and compare it bit for bit; returns the
     bytes read."""
     from pipeline.encode.container import HwqReader
@@ -57,7 +57,7 @@ def _check_decoded(path: str, opts: dict | None, w, quant, codes: dict[str, str]
     from pipeline.quantize.tensors_stage import read_codes
 
     r = HwqReader(path, storage_options=opts)
-    for name in w.names:
+    for name in names:
         got = np.asarray(r.read([name])[name])
         c = read_codes(quant, codes[name], shapes[name]) if name in codes else None
         want = _expected(w, name, c, raw_dtype)
@@ -71,7 +71,10 @@ def _check_decoded(path: str, opts: dict | None, w, quant, codes: dict[str, str]
 
 
 def _encode_task(cfg: RunConfig, out, url: str, opts: dict | None, quant, codes: dict[str, str],
-                 shapes: dict[str, tuple[int, int]]) -> dict:
+                 shapes: dict[str, tuple[int, int]], tied: dict[str, str] | None = None) -> dict:
+    """Write and check model.hwq. tied: {head: embedding} of the model; a checkpoint that
+    also holds the tied head's copy has it left out when the embedding is quantized (the
+    decoded model's head is the embedding, stored once)."""
     from pipeline.encode.container import TensorEntry, write_hwq
     from pipeline.executor import private_subdir, task_attempt
     from pipeline.memory import process_peaks, release_memory
@@ -94,8 +97,9 @@ def _encode_task(cfg: RunConfig, out, url: str, opts: dict | None, quant, codes:
         a, dt = raw_array(raw_cast(w.read(name), e.raw_dtype))
         return TensorEntry.raw_tensor(name, a, dt)
 
+    names = [n for n in w.names if (tied or {}).get(n) not in codes]
     entries = [(lambda n=n: quantized(n)) if n in codes else (lambda n=n: raw(n))
-               for n in w.names]
+               for n in names]
     path = out.url(FILE)
     sopts = out.store.storage_options or None
     acct = write_hwq(path, entries, codebooks, coder=e.coder, code_sharing=e.code_sharing,
@@ -110,9 +114,9 @@ def _encode_task(cfg: RunConfig, out, url: str, opts: dict | None, quant, codes:
     if file_bytes != acct["file_bytes"] or sum(acct["bits"].values()) != 8 * file_bytes:
         raise RuntimeError(f"accounting of {path} does not add up to its size")
     t_check = time.perf_counter()
-    checked_bytes = _check_decoded(path, sopts, w, quant, codes, shapes, e.raw_dtype)
-    n_all = sum(t.numel for t in w.tensors.values())
-    return {"acct": acct, "file_bytes": file_bytes, "entries": len(w.names),
+    checked_bytes = _check_decoded(path, sopts, w, quant, codes, shapes, e.raw_dtype, names)
+    n_all = sum(w.info(n).numel for n in names)
+    return {"acct": acct, "file_bytes": file_bytes, "entries": len(names),
             "params": n_all, "original_bytes": sum(t.nbytes for t in w.tensors.values()),
             "check_seconds": time.perf_counter() - t_check, "check_bytes_read": checked_bytes,
             "bytes_read": w.bytes_read, "process": process_peaks(), "attempt": task_attempt()}
@@ -139,6 +143,22 @@ def _evaluate_task(cfg: RunConfig, out, sets: dict[str, torch.Tensor], hf: list[
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _embedding_bits(out, names: list[str], shapes: dict[str, tuple[int, int]]) -> dict:
+    """What the quantized embedding (and head) cost in the file, as the resident encode
+    stage counts it (`encode.stage.embedding_bits`): their index streams and codebooks."""
+    from pipeline.encode.container import HwqReader
+
+    if not names:
+        return {"names": [], "params": 0, "bits": 0, "bits_per_weight": None}
+    rows = HwqReader(out.url(FILE), storage_options=out.store.storage_options or None).inspect()
+    want = set(names)
+    bits = 8 * sum(r["bytes"] for r in rows
+                   if r["kind"] in ("quantized", "codebook") and r["name"] in want)
+    params = sum(shapes[n][0] * shapes[n][1] for n in names)
+    return {"names": list(names), "params": params, "bits": bits,
+            "bits_per_weight": bits / max(params, 1)}
+
+
 def run_encode_streamed(ctx: StageContext) -> dict[str, Any]:
     from pipeline.models.source import source_url
     from pipeline.workload import MODEL_JSON, WINDOWS, Workload
@@ -157,10 +177,12 @@ def run_encode_streamed(ctx: StageContext) -> dict[str, Any]:
     hf = sorted(rel for rel in (load.outputs or {}) if rel.startswith("hf/"))
     for rel in hf:
         out.write_bytes(rel, load.read_bytes(rel))
-    r = call(_encode_task, cfg, out, url, opts, quant, codes, shapes, cpus="worker")
+    r = call(_encode_task, cfg, out, url, opts, quant, codes, shapes, meta.get("tied", {}),
+             cpus="worker")
     acct, file_bytes = r["acct"], r["file_bytes"]
     n_q = sum(a * b for a, b in shapes.values())
     qbits = quantized_bits(acct, len(codes), r["entries"])
+    emb = _embedding_bits(out, [n for n in meta.get("embeddings", []) if n in codes], shapes)
     metrics: dict[str, Any] = {
         "bits_per_weight": qbits / max(n_q, 1),
         "bits_per_weight_all": 8 * file_bytes / max(r["params"], 1),
@@ -182,9 +204,8 @@ def run_encode_streamed(ctx: StageContext) -> dict[str, Any]:
         "quantized_params": n_q, "params": r["params"],
         "bits_per_weight": qbits / max(n_q, 1),
         "bits_per_weight_all": 8 * file_bytes / max(r["params"], 1),
-        # every quantized tensor is a decoder-block Linear (embeddings are kept as stored)
-        "bits_per_weight_linears": qbits / max(n_q, 1),
-        "embeddings": {"names": [], "params": 0, "bits": 0, "bits_per_weight": None},
+        "bits_per_weight_linears": (qbits - emb["bits"]) / max(n_q - emb["params"], 1),
+        "embeddings": emb,
         "index_bits_per_weight": acct["bits"]["indices"] / max(n_q, 1),
         "codebook_bits_per_weight": acct["bits"]["codebooks"] / max(n_q, 1),
         "raw_tensor_bytes": acct["bits"]["raw_tensors"] // 8,

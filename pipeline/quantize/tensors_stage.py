@@ -51,8 +51,20 @@ def _h_rows(h: np.ndarray, shape: tuple[int, int], rows) -> np.ndarray:
     return h.reshape(R, C)[rows]
 
 
+def _embedding_floor(h: np.ndarray, shape: tuple[int, int], rel: float, name: str
+                     ) -> np.ndarray:
+    """`rows_stage.embedding_floor` of an embedding's (or head's) Hessian as stored: a full
+    [R·C] is floored as [R, C]; an [C] vector (every row the same) as one row, which floors
+    every element as the broadcast [R, C] would be (each row's mean is the tensor's)."""
+    from pipeline.quantize.rows_stage import embedding_floor
+
+    R, C = shape
+    rows = h.reshape(1, C) if h.size == C else h.reshape(R, C)
+    return embedding_floor(rows, rel, name).reshape(h.shape)
+
+
 def _tensor_and_hessian(cfg: RunConfig, url: str, opts: dict | None, hess, name: str,
-                        shape: tuple[int, int]):
+                        shape: tuple[int, int], embedding: bool = False):
     from pipeline.hessian.streamed_stage import read_tensor_hessian
     from pipeline.models.weights import WeightsFolder
     from pipeline.quantize.rows import floor_hessian
@@ -64,15 +76,17 @@ def _tensor_and_hessian(cfg: RunConfig, url: str, opts: dict | None, hess, name:
                          "was loaded: the model changed; rerun")
     t = w.read(name)
     h = floor_hessian(read_tensor_hessian(hess, name, shape), cfg.quantize.hessian_floor)
+    if embedding:  # as the resident quantize stage floors embeddings (rows_stage)
+        h = _embedding_floor(h, shape, cfg.quantize.embedding_floor, name)
     return t, h, info.dtype, w.bytes_read
 
 
 def _sample_task(cfg: RunConfig, url: str, opts: dict | None, hess, name: str,
-                 shape: tuple[int, int], every: int, row0: int):
+                 shape: tuple[int, int], every: int, row0: int, embedding: bool = False):
     from pipeline.quantize.rate import RowBlock
 
     task_threads()
-    t, h, _, _ = _tensor_and_hessian(cfg, url, opts, hess, name, shape)
+    t, h, _, _ = _tensor_and_hessian(cfg, url, opts, hess, name, shape, embedding)
     rows = np.arange(0, shape[0], every)
     W = t[torch.from_numpy(rows)].to(torch.float32).numpy()
     if not np.isfinite(W).all():
@@ -92,7 +106,8 @@ def _opts(cfg: RunConfig, threads: int = 1) -> dict[str, Any]:
 
 
 def _tensor_task(cfg: RunConfig, out, url: str, opts: dict | None, hess, name: str, i: int,
-                 shape: tuple[int, int], lam: float, row0: int, tag: str) -> dict:
+                 shape: tuple[int, int], lam: float, row0: int, tag: str,
+                 embedding: bool = False) -> dict:
     """Unit `t<i>-<tag>`: every row of tensor `name` at λ → its codes file and coded bits."""
     from safetensors.torch import save
 
@@ -106,7 +121,7 @@ def _tensor_task(cfg: RunConfig, out, url: str, opts: dict | None, hess, name: s
 
     threads = task_threads()
     q = cfg.quantize
-    t, h, dtype, read = _tensor_and_hessian(cfg, url, opts, hess, name, shape)
+    t, h, dtype, read = _tensor_and_hessian(cfg, url, opts, hess, name, shape, embedding)
     R, C = shape
     step = max(1, _SLAB_WEIGHTS // max(C, 1))
     parts = []
@@ -211,7 +226,9 @@ def run_quantize_tensors(ctx: StageContext) -> dict[str, Any]:
         at += shapes[n][0]
     every = max(1, math.ceil(weights / _SAMPLE_WEIGHTS))
     sample = [None] * len(names)
-    for i, block in map_units(_sample_task, [(cfg, url, opts, hess, n, shapes[n], every, row0[n])
+    embeddings = set(meta.get("embeddings", []))
+    for i, block in map_units(_sample_task, [(cfg, url, opts, hess, n, shapes[n], every, row0[n],
+                                              n in embeddings)
                                              for n in names], cpus=task_cpus(1),
                               desc="quantize sample", unit="tensor"):
         sample[i] = block
@@ -251,7 +268,8 @@ def run_quantize_tensors(ctx: StageContext) -> dict[str, Any]:
                 recs[n] = rec
                 reused += 1
             else:
-                todo.append((cfg, out, url, opts, hess, n, i, shapes[n], lam, row0[n], tag))
+                todo.append((cfg, out, url, opts, hess, n, i, shapes[n], lam, row0[n], tag,
+                             n in embeddings))
         for j, rec in map_units(_tensor_task, todo, cpus=task_cpus(1), gpus="task",
                                 desc=f"quantize pass {passes}", unit="tensor"):
             recs[todo[j][5]] = rec

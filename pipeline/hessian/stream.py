@@ -19,6 +19,16 @@ decoder block resident at a time through `StreamedLM`:
     not interact (causal attention, no padding, eval mode), so row s of the batch cotangent is
     window s's own: the sums equal the in-memory ``fisher_diag_lm`` up to float rounding.
 
+The input embedding and the output head (named by the model's own names, e.g.
+``model.embed_tokens.weight``, ``lm_head.weight``) follow ``lm.py``'s definitions. Fisher:
+the head's per-window gradient is taken at the top with the cotangent; the embedding's from the
+cotangent at block 0's input, scattered to the window's distinct tokens; a head tied to the
+embedding is one tensor whose window gradient is the sum of both uses (see `_TopGrads`).
+Activation: the head's inputs (the final norm's outputs) are the statistics of the head and of
+an embedding tied to it; an untied input embedding has none (refused). With ``blocks=``, the
+embedding's Fisher is computed by the range starting at block 0, the head's (and the
+activation statistics of a tied pair) by the range ending at the top; other ranges ignore them.
+
 Peak memory: one block's weights (and, for the Fisher, its sums and gradients), the hidden
 states of the windows, and the cache's budget; never the model.
 
@@ -304,7 +314,7 @@ class _TopGrads:
             return g
         g, gw = torch.autograd.grad(loss, [h, self.weight])
         gw = gw.to(torch.float64)
-        self.head_sums += gw.square()
+        self.head_sums.addcmul_(gw, gw)  # no [V, d] temporary beside the sums
         if self.tied is not None:
             self.kept.append(gw[self.windows[s].unique()])
         return g

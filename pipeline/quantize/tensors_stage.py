@@ -51,23 +51,22 @@ def _h_rows(h: np.ndarray, shape: tuple[int, int], rows) -> np.ndarray:
     return h.reshape(R, C)[rows]
 
 
-def _embedding_floor(h: np.ndarray, shape: tuple[int, int], rel: float, name: str
-                     ) -> np.ndarray:
-    """`rows_stage.embedding_floor` of an embedding's (or head's) Hessian as stored: a full
-    [R·C] is floored as [R, C]; an [C] vector (every row the same) as one row, which floors
-    every element as the broadcast [R, C] would be (each row's mean is the tensor's)."""
-    from pipeline.quantize.rows_stage import embedding_floor
-
-    R, C = shape
-    rows = h.reshape(1, C) if h.size == C else h.reshape(R, C)
-    return embedding_floor(rows, rel, name).reshape(h.shape)
+def _floor_in_place(h: np.ndarray, rel: float) -> None:
+    """h float32 raised to at least rel × its mean, in place: `rows.floor_hessian` and
+    `rows_stage.embedding_floor` compute the same values into a new array, which for a full
+    [V, d] embedding Hessian is one more copy of the largest array of the unit. The mean of an
+    [in] vector is the mean of its broadcast [out, in], so the vector is floored as stored."""
+    if h.size == 0 or rel <= 0:
+        return
+    m = float(h.mean(dtype=np.float64))
+    if m > 0:
+        np.maximum(h, np.float32(rel * m), out=h)
 
 
 def _tensor_and_hessian(cfg: RunConfig, url: str, opts: dict | None, hess, name: str,
                         shape: tuple[int, int], embedding: bool = False):
     from pipeline.hessian.streamed_stage import read_tensor_hessian
     from pipeline.models.weights import WeightsFolder
-    from pipeline.quantize.rows import floor_hessian
 
     w = WeightsFolder(url, opts)
     info = w.info(name)
@@ -75,9 +74,10 @@ def _tensor_and_hessian(cfg: RunConfig, url: str, opts: dict | None, hess, name:
         raise ValueError(f"{name} is {list(info.shape)} in {url}, {list(shape)} when the run "
                          "was loaded: the model changed; rerun")
     t = w.read(name)
-    h = floor_hessian(read_tensor_hessian(hess, name, shape), cfg.quantize.hessian_floor)
-    if embedding:  # as the resident quantize stage floors embeddings (rows_stage)
-        h = _embedding_floor(h, shape, cfg.quantize.embedding_floor, name)
+    h = np.require(read_tensor_hessian(hess, name, shape), np.float32, ["C", "W"])
+    _floor_in_place(h, cfg.quantize.hessian_floor)  # as rows.floor_hessian
+    if embedding:  # then as the resident quantize stage floors embeddings (rows_stage)
+        _floor_in_place(h, cfg.quantize.embedding_floor)
     return t, h, info.dtype, w.bytes_read
 
 
@@ -113,9 +113,9 @@ def _tensor_task(cfg: RunConfig, out, url: str, opts: dict | None, hess, name: s
 
     from pipeline.memory import process_peaks, release_memory
     from pipeline.quantize.rate import RowBlock, solve_rows_at
-    from pipeline.quantize.rows import RowsResult, index_rate
+    from pipeline.quantize.rows import index_rate
     from pipeline.quantize.rows import rate as all_in_rate
-    from pipeline.quantize.rows_stage import coded_bits, frequency_ranked
+    from pipeline.quantize.rows_stage import coded_bits
     from pipeline.store import canonical_safetensors
     from pipeline.units import Units
 
@@ -136,16 +136,15 @@ def _tensor_task(cfg: RunConfig, out, url: str, opts: dict | None, hess, name: s
         parts.append(res)
     del t, h
     bits = coded_bits(parts)
-    r = RowsResult.concat(parts)
+    cb, idx = _ranked_codes(parts, R, C)
+    levels = np.concatenate([p.levels for p in parts])
+    layer = {"rows": R, "cols": C, "mean_levels": float(levels.mean()),
+             "max_levels": int(levels.max()), "index_entropy_bits": index_rate(parts),
+             "all_in_bits": all_in_rate(parts), "one_level_rows": int((levels == 1).sum()),
+             "weighted_distortion": float(np.concatenate([p.distortion for p in parts]).sum()
+                                          / max(R * C, 1))}
     del parts
-    cb, idx = frequency_ranked(r)
-    K = cb.shape[1]
-    idx_t = torch.from_numpy(idx.astype(np.uint8 if K <= 256 else np.int16))
-    layer = {"rows": R, "cols": C, "mean_levels": float(r.levels.mean()),
-             "max_levels": int(r.levels.max()), "index_entropy_bits": index_rate(r),
-             "all_in_bits": all_in_rate(r), "one_level_rows": int((r.levels == 1).sum()),
-             "weighted_distortion": float(r.distortion.sum() / max(R * C, 1))}
-    del r
+    idx_t = torch.from_numpy(idx)
     release_memory()
     rel = f"codes/{i:05d}-{tag}.safetensors"
     out.write_bytes(rel, canonical_safetensors(save(
@@ -153,6 +152,30 @@ def _tensor_task(cfg: RunConfig, out, url: str, opts: dict | None, hess, name: s
         metadata={"tensor": name, "dtype": dtype, "lam": repr(lam)})))
     return Units(out).record(f"t{i:05d}-{tag}", [rel], name=name, bits=bits, layer=layer,
                              bytes_read=read, process=process_peaks())
+
+
+def _ranked_codes(parts: list, R: int, C: int) -> tuple[np.ndarray, np.ndarray]:
+    """(codebooks float32 [R, K], indices uint8 (K ≤ 256) or int16 [R, C]) of a tensor's
+    consecutive row slabs, exactly `frequency_ranked(RowsResult.concat(parts))` with the
+    indices cast, but ranked slab by slab into the final arrays: the whole-tensor ranking
+    holds int64 copies of every index (16 bytes a weight beside the 1–2 stored), which for
+    an embedding of 28 M weights is most of its unit's memory."""
+    from pipeline.quantize.rows_stage import frequency_ranked
+
+    K = max(p.codebooks.shape[1] for p in parts)
+    idx = np.empty((R, C), np.uint8 if K <= 256 else np.int16)
+    cb = np.empty((R, K), np.float32)
+    a = 0
+    for p in parts:
+        c, i = frequency_ranked(p)
+        b = a + p.rows
+        idx[a:b] = i
+        cb[a:b, : c.shape[1]] = c
+        cb[a:b, c.shape[1] :] = c[:, :1]  # unused slots repeat the row's first level
+        a = b
+    if a != R:
+        raise ValueError(f"the slabs hold {a} rows, the tensor {R}")
+    return cb, idx
 
 
 def read_codes(sd, rel: str, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:

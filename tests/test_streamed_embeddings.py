@@ -20,14 +20,22 @@ EMB = "model.embed_tokens.weight"
 
 
 def _cfg(folder: Path, store: Path, estimator: str = "fisher") -> RunConfig:
-    return RunConfig.model_validate({
-        "name": "t", "model": {"name": "hf_causal_lm", "path": str(folder),
-                               "residency": "streamed"},
-        "data": {"name": "text", "calibration": [str(folder.parent / "corpus.txt")],
-                 "calibration_windows": 4, "seq_len": 16},
-        "hessian": {"estimator": estimator, "partitions": 1, "groups": 2},
-        "quantize": {"method": "ecsq", "target_bits": 3.0, "embeddings": "quantize"},
-        "finetune": {"enabled": False}, "store": {"url": str(store)}})
+    return RunConfig.model_validate(
+        {
+            "name": "t",
+            "model": {"name": "hf_causal_lm", "path": str(folder), "residency": "streamed"},
+            "data": {
+                "name": "text",
+                "calibration": [str(folder.parent / "corpus.txt")],
+                "calibration_windows": 4,
+                "seq_len": 16,
+            },
+            "hessian": {"estimator": estimator, "partitions": 1, "groups": 2},
+            "quantize": {"method": "ecsq", "target_bits": 3.0, "embeddings": "quantize"},
+            "finetune": {"enabled": False},
+            "store": {"url": str(store)},
+        }
+    )
 
 
 def _folder(root: Path, tied: bool) -> Path:

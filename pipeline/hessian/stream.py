@@ -127,8 +127,10 @@ def activation_streamed(
     by = _targets_by_block(lm, names)
     emb, head = embedding_roles(lm, names)
     if emb is not None and not lm.tied:
-        raise ValueError(f"{emb}: an input embedding not tied to the head has no activation "
-                         "statistics (use the Fisher, or keep the embedding)")
+        raise ValueError(
+            f"{emb}: an input embedding not tied to the head has no activation "
+            "statistics (use the Fisher, or keep the embedding)"
+        )
     # The head's inputs (the final norm's outputs) are the statistics of the head's weight, and
     # of the embedding tied to it: computed by the range that reaches the top.
     top = [n for n in (emb, head) if n is not None] if span.stop == len(lm.layers) else []

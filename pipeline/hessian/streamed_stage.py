@@ -192,6 +192,11 @@ def run_hessian_streamed(ctx: StageContext) -> dict[str, Any]:
     roles = {n: r for n, r in meta.get("embedding_roles", {}).items() if n in meta["quantizable"]}
     first, last = embedding_placement(h.estimator, roles)
     blocks = meta.get("info", {}).get("layers")
+    if last and (type(blocks) is not int or blocks < 1):  # config.json without the count
+        from pipeline.hessian.shards import num_blocks
+        from pipeline.models.weights import WeightsFolder
+
+        blocks = num_blocks(WeightsFolder(url, opts))
     groups = group_names(meta["quantizable"], meta["shapes"], h.groups, first=first, last=last,
                          blocks=blocks if type(blocks) is int else 0)
     P = max(1, min(h.partitions, int(windows.shape[0])))

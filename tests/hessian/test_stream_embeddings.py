@@ -27,14 +27,16 @@ def folder(request, tmp_path_factory):
     """(folder, in-memory model, {tensor: role} as the load stage records it)."""
     tied = request.param
     path = tmp_path_factory.mktemp("emb") / "model"
-    model = tiny_llama(layers=LAYERS, hidden=32, attn_implementation="eager",
-                       tie_word_embeddings=tied)
+    model = tiny_llama(
+        layers=LAYERS, hidden=32, attn_implementation="eager", tie_word_embeddings=tied
+    )
     model.config.save_pretrained(path)
     sd = model.state_dict()
     if tied:
         sd.pop("lm_head.weight")
-    write_folder(path, sd, [(n, t.dtype, tuple(t.shape)) for n, t in sd.items()],
-                 max_shard_bytes=40_000)
+    write_folder(
+        path, sd, [(n, t.dtype, tuple(t.shape)) for n, t in sd.items()], max_shard_bytes=40_000
+    )
     emb = embedding_names(model)
     roles = {emb[0]: "tied"} if tied else {emb[0]: "input", emb[1]: "head"}
     return str(path), model, roles
@@ -55,8 +57,14 @@ def _staged(kind: str, path: str, windows, names, roles, P: int, G: int) -> dict
         seen: list[str] = []
         for rng, own in groups:
             got: dict = {}
-            fn(StreamedLM(path), windows[part], own, lambda k, v, c, got=got:
-               got.__setitem__(k, (v.copy(), c)), blocks=rng, batch=1)
+            fn(
+                StreamedLM(path),
+                windows[part],
+                own,
+                lambda k, v, c, got=got: got.__setitem__(k, (v.copy(), c)),
+                blocks=rng,
+                batch=1,
+            )
             assert set(got) == set(own), (rng, own, sorted(got))  # the unit emits its own
             seen += own
             partials.append(got)
@@ -72,14 +80,14 @@ def test_streamed_fisher_of_embeddings_equals_resident(folder, P, G):
     ref = fisher_diag_lm(model, w, names, batch_size=1)
     got = _staged("fisher", path, w, names, roles, P, G)
     for n in names:
-        torch.testing.assert_close(torch.from_numpy(got[n]), ref.sums[n] / ref.n, rtol=2e-4,
-                                   atol=1e-12)
+        torch.testing.assert_close(
+            torch.from_numpy(got[n]), ref.sums[n] / ref.n, rtol=2e-4, atol=1e-12
+        )
     if "tied" in roles.values():
         # the tied weight's gradient is the sum of both uses per window, squared: neither
         # use alone (nor the sum of their squares) gives the resident value
         emb = next(iter(roles))
-        assert not torch.allclose(torch.from_numpy(got[emb]), _head_only(model, w, emb),
-                                  rtol=1e-3)
+        assert not torch.allclose(torch.from_numpy(got[emb]), _head_only(model, w, emb), rtol=1e-3)
 
 
 def _head_only(model, w, emb: str) -> torch.Tensor:
@@ -105,8 +113,9 @@ def test_streamed_activation_of_embeddings_equals_resident(folder, P, G):
     ref = activation_diag_lm(model, w, names, broadcast=False)
     got = _staged("activation", path, w, names, covered, P, G)
     for n in names:
-        torch.testing.assert_close(torch.from_numpy(got[n]), ref.sums[n] / ref.n, rtol=1e-5,
-                                   atol=1e-9)
+        torch.testing.assert_close(
+            torch.from_numpy(got[n]), ref.sums[n] / ref.n, rtol=1e-5, atol=1e-9
+        )
 
 
 def test_untied_input_embedding_has_no_activation_statistics(folder):
@@ -119,17 +128,19 @@ def test_untied_input_embedding_has_no_activation_statistics(folder):
 
 
 def test_embedding_placement_and_groups():
-    shapes = {"e": [10, 4], "h": [10, 4], "model.layers.0.w": [4, 4],
-              "model.layers.3.w": [4, 4]}
+    shapes = {"e": [10, 4], "h": [10, 4], "model.layers.0.w": [4, 4], "model.layers.3.w": [4, 4]}
     names = ["e", "model.layers.0.w", "model.layers.3.w", "h"]
     assert embedding_placement("fisher", {"e": "input", "h": "head"}) == (["e"], ["h"])
     assert embedding_placement("fisher", {"e": "tied"}) == (["e"], [])
     assert embedding_placement("activation", {"e": "tied"}) == ([], ["e"])
     got = group_names(names, shapes, 2, first=["e"], last=["h"], blocks=6)
     # the last group reaches the top block (the head needs the final hidden states)
-    assert got == [(range(0, 1), ["e", "model.layers.0.w"]),
-                   (range(1, 6), ["model.layers.3.w", "h"])]
+    assert got == [
+        (range(0, 1), ["e", "model.layers.0.w"]),
+        (range(1, 6), ["model.layers.3.w", "h"]),
+    ]
     # without block tensors the embeddings still get a unit over the whole stack
     assert group_names(["e", "h"], shapes, 2, first=["e"], last=["h"], blocks=6) == [
-        (range(0, 6), ["e", "h"])]
+        (range(0, 6), ["e", "h"])
+    ]
     assert np.prod(shapes["e"]) == 40

@@ -21,8 +21,9 @@ def test_in_place_floors_equal_the_resident_floors(vector):
     h = (rng.random(C if vector else R * C) ** 6).astype(np.float32)
     h[:3] = 0  # dead channels / unseen tokens
     floored = floor_hessian(h, 1e-3)
-    want = embedding_floor(np.broadcast_to(floored.reshape(1, C), (R, C)) if vector
-                           else floored.reshape(R, C), 0.1)
+    want = embedding_floor(
+        np.broadcast_to(floored.reshape(1, C), (R, C)) if vector else floored.reshape(R, C), 0.1
+    )
     got = h.copy()
     _floor_in_place(got, 1e-3)
     _floor_in_place(got, 0.1)
@@ -43,8 +44,10 @@ def test_slab_ranked_codes_equal_the_whole_tensor_ranking(method):
     W = rng.standard_normal((40, 16)).astype(np.float32)
     W[12:20] *= 20  # slabs with different level counts (codebook widths)
     H = rng.random((40, 16)).astype(np.float32) + 0.1
-    parts = [solve_rows_at([RowBlock(W[a:b], H[a:b], a)], 0.02, method, k_max=64)[0]
-             for a, b in ((0, 12), (12, 20), (20, 40))]
+    parts = [
+        solve_rows_at([RowBlock(W[a:b], H[a:b], a)], 0.02, method, k_max=64)[0]
+        for a, b in ((0, 12), (12, 20), (20, 40))
+    ]
     assert len({p.codebooks.shape[1] for p in parts}) > 1
     cb, idx = _ranked_codes(parts, 40, 16)
     want_cb, want_idx = frequency_ranked(RowsResult.concat(parts))

@@ -38,9 +38,6 @@ def per_tensor_gap(cfg) -> str | None:
         return "finetune.enabled=false (fine-tuning holds the whole model)"
     if cfg.quantize.scope != "channel" or cfg.quantize.method not in ("uniform", "ecsq"):
         return "quantize.scope=channel with quantize.method uniform or ecsq"
-    if cfg.quantize.targets is None and cfg.quantize.embeddings == "quantize":
-        return ("quantize.embeddings=keep (the streamed Hessian covers the decoder "
-                "blocks; the embedding and head are stored as they are)")
     if cfg.encode.positions != "gaps" or cfg.encode.indices != "static" or \
             cfg.encode.fixed_length:
         return "encode.indices=static and encode.positions=gaps"

@@ -92,14 +92,19 @@ def _check_checkpoint(cfg: RunConfig) -> None:
 def _check_streamed(cfg: RunConfig) -> None:
     """A streamed model's targets against its tensor names (the shard headers only), and its
     window lengths against its positions (config.json)."""
-    from pipeline.models.load_streamed import quantizable_names
+    from pipeline.models.load_streamed import (
+        embedding_tensors,
+        quantizable_names,
+        wants_embeddings,
+    )
     from pipeline.models.source import source_url
     from pipeline.models.weights import WeightsFolder
     from pipeline.stream_inputs import check_lengths, model_config
 
     url, opts = source_url(cfg, None)
     w = WeightsFolder(url, opts)
-    quantizable_names(cfg, w.names, {n: tuple(t.shape) for n, t in w.tensors.items()})
+    roles = embedding_tensors(url, opts)[0] if wants_embeddings(cfg) else {}
+    quantizable_names(cfg, w.names, {n: tuple(t.shape) for n, t in w.tensors.items()}, roles)
     # The windows fit the model's positions (the load stage checks the same, after Ray starts).
     check_lengths(model_config(url, opts), url, {
         "data.seq_len": cfg.data.seq_len,

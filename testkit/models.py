@@ -66,18 +66,21 @@ def write_corpus(path: str | Path, lines: int = 200, seed: int = 0) -> Path:
 
 
 def tiny_sharded_bf16_folder(path: str | Path, layers: int = 2, hidden: int = 64,
-                             max_shard_bytes: int = 60_000) -> Path:
+                             max_shard_bytes: int = 60_000, tied: bool = False) -> Path:
     """A tiny random Llama as a sharded bf16 safetensors folder (index, config, tokenizer):
-    what a streamed run reads in place."""
+    what a streamed run reads in place. tied: the head tied to the input embedding (the
+    folder then holds the embedding only, as `save_pretrained` writes it)."""
     import torch
 
     from pipeline.models.weights import write_folder
 
     path = Path(path)
-    model = tiny_llama(layers=layers, hidden=hidden).to(torch.bfloat16)
+    model = tiny_llama(layers=layers, hidden=hidden, tie_word_embeddings=tied).to(torch.bfloat16)
     model.config.save_pretrained(path)
     tiny_tokenizer(300).save_pretrained(path)
     sd = dict(model.state_dict())
+    if tied:
+        sd.pop("lm_head.weight")
     write_folder(path, sd, [(n, t.dtype, tuple(t.shape)) for n, t in sd.items()],
                  max_shard_bytes=max_shard_bytes)
     return path

@@ -203,7 +203,6 @@ def test_auto_residency_follows_the_memory_budget(folder, tmp_path):
 
 @pytest.mark.parametrize("over, message", [
     ({"finetune": {"enabled": True, "batch_size": 6}}, "finetune.enabled=false"),
-    ({"quantize": {"embeddings": "quantize"}}, "quantize.embeddings=keep"),
     ({"quantize": {"method": "kmeans", "k": 4, "target_bits": None}}, "scope=channel"),
     ({"executor": {"memory_budget": "12 parsecs"}}, "not a size"),
 ])

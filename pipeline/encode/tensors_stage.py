@@ -73,6 +73,9 @@ def _check_decoded(path: str, opts: dict | None, w, names: list[str], quant,
 
 def _encode_task(cfg: RunConfig, out, url: str, opts: dict | None, quant, codes: dict[str, str],
                  shapes: dict[str, tuple[int, int]], tied: dict[str, str]) -> dict:
+    """Write and check model.hwq. tied: {alias: tensor} of the model (its head tied to the
+    embedding): the alias is left out (a checkpoint may hold a copy; the resident load never
+    does), so the tensor is stored once and the decoded model ties it again."""
     from pipeline.encode.container import TensorEntry, write_hwq
     from pipeline.executor import private_subdir, task_attempt
     from pipeline.memory import process_peaks, release_memory
@@ -143,6 +146,22 @@ def _evaluate_task(cfg: RunConfig, out, sets: dict[str, torch.Tensor], hf: list[
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _embedding_bits(out, names: list[str], shapes: dict[str, tuple[int, int]]) -> dict:
+    """What the quantized embedding (and head) cost in the file, as the resident encode
+    stage counts it (`encode.stage.embedding_bits`): their index streams and codebooks."""
+    from pipeline.encode.container import HwqReader
+
+    if not names:
+        return {"names": [], "params": 0, "bits": 0, "bits_per_weight": None}
+    rows = HwqReader(out.url(FILE), storage_options=out.store.storage_options or None).inspect()
+    want = set(names)
+    bits = 8 * sum(r["bytes"] for r in rows
+                   if r["kind"] in ("quantized", "codebook") and r["name"] in want)
+    params = sum(shapes[n][0] * shapes[n][1] for n in names)
+    return {"names": list(names), "params": params, "bits": bits,
+            "bits_per_weight": bits / max(params, 1)}
+
+
 def run_encode_streamed(ctx: StageContext) -> dict[str, Any]:
     from pipeline.models.source import source_url
     from pipeline.workload import MODEL_JSON, WINDOWS, Workload
@@ -166,6 +185,7 @@ def run_encode_streamed(ctx: StageContext) -> dict[str, Any]:
     acct, file_bytes = r["acct"], r["file_bytes"]
     n_q = sum(a * b for a, b in shapes.values())
     qbits = quantized_bits(acct, len(codes), r["entries"])
+    emb = _embedding_bits(out, [n for n in meta.get("embeddings", []) if n in codes], shapes)
     metrics: dict[str, Any] = {
         "bits_per_weight": qbits / max(n_q, 1),
         "bits_per_weight_all": 8 * file_bytes / max(r["params"], 1),
@@ -187,9 +207,8 @@ def run_encode_streamed(ctx: StageContext) -> dict[str, Any]:
         "quantized_params": n_q, "params": r["params"],
         "bits_per_weight": qbits / max(n_q, 1),
         "bits_per_weight_all": 8 * file_bytes / max(r["params"], 1),
-        # every quantized tensor is a decoder-block Linear (embeddings are kept as stored)
-        "bits_per_weight_linears": qbits / max(n_q, 1),
-        "embeddings": {"names": [], "params": 0, "bits": 0, "bits_per_weight": None},
+        "bits_per_weight_linears": (qbits - emb["bits"]) / max(n_q - emb["params"], 1),
+        "embeddings": emb,
         "index_bits_per_weight": acct["bits"]["indices"] / max(n_q, 1),
         "codebook_bits_per_weight": acct["bits"]["codebooks"] / max(n_q, 1),
         "raw_tensor_bytes": acct["bits"]["raw_tensors"] // 8,

@@ -19,6 +19,16 @@ decoder block resident at a time through `StreamedLM`:
     not interact (causal attention, no padding, eval mode), so row s of the batch cotangent is
     window s's own: the sums equal the in-memory ``fisher_diag_lm`` up to float rounding.
 
+The input embedding and the output head (named by the model's own names, e.g.
+``model.embed_tokens.weight``, ``lm_head.weight``) follow ``lm.py``'s definitions. Fisher:
+the head's per-window gradient is taken at the top with the cotangent; the embedding's from the
+cotangent at block 0's input, scattered to the window's distinct tokens; a head tied to the
+embedding is one tensor whose window gradient is the sum of both uses (see `_TopGrads`).
+Activation: the head's inputs (the final norm's outputs) are the statistics of the head and of
+an embedding tied to it; an untied input embedding has none (refused). With ``blocks=``, the
+embedding's Fisher is computed by the range starting at block 0, the head's (and the
+activation statistics of a tied pair) by the range ending at the top; other ranges ignore them.
+
 Peak memory: one block's weights (and, for the Fisher, its sums and gradients), the hidden
 states of the windows, and the cache's budget; never the model.
 
@@ -59,14 +69,22 @@ from torch import Tensor, nn
 from pipeline.hessian.shards import _check_range
 from pipeline.models.stream import ActivationCache, StreamedLM
 
-__all__ = ["activation_streamed", "fisher_streamed"]
+__all__ = ["activation_streamed", "embedding_roles", "fisher_streamed"]
 
 Emit = Callable[[str, np.ndarray, int], None]
 
 
+def embedding_roles(lm: StreamedLM, names: Sequence[str]) -> tuple[str | None, str | None]:
+    """(input embedding, untied output head) among `names`, each None when not named. A head
+    tied to the embedding is the embedding's tensor (one name: the embedding's)."""
+    emb = lm.embedding_name if lm.embedding_name in names else None
+    head = lm.head_name if lm.head_name in names and not lm.tied else None
+    return emb, head
+
+
 def _targets_by_block(lm: StreamedLM, names: Sequence[str]) -> dict[int, list[str]]:
     by: dict[int, list[str]] = {}
-    left = set(names)
+    left = set(names) - {n for n in embedding_roles(lm, names) if n is not None}
     for i in range(len(lm.layers)):
         own = [n for n in lm.block_params(i) if n in left]
         if own:
@@ -75,7 +93,8 @@ def _targets_by_block(lm: StreamedLM, names: Sequence[str]) -> dict[int, list[st
     if left:
         raise ValueError(
             f"{len(left)} tensors are not parameters of a decoder block and cannot "
-            f"be streamed (first: {sorted(left)[0]!r}); quantize block weights only"
+            f"be streamed (first: {sorted(left)[0]!r}); quantize block weights, the input "
+            "embedding and the output head only"
         )
     return by
 
@@ -106,6 +125,15 @@ def activation_streamed(
     ignored); blocks before them run forward without statistics, blocks after are not read."""
     span = _check_range(blocks, len(lm.layers))
     by = _targets_by_block(lm, names)
+    emb, head = embedding_roles(lm, names)
+    if emb is not None and not lm.tied:
+        raise ValueError(
+            f"{emb}: an input embedding not tied to the head has no activation "
+            "statistics (use the Fisher, or keep the embedding)"
+        )
+    # The head's inputs (the final norm's outputs) are the statistics of the head's weight, and
+    # of the embedding tied to it: computed by the range that reaches the top.
+    top = [n for n in (emb, head) if n is not None] if span.stop == len(lm.layers) else []
     hidden, calls = lm.block_inputs(windows)
     n_tokens = int(windows.numel())
     for i in range(span.start):  # recompute this group's input
@@ -134,7 +162,7 @@ def activation_streamed(
 
                 handles.append(mod.register_forward_pre_hook(hook))
         try:
-            if want or i + 1 < span.stop:  # the last block's output is not needed
+            if want or i + 1 < span.stop or top:  # else the last block's output is not needed
                 hidden = lm.run_block(i, hidden, calls[i], batch=batch)
         finally:
             for h in handles:
@@ -144,7 +172,27 @@ def activation_streamed(
             emit(full, sums[full].numpy(), n_tokens)
         if progress:
             progress(i)
+    if top:
+        sums = _head_input_squares(lm, hidden, batch)
+        for full in top:
+            emit(full, sums, n_tokens)
     return n_tokens
+
+
+def _head_input_squares(lm: StreamedLM, hidden: Tensor, batch: int) -> np.ndarray:
+    """Σ over every token of the final norm's output squared, float64 [d]: what the head
+    (an nn.Linear) sees, as `activation_diag_lm` hooks it."""
+    norm, _ = lm._head()
+    lm.load(norm)
+    acc = torch.zeros(hidden.shape[-1], dtype=torch.float64)
+    try:
+        with torch.no_grad():
+            for s in range(0, hidden.shape[0], batch):
+                x = norm(hidden[s : s + batch]).reshape(-1, hidden.shape[-1]).double()
+                acc += (x * x).sum(0)
+    finally:
+        lm.unload(norm)
+    return acc.numpy()
 
 
 def fisher_streamed(
@@ -170,6 +218,11 @@ def fisher_streamed(
     span = _check_range(blocks, len(lm.layers))
     lo, hi = span.start, span.stop
     by = _targets_by_block(lm, names)
+    emb, head = embedding_roles(lm, names)
+    # The embedding is the range's at block 0 (its gradient needs the cotangent there); an
+    # untied head the range's at the top. Every range computes the top's gradients anyway.
+    emb = emb if lo == 0 else None
+    head = head if hi == len(lm.layers) else None
     n, L = windows.shape
     hidden, calls = lm.block_inputs(windows)
     with ActivationCache(cache_bytes, spill_dir or tempfile.gettempdir()) as cache:
@@ -179,13 +232,18 @@ def fisher_streamed(
             hidden = _forward(lm, i, hidden, calls[i], batch)
             if progress:
                 progress(i)
-        # The top: every window's mean NLL and its cotangent at the last block's output.
+        # The top: every window's mean NLL and its cotangent at the last block's output (and
+        # the head weight's gradient where it is wanted, see `_TopGrads`).
+        top = _TopGrads(lm, windows, head, emb if lm.tied else None)
         cot = torch.empty_like(hidden)
         for s in range(n):  # one window at a time: its logits chunks are all that exist
             h = hidden[s : s + 1].detach().requires_grad_(True)
             loss = (lm.window_nll(h, windows[s : s + 1], chunk_tokens) / (L - 1)).sum()
-            (cot[s : s + 1],) = torch.autograd.grad(loss, h)
+            cot[s : s + 1] = top.backward(s, loss, h)
         lm.release_head()
+        top.weight = None  # the head's storage goes with the release
+        if head is not None:
+            emit(head, top.head_sums.numpy(), int(n))
         del hidden
         for i in reversed(range(lo, len(lm.layers))):
             block = lm.block(i)
@@ -199,7 +257,7 @@ def fisher_streamed(
                 p.requires_grad_(True)
             sums = {full: torch.zeros(p.shape, dtype=torch.float64) for full, p in tracked}
             x_all = cache.get(i)
-            pass_down = i > lo
+            pass_down = i > lo or emb is not None  # emb: the cotangent at block 0's input
             down = torch.empty_like(x_all) if pass_down else None
             inputs_wanted = pass_down or bool(tracked)
             for s in range(n if inputs_wanted else 0):
@@ -224,4 +282,59 @@ def fisher_streamed(
                 cot = down
             if progress:
                 progress(i)
+    if emb is not None:
+        emit(emb, top.embedding_sums(cot).numpy(), int(n))
     return int(n)
+
+
+class _TopGrads:
+    """The per-window gradients of the output head's weight, taken at the top of
+    `fisher_streamed`, and of the input embedding, from the cotangent at block 0's input.
+
+    An untied head: ``Σ_s (∂ℓ_s/∂W_head)²``. A head tied to the embedding: the weight's
+    gradient of window s is the sum of both uses, ``H_s + E_s`` (as autograd sums them for the
+    shared tensor of `fisher_diag_lm`), and the top is reached long before ``E_s`` is known.
+    ``E_s`` is non-zero only at the rows of window s's tokens (≤ L rows), so the square is
+    split: ``H_s²`` is added at the top, and ``H_s`` is kept at those rows only until
+    ``E_s ⊙ (2 H_s + E_s)`` completes them — [≤ L, d] per window, not [V, d]."""
+
+    def __init__(self, lm: StreamedLM, windows: Tensor, head: str | None, tied: str | None):
+        self.lm, self.windows, self.head, self.tied = lm, windows, head, tied
+        self.weight: Tensor | None = None
+        self.head_sums: Tensor | None = None
+        self.kept: list[Tensor] = []  # tied: H_s at window s's distinct tokens, float64
+        if head is not None or tied is not None:
+            _, module = lm.head_modules()
+            self.weight = module.weight
+            self.weight.requires_grad_(True)  # `load` leaves a resident piece's flag alone
+            self.head_sums = torch.zeros(self.weight.shape, dtype=torch.float64)
+
+    def backward(self, s: int, loss: Tensor, h: Tensor) -> Tensor:
+        """Window s's cotangent at `h`; its head gradient squared into the sums on the way."""
+        if self.weight is None:
+            (g,) = torch.autograd.grad(loss, h)
+            return g
+        g, gw = torch.autograd.grad(loss, [h, self.weight])
+        gw = gw.to(torch.float64)
+        self.head_sums.addcmul_(gw, gw)  # no [V, d] temporary beside the sums
+        if self.tied is not None:
+            self.kept.append(gw[self.windows[s].unique()])
+        return g
+
+    def embedding_sums(self, cot: Tensor) -> Tensor:
+        """Σ_s (∂ℓ_s/∂W_emb)² (tied: of the shared weight) from `cot`, the cotangent of every
+        window at block 0's input [n, L, d]."""
+        lm = self.lm
+        ge = lm.embedding_cotangent(self.windows, cot)
+        if self.tied is not None:  # H_s² are in already
+            sums = self.head_sums
+        else:
+            shape = lm.weights.info(lm.embedding_name).shape
+            sums = torch.zeros(tuple(shape), dtype=torch.float64)
+        for s in range(self.windows.shape[0]):
+            rows, inv = self.windows[s].unique(return_inverse=True)
+            # a window's gradient rows: its tokens' cotangents summed per distinct token
+            e = torch.zeros(len(rows), ge.shape[-1]).index_add_(0, inv, ge[s]).double()
+            sums[rows] += e * (2 * self.kept[s] + e) if self.kept else e * e
+        self.kept.clear()
+        return sums

@@ -10,6 +10,16 @@ waiting for another task's hidden states; the Fisher also runs the blocks above 
 loss is at the top) and back-propagates down to its group. The cost is measured by
 benchmarks/hessian_groups.py.
 
+The input embedding and the output head (``quantize.embeddings: quantize``) belong to no
+block; each goes to the one group that already computes what it needs. Fisher: the embedding
+(tied or not) to the group starting at block 0 — its gradient is the cotangent at block 0's
+input scattered to the windows' token rows, and only that group back-propagates down there (a
+tied weight also takes the head's gradient, which that group, like every Fisher task, has at
+the top); an untied head to the last group. Activation: the head's statistics (and a tied
+embedding's, the same weight) are the final norm's outputs over every token, so the last group,
+its range extended to the top block, computes them (an untied input embedding has no activation
+statistics; the load stage refuses it). The values are `pipeline.hessian.lm`'s definitions.
+
 Then one reduce unit per group sums its partitions and divides by the sample count (windows
 for the Fisher, tokens for the activation estimator) into ``hessian/g{g}.parquet``, and
 removes that group's partials. ``tensors.json`` maps every tensor to its table and the sha256
@@ -31,28 +41,56 @@ from pipeline.config import RunConfig
 from pipeline.executor import map_units, task_threads
 from pipeline.graph import StageContext
 
-__all__ = ["run_hessian_streamed", "TENSORS", "group_names", "read_tensor_hessian"]
+__all__ = ["run_hessian_streamed", "TENSORS", "embedding_placement", "group_names",
+           "read_tensor_hessian"]
 
 TENSORS = "tensors.json"  # {tensor: {"table": rel, "sha256": hex of its float32 values}}
 
 
-def group_names(names: list[str], shapes: dict[str, list[int]], groups: int
-                ) -> list[tuple[range, list[str]]]:
+def group_names(names: list[str], shapes: dict[str, list[int]], groups: int, *,
+                first: tuple[str, ...] | list[str] = (), last: tuple[str, ...] | list[str] = (),
+                blocks: int = 0) -> list[tuple[range, list[str]]]:
     """(block range, its tensors in model order) of ≤ `groups` runs of consecutive decoder
-    blocks, balanced by the weights of the tensors in them (`shards.block_groups`); a run
-    without any tensor to quantize is left out."""
+    blocks, balanced by the weights of the block tensors in them (`shards.block_groups`); a
+    run without any tensor to quantize is left out.
+
+    `first`: tensors outside the blocks that the group starting at block 0 computes; `last`:
+    those that the last group computes, its range then reaching the model's top (`blocks`,
+    the model's block count). See `embedding_placement`."""
     from pipeline.hessian.shards import block_groups, block_of
 
-    where = {n: block_of(n) for n in names}
-    counts = [0] * (max(where.values()) + 1)
+    outside = set(first) | set(last)
+    where = {n: block_of(n) for n in names if n not in outside}
+    counts = [0] * (max(where.values(), default=-1) + 1)
     for n, b in where.items():
         counts[b] += int(np.prod(shapes[n]))
+    ranges = block_groups(counts, groups) if counts else [range(0, max(blocks, 1))]
     out = []
-    for rng in block_groups(counts, groups):
-        own = [n for n in names if where[n] in rng]
+    for k, rng in enumerate(ranges):
+        top = k == len(ranges) - 1
+        own = [n for n in names if (n in where and where[n] in rng)
+               or (k == 0 and n in first) or (top and n in last)]
+        if top and any(n in last for n in names):
+            rng = range(rng.start, max(rng.stop, blocks))
         if own:
             out.append((rng, own))
     return out
+
+
+def embedding_placement(estimator: str, roles: dict[str, str]) -> tuple[list[str], list[str]]:
+    """(first, last) for `group_names` from model.json's ``embedding_roles`` ({tensor:
+    "input" | "head" | "tied"}). The Fisher's embedding gradient needs the cotangent at block
+    0's input, which only the group starting at block 0 back-propagates down to; the head's
+    gradient is at the top, which every Fisher task reaches (the last group takes it). The
+    activation statistics of the head (and of an embedding tied to it) are the final norm's
+    outputs, which only the last group's forward reaches."""
+    first, last = [], []
+    for name, role in roles.items():
+        if estimator == "fisher" and role in ("input", "tied"):
+            first.append(name)
+        else:
+            last.append(name)
+    return first, last
 
 
 def _partition(n: int, parts: int, p: int) -> tuple[int, int]:
@@ -151,7 +189,16 @@ def run_hessian_streamed(ctx: StageContext) -> dict[str, Any]:
     meta = load.read_json(MODEL_JSON)
     windows = load.read_safetensors(WINDOWS)["calibration"]
     url, opts = source_url(cfg, load)
-    groups = group_names(tensor_order(meta["quantizable"]), meta["shapes"], h.groups)
+    roles = {n: r for n, r in meta.get("embedding_roles", {}).items() if n in meta["quantizable"]}
+    first, last = embedding_placement(h.estimator, roles)
+    blocks = meta.get("info", {}).get("layers")
+    if last and (type(blocks) is not int or blocks < 1):  # config.json without the count
+        from pipeline.hessian.shards import num_blocks
+        from pipeline.models.weights import WeightsFolder
+
+        blocks = num_blocks(WeightsFolder(url, opts))
+    groups = group_names(tensor_order(meta["quantizable"]), meta["shapes"], h.groups, first=first, last=last,
+                         blocks=blocks if type(blocks) is int else 0)
     P = max(1, min(h.partitions, int(windows.shape[0])))
     units = Units(out)
     total = int(windows.numel()) if h.estimator == "activation" else int(windows.shape[0])

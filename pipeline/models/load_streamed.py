@@ -31,7 +31,8 @@ from pipeline.hessian.shards import block_of
 from pipeline.workload import HF_DIR, MODEL_JSON, WINDOWS, Workload
 
 __all__ = ["run_load_streamed", "source_identity", "block_targets", "random_windows",
-           "streamed_perplexity", "quantizable_names", "block_of", "tied_aliases"]
+           "streamed_perplexity", "quantizable_names", "block_of", "embedding_tensors",
+           "wants_embeddings"]
 
 def block_targets(names: list[str], shapes: dict[str, tuple[int, ...]]) -> list[str]:
     """The 2-D ``.weight`` tensors inside decoder blocks (``…layers.<i>.…``), in file order."""
@@ -65,25 +66,61 @@ def source_identity(cfg: RunConfig) -> dict[str, Any]:
     return {"url": url, "identity": hashlib.sha256(blob).hexdigest()}
 
 
-def quantizable_names(cfg: RunConfig, names: list[str], shapes: dict[str, tuple[int, ...]]
-                 ) -> list[str]:
+def embedding_tensors(url: str, opts: dict | None) -> tuple[dict[str, str], dict[str, str]]:
+    """({tensor: role}, {tied head: embedding}) of the model's input embedding and output head
+    weights, in model order: ``{embedding: "tied"}`` when the head is tied to it (one tensor,
+    under the embedding's name, as `hf_causal.embedding_names` names it), else ``{embedding:
+    "input", head: "head"}``. Reads config.json and the shard headers only (a skeleton on the
+    meta device)."""
+    from pipeline.models.stream import StreamedLM
+
+    lm = StreamedLM(url, opts)
+    emb, head = lm.embedding_name, lm.head_name
+    if lm.tied and head is not None:
+        return {emb: "tied"}, {head: emb}
+    if head is None:
+        return {emb: "input"}, {}
+    return {emb: "input", head: "head"}, {}
+
+
+def wants_embeddings(cfg: RunConfig) -> bool:
+    """Whether the selection can hold an embedding (and so needs `embedding_tensors`)."""
+    return cfg.quantize.targets is not None or cfg.quantize.embeddings == "quantize"
+
+
+def quantizable_names(cfg: RunConfig, names: list[str], shapes: dict[str, tuple[int, ...]],
+                      embeddings: dict[str, str] | None = None) -> list[str]:
+    """The tensors a streamed run quantizes, in model order: `quantize.targets` minus `ignore`,
+    else the decoder blocks' 2-D weights minus `ignore` plus, with `quantize.embeddings:
+    quantize`, the input embedding (first) and an untied output head (last), as the resident
+    selection (`Workload.quantizable`). embeddings: `embedding_tensors` of the model."""
     from pipeline.models.targets import match_names
 
     q = cfg.quantize
+    roles = {n: r for n, r in (embeddings or {}).items() if n in shapes}
     if q.targets is not None:
         chosen = match_names(names, q.targets, q.ignore, where="quantize.targets")
     else:
         ignored = set(match_names(names, q.ignore, where="quantize.ignore")) if q.ignore else set()
         chosen = [n for n in block_targets(names, shapes) if n not in ignored]
+        if q.embeddings == "quantize":
+            extra = [n for n in roles if n not in ignored]
+            chosen = ([n for n in extra if roles[n] != "head"] + chosen
+                      + [n for n in extra if roles[n] == "head"])
     if not chosen:
         raise ConfigError("quantize.targets selects no tensor of the model")
     for n in chosen:
         if len(shapes[n]) != 2:
             raise ConfigError(f"quantize.targets: {n} has shape {list(shapes[n])}; a streamed "
                               "model quantizes 2-D weights per row")
-        if block_of(n) is None:
+        if block_of(n) is None and n not in roles:
             raise ConfigError(f"quantize.targets: {n} is not inside a decoder block "
-                              "(…layers.<i>.…); the streamed Hessian covers block weights only")
+                              "(…layers.<i>.…) nor the input embedding or output head; the "
+                              "streamed Hessian covers those only")
+        if roles.get(n) == "input" and cfg.hessian.estimator == "activation":
+            raise ConfigError(f"hessian.estimator=activation has no statistics for {n} (an "
+                              "input embedding not tied to the head): use hessian.estimator="
+                              "fisher, or quantize.embeddings=keep")
     return chosen
 
 
@@ -104,22 +141,6 @@ def streamed_perplexity(url: str, opts: dict | None, sets: dict[str, torch.Tenso
     return {"value": math.exp(nll / max(tokens, 1)), "by_set": by}
 
 
-def tied_aliases(conf: dict, names: list[str]) -> dict[str, str]:
-    """{alias: tensor} of a folder's tensors the model ties rather than reads: its output head
-    when the config ties word embeddings (transformers then ignores a stored head). The same
-    map a resident load records (`unique_state`), so the file stores the tensor once either way."""
-    from transformers import AutoConfig
-
-    try:
-        tie = bool(AutoConfig.for_model(**conf).tie_word_embeddings)
-    except Exception:  # noqa: BLE001 - an unknown model type: the load already checked the folder
-        tie = bool(conf.get("tie_word_embeddings", False))
-    embed = [n for n in names if n.endswith("embed_tokens.weight")]
-    if tie and "lm_head.weight" in names and len(embed) == 1:
-        return {"lm_head.weight": embed[0]}
-    return {}
-
-
 def _load_task(cfg: RunConfig, out) -> dict:
     from pipeline.models.source import source_url
     from pipeline.models.weights import WeightsFolder
@@ -133,7 +154,13 @@ def _load_task(cfg: RunConfig, out) -> dict:
                               "data.eval_seq_len": cfg.data.eval_seq_len or cfg.data.seq_len})
     names = w.names
     shapes = {n: tuple(w.info(n).shape) for n in names}
-    chosen = quantizable_names(cfg, names, shapes)
+    # The tie is recorded whatever is quantized: a tied head is an alias stored once, as a
+    # resident load records it (`unique_state`), so both residencies write the same file.
+    roles, tied = embedding_tensors(url, opts)
+    if not wants_embeddings(cfg):
+        roles = {}
+    chosen = quantizable_names(cfg, names, shapes, roles)
+    emb = [n for n in chosen if n in roles]
     if cfg.data.name == "random_tokens":
         vocab = conf.get("vocab_size")
         if type(vocab) is not int or vocab < 1:
@@ -154,10 +181,12 @@ def _load_task(cfg: RunConfig, out) -> dict:
             "model_type": conf.get("model_type"), "layers": conf.get("num_hidden_layers"),
             "bytes": sum(t.nbytes for t in w.tensors.values())}
     out.write_json(MODEL_JSON, {
-        "adapter": "hf_causal_lm", "residency": "streamed", "source": url,
-        "tied": tied_aliases(conf, names),
+        "adapter": "hf_causal_lm", "residency": "streamed", "source": url, "tied": tied,
         "dtype": dtypes[0] if len(dtypes) == 1 else None, "quantizable": chosen,
-        "shapes": {n: list(shapes[n]) for n in chosen}, "embeddings": [], "info": info})
+        "shapes": {n: list(shapes[n]) for n in chosen}, "embeddings": emb,
+        # which of them is the input embedding, the head, or both (tied): where the streamed
+        # Hessian computes each (pipeline/hessian/streamed_stage.py)
+        "embedding_roles": {n: roles[n] for n in emb}, "info": info})
     metrics: dict[str, Any] = {"params": params, "quantized_params": quantized,
                                "load": {"model": info, "tensors": len(chosen),
                                         "dtype": "+".join(dtypes), "residency": "streamed",

@@ -128,8 +128,12 @@ class StreamedLM:
             for n in missing:
                 sd[n] = own[n].detach()
             module.load_state_dict(sd, strict=False, assign=True)
-        for p in module.parameters():  # frozen: an estimator asks for the gradients it wants
-            p.requires_grad_(False)
+        for n, p in module.named_parameters():
+            # What was just read is frozen: an estimator asks for the gradients it wants (and a
+            # piece already resident keeps what its estimator asked for, e.g. the head's weight
+            # across the calls of `window_nll`).
+            if n in sd:
+                p.requires_grad_(False)
         return module
 
     @staticmethod
@@ -142,6 +146,18 @@ class StreamedLM:
                 if p is not None and p.device.type != "meta":
                     sub._parameters[n] = nn.Parameter(p.to("meta"), requires_grad=False)
         release_memory()
+
+    @property
+    def embedding_name(self) -> str:
+        """The input embedding's weight name as the model names it (``model.embed_tokens.weight``)."""
+        return self.names[id(self.model.get_input_embeddings())] + ".weight"
+
+    @property
+    def head_name(self) -> str | None:
+        """The output head's weight name (``lm_head.weight``), or None for a model without one.
+        Tied to the embedding, the checkpoint may hold only the embedding (see `_key`)."""
+        head = self.model.get_output_embeddings()
+        return None if head is None else self.names[id(head)] + ".weight"
 
     def block(self, i: int) -> nn.Module:
         return self.load(self.layers[i])
@@ -208,6 +224,35 @@ class StreamedLM:
                                f"blocks once each; hwq streams models that call every block "
                                f"once, in order")
         return hidden, calls
+
+    def embedding_cotangent(self, windows: Tensor, cot: Tensor) -> Tensor:
+        """The cotangent at the input embedding's output, float32 [n, L, d], given `cot` at
+        block 0's input [n, L, d]: whatever the model does in between (Gemma scales the
+        embeddings) is back-propagated, one batch for all windows (it acts token by token,
+        so row s stays window s's)."""
+        emb = self.load(self.model.get_input_embeddings())
+        leaf: dict[str, Tensor] = {}
+
+        def tap(module: nn.Module, args: tuple, out: Tensor) -> Tensor:
+            leaf["e"] = out.detach().float().requires_grad_(True)
+            return leaf["e"].to(out.dtype)
+
+        def grab_first(*args, **kwargs):
+            h = kwargs.get("hidden_states")
+            leaf["h"] = args[0] if h is None else h
+            raise _Stop
+
+        handle = emb.register_forward_hook(tap)
+        self.layers[0].forward = grab_first
+        try:
+            with torch.enable_grad(), contextlib.suppress(_Stop):
+                self.model(input_ids=windows, use_cache=False)
+            (g,) = torch.autograd.grad(leaf["h"], leaf["e"], grad_outputs=cot.to(leaf["h"].dtype))
+        finally:
+            handle.remove()
+            self.layers[0].__dict__.pop("forward", None)
+            self.unload(emb)
+        return g
 
     @staticmethod
     def call_block(block: nn.Module, hidden: Tensor, args: tuple, kwargs: dict) -> Tensor:

@@ -51,11 +51,22 @@ def _h_rows(h: np.ndarray, shape: tuple[int, int], rows) -> np.ndarray:
     return h.reshape(R, C)[rows]
 
 
+def _floor_in_place(h: np.ndarray, rel: float) -> None:
+    """h float32 raised to at least rel × its mean, in place: `rows.floor_hessian` and
+    `rows_stage.embedding_floor` compute the same values into a new array, which for a full
+    [V, d] embedding Hessian is one more copy of the largest array of the unit. The mean of an
+    [in] vector is the mean of its broadcast [out, in], so the vector is floored as stored."""
+    if h.size == 0 or rel <= 0:
+        return
+    m = float(h.mean(dtype=np.float64))
+    if m > 0:
+        np.maximum(h, np.float32(rel * m), out=h)
+
+
 def _tensor_and_hessian(cfg: RunConfig, url: str, opts: dict | None, hess, name: str,
-                        shape: tuple[int, int]):
+                        shape: tuple[int, int], embedding: bool = False):
     from pipeline.hessian.streamed_stage import read_tensor_hessian
     from pipeline.models.weights import WeightsFolder
-    from pipeline.quantize.rows import floor_hessian
 
     w = WeightsFolder(url, opts)
     info = w.info(name)
@@ -63,16 +74,19 @@ def _tensor_and_hessian(cfg: RunConfig, url: str, opts: dict | None, hess, name:
         raise ValueError(f"{name} is {list(info.shape)} in {url}, {list(shape)} when the run "
                          "was loaded: the model changed; rerun")
     t = w.read(name)
-    h = floor_hessian(read_tensor_hessian(hess, name, shape), cfg.quantize.hessian_floor)
+    h = np.require(read_tensor_hessian(hess, name, shape), np.float32, ["C", "W"])
+    _floor_in_place(h, cfg.quantize.hessian_floor)  # as rows.floor_hessian
+    if embedding:  # then as the resident quantize stage floors embeddings (rows_stage)
+        _floor_in_place(h, cfg.quantize.embedding_floor)
     return t, h, info.dtype, w.bytes_read
 
 
 def _sample_task(cfg: RunConfig, url: str, opts: dict | None, hess, name: str,
-                 shape: tuple[int, int], every: int, row0: int):
+                 shape: tuple[int, int], every: int, row0: int, embedding: bool = False):
     from pipeline.quantize.rate import RowBlock
 
     task_threads()
-    t, h, _, _ = _tensor_and_hessian(cfg, url, opts, hess, name, shape)
+    t, h, _, _ = _tensor_and_hessian(cfg, url, opts, hess, name, shape, embedding)
     rows = np.arange(0, shape[0], every)
     W = t[torch.from_numpy(rows)].to(torch.float32).numpy()
     if not np.isfinite(W).all():
@@ -92,21 +106,22 @@ def _opts(cfg: RunConfig, threads: int = 1) -> dict[str, Any]:
 
 
 def _tensor_task(cfg: RunConfig, out, url: str, opts: dict | None, hess, name: str, i: int,
-                 shape: tuple[int, int], lam: float, row0: int, tag: str) -> dict:
+                 shape: tuple[int, int], lam: float, row0: int, tag: str,
+                 embedding: bool = False) -> dict:
     """Unit `t<i>-<tag>`: every row of tensor `name` at λ → its codes file and coded bits."""
     from safetensors.torch import save
 
     from pipeline.memory import process_peaks, release_memory
     from pipeline.quantize.rate import RowBlock, solve_rows_at
-    from pipeline.quantize.rows import RowsResult, index_rate
+    from pipeline.quantize.rows import index_rate
     from pipeline.quantize.rows import rate as all_in_rate
-    from pipeline.quantize.rows_stage import coded_bits, frequency_ranked
+    from pipeline.quantize.rows_stage import coded_bits
     from pipeline.store import canonical_safetensors
     from pipeline.units import Units
 
     threads = task_threads()
     q = cfg.quantize
-    t, h, dtype, read = _tensor_and_hessian(cfg, url, opts, hess, name, shape)
+    t, h, dtype, read = _tensor_and_hessian(cfg, url, opts, hess, name, shape, embedding)
     R, C = shape
     step = max(1, _SLAB_WEIGHTS // max(C, 1))
     parts = []
@@ -121,16 +136,15 @@ def _tensor_task(cfg: RunConfig, out, url: str, opts: dict | None, hess, name: s
         parts.append(res)
     del t, h
     bits = coded_bits(parts)
-    r = RowsResult.concat(parts)
+    cb, idx = _ranked_codes(parts, R, C)
+    levels = np.concatenate([p.levels for p in parts])
+    layer = {"rows": R, "cols": C, "mean_levels": float(levels.mean()),
+             "max_levels": int(levels.max()), "index_entropy_bits": index_rate(parts),
+             "all_in_bits": all_in_rate(parts), "one_level_rows": int((levels == 1).sum()),
+             "weighted_distortion": float(np.concatenate([p.distortion for p in parts]).sum()
+                                          / max(R * C, 1))}
     del parts
-    cb, idx = frequency_ranked(r)
-    K = cb.shape[1]
-    idx_t = torch.from_numpy(idx.astype(np.uint8 if K <= 256 else np.int16))
-    layer = {"rows": R, "cols": C, "mean_levels": float(r.levels.mean()),
-             "max_levels": int(r.levels.max()), "index_entropy_bits": index_rate(r),
-             "all_in_bits": all_in_rate(r), "one_level_rows": int((r.levels == 1).sum()),
-             "weighted_distortion": float(r.distortion.sum() / max(R * C, 1))}
-    del r
+    idx_t = torch.from_numpy(idx)
     release_memory()
     rel = f"codes/{i:05d}-{tag}.safetensors"
     out.write_bytes(rel, canonical_safetensors(save(
@@ -138,6 +152,30 @@ def _tensor_task(cfg: RunConfig, out, url: str, opts: dict | None, hess, name: s
         metadata={"tensor": name, "dtype": dtype, "lam": repr(lam)})))
     return Units(out).record(f"t{i:05d}-{tag}", [rel], name=name, bits=bits, layer=layer,
                              bytes_read=read, process=process_peaks())
+
+
+def _ranked_codes(parts: list, R: int, C: int) -> tuple[np.ndarray, np.ndarray]:
+    """(codebooks float32 [R, K], indices uint8 (K ≤ 256) or int16 [R, C]) of a tensor's
+    consecutive row slabs, exactly `frequency_ranked(RowsResult.concat(parts))` with the
+    indices cast, but ranked slab by slab into the final arrays: the whole-tensor ranking
+    holds int64 copies of every index (16 bytes a weight beside the 1–2 stored), which for
+    an embedding of 28 M weights is most of its unit's memory."""
+    from pipeline.quantize.rows_stage import frequency_ranked
+
+    K = max(p.codebooks.shape[1] for p in parts)
+    idx = np.empty((R, C), np.uint8 if K <= 256 else np.int16)
+    cb = np.empty((R, K), np.float32)
+    a = 0
+    for p in parts:
+        c, i = frequency_ranked(p)
+        b = a + p.rows
+        idx[a:b] = i
+        cb[a:b, : c.shape[1]] = c
+        cb[a:b, c.shape[1] :] = c[:, :1]  # unused slots repeat the row's first level
+        a = b
+    if a != R:
+        raise ValueError(f"the slabs hold {a} rows, the tensor {R}")
+    return cb, idx
 
 
 def read_codes(sd, rel: str, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -211,7 +249,9 @@ def run_quantize_tensors(ctx: StageContext) -> dict[str, Any]:
         at += shapes[n][0]
     every = max(1, math.ceil(weights / _SAMPLE_WEIGHTS))
     sample = [None] * len(names)
-    for i, block in map_units(_sample_task, [(cfg, url, opts, hess, n, shapes[n], every, row0[n])
+    embeddings = set(meta.get("embeddings", []))
+    for i, block in map_units(_sample_task, [(cfg, url, opts, hess, n, shapes[n], every, row0[n],
+                                              n in embeddings)
                                              for n in names], cpus=task_cpus(1),
                               desc="quantize sample", unit="tensor"):
         sample[i] = block
@@ -251,7 +291,8 @@ def run_quantize_tensors(ctx: StageContext) -> dict[str, Any]:
                 recs[n] = rec
                 reused += 1
             else:
-                todo.append((cfg, out, url, opts, hess, n, i, shapes[n], lam, row0[n], tag))
+                todo.append((cfg, out, url, opts, hess, n, i, shapes[n], lam, row0[n], tag,
+                             n in embeddings))
         for j, rec in map_units(_tensor_task, todo, cpus=task_cpus(1), gpus="task",
                                 desc=f"quantize pass {passes}", unit="tensor"):
             recs[todo[j][5]] = rec

@@ -368,7 +368,12 @@ def call(fn, *args, cpus: int | str = 1, gpus: float | str = 0, **kwargs):
     """fn(*args, **kwargs) as one Ray task (resources as in `remote`); its result."""
     import ray
 
-    return ray.get(remote(fn, cpus=cpus, gpus=gpus).remote(*args, **kwargs))
+    ref = remote(fn, cpus=cpus, gpus=gpus).remote(*args, **kwargs)
+    try:
+        return ray.get(ref)
+    except KeyboardInterrupt:
+        _cancel([ref])
+        raise
 
 
 def map_units(fn, calls, *, cpus: int | str = 1, gpus: float | str = 0,
@@ -391,3 +396,21 @@ def map_units(fn, calls, *, cpus: int | str = 1, gpus: float | str = 0,
             pbar.update(1)
     finally:
         pbar.close()
+        if pending:  # stopped early (an error, Ctrl-C): the rest must not write afterwards
+            _cancel(pending)
+
+
+def _cancel(refs: list) -> None:
+    """Cancel tasks a stopped stage started and wait (up to a minute) until they have ended, so
+    none finishes later and writes into a stage folder another run has since completed."""
+    import ray
+
+    for r in refs:
+        try:
+            ray.cancel(r, recursive=True)
+        except Exception:  # noqa: BLE001 - already finished, or its worker is gone
+            pass
+    try:
+        ray.wait(refs, num_returns=len(refs), timeout=60)
+    except Exception:  # noqa: BLE001 - Ray shutting down under us: nothing left to wait for
+        pass

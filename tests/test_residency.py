@@ -209,3 +209,26 @@ def test_auto_residency_follows_the_memory_budget(folder, tmp_path):
 def test_streamed_settings_it_cannot_run_are_refused(folder, tmp_path, over, message):
     with pytest.raises(ValueError, match=message):
         _cfg(folder, tmp_path, **over)
+
+
+def _slow_unit(sd, i: int) -> int:
+    import time
+
+    time.sleep(0.2 if i == 0 else 3)
+    sd.write_bytes(f"late/{i}.bin", b"x")  # a cancelled unit never gets here
+    return i
+
+
+def test_a_stopped_map_cancels_its_running_units(ray_local, tmp_path):
+    """Units a stopped stage started do not finish later and write into its folder."""
+    import time
+
+    from pipeline.executor import map_units
+    from pipeline.store import StageDir, Store
+
+    sd = StageDir(Store(str(tmp_path)), "hessian", "k")
+    it = map_units(_slow_unit, [(sd, 0), (sd, 1), (sd, 2)], desc="slow")
+    assert next(it) == (0, 0)
+    it.close()  # what an error or Ctrl-C in the driver does
+    time.sleep(4)  # long enough for a unit left running to have written
+    assert sorted(p.name for p in (tmp_path / "stages").rglob("*.bin")) == ["0.bin"]

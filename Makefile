@@ -21,7 +21,7 @@ CONFIG ?= configs/lenet5_fmnist.yaml
 STORE ?= runs/default
 ARGS ?=
 
-.PHONY: setup lock data run test lint gpu-check bench bench-paper bench-llm bench-faults bench-stream-faults bench-scale clean
+.PHONY: setup lock data run test test-slow lint gpu-check bench bench-paper bench-llm bench-faults bench-stream-faults bench-scale clean
 
 setup: $(STAMP) data
 
@@ -73,8 +73,13 @@ data:
 run: setup
 	$(BIN)/hwq run $(CONFIG) --store $(STORE) $(ARGS)
 
+# `make test` leaves out the tests marked slow (multi-node clusters, deploy scripts, fault
+# recovery of fine-tuning, the batch end to end: minutes each); `make test-slow` runs them.
 test: setup
-	$(BIN)/python -m pytest -q tests $(ARGS)
+	$(BIN)/python -m pytest -q -m "not slow" tests $(ARGS)
+
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow tests $(ARGS)
 
 lint: setup
 	$(BIN)/ruff check pipeline testkit tests benchmarks jobs

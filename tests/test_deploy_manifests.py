@@ -877,6 +877,7 @@ def _status(head, job: str) -> str:
     return p.stdout.strip().splitlines()[-1]
 
 
+@pytest.mark.slow  # minutes: `make test-slow`, not `make test`
 def test_the_cluster_refuses_a_client_without_the_token(head, tmp_path):
     for env in (dict(head["env"], RAY_AUTH_TOKEN=secrets.token_hex(24)),
                 {k: v for k, v in head["env"].items() if k not in ("RAY_AUTH_TOKEN",
@@ -889,6 +890,7 @@ def test_the_cluster_refuses_a_client_without_the_token(head, tmp_path):
             out[-2000:]
 
 
+@pytest.mark.slow  # minutes: `make test-slow`, not `make test`
 def test_rayjob_entrypoint_and_runtime_env_start_a_run(head, tmp_path):
     """What KubeRay's submitter does with deploy/rayjob.yaml (`ray job submit
     --runtime-env-json <runtimeEnvYAML> --submission-id ... -- <entrypoint>`), with the store
@@ -917,6 +919,7 @@ def test_rayjob_entrypoint_and_runtime_env_start_a_run(head, tmp_path):
     assert tasks["stage"] == "train"
 
 
+@pytest.mark.slow  # minutes: `make test-slow`, not `make test`
 def test_cronjob_script_submits_once_per_slot_and_stops_the_job_on_term(head, tmp_path):
     """deploy/cronjob.yaml's container, run as its pod would be (its env, the token from the
     cluster's Secret, the slot from the Job's name), against the local head: it submits the

@@ -202,6 +202,7 @@ def test_a_planted_checkpoint_never_runs(zero2):
     assert zero2["network"].dtype == torch.float32  # the checks are in the fixture
 
 
+@pytest.mark.slow  # minutes: `make test-slow`, not `make test`
 def test_a_killed_worker_is_restarted_and_resumes_bit_identically(ray_local, inputs, zero2,
                                                                    tmp_path, monkeypatch):
     """Default finetune.max_failures: one worker process dies (os._exit) after step 3; Ray
@@ -223,6 +224,7 @@ def _fake(name, inputs, write):
                  run=write)
 
 
+@pytest.mark.slow  # minutes: `make test-slow`, not `make test`
 def test_two_workers_resume_from_checkpoint_after_a_crash(ray_local, tmp_path, monkeypatch,
                                                           twin, zero2):
     """Through the driver: the crashed stage's folder is cleared, its checkpoint is not."""

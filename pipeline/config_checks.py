@@ -29,12 +29,11 @@ def parse_bytes(v: int | str, key: str) -> int:
 
 def streamed_gap(cfg) -> str | None:
     """What the streamed residency runs today: a causal LM's decoder-block Linears, one
-    λ per channel (uniform or ECSQ), Fisher or activation Hessian, no fine-tuning."""
+    λ per channel (uniform or ECSQ), Fisher or activation Hessian, no fine-tuning. A
+    safetensors folder or a GGUF file (the load stage converts it one tensor at a time)."""
     why = None
     if cfg.model.name != "hf_causal_lm":
         why = "model.name=hf_causal_lm (a safetensors folder)"
-    elif cfg.model.gguf_file or str(cfg.model.path or "").lower().endswith(".gguf"):
-        why = "a safetensors folder, not a GGUF file (convert it, or run it resident)"
     elif cfg.finetune.enabled and cfg.quantize.enabled:
         why = "finetune.enabled=false (fine-tuning holds the whole model)"
     elif cfg.quantize.scope != "channel" or cfg.quantize.method not in ("uniform",

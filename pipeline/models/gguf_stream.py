@@ -82,9 +82,12 @@ def gguf_identity(cfg: RunConfig) -> dict[str, Any]:
             from pipeline.models.hf_causal import ModelSourceError
 
             raise ModelSourceError(f"model.path {path!r} does not exist") from None
-        ident = {"size": info.get("size"),
-                 "version": next((str(info[k]) for k in ("ETag", "etag", "LastModified",
-                                                         "mtime") if info.get(k)), "")}
+        ident = {
+            "size": info.get("size"),
+            "version": next(
+                (str(info[k]) for k in ("ETag", "etag", "LastModified", "mtime") if info.get(k)), ""
+            ),
+        }
     else:
         from pipeline.models.gguf_check import check_gguf
 
@@ -107,8 +110,10 @@ def gguf_identity(cfg: RunConfig) -> dict[str, Any]:
 def _refuse(where: str, why: str) -> Exception:
     from pipeline.models.hf_causal import ModelSourceError
 
-    return ModelSourceError(f"{where}: {why}; model.residency=streamed converts a GGUF one "
-                            "tensor at a time, so run this one with model.residency=resident")
+    return ModelSourceError(
+        f"{where}: {why}; model.residency=streamed converts a GGUF one "
+        "tensor at a time, so run this one with model.residency=resident"
+    )
 
 
 def convert_gguf(cfg: RunConfig, out: Any, *, tokenizer: bool) -> tuple[str, dict | None]:
@@ -140,11 +145,13 @@ def convert_gguf(cfg: RunConfig, out: Any, *, tokenizer: bool) -> tuple[str, dic
     where = f"model.path {adapter.label()!r}"
     try:
         parsed = load_gguf_checkpoint(path, return_tensors=False)
-        conf = AutoConfig.from_pretrained(str(folder), gguf_file=name, local_files_only=True,
-                                          trust_remote_code=False)
+        conf = AutoConfig.from_pretrained(
+            str(folder), gguf_file=name, local_files_only=True, trust_remote_code=False
+        )
         with params_on_meta():
-            model = AutoModelForCausalLM.from_config(conf, trust_remote_code=False,
-                                                     **{_dtype_kw(): torch.float32})
+            model = AutoModelForCausalLM.from_config(
+                conf, trust_remote_code=False, **{_dtype_kw(): torch.float32}
+            )
         reader = GGUFReader(path)
         arch = read_field(reader, "general.architecture")[0]
     except (ModelSourceError, MemoryError):
@@ -153,8 +160,11 @@ def convert_gguf(cfg: RunConfig, out: Any, *, tokenizer: bool) -> tuple[str, dic
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise ModelSourceError(f"{where}: transformers cannot read it ({first})") from e
     if is_gguf_arch_supported(arch):
-        raise _refuse(where, f"transformers loads GGUF architecture {arch!r} through its "
-                             "converter chain, which hwq does not replay tensor by tensor")
+        raise _refuse(
+            where,
+            f"transformers loads GGUF architecture {arch!r} through its "
+            "converter chain, which hwq does not replay tensor by tensor",
+        )
     processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=parsed["config"])
     mapping = get_gguf_hf_weights_map(model, processor)
     model.config.use_cache = False
@@ -179,8 +189,10 @@ def convert_gguf(cfg: RunConfig, out: Any, *, tokenizer: bool) -> tuple[str, dic
     order = [n for n in state if n not in aliases]
     missing = [n for n in order if n not in source]
     if missing:
-        raise _refuse(where, f"it holds no tensor for {missing[0]} ({len(missing)} of the "
-                             "model's weights missing)")
+        raise _refuse(
+            where,
+            f"it holds no tensor for {missing[0]} ({len(missing)} of the model's weights missing)",
+        )
     plan = [(n, "F32", tuple(state[n].shape)) for n in order]
 
     url = out.url(WEIGHTS_DIR)
@@ -193,21 +205,28 @@ def convert_gguf(cfg: RunConfig, out: Any, *, tokenizer: bool) -> tuple[str, dic
         for f in save_folder_files(model, tok, tmp):
             out.write_bytes(f"{WEIGHTS_DIR}/{f.name}", f.read_bytes())
     del model, state
-    with ShardedWriter(url, plan, storage_options=opts,
-                       metadata={"model": adapter.label()}) as writer:
+    with ShardedWriter(
+        url, plan, storage_options=opts, metadata={"model": adapter.label()}
+    ) as writer:
         for n, _, shape in plan:
             t = source[n]
             parsed_tensors: dict[str, Any] = {}
-            res = processor.process(weights=dequantize(t.data, t.tensor_type), name=t.name,
-                                    tensor_key_mapping=mapping,
-                                    parsed_parameters={**parsed, "tensors": parsed_tensors})
+            res = processor.process(
+                weights=dequantize(t.data, t.tensor_type),
+                name=t.name,
+                tensor_key_mapping=mapping,
+                parsed_parameters={**parsed, "tensors": parsed_tensors},
+            )
             if res.name != t.name or parsed_tensors:
-                raise _refuse(where, f"transformers builds {n} from more than GGUF tensor "
-                                     f"{t.name} ({arch})")
+                raise _refuse(
+                    where, f"transformers builds {n} from more than GGUF tensor {t.name} ({arch})"
+                )
             w = torch.from_numpy(np.copy(res.weights)).to(torch.float32)
             if tuple(w.shape) != shape:
-                raise _refuse(where, f"GGUF tensor {t.name} is {list(w.shape)}, the model's "
-                                     f"{n} is {list(shape)}")
+                raise _refuse(
+                    where,
+                    f"GGUF tensor {t.name} is {list(w.shape)}, the model's {n} is {list(shape)}",
+                )
             if not torch.isfinite(w).all():
                 raise ModelSourceError(f"{where}: weight {n} has NaN or inf values")
             writer.write(n, w)

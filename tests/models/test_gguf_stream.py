@@ -18,13 +18,20 @@ from testkit.models import tiny_llama, tiny_tokenizer, write_corpus, write_llama
 
 
 def _cfg(gguf, store, **over) -> RunConfig:
-    d = {"name": "t", "model": {"name": "hf_causal_lm", "path": str(gguf),
-                                "residency": "streamed"},
-         "data": {"name": "text", "calibration": [str(gguf.parent / "corpus.txt")],
-                  "calibration_windows": 4, "seq_len": 16},
-         "hessian": {"estimator": "fisher", "partitions": 1, "groups": 1},
-         "quantize": {"method": "uniform", "target_bits": 4.0, "embeddings": "keep"},
-         "finetune": {"enabled": False}, "store": {"url": str(store)}}
+    d = {
+        "name": "t",
+        "model": {"name": "hf_causal_lm", "path": str(gguf), "residency": "streamed"},
+        "data": {
+            "name": "text",
+            "calibration": [str(gguf.parent / "corpus.txt")],
+            "calibration_windows": 4,
+            "seq_len": 16,
+        },
+        "hessian": {"estimator": "fisher", "partitions": 1, "groups": 1},
+        "quantize": {"method": "uniform", "target_bits": 4.0, "embeddings": "keep"},
+        "finetune": {"enabled": False},
+        "store": {"url": str(store)},
+    }
     for k, v in over.items():
         d[k] = {**d.get(k, {}), **v}
     return RunConfig.model_validate(d)
@@ -51,8 +58,9 @@ def test_converted_folder_is_the_resident_load_bit_for_bit(tmp_path, tied, matri
     url, opts = convert_gguf(cfg, out, tokenizer=True)
     assert url == out.url(WEIGHTS_DIR)
 
-    adapter = Workload(cfg.model_copy(update={"model": cfg.model.model_copy(
-        update={"residency": "resident"})})).adapter
+    adapter = Workload(
+        cfg.model_copy(update={"model": cfg.model.model_copy(update={"residency": "resident"})})
+    ).adapter
     model = adapter.load()
     want, aliases = unique_state(model)
     assert bool(aliases) == tied  # tied: lm_head is an alias, stored once
@@ -99,3 +107,51 @@ def test_identity_is_the_header_size_and_mtime(tmp_path):
     st = os.stat(gguf)
     os.utime(gguf, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     assert source_identity(cfg) != first
+
+
+def test_a_streamed_run_of_a_gguf_finishes_and_its_file_decodes(tmp_path, ray_local):
+    """`hwq run` on a Q8_0 GGUF, streamed: load converts it into its own folder, the later
+    stages read that folder, the .hwq decodes to a model transformers loads."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline import driver
+    from pipeline.cli import main
+
+    gguf = _gguf(tmp_path / "m", True, "Q8_0")
+    # two tensors quantized (the λ search is a Ray task per tensor and λ), every one encoded
+    cfg = _cfg(
+        gguf,
+        tmp_path / "store",
+        data={"calibration_windows": 2},
+        quantize={"targets": ["*.mlp.down_proj.weight"]},
+    )
+    report = driver.run(cfg)
+    m = report["metrics"]
+    (load,) = (tmp_path / "store" / "stages").glob("load-*")
+    assert not (load / "model.safetensors").exists()  # not the resident layout
+    assert (load / "weights" / "model.safetensors.index.json").is_file()
+    meta = json.loads((load / "model.json").read_text())
+    assert meta["residency"] == "streamed" and meta["quantizable"] == [
+        "model.layers.0.mlp.down_proj.weight",
+        "model.layers.1.mlp.down_proj.weight",
+    ]
+    assert m["encode"]["decode_check"]["tensors"] == 2 * 9 + 2  # tied: no separate head
+    (enc,) = (tmp_path / "store" / "stages").glob("encode-*")
+    assert main(["decode", str(enc / "model.hwq"), "--hf-out", str(tmp_path / "hf")]) == 0
+    dec = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    assert dec.config.tie_word_embeddings and dec.model.embed_tokens.weight.shape[0] == 300
+    want = AutoTokenizer.from_pretrained(gguf.parent)("the lazy dog")["input_ids"]
+    assert AutoTokenizer.from_pretrained(tmp_path / "hf")("the lazy dog")["input_ids"] == want
+
+
+def test_a_truncated_gguf_is_one_error_line_when_streamed(tmp_path):
+    import yaml
+
+    from tests.test_cli_errors import _hwq, assert_user_error_line
+
+    gguf = _gguf(tmp_path / "m", True, "F32")
+    gguf.write_bytes(gguf.read_bytes()[: gguf.stat().st_size // 2])
+    cfg = _cfg(gguf, tmp_path / "store").model_dump(mode="json", exclude_unset=True)
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    p, _ = _hwq(["run", str(tmp_path / "run.yaml")])
+    assert_user_error_line(p, "tiny.gguf", "truncated")

@@ -107,6 +107,30 @@ def gguf_identity(cfg: RunConfig) -> dict[str, Any]:
     return {"url": path, "identity": hashlib.sha256(blob).hexdigest()}
 
 
+# Rows dequantized at once: gguf's numpy dequantizers take several times their output in
+# temporaries, so a whole 2 GB embedding would cost ~10 GB; a block never spans rows.
+_CHUNK_BYTES = 32 << 20
+
+
+def _dequantize_rows(data: Any, qtype: Any) -> Any:
+    """`gguf.quants.dequantize(data, qtype)` (float32, [rows, cols] in torch order), computed
+    a few MiB of rows at a time into one array: the same values, element for element."""
+    import numpy as np
+    from gguf.quants import dequantize
+
+    if data.ndim < 2 or data.shape[0] < 2:
+        return dequantize(data, qtype)
+    first = dequantize(data[:1], qtype)
+    per_row = max(1, first.nbytes)
+    step = max(1, _CHUNK_BYTES // per_row)
+    if step >= data.shape[0]:
+        return dequantize(data, qtype)
+    out = np.empty((data.shape[0], *first.shape[1:]), dtype=first.dtype)
+    for i in range(0, data.shape[0], step):
+        out[i : i + step] = dequantize(data[i : i + step], qtype)
+    return out
+
+
 def _refuse(where: str, why: str) -> Exception:
     from pipeline.models.hf_causal import ModelSourceError
 
@@ -123,7 +147,6 @@ def convert_gguf(cfg: RunConfig, out: Any, *, tokenizer: bool) -> tuple[str, dic
     import numpy as np
     import torch
     from gguf import GGUFReader
-    from gguf.quants import dequantize
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.integrations.gguf import is_gguf_arch_supported
     from transformers.modeling_gguf_pytorch_utils import (
@@ -212,7 +235,7 @@ def convert_gguf(cfg: RunConfig, out: Any, *, tokenizer: bool) -> tuple[str, dic
             t = source[n]
             parsed_tensors: dict[str, Any] = {}
             res = processor.process(
-                weights=dequantize(t.data, t.tensor_type),
+                weights=_dequantize_rows(t.data, t.tensor_type),
                 name=t.name,
                 tensor_key_mapping=mapping,
                 parsed_parameters={**parsed, "tensors": parsed_tensors},
@@ -221,7 +244,10 @@ def convert_gguf(cfg: RunConfig, out: Any, *, tokenizer: bool) -> tuple[str, dic
                 raise _refuse(
                     where, f"transformers builds {n} from more than GGUF tensor {t.name} ({arch})"
                 )
-            w = torch.from_numpy(np.copy(res.weights)).to(torch.float32)
+            a = res.weights
+            if not (a.flags.c_contiguous and a.flags.writeable):
+                a = np.copy(a)  # a view of the read-only map (F32), or a strided result
+            w = torch.from_numpy(a).to(torch.float32)
             if tuple(w.shape) != shape:
                 raise _refuse(
                     where,
@@ -230,6 +256,6 @@ def convert_gguf(cfg: RunConfig, out: Any, *, tokenizer: bool) -> tuple[str, dic
             if not torch.isfinite(w).all():
                 raise ModelSourceError(f"{where}: weight {n} has NaN or inf values")
             writer.write(n, w)
-            del w, res
+            del w, a, res
         writer.close()
     return url, opts

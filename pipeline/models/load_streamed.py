@@ -117,11 +117,13 @@ def _load_task(cfg: RunConfig, out) -> dict:
     from pipeline.stream_inputs import check_lengths, hf_files, load_tokenizer, model_config
 
     task_threads()
-    if gguf_path(cfg) is not None:
+    label = gguf_path(cfg)
+    if label is not None:
         url, opts = convert_gguf(cfg, out, tokenizer=cfg.data.name == "text"
                                  and not cfg.model.tokenizer)
     else:
         url, opts = source_url(cfg, None)
+    label = label or url
     w = WeightsFolder(url, opts)
     conf = model_config(url, opts)
     check_lengths(conf, url, {"data.seq_len": cfg.data.seq_len,
@@ -144,7 +146,7 @@ def _load_task(cfg: RunConfig, out) -> dict:
     dtypes = sorted({w.info(n).dtype for n in chosen})
     params = sum(t.numel for t in w.tensors.values())
     quantized = sum(w.info(n).numel for n in chosen)
-    info = {"name": url, "params": params, "dtype": "+".join(sorted({t.dtype for t in
+    info = {"name": label, "params": params, "dtype": "+".join(sorted({t.dtype for t in
                                                                       w.tensors.values()})),
             "model_type": conf.get("model_type"), "layers": conf.get("num_hidden_layers"),
             "bytes": sum(t.nbytes for t in w.tensors.values())}
@@ -164,7 +166,7 @@ def _load_task(cfg: RunConfig, out) -> dict:
         base = f"baseline {wl.metric.name} {ev['value']:.4f}"
     else:
         base = "no eval text"
-    print(f"load: {url} (streamed): {params:,} parameters, {len(chosen)} tensors "
+    print(f"load: {label} (streamed): {params:,} parameters, {len(chosen)} tensors "
           f"({quantized:,} weights) to quantize; {base}", flush=True)
     return metrics
 

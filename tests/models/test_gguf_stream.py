@@ -135,6 +135,7 @@ def test_a_streamed_run_of_a_gguf_finishes_and_its_file_decodes(tmp_path, ray_lo
     assert not (load / "model.safetensors").exists()  # not the resident layout
     assert (load / "weights" / "model.safetensors.index.json").is_file()
     meta = json.loads((load / "model.json").read_text())
+    assert meta["info"]["name"] == str(gguf) and meta["source"].endswith("/weights")
     assert meta["residency"] == "streamed" and meta["quantizable"] == [
         "model.layers.0.mlp.down_proj.weight",
         "model.layers.1.mlp.down_proj.weight",

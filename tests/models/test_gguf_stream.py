@@ -160,3 +160,25 @@ def test_a_truncated_gguf_is_one_error_line_when_streamed(tmp_path):
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
     p, _ = _hwq(["run", str(tmp_path / "run.yaml")])
     assert_user_error_line(p, "tiny.gguf", "truncated")
+
+
+def test_a_gguf_missing_a_weight_is_refused_not_half_converted(tmp_path):
+    """The resident load would initialise a missing weight at random; the streamed
+    conversion names it and writes no index (the folder never looks complete)."""
+    from types import SimpleNamespace
+
+    from pipeline.models.gguf_stream import WEIGHTS_DIR, convert_gguf
+    from pipeline.models.hf_causal import ModelSourceError
+
+    model = tiny_llama(tie_word_embeddings=True)
+    sd = {k: v for k, v in model.state_dict().items() if k != "model.layers.1.mlp.down_proj.weight"}
+    (tmp_path / "m").mkdir()
+    gguf = write_llama_gguf(
+        SimpleNamespace(config=model.config, state_dict=lambda: sd), tmp_path / "m" / "tiny.gguf"
+    )
+    out = StageDir(Store(str(tmp_path / "store")), "load", "k")
+    with pytest.raises(ModelSourceError, match="no tensor for model.layers.1.mlp.down_proj"):
+        convert_gguf(_cfg(gguf, tmp_path / "store"), out, tokenizer=False)
+    assert not (
+        tmp_path / "store" / out.prefix / WEIGHTS_DIR / "model.safetensors.index.json"
+    ).exists()

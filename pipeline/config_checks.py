@@ -33,7 +33,7 @@ def per_tensor_gap(cfg) -> str | None:
     else None. Both residencies run those stages when this is None; a resident run outside
     them takes the whole-model stage bodies."""
     if cfg.model.name != "hf_causal_lm":
-        return "model.name=hf_causal_lm (a safetensors folder)"
+        return "model.name=hf_causal_lm (a safetensors folder or a GGUF file)"
     if cfg.finetune.enabled and cfg.quantize.enabled:
         return "finetune.enabled=false (fine-tuning holds the whole model)"
     if cfg.quantize.scope != "channel" or cfg.quantize.method not in ("uniform", "ecsq"):
@@ -50,9 +50,7 @@ def per_tensor(cfg) -> bool:
 
 
 def streamed_gap(cfg) -> str | None:
-    """What the streamed residency cannot run: a model that is not a safetensors causal LM,
-    or settings outside the per-tensor stages (`per_tensor_gap`)."""
-    if cfg.model.name == "hf_causal_lm" and (
-            cfg.model.gguf_file or str(cfg.model.path or "").lower().endswith(".gguf")):
-        return "a safetensors folder, not a GGUF file (convert it, or run it resident)"
+    """What the streamed residency cannot run: settings outside the per-tensor stages
+    (`per_tensor_gap`). A causal LM's safetensors folder or GGUF file (the load stage
+    converts a GGUF one tensor at a time) both stream."""
     return per_tensor_gap(cfg)

@@ -57,7 +57,8 @@ def check_before_work(cfg: RunConfig) -> None:
     if _is_remote(cfg.model.path or ""):
         return  # not downloaded here: the load stage fetches and checks it
     _, gguf = adapter.resolve()  # the folder or .gguf exists, with config.json and weights
-    if cfg.model.residency == "streamed":
+    # A streamed GGUF is converted by the load stage: checked below as a resident GGUF is.
+    if cfg.model.residency == "streamed" and gguf is None:
         _check_streamed(cfg)
         if cfg.data.name == "text":
             from pipeline.models.source import source_url

@@ -41,7 +41,9 @@ _STRING, _ARRAY = 8, 9
 
 
 class GgufSummary(dict):
-    """{"version", "tensors", "keys", "items"} of a GGUF that passed the checks."""
+    """{"version", "tensors", "keys", "items", "numel", "data_start"} of a GGUF that passed
+    the checks: numel is the elements of every tensor (float32 bytes = 4 × numel), data_start
+    the byte where the tensor data begins (what comes before is header, metadata and table)."""
 
 
 class _Walk:
@@ -163,6 +165,7 @@ def _walk(buf: memoryview, where: str, size: int) -> GgufSummary:
                 raise w.fail(f"general.alignment {got!r} is not a power of two ≤ 65536")
             alignment = got
     tensors = []
+    total = 0
     for i in range(n_tensors):
         name = w.string(f"the name of tensor {i}", cap=1 << 16).decode("utf-8", "replace")
         n_dims = w.u32(f"the dimension count of {name!r}")
@@ -182,6 +185,7 @@ def _walk(buf: memoryview, where: str, size: int) -> GgufSummary:
             raise w.fail(f"tensor {name!r}: its first dimension {dims[0]} is not a multiple of "
                          f"its type's block of {block}")
         tensors.append((name, offset, numel // block * type_size))
+        total += numel
     data_start = -(-w.at // alignment) * alignment
     for name, offset, nbytes in tensors:
         if offset % alignment:
@@ -191,4 +195,5 @@ def _walk(buf: memoryview, where: str, size: int) -> GgufSummary:
             raise w.fail(f"tensor {name!r} needs bytes {data_start + offset}.."
                          f"{data_start + offset + nbytes}, past the end of the file ({size} "
                          "bytes): truncated or a wrong shape")
-    return GgufSummary(version=version, tensors=n_tensors, keys=n_keys, items=w.items)
+    return GgufSummary(version=version, tensors=n_tensors, keys=n_keys, items=w.items,
+                       numel=total, data_start=data_start)

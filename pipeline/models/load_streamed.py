@@ -8,7 +8,9 @@ read it tensor by tensor and block by block (pipeline/models/source.py). This st
 - ``windows.safetensors``: the calibration windows (and each eval text's windows), tokenized
   once here, or seeded random tokens (``data.name: random_tokens``);
 - ``hf/…``: config.json, generation_config.json and the tokenizer files (what the decoded
-  folder needs beside its weights).
+  folder needs beside its weights);
+- for a GGUF model only, ``weights/…``: the GGUF converted one tensor at a time into a float32
+  safetensors folder (pipeline.models.gguf_stream), which the later stages read instead.
 
 With eval texts it also scores the original model (perplexity, streamed block by block): the
 baseline of the report.
@@ -49,10 +51,14 @@ def random_windows(vocab: int, n: int, seq_len: int, seed: int) -> torch.Tensor:
 def source_identity(cfg: RunConfig) -> dict[str, Any]:
     """What keys a streamed model without reading its weights: each tensor's sha256 where the
     index records one, else its dtype, shape and byte range; and each shard's size (and, for a
-    local folder, its modification time), so a rewritten shard is a new key."""
+    local folder, its modification time), so a rewritten shard is a new key. A GGUF: its
+    size, modification time and header digest (`gguf_stream.gguf_identity`)."""
+    from pipeline.models.gguf_stream import gguf_identity, gguf_path
     from pipeline.models.source import source_url
     from pipeline.models.weights import WeightsFolder
 
+    if gguf_path(cfg) is not None:
+        return gguf_identity(cfg)
     url, opts = source_url(cfg, None)
     w = WeightsFolder(url, opts)
     tensors = {n: (t.sha256 or [t.dtype, list(t.shape), t.file, t.start, t.end])
@@ -142,12 +148,19 @@ def streamed_perplexity(url: str, opts: dict | None, sets: dict[str, torch.Tenso
 
 
 def _load_task(cfg: RunConfig, out) -> dict:
+    from pipeline.models.gguf_stream import convert_gguf, gguf_path
     from pipeline.models.source import source_url
     from pipeline.models.weights import WeightsFolder
     from pipeline.stream_inputs import check_lengths, hf_files, load_tokenizer, model_config
 
     task_threads()
-    url, opts = source_url(cfg, None)
+    label = gguf_path(cfg)
+    if label is not None:
+        url, opts = convert_gguf(cfg, out, tokenizer=cfg.data.name == "text"
+                                 and not cfg.model.tokenizer)
+    else:
+        url, opts = source_url(cfg, None)
+    label = label or url
     w = WeightsFolder(url, opts)
     conf = model_config(url, opts)
     check_lengths(conf, url, {"data.seq_len": cfg.data.seq_len,
@@ -176,7 +189,7 @@ def _load_task(cfg: RunConfig, out) -> dict:
     dtypes = sorted({w.info(n).dtype for n in chosen})
     params = sum(t.numel for t in w.tensors.values())
     quantized = sum(w.info(n).numel for n in chosen)
-    info = {"name": url, "params": params, "dtype": "+".join(sorted({t.dtype for t in
+    info = {"name": label, "params": params, "dtype": "+".join(sorted({t.dtype for t in
                                                                       w.tensors.values()})),
             "model_type": conf.get("model_type"), "layers": conf.get("num_hidden_layers"),
             "bytes": sum(t.nbytes for t in w.tensors.values())}
@@ -199,7 +212,7 @@ def _load_task(cfg: RunConfig, out) -> dict:
         base = f"baseline {wl.metric.name} {ev['value']:.4f}"
     else:
         base = "no eval text"
-    print(f"load: {url} (streamed): {params:,} parameters, {len(chosen)} tensors "
+    print(f"load: {label} (streamed): {params:,} parameters, {len(chosen)} tensors "
           f"({quantized:,} weights) to quantize; {base}", flush=True)
     return metrics
 

@@ -12,9 +12,12 @@ model whole:
 ``streamed``  the model is a safetensors folder read in place; no process reads it whole, and
               the load stage stores only what the model is (tensor list, config, tokenizer
               files, calibration windows). Peak memory is a block or a tensor, not the model.
-``auto``      streamed when the folder's weights take more bytes than
-              ``executor.memory_budget`` (default: half of this machine's memory), else
-              resident. Resolved once, before planning: the stored config and every stage key
+              A GGUF file is first converted, one tensor at a time, into a float32
+              safetensors folder inside the load stage's own folder (``weights/``,
+              pipeline.models.gguf_stream); the stages read that folder.
+``auto``      streamed when the folder's weights (a GGUF: its tensors as float32, from its
+              header) take more bytes than ``executor.memory_budget`` (default: half of
+              this machine's memory), else resident. Resolved once, before planning: the stored config and every stage key
               hold the concrete value.
 """
 
@@ -27,6 +30,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from pipeline.config import ConfigError, RunConfig
+from pipeline.models.gguf_stream import WEIGHTS_DIR, gguf_float32_bytes, gguf_path
 
 __all__ = ["resolve_residency", "is_streamed", "memory_budget", "model_bytes", "source_url",
            "tensor_order"]
@@ -77,7 +81,19 @@ def resolve_residency(cfg: RunConfig) -> RunConfig:
     if res == "auto":
         path = _streamable_path(cfg)
         res = "resident"
-        if path is not None:
+        gguf = gguf_path(cfg)
+        if gguf is not None:
+            try:
+                size = gguf_float32_bytes(gguf)
+            except Exception as e:  # noqa: BLE001 - not a GGUF hwq reads: the load stage says why
+                log.debug("residency auto: %s is not a GGUF hwq reads (%s)", gguf, e)
+                size = None
+            budget = memory_budget(cfg)
+            if size is not None and size > budget:
+                res = "streamed"
+                log.info("residency: streamed (the GGUF's weights as float32, %.2f GiB, exceed "
+                         "executor.memory_budget %.2f GiB)", size / 2**30, budget / 2**30)
+        elif path is not None:
             try:
                 size = model_bytes(path, cfg.store.storage_options(path) or None)
             except Exception as e:  # noqa: BLE001 - not a safetensors folder: the load stage says why
@@ -107,7 +123,13 @@ def resolve_residency(cfg: RunConfig) -> RunConfig:
 
 def source_url(cfg: RunConfig, load: Any) -> tuple[str, dict | None]:
     """(URL, fsspec options) of the folder the stages read the model's tensors from: the
-    load stage's own folder (resident) or the model's folder itself (streamed)."""
+    load stage's own folder (resident), the model's folder itself (streamed), or the folder
+    the load stage converted a GGUF into (streamed GGUF: ``weights/`` in its folder)."""
+    if is_streamed(cfg) and gguf_path(cfg) is not None:
+        if load is None:
+            raise RuntimeError("a streamed GGUF is read from the load stage's weights/ folder; "
+                               "it exists once the load stage ran")
+        return load.url(WEIGHTS_DIR), load.store.storage_options or None
     if is_streamed(cfg):
         path = _streamable_path(cfg)
         assert path is not None  # the config refuses anything else for streamed

@@ -95,6 +95,16 @@ def test_tied_embedding_quantized_streamed_and_decoded(ray_local, tmp_path):
     assert torch.equal(dec.get_parameter(name), _dense(quant, codes[name]))
     assert np.isfinite(m["decoded_perplexity"])
 
+    # One pipeline: the same config resident (the model loaded whole, then the same
+    # per-tensor stages on the load stage's copy) writes the same file, byte for byte.
+    cfg = _cfg(folder, tmp_path / "resident")
+    cfg.model.residency = "resident"
+    driver.run(cfg)
+    rmeta = json.loads((_stage(tmp_path / "resident", "load") / "model.json").read_text())
+    assert rmeta["embedding_roles"] == meta["embedding_roles"] and rmeta["tied"] == meta["tied"]
+    assert (_stage(tmp_path / "resident", "encode") / "model.hwq").read_bytes() == \
+        (enc / "model.hwq").read_bytes()
+
 
 def test_untied_embedding_and_head_are_selected_and_activation_refuses_the_input(tmp_path):
     from pipeline.models.load_streamed import embedding_tensors, quantizable_names

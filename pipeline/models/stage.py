@@ -105,11 +105,20 @@ def _load_task(cfg: RunConfig, out, expect: dict[str, Any]) -> dict:
                         out.write_bytes("config.json", f.read_bytes())
     out.write_safetensors("model.safetensors", state, metadata={"model": adapter.label()})
     quantized_params = sum(state[n].numel() for n in names)
+    embeddings = [n for n in wl.embedding_names(model) if n in set(names)]
+    roles: dict[str, str] = {}
+    if embeddings and cfg.model.name == "hf_causal_lm" and cfg.data.name == "text":
+        # what the per-tensor Hessian needs to place the embedding and head (the streamed
+        # load records the same, load_streamed.py), read from the folder just written
+        from pipeline.models.load_streamed import embedding_tensors
+
+        found, _ = embedding_tensors(out.url(""), out.store.storage_options or None)
+        roles = {n: found[n] for n in embeddings if n in found}
     out.write_json(MODEL_JSON, {
         "adapter": cfg.model.name, "tied": tied,
         "dtype": dtypes[0] if len(dtypes) == 1 else None,
         "quantizable": names, "shapes": {n: list(state[n].shape) for n in names},
-        "embeddings": [n for n in wl.embedding_names(model) if n in set(names)],
+        "embeddings": embeddings, "embedding_roles": roles,
         "info": info.to_dict(),
     })
     ev = wl.evaluate(model, out)

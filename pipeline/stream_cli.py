@@ -144,7 +144,7 @@ def add_commands(sub) -> None:
                    help="per-channel quantizer under one λ for every row (default uniform)")
     s.add_argument("--ecsq-bins", type=_int_at_least(0), default=0, metavar="N",
                    help="--method ecsq on rows of at least 8·N weights: iterate on N bins of "
-                   "values, then one exact pass (20-30x faster, a Lagrangian ~1-4%% above the "
+                   "values, then one exact pass (20-50x faster, a Lagrangian ~2-3%% above the "
                    "exact solver's); 0: exact (default)")
     s.add_argument("--bits", type=_bits, default=3.0,
                    help="all-in bits per weight of the quantized tensors (default 3)")

@@ -423,9 +423,9 @@ def ecsq_rows(W: np.ndarray, H: np.ndarray | None, lam: float, *, k_max: int = 6
     equal width (each bin's members kept on one level; the bin stands for them exactly in
     D and in the counts), then every weight takes its best level under the bins' levels and
     penalties in one exact pass and the levels become its members' weighted means. Costs
-    about one exact pass plus iters passes over the bins instead of iters exact passes; the
-    Lagrangian comes within a fraction of a percent of the exact solver's (measured in
-    docs/METHOD.md). Ignored with return_history.
+    about one exact pass plus iters passes over the bins instead of iters exact passes, for
+    a Lagrangian a few percent above the exact solver's (more at high rates, where levels
+    are finer than bins: docs/METHOD.md §2). Ignored with return_history.
     Deterministic; each row depends only on its own data, λ, the options and seed/row index.
     """
     lam = float(lam)

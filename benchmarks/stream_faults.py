@@ -69,7 +69,8 @@ TASKS = {
 TEXT = "{stdlib}/a*.py"  # Python stdlib sources (a*: tokenized in seconds, enough for 8 windows)
 
 
-def config(folder: Path, windows: int, text: str, method: str = "ecsq") -> dict:
+def config(folder: Path, windows: int, text: str, method: str = "ecsq", ecsq_bins: int = 0
+           ) -> dict:
     """The `hwq run` config of `hwq stream FOLDER WORK --estimator fisher --method ecsq
     --bits 3.5 --text TEXT --windows W --seq-len 128 --partitions 2 --groups 4`."""
     from pipeline.stream_cli import stream_config
@@ -91,7 +92,7 @@ def config(folder: Path, windows: int, text: str, method: str = "ecsq") -> dict:
         eval_windows=16,
         partitions=2,
         groups=4,
-        ecsq_bins=0,
+        ecsq_bins=ecsq_bins,
         until="decode",
         out=None,
         cpus=None,
@@ -375,6 +376,9 @@ def main(argv: list[str] | None = None) -> int:
         default="ecsq",
         help="quantizer (default ecsq, as the issue; uniform: a quicker quantize stage)",
     )
+    ap.add_argument("--ecsq-bins", type=int, default=64,
+                    help="quantize.ecsq_bins (default 64: SmolLM2's rows of 576 are binned, "
+                    "a quantize stage of seconds; 0: the exact solver, minutes per run)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the kill moments")
     ap.add_argument("--work", default=str(ROOT / "runs" / "stream_faults"))
     ap.add_argument("--out", default=str(RESULTS / "stream_faults"))
@@ -384,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     folder = _folder()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    cfg = config(folder, a.windows, a.text, a.method)
+    cfg = config(folder, a.windows, a.text, a.method, a.ecsq_bins)
     cfg_path = work / "config.yaml"
     cfg_path.write_text(json.dumps(cfg, indent=1))  # JSON is YAML
     load0 = os.getloadavg()

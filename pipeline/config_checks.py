@@ -46,7 +46,8 @@ def per_tensor_gap(cfg) -> str | None:
 
 def per_tensor(cfg) -> bool:
     """Whether the stages after `load` run per tensor (a streamed model always does)."""
-    return cfg.model.residency == "streamed" or per_tensor_gap(cfg) is None
+    return cfg.model.residency == "streamed" or (cfg.quantize.enabled
+                                                 and per_tensor_gap(cfg) is None)
 
 
 def streamed_gap(cfg) -> str | None:

@@ -82,28 +82,20 @@ def resolve_residency(cfg: RunConfig) -> RunConfig:
         path = _streamable_path(cfg)
         res = "resident"
         gguf = gguf_path(cfg)
-        if gguf is not None:
-            try:
-                size = gguf_float32_bytes(gguf)
-            except Exception as e:  # noqa: BLE001 - not a GGUF hwq reads: the load stage says why
-                log.debug("residency auto: %s is not a GGUF hwq reads (%s)", gguf, e)
-                size = None
-            budget = memory_budget(cfg)
-            if size is not None and size > budget:
-                res = "streamed"
-                log.info("residency: streamed (the GGUF's weights as float32, %.2f GiB, exceed "
-                         "executor.memory_budget %.2f GiB)", size / 2**30, budget / 2**30)
-        elif path is not None:
-            try:
+        size, what = None, "the model's weights"
+        try:
+            if gguf is not None:
+                size, what = gguf_float32_bytes(gguf), "the GGUF's weights as float32"
+            elif path is not None:
                 size = model_bytes(path, cfg.store.storage_options(path) or None)
-            except Exception as e:  # noqa: BLE001 - not a safetensors folder: the load stage says why
-                log.debug("residency auto: %s is not a safetensors folder (%s)", path, e)
-                size = None
-            budget = memory_budget(cfg)
-            if size is not None and size > budget:
-                res = "streamed"
-                log.info("residency: streamed (the model's weights, %.2f GiB, exceed "
-                         "executor.memory_budget %.2f GiB)", size / 2**30, budget / 2**30)
+        except Exception as e:  # noqa: BLE001 - not a model hwq reads: the load stage says why
+            log.debug("residency auto: %s is not a GGUF or safetensors folder (%s)",
+                      gguf or path, e)
+        budget = memory_budget(cfg)
+        if size is not None and size > budget:
+            res = "streamed"
+            log.info("residency: streamed (%s, %.2f GiB, exceed executor.memory_budget "
+                     "%.2f GiB)", what, size / 2**30, budget / 2**30)
         if res == "streamed":
             try:
                 cfg = cfg.model_copy(deep=True)

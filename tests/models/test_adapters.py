@@ -5,7 +5,6 @@ import json
 import sys
 import textwrap
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -272,53 +271,7 @@ _GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
                "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
 
 
-def write_llama_gguf(model, path, tokens=None):
-    """The model as an F32 GGUF in llama.cpp's layout (q/k rows permuted as its converter
-    does; transformers undoes it on load); `tokens`: a token list stored in its metadata."""
-    gguf = pytest.importorskip("gguf")
-    cfg = model.config
-
-    def permute(w, heads):
-        return (w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:])
-                .swapaxes(1, 2).reshape(w.shape))
-
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_name("tiny")
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_rope_freq_base(10000.0)
-    w.add_vocab_size(cfg.vocab_size)
-    if tokens is not None:
-        w.add_token_list(tokens)
-        w.add_token_scores([0.0] * len(tokens))
-        w.add_token_types([1] * len(tokens))
-    for name, t in model.state_dict().items():
-        a = t.float().numpy()
-        if name == "model.embed_tokens.weight":
-            key = "token_embd.weight"
-        elif name == "model.norm.weight":
-            key = "output_norm.weight"
-        elif name == "lm_head.weight":
-            key = "output.weight"
-        else:
-            _, _, layer, rest = name.split(".", 3)
-            mod = rest.removesuffix(".weight")
-            key = f"blk.{layer}.{_GGUF_NAMES[mod]}.weight"
-            if mod == "self_attn.q_proj":
-                a = permute(a, cfg.num_attention_heads)
-            elif mod == "self_attn.k_proj":
-                a = permute(a, cfg.num_key_value_heads)
-        w.add_tensor(key, np.ascontiguousarray(a, dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+from testkit.models import write_llama_gguf  # noqa: E402  (used here and by other tests)
 
 
 def test_gguf_file_loads_as_a_plain_fp32_model(tmp_path, llama_dir):

@@ -29,11 +29,13 @@ def row_levels(prepared: list, cbs: dict[str, np.ndarray]) -> dict[str, np.ndarr
 
 def level_classes(codes: np.ndarray, levels: np.ndarray) -> list[tuple[int, np.ndarray]]:
     """The codes of a dense per-row-codebook tensor, grouped by the level count of their
-    codebook row: [(L, the codes of every row with L levels, rows in order)], L ascending."""
+    codebook row: [(L, the codes of every row with L levels, rows in order)], L ascending,
+    L >= 2 only. A one-level row's codes are all 0 and its level count says so: they are not
+    stored (a code of one symbol would still spend a bit a weight)."""
     rows = levels.shape[0]
     c2 = codes.reshape(rows, -1)
     return [(int(L), np.ascontiguousarray(c2[levels == L]).reshape(-1))
-            for L in np.unique(levels)]
+            for L in np.unique(levels) if L >= 2]
 
 
 def count_dtype(k: int) -> str:

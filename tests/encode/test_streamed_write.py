@@ -107,3 +107,50 @@ def test_s3_multipart_streamed_write_and_interruption(s3_bucket, monkeypatch):
     bucket = url[5:].split("/")[0]
     ups = fs.call_s3("list_multipart_uploads", Bucket=bucket).get("Uploads", [])
     assert ups == []  # the multipart upload was aborted, no parts kept
+
+
+def _one_level_rows_entry(rows: int = 30, cols: int = 64):
+    """A per-row-codebook tensor whose even rows use one level (all codes 0)."""
+    rng = np.random.default_rng(9)
+    codes = rng.integers(0, 5, (rows, cols))
+    codes[::2] = 0
+    cb = rng.standard_normal((rows, 5)).astype(np.float16).astype(np.float32)
+    return TensorEntry.quantized("w", (rows, cols), codes.reshape(-1), "cb"), {"cb": cb}, codes
+
+
+@pytest.mark.parametrize("coder", ["huffman", "ans"])
+def test_one_level_rows_spend_no_index_bits(tmp_path, coder):
+    from pipeline.encode.container.reader import HwqReader
+
+    entry, cbs, codes = _one_level_rows_entry()
+    write_hwq(tmp_path / "a.hwq", [entry], cbs, codebook_dtype="float16", coder=coder)
+    got = read_hwq(str(tmp_path / "a.hwq"))
+    np.testing.assert_array_equal(got["w"], cbs["cb"][np.arange(30)[:, None], codes])
+    info = next(e for e in HwqReader(str(tmp_path / "a.hwq")).inspect()
+                if e["kind"] == "quantized")
+    # only the 15 rows of several levels are coded: under 3 bits each for 5 levels
+    assert info["index_bytes"] * 8 <= 15 * 64 * 3
+    entry, cbs, _ = _one_level_rows_entry()
+    entry_all_one = TensorEntry.quantized("w", (30, 64), np.zeros(30 * 64, np.int64), "cb")
+    write_hwq(tmp_path / "b.hwq", [entry_all_one], cbs, codebook_dtype="float16", coder=coder)
+    np.testing.assert_array_equal(read_hwq(str(tmp_path / "b.hwq"))["w"],
+                                  np.repeat(cbs["cb"][:, :1], 64, axis=1))
+
+
+def test_files_that_store_one_level_rows_still_read(tmp_path, monkeypatch):
+    from pipeline.encode.container import writer
+
+    def every_class(codes, levels):  # what writers before the one-level omission stored
+        c2 = codes.reshape(levels.shape[0], -1)
+        return [(int(L), np.ascontiguousarray(c2[levels == L]).reshape(-1))
+                for L in np.unique(levels)]
+
+    entry, cbs, codes = _one_level_rows_entry()
+    monkeypatch.setattr(writer, "level_classes", every_class)
+    write_hwq(tmp_path / "old.hwq", [entry], cbs, codebook_dtype="float16")
+    monkeypatch.undo()
+    write_hwq(tmp_path / "new.hwq", [entry], cbs, codebook_dtype="float16")
+    assert (tmp_path / "new.hwq").stat().st_size < (tmp_path / "old.hwq").stat().st_size
+    for f in ("old.hwq", "new.hwq"):
+        np.testing.assert_array_equal(read_hwq(str(tmp_path / f))["w"],
+                                      cbs["cb"][np.arange(30)[:, None], codes])

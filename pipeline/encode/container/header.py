@@ -357,7 +357,9 @@ def _parse_header_inner(h: Any, file_bytes: int) -> _Header:
             raise _Bad(f"{what}: group codebook {cbshape} does not split {shape} into groups")
         n_kept = _int(d.get("n_kept"), f"{what}.n_kept", 0, numel)
         ind = _stream(d.get("indices"), f"{what}.indices", payload, tables, version)
-        if ind.n_symbols != n_kept:
+        # A level-ordered stream leaves out its one-level rows (their count is known only
+        # from the codebook section: the reader checks it exactly).
+        if ind.n_symbols != n_kept and not (ind.order == "levels" and ind.n_symbols < n_kept):
             raise _Bad(f"{what}: {ind.n_symbols} index symbols for {n_kept} kept weights")
         if ind.coder == "context" and cbshape[-1] >= 2:
             for sec, n in ind.chunks:

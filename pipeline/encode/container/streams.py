@@ -31,10 +31,16 @@ class _StreamDecoding:
         rows = levels.shape[0]
         per_row = t.numel // max(rows, 1)
         order = np.argsort(levels, kind="stable")
-        if codes.shape[0] != rows * per_row:
-            self._fail(f"tensor {t.name!r}: {codes.shape[0]} codes for {rows} rows of {per_row}")
-        out = np.empty((rows, per_row), codes.dtype)
-        out[order] = codes.reshape(rows, per_row)
+        # One-level rows (first in the order) are stored without codes (all 0); files of
+        # writers before that store them too, and either count is exact.
+        one = int((levels <= 1).sum())
+        if codes.shape[0] == (rows - one) * per_row:
+            order = order[one:]
+        elif codes.shape[0] != rows * per_row:
+            self._fail(f"tensor {t.name!r}: {codes.shape[0]} codes for {rows} rows of {per_row}"
+                       f" ({rows - one} of them with more than one level)")
+        out = np.zeros((rows, per_row), codes.dtype)
+        out[order] = codes.reshape(-1, per_row)
         if rows and int(np.max(out.max(axis=1, initial=0) - (levels - 1).astype(np.int64))) > 0:
             self._fail(f"tensor {t.name!r}: a code beyond its row's levels")
         return out.reshape(-1)

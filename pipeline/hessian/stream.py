@@ -15,7 +15,7 @@ decoder block resident at a time through `StreamedLM`:
     and head give every window's loss ``ℓ_s = NLL_s / (L − 1)`` and its cotangent at the last
     block's output; a backward sweep reloads block i, recomputes its forward from the kept
     input one window at a time, back-propagates that window's cotangent, squares the window's
-    parameter gradients into float64 sums, and passes the input's cotangent down. Windows do
+    parameter gradients into float32 sums, and passes the input's cotangent down. Windows do
     not interact (causal attention, no padding, eval mode), so row s of the batch cotangent is
     window s's own: the sums equal the in-memory ``fisher_diag_lm`` up to float rounding.
 
@@ -29,8 +29,11 @@ an embedding tied to it; an untied input embedding has none (refused). With ``bl
 embedding's Fisher is computed by the range starting at block 0, the head's (and the
 activation statistics of a tied pair) by the range ending at the top; other ranges ignore them.
 
-Peak memory: one block's weights (and, for the Fisher, its sums and gradients), the hidden
-states of the windows, and the cache's budget; never the model.
+Peak memory: one block's weights (and, for the Fisher, its float32 sums and the gradient
+autograd is finishing), the hidden states of the windows, and the cache's budget; never the
+model. The Fisher's sums are float32 because they are a block's size (1.6 GB in float64 for a
+7B block, beside its 0.8 GB of weights) and the partial tables store float32 anyway; over a
+task's n windows their relative rounding is at most ~n × 6e-8.
 
 Sharding (``blocks=range(lo, hi)``, planned by `pipeline.hessian.shards`): a task computes and
 emits only the tensors of blocks lo … hi−1, for the windows it is given, still with one block
@@ -48,7 +51,7 @@ back-propagates only the input's cotangent ≈ 2):
   (2G + 2)·B units instead of 4B, i.e. (G + 1)/2 × (2.5× for G = 4), plus G − 1 more passes
   through the head (large for a small model with a large vocabulary).
 
-Partitions: the sums are float64 and the counts are returned with them, so the sums of P
+Partitions: the sums and their counts are returned together, so the sums of P
 partitions of the windows add up to the single task's (`pipeline.hessian.shards.
 reduce_partials`). Each window's numbers are the same whichever task computes them as long
 as the forward's window batches are the same (windows are run ``batch`` at a time from the
@@ -211,7 +214,7 @@ def fisher_streamed(
     """Σ_s (∂ℓ_s/∂θ)² for every named block parameter, one block resident at a time;
     returns the number of windows.
 
-    emit(name, sums float64 shaped like the parameter, n_windows) per tensor, from the top
+    emit(name, sums float32 shaped like the parameter, n_windows) per tensor, from the top
     block down. blocks: only the named tensors of these blocks are computed and emitted (the
     others are ignored); the forward still runs every block (the loss is at the top), the
     backward stops at the range's first block."""
@@ -255,24 +258,26 @@ def fisher_streamed(
             ]
             for _, p in tracked:
                 p.requires_grad_(True)
-            sums = {full: torch.zeros(p.shape, dtype=torch.float64) for full, p in tracked}
+            sums = {full: torch.zeros(p.shape, dtype=torch.float32) for full, p in tracked}
             x_all = cache.get(i)
             pass_down = i > lo or emb is not None  # emb: the cotangent at block 0's input
             down = torch.empty_like(x_all) if pass_down else None
             inputs_wanted = pass_down or bool(tracked)
+            # Each parameter's gradient is squared into its sum as autograd finishes it and
+            # freed there: a block's gradients never exist all at once (for a 7B block, 0.8 GB
+            # of float32).
+            hooks = [p.register_post_accumulate_grad_hook(_square_into(sums[full]))
+                     for full, p in tracked]
             for s in range(n if inputs_wanted else 0):
                 x = x_all[s : s + 1].detach().requires_grad_(pass_down)
                 out = lm.call_block(block, x, *calls[i])
                 inputs = ([x] if pass_down else []) + [p for _, p in tracked]
-                grads = torch.autograd.grad(
-                    out, inputs, grad_outputs=cot[s : s + 1], allow_unused=True
-                )
+                torch.autograd.backward(out, grad_tensors=cot[s : s + 1], inputs=inputs)
                 if pass_down:
-                    down[s : s + 1] = grads[0]
-                    grads = grads[1:]
-                for (full, _), g in zip(tracked, grads, strict=True):
-                    if g is not None:
-                        sums[full] += g.double() ** 2
+                    down[s : s + 1] = x.grad
+                del out, x
+            for h in hooks:
+                h.remove()
             lm.unload(block)
             cache.drop(i)
             for full in by.get(i, []) if i < hi else []:
@@ -285,6 +290,16 @@ def fisher_streamed(
     if emb is not None:
         emit(emb, top.embedding_sums(cot).numpy(), int(n))
     return int(n)
+
+
+def _square_into(acc: Tensor) -> Callable[[Tensor], None]:
+    """A post-accumulate-grad hook: acc += p.grad², then p.grad is dropped."""
+
+    def hook(p: Tensor) -> None:
+        acc.addcmul_(p.grad, p.grad)
+        p.grad = None
+
+    return hook
 
 
 class _TopGrads:
@@ -307,7 +322,10 @@ class _TopGrads:
             _, module = lm.head_modules()
             self.weight = module.weight
             self.weight.requires_grad_(True)  # `load` leaves a resident piece's flag alone
-            self.head_sums = torch.zeros(self.weight.shape, dtype=torch.float64)
+            # float32 as the blocks' sums, except for a tied weight: its (H_s + E_s)² is
+            # completed as H_s² + E_s ⊙ (2 H_s + E_s), which cancels where E_s ≈ −H_s
+            self.head_sums = torch.zeros(self.weight.shape, dtype=torch.float64
+                                         if tied is not None else torch.float32)
 
     def backward(self, s: int, loss: Tensor, h: Tensor) -> Tensor:
         """Window s's cotangent at `h`; its head gradient squared into the sums on the way."""
@@ -315,10 +333,9 @@ class _TopGrads:
             (g,) = torch.autograd.grad(loss, h)
             return g
         g, gw = torch.autograd.grad(loss, [h, self.weight])
-        gw = gw.to(torch.float64)
         self.head_sums.addcmul_(gw, gw)  # no [V, d] temporary beside the sums
         if self.tied is not None:
-            self.kept.append(gw[self.windows[s].unique()])
+            self.kept.append(gw[self.windows[s].unique()].double())
         return g
 
     def embedding_sums(self, cot: Tensor) -> Tensor:
@@ -330,11 +347,11 @@ class _TopGrads:
             sums = self.head_sums
         else:
             shape = lm.weights.info(lm.embedding_name).shape
-            sums = torch.zeros(tuple(shape), dtype=torch.float64)
+            sums = torch.zeros(tuple(shape), dtype=torch.float32)
         for s in range(self.windows.shape[0]):
             rows, inv = self.windows[s].unique(return_inverse=True)
             # a window's gradient rows: its tokens' cotangents summed per distinct token
-            e = torch.zeros(len(rows), ge.shape[-1]).index_add_(0, inv, ge[s]).double()
+            e = torch.zeros(len(rows), ge.shape[-1]).index_add_(0, inv, ge[s]).to(sums.dtype)
             sums[rows] += e * (2 * self.kept[s] + e) if self.kept else e * e
         self.kept.clear()
         return sums

@@ -432,7 +432,7 @@ def _inputs(cfg: RunConfig) -> tuple[str, ...]:
 
 HESSIAN = Stage(
     name="hessian",
-    version=1,
+    version=2,  # 2: per-tensor Hessian tables hold each chunk's float32 values as bytes
     inputs=_inputs,
     sections=_sections,
     run=_run,

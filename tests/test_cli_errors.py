@@ -1,8 +1,9 @@
 """Bad input at the command line: one `hwq: error:` line on stderr, exit status 2, no traceback,
 and quickly (no hang on an address nobody listens on).
 
-Most cases call the CLI's `main(argv)` in this process (`_hwq`: a fresh interpreter costs ~3 s
-a case, importing torch); the cases that need one run `python -m pipeline.cli` (`_hwq_process`):
+Most cases call the CLI's `main(argv)` in this process (the `hwq` fixture: a fresh interpreter
+costs ~3 s a case, importing torch); the cases that need one run `python -m pipeline.cli`
+(`_hwq`, which other test files use too):
 joining a Ray cluster (this process may hold the suite's embedded Ray already), a user error
 inside a Ray task, and one plain case for the real entry point."""
 
@@ -26,7 +27,7 @@ _ENV = {"OMP_WAIT_POLICY": "PASSIVE", "PYTHONUNBUFFERED": "1",
         "AWS_EC2_METADATA_DISABLED": "true"}
 
 
-def _hwq_process(args, env_extra=None, drop=()):
+def _hwq(args, env_extra=None, drop=()):
     """`python -m pipeline.cli ARGS` in a fresh interpreter: (CompletedProcess, seconds)."""
     env = {k: v for k, v in os.environ.items() if k not in drop}
     env.update(_ENV)
@@ -144,8 +145,8 @@ def test_run_bad_input_is_one_line(case, tmp_path, hwq):
 def test_an_unreachable_ray_address_is_one_line(address, tmp_path):
     """Nothing listens on port 9 (a Ray GCS address and a Ray Client one). In a fresh
     interpreter: this process may hold the suite's embedded Ray, which init_ray would use."""
-    p, s = _hwq_process(["run", CONFIG, "--ray-address", address,
-                         "--store", str(tmp_path / "store")])
+    p, s = _hwq(["run", CONFIG, "--ray-address", address,
+                 "--store", str(tmp_path / "store")])
     _assert_one_line(p, s, "cannot reach the Ray cluster")
     assert not (tmp_path / "store" / "stages").exists()
 
@@ -179,7 +180,7 @@ def test_a_library_panic_is_one_line(monkeypatch, capsys):
 
 def test_missing_config_file(tmp_path):
     """Through the console entry point (`python -m pipeline.cli`), as a user runs it."""
-    p, s = _hwq_process(["run", str(tmp_path / "nope.yaml")])
+    p, s = _hwq(["run", str(tmp_path / "nope.yaml")])
     _assert_one_line(p, s, "not found")
 
 
@@ -447,8 +448,7 @@ def test_an_error_of_the_users_code_in_a_ray_task_is_one_line_and_not_retried(tm
     calls, store = tmp_path / "calls.txt", tmp_path / "store"
     _user_code_config(tmp_path / "run.yaml", store,
                       data={"factory": "tests.byo_model:bad_batches"})
-    p, _ = _hwq_process(["run", str(tmp_path / "run.yaml")],
-                        env_extra={"HWQ_TEST_CALLS": str(calls)})
+    p, _ = _hwq(["run", str(tmp_path / "run.yaml")], env_extra={"HWQ_TEST_CALLS": str(calls)})
     line = assert_user_error_line(
         p, "evaluate.metric 'tests.byo_model:batch_accuracy' raised RuntimeError: mat1 and "
         "mat2 shapes cannot be multiplied", "(at tests/byo_model.py:")

@@ -35,22 +35,6 @@ def _stages(crash=None):
     ]
 
 
-@pytest.fixture(autouse=True)
-def lease_without_settle(monkeypatch):
-    """One run at a time on each store here (and in the files importing this fixture): no other
-    run can race for a stage's lease, so the settle wait after writing it (0.2 s a stage on a
-    local store, for a racing run's write to land) is only time; the lease is still written,
-    read back and released. tests/test_lease.py checks the protocol with its settle wait."""
-    from pipeline.lease import StageLease
-
-    init = StageLease.__init__
-
-    def no_settle(self, *args, **kwargs):
-        init(self, *args, **{**kwargs, "settle": 0.0})
-
-    monkeypatch.setattr(StageLease, "__init__", no_settle)
-
-
 @pytest.fixture
 def cfg(tmp_path):
     return lambda *sets: load_config(

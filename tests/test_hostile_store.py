@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.driver import status
 from pipeline.store import ArtifactError, StageDir, Store
-from tests.test_driver import CALLS, lease_without_settle, synthetic_run  # noqa: F401
+from tests.test_driver import CALLS, synthetic_run
 
 pytestmark = pytest.mark.timeout(60)  # a hang is a failure, not a stuck suite
 

@@ -7,7 +7,7 @@ import pytest
 
 from pipeline.manifest import ManifestInvalid, parse_manifest
 from pipeline.store import ArtifactError, StageDir, Store
-from tests.test_driver import CALLS, lease_without_settle, synthetic_run  # noqa: F401
+from tests.test_driver import CALLS, synthetic_run
 
 
 @pytest.fixture

@@ -6,6 +6,26 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
+@pytest.fixture(autouse=True)
+def lease_without_settle(request, monkeypatch):
+    """Each test's runs in this process use a store no other run writes at the same time, so
+    a stage lease's settle wait (after writing the lease, before reading it back: 0.2 s a stage
+    on a local store, 1 s on S3, for a racing run's write to land) is only time; it is 0 here
+    unless the caller gives one. The lease is still written, read back, renewed and released.
+    Tests of the lease protocol itself (tests/test_lease.py) keep the wait:
+    `pytest.mark.lease_settle`."""
+    if request.node.get_closest_marker("lease_settle"):
+        return
+    from pipeline.lease import StageLease
+
+    init = StageLease.__init__
+
+    def no_settle(self, *args, settle=None, **kwargs):
+        init(self, *args, settle=0.0 if settle is None else settle, **kwargs)
+
+    monkeypatch.setattr(StageLease, "__init__", no_settle)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One embedded local Ray for the whole test session (starting it costs seconds)."""

@@ -1,6 +1,13 @@
 """Bad input at the command line: one `hwq: error:` line on stderr, exit status 2, no traceback,
-and quickly (no hang on an address nobody listens on)."""
+and quickly (no hang on an address nobody listens on).
 
+Most cases call the CLI's `main(argv)` in this process (the `hwq` fixture: a fresh interpreter
+costs ~3 s a case, importing torch); the cases that need one run `python -m pipeline.cli`
+(`_hwq`, which other test files use too):
+joining a Ray cluster (this process may hold the suite's embedded Ray already), a user error
+inside a Ray task, and one plain case for the real entry point."""
+
+import logging
 import os
 import subprocess
 import sys
@@ -11,18 +18,72 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "configs/lenet5_fmnist.yaml"
+# A case in process cannot be killed like a child: a hang (a FIFO read, a probe of an address
+# nobody listens on) fails the test instead of stalling the suite.
+pytestmark = pytest.mark.timeout(120)
+
+_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "PYTHONUNBUFFERED": "1",
+        # Never let botocore look for an instance role on the network.
+        "AWS_EC2_METADATA_DISABLED": "true"}
 
 
 def _hwq(args, env_extra=None, drop=()):
+    """`python -m pipeline.cli ARGS` in a fresh interpreter: (CompletedProcess, seconds)."""
     env = {k: v for k, v in os.environ.items() if k not in drop}
-    env.update({"OMP_WAIT_POLICY": "PASSIVE", "PYTHONUNBUFFERED": "1",
-                # Never let botocore look for an instance role on the network.
-                "AWS_EC2_METADATA_DISABLED": "true"})
+    env.update(_ENV)
     env.update(env_extra or {})
     t0 = time.perf_counter()
     p = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=120)
     return p, time.perf_counter() - t0
+
+
+@pytest.fixture
+def hwq(capsys, monkeypatch):
+    """`pipeline.cli.main(ARGS)` in this process, as the console script runs it: the working
+    folder, the environment (`env_extra`, `drop`) and the CLI's logging to stderr as in a fresh
+    interpreter; no Ray may start (each case is refused before any stage). Returns
+    (CompletedProcess with the exit status and what was printed, seconds)."""
+    import s3fs
+
+    from pipeline import cli, executor
+
+    def no_ray(*a, **k):
+        raise AssertionError("Ray was started: the mistake was not found before the stages")
+
+    def run(args, env_extra=None, drop=()):
+        monkeypatch.chdir(ROOT)
+        monkeypatch.setattr(executor, "init_ray", no_ray)
+        for k in drop:
+            monkeypatch.delenv(k, raising=False)
+        for k, v in {**_ENV, **(env_extra or {})}.items():
+            monkeypatch.setenv(k, v)
+        # s3fs keeps one filesystem per set of arguments: credentials read by an earlier case
+        # (or test) would be reused.
+        s3fs.S3FileSystem.clear_instance_cache()
+        # The CLI's basicConfig does nothing under pytest (its handlers are on the root
+        # logger): a handler on the captured stderr shows any log line as the console would
+        # (but the S3 server's, which runs in this process only in the tests).
+        root, handler = logging.getLogger(), logging.StreamHandler(sys.stderr)
+        handler.addFilter(lambda r: not r.name.startswith(("werkzeug", "moto")))
+        level = root.level
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+        capsys.readouterr()
+        t0 = time.perf_counter()
+        try:
+            rc = cli.main(list(args))
+        except SystemExit as e:  # argparse's refusals
+            rc = e.code
+        finally:
+            root.removeHandler(handler)
+            root.setLevel(level)
+            s3fs.S3FileSystem.clear_instance_cache()
+        seconds = time.perf_counter() - t0
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(args, rc, out.out, out.err), seconds
+
+    return run
 
 
 def _assert_one_line(p, seconds, *needles):
@@ -39,10 +100,6 @@ _NO_AWS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "A
            "AWS_ENDPOINT_URL")
 
 CASES = {
-    # the cluster address: nothing listens on port 9
-    "ray-address-gcs": (["--ray-address", "127.0.0.1:9"], ["cannot reach the Ray cluster"]),
-    "ray-address-client": (["--ray-address", "ray://127.0.0.1:9"],
-                           ["cannot reach the Ray cluster"]),
     # stores that cannot work
     "store-gcs-without-gcsfs": (["--store", "gs://bucket/hwq"], ["gcsfs"]),
     "store-unknown-protocol": (["--store", "nosuch://bucket/hwq"], ["unknown protocol"]),
@@ -71,21 +128,31 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_run_bad_input_is_one_line(case, tmp_path):
+def test_run_bad_input_is_one_line(case, tmp_path, hwq):
     args, needles = CASES[case]
     (tmp_path / "file").write_text("a file, not a folder\n")
     (tmp_path / "published" / "model.hwq").mkdir(parents=True)
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     if not any(a == "--store" for a in args):
         args = [*args, "--store", str(tmp_path / "store")]
-    p, s = _hwq(["run", CONFIG, *args])
+    p, s = hwq(["run", CONFIG, *args])
     _assert_one_line(p, s, *needles)
     # Nothing that looks like a run was left behind.
     assert not (tmp_path / "store" / "stages").exists()
 
 
-def test_out_to_a_missing_bucket_is_refused_before_any_stage(s3_endpoint, tmp_path):
-    p, s = _hwq(["run", CONFIG, "--store", str(tmp_path / "store"), "--out",
+@pytest.mark.parametrize("address", ["127.0.0.1:9", "ray://127.0.0.1:9"])
+def test_an_unreachable_ray_address_is_one_line(address, tmp_path):
+    """Nothing listens on port 9 (a Ray GCS address and a Ray Client one). In a fresh
+    interpreter: this process may hold the suite's embedded Ray, which init_ray would use."""
+    p, s = _hwq(["run", CONFIG, "--ray-address", address,
+                 "--store", str(tmp_path / "store")])
+    _assert_one_line(p, s, "cannot reach the Ray cluster")
+    assert not (tmp_path / "store" / "stages").exists()
+
+
+def test_out_to_a_missing_bucket_is_refused_before_any_stage(s3_endpoint, tmp_path, hwq):
+    p, s = hwq(["run", CONFIG, "--store", str(tmp_path / "store"), "--out",
                  "s3://hwq-no-such-bucket/out", "--endpoint-url", s3_endpoint],
                 env_extra={"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"})
     _assert_one_line(p, s, "--out", "does not exist")
@@ -112,40 +179,41 @@ def test_a_library_panic_is_one_line(monkeypatch, capsys):
 
 
 def test_missing_config_file(tmp_path):
+    """Through the console entry point (`python -m pipeline.cli`), as a user runs it."""
     p, s = _hwq(["run", str(tmp_path / "nope.yaml")])
     _assert_one_line(p, s, "not found")
 
 
-def test_s3_store_without_credentials(s3_endpoint, tmp_path):
-    p, s = _hwq(["run", CONFIG, "--store", "s3://hwq-nocreds/run", "--endpoint-url", s3_endpoint],
+def test_s3_store_without_credentials(s3_endpoint, tmp_path, hwq):
+    p, s = hwq(["run", CONFIG, "--store", "s3://hwq-nocreds/run", "--endpoint-url", s3_endpoint],
                 env_extra={"AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
                            "AWS_CONFIG_FILE": str(tmp_path / "none")},
                 drop=_NO_AWS)
     _assert_one_line(p, s, "credentials", "AWS_ACCESS_KEY_ID")
 
 
-def test_s3_store_missing_bucket(s3_endpoint):
-    p, s = _hwq(["run", CONFIG, "--store", "s3://hwq-no-such-bucket/run",
+def test_s3_store_missing_bucket(s3_endpoint, hwq):
+    p, s = hwq(["run", CONFIG, "--store", "s3://hwq-no-such-bucket/run",
                  "--endpoint-url", s3_endpoint],
                 env_extra={"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"})
     _assert_one_line(p, s, "does not exist")
 
 
-def test_status_of_a_folder_without_a_run(tmp_path):
-    p, s = _hwq(["status", str(tmp_path)])
+def test_status_of_a_folder_without_a_run(tmp_path, hwq):
+    p, s = hwq(["status", str(tmp_path)])
     _assert_one_line(p, s, "holds no hwq run")
 
 
-def test_status_of_an_s3_store_without_credentials(s3_endpoint, tmp_path):
-    p, s = _hwq(["status", "s3://hwq-nocreds/run", "--endpoint-url", s3_endpoint],
+def test_status_of_an_s3_store_without_credentials(s3_endpoint, tmp_path, hwq):
+    p, s = hwq(["status", "s3://hwq-nocreds/run", "--endpoint-url", s3_endpoint],
                 env_extra={"AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
                            "AWS_CONFIG_FILE": str(tmp_path / "none")},
                 drop=_NO_AWS)
     _assert_one_line(p, s, "credentials")
 
 
-def test_read_only_commands_create_nothing(tmp_path):
-    p, s = _hwq(["report", str(tmp_path / "nothing-here")])
+def test_read_only_commands_create_nothing(tmp_path, hwq):
+    p, s = hwq(["report", str(tmp_path / "nothing-here")])
     _assert_one_line(p, s, "does not exist")
     assert not (tmp_path / "nothing-here").exists()
 
@@ -163,9 +231,9 @@ def _special_checkpoints(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["fifo", "dir", "huge", "zero"])
-def test_special_model_checkpoint_is_one_line(tmp_path, kind):
+def test_special_model_checkpoint_is_one_line(tmp_path, kind, hwq):
     path, needle = _special_checkpoints(tmp_path)[kind]
-    p, s = _hwq(["run", CONFIG, "--store", str(tmp_path / "store"),
+    p, s = hwq(["run", CONFIG, "--store", str(tmp_path / "store"),
                  "--set", f"model.checkpoint={path}"])
     _assert_one_line(p, s, "model.checkpoint", needle)
 
@@ -187,11 +255,11 @@ CONFIG_CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(CONFIG_CASES))
-def test_hostile_config_files_are_one_line(tmp_path, case):
+def test_hostile_config_files_are_one_line(tmp_path, case, hwq):
     text, needle = CONFIG_CASES[case]
     cfg = tmp_path / "c.yaml"
     cfg.write_bytes(text if isinstance(text, bytes) else text.encode())
-    p, s = _hwq(["run", str(cfg), "--store", str(tmp_path / "store")])
+    p, s = hwq(["run", str(cfg), "--store", str(tmp_path / "store")])
     _assert_one_line(p, s, needle)
 
 
@@ -213,51 +281,51 @@ BATCH_CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(BATCH_CASES))
-def test_hostile_batch_files_are_one_line(tmp_path, case):
+def test_hostile_batch_files_are_one_line(tmp_path, case, hwq):
     text, args, needle = BATCH_CASES[case]
     batch = tmp_path / "b.yaml"
     batch.write_text(text)
     if "--store" not in args:
         args = [*args, "--store", str(tmp_path / "store")]
-    p, s = _hwq(["batch", str(batch), *args])
+    p, s = hwq(["batch", str(batch), *args])
     _assert_one_line(p, s, needle)
 
 
-def test_huge_config_file_and_deep_override(tmp_path):
+def test_huge_config_file_and_deep_override(tmp_path, hwq):
     big = tmp_path / "big.yaml"
     with open(big, "wb") as f:
         f.truncate(3 << 30)
-    p, s = _hwq(["run", str(big)])
+    p, s = hwq(["run", str(big)])
     _assert_one_line(p, s, "such a file is a few KB")
-    p, s = _hwq(["run", CONFIG, "--store", str(tmp_path / "s"), "--set", "name=" + "[" * 5000])
+    p, s = hwq(["run", CONFIG, "--store", str(tmp_path / "s"), "--set", "name=" + "[" * 5000])
     _assert_one_line(p, s, "name")
 
 
 @pytest.mark.parametrize("url,needle", [("s3://", "names no bucket"),
                                         ("s3://Bad_Bucket!!/x", "")])
-def test_unusable_store_urls(url, needle, s3_endpoint):
-    p, s = _hwq(["status", url, "--endpoint-url", s3_endpoint],
+def test_unusable_store_urls(url, needle, s3_endpoint, hwq):
+    p, s = hwq(["status", url, "--endpoint-url", s3_endpoint],
                 env_extra={"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"})
     _assert_one_line(p, s, needle)
     assert not (ROOT / "s3:").exists()
 
 
-def test_report_of_a_planted_special_file(tmp_path):
+def test_report_of_a_planted_special_file(tmp_path, hwq):
     (tmp_path / "report.md").symlink_to("/dev/zero")
-    p, s = _hwq(["report", str(tmp_path)])
+    p, s = hwq(["report", str(tmp_path)])
     _assert_one_line(p, s, "not a regular file")
     (tmp_path / "report.md").unlink()
     (tmp_path / "report.md").write_text("fine \x1b[31mred\x1b]0;title\x07 text\n")
-    p, _ = _hwq(["report", str(tmp_path)])
+    p, _ = hwq(["report", str(tmp_path)])
     assert p.returncode == 0 and "\x1b" not in p.stdout and "\x07" not in p.stdout
 
 
-def test_decode_refuses_to_replace_a_special_output(tmp_path):
+def test_decode_refuses_to_replace_a_special_output(tmp_path, hwq):
     fifo = tmp_path / "out.fifo"
     os.mkfifo(fifo)
     hwq_file = tmp_path / "m.hwq"
     hwq_file.write_bytes(b"not used: the output is checked first")
-    p, s = _hwq(["decode", str(hwq_file), "--out", str(fifo)])
+    p, s = hwq(["decode", str(hwq_file), "--out", str(fifo)])
     _assert_one_line(p, s, "not a regular file")
     assert fifo.is_fifo()
 
@@ -305,14 +373,14 @@ LM_CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(LM_CASES))
-def test_language_model_mistakes_are_one_line_before_ray_starts(case, lm_folder, tmp_path):
+def test_language_model_mistakes_are_one_line_before_ray_starts(case, lm_folder, tmp_path, hwq):
     """One line, exit 2, and nothing else on stderr: not even the line that Ray is starting
     (the config's mistakes are found before any stage or Ray)."""
     change, needles = LM_CASES[case]
     subs = {"MISSING": str(tmp_path / "nothing"), "SHORT": str(lm_folder / "short.txt")}
     change = {s: {k: ({n: subs.get(t, t) for n, t in v.items()} if isinstance(v, dict)
                       else subs.get(v, v)) for k, v in kv.items()} for s, kv in change.items()}
-    p, s = _hwq(["run", str(_lm_yaml(tmp_path, lm_folder, **change))])
+    p, s = hwq(["run", str(_lm_yaml(tmp_path, lm_folder, **change))])
     _assert_one_line(p, s, *needles)
     assert not (tmp_path / "store" / "stages").exists()
 

@@ -14,6 +14,8 @@ from pipeline.graph import Stage
 from pipeline.lease import LeaseLost, StageBusy, StageLease
 from pipeline.store import StageDir, Store
 
+pytestmark = pytest.mark.lease_settle  # the protocol with its settle wait (tests/conftest.py)
+
 
 def test_a_second_holder_waits_and_sees_the_stage_finish(tmp_path):
     store = Store(str(tmp_path))

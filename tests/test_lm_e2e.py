@@ -119,7 +119,10 @@ def test_the_tied_embedding_is_quantized_stored_once_and_decodes_tied(lm_run, lm
 
 
 def test_embeddings_keep_stores_them_raw_and_is_another_load_key(lm_run, lm_files):
+    # (one Hessian unit: the split over partitions and groups is lm_run's and test_streamed's;
+    # this checks what the load and encode stages do with a kept embedding)
     r = compress(lm_config(lm_files, quantize={"embeddings": "keep"},
+                           hessian={"partitions": 1, "groups": 1},
                            finetune={"enabled": False}), keep_ray=True)
     assert r["stages"]["load"]["key"] != lm_run["stages"]["load"]["key"]
     assert r["model"]["quantized_params"] == lm_run["model"]["quantized_params"] - 300 * 64

@@ -221,8 +221,11 @@ def test_streamed_run_on_s3(ray_local, bf16_folder, s3_bucket):
     endpoint = opts["client_kwargs"]["endpoint_url"]
     fs = s3fs.S3FileSystem(**opts)
     fs.put(str(bf16_folder), f"{url[5:]}/model", recursive=True)
+    # One partition and one group: what is checked here is the store and the model on S3 (the
+    # units' split is the local reference run's: test_streamed_run_end_to_end).
     args = build_parser().parse_args(["stream", f"{url}/model", f"{url}/work", "--windows", "2",
-                                      "--seq-len", "8", "--endpoint-url", endpoint])
+                                      "--seq-len", "8", "--partitions", "1", "--groups", "1",
+                                      "--endpoint-url", endpoint])
     cfg = stream_config(args)
     cfg["store"].update(key=opts["key"], secret=opts["secret"])
 

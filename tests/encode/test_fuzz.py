@@ -7,8 +7,10 @@ modified header and right checksums (random JSON edits, payload sections replace
 CRC fixed: decode or refuse), and replaced by hand-made bombs (refused in under a second)
 and the memory bombs of the decoder's bound (per-chunk rANS tables, context-coded indices:
 decoded or refused within the address-space limit, and edited).
-The loop runs in a child process under an address-space limit (1.5 GiB above the warmed-up
-baseline), each case timed; seeded, so a failure reproduces with its label.
+The loop runs in child processes under an address-space limit (1.5 GiB above the warmed-up
+baseline), each case timed: two children at once, each taking every other base file (and the
+first the bombs), so the two cores share it. Seeded per base file, so a failure reproduces with
+its label whatever the split.
 """
 
 from __future__ import annotations
@@ -169,8 +171,9 @@ def _edit_payload(h: dict, payload: bytearray, rng) -> tuple[dict, bytearray]:
     return h, payload
 
 
-def fuzz(folder: Path) -> dict:
-    """Run every case; return counts, failures and timings."""
+def fuzz(folder: Path, shard: int = 0, shards: int = 1) -> dict:
+    """Run this shard's cases: the base files at positions shard, shard + shards, ... and,
+    in shard 0, the bombs. Returns counts, failures and timings."""
     import hostile_files as hf
 
     from pipeline.encode import HwqFormatError, read_hwq
@@ -220,7 +223,10 @@ def fuzz(folder: Path) -> dict:
         if dt > seconds:
             failures.append(f"{label}: took {dt:.2f} s (limit {seconds} s)")
 
-    for bname, ok in bases.items():
+    for b, (bname, ok) in enumerate(bases.items()):
+        if b % shards != shard:
+            continue
+        rng = np.random.default_rng([SEED, b])  # a base file's cases, whatever the split
         n = len(ok)
         h, payload = hf.split(ok)
         pstart = n - len(payload)
@@ -273,21 +279,23 @@ def fuzz(folder: Path) -> dict:
                 case("crafted payloads", f"{bname} section#{i}", hf.join(hh, pl),
                      must_refuse=False, accounting=i % 4 == 0, partial=i % 3 == 0)
 
-    for name, (blob, kw) in hf.bombs(bases["mixed-network"]).items():
+    rng = np.random.default_rng([SEED, len(bases)])
+    for name, (blob, kw) in (hf.bombs(bases["mixed-network"]) if shard == 0 else {}).items():
         case("bombs", f"bomb {name}", blob, must_refuse=True, seconds=BOMB_SECONDS,
              call=lambda p, kw=kw: read_hwq(p, **kw))
-    # Honest large ones stay readable: the escape-coded sparse file decodes to 1.2 MB.
-    case("bombs", "honest sparse-escapes", bases["sparse-escapes"], must_refuse=False)
+    if shard == 0:
+        # Honest large ones stay readable: the escape-coded sparse file decodes to 1.2 MB.
+        case("bombs", "honest sparse-escapes", bases["sparse-escapes"], must_refuse=False)
 
     # The decoder's memory bound (docs/FORMAT.md, section 6): per-chunk rANS tables (at 20
     # bits, refused; at 16 and 17 bits, different for every chunk), 1 M context-coded
     # indices from a few hundred bytes, a [16, 2^22] ragged codebook (refused); then seeded
     # header and section edits of the table files.
-    mem = hf.memory_bombs(folder)
+    mem = hf.memory_bombs(folder) if shard == 0 else {}
     for name, (blob, must) in mem.items():
         case("memory bombs", f"memory {name}", blob, must_refuse=must, accounting=True)
         case("memory bombs", f"memory {name} partial", blob, must_refuse=must, partial=True)
-    for name in ("level-tables-pb20", "level-tables-pb16"):
+    for name in ("level-tables-pb20", "level-tables-pb16") if shard == 0 else ():
         h, payload = hf.split(mem[name][0])
         for i in range(15):
             hh = _edit_json(h, rng)
@@ -314,20 +322,43 @@ def fuzz(folder: Path) -> dict:
 
 # No wall-clock assertion (a loaded machine is slower, not wrong); a hang still ends at the
 # child's timeout, which is a failure.
+SHARDS = 2  # children at once (the machine's two cores)
+
+
 @pytest.mark.timeout(480)
 def test_fuzz_reader_refuses_cleanly(tmp_path):
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1",
                OPENBLAS_NUM_THREADS="1", PYTHONHASHSEED="0")
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, __file__, str(tmp_path)], env=env, capture_output=True,
-                       text=True, timeout=420)
+    children, dirs = [], [tmp_path / str(i) for i in range(SHARDS)]
+    for i, d in enumerate(dirs):
+        d.mkdir()
+        # Files, not pipes: a child must never wait on a full pipe while the other is read.
+        with open(d / "out.txt", "w") as out, open(d / "err.txt", "w") as err:
+            children.append(subprocess.Popen([sys.executable, __file__, str(d), str(i),
+                                              str(SHARDS)], env=env, stdout=out, stderr=err))
+    try:
+        for c in children:
+            c.wait(timeout=max(1.0, 420 - (time.perf_counter() - t0)))
+    finally:
+        for c in children:
+            c.kill()
     elapsed = time.perf_counter() - t0
-    tail = "\n".join(p.stderr.splitlines()[-20:])
-    assert p.returncode == 0, f"fuzz child exited {p.returncode}; last cases:\n{tail}"
-    summary = json.loads(p.stdout.splitlines()[-1])
-    print(f"\nfuzz ({elapsed:.1f} s):", json.dumps(summary, indent=1))
-    assert not summary["failures"], "\n\n".join(summary["failures"][:10])
-    counts = summary["counts"]
+    summaries = []
+    for i, (c, d) in enumerate(zip(children, dirs, strict=True)):
+        tail = "\n".join((d / "err.txt").read_text().splitlines()[-20:])
+        assert c.returncode == 0, f"fuzz child {i} exited {c.returncode}; last cases:\n{tail}"
+        summaries.append(json.loads((d / "out.txt").read_text().splitlines()[-1]))
+    counts: dict[str, dict[str, int]] = {}
+    for sm in summaries:
+        for cat, c in sm["counts"].items():
+            into = counts.setdefault(cat, {"tried": 0, "refused": 0, "decoded": 0})
+            for k, v in c.items():
+                into[k] += v
+    failures = [f for sm in summaries for f in sm["failures"]]
+    print(f"\nfuzz ({elapsed:.1f} s):", json.dumps({"counts": counts, "shards": summaries},
+                                                  indent=1))
+    assert not failures, "\n\n".join(failures[:10])
     assert counts["truncations"]["tried"] >= 300 and counts["bit flips"]["tried"] >= 1500
     assert counts["crafted headers"]["refused"] > 1000 and counts["bombs"]["refused"] >= 15
     assert counts["memory bombs"]["tried"] >= 60 and counts["memory bombs"]["decoded"] >= 6
@@ -337,4 +368,4 @@ def test_fuzz_reader_refuses_cleanly(tmp_path):
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    print(json.dumps(fuzz(Path(sys.argv[1]))))
+    print(json.dumps(fuzz(Path(sys.argv[1]), *map(int, sys.argv[2:4]))))

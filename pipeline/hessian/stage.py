@@ -421,7 +421,11 @@ def _task_cpus(h) -> int:
 
 
 def _sections(cfg: RunConfig) -> dict:
-    return {"seed": cfg.seed, "hessian": cfg.hessian.model_dump(mode="json")}
+    # The layout is part of the key: a per-tensor run (tables per block group) and a
+    # whole-model run (one hessian.parquet) of the same settings write different files, and
+    # with one key each would find the other's folder and recompute it.
+    return {"seed": cfg.seed, "hessian": cfg.hessian.model_dump(mode="json"),
+            "layout": "tensors" if per_tensor(cfg) else "table"}
 
 
 def _inputs(cfg: RunConfig) -> tuple[str, ...]:

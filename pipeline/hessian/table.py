@@ -140,11 +140,16 @@ class TensorTableWriter:
         if tensor in self.names:
             raise ValueError(f"{tensor} is already in the table")
         offs = list(range(0, max(flat.size, 1), self.chunk))
-        vals = [flat[o : o + self.chunk].tobytes() for o in offs]
+        # the chunks are views of `flat`'s bytes (no copy of a tensor-sized Hessian)
+        ends = np.minimum(np.asarray(offs, np.int64) + self.chunk, flat.size)
+        values = pa.LargeBinaryArray.from_buffers(
+            pa.large_binary(), len(offs),
+            [None, pa.py_buffer(np.concatenate([[0], 4 * ends]).astype(np.int64)),
+             pa.py_buffer(flat)])
+        crcs = [zlib.crc32(memoryview(flat[o : o + self.chunk]).cast("B")) for o in offs]
         batch = pa.table({"tensor": pa.array([tensor] * len(offs), pa.string()),
-                          "offset": pa.array(offs, pa.int64()),
-                          "values": pa.array(vals, pa.large_binary()),
-                          "crc32": pa.array([zlib.crc32(v) for v in vals], pa.int64())},
+                          "offset": pa.array(offs, pa.int64()), "values": values,
+                          "crc32": pa.array(crcs, pa.int64())},
                          schema=self._writer.schema)
         self._writer.write_table(batch, row_group_size=len(offs))
         self.names.append(tensor)

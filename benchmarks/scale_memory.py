@@ -179,7 +179,10 @@ def run_one(label: str, model: Path, work: Path, a: argparse.Namespace, one_tens
 
     if fresh:
         shutil.rmtree(work, ignore_errors=True)
-    cfg = to_config(stream_config(stream_args(model, work, a)))
+    raw = stream_config(stream_args(model, work, a))
+    if a.cpus_per_task:
+        raw.setdefault("executor", {})["cpus_per_task"] = a.cpus_per_task
+    cfg = to_config(raw)
     sampler = RssSampler(interval=0.5).start()
     t0 = time.perf_counter()
     try:
@@ -370,6 +373,9 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--partitions", type=int, default=2, help="Hessian window partitions")
     ap.add_argument("--groups", type=int, default=4, help="Hessian block groups")
+    ap.add_argument("--cpus-per-task", type=int, default=0,
+                    help="executor.cpus_per_task (default: the stages' own choice, 1 CPU a "
+                         "tensor task); 2 runs one task at a time with 2 threads, in one worker")
     ap.add_argument("--skip-7b", action="store_true")
     ap.add_argument("--skip-smollm2", action="store_true")
     ap.add_argument("--skip-fisher", action="store_true")

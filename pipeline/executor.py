@@ -14,8 +14,10 @@ import socket
 import stat
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pipeline.errors import ExecutorError
 
@@ -364,16 +366,57 @@ def ray_map(fn, jobs, *, cpus: int = 1) -> list:
     return ray.get([task.remote(j) for j in jobs])
 
 
-def call(fn, *args, cpus: int | str = 1, gpus: float | str = 0, **kwargs):
-    """fn(*args, **kwargs) as one Ray task (resources as in `remote`); its result."""
+def call(fn, *args, cpus: int | str = 1, gpus: float | str = 0, max_retries: int | None = None,
+         **kwargs):
+    """fn(*args, **kwargs) as one Ray task (resources as in `remote`; max_retries: Ray's
+    retries of a killed worker, `remote`'s default when None); its result."""
     import ray
 
-    ref = remote(fn, cpus=cpus, gpus=gpus).remote(*args, **kwargs)
+    options = {} if max_retries is None else {"max_retries": max_retries}
+    ref = remote(fn, cpus=cpus, gpus=gpus, **options).remote(*args, **kwargs)
     try:
         return ray.get(ref)
     except KeyboardInterrupt:
         _cancel([ref])
         raise
+
+
+class BlockMap:
+    """A `map_fn` for the row solvers (`pipeline.quantize.rate`): each block put in Ray's
+    object store once (keyed by the block object, held while this map lives), each call one
+    Ray task per block (1 CPU, a GPU when tasks get one), results in order."""
+
+    def __init__(self) -> None:
+        import ray
+
+        self._ray = ray
+        self._refs: dict[int, Any] = {}
+        self._keep: list[Any] = []
+        self._task = remote(_apply_block, cpus=task_cpus(1), gpus="task")
+        self.calls = 0
+
+    def __call__(self, fn, blocks):
+        t0 = time.perf_counter()
+        self.calls += 1
+        refs = []
+        for b in blocks:
+            ref = self._refs.get(id(b))
+            if ref is None:
+                ref = self._ray.put(b)
+                self._refs[id(b)] = ref
+                self._keep.append(b)  # the id stays this block's while we hold it
+            refs.append(ref)
+        out = self._ray.get([self._task.remote(fn, r) for r in refs])
+        lam = getattr(fn, "keywords", {}).get("lam")
+        logging.getLogger("hwq").info(
+            "quantize: pass %d over %d blocks%s in %.1f s", self.calls, len(refs),
+            "" if lam is None else f" at λ={lam:.4g}", time.perf_counter() - t0)
+        return out
+
+
+def _apply_block(fn, block):
+    task_threads()
+    return fn(block)
 
 
 def map_units(fn, calls, *, cpus: int | str = 1, gpus: float | str = 0,

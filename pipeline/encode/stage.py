@@ -18,7 +18,7 @@ import torch
 from pipeline.config import RunConfig
 from pipeline.config_checks import per_tensor
 from pipeline.encode.entries import dtype_of, quantized_bits, raw_array, raw_cast
-from pipeline.executor import ray_map, remote, task_threads
+from pipeline.executor import call, ray_map, task_threads
 from pipeline.graph import Stage, StageContext
 from pipeline.quantize.artifacts import QuantizedModel
 from pipeline.store import StageDir
@@ -89,8 +89,6 @@ def _decode_and_evaluate(cfg: RunConfig, out: StageDir, expected: dict[str, torc
 
 
 def _run(ctx: StageContext) -> dict:
-    import ray
-
     from pipeline.encode.container import write_hwq
     from pipeline.train.stage import load_masks, load_model_state, model_stage
 
@@ -118,8 +116,7 @@ def _run(ctx: StageContext) -> dict:
     expected = qm.dense_state(state, masks)
     expected = {n: t if n in qm.assignment else raw_cast(t, e.raw_dtype)
                 for n, t in expected.items()}
-    acc = ray.get(remote(_decode_and_evaluate, cpus="worker", gpus="task")
-                  .remote(cfg, out, expected))
+    acc = call(_decode_and_evaluate, cfg, out, expected, cpus="worker", gpus="task")
     original = 4 * sum(t.numel() for t in state.values())
     # Same file with fixed-length index codes: swap the coded index bits for fixed ones.
     fixed_bits = 8 * file_bytes - acct["bits"]["indices"] + acct["fixed_length_index_bits"]
@@ -160,8 +157,6 @@ def _decode_and_evaluate_loaded(cfg: RunConfig, out: StageDir, src: StageDir,
 def _run_loaded(ctx: StageContext) -> dict:
     """A loaded model: tensors keep their source dtype, per-row codebooks are stored in fp16
     (ragged), and the decoded model is scored with the run's metric."""
-    import ray
-
     from pipeline.encode.container import write_hwq
     from pipeline.train.stage import model_stage
     from pipeline.workload import MODEL_JSON, Workload
@@ -187,8 +182,7 @@ def _run_loaded(ctx: StageContext) -> dict:
             out.write_bytes(rel, src.read_bytes(rel))
     expected = {n: raw_cast(t, e.raw_dtype) for n, t in state.items()}
     expected.update(qm.dense_state({n: state[n] for n in qm.assignment}, {}))
-    ev = ray.get(remote(_decode_and_evaluate_loaded, cpus="worker", gpus="task")
-                 .remote(cfg, out, src, expected))
+    ev = call(_decode_and_evaluate_loaded, cfg, out, src, expected, cpus="worker", gpus="task")
     n_q = sum(state[n].numel() for n in qm.assignment)
     qbits = quantized_bits(acct, len(qm.assignment), len(entries))
     source = sum(t.numel() * t.element_size() for t in state.values())

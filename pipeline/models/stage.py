@@ -26,7 +26,7 @@ import torch
 
 from pipeline.config import RunConfig
 from pipeline.digests import hash_files
-from pipeline.executor import remote, task_threads
+from pipeline.executor import call, task_threads
 from pipeline.graph import Stage, StageContext
 from pipeline.workload import HF_DIR, MODEL_JSON, WINDOWS, Workload, expand_path, unique_state
 
@@ -131,15 +131,13 @@ def _load_task(cfg: RunConfig, out, expect: dict[str, Any]) -> dict:
 
 
 def _run(ctx: StageContext) -> dict:
-    import ray
-
     if ctx.cfg.model.residency == "streamed":
         from pipeline.models.load_streamed import run_load_streamed
 
         return run_load_streamed(ctx)
 
-    return ray.get(remote(_load_task, cpus="worker", gpus="task").remote(ctx.cfg, ctx.out,
-                                                          ctx.sections.get("sources", {})))
+    return call(_load_task, ctx.cfg, ctx.out, ctx.sections.get("sources", {}), cpus="worker",
+                gpus="task")
 
 
 def _targets(cfg: RunConfig) -> dict[str, Any]:

@@ -28,12 +28,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.executor import remote, task_cpus, task_threads
+from pipeline.executor import BlockMap, call, task_threads
 from pipeline.graph import StageContext
 from pipeline.quantize.artifacts import QuantizedModel
 from pipeline.quantize.rows import RowsResult
 
-__all__ = ["run_rows", "frequency_ranked", "RayBlockMap"]
+__all__ = ["run_rows", "frequency_ranked"]
 
 _BLOCK_WEIGHTS = 1 << 20  # weights per Ray task
 _SAMPLE = 8  # the λ search runs on every 8th row (when there are at least 512 rows)
@@ -49,44 +49,6 @@ def frequency_ranked(res: RowsResult) -> tuple[np.ndarray, np.ndarray]:
     used = np.take_along_axis(res.counts, order, axis=1) > 0
     cb = np.where(used, cb, cb[:, :1])
     return cb, idx
-
-
-class RayBlockMap:
-    """A `map_fn` for the row solvers: each block put in Ray's object store once (keyed by the
-    block object), each call one Ray task per block, results in order."""
-
-    def __init__(self) -> None:
-        import ray
-
-        self._ray = ray
-        self._refs: dict[int, Any] = {}
-        self._keep: list[Any] = []
-        self._task = remote(_apply_block, cpus=task_cpus(1), gpus="task")
-
-    def __call__(self, fn, blocks):
-        import logging
-
-        t0 = time.perf_counter()
-        self.calls = getattr(self, "calls", 0) + 1
-        refs = []
-        for b in blocks:
-            ref = self._refs.get(id(b))
-            if ref is None:
-                ref = self._ray.put(b)
-                self._refs[id(b)] = ref
-                self._keep.append(b)  # the id stays this block's while we hold it
-            refs.append(ref)
-        out = self._ray.get([self._task.remote(fn, r) for r in refs])
-        lam = getattr(fn, "keywords", {}).get("lam")
-        logging.getLogger("hwq").info(
-            "quantize: pass %d over %d blocks%s in %.1f s", self.calls, len(refs),
-            "" if lam is None else f" at λ={lam:.4g}", time.perf_counter() - t0)
-        return out
-
-
-def _apply_block(fn, block):
-    task_threads()
-    return fn(block)
 
 
 def _kmeans_block(block, *, k: int, weighted: bool, n_init: int, iters: int, tol: float,
@@ -166,7 +128,6 @@ def _coded_rate(results, owner, names, weights) -> float:
 
 
 def run_rows(ctx: StageContext) -> dict:
-    import ray
 
     from pipeline.hessian.stage import read_hessian
     from pipeline.quantize.rate import RowBlock, solve_rows_at, solve_rows_global_rate
@@ -218,7 +179,7 @@ def run_rows(ctx: StageContext) -> dict:
     ctx.log.info("quantize: %s per %s, %d tensors, %d rows, %d weights in %d Ray blocks",
                  q.method, f"group of {q.group_size}" if group else "channel", len(names),
                  row0, weights, len(blocks))
-    mapper = RayBlockMap()
+    mapper = BlockMap()
     info: dict[str, Any] = {}
     if q.method in ("uniform", "ecsq"):
         opts: dict[str, Any] = {"k_max": q.k_max}
@@ -287,7 +248,7 @@ def run_rows(ctx: StageContext) -> dict:
     QuantizedModel(scope=q.scope, method=q.method, codebooks=codebooks, indices=indices,
                    assignment={n: n for n in names}, raw=raw).write(out)
     out.write_json("layers.json", layers)
-    ev = ray.get(remote(_evaluate_task, cpus="worker", gpus="task").remote(cfg, src, out))
+    ev = call(_evaluate_task, cfg, src, out, cpus="worker", gpus="task")
     wl = Workload(cfg)
     return {
         **wl.metric_fields("quantized", ev),

@@ -29,7 +29,7 @@ import torch
 
 from pipeline.config import RunConfig
 from pipeline.config_checks import per_tensor
-from pipeline.executor import remote, task_cpus, task_threads
+from pipeline.executor import call, remote, task_cpus, task_threads
 from pipeline.graph import Stage, StageContext
 from pipeline.quantize.artifacts import QuantizedModel
 from pipeline.store import StageDir
@@ -275,8 +275,8 @@ def _run(ctx: StageContext) -> dict:
 
     QuantizedModel(scope=q.scope, method=q.method, codebooks=codebooks, indices=indices,
                    assignment=assignment, raw=raw).write(out)
-    ev = ray.get(remote(_evaluate_task, cpus="worker", gpus="task", max_retries=_TASK_RETRIES)
-                 .remote(cfg, src, prune, hess, out))
+    ev = call(_evaluate_task, cfg, src, prune, hess, out, cpus="worker", gpus="task",
+              max_retries=_TASK_RETRIES)
     out.write_json("layers.json", ev["layers"])
     # Layer/channel scope: kept-weighted means over the per-tensor codebooks (network scope
     # has them from the one solve).

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from pipeline.config import RunConfig
-from pipeline.executor import map_units, task_cpus, task_threads
+from pipeline.executor import BlockMap, map_units, task_cpus, task_threads
 from pipeline.graph import StageContext
 
 __all__ = ["run_quantize_tensors", "CODES", "read_codes", "sample_rows"]
@@ -257,7 +257,6 @@ def _predicted_bits(found, shapes: list[tuple[int, int]], sampled: list[int]) ->
 def run_quantize_tensors(ctx: StageContext) -> dict[str, Any]:
     from pipeline.models.source import source_url, tensor_order
     from pipeline.quantize.rate import solve_rows_global_rate
-    from pipeline.quantize.rows_stage import RayBlockMap
     from pipeline.units import Units
     from pipeline.workload import MODEL_JSON
 
@@ -285,7 +284,7 @@ def run_quantize_tensors(ctx: StageContext) -> dict[str, Any]:
     ctx.log.info("quantize: %s per channel, %d tensors, %d rows, %d weights; λ searched on "
                  "one row in %d, stratified (%d rows)", q.method, len(names), at, weights, every,
                  sum(sampled))
-    mapper = RayBlockMap()
+    mapper = BlockMap()
     units = Units(out)
     target = float(q.target_bits)
     aim, lam0, evals, passes, best, reused = target, None, 0, 0, None, 0

@@ -22,7 +22,7 @@ import time
 import torch
 
 from pipeline.config import RunConfig
-from pipeline.executor import remote, task_device, task_threads
+from pipeline.executor import call, task_device, task_threads
 from pipeline.graph import Stage, StageContext
 from pipeline.store import StageDir
 
@@ -218,17 +218,12 @@ def load_adam(sd: StageDir) -> tuple[dict[str, torch.Tensor], int, float]:
 
 
 def _run_train(ctx: StageContext) -> dict:
-    import ray
-
-    return ray.get(remote(_train_task, cpus="worker", gpus="task").remote(
-        ctx.cfg, ctx.out, ctx.sections.get("checkpoint_sha256")))
+    return call(_train_task, ctx.cfg, ctx.out, ctx.sections.get("checkpoint_sha256"),
+                cpus="worker", gpus="task")
 
 
 def _run_prune(ctx: StageContext) -> dict:
-    import ray
-
-    return ray.get(remote(_prune_task, cpus="worker", gpus="task")
-                   .remote(ctx.cfg, ctx.out, ctx.inputs["train"]))
+    return call(_prune_task, ctx.cfg, ctx.out, ctx.inputs["train"], cpus="worker", gpus="task")
 
 
 def _train_sections(cfg: RunConfig) -> dict:

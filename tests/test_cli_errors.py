@@ -54,6 +54,10 @@ def hwq(capsys, monkeypatch):
     def run(args, env_extra=None, drop=()):
         monkeypatch.chdir(ROOT)
         monkeypatch.setattr(executor, "init_ray", no_ray)
+        # ...and none stops: the CLI's `finally` would shut down the session's Ray that the
+        # other tests' fixture (`ray_local`) started, and the next Ray call in this process
+        # would auto-start a plain one (no worker environment, other cancel behaviour)
+        monkeypatch.setattr(executor, "shutdown_ray", lambda: None)
         for k in drop:
             monkeypatch.delenv(k, raising=False)
         for k, v in {**_ENV, **(env_extra or {})}.items():

@@ -384,7 +384,7 @@ def call(fn, *args, cpus: int | str = 1, gpus: float | str = 0, max_retries: int
 class BlockMap:
     """A `map_fn` for the row solvers (`pipeline.quantize.rate`): each block put in Ray's
     object store once (keyed by the block object, held while this map lives), each call one
-    Ray task per block (1 CPU, a GPU when tasks get one), results in order."""
+    Ray task per block (`task_cpus(1)` CPUs, a GPU when tasks get one), results in order."""
 
     def __init__(self) -> None:
         import ray

@@ -128,7 +128,6 @@ def _coded_rate(results, owner, names, weights) -> float:
 
 
 def run_rows(ctx: StageContext) -> dict:
-
     from pipeline.hessian.stage import read_hessian
     from pipeline.quantize.rate import RowBlock, solve_rows_at, solve_rows_global_rate
     from pipeline.quantize.rows import floor_hessian, index_rate, to_groups

@@ -448,12 +448,24 @@ def _cancel(refs: list) -> None:
     none finishes later and writes into a stage folder another run has since completed."""
     import ray
 
-    for r in refs:
+    # Ray's cancel is best effort: one that reaches a task while it is being handed to its
+    # worker is lost, and the task then runs to its end (seen in the test suite: a queued unit
+    # started as the first finished and wrote seconds after the stop). So the unfinished are
+    # cancelled again every half second, and killed (force) after a few tries.
+    left = list(refs)
+    for attempt in range(8):
+        for r in left:
+            try:
+                ray.cancel(r, force=attempt == 7, recursive=attempt < 7)
+            except Exception:  # noqa: BLE001 - already finished, or its worker is gone
+                pass
         try:
-            ray.cancel(r, recursive=True)
-        except Exception:  # noqa: BLE001 - already finished, or its worker is gone
-            pass
+            _, left = ray.wait(left, num_returns=len(left), timeout=0.5)
+        except Exception:  # noqa: BLE001 - Ray shutting down under us: nothing left to wait for
+            return
+        if not left:
+            return
     try:
-        ray.wait(refs, num_returns=len(refs), timeout=60)
-    except Exception:  # noqa: BLE001 - Ray shutting down under us: nothing left to wait for
+        ray.wait(left, num_returns=len(left), timeout=60)
+    except Exception:  # noqa: BLE001
         pass

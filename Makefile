@@ -76,7 +76,7 @@ run: setup
 # `make test` leaves out the tests marked slow (multi-node clusters, deploy scripts, fault
 # recovery of fine-tuning, the batch end to end: minutes each); `make test-slow` runs them.
 test: setup
-	$(BIN)/python -m pytest -q -m "not slow" tests $(ARGS)
+	$(BIN)/python -m pytest -q -m "not slow" --durations=30 tests $(ARGS)
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow tests $(ARGS)

@@ -30,10 +30,31 @@ RAY = str(Path(sys.executable).with_name("ray"))
 ROOT = Path(__file__).resolve().parents[1]  # the checkout: pipeline/ and testkit/
 
 
+_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port nothing listens on now and that this process has not handed out before.
+
+    Chosen below the kernel's ephemeral range (32768-60999 on Linux), so the OS does not give
+    it to an outgoing connection between now and the `ray start` that binds it, and never
+    twice: two OS-chosen ports asked for in a row can be the same one (CI saw a head whose
+    dashboard and object manager got one port, and `ray start` refused it)."""
+    import random
+
+    rng = random.Random()
+    for _ in range(1000):
+        port = rng.randrange(23000, 32000)  # worker ports are 21000 + 400 per node
+        if port in _GIVEN:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _GIVEN.add(port)
+        return port
+    raise RuntimeError("no free port found in 23000-32000")
 
 
 def pids_of(temp_dir: str) -> set[int]:

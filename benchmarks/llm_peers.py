@@ -55,6 +55,21 @@ HWQ_ROWS = [  # (row id, label, quantize overrides), in the order they run
     ("hwq-hwkmeans-k16", "hwq Fisher k-means per channel, k=16",
      {"method": "hw_kmeans", "k": 16, "target_bits": None}),
 ]
+# Rows also run with block-wise fine-tuning (finetune.mode=blockwise: a Ray task per decoder
+# block, its codebooks against the unquantized hidden states) beside the end-to-end one.
+BLOCKWISE_ROWS = ("hwq-ecsq-3.25", "hwq-ecsq-4.25")
+
+
+def _finetune_variants(rid: str, no_finetune: bool) -> list[tuple[str, dict]]:
+    """(row-id suffix, finetune settings) of an hwq row: none, end to end, block-wise."""
+    out = [("", {"enabled": False})]
+    if not no_finetune:
+        out.append(("+ft", {"enabled": True, "mode": "end_to_end"}))
+        if rid in BLOCKWISE_ROWS:
+            out.append(("+bw", {"enabled": True, "mode": "blockwise"}))
+    return out
+
+
 PEER_ROWS = [("rtn", 3), ("hqq", 3), ("gptq", 3), ("rtn", 4), ("hqq", 4), ("gptq", 4)]
 
 
@@ -252,18 +267,19 @@ def main(argv: list[str] | None = None) -> int:
         gc.collect()
         if args.only in ("all", "hwq"):
             for rid, label, quant in HWQ_ROWS:
-                for ft in (False,) if args.no_finetune else (False, True):
-                    row_id = rid + ("+ft" if ft else "")
+                for suffix, ft in _finetune_variants(rid, args.no_finetune):
+                    row_id = rid + suffix
                     if row_id in done:
                         continue
-                    rep = compress(cfg, quantize=quant, finetune={"enabled": ft},
-                                   keep_ray=True)
+                    rep = compress(cfg, quantize=quant, finetune=ft, keep_ray=True)
                     m = rep["metrics"]
                     secs = sum(s["compute_seconds"] for s in rep["stages"].values())
                     fam = label.split(",")[0].replace(", k=8", "").replace(", k=16", "")
-                    keep({"id": row_id, "label": label + (" + fine-tuning" if ft else ""),
+                    more = {"+ft": (" + fine-tuning", " + FT"),
+                            "+bw": (" + block-wise fine-tuning", " + BW FT")}.get(suffix, ("", ""))
+                    keep({"id": row_id, "label": label + more[0],
                           "family": (fam.rsplit(" k=", 1)[0] if "k-means" in fam else fam)
-                          + (" + FT" if ft else ""),
+                          + more[1],
                           "bits_per_weight": m["bits_per_weight"],
                           "perplexity": m["decoded_perplexity_by_set"], "seconds": secs,
                           "note": f"file {m['encode']['file_bytes']:,} bytes; "

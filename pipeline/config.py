@@ -27,14 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.config_checks import parse_bytes, streamed_gap
 from pipeline.config_paths import resolve_paths
@@ -282,6 +275,13 @@ class FinetuneConfig(_Section):
     zero_stage: int = Field(0, ge=0, le=3)
     bf16: bool = False
     grad: Literal["sum", "mean"] = "sum"  # centre gradient: sum (paper) or mean of members
+    # end_to_end (DeepSpeed, whole model) | blockwise (a task per decoder block, causal LMs);
+    # auto: blockwise for a streamed model, else end_to_end (docs/LARGE_MODELS.md)
+    mode: Literal["auto", "end_to_end", "blockwise"] = "auto"
+    block_steps: int = Field(32, ge=0)  # Adam steps per block, block_batch windows each
+    block_lr: float = Field(1e-4, gt=0)
+    block_batch: int = Field(4, ge=1)
+    block_validation: float = Field(0.125, ge=0, lt=1)  # windows held out to accept a block
     train_unquantized: bool = False  # biases etc. stay frozen unless asked
     # Steps between DeepSpeed checkpoints, the points an interrupted fine-tune resumes from.
     # Resuming is exact, so this (like max_failures) is not part of the stage key.
@@ -402,7 +402,11 @@ class RunConfig(_Section):
         """Settings whose default depends on the model: filled in here so every dump (and so
         every stage key) holds the value used."""
         lenet = self.model.trained_here
+        if self.finetune.mode == "blockwise" and self.model.name != "hf_causal_lm":
+            raise ValueError("finetune.mode=blockwise trains a causal language model's decoder "
+                             "blocks (model.name=hf_causal_lm); use finetune.mode=end_to_end")
         if self.data.name == "text" and self.finetune.enabled and \
+                self.finetune.mode != "blockwise" and \
                 "batch_size" not in self.finetune.model_fields_set:
             # A fine-tune step takes a batch of calibration windows: the default (128) is
             # cut to the windows there are, in whole shares of the workers.
@@ -465,7 +469,7 @@ class RunConfig(_Section):
         """A fine-tune batch the workers cannot split, or larger than the data it is drawn
         from, fails here rather than after the stages before fine-tuning."""
         ft = self.finetune
-        if not (ft.enabled and self.quantize.enabled):
+        if not (ft.enabled and self.quantize.enabled) or ft.mode == "blockwise":
             return
         if ft.batch_size % ft.workers:
             raise ValueError(f"finetune.batch_size={ft.batch_size} is not divisible by "

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["parse_bytes", "per_tensor", "per_tensor_gap", "streamed_gap"]
+__all__ = ["finetune_mode", "parse_bytes", "per_tensor", "per_tensor_gap", "streamed_gap"]
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
@@ -27,6 +27,16 @@ def parse_bytes(v: int | str, key: str) -> int:
     return n
 
 
+def finetune_mode(cfg) -> str:
+    """finetune.mode resolved: `auto` is blockwise for a streamed causal LM (the end-to-end
+    fine-tune holds the whole model) and end_to_end otherwise."""
+    mode = cfg.finetune.mode
+    if mode != "auto":
+        return mode
+    streamed = cfg.model.residency == "streamed" and cfg.model.name == "hf_causal_lm"
+    return "blockwise" if streamed else "end_to_end"
+
+
 def per_tensor_gap(cfg) -> str | None:
     """What keeps a causal LM off the per-tensor stages (hessian/streamed_stage.py,
     quantize/tensors_stage.py, encode/tensors_stage.py) — the settings they do not cover yet —
@@ -34,8 +44,9 @@ def per_tensor_gap(cfg) -> str | None:
     them takes the whole-model stage bodies."""
     if cfg.model.name != "hf_causal_lm":
         return "model.name=hf_causal_lm (a safetensors folder or a GGUF file)"
-    if cfg.finetune.enabled and cfg.quantize.enabled:
-        return "finetune.enabled=false (fine-tuning holds the whole model)"
+    if cfg.finetune.enabled and cfg.quantize.enabled and finetune_mode(cfg) != "blockwise":
+        return ("finetune.mode=blockwise or finetune.enabled=false (end-to-end fine-tuning "
+                "holds the whole model)")
     if cfg.quantize.scope != "channel" or cfg.quantize.method not in ("uniform", "ecsq"):
         return "quantize.scope=channel with quantize.method uniform or ecsq"
     if cfg.encode.positions != "gaps" or cfg.encode.indices != "static" or \

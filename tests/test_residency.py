@@ -198,11 +198,17 @@ def test_auto_residency_follows_the_memory_budget(folder, tmp_path):
     # a model that must be streamed with a setting streaming cannot honour: one clear error
     with pytest.raises(ConfigError, match="larger than executor.memory_budget.*finetune"):
         resolve_residency(_cfg(folder, tmp_path, **auto, executor={"memory_budget": 1000},
-                               finetune={"enabled": True, "batch_size": 6}))
+                               finetune={"enabled": True, "mode": "end_to_end",
+                                         "batch_size": 6}))
+    # finetune.mode=auto fine-tunes a model that must be streamed block by block
+    ft = resolve_residency(_cfg(folder, tmp_path, **auto, executor={"memory_budget": 1000},
+                                finetune={"enabled": True}))
+    assert ft.model.residency == "streamed"
 
 
 @pytest.mark.parametrize("over, message", [
-    ({"finetune": {"enabled": True, "batch_size": 6}}, "finetune.enabled=false"),
+    ({"finetune": {"enabled": True, "mode": "end_to_end", "batch_size": 6}},
+     "finetune.mode=blockwise or finetune.enabled=false"),
     ({"quantize": {"method": "kmeans", "k": 4, "target_bits": None}}, "scope=channel"),
     ({"executor": {"memory_budget": "12 parsecs"}}, "not a size"),
 ])

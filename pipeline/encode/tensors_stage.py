@@ -48,19 +48,17 @@ def _expected(w, name: str, codes: tuple[np.ndarray, np.ndarray] | None, raw_dty
     return raw_array(raw_cast(w.read(name), raw_dtype))[0]
 
 
-def _check_decoded(path: str, opts: dict | None, w, names: list[str], quant,
-                   codes: dict[str, str], shapes: dict[str, tuple[int, int]],
+def _check_decoded(path: str, opts: dict | None, w, names: list[str], codes,
                    raw_dtype: str) -> int:
     """Decode every tensor of the file just written and compare it bit for bit; returns the
     bytes read."""
     from pipeline.encode.container import HwqReader
     from pipeline.memory import release_memory
-    from pipeline.quantize.tensors_stage import read_codes
 
     r = HwqReader(path, storage_options=opts)
     for name in names:
         got = np.asarray(r.read([name])[name])
-        c = read_codes(quant, codes[name], shapes[name]) if name in codes else None
+        c = codes.read(name) if name in codes.codes else None
         want = _expected(w, name, c, raw_dtype)
         if got.shape != want.shape or got.dtype != want.dtype or not np.array_equal(
                 got.view(np.uint8), want.view(np.uint8)):
@@ -71,26 +69,28 @@ def _check_decoded(path: str, opts: dict | None, w, names: list[str], quant,
     return r.bytes_read
 
 
-def _encode_task(cfg: RunConfig, out, url: str, opts: dict | None, quant, codes: dict[str, str],
-                 shapes: dict[str, tuple[int, int]], tied: dict[str, str]) -> dict:
+def _encode_task(cfg: RunConfig, out, url: str, opts: dict | None, tc,
+                 tied: dict[str, str]) -> dict:
     """Write and check model.hwq. tied: {alias: tensor} of the model (its head tied to the
     embedding): the alias is left out (a checkpoint may hold a copy; the resident load never
-    does), so the tensor is stored once and the decoded model ties it again."""
+    does), so the tensor is stored once and the decoded model ties it again.
+    tc: the run's `TensorCodes` (indices from quantize, codebooks from a block-wise
+    fine-tune where it ran)."""
     from pipeline.encode.container import TensorEntry, write_hwq
     from pipeline.executor import private_subdir, task_attempt
     from pipeline.memory import process_peaks, release_memory
     from pipeline.models.source import tensor_order
     from pipeline.models.weights import WeightsFolder
-    from pipeline.quantize.tensors_stage import read_codes
 
     task_threads()
     e = cfg.encode
     w = WeightsFolder(url, opts)
-    codebooks = {n: read_codes(quant, rel, shapes[n])[1] for n, rel in codes.items()}
+    codes, shapes = tc.codes, tc.shapes
+    codebooks = {n: tc.read(n)[1] for n in codes}
 
     def quantized(name: str) -> TensorEntry:
         release_memory()  # what the previous tensor's encoding freed
-        idx = read_codes(quant, codes[name], shapes[name])[0].reshape(-1)
+        idx = tc.read(name)[0].reshape(-1)
         return TensorEntry.quantized(name, shapes[name], idx, name,
                                      dtype=_HWQ_DTYPE[w.info(name).dtype])
 
@@ -117,7 +117,7 @@ def _encode_task(cfg: RunConfig, out, url: str, opts: dict | None, quant, codes:
     if file_bytes != acct["file_bytes"] or sum(acct["bits"].values()) != 8 * file_bytes:
         raise RuntimeError(f"accounting of {path} does not add up to its size")
     t_check = time.perf_counter()
-    checked_bytes = _check_decoded(path, sopts, w, names, quant, codes, shapes, e.raw_dtype)
+    checked_bytes = _check_decoded(path, sopts, w, names, tc, e.raw_dtype)
     n_all = sum(w.info(n).numel for n in names)
     return {"acct": acct, "file_bytes": file_bytes, "entries": len(names),
             "params": n_all, "original_bytes": sum(w.info(n).nbytes for n in names),
@@ -164,6 +164,7 @@ def _embedding_bits(out, names: list[str], shapes: dict[str, tuple[int, int]]) -
 
 def run_encode_streamed(ctx: StageContext) -> dict[str, Any]:
     from pipeline.models.source import source_url
+    from pipeline.quantize.codes import TensorCodes
     from pipeline.workload import MODEL_JSON, WINDOWS, Workload
 
     cfg, out = ctx.cfg, ctx.out
@@ -180,8 +181,8 @@ def run_encode_streamed(ctx: StageContext) -> dict[str, Any]:
     hf = sorted(rel for rel in (load.outputs or {}) if rel.startswith("hf/"))
     for rel in hf:
         out.write_bytes(rel, load.read_bytes(rel))
-    r = call(_encode_task, cfg, out, url, opts, quant, codes, shapes, meta.get("tied", {}),
-             cpus="worker")
+    tc = TensorCodes(quant, ctx.inputs.get("finetune"))
+    r = call(_encode_task, cfg, out, url, opts, tc, meta.get("tied", {}), cpus="worker")
     acct, file_bytes = r["acct"], r["file_bytes"]
     n_q = sum(a * b for a, b in shapes.values())
     qbits = quantized_bits(acct, len(codes), r["entries"])

@@ -75,6 +75,7 @@ import torch
 
 from pipeline import hooks
 from pipeline.config import FinetuneConfig, RunConfig
+from pipeline.config_checks import per_tensor
 from pipeline.errors import UserError
 from pipeline.finetune.checkpoint import Checkpoints
 from pipeline.graph import Stage, StageContext
@@ -533,6 +534,14 @@ def _resources(workers: int) -> tuple[float, float]:
 
 
 def _run(ctx: StageContext) -> dict[str, Any]:
+    if per_tensor(ctx.cfg):  # block-wise: a Ray task per decoder block, either residency
+        from pipeline.finetune.blocks_stage import run_finetune_blockwise
+
+        return run_finetune_blockwise(ctx)
+    return _run_end_to_end(ctx)
+
+
+def _run_end_to_end(ctx: StageContext) -> dict[str, Any]:
     from ray.train import FailureConfig, ScalingConfig
     from ray.train import RunConfig as TrainRunConfig
     from ray.train.torch import TorchConfig
@@ -639,5 +648,5 @@ FINETUNE = Stage(
     run=_run,
     enabled=lambda cfg: cfg.finetune.enabled and cfg.quantize.enabled,
     headline=("finetuned_accuracy", "finetuned_perplexity"),
-    outputs=lambda cfg: (CODEBOOKS, SUMMARY),
+    outputs=lambda cfg: ("codebooks.json",) if per_tensor(cfg) else (CODEBOOKS, SUMMARY),
 )

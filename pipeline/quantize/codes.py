@@ -1,0 +1,82 @@
+"""The codes of a per-tensor run, tensor by tensor: indices from the quantize stage, codebooks
+from it or, for the tensors a block-wise fine-tune trained, from the finetune stage.
+
+The quantize stage writes ``codes/<i>-<λ tag>.safetensors`` per tensor (frequency-ranked
+indices uint8/int16 [R, C] and per-row codebooks float32 [R, K]) listed in ``codes.json``;
+the block-wise fine-tune writes ``codebooks/b<b>.safetensors`` per decoder block (the trained
+codebooks of the block's tensors, same shapes) listed in its ``codebooks.json``. Every file is
+read through its stage folder, so its sha256 is checked against the stage's manifest.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+__all__ = ["TensorCodes", "read_tuned"]
+
+_TUNED_FILE = re.compile(r"codebooks/b[0-9]{5}\.safetensors")
+
+
+def read_tuned(sd, rel: str, names: list[str], shapes: dict[str, tuple[int, int]]
+               ) -> dict[str, np.ndarray]:
+    """The codebooks float32 [R, K] of `names` in one block file of a finetune stage folder
+    `sd` (checked: exactly those tensors, their row counts, finite)."""
+    from safetensors.numpy import load
+
+    data = sd.read_bytes(rel)
+    try:
+        t = load(data)
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own types on bad input
+        raise sd._corrupt(rel, f"not a codebooks file ({type(e).__name__})") from None
+    if set(t) != set(names) or any(
+            t[n].dtype != np.float32 or t[n].ndim != 2 or t[n].shape[0] != shapes[n][0]
+            or not 1 <= t[n].shape[1] <= 1 << 15 or not np.isfinite(t[n]).all()
+            for n in names):
+        raise sd._corrupt(rel, "not the codebooks of the block's tensors")
+    return t
+
+
+class TensorCodes:
+    """(indices, codebooks) of each quantized tensor of a per-tensor run.
+
+    quant: the quantize stage folder; finetune: the finetune stage folder of a block-wise
+    fine-tune, or None (the quantize stage's codebooks)."""
+
+    def __init__(self, quant, finetune=None) -> None:
+        q = quant.read_json("codes.json")
+        self.quant = quant
+        self.codes: dict[str, str] = q["codes"]
+        self.shapes = {n: tuple(s) for n, s in q["shapes"].items()}
+        self.finetune = finetune
+        self.tuned: dict[str, str] = {}
+        if finetune is not None:
+            files = finetune.read_json("codebooks.json").get("codebooks")
+            if not isinstance(files, dict) or not all(
+                    n in self.codes and isinstance(r, str) and _TUNED_FILE.fullmatch(r)
+                    for n, r in files.items()):
+                raise finetune._corrupt("codebooks.json", "not a map of quantized tensors to "
+                                        "block codebook files")
+            self.tuned = files
+        self._last: tuple[str, dict[str, np.ndarray]] | None = None
+
+    def _tuned(self, name: str) -> np.ndarray:
+        rel = self.tuned[name]
+        if self._last is None or self._last[0] != rel:
+            names = sorted(n for n, r in self.tuned.items() if r == rel)
+            self._last = (rel, read_tuned(self.finetune, rel, names, self.shapes))
+        return self._last[1][name]
+
+    def read(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(indices uint8/int16 [R, C], codebooks float32 [R, K]) of tensor `name`."""
+        from pipeline.quantize.tensors_stage import read_codes
+
+        idx, cb = read_codes(self.quant, self.codes[name], self.shapes[name])
+        if name in self.tuned:
+            t = self._tuned(name)
+            if t.shape != cb.shape:
+                raise self.finetune._corrupt(self.tuned[name], f"its codebooks of {name} are "
+                                             f"{list(t.shape)}, not {list(cb.shape)}")
+            cb = t
+        return idx, cb

@@ -193,6 +193,11 @@ class QuantizedTrainable(nn.Module):
         `loss_fn(model, *args)` computed with them instead (a model adapter's loss, which may
         call the model's parts rather than its forward)."""
         weights = self.quantized_weights()
+        # The model's own dtype (a bf16 checkpoint stays bf16 while the codebooks train in
+        # fp32): a Linear whose weight and input differ in dtype fails in the matmul.
+        ref = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), None)
+        if ref is not None:
+            weights = {n: w if w.dtype == ref else w.to(ref) for n, w in weights.items()}
         for name, aliases in self._aliases.items():
             for a in aliases:
                 weights[a] = weights[name]

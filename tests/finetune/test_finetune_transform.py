@@ -219,3 +219,25 @@ def test_tied_embedding_and_head_read_the_rebuilt_weight():
     torch.testing.assert_close(loss, loss_fn(dense, ids), rtol=1e-5, atol=1e-5)
     loss.backward()
     assert bool((net.codebooks["c0"].grad[unseen].abs().sum(1) > 0).all())
+
+
+def test_a_bf16_model_trains_fp32_codebooks():
+    """A model loaded in bfloat16 (a bf16 checkpoint) with float32 codebooks: the rebuilt
+    weights take the model's dtype (a Linear fails on a bf16 input and an fp32 weight), and
+    the gradient reaches the fp32 codebooks."""
+    pytest.importorskip("transformers")
+    from testkit.models import tiny_llama
+
+    model = tiny_llama(vocab=50, hidden=32, layers=1).to(torch.bfloat16)
+    name = "model.layers.0.mlp.up_proj.weight"
+    W = model.get_parameter(name).detach()
+    g = torch.Generator().manual_seed(0)
+    cb = torch.randn(W.shape[0], 4, generator=g) * 0.02
+    idx = torch.randint(0, 4, W.shape, generator=g)
+    net = QuantizedTrainable(model, QuantizedModel("channel", "ecsq", {name: cb}, {name: idx},
+                                                   {name: name}))
+    out = net(input_ids=torch.randint(0, 50, (2, 9), generator=g)).logits
+    assert out.dtype == torch.bfloat16
+    out.float().square().sum().backward()
+    grad = net.codebooks["c0"].grad
+    assert grad is not None and grad.dtype == torch.float32 and bool(grad.abs().sum() > 0)

@@ -83,7 +83,8 @@ def stream_config(args) -> dict:
                     "groups": args.groups},
         "quantize": {"method": args.method, "scope": "channel", "target_bits": args.bits,
                      "embeddings": "keep", "ecsq_bins": args.ecsq_bins},
-        "finetune": {"enabled": False},
+        "finetune": ({"enabled": True, "mode": "blockwise", "block_steps": args.finetune_steps}
+                     if args.finetune_steps else {"enabled": False}),
         "encode": {"coder": args.coder},
         "store": store, "executor": executor,
     }
@@ -108,7 +109,7 @@ def _stream(args) -> int:
     check_lengths(model_config(args.model, opts), args.model, lengths)
     cfg = to_config(stream_config(args))
     default_log_handler()
-    until = {"hessian": "hessian", "quantize": "quantize"}.get(args.until)
+    until = {"hessian": "hessian", "quantize": "quantize", "finetune": "finetune"}.get(args.until)
     try:
         report = driver.run(cfg, until=until, out=args.out)
     finally:
@@ -160,6 +161,9 @@ def add_commands(sub) -> None:
     s.add_argument("--seed", type=_seed, default=0,
                    help="seed of the calibration windows and quantizer inits (default 0)")
     s.add_argument("--coder", choices=("huffman", "ans"), default="huffman")
+    s.add_argument("--finetune-steps", type=_int_at_least(0), default=0, metavar="N",
+                   help="block-wise fine-tuning of the codebooks, N Adam steps per decoder "
+                   "block (finetune.mode=blockwise); 0 (default): none")
     s.add_argument("--eval", metavar="TEXT", help="after decoding, perplexity of the original "
                    "and the decoded model on this text (non-overlapping windows, both models "
                    "streamed block by block); needs the model's tokenizer (or --tokenizer)")
@@ -172,7 +176,7 @@ def add_commands(sub) -> None:
     s.add_argument("--groups", type=_int_at_least(1), default=2,
                    help="Hessian groups of consecutive decoder blocks (default 2); partitions x "
                    "groups Ray tasks")
-    s.add_argument("--until", choices=("hessian", "quantize", "encode", "decode"),
+    s.add_argument("--until", choices=("hessian", "quantize", "finetune", "encode", "decode"),
                    default="decode", help="stop after this stage (encode and decode: the whole "
                    "run; the encode stage decodes its file to check it)")
     s.add_argument("--out", metavar="DIR_OR_URL",

@@ -117,3 +117,15 @@ def test_blockwise_is_refused_for_a_model_without_decoder_blocks(tmp_path):
     with pytest.raises(ValueError, match="finetune.mode=blockwise"):
         RunConfig.model_validate({"name": "x", "finetune": {"mode": "blockwise"},
                                   "store": {"url": str(tmp_path)}})
+
+
+def test_hwq_stream_maps_finetune_steps_onto_blockwise(tmp_path):
+    from pipeline.cli import build_parser
+    from pipeline.stream_cli import stream_config
+
+    args = build_parser().parse_args(["stream", str(tmp_path / "m"), str(tmp_path / "w"),
+                                      "--finetune-steps", "5"])
+    assert stream_config(args)["finetune"] == {"enabled": True, "mode": "blockwise",
+                                               "block_steps": 5}
+    off = build_parser().parse_args(["stream", str(tmp_path / "m"), str(tmp_path / "w")])
+    assert stream_config(off)["finetune"] == {"enabled": False}

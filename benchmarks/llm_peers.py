@@ -60,6 +60,15 @@ HWQ_ROWS = [  # (row id, label, quantize overrides), in the order they run
 BLOCKWISE_ROWS = ("hwq-ecsq-3.25", "hwq-ecsq-4.25")
 
 
+def _same_settings(old, new) -> bool:
+    """Whether rows measured under config `old` hold under `new`: every setting `old` has is
+    the same; settings added to hwq since (at their defaults, which keep the old behaviour,
+    e.g. finetune.mode=auto → end_to_end for this resident model) are not compared."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return all(k in new and _same_settings(v, new[k]) for k, v in old.items())
+    return old == new
+
+
 def _finetune_variants(rid: str, no_finetune: bool) -> list[tuple[str, dict]]:
     """(row-id suffix, finetune settings) of an hwq row: none, end to end, block-wise."""
     out = [("", {"enabled": False})]
@@ -181,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.api import compress, to_config
     from pipeline.executor import init_ray, shutdown_ray
     from pipeline.graph import plan
+    from pipeline.models.source import resolve_residency
+    from pipeline.stages import default_stages
     from pipeline.store import StageDir
     from pipeline.workload import Workload
 
@@ -192,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = {"model": cfg.model.path, "rows": [], "machine": ""}
     if _rows_file(out).exists() and not args.fresh:
         old = json.loads(_rows_file(out).read_text())
-        if old.get("config") == cfg.resolved():
+        if _same_settings(old.get("config"), cfg.resolved()):
             doc = old
     doc.update(config=cfg.resolved(), model=Path(cfg.model.path or "").name or cfg.model.name,
                calibration=f"{cfg.data.calibration_windows} windows of {cfg.data.seq_len} "
@@ -216,10 +227,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         t0 = time.perf_counter()
         rec = driver.run(cfg, until="load", init_executor=False)["stages"]["load"]
-        load_key = next(p.key for p in plan(cfg) if p.stage.name == "load")
-        load = StageDir(driver.open_store(cfg), "load", load_key)
-        load.outputs = driver._read_manifest(load.store, load, next(
-            p for p in plan(cfg) if p.stage.name == "load"), cfg)[0].model_dump()["outputs"]
+        # planned as the driver plans it: with model.residency resolved (a stage key input)
+        load_plan = next(p for p in plan(resolve_residency(cfg), default_stages())
+                         if p.stage.name == "load")
+        assert load_plan.key == rec["key"], (load_plan.key, rec["key"])
+        load = StageDir(driver.open_store(cfg), "load", load_plan.key)
+        load.outputs = driver._read_manifest(load.store, load, load_plan,
+                                             cfg)[0].model_dump()["outputs"]
         wl = Workload(cfg)
         names = load.read_json("model.json")["quantizable"]
         dtype = load.read_json("model.json").get("dtype") or "float32"

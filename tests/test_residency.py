@@ -1,6 +1,7 @@
 """One pipeline, two residencies: `hwq run` on a safetensors folder read in place
 (model.residency=streamed) through the same driver — manifests, units, report — and
-model.residency=auto choosing by executor.memory_budget. Resume inside a stage: a run
+model.residency=auto choosing by executor.memory_budget. The run fine-tunes block-wise
+(finetune.mode=blockwise, a Ray task per decoder block). Resume inside a stage: a run
 interrupted after some units reuses them, and its file is the uninterrupted run's."""
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ def _cfg(folder: Path, store: Path, **over) -> RunConfig:
                   "calibration_windows": 6, "seq_len": 16},
          "hessian": {"estimator": "fisher", "partitions": 2, "groups": 2},
          "quantize": {"method": "ecsq", "target_bits": 3.0, "embeddings": "keep"},
-         "finetune": {"enabled": False}, "store": {"url": str(store)}}
+         "finetune": {"mode": "blockwise", "block_steps": 6, "block_batch": 2},
+         "store": {"url": str(store)}}
     for k, v in over.items():
         d[k] = {**d.get(k, {}), **v}
     return RunConfig.model_validate(d)
@@ -72,7 +74,16 @@ def test_streamed_run_through_the_driver(streamed_run, folder):
     assert enc["decode_check"]["tensors"] == len(json.loads(
         (folder / "model.safetensors.index.json").read_text())["weight_map"])
     assert np.isfinite(m["decoded_perplexity"]) and np.isfinite(m["baseline_perplexity"])
-    for name in ("load", "hessian", "quantize", "encode"):
+    # a Ray task per decoder block, each a unit; training lowered every block's error
+    ft = m["finetune"]
+    assert ft["mode"] == "blockwise" and len(ft["blocks"]) == 4
+    assert ft["units"] == {"total": 4, "reused": 0, "computed": 4, "retried": 0}
+    for b in ft["blocks"]:
+        assert b["steps"] == 6 and b["tensors"] == 7
+        assert b["errors"]["train_after"] < b["errors"]["train_before"]
+    assert set(ft["validation_perplexity"]) == {"unquantized", "quantized", "finetuned"}
+    assert all(np.isfinite(v) for v in ft["validation_perplexity"].values())
+    for name in ("load", "hessian", "quantize", "finetune", "encode"):
         man = json.loads((_stage(store, name) / "manifest.json").read_text())
         assert man["memory"]["workers"], name  # every stage ran as Ray tasks
     assert "streamed" in (store / "config.yaml").read_text()
@@ -90,28 +101,40 @@ def test_resident_run_writes_the_streamed_runs_file_byte_for_byte(streamed_run, 
     assert json.loads((load / "model.json").read_text())["tied"] == json.loads(
         (_stage(store, "load") / "model.json").read_text())["tied"]
     assert res["metrics"]["quantize"]["residency"] == "resident"
+    assert res["metrics"]["finetune"]["residency"] == "resident"  # block-wise, same codebooks
     assert res["metrics"]["hessian"]["units"]["total"] == report["metrics"]["hessian"][
         "units"]["total"]
     assert (_stage(tmp_path / "store", "encode") / "model.hwq").read_bytes() == \
         (_stage(store, "encode") / "model.hwq").read_bytes()
 
 
-def test_decoded_file_is_the_codes(streamed_run):
-    """The .hwq decodes to each row's codebook at its codes, in the tensor's dtype."""
+def test_decoded_file_is_the_fine_tuned_codebooks_at_the_codes(streamed_run):
+    """The .hwq decodes to each row's codebook at its codes, in the tensor's dtype: the
+    block-wise fine-tune's codebooks (fp16-exact, the quantize stage's shapes) at the quantize
+    stage's indices; the embedding, outside the blocks, keeps the quantize stage's."""
     from safetensors.numpy import load_file
 
     from pipeline.encode.container import read_hwq
 
-    store, _ = streamed_run
-    q = _stage(store, "quantize")
+    store, report = streamed_run
+    q, f = _stage(store, "quantize"), _stage(store, "finetune")
     codes = json.loads((q / "codes.json").read_text())["codes"]
+    tuned = json.loads((f / "codebooks.json").read_text())["codebooks"]
+    assert set(tuned) == {n for n in codes if ".layers." in n}
     dec = read_hwq(str(_stage(store, "encode") / "model.hwq"))
-    for name, rel in list(codes.items())[:6]:
+    changed = 0
+    for name, rel in codes.items():
         t = load_file(q / rel)
-        want = torch.from_numpy(np.take_along_axis(t["codebooks"], t["indices"].astype(np.int64),
+        cb = load_file(f / tuned[name])[name] if name in tuned else t["codebooks"]
+        assert cb.shape == t["codebooks"].shape
+        assert np.array_equal(cb.astype(np.float16).astype(np.float32), cb)
+        changed += not np.array_equal(cb, t["codebooks"])
+        want = torch.from_numpy(np.take_along_axis(cb, t["indices"].astype(np.int64),
                                                    axis=1)).to(torch.bfloat16)
         got = torch.from_numpy(np.asarray(dec[name]).view(np.int16)).view(torch.bfloat16)
         assert torch.equal(got, want), name
+    blocks = report["metrics"]["finetune"]["blocks"]
+    assert changed == 7 * sum(not b["reverted"] for b in blocks) > 0
 
 
 def test_rerun_is_all_cache_hits(streamed_run, folder):
@@ -147,7 +170,8 @@ def _interrupt_after(monkeypatch, bar: str, n: int) -> None:
 
 @pytest.mark.parametrize("stage, bar, output, done", [
     ("hessian", "hessian units", "tensors.json", 2),
-    ("quantize", "quantize pass", "codes.json", 10)])
+    ("quantize", "quantize pass", "codes.json", 10),
+    ("finetune", "finetune blocks", "codebooks/b00003.safetensors", 2)])
 def test_a_killed_stage_resumes_from_its_units(streamed_run, folder, monkeypatch, stage, bar,
                                                output, done):
     store, _ = streamed_run
@@ -161,6 +185,8 @@ def test_a_killed_stage_resumes_from_its_units(streamed_run, folder, monkeypatch
     report = driver.run(cfg, until=stage)
     u = report["stages"][stage]["metrics"][stage]["units"]
     assert u["reused"] >= done - 1, u  # the finished units were not recomputed
+    if stage == "finetune":  # blocks run in order: exactly the finished ones are reused, and
+        assert u["reused"] == done, u  # their replay hands the next block the same inputs
     # the resumed stage's output is the uninterrupted run's, byte for byte
     assert (_stage(store, stage) / output).read_bytes() == want
 
@@ -202,7 +228,7 @@ def test_auto_residency_follows_the_memory_budget(folder, tmp_path):
                                          "batch_size": 6}))
     # finetune.mode=auto fine-tunes a model that must be streamed block by block
     ft = resolve_residency(_cfg(folder, tmp_path, **auto, executor={"memory_budget": 1000},
-                                finetune={"enabled": True}))
+                                finetune={"enabled": True, "mode": "auto"}))
     assert ft.model.residency == "streamed"
 
 

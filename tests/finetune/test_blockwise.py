@@ -1,6 +1,7 @@
 """Block-wise codebook fine-tuning, plain functions: the gather's gradient is the paper's sum of
 members, trained codebooks are fp16-exact with the quantize stage's padding, training lowers a
-real decoder block's output error, and a fine-tune that does not help is reverted."""
+real decoder block's output error, and a fine-tune that does not help is reverted. (Through the
+driver, in both residencies, with resume: tests/test_residency.py.)"""
 
 from __future__ import annotations
 
@@ -124,3 +125,23 @@ def test_a_fine_tune_that_does_not_help_is_reverted():
     assert res.reverted and res.errors["val_after"] >= res.errors["val_before"]
     for n, cb in res.codebooks.items():
         assert np.array_equal(cb, codes[n][1])
+
+
+def test_blockwise_is_refused_for_a_model_without_decoder_blocks(tmp_path):
+    from pipeline.config import RunConfig
+
+    with pytest.raises(ValueError, match="finetune.mode=blockwise"):
+        RunConfig.model_validate({"name": "x", "finetune": {"mode": "blockwise"},
+                                  "store": {"url": str(tmp_path)}})
+
+
+def test_hwq_stream_maps_finetune_steps_onto_blockwise(tmp_path):
+    from pipeline.cli import build_parser
+    from pipeline.stream_cli import stream_config
+
+    args = build_parser().parse_args(["stream", str(tmp_path / "m"), str(tmp_path / "w"),
+                                      "--finetune-steps", "5"])
+    assert stream_config(args)["finetune"] == {"enabled": True, "mode": "blockwise",
+                                               "block_steps": 5}
+    off = build_parser().parse_args(["stream", str(tmp_path / "m"), str(tmp_path / "w")])
+    assert stream_config(off)["finetune"] == {"enabled": False}

@@ -60,12 +60,18 @@ HWQ_ROWS = [  # (row id, label, quantize overrides), in the order they run
 BLOCKWISE_ROWS = ("hwq-ecsq-3.25", "hwq-ecsq-4.25")
 
 
-def _same_settings(old, new) -> bool:
+def _same_settings(old, new, top: bool = True) -> bool:
     """Whether rows measured under config `old` hold under `new`: every setting `old` has is
-    the same; settings added to hwq since (at their defaults, which keep the old behaviour,
-    e.g. finetune.mode=auto → end_to_end for this resident model) are not compared."""
+    the same, except where the run went (store, executor) and quantize.target_bits (each row
+    sets its own); settings added to hwq since (at their defaults, which keep the old
+    behaviour, e.g. finetune.mode=auto → end_to_end for this resident model) are not
+    compared."""
     if isinstance(old, dict) and isinstance(new, dict):
-        return all(k in new and _same_settings(v, new[k]) for k, v in old.items())
+        if top:
+            old = {k: v for k, v in old.items() if k not in ("store", "executor")}
+            old["quantize"] = {k: v for k, v in old.get("quantize", {}).items()
+                               if k != "target_bits"}
+        return all(k in new and _same_settings(v, new[k], False) for k, v in old.items())
     return old == new
 
 

@@ -56,6 +56,7 @@ def test_new_coders_decode_to_the_same_network_in_a_smaller_file(store):
     assert acct["index_entropy_bits"] == pytest.approx(e1["index_entropy_bits"])
 
 
+@pytest.mark.slow  # (46 s: a prune stage end to end; OBD's choice is tests/test_prune.py's)
 def test_obd_prunes_the_same_counts_by_a_different_choice(store):
     ref = _report(store)
     hwq("run", "configs/lenet5_fmnist.yaml", "--store", str(store), *QUICK,

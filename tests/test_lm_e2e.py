@@ -207,7 +207,10 @@ def test_out_is_checked_before_anything_runs(lm_files, tmp_path):
         compress("configs/lenet5_fmnist.yaml", out=str(tmp_path), hf_out=True)
 
 
-@pytest.mark.parametrize("method,extra", [("uniform", {"target_bits": 4.0}),
+# uniform: the per-tensor stages on a resident model, which tests/test_residency.py also runs
+# (resident = streamed byte for byte): slow (45 s)
+@pytest.mark.parametrize("method,extra", [pytest.param("uniform", {"target_bits": 4.0},
+                                                       marks=pytest.mark.slow),
                                           ("hw_kmeans", {"k": 4}),
                                           ("ecsq", {"target_bits": 4.0, "scope": "group",
                                                     "group_size": 32})])

@@ -87,6 +87,8 @@ def test_a_user_error_in_the_workers_is_not_retried_by_ray_train(tmp_path, ray_l
     assert state["status"] == "failed" and state["failed_stage"] == "finetune"
 
 
+@pytest.mark.slow  # (65 s: its own hwq process and two Train workers; one worker's user
+# error through the driver is test_a_user_error_in_the_workers_is_not_retried_by_ray_train)
 def test_an_error_of_the_users_loss_in_one_train_worker_is_one_line_and_not_retried(tmp_path):
     """The user's loss raises (a RuntimeError) in fine-tuning's worker 1 of 2 only, on its
     first step: worker 0 goes on to the next all-reduce and stops there (no hang), Ray Train

@@ -167,7 +167,8 @@ def stream_args(model: Path, work: Path, a: argparse.Namespace) -> SimpleNamespa
         ecsq_bins=a.ecsq_bins,
         text=None, tokenizer=None, windows=a.windows, seq_len=a.seq_len, seed=0,
         coder="huffman", eval=None, eval_seq_len=512, eval_windows=16,
-        partitions=a.partitions, groups=a.groups, cpus=2, ray_address=None, endpoint_url=None)
+        partitions=a.partitions, groups=a.groups, cpus=2, ray_address=None, endpoint_url=None,
+        finetune_steps=a.finetune_steps)
 
 
 def run_one(label: str, model: Path, work: Path, a: argparse.Namespace, one_tensor: str,
@@ -200,7 +201,7 @@ def run_one(label: str, model: Path, work: Path, a: argparse.Namespace, one_tens
         m["metrics"] = manifest["metrics"]
     n_q = stages["load"]["metrics"]["quantized_params"]
     n_all = stages["load"]["metrics"]["params"]
-    for s in STAGES:  # the quantized weights over the stage's seconds (encode: every weight)
+    for s in _stages(stages):  # the quantized weights over the stage's seconds (encode: all)
         m = stages[s]
         n = n_all if s in ("load", "encode") else n_q
         m["weights"] = n
@@ -210,7 +211,8 @@ def run_one(label: str, model: Path, work: Path, a: argparse.Namespace, one_tens
               f"{' (cache hit)' if m['cached'] else ''}", flush=True)
     e = stages["encode"]["metrics"]["encode"]
     q = stages["quantize"]["metrics"]["quantize"]
-    return {"label": label, "stages": stages, "one_tensor": one,
+    ft = stages.get("finetune", {}).get("metrics", {}).get("finetune")
+    return {"finetune": _finetune_summary(ft) if ft else None,"label": label, "stages": stages, "one_tensor": one,
             "bits_per_weight": e["bits_per_weight"], "target_bits": a.bits,
             "hwq_bytes": e["file_bytes"], "quantize_weights_per_s": q["weights_per_s"],
             "quantize_passes": q["full_passes"], "decode_check": e["decode_check"],
@@ -287,9 +289,34 @@ def fisher_compare(folder: Path, n: int, L: int) -> dict:
 # report
 
 
+def _stages(stages: dict) -> list[str]:
+    """The measured stages of a run, in order (finetune when it ran)."""
+    return [s for s in ("load", "hessian", "quantize", "finetune", "encode") if s in stages]
+
+
+def _finetune_summary(ft: dict) -> dict:
+    """Block-wise fine-tuning: what it did to each block's output error (held out)."""
+    blocks = ft["blocks"]
+    key = "val" if ft["validation_windows"] else "train"
+    before = [b["errors"][f"{key}_before"] for b in blocks]
+    after = [b["errors"][f"{key}_after"] for b in blocks]
+    return {"blocks": len(blocks), "steps_per_block": ft["steps_per_block"],
+            "reverted_blocks": ft["reverted_blocks"], "split": key,
+            "error_before": before, "error_after": after,
+            "mean_error_before": float(np.mean(before)), "mean_error_after": float(np.mean(after)),
+            "validation_perplexity": ft["validation_perplexity"], "seconds": ft["seconds"]}
+
+
+def _ppl(v: dict | None) -> str:
+    if not v:
+        return "not measured (no held-out windows)"
+    return (f"unquantized {v['unquantized']:.4g}, quantized {v['quantized']:.4g}, "
+            f"fine-tuned {v['finetuned']:.4g}")
+
+
 def _fmt_stage_rows(run: dict) -> list[str]:
     rows = []
-    for s in STAGES:
+    for s in _stages(run["stages"]):
         m = run["stages"][s]
         workers = m["memory"]["workers"] or [{"peak_rss": 0}]
         rows.append(f"| {run['label']} | {s} | {m['seconds']:.1f} | "
@@ -317,6 +344,15 @@ def report(res: dict) -> str:
               f"{res['settings']['seq_len']} tokens, {h['partitions']} partitions × "
               f"{h['groups']} block groups; {res['settings']['method']} per channel with the "
               "exact-rate loop; encode with its bit-for-bit decode check.", ""]
+        for r in runs:
+            f = r.get("finetune")
+            if f:
+                L += [f"{r['label']}: block-wise fine-tuning, {f['steps_per_block']} steps per "
+                      f"block, {f['seconds']:.0f} s: relative block output error on the "
+                      f"{'held-out' if f['split'] == 'val' else 'training'} windows "
+                      f"{f['mean_error_before']:.4g} → {f['mean_error_after']:.4g} (mean over "
+                      f"{f['blocks']} blocks; {f['reverted_blocks']} reverted); held-out "
+                      f"perplexity {_ppl(f['validation_perplexity'])}.", ""]
         L += ["| model | stage | seconds | M weights | M weights/s | GiB read | driver peak RSS GiB "
               "| worker peak RSS GiB (processes) |", "|---|---|---:|---:|---:|---:|---:|---:|"]
         for r in runs:
@@ -373,6 +409,8 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--partitions", type=int, default=2, help="Hessian window partitions")
     ap.add_argument("--groups", type=int, default=4, help="Hessian block groups")
+    ap.add_argument("--finetune-steps", type=int, default=0,
+                    help="block-wise fine-tuning, N Adam steps per block (0: none)")
     ap.add_argument("--cpus-per-task", type=int, default=0,
                     help="executor.cpus_per_task (default: the stages' own choice, 1 CPU a "
                          "tensor task); 2 runs one task at a time with 2 threads, in one worker")

@@ -436,9 +436,6 @@ class RunConfig(_Section):
             if self.data.name == "fashion_mnist" and self.model.name == "hf_causal_lm":
                 raise ValueError("model.name=hf_causal_lm needs data.name=text (calibration "
                                  "and evaluation texts)")
-            if self.quantize.scope not in ("channel", "group"):
-                raise ValueError("quantize.scope: models other than lenet5 are quantized per "
-                                 "output channel; set quantize.scope=channel (or group)")
         elif self.quantize.scope == "group":
             raise ValueError("quantize.scope=group is for models loaded by the load stage; "
                              "LeNet-5 uses network, layer or channel")

@@ -101,8 +101,13 @@ def test_explicit_values_win_over_inferred_ones():
     assert cfg(data={"calibration_windows": 500}).finetune.batch_size == 128
     with pytest.raises(ConfigError, match="needs data.name=text"):
         cfg(data={"name": "fashion_mnist"})
-    with pytest.raises(ConfigError, match="quantized per output channel"):
-        cfg(quantize={"scope": "layer"})
+    # every scope for every model: a loaded model may take the paper's network or layer
+    # scope (the default stays per channel); streaming still needs per-channel rows
+    assert cfg(quantize={"scope": "layer", "method": "kmeans", "k": 8}).quantize.scope == "layer"
+    assert cfg().quantize.scope == "channel"
+    with pytest.raises(ConfigError, match="scope=channel"):
+        cfg(quantize={"scope": "network", "method": "kmeans", "k": 8},
+            model={"residency": "streamed"}, finetune={"enabled": False})
 
 
 def test_fine_tune_batches_are_checked_against_the_windows_when_the_config_loads():

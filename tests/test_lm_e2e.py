@@ -244,21 +244,34 @@ def test_activation_estimator_and_other_channel_quantizers(lm_run, lm_files, met
         assert 4.0 - 0.1 <= m["quantize"]["coded_rate_bits"] <= 4.0 + 0.01
 
 
-def test_bring_your_own_module_through_the_import_path(tmp_path, ray_local):
+@pytest.mark.parametrize("quantize", [
+    {"method": "hw_kmeans", "scope": "channel", "k": 4},
+    # the paper's all-layers-together ECSQ, on a model hwq did not train
+    {"method": "ecsq", "scope": "network", "target_bits": 2.0}])
+def test_bring_your_own_module_through_the_import_path(tmp_path, ray_local, quantize):
     r = compress({"name": "byo", "model": {"name": "factory",
                                            "factory": "tests.byo_model:small_mlp",
                                            "kwargs": {"hidden": 16}},
                   "data": {"name": "fashion_mnist"},
                   "hessian": {"calibration_samples": 256, "batch_size": 64},
-                  "quantize": {"method": "hw_kmeans", "scope": "channel", "k": 4},
+                  "quantize": quantize,
                   "finetune": {"workers": 1, "batch_size": 64, "epochs": 1},
                   "executor": {"num_cpus": 2}, "store": {"url": str(tmp_path / "s")}},
                  keep_ray=True)
     m = r["metrics"]
     assert r["metric"]["name"] == "accuracy"
     assert 0 <= m["decoded_accuracy"] <= 1
+    assert 0 <= m["quantized_accuracy"] <= 1
     assert m["decoded_accuracy"] == m["finetuned_accuracy"]
     assert r["model"]["quantized_params"] == 784 * 16 + 16 * 10
+    if quantize["scope"] == "network":
+        from pipeline.encode.container import HwqReader
+
+        rows = HwqReader(m["encode"]["file"]).inspect()
+        books = [x for x in rows if x["kind"] == "codebook"]
+        assert [b["name"] for b in books] == ["network"]  # one codebook for both Linears
+        assert m["quantize"]["scope"] == "network"
+        assert m["quantize"]["index_entropy_bits"] <= 2.0 + 0.05
 
 
 @pytest.mark.parametrize("change,message", [

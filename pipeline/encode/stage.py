@@ -172,7 +172,10 @@ def _run_loaded(ctx: StageContext) -> dict:
                      coder=e.coder, positions=e.positions, indices=e.indices,
                      metadata={"model": cfg.model.name, "scope": qm.scope, "method": qm.method},
                      storage_options=out.store.storage_options, map_fn=ray_map,
-                     codebook_dtype="float16")
+                     # per-row codebooks are fp16-exact (their rows' bits count them so);
+                     # a network or layer codebook is a few float32 values
+                     codebook_dtype="float16" if qm.scope in ("channel", "group")
+                     else "float32")
     file_bytes = out.store.size(out.rel(FILE))
     if file_bytes != acct["file_bytes"] or sum(acct["bits"].values()) != 8 * file_bytes:
         raise RuntimeError(f"accounting of {out.url(FILE)} does not add up to its size")

@@ -46,6 +46,17 @@ def quantized_tensor_names(cfg: RunConfig, state: dict[str, torch.Tensor]) -> li
     return [n for n, t in state.items() if t.dim() >= 2 or cfg.quantize.quantize_biases]
 
 
+def _tensor_names(cfg: RunConfig, src: StageDir, state: dict[str, torch.Tensor]) -> list[str]:
+    """The tensors to quantize: a trained model's weights (`quantized_tensor_names`), a loaded
+    model's targets as its load stage listed them (in model order)."""
+    if cfg.model.trained_here:
+        return quantized_tensor_names(cfg, state)
+    from pipeline.workload import MODEL_JSON
+
+    targets = set(src.read_json(MODEL_JSON)["quantizable"])
+    return [n for n in state if n in targets]
+
+
 def stats_block(n: int) -> int:
     """Statistics block size: a function of N alone (so any actor count gives the same bits),
     small enough that a small network still spreads over several actors."""
@@ -98,7 +109,7 @@ class StoreShardLoader:
             a = max(self.start, int(begins[i])) - int(begins[i])
             b = min(self.stop, int(ends[i])) - int(begins[i])
             m = flat[n]
-            ws.append(state[n].reshape(-1).numpy()[m][a:b].astype(np.float32))
+            ws.append(state[n].reshape(-1).float().numpy()[m][a:b].astype(np.float32))
             if h_all is not None:
                 hs.append(h_all[n].reshape(-1)[m][a:b].astype(np.float32))
         w = np.concatenate(ws) if ws else np.zeros(0, np.float32)
@@ -177,7 +188,7 @@ def _evaluate_task(cfg: RunConfig, src: StageDir, prune: StageDir | None,
     layers = {}
     for n in qm.assignment:
         m = masks[n].reshape(-1).numpy() if n in masks else np.ones(base[n].numel(), bool)
-        d = (state[n] - base[n]).reshape(-1).numpy()[m].astype(np.float64) ** 2
+        d = (state[n].float() - base[n].float()).reshape(-1).numpy()[m].astype(np.float64) ** 2
         idx = qm.indices[n].reshape(-1).numpy()[m]
         row = {"kept": int(m.sum()), "distortion": float(d.mean()) if d.size else 0.0,
                "index_entropy_bits": entropy_bits(np.bincount(idx.astype(np.int64)))
@@ -186,6 +197,10 @@ def _evaluate_task(cfg: RunConfig, src: StageDir, prune: StageDir | None,
             row["weighted_distortion"] = (float((hs[n].reshape(-1)[m] * d).mean())
                                           if d.size else 0.0)
         layers[n] = row
+    if not cfg.model.trained_here:
+        from pipeline.workload import Workload
+
+        return {"metric": Workload(cfg).evaluate_quantized(src, qm), "layers": layers}
     acc = accuracy_of_state(cfg.model.name, state, load_split(cfg.data.root, "test"))
     return {"accuracy": acc, "layers": layers}
 
@@ -201,7 +216,7 @@ def _run(ctx: StageContext) -> dict:
         from pipeline.quantize.tensors_stage import run_quantize_tensors
 
         return run_quantize_tensors(ctx)
-    if not cfg.model.trained_here:  # a loaded model: per-channel codebooks
+    if not cfg.model.trained_here and q.scope in ("channel", "group"):  # per-row solvers
         from pipeline.quantize.rows_stage import run_rows
 
         return run_rows(ctx)
@@ -210,7 +225,7 @@ def _run(ctx: StageContext) -> dict:
     hess = ctx.inputs.get("hessian")
     t0 = time.perf_counter()
     state = load_model_state(src)
-    names = quantized_tensor_names(cfg, state)
+    names = _tensor_names(cfg, src, state)
     raw = [n for n in state if n not in names]
     masks = load_masks(prune)
     flat = _flat_masks(names, state, masks)
@@ -277,6 +292,12 @@ def _run(ctx: StageContext) -> dict:
                    assignment=assignment, raw=raw).write(out)
     ev = call(_evaluate_task, cfg, src, prune, hess, out, cpus="worker", gpus="task",
               max_retries=_TASK_RETRIES)
+    if not cfg.model.trained_here:  # a loaded model: the run's metric (perplexity, its own)
+        from pipeline.workload import Workload
+
+        quality = Workload(cfg).metric_fields("quantized", ev["metric"])
+    else:
+        quality = {"quantized_accuracy": ev["accuracy"]}
     out.write_json("layers.json", ev["layers"])
     # Layer/channel scope: kept-weighted means over the per-tensor codebooks (network scope
     # has them from the one solve).
@@ -290,7 +311,7 @@ def _run(ctx: StageContext) -> dict:
                 sum(v * ev["layers"][n]["kept"] for v, n in zip(wd, names, strict=True))
                 / max(sum(counts), 1))
     return {
-        "quantized_accuracy": ev["accuracy"],
+        **quality,
         "quantize": {"method": q.method, "scope": q.scope,
                      "target_bits": q.target_bits, "seconds": round(time.perf_counter() - t0, 3),
                      **info},

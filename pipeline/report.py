@@ -61,6 +61,38 @@ def _val(v: Any) -> str:
     return str(v)
 
 
+def _finetune_lines(m: dict, metric: dict) -> list[str]:
+    """What fine-tuning did, said plainly when it made things worse: the evaluation metric
+    before and after an end-to-end fine-tune; a block-wise fine-tune's block output errors and
+    held-out calibration perplexity (it never sees the evaluation data)."""
+    name, higher = metric["name"], metric["direction"] == "higher"
+    out: list[str] = []
+    q, f = m.get(f"quantized_{name}"), m.get(f"finetuned_{name}")
+    if isinstance(q, float) and isinstance(f, float) and (f < q if higher else f > q):
+        out += ["", f"**Fine-tuning made the {name} worse**: {q:.4g} quantized, {f:.4g} after "
+                "fine-tuning (it trains on the calibration/training data; fewer epochs, a "
+                "lower finetune.lr or finetune.enabled=false keep the quantized model)."]
+    ft = m.get("finetune")
+    if isinstance(ft, dict) and ft.get("mode") == "blockwise" and ft.get("blocks"):
+        split = "held-out" if ft.get("validation_windows") else "training"
+        key = "val" if ft.get("validation_windows") else "train"
+        errs = [(b["errors"].get(f"{key}_before"), b["errors"].get(f"{key}_after"))
+                for b in ft["blocks"]]
+        mean = [sum(e[i] for e in errs) / len(errs) for i in (0, 1)]
+        out += ["", f"Block-wise fine-tuning: {len(errs)} blocks, {ft['steps_per_block']} steps "
+                f"each; relative block output error on the {split} calibration windows "
+                f"{mean[0]:.4g} → {mean[1]:.4g} (mean); {ft.get('reverted_blocks', 0)} "
+                "blocks kept their quantized codebooks (training did not help them)."]
+        vp = ft.get("validation_perplexity")
+        if vp:
+            worse = vp["finetuned"] > vp["quantized"]
+            out += ["", ("**Block-wise fine-tuning made the held-out perplexity worse**: "
+                         if worse else "Held-out calibration perplexity: ")
+                    + f"unquantized {vp['unquantized']:.4g}, quantized {vp['quantized']:.4g}, "
+                    f"fine-tuned {vp['finetuned']:.4g}."]
+    return out
+
+
 def render_markdown(report: dict) -> str:
     m = report["metrics"]
     lines = [
@@ -94,6 +126,7 @@ def render_markdown(report: dict) -> str:
             f"{label} {m[f'{st}_{name}'] / m['baseline_' + name]:.3f}×"
             for st, label in (("quantized", "quantized"), ("finetuned", "fine-tuned"),
                               ("decoded", "decoded")) if f"{st}_{name}" in m) + "."]
+    lines += _finetune_lines(m, metric)
     if "kept_fraction" in m:
         lines += ["", f"Kept after pruning: {_pct(m['kept_fraction'])} of all parameters "
                       f"(per tensor: {_val(m.get('keep', {}))})."]

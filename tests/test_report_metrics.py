@@ -41,6 +41,27 @@ def test_report_markdown_is_about_perplexity_per_text():
     assert "accuracy" not in md.lower()
 
 
+def test_a_fine_tune_that_made_things_worse_says_so():
+    assert "worse" not in render_markdown(_lm_report(ppl_q=30.0, ppl_ft=28.0))
+    md = render_markdown(_lm_report(ppl_q=30.0, ppl_ft=31.5))
+    assert "**Fine-tuning made the perplexity worse**: 30 quantized, 31.5 after" in md
+    acc = _lm_report()
+    acc["metric"] = {"name": "accuracy", "direction": "higher"}
+    acc["metrics"] = {"quantized_accuracy": 0.91, "finetuned_accuracy": 0.907}
+    assert "Fine-tuning made the accuracy worse" in render_markdown(acc)
+    # block-wise: the block errors and the held-out calibration perplexity
+    bw = _lm_report()
+    bw["metrics"]["finetune"] = {
+        "mode": "blockwise", "steps_per_block": 32, "validation_windows": 8, "reverted_blocks": 1,
+        "blocks": [{"errors": {"val_before": 0.2, "val_after": 0.1}},
+                   {"errors": {"val_before": 0.4, "val_after": 0.5}}],
+        "validation_perplexity": {"unquantized": 10.0, "quantized": 12.0, "finetuned": 12.5}}
+    md = render_markdown(bw)
+    assert "relative block output error on the held-out calibration windows 0.3 → 0.3" in md
+    assert "1 blocks kept their quantized codebooks" in md
+    assert "**Block-wise fine-tuning made the held-out perplexity worse**" in md
+
+
 def test_lenet_report_still_shows_accuracy_in_percent():
     r = _lm_report()
     r["metric"] = {"name": "accuracy", "direction": "higher"}

@@ -29,7 +29,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipeline.config_checks import parse_bytes, streamed_gap
+from pipeline.config_checks import parse_bytes, prune_gap, streamed_gap
 from pipeline.config_paths import resolve_paths
 from pipeline.errors import UserError
 
@@ -427,9 +427,11 @@ class RunConfig(_Section):
         if not lenet:
             if self.prune.enabled and "prune" in self.model_fields_set and \
                     "enabled" in self.prune.model_fields_set:
-                raise ValueError("prune.enabled: pruning retrains on Fashion-MNIST and is for "
-                                 "model.name=lenet5 only; set prune.enabled=false")
-            self.prune.__dict__["enabled"] = False
+                why = prune_gap(self)  # a model of your own retrains on its "train" split
+                if why:
+                    raise ValueError(why)
+            else:
+                self.prune.__dict__["enabled"] = False
             if self.hessian.estimator in ("ggn", "hutchinson", "adam"):
                 raise ValueError(f"hessian.estimator={self.hessian.estimator} is for "
                                  "model.name=lenet5; use fisher or activation")

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["finetune_mode", "parse_bytes", "per_tensor", "per_tensor_gap", "streamed_gap"]
+__all__ = ["finetune_mode", "parse_bytes", "per_tensor", "per_tensor_gap", "prune_gap",
+           "streamed_gap"]
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
@@ -66,3 +67,23 @@ def streamed_gap(cfg) -> str | None:
     (`per_tensor_gap`). A causal LM's safetensors folder or GGUF file (the load stage
     converts a GGUF one tensor at a time) both stream."""
     return per_tensor_gap(cfg)
+
+
+def prune_gap(cfg) -> str | None:
+    """Why pruning cannot run for a model hwq did not train (prune.enabled set), else None.
+    A model of your own (model.name=factory) prunes by magnitude and retrains on its data's
+    "train" split, as LeNet-5 does."""
+    if cfg.model.name != "factory":
+        return ("prune.enabled: pruning with retraining is for models trained on their own "
+                "data (model.name=lenet5 or factory); a causal LM is not pruned; set "
+                "prune.enabled=false")
+    if "keep" not in cfg.prune.model_fields_set:
+        return ("prune.keep: name the fraction of each tensor to keep, e.g. "
+                "{fc1.weight: 0.1} (the default names LeNet-5's tensors)")
+    if cfg.prune.criterion != "magnitude":
+        return ("prune.criterion=obd re-estimates the Hessian with LeNet-5's estimators; a "
+                "model of your own prunes by prune.criterion=magnitude")
+    if cfg.quantize.enabled and cfg.quantize.scope in ("channel", "group"):
+        return ("a pruned model of your own is quantized with quantize.scope=network or layer "
+                "(the per-row solvers do not take masks)")
+    return None

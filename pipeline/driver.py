@@ -390,8 +390,16 @@ def check_against_model(cfg: RunConfig) -> None:
     from pipeline.config import ConfigError
     from pipeline.models import build
 
+    if cfg.model.name == "hf_causal_lm":
+        return  # its names are checked by the load stage, against the model's folder
     try:
-        params = [n for n, _ in build(cfg.model.name).named_parameters()]
+        if cfg.model.name == "factory":  # the user's module, built bare (no checkpoint)
+            from pipeline.workload import Workload, _without_checkpoint
+
+            model = _without_checkpoint(Workload(cfg).adapter).load()
+        else:
+            model = build(cfg.model.name)
+        params = [n for n, _ in model.named_parameters()]
     except ValueError as e:
         raise ConfigError(str(e)) from None
     for key, mapping in named.items():

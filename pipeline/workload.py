@@ -251,12 +251,13 @@ class Workload:
             by = {k: self.metric(model, v) for k, v in sets.items()}
         return {"value": sum(by.values()) / len(by), "by_set": by}
 
-    def evaluate_quantized(self, load, qm) -> dict[str, Any]:
+    def evaluate_quantized(self, load, qm, masks: dict | None = None) -> dict[str, Any]:
         """`evaluate` of the model of model stage `load` with quantized model `qm`'s weights
-        (its codebooks as given: the quantize stage's or the fine-tuned ones)."""
+        (its codebooks as given: the quantize stage's or the fine-tuned ones); `masks`: a
+        prune stage's, whose pruned weights are exactly 0."""
         model = self.model_from(load)
         base = model.state_dict()
-        model.load_state_dict(qm.dense_state({n: base[n] for n in qm.assignment}, {}),
+        model.load_state_dict(qm.dense_state({n: base[n] for n in qm.assignment}, masks or {}),
                               strict=False)
         return self.evaluate(model, load)
 

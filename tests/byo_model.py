@@ -83,3 +83,13 @@ def loss_failing_in_finetune(model, batch):
         raise RuntimeError("labels must be smoothed before fine-tuning")
     x, y = batch
     return nn.functional.cross_entropy(model(x).float(), y)
+
+
+def eval_only_batches(split: str) -> list:
+    """`data.factory` with calibration and eval batches but no "train" split."""
+    import torch
+
+    if split == "train":
+        raise KeyError("this dataset has no 'train' split")
+    g = torch.Generator().manual_seed(2)
+    return [(torch.randn(16, 1, 28, 28, generator=g), torch.randint(0, 10, (16,), generator=g))]

@@ -274,6 +274,57 @@ def test_bring_your_own_module_through_the_import_path(tmp_path, ray_local, quan
         assert m["quantize"]["index_entropy_bits"] <= 2.0 + 0.05
 
 
+def test_your_own_model_pruned_retrained_network_ecsq_and_fine_tuned(tmp_path, ray_local):
+    """The paper's whole method on a model hwq did not train: magnitude pruning with
+    retraining on the data's "train" split, network-scope ECSQ over the kept weights of both
+    Linears, fine-tuning of the shared values, the masks coded in the file."""
+    import torch
+
+    from pipeline.encode import read_hwq
+
+    r = compress({"name": "byo-prune", "model": {"name": "factory",
+                                                 "factory": "tests.byo_model:small_mlp",
+                                                 "kwargs": {"hidden": 32}},
+                  "data": {"name": "fashion_mnist", "train_samples": 2000},
+                  "prune": {"enabled": True, "keep": {"1.weight": 0.1, "3.weight": 0.5},
+                            "steps": 1, "retrain_epochs": 1},
+                  "hessian": {"calibration_samples": 256, "batch_size": 64},
+                  "quantize": {"method": "ecsq", "scope": "network", "target_bits": 2.0},
+                  "finetune": {"workers": 1, "batch_size": 64, "epochs": 1},
+                  "executor": {"num_cpus": 2}, "store": {"url": str(tmp_path / "s")}},
+                 keep_ray=True)
+    m = r["metrics"]
+    assert list(r["stages"]) == ["load", "prune", "hessian", "quantize", "finetune", "encode"]
+    assert m["keep"] == pytest.approx({"1.weight": 0.1, "3.weight": 0.5}, abs=1e-3)
+    assert 0.3 < m["pruned_accuracy"] <= 1  # retrained on 2,000 images: far above chance
+    assert m["decoded_accuracy"] == m["finetuned_accuracy"]
+    dec = read_hwq(m["encode"]["file"])
+    w = torch.as_tensor(dec["1.weight"])
+    assert int((w != 0).sum()) <= round(0.1 * w.numel())  # pruned weights decode to 0
+    assert m["encode"]["bits"]["positions"] > 0  # the masks are in the file
+    assert m["encode"]["compression_ratio_vs_fp32"] > 20
+
+
+def test_pruning_your_own_model_needs_a_train_split_and_named_tensors(tmp_path, ray_local):
+    from pipeline.errors import UserError
+
+    base = {"name": "byo", "model": {"name": "factory", "factory": "tests.byo_model:small_mlp",
+                                     "kwargs": {"hidden": 8}},
+            "data": {"name": "custom", "factory": "tests.byo_model:eval_only_batches"},
+            "evaluate": {"metric": "tests.byo_model:batch_accuracy"},
+            "prune": {"enabled": True, "keep": {"1.weight": 0.5}, "retrain_epochs": 1,
+                      "steps": 1},
+            "quantize": {"method": "hw_kmeans", "scope": "layer", "k": 4},
+            "executor": {"num_cpus": 2}, "store": {"url": str(tmp_path / "s")}}
+    with pytest.raises(UserError, match="prune retrains on the data's \"train\" split"):
+        compress(base, keep_ray=True)
+    with pytest.raises(UserError, match="prune.keep: 'fc9.weight' is not a parameter"):
+        compress({**base, "data": {"name": "custom", "factory": "tests.byo_model:few_batches"},
+                  "prune": {"enabled": True, "keep": {"fc9.weight": 0.5}}}, keep_ray=True)
+    with pytest.raises(ConfigError, match="quantize.scope=network or layer"):
+        compress({**base, "quantize": {"method": "hw_kmeans", "scope": "channel", "k": 4}})
+
+
 @pytest.mark.parametrize("change,message", [
     ({"model": {"path": "MISSING"}}, "does not exist"),
     ({"quantize": {"targets": ["model.layers.*.no_such_proj"]}}, "no_such_proj"),

@@ -158,15 +158,16 @@ def _run_loaded(ctx: StageContext) -> dict:
     """A loaded model: tensors keep their source dtype, per-row codebooks are stored in fp16
     (ragged), and the decoded model is scored with the run's metric."""
     from pipeline.encode.container import write_hwq
-    from pipeline.train.stage import model_stage
+    from pipeline.train.stage import load_masks, model_stage
     from pipeline.workload import MODEL_JSON, Workload
 
     cfg, out, e = ctx.cfg, ctx.out, ctx.cfg.encode
     t0 = time.perf_counter()
     src = ctx.inputs[model_stage(cfg)]
     state = src.read_safetensors("model.safetensors")
+    masks = load_masks(ctx.inputs.get("prune"))  # a model of your own, pruned
     qm = QuantizedModel.read(ctx.inputs["quantize"], codebooks_from=ctx.inputs.get("finetune"))
-    entries, codebooks = entries_for(state, qm, {}, keep_dtype=True, raw_dtype=e.raw_dtype)
+    entries, codebooks = entries_for(state, qm, masks, keep_dtype=True, raw_dtype=e.raw_dtype)
     acct = write_hwq(out.url(FILE), entries, codebooks, code_sharing=e.code_sharing,
                      fixed_length=e.fixed_length, chunk_symbols=e.chunk_symbols,
                      coder=e.coder, positions=e.positions, indices=e.indices,
@@ -184,7 +185,7 @@ def _run_loaded(ctx: StageContext) -> dict:
         if rel.startswith("hf/"):
             out.write_bytes(rel, src.read_bytes(rel))
     expected = {n: raw_cast(t, e.raw_dtype) for n, t in state.items()}
-    expected.update(qm.dense_state({n: state[n] for n in qm.assignment}, {}))
+    expected.update(qm.dense_state({n: state[n] for n in qm.assignment}, masks))
     ev = call(_decode_and_evaluate_loaded, cfg, out, src, expected, cpus="worker", gpus="task")
     n_q = sum(state[n].numel() for n in qm.assignment)
     qbits = quantized_bits(acct, len(qm.assignment), len(entries))

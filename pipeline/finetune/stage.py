@@ -310,7 +310,7 @@ def _worker(conf: dict[str, Any]) -> None:
         from pipeline.workload import Workload
 
         wl = Workload(cfg)
-        masks: dict[str, torch.Tensor] = {}
+        masks = load_masks(conf["model"])  # a model of your own, pruned: {} otherwise
         model = wl.model_from(conf["model"])
         data = _as_dataset(wl.calibration(conf["model"]))
         loss_fn = wl.adapter.loss
@@ -398,7 +398,7 @@ def _worker(conf: dict[str, Any]) -> None:
         out.write_safetensors(CODEBOOKS, codebooks)
         quantized.codebooks = codebooks
         if generic:
-            ev = wl.evaluate_quantized(conf["model"], quantized)
+            ev = wl.evaluate_quantized(conf["model"], quantized, masks)
             scores = wl.metric_fields("finetuned", ev)
             acc = ev["value"]
         else:

@@ -261,6 +261,8 @@ def read_hessian(sd: StageDir, shapes: dict[str, tuple[int, ...]],
 
     from pipeline.hessian.table import from_table, table_metadata
 
+    if names is not None and not names:
+        return {}  # (pyarrow types an empty "in" filter as null and refuses it)
     if names is None:
         table = sd.read_table(TABLE)
     else:

@@ -200,7 +200,7 @@ def _evaluate_task(cfg: RunConfig, src: StageDir, prune: StageDir | None,
     if not cfg.model.trained_here:
         from pipeline.workload import Workload
 
-        return {"metric": Workload(cfg).evaluate_quantized(src, qm), "layers": layers}
+        return {"metric": Workload(cfg).evaluate_quantized(src, qm, masks), "layers": layers}
     acc = accuracy_of_state(cfg.model.name, state, load_split(cfg.data.root, "test"))
     return {"accuracy": acc, "layers": layers}
 

@@ -13,6 +13,10 @@ train  → model.safetensors (fp32 weights), adam.safetensors (Adam's exp_avg_sq
 prune  → model.safetensors (pruned, retrained), masks.safetensors (uint8 1 = kept),
          adam.safetensors, history.json
 Each runs as one Ray task (training one small model is not worth splitting).
+
+A model of your own (model.name=factory) is pruned the same way from its load stage, retrained
+on its data's "train" split (`pipeline.train.user_model`); the prune folder then also holds
+the load stage's model.json, so the later stages read it as they read a load stage.
 """
 
 from __future__ import annotations
@@ -134,10 +138,18 @@ def _prune_task(cfg: RunConfig, out: StageDir, src: StageDir) -> dict:
     task_threads()
     torch.manual_seed(cfg.seed)
     p = cfg.prune
-    model = build(cfg.model.name)
-    model.load_state_dict(load_model_state(src))
-    train = load_split(cfg.data.root, "train", cfg.data.train_samples, cfg.seed)
-    test = load_split(cfg.data.root, "test")
+    if not cfg.model.trained_here:  # a model of your own: its load stage, its data
+        from pipeline.train.user_model import prune_inputs
+
+        model, train, score = prune_inputs(cfg, src, out)
+    else:
+        model = build(cfg.model.name)
+        model.load_state_dict(load_model_state(src))
+        train = load_split(cfg.data.root, "train", cfg.data.train_samples, cfg.seed)
+        test = load_split(cfg.data.root, "test")
+
+        def score(m) -> dict:
+            return {"pruned_accuracy": accuracy(m, test)}
     history: list = []
     masks: dict[str, torch.Tensor] = {}
     adam = None
@@ -162,8 +174,9 @@ def _prune_task(cfg: RunConfig, out: StageDir, src: StageDir) -> dict:
         model.cpu()
         pbar.close()
         print(f"{tag}: keep {kept_fraction(model, masks):.4f}, "
-              f"test accuracy {accuracy(model, test):.4f}", flush=True)
-    acc = accuracy(model, test)
+              + ", ".join(f"{k} {v:.4f}" for k, v in score(model).items()
+                          if isinstance(v, float)), flush=True)
+    scores = score(model)
     out.write_safetensors("model.safetensors", model.state_dict(),
                           metadata={"model": cfg.model.name})
     out.write_safetensors("masks.safetensors", {k: m.to(torch.uint8) for k, m in masks.items()})
@@ -171,7 +184,7 @@ def _prune_task(cfg: RunConfig, out: StageDir, src: StageDir) -> dict:
         _write_adam(out, adam)
     out.write_json("history.json", history)
     per_layer = {k: float(m.float().mean()) for k, m in masks.items()}
-    return {"pruned_accuracy": acc, "kept_fraction": kept_fraction(model, masks),
+    return {**scores, "kept_fraction": kept_fraction(model, masks),
             "keep": per_layer, "criterion": p.criterion, "scope": p.scope}
 
 
@@ -223,7 +236,8 @@ def _run_train(ctx: StageContext) -> dict:
 
 
 def _run_prune(ctx: StageContext) -> dict:
-    return call(_prune_task, ctx.cfg, ctx.out, ctx.inputs["train"], cpus="worker", gpus="task")
+    src = ctx.inputs["train" if ctx.cfg.model.trained_here else "load"]
+    return call(_prune_task, ctx.cfg, ctx.out, src, cpus="worker", gpus="task")
 
 
 def _train_sections(cfg: RunConfig) -> dict:
@@ -269,7 +283,7 @@ TRAIN = Stage(
 PRUNE = Stage(
     name="prune",
     version=2,  # 2: history.json holds no timings
-    inputs=lambda cfg: ("train",),
+    inputs=lambda cfg: ("train",) if cfg.model.trained_here else ("load",),
     sections=_prune_sections,
     run=_run_prune,
     enabled=lambda cfg: cfg.prune.enabled,

@@ -75,13 +75,16 @@ def _same_settings(old, new, top: bool = True) -> bool:
     return old == new
 
 
-def _finetune_variants(rid: str, no_finetune: bool) -> list[tuple[str, dict]]:
-    """(row-id suffix, finetune settings) of an hwq row: none, end to end, block-wise."""
+def _finetune_variants(rid: str, no_finetune: bool, block: dict | None = None
+                       ) -> list[tuple[str, dict]]:
+    """(row-id suffix, finetune settings) of an hwq row: none, end to end, block-wise (with
+    `block` settings other than the defaults, e.g. {"block_lr": 1e-3}: a row of its own)."""
     out = [("", {"enabled": False})]
     if not no_finetune:
         out.append(("+ft", {"enabled": True, "mode": "end_to_end"}))
         if rid in BLOCKWISE_ROWS:
-            out.append(("+bw", {"enabled": True, "mode": "blockwise"}))
+            tag = "".join(f"-{k.removeprefix('block_')}{v:g}" for k, v in (block or {}).items())
+            out.append(("+bw" + tag, {"enabled": True, "mode": "blockwise", **(block or {})}))
     return out
 
 
@@ -182,6 +185,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", choices=["all", "peers", "hwq"], default="all")
     ap.add_argument("--fresh", action="store_true", help="recompute rows already in the JSON")
     ap.add_argument("--no-finetune", action="store_true", help="skip the fine-tuned hwq rows")
+    ap.add_argument("--block-lr", type=float, help="block-wise rows: finetune.block_lr (a "
+                    "value other than the default is a row of its own)")
+    ap.add_argument("--block-steps", type=int, help="block-wise rows: finetune.block_steps")
+    ap.add_argument("--rows", help="only these hwq rows, comma-separated (e.g. hwq-ecsq-3.25)")
     args = ap.parse_args(argv)
     import logging
 
@@ -287,7 +294,11 @@ def main(argv: list[str] | None = None) -> int:
         gc.collect()
         if args.only in ("all", "hwq"):
             for rid, label, quant in HWQ_ROWS:
-                for suffix, ft in _finetune_variants(rid, args.no_finetune):
+                if args.rows and rid not in args.rows.split(","):
+                    continue
+                block = {k: v for k, v in (("block_lr", args.block_lr),
+                                           ("block_steps", args.block_steps)) if v is not None}
+                for suffix, ft in _finetune_variants(rid, args.no_finetune, block):
                     row_id = rid + suffix
                     if row_id in done:
                         continue
@@ -295,8 +306,10 @@ def main(argv: list[str] | None = None) -> int:
                     m = rep["metrics"]
                     secs = sum(s["compute_seconds"] for s in rep["stages"].values())
                     fam = label.split(",")[0].replace(", k=8", "").replace(", k=16", "")
-                    more = {"+ft": (" + fine-tuning", " + FT"),
-                            "+bw": (" + block-wise fine-tuning", " + BW FT")}.get(suffix, ("", ""))
+                    more = {"+ft": (" + fine-tuning", " + FT")}.get(suffix, ("", ""))
+                    if suffix.startswith("+bw"):
+                        more = (" + block-wise fine-tuning" + "".join(
+                            f", {k} {v:g}" for k, v in block.items()), " + BW FT")
                     keep({"id": row_id, "label": label + more[0],
                           "family": (fam.rsplit(" k=", 1)[0] if "k-means" in fam else fam)
                           + more[1],

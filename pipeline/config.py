@@ -279,7 +279,7 @@ class FinetuneConfig(_Section):
     # auto: blockwise for a streamed model, else end_to_end (docs/LARGE_MODELS.md)
     mode: Literal["auto", "end_to_end", "blockwise"] = "auto"
     block_steps: int = Field(32, ge=0)  # Adam steps per block, block_batch windows each
-    block_lr: float = Field(1e-4, gt=0)
+    block_lr: float = Field(1e-3, gt=0)  # 1e-4 barely moved SmolLM2 (docs/RESULTS.md)
     block_batch: int = Field(4, ge=1)
     block_validation: float = Field(0.125, ge=0, lt=1)  # windows held out to accept a block
     train_unquantized: bool = False  # biases etc. stay frozen unless asked

@@ -34,7 +34,8 @@ def _cfg(folder: Path, store: Path, **over) -> RunConfig:
                   "calibration_windows": 6, "seq_len": 16},
          "hessian": {"estimator": "fisher", "partitions": 2, "groups": 2},
          "quantize": {"method": "ecsq", "target_bits": 3.0, "embeddings": "keep"},
-         "finetune": {"mode": "blockwise", "block_steps": 6, "block_batch": 2},
+         "finetune": {"mode": "blockwise", "block_steps": 6, "block_batch": 2,
+                      "block_lr": 1e-4},
          "store": {"url": str(store)}}
     for k, v in over.items():
         d[k] = {**d.get(k, {}), **v}

@@ -105,7 +105,7 @@ def main() -> int:
         "quantize": {"method": "ecsq", "scope": "network", "target_bits": a.bits},
         "finetune": {"workers": 2, "batch_size": 128, "epochs": 1},
         "encode": {"coder": "ans"},
-        "store": {"url": "store"},
+        "store": {"url": str(work / "store")},  # (store.url is where hwq writes: not resolved)
     }
     (work / "run.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     t1 = time.perf_counter()
@@ -120,7 +120,7 @@ def main() -> int:
         "kept_fraction": m.get("kept_fraction"),
         "file_bytes": m["encode"]["file_bytes"],
         "compression_ratio_vs_fp32": m["encode"]["compression_ratio_vs_fp32"],
-        "bits_per_kept_weight": m["encode"]["bits_per_weight"],
+        "bits_per_quantized_weight": m["encode"]["bits_per_weight"],  # pruned ones included
         "bits": m["encode"]["bits"],
     }
     if base_acc is not None:

@@ -358,10 +358,14 @@ def test_folder_without_config_json_and_config_errors(tmp_path):
     # Inferred for a language model (docs/LANGUAGE_MODELS.md): text data, per-channel scope.
     assert to_config({"model": {"name": "hf_causal_lm", "path": "x"},
                       "data": {"calibration": ["x"]}}).quantize.scope == "channel"
+    # every scope for every model: network scope runs resident; streaming needs channel rows
+    assert to_config({"model": {"name": "hf_causal_lm", "path": "x"},
+                      "data": {"name": "text", "calibration": ["x"], "eval": {"a": "y"}},
+                      "quantize": {"scope": "network"}}).quantize.scope == "network"
     with pytest.raises(ConfigError, match="scope=channel"):
-        to_config({"model": {"name": "hf_causal_lm", "path": "x"},
+        to_config({"model": {"name": "hf_causal_lm", "path": "x", "residency": "streamed"},
                    "data": {"name": "text", "calibration": ["x"], "eval": {"a": "y"}},
-                   "quantize": {"scope": "network"}})
+                   "quantize": {"scope": "network"}, "finetune": {"enabled": False}})
     with pytest.raises(ConfigError, match="needs data.calibration"):
         to_config({"model": {"name": "hf_causal_lm", "path": "x"}})
     with pytest.raises(ConfigError, match="needs data.name=text"):

@@ -145,3 +145,49 @@ def test_hwq_stream_maps_finetune_steps_onto_blockwise(tmp_path):
                                                "block_steps": 5}
     off = build_parser().parse_args(["stream", str(tmp_path / "m"), str(tmp_path / "w")])
     assert stream_config(off)["finetune"] == {"enabled": False}
+
+
+def _stages(tmp_path, tuned: dict[str, np.ndarray], files: dict):
+    """A quantize stage folder with one tensor's codes and a finetune folder whose
+    codebooks.json is `files` (untrusted: read back from the store)."""
+    from safetensors.numpy import save
+
+    from pipeline.store import StageDir, Store
+
+    store = Store(str(tmp_path))
+    q = StageDir(store, "quantize", "q" * 16)
+    idx = np.array([[0, 1, 1], [0, 0, 0]], np.uint8)
+    cb = np.array([[0.5, -0.25], [2.0, 2.0]], np.float32)
+    q.write_bytes("codes/00000-x.safetensors", save({"indices": idx, "codebooks": cb}))
+    q.write_json("codes.json", {"lambda": 1.0, "codes": {"t": "codes/00000-x.safetensors"},
+                                "shapes": {"t": [2, 3]}})
+    f = StageDir(store, "finetune", "f" * 16)
+    f.write_bytes("codebooks/b00000.safetensors", save(tuned))
+    f.write_json("codebooks.json", {"codebooks": files})
+    q.outputs, f.outputs = q.hash_outputs(), f.hash_outputs()
+    return q, f, idx
+
+
+def test_tensor_codes_take_the_fine_tuned_codebooks_and_refuse_a_bad_map(tmp_path):
+    from pipeline.quantize.codes import TensorCodes
+    from pipeline.store import ArtifactError
+
+    good = np.array([[0.5, -0.125], [1.0, 1.0]], np.float32)
+    q, f, idx = _stages(tmp_path / "a", {"t": good}, {"t": "codebooks/b00000.safetensors"})
+    got_idx, got_cb = TensorCodes(q, f).read("t")
+    assert np.array_equal(got_idx, idx) and np.array_equal(got_cb, good)
+    assert np.array_equal(TensorCodes(q).read("t")[1], np.array([[0.5, -0.25], [2.0, 2.0]]))
+    # a map naming a file outside the block files, a tensor quantize never wrote, or a
+    # file whose codebooks are not the tensor's rows: refused, never read as codes
+    for files in ({"t": "../../quantize/codes.json"}, {"u": "codebooks/b00000.safetensors"}):
+        q, f, _ = _stages(tmp_path / str(len(files)) / next(iter(files)).replace("/", "_"),
+                          {"t": good}, files)
+        with pytest.raises(ArtifactError, match="codebooks.json"):
+            TensorCodes(q, f)
+    q, f, _ = _stages(tmp_path / "rows", {"t": good[:1]}, {"t": "codebooks/b00000.safetensors"})
+    with pytest.raises(ArtifactError, match="not the codebooks of the block's tensors"):
+        TensorCodes(q, f).read("t")
+    q, f, _ = _stages(tmp_path / "nan", {"t": np.full((2, 2), np.nan, np.float32)},
+                      {"t": "codebooks/b00000.safetensors"})
+    with pytest.raises(ArtifactError, match="not the codebooks"):
+        TensorCodes(q, f).read("t")

@@ -72,20 +72,15 @@ def _check_fields(b: int, names: list[str]):
     return check
 
 
-def _block_codes(codes, names: list[str], tuned: dict[str, np.ndarray] | None = None
-                 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """(indices, codebooks) of a block's tensors: the quantize stage's, or with `tuned`
-    codebooks (same shapes) in place of its values."""
-    out = {}
-    for n in names:
-        idx, cb = codes.read(n)
-        if tuned is not None:
-            if tuned[n].shape != cb.shape:
-                raise ValueError(f"fine-tuned codebooks of {n} are {list(tuned[n].shape)}, "
-                                 f"the quantize stage's {list(cb.shape)}")
-            cb = tuned[n]
-        out[n] = (idx, cb)
-    return out
+def _block_codes(codes, names: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """(indices, codebooks) of a block's tensors as the quantize stage wrote them."""
+    return {n: codes.read(n) for n in names}
+
+
+def _with(given: dict, books: dict[str, np.ndarray]) -> dict:
+    """`given`'s indices with the codebooks `books` (a block file of this stage, its rows
+    checked by `read_tuned`, its bytes by the unit record's digest)."""
+    return {n: (idx, books[n]) for n, (idx, _) in given.items()}
 
 
 def _relative(lm, b: int, codes: dict) -> dict:
@@ -117,10 +112,10 @@ def _block_task(cfg: RunConfig, out, url: str, opts, codes, plan: list[list[str]
             block = lm.block(j)
             tuned = read_tuned(out, done[j], plan[j], codes.shapes) if plan[j] else None
             h_f = lm.run_block(j, h_f, calls[j], batch=_BATCH)
-            h_q = run_quantized(block, calls[j], h_q, _relative(lm, j, _block_codes(codes, plan[j], tuned)),
-                                _BATCH)
-            h_0 = run_quantized(block, calls[j], h_0, _relative(lm, j, _block_codes(codes, plan[j])),
-                                _BATCH)
+            given = _block_codes(codes, plan[j])
+            h_q = run_quantized(block, calls[j], h_q,
+                                _relative(lm, j, _with(given, tuned) if tuned else given), _BATCH)
+            h_0 = run_quantized(block, calls[j], h_0, _relative(lm, j, given), _BATCH)
             lm.unload(block)
     else:
         h_f, h_q, h_0, calls = state
@@ -133,8 +128,7 @@ def _block_task(cfg: RunConfig, out, url: str, opts, codes, plan: list[list[str]
                       lr=ft.block_lr, batch=ft.block_batch, validation=ft.block_validation,
                       seed=cfg.seed * 1_000_003 + b)
     tuned = {lm.block_prefix(b) + k: v for k, v in res.codebooks.items()}
-    h_q = run_quantized(block, calls[b], h_q, _relative(lm, b, {
-        k: (given[k][0], tuned[k]) for k in names}), _BATCH)
+    h_q = run_quantized(block, calls[b], h_q, _relative(lm, b, _with(given, tuned)), _BATCH)
     h_0 = run_quantized(block, calls[b], h_0, _relative(lm, b, given), _BATCH)
     lm.unload(block)
     outputs = []
@@ -163,6 +157,7 @@ def _block_task(cfg: RunConfig, out, url: str, opts, codes, plan: list[list[str]
 
 
 def run_finetune_blockwise(ctx: StageContext) -> dict[str, Any]:
+    from pipeline import progress
     from pipeline.finetune.blockwise import split_windows
     from pipeline.hessian.shards import block_of, num_blocks
     from pipeline.models.source import source_url
@@ -199,8 +194,6 @@ def run_finetune_blockwise(ctx: StageContext) -> dict[str, Any]:
                  "windows (%d held out), %d steps of %d windows per block; %d blocks reused",
                  B, sum(1 for p in plan if p), windows.shape[0], n_val, ft.block_steps,
                  ft.block_batch, start)
-    from pipeline import progress
-
     bar = progress.bar(B - start, "finetune blocks", unit="block")
     state, retried = None, 0
     try:

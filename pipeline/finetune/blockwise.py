@@ -81,6 +81,13 @@ def finish_codebooks(cb: np.ndarray, given: np.ndarray, idx: np.ndarray) -> np.n
     return np.ascontiguousarray(out, dtype=np.float32)
 
 
+def _weights(block: nn.Module, books: Mapping[str, Tensor], idx: Mapping[str, Tensor]
+             ) -> dict[str, Tensor]:
+    """The block's quantized weights from codebooks and indices, in the block's dtype."""
+    dtype = next((p.dtype for p in block.parameters()), torch.float32)
+    return {n: gather_codebooks(books[n], idx[n]).to(dtype) for n in books}
+
+
 def quantized_forward(block: nn.Module, call: tuple[tuple, dict], hidden: Tensor,
                       weights: Mapping[str, Tensor]) -> Tensor:
     """block(hidden, *args, **kwargs) with its parameters named in `weights` (names relative
@@ -155,10 +162,9 @@ def train_block(block: nn.Module, call: tuple[tuple, dict], x: Tensor, y: Tensor
     start = {n: torch.from_numpy(np.ascontiguousarray(c, dtype=np.float32))
              for n, (_, c) in codes.items()}
     cbs = {n: nn.Parameter(c.clone()) for n, c in start.items()}
-    dtype = next((p.dtype for p in block.parameters()), torch.float32)
 
     def weights(books: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        return {n: gather_codebooks(books[n], idx[n]).to(dtype) for n in books}
+        return _weights(block, books, idx)
 
     xt, yt, xv, yv = x[:n_train], y[:n_train], x[n_train:], y[n_train:]
     with torch.no_grad():
@@ -208,10 +214,9 @@ def run_quantized(block: nn.Module, call: tuple[tuple, dict], x: Tensor,
     """The block with codebook weights `codes` (indices, codebooks) applied to x, no grad."""
     if x.shape[0] == 0:
         return x
-    dtype = next((p.dtype for p in block.parameters()), torch.float32)
-    w = {n: gather_codebooks(torch.from_numpy(np.ascontiguousarray(c, dtype=np.float32)),
-                             torch.from_numpy(np.ascontiguousarray(i))).to(dtype)
-         for n, (i, c) in codes.items()}
+    w = _weights(block, {n: torch.from_numpy(np.ascontiguousarray(c, dtype=np.float32))
+                         for n, (_, c) in codes.items()},
+                 {n: torch.from_numpy(np.ascontiguousarray(i)) for n, (i, _) in codes.items()})
     with torch.no_grad():
         return torch.cat([quantized_forward(block, call, x[s : s + batch], w)
                           for s in range(0, x.shape[0], batch)])

@@ -49,6 +49,9 @@ def _run(inputs, key):
     return QuantizedModel.read(_done(out)), metrics
 
 
+# The backend-level twin (tests/quantize/test_quantize_sharded.py) kills an actor in the
+# middle of a network-scope k-means in 20 s; this one runs the whole stage twice: slow.
+@pytest.mark.slow
 def test_a_killed_quantize_actor_gives_the_undisturbed_result(ray_local, inputs, monkeypatch):
     import ray
 

@@ -60,7 +60,7 @@ def _check_artifact(out, state, masks):
 
 def test_network_scope_sharded_over_3_actors_equals_1(ray_local, inputs):
     _, _, _, state, masks = inputs
-    sets = ["quantize.method=hw_kmeans", "quantize.k=8", "quantize.n_init=3"]
+    sets = ["quantize.method=hw_kmeans", "quantize.k=8", "quantize.n_init=1"]
     one, m1 = _run(inputs, "a1", *sets, "quantize.actors=1")
     three, m3 = _run(inputs, "a3", *sets, "quantize.actors=3")
     q1, q3 = _check_artifact(one, state, masks), _check_artifact(three, state, masks)

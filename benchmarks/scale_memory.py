@@ -147,6 +147,7 @@ def smollm2_folder(folder: Path) -> Path:
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     model.config.torch_dtype = "bfloat16"
+    model.config.use_cache = True  # a folder to generate from too (benchmarks/serve.py)
     model.config.save_pretrained(folder)
     with ShardedWriter(folder, [(n, t.dtype, tuple(t.shape)) for n, t in sd.items()],
                        max_shard_bytes=128 << 20) as w:

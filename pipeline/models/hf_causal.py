@@ -553,7 +553,14 @@ def save_folder_files(model: nn.Module, tokenizer: Any, folder: str | Path) -> l
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    model.config.save_pretrained(str(folder))
+    # hwq's own passes turn the KV cache off (they never generate); the folder is for users,
+    # whose generate() without a cache recomputes the whole prefix at every new token.
+    kept = getattr(model.config, "use_cache", None)
+    model.config.use_cache = True
+    try:
+        model.config.save_pretrained(str(folder))
+    finally:
+        model.config.use_cache = kept
     gen = getattr(model, "generation_config", None)
     if gen is not None:
         try:

@@ -80,6 +80,8 @@ def test_converted_folder_is_the_resident_load_bit_for_bit(
     folder = tmp_path / "store" / out.prefix / WEIGHTS_DIR
     conf = json.loads((folder / "config.json").read_text())
     assert conf["tie_word_embeddings"] is tied and conf["model_type"] == "llama"
+    assert conf["use_cache"] is True  # hwq's passes run without a KV cache; users generate
+    assert model.config.use_cache is False  # and the model in hand keeps running without one
     resident = tmp_path / "resident"
     save_folder_files(model, adapter.tokenizer(), resident)
     for f in ("config.json", "generation_config.json", "tokenizer_config.json"):

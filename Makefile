@@ -21,7 +21,7 @@ CONFIG ?= configs/lenet5_fmnist.yaml
 STORE ?= runs/default
 ARGS ?=
 
-.PHONY: setup lock data run test test-slow lint gpu-check bench bench-paper bench-llm bench-faults bench-stream-faults bench-scale clean
+.PHONY: setup lock data run test test-slow lint gpu-check bench bench-paper bench-llm bench-faults bench-stream-faults bench-scale bench-serve clean
 
 setup: $(STAMP) data
 
@@ -112,6 +112,14 @@ bench-llm: setup
 # --skip-smollm2" for a short check.
 bench-scale: setup
 	$(BIN)/python benchmarks/scale_memory.py $(ARGS)
+
+# Batch-1 generation from a .hwq file (hwq's lookup-table runtime) against transformers fp32/bf16
+# and llama.cpp Q4_0/Q4_1 on SmolLM2-135M and the 7B shape (benchmarks/results/serve.md).
+# llama-cpp-python builds llama.cpp from source with the machine's cmake and compiler (about
+# 30 minutes on 2 cores, once); it is a benchmark dependency, not the package's.
+bench-serve: setup
+	$(PIP) install -q -c constraints.txt llama-cpp-python==0.3.36
+	$(BIN)/python benchmarks/serve.py $(ARGS)
 
 # fills the README's fault table (benchmarks/results/faults.md). ~20 min on 2 cores.
 bench-faults: setup

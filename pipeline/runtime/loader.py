@@ -43,7 +43,11 @@ def _tokenizer_and_config(
     )
 
     files = hf_files(
-        path, hf_folder, storage_options, option="the runtime", folder_option="hf_folder"
+        path,
+        hf_folder,
+        storage_options,
+        option="the runtime",
+        folder_option="the folder (hwq generate --hf-files, load(hf_folder=))",
     )
     with tempfile.TemporaryDirectory(prefix="hwq-runtime-") as tmp:
         for name, data in files.items():

@@ -40,6 +40,7 @@ _SIGNATURES = {
     "hwq_q8": ([_P, _I, _I, _P, _I, _P, _P, _I, _P, ctypes.c_int, ctypes.c_int], None),
     "hwq_f32a": ([_P, _I, _I, _P, _I, _P, _P, _I, _P, ctypes.c_int], None),
     "hwq_pack4": ([_P, _I, _I, _P, ctypes.c_int], None),
+    "hwq_scatter_u8": ([_P, _P, _I, _P, _I], ctypes.c_int64),
 }
 
 

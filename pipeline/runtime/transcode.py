@@ -114,6 +114,19 @@ def int8_tables(tables: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return tq, ts
 
 
+def _scatter(out: np.ndarray, positions: np.ndarray, codes: np.ndarray, name: str) -> None:
+    """out[positions] = codes (the C loop for uint8 codes, else numpy)."""
+    lib = kernels()
+    if lib is not None and codes.dtype == np.uint8 and out.dtype == np.uint8:
+        codes = np.ascontiguousarray(codes)
+        bad = lib.lib.hwq_scatter_u8(positions.ctypes.data, codes.ctypes.data, positions.size,
+                                     out.ctypes.data, out.size)  # fmt: skip
+        if bad:
+            raise ValueError(f"{name}: {bad} kept positions outside the tensor")
+        return
+    out[positions] = codes
+
+
 def transcode_codes(rc: dict, name: str = "tensor") -> Packed:
     """``HwqReader.read_codes`` output of a 2-D tensor -> :class:`Packed`."""
     shape = tuple(int(s) for s in rc["shape"])
@@ -141,21 +154,23 @@ def transcode_codes(rc: dict, name: str = "tensor") -> Packed:
         need = full.max(axis=1).astype(np.int64) + 1
         zero_slot = None
     else:
-        full = np.zeros(numel, np.asarray(codes).dtype)
-        full[positions] = codes
-        full = full.reshape(ntab, per)
-        used = full.max(axis=1).astype(np.int64) + 1
-        if positions.size == 0:
-            used[:] = 0
-        kept = np.bincount(positions // per, minlength=ntab)
+        codes = np.asarray(codes)
+        positions = np.asarray(positions, np.int64)
+        # Positions are sorted (flat C order): each table's kept run by binary search, no
+        # per-element division.
+        at = np.searchsorted(positions, np.arange(ntab + 1, dtype=np.int64) * per)
+        kept = np.diff(at)
+        used = np.zeros(ntab, np.int64)
+        has = kept > 0
+        if codes.size:  # the starts of the non-empty runs rise strictly and are < size
+            used[has] = np.maximum.reduceat(codes, at[:-1][has]).astype(np.int64) + 1
         pruned = kept < per
-        used = np.where(kept > 0, used, 0)
         need = used + pruned
         zero_slot = np.where(pruned, used, -1)
-        missing = np.ones(numel, bool)
-        missing[positions] = False
-        miss = np.flatnonzero(missing)
-        full.reshape(-1)[miss] = used[miss // per]
+        # Every position starts at its table's zero slot; the kept ones are then overwritten.
+        full = np.repeat(np.where(pruned, used, 0).astype(codes.dtype), per)
+        _scatter(full, positions, codes, name)
+        full = full.reshape(ntab, per)
     levels = int(need.max(initial=0))
     if levels > 256:
         raise NotServable(f"{name}: a row uses {levels} levels; the kernels take at most 256")

@@ -61,6 +61,19 @@ void hwq_pack4(const uint8_t* full, int64_t rows, int64_t cols, uint8_t* out, in
     }
 }
 
+// out[pos[i]] = codes[i] for i < n; returns how many positions were out of [0, numel)
+// (then skipped: the caller refuses the tensor).
+int64_t hwq_scatter_u8(const int64_t* pos, const uint8_t* codes, int64_t n, uint8_t* out,
+                       int64_t numel) {
+    int64_t bad = 0;
+    for (int64_t i = 0; i < n; ++i) {
+        const int64_t p = pos[i];
+        if (p < 0 || p >= numel) { ++bad; continue; }
+        out[p] = codes[i];
+    }
+    return bad;
+}
+
 static inline int idx_at(const uint8_t* row, int bits, int64_t c) {
     if (bits == 8) return row[c];
     const uint8_t b = row[(c >> 5) * 16 + (c & 15)];
@@ -196,23 +209,32 @@ void hwq_q8(const float* x, int64_t b, int64_t cols, const uint8_t* idx, int64_t
                 y[r] = hsum(_mm256_add_ps(acc0, acc1));
                 continue;
             }
-            if (simd) {  // b > 1: unpack the row once, then every token
+            if (simd) {  // b > 1: unpack the row once, then tiles of 4 tokens share it
                 for (int64_t k = 0; k < nblk; ++k) {
                     const __m256i tab = load_table(trow + (k / gsb) * 16);
                     _mm256_storeu_si256((__m256i*)(wbuf.data() + k * 32),
                                         _mm256_shuffle_epi8(tab, unpack32(row + k * 16)));
                 }
-                for (int64_t t = 0; t < b; ++t) {
-                    const int8_t* xt = xq.data() + t * nblk * 32;
-                    const float* st = xs.data() + t * nblk;
-                    __m256 acc = _mm256_setzero_ps();
+                for (int64_t t0 = 0; t0 < b; t0 += 4) {
+                    const int nt = (int)((b - t0 < 4) ? b - t0 : 4);
+                    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(),
+                                     _mm256_setzero_ps(), _mm256_setzero_ps()};
+                    const __m256i ones = _mm256_set1_epi16(1);
                     for (int64_t k = 0; k < nblk; ++k) {
                         const __m256i w = _mm256_loadu_si256((const __m256i*)(wbuf.data() + k * 32));
-                        const __m256i s = dot32(w, _mm256_loadu_si256((const __m256i*)(xt + k * 32)));
-                        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s),
-                                              _mm256_set1_ps(st[k] * srow[k / gsb]), acc);
+                        const __m256i aw = _mm256_sign_epi8(w, w);
+                        const float sg = srow[k / gsb];
+                        for (int q = 0; q < nt; ++q) {
+                            const int64_t t = t0 + q;
+                            const __m256i xv = _mm256_loadu_si256(
+                                (const __m256i*)(xq.data() + (t * nblk + k) * 32));
+                            const __m256i p = _mm256_madd_epi16(
+                                _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, w)), ones);
+                            acc[q] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p),
+                                                     _mm256_set1_ps(xs[t * nblk + k] * sg), acc[q]);
+                        }
                     }
-                    y[t * rows + r] = hsum(acc);
+                    for (int q = 0; q < nt; ++q) y[(t0 + q) * rows + r] = hsum(acc[q]);
                 }
                 continue;
             }

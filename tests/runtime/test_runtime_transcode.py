@@ -3,12 +3,24 @@ positions to 0, and the width is the smallest that holds every table's levels.""
 
 import numpy as np
 import pytest
+import torch
 
 from pipeline.encode.container import HwqReader, TensorEntry, write_hwq
 from pipeline.runtime.transcode import NotServable, pack_indices, transcode, transcode_codes
 
 
-def _write(tmp_path, shape, k, *, density=1.0, shared=False, groups=1, seed=0, dead_rows=()):
+def _write(
+    tmp_path,
+    shape,
+    k,
+    *,
+    density=1.0,
+    shared=False,
+    groups=1,
+    seed=0,
+    dead_rows=(),
+    dtype="float32",
+):
     rng = np.random.default_rng(seed)
     rows = shape[0]
     cb = rng.normal(size=k if shared else (rows * groups, k)).astype(np.float32)
@@ -19,7 +31,8 @@ def _write(tmp_path, shape, k, *, density=1.0, shared=False, groups=1, seed=0, d
     n = int(np.prod(shape)) if mask is None else int(mask.sum())
     codes = rng.integers(0, k, n)
     path = tmp_path / "t.hwq"
-    write_hwq(path, [TensorEntry.quantized("w", shape, codes, "c", mask=mask)], {"c": cb})
+    entry = TensorEntry.quantized("w", shape, codes, "c", mask=mask, dtype=dtype)
+    write_hwq(path, [entry], {"c": cb})
     return HwqReader(path)
 
 
@@ -31,6 +44,8 @@ CASES = {
     "groups": dict(shape=(6, 64), k=8, groups=2),
     "eight_bit": dict(shape=(4, 50), k=40),
     "last_rows_pruned": dict(shape=(8, 40), k=10, density=0.7, dead_rows=(0, 5, 6, 7)),
+    "bfloat16": dict(shape=(5, 40), k=15, density=0.8, dtype="bfloat16"),
+    "float16": dict(shape=(5, 40), k=16, dtype="float16"),
 }
 
 
@@ -39,6 +54,8 @@ def test_packed_matrix_is_the_decoded_tensor(tmp_path, case):
     r = _write(tmp_path, **CASES[case])
     p = transcode(r, "w")
     dense = r.read(["w"])["w"]
+    if r.dtype("w") == "bfloat16":  # bits -> values
+        dense = torch.from_numpy(dense.view(np.int16)).view(torch.bfloat16).float().numpy()
     np.testing.assert_array_equal(p.dense_rows(0, p.rows).numpy(), dense)
     assert p.bits == (8 if case in ("pruned16_widens", "eight_bit") else 4)
     if case.startswith("pruned") or case == "last_rows_pruned":

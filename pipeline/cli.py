@@ -166,13 +166,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _extra_commands():
-    """Subcommands contributed by stage packages (decode/inspect, sweep, batch)."""
+    """Subcommands contributed by stage packages (decode/inspect, sweep, batch, generate)."""
     from pipeline.batch import add_commands as batch_commands
     from pipeline.encode.cli import add_commands as encode_commands
+    from pipeline.runtime.cli import add_commands as runtime_commands
     from pipeline.stream_cli import add_commands as stream_commands
     from pipeline.sweep import add_commands as sweep_commands
 
-    return [encode_commands, sweep_commands, batch_commands, stream_commands]
+    return [encode_commands, sweep_commands, batch_commands, stream_commands, runtime_commands]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -160,6 +160,27 @@ def test_decode_hf_out_loads_with_transformers_and_gives_the_same_perplexity(lm_
     assert main(["decode", hwq, "--hf-out", str(tmp_path / "x"), "--out", "y"]) == 2
 
 
+def test_the_runtime_runs_the_file_with_the_decoded_perplexity(lm_run, lm_files):
+    """pipeline.runtime.load on the pipeline's own .hwq (ECSQ per channel, tied embedding):
+    reference mode has the decoded model's perplexity, the fast mode's is within 0.5%."""
+    import torch
+
+    from pipeline.data.text import eval_windows
+    from pipeline.evaluate.perplexity import perplexity
+    from pipeline.runtime import load
+
+    hwq = lm_run["metrics"]["encode"]["file"]
+    by = lm_run["metrics"]["decoded_perplexity_by_set"]
+    for mode, rel in (("reference", 1e-4), ("fast", 5e-3)):
+        model, tok = load(hwq, mode=mode)
+        assert model.hwq_runtime["lut"] > 0
+        for name in ("a", "b"):
+            w = eval_windows(tok, (lm_files / f"{name}.txt").read_text(), 32)
+            with torch.no_grad():
+                ppl = perplexity(model, w)["ppl"]
+            assert ppl == pytest.approx(by[name], rel=rel), (mode, name)
+
+
 def test_second_run_is_all_cache_hits(lm_run, lm_files):
     again = compress(lm_config(lm_files), keep_ray=True)
     assert all(s["cached"] for s in again["stages"].values())

@@ -12,7 +12,7 @@ import os
 import re
 import uuid
 
-__all__ = ["OutputError", "add_commands", "parse_size"]
+__all__ = ["OutputError", "add_commands", "hf_files", "parse_size"]
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -97,26 +97,33 @@ _HF_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokeniz
 
 
 def _hf_files(args) -> dict[str, bytes]:
-    """The non-weight files of the model folder: from --hf-files, else the `hf/` folder the
-    encode stage writes beside the .hwq file. Each must be a regular file of at most 64 MiB
-    (a folder or FIFO in its place is one error line, never a hang)."""
+    """The non-weight files of the model folder for --hf-out (see :func:`hf_files`)."""
+    return hf_files(args.file, args.hf_files, _opts(args))
+
+
+def hf_files(file: str, folder: str | None = None, storage_options: dict | None = None, *,
+             option: str = "--hf-out", folder_option: str = "--hf-files") -> dict[str, bytes]:
+    """The non-weight files of the model folder (config.json, tokenizer files): from `folder`,
+    else the `hf/` folder the encode stage writes beside the .hwq `file`. Each must be a
+    regular file of at most 64 MiB (a folder or FIFO in its place is one error line, never a
+    hang). `option`/`folder_option` name the command's flags in the errors."""
     import fsspec
 
     from pipeline.encode.limits import read_small_file
 
-    src = args.hf_files or (args.file.rsplit("/", 1)[0] + "/hf" if "/" in args.file else "hf")
-    fs, path = fsspec.core.url_to_fs(src, **_opts(args))
+    src = folder or (file.rsplit("/", 1)[0] + "/hf" if "/" in file else "hf")
+    fs, path = fsspec.core.url_to_fs(src, **(storage_options or {}))
     if not fs.isdir(path) or not fs.exists(f"{path}/config.json"):
-        raise FileNotFoundError(f"--hf-out needs the model's config.json and tokenizer files: "
+        raise FileNotFoundError(f"{option} needs the model's config.json and tokenizer files: "
                                 f"{src} holds no config.json (the encode stage writes them "
-                                "to hf/ beside model.hwq; or give --hf-files FOLDER)")
+                                f"to hf/ beside model.hwq; or give {folder_option} FOLDER)")
     out = {}
     for name in _HF_FILES:
         if fs.exists(f"{path}/{name}"):
             try:
                 out[name] = read_small_file(fs, f"{path}/{name}", 64 << 20)
             except (ValueError, OSError) as exc:
-                raise OutputError(f"--hf-out: cannot use {src}/{name}: "
+                raise OutputError(f"{option}: cannot use {src}/{name}: "
                                   f"{exc.strerror if isinstance(exc, OSError) else exc} (the "
                                   "model folder's config and tokenizer files must be regular "
                                   "files)") from exc

@@ -181,6 +181,14 @@ class HwqReader(_StreamDecoding):
         """The stored dtype of tensor `name` (what `read` decodes it to; bfloat16 as bits)."""
         return self._h.tensors[name].dtype
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The shape of tensor `name` (header only)."""
+        return tuple(self._h.tensors[name].shape)
+
+    def quantized(self, name: str) -> bool:
+        """Whether tensor `name` is stored as codes and a codebook (else raw)."""
+        return self._h.tensors[name].kind == "quantized"
+
     def _header_limit(self, what: str, need: int | None = None):
         """Refuse a header past max_header_bytes: ``what`` ends where the limit is named."""
         n = self.max_header_bytes

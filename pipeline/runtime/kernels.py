@@ -1,0 +1,223 @@
+"""The lookup-table kernels (csrc/lut_gemv.cpp): built once with the machine's C++ compiler,
+cached under ``$HWQ_CACHE/runtime/`` by a digest of the source, the flags and the compiler,
+loaded with ctypes.
+
+Without a compiler (or when the build fails) the same products are computed with torch, after
+one warning line; the answers are the reference path's, never a silently different one.
+`python -m pipeline.runtime.kernels --build` builds the library (`make setup` runs it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+__all__ = ["Kernels", "build", "kernels", "lut_matmul"]
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).resolve().parent / "csrc" / "lut_gemv.cpp"
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+ABI_VERSION = 1
+
+_P = ctypes.c_void_p
+_I = ctypes.c_int64
+_SIGNATURES = {
+    "hwq_abi_version": ([], ctypes.c_int),
+    "hwq_has_avx2": ([], ctypes.c_int),
+    "hwq_ref": ([_P, _I, _I, _P, _I, _I, ctypes.c_int, _P, _I, _I, _P, ctypes.c_int], None),
+    "hwq_q8": ([_P, _I, _I, _P, _I, _P, _P, _I, _P, ctypes.c_int, ctypes.c_int], None),
+    "hwq_f32a": ([_P, _I, _I, _P, _I, _P, _P, _I, _P, ctypes.c_int], None),
+    "hwq_pack4": ([_P, _I, _I, _P, ctypes.c_int], None),
+    "hwq_scatter_u8": ([_P, _P, _I, _P, _I], ctypes.c_int64),
+}
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("HWQ_CACHE") or Path.cwd() / ".cache").resolve() / "runtime"
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+
+
+def _library_path(cxx: str) -> Path:
+    """Where the build of this source with these flags and this compiler lives."""
+    try:
+        version = subprocess.run(
+            [cxx, "--version"], capture_output=True, text=True, timeout=30
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        version = ""
+    h = hashlib.sha256(SOURCE.read_bytes())
+    h.update(repr((FLAGS, cxx, version)).encode())
+    return _cache_dir() / f"lut_gemv-{h.hexdigest()[:16]}.so"
+
+
+def build(*, quiet: bool = True) -> Path:
+    """The cached shared library, compiled first if missing (a temporary renamed into place,
+    so a concurrent build or a killed one never leaves a half-written library). Raises
+    RuntimeError when there is no compiler or the compile fails."""
+    cxx = _compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler (g++ or $CXX) on PATH")
+    out = _library_path(cxx)
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex}")
+    try:
+        r = subprocess.run(
+            [cxx, *FLAGS, "-o", str(tmp), str(SOURCE)], capture_output=True, text=True, timeout=300
+        )
+        if r.returncode != 0:
+            raise RuntimeError(
+                f"{cxx} failed to compile {SOURCE.name}: {(r.stderr or r.stdout).strip()[-2000:]}"
+            )
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    if not quiet:
+        print(f"built {out}")
+    return out
+
+
+class Kernels:
+    """The loaded library: ``lib`` (ctypes) and ``avx2`` (the build has the SIMD path)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.lib = ctypes.CDLL(str(path))
+        for name, (args, res) in _SIGNATURES.items():
+            fn = getattr(self.lib, name)
+            fn.argtypes, fn.restype = args, res
+        if self.lib.hwq_abi_version() != ABI_VERSION:
+            raise RuntimeError(
+                f"{path}: kernel ABI {self.lib.hwq_abi_version()}, expected {ABI_VERSION}"
+            )
+        self.avx2 = bool(self.lib.hwq_has_avx2())
+
+
+@lru_cache(maxsize=1)
+def kernels() -> Kernels | None:
+    """The compiled kernels, or None (after one warning line) when they cannot be built."""
+    try:
+        return Kernels(build())
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        log.warning(
+            "hwq runtime: the C++ lookup-table kernels are unavailable (%s); using "
+            "the torch fallback (exact, dense tiles, slower)",
+            exc,
+        )
+        return None
+
+
+def _ptr(t: torch.Tensor) -> int:
+    return t.data_ptr()
+
+
+def _threads(threads: int | None) -> int:
+    return max(1, int(threads)) if threads else max(1, torch.get_num_threads())
+
+
+def lut_matmul(
+    x: torch.Tensor, p, *, path: str, threads: int | None = None, lib: Kernels | None = None
+) -> torch.Tensor:
+    """y [b, rows] float32 = x [b, cols] float32 · Ŵᵀ for a packed matrix ``p``
+    (:class:`pipeline.runtime.transcode.Packed`).
+
+    path: "ref" (fp32 levels, fp32 accumulation), "q8" (int8 levels and activations, the
+    fast path; 4-bit matrices whose groups are whole 32-column blocks, else "ref"),
+    "f32a" (int8 levels, fp32 activations), "q8_scalar" (q8 without SIMD, for tests).
+    lib: the kernels to use (default: the cached build; None there: torch fallback).
+    """
+    x = x.detach().to(torch.float32).contiguous()
+    b, cols = x.shape
+    if cols != p.cols:
+        raise ValueError(f"input has {cols} features, the matrix {p.cols}")
+    k = kernels() if lib is None else lib
+    if path != "ref" and not p.q8_ok:
+        path = "ref"
+    y = torch.empty(b, p.rows, dtype=torch.float32)
+    if b == 0 or p.rows == 0:
+        return y
+    if k is None:
+        return _torch_lut(x, p)
+    nt = _threads(threads)
+    if path == "ref":
+        k.lib.hwq_ref(
+            _ptr(x),
+            b,
+            cols,
+            _ptr(p.idx),
+            p.rows,
+            p.idx.shape[1],
+            p.bits,
+            _ptr(p.tables),
+            p.tables.shape[1],
+            p.group_size,
+            _ptr(y),
+            nt,
+        )
+    elif path in ("q8", "q8_scalar"):
+        k.lib.hwq_q8(
+            _ptr(x),
+            b,
+            cols,
+            _ptr(p.idx),
+            p.rows,
+            _ptr(p.tq),
+            _ptr(p.ts),
+            p.groups,
+            _ptr(y),
+            nt,
+            int(path == "q8_scalar"),
+        )
+    elif path == "f32a":
+        k.lib.hwq_f32a(
+            _ptr(x), b, cols, _ptr(p.idx), p.rows, _ptr(p.tq), _ptr(p.ts), p.groups, _ptr(y), nt
+        )
+    else:
+        raise ValueError(f"unknown kernel path {path!r}")
+    return y
+
+
+def _torch_lut(x: torch.Tensor, p, tile_rows: int = 256) -> torch.Tensor:
+    """The reference products with torch, a tile of rows of Ŵ at a time."""
+    out = []
+    for r0 in range(0, p.rows, tile_rows):
+        out.append(x @ p.dense_rows(r0, min(r0 + tile_rows, p.rows)).T)
+    return torch.cat(out, dim=1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--build", action="store_true", help="compile the kernels (cached)")
+    args = ap.parse_args(argv)
+    if args.build:
+        try:
+            path = build(quiet=False)
+        except RuntimeError as exc:
+            # Not fatal for setup: the runtime falls back to torch, and says so.
+            print(
+                f"hwq runtime kernels not built ({exc}); the runtime will use torch",
+                file=sys.stderr,
+            )
+            return 0
+        print(f"{path}: avx2={Kernels(path).avx2}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""`load(path)`: a transformers model that runs from a .hwq file's packed indices.
+
+The model is built from the config in the `hf/` folder beside the file (or `hf_folder`) with
+its parameters on the meta device; every 2-D quantized tensor that is the weight of an
+`nn.Linear` becomes a :class:`LutLinear` (transcoded, never decoded dense); every other tensor
+(embeddings, norms, biases, a quantized embedding) is decoded and put in as float32. Tied
+embeddings are tied as transformers ties them, so the model computes what `hwq decode --hf-out`
+and `from_pretrained` would, with lookup-table matmuls.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from .modules import MODES, LutLinear
+from .transcode import NotServable, transcode
+
+__all__ = ["load", "load_stats"]
+
+log = logging.getLogger(__name__)
+
+
+def _tokenizer_and_config(
+    path: str, hf_folder: str | None, storage_options: dict | None, shapes: dict
+):
+    """(config, tokenizer, generation config or None) from the hf/ files, checked as an
+    untrusted model folder is."""
+    import transformers
+
+    from pipeline.encode.cli import hf_files
+    from pipeline.models.folder_checks import (
+        building_from,
+        check_config_against_weights,
+        check_json_files,
+        check_model_type,
+    )
+
+    files = hf_files(
+        path,
+        hf_folder,
+        storage_options,
+        option="the runtime",
+        folder_option="the folder (hwq generate --hf-files, load(hf_folder=))",
+    )
+    with tempfile.TemporaryDirectory(prefix="hwq-runtime-") as tmp:
+        for name, data in files.items():
+            with open(os.path.join(tmp, name), "wb") as f:
+                f.write(data)
+        where = f"{hf_folder or 'the hf/ folder beside ' + path}/config.json"
+        cfg = check_json_files(tmp)["config.json"]
+        check_model_type(cfg, where)
+        check_config_against_weights(cfg, shapes, where)
+        with building_from(where):
+            config = transformers.AutoConfig.from_pretrained(tmp)
+            tok = transformers.AutoTokenizer.from_pretrained(tmp)
+            gen = (
+                transformers.GenerationConfig.from_pretrained(tmp)
+                if "generation_config.json" in files
+                else None
+            )
+    return config, tok, gen
+
+
+def _float32() -> dict:
+    """from_config's dtype argument: `dtype` since transformers 4.56, `torch_dtype` before."""
+    import transformers
+    from packaging.version import Version
+
+    new = Version(transformers.__version__) >= Version("4.56")
+    return {"dtype" if new else "torch_dtype": torch.float32}
+
+
+def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    mod_name, _, attr = name.rpartition(".")
+    mod = model.get_submodule(mod_name)
+    if attr in mod._parameters:
+        mod._parameters[attr] = nn.Parameter(value, requires_grad=False)
+    elif attr in mod._buffers:
+        mod._buffers[attr] = value
+    else:
+        raise ValueError(
+            f"the model built from config.json has no tensor {name!r}; the "
+            "config and the .hwq file do not belong together"
+        )
+
+
+def _dense(reader, name: str) -> torch.Tensor:
+    a = reader.read([name])[name]
+    t = torch.from_numpy(np.ascontiguousarray(a).reshape(a.shape))
+    if reader.dtype(name) == "bfloat16":
+        t = t.view(torch.int16).view(torch.bfloat16)
+    return t.to(torch.float32) if t.is_floating_point() else t
+
+
+def load(
+    path: str,
+    *,
+    mode: str = "fast",
+    threads: int | None = None,
+    storage_options: dict | None = None,
+    hf_folder: str | None = None,
+):
+    """(model, tokenizer) running from the .hwq file `path` (local path or fsspec URL).
+
+    mode: "fast" (int8 levels and activations in the kernels) or "reference" (fp32 levels and
+    activations: the decoded model's logits up to float32 summation order). threads: kernel
+    threads (None: torch's). hf_folder: where config.json and the tokenizer files are (default:
+    the hf/ folder beside the file). The model is in eval mode, float32 outside the
+    LutLinears; ``model.hwq_runtime`` holds load statistics (see :func:`load_stats`).
+    """
+    import transformers
+
+    from pipeline.encode.container import HwqReader
+    from pipeline.models.folder_checks import building_from, params_on_meta
+
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    t0 = time.perf_counter()
+    reader = HwqReader(path, storage_options=storage_options)
+    shapes = {n: reader.shape(n) for n in reader.names}
+    config, tok, gen = _tokenizer_and_config(path, hf_folder, storage_options, shapes)
+    with params_on_meta(), building_from(f"the config of {path}"):
+        model = transformers.AutoModelForCausalLM.from_config(config, **_float32())
+    model.eval()
+    if gen is not None:
+        model.generation_config = gen
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    head = model.get_output_embeddings()
+    head_name = next((n for n, m in model.named_modules() if m is head), None)
+    modules = dict(model.named_modules())
+    stats = {"lut": 0, "dense": 0, "bits": {}, "packed_bytes": 0, "transcode_s": 0.0}
+    for name in reader.names:
+        mod_name, _, attr = name.rpartition(".")
+        if tied and head_name and mod_name == head_name:
+            continue  # transformers ties the head to the embedding; so does the runtime
+        mod = modules.get(mod_name)
+        if (
+            attr == "weight"
+            and type(mod) is nn.Linear
+            and reader.quantized(name)
+            and len(shapes[name]) == 2
+        ):
+            t1 = time.perf_counter()
+            try:
+                packed = transcode(reader, name)
+            except NotServable as exc:
+                log.info("hwq runtime: %s; decoding it dense", exc)
+            else:
+                stats["transcode_s"] += time.perf_counter() - t1
+                if (packed.rows, packed.cols) != (mod.out_features, mod.in_features):
+                    raise ValueError(
+                        f"{name}: the file's {shapes[name]} does not match the "
+                        f"config's Linear [{mod.out_features}, {mod.in_features}]"
+                    )
+                lut = LutLinear(packed, mode=mode, threads=threads)
+                if mod.bias is not None:
+                    lut.bias = nn.Parameter(
+                        torch.empty(mod.out_features, device="meta"), requires_grad=False
+                    )
+                parent, _, child = mod_name.rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, child, lut)
+                modules[mod_name] = lut
+                stats["lut"] += 1
+                stats["bits"][packed.bits] = stats["bits"].get(packed.bits, 0) + 1
+                stats["packed_bytes"] += packed.nbytes
+                continue
+        _set_tensor(model, name, _dense(reader, name))
+        stats["dense"] += 1
+    if tied:
+        model.tie_weights()
+        _tied_head(model, reader, head_name, mode, threads, stats)
+    missing = [
+        n for n, p in [*model.named_parameters(), *model.named_buffers()] if p.device.type == "meta"
+    ]
+    if missing:
+        raise ValueError(
+            f"{path} holds no tensor for {', '.join(missing[:5])}"
+            f"{', ...' if len(missing) > 5 else ''}; the config and the .hwq file "
+            "do not belong together"
+        )
+    stats["seconds"] = time.perf_counter() - t0
+    model.hwq_runtime = stats
+    return model, tok
+
+
+def _tied_head(model, reader, head_name: str | None, mode: str, threads, stats: dict) -> None:
+    """A tied head whose embedding is quantized runs as a LutLinear from the embedding's codes:
+    the embedding stays dense for its row lookups, but each token's logits read 4-bit indices
+    instead of the float32 matrix (the largest matmul of a small model with a large vocab)."""
+    emb = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    if head_name is None or type(head) is not nn.Linear or head.weight is not emb.weight:
+        return
+    name = next((f"{n}.weight" for n, m in model.named_modules() if m is emb), None)
+    if name not in reader.names or not reader.quantized(name) or head.bias is not None:
+        return
+    try:
+        packed = transcode(reader, name)
+    except NotServable:
+        return
+    parent, _, child = head_name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child,
+            LutLinear(packed, mode=mode, threads=threads))  # fmt: skip
+    stats["lut"] += 1
+    stats["bits"][packed.bits] = stats["bits"].get(packed.bits, 0) + 1
+    stats["packed_bytes"] += packed.nbytes
+
+
+def load_stats(model: nn.Module) -> dict:
+    """What :func:`load` did: LutLinears and their widths, tensors decoded dense, bytes of
+    packed weights, seconds (all, and transcoding)."""
+    return dict(getattr(model, "hwq_runtime", {}))

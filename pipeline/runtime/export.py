@@ -76,8 +76,13 @@ def grid_rows(L: np.ndarray, used: np.ndarray, *, snap: bool = False) -> GridRow
     # the smallest such distance over j = 1 .. 15.
     S = np.sort(np.where(used, L, np.nan), axis=1)
     gaps = np.diff(S, axis=1)
-    cand = np.concatenate([np.where(gaps > tol[:, None], gaps, np.inf),
-                           np.where(np.abs(L) > tol[:, None], np.abs(L), np.inf)], axis=1)
+    cand = np.concatenate(
+        [
+            np.where(gaps > tol[:, None], gaps, np.inf),
+            np.where(np.abs(L) > tol[:, None], np.abs(L), np.inf),
+        ],
+        axis=1,
+    )
     g0 = np.nan_to_num(np.nanmin(cand, axis=1), posinf=0.0)
     g0 = np.where(g0 > 0, g0, 1.0)  # a row of zeros: any step
     best_err = np.full(R, np.inf)
@@ -87,8 +92,9 @@ def grid_rows(L: np.ndarray, used: np.ndarray, *, snap: bool = False) -> GridRow
         m, err, ok, zero = _fit(L, used, delta)
         take = ok & (err <= tol) & ~np.isfinite(best_err)
         if take.any():
-            lsq = (np.where(used, L * m, 0).sum(1) / np.maximum(np.where(used, m * m, 0).sum(1),
-                                                                  1e-300))
+            lsq = np.where(used, L * m, 0).sum(1) / np.maximum(
+                np.where(used, m * m, 0).sum(1), 1e-300
+            )
             delta = np.where(take & (lsq > 0), lsq, delta)  # least squares over the row
             best[0][take], best[1][take], best[2][take] = m[take], zero[take], delta[take]
             best_err[take] = err[take]
@@ -106,8 +112,7 @@ def grid_rows(L: np.ndarray, used: np.ndarray, *, snap: bool = False) -> GridRow
                 delta = span / n * f
                 m, err, ok, zero = _fit(Lb, ub, delta)
                 take = ok & (err < s_err)
-                s_best[0][take], s_best[1][take], s_best[2][take] = m[take], zero[take], \
-                    delta[take]
+                s_best[0][take], s_best[1][take], s_best[2][take] = m[take], zero[take], delta[take]
                 s_err[take] = err[take]
         got = np.isfinite(s_err)
         r = rows[got]
@@ -116,8 +121,9 @@ def grid_rows(L: np.ndarray, used: np.ndarray, *, snap: bool = False) -> GridRow
         bad[r] = False
     m, zero, delta = best
     u = np.where(used, m + zero[:, None], 0).astype(np.uint8)
-    return GridRows(u, zero.astype(np.uint8), delta, np.where(bad, np.inf, best_err),
-                    np.flatnonzero(bad))
+    return GridRows(
+        u, zero.astype(np.uint8), delta, np.where(bad, np.inf, best_err), np.flatnonzero(bad)
+    )
 
 
 def pack_int4(u: np.ndarray, axis: int) -> np.ndarray:
@@ -142,8 +148,7 @@ def _linear_weights(config: dict) -> set[str]:
     cfg = AutoConfig.for_model(**config)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg)
-    return {f"{n}.weight" for n, mod in model.named_modules()
-            if isinstance(mod, torch.nn.Linear)}
+    return {f"{n}.weight" for n, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
 
 
 def _export_tensor(reader, name: str, snap: bool) -> tuple[dict, str, int, float]:
@@ -155,9 +160,11 @@ def _export_tensor(reader, name: str, snap: bool) -> tuple[dict, str, int, float
     rows, cols = shape
     cb = np.asarray(d["codebook"], dtype=np.float64)
     if cb.ndim != 2 or cb.shape[0] == 0 or (rows * cols) % cb.shape[0]:
-        raise ExportError(f"tensor {name}: one codebook for the whole tensor (network or "
-                          "layer scope); compressed-tensors export needs per-channel or "
-                          "per-group codebooks (quantize.scope=channel or group)")
+        raise ExportError(
+            f"tensor {name}: one codebook for the whole tensor (network or "
+            "layer scope); compressed-tensors export needs per-channel or "
+            "per-group codebooks (quantize.scope=channel or group)"
+        )
     per = rows * cols // cb.shape[0]  # weights a codebook row covers
     if per != cols and cols % per:
         raise ExportError(f"tensor {name}: groups of {per} do not divide its {cols} columns")
@@ -178,19 +185,26 @@ def _export_tensor(reader, name: str, snap: bool) -> tuple[dict, str, int, float
     np.put_along_axis(used, groups, True, axis=1)
     if cb.shape[1] > 16 + (d["positions"] is not None) and used.sum(1).max() > 16:
         r = int(np.argmax(used.sum(1)))
-        raise ExportError(f"tensor {name}: row {r} has {int(used[r].sum())} levels; int4 "
-                          "holds 16 (quantize with quantize.serve_bits: 4)")
+        raise ExportError(
+            f"tensor {name}: row {r} has {int(used[r].sum())} levels; int4 "
+            "holds 16 (quantize with quantize.serve_bits: 4)"
+        )
     g = grid_rows(cb, used, snap=snap)
     if g.bad.size:
         r = int(g.bad[0])
         lv = np.sort(cb[r][used[r]])
         shown = ", ".join(f"{v:.6g}" for v in lv[:6]) + (", ..." if lv.size > 6 else "")
-        why = ("its levels are not multiples of one step within fp16 rounding (hwq's uniform "
-               "levels are the Hessian-weighted means of their bins: give --snap to move them "
-               "to the nearest grid point)" if not snap else
-               "no 16-value grid through 0 holds its levels")
-        raise ExportError(f"tensor {name}: codebook row {r} is not a uniform grid of at most "
-                          f"16 levels through 0 ({shown}): {why}; {g.bad.size} such rows")
+        why = (
+            "its levels are not multiples of one step within fp16 rounding (hwq's uniform "
+            "levels are the Hessian-weighted means of their bins: give --snap to move them "
+            "to the nearest grid point)"
+            if not snap
+            else "no 16-value grid through 0 holds its levels"
+        )
+        raise ExportError(
+            f"tensor {name}: codebook row {r} is not a uniform grid of at most "
+            f"16 levels through 0 ({shown}): {why}; {g.bad.size} such rows"
+        )
     q = np.take_along_axis(g.u, groups, axis=1).reshape(rows, cols)
     n_groups = cb.shape[0] // rows
     out = {
@@ -202,8 +216,9 @@ def _export_tensor(reader, name: str, snap: bool) -> tuple[dict, str, int, float
     return out, "channel" if n_groups == 1 else "group", per, float(g.change.max())
 
 
-def export_compressed_tensors(reader, hf_files: dict[str, bytes], out: str, *,
-                              snap: bool = False, log=print) -> dict:
+def export_compressed_tensors(
+    reader, hf_files: dict[str, bytes], out: str, *, snap: bool = False, log=print
+) -> dict:
     """Write ``out`` (a new folder) from an open HwqReader and the config/tokenizer files.
     Returns a summary {"packed", "dense", "max_change", "strategies"}."""
     import json
@@ -214,12 +229,16 @@ def export_compressed_tensors(reader, hf_files: dict[str, bytes], out: str, *,
 
     meta = reader.metadata or {}
     if meta.get("method") not in (None, "uniform"):
-        raise ExportError(f"{reader.path}: quantized with method {meta['method']}, whose "
-                          "levels are not uniform grids; compressed-tensors export takes files "
-                          "of quantize.method=uniform (with quantize.serve_bits: 4)")
+        raise ExportError(
+            f"{reader.path}: quantized with method {meta['method']}, whose "
+            "levels are not uniform grids; compressed-tensors export takes files "
+            "of quantize.method=uniform (with quantize.serve_bits: 4)"
+        )
     if "config.json" not in hf_files:
-        raise ExportError("the export needs the model's config.json (the hf/ folder beside "
-                          "the .hwq file, or --hf-files FOLDER)")
+        raise ExportError(
+            "the export needs the model's config.json (the hf/ folder beside "
+            "the .hwq file, or --hf-files FOLDER)"
+        )
     config = json.loads(hf_files["config.json"])
     linear = _linear_weights(config)
     tensors: dict[str, torch.Tensor] = {}
@@ -250,21 +269,34 @@ def export_compressed_tensors(reader, hf_files: dict[str, bytes], out: str, *,
     for i, ((strategy, per), mods) in enumerate(sorted(groups.items())):
         cfg_groups[f"group_{i}"] = {
             "targets": sorted(mods),
-            "weights": {"num_bits": 4, "type": "int", "symmetric": False,
-                        "strategy": strategy, "group_size": per if strategy == "group" else None,
-                        "dynamic": False, "actorder": None, "observer": "minmax"},
-            "input_activations": None, "output_activations": None,
+            "weights": {
+                "num_bits": 4,
+                "type": "int",
+                "symmetric": False,
+                "strategy": strategy,
+                "group_size": per if strategy == "group" else None,
+                "dynamic": False,
+                "actorder": None,
+                "observer": "minmax",
+            },
+            "input_activations": None,
+            "output_activations": None,
         }
     config["quantization_config"] = {
-        "quant_method": "compressed-tensors", "format": "pack-quantized",
-        "quantization_status": "compressed", "config_groups": cfg_groups,
-        "ignore": sorted(n[: -len(".weight")] for n in linear
-                         if not any(n[: -len(".weight")] in m for m in groups.values())),
-        "kv_cache_scheme": None, "global_compression_ratio": None,
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "quantization_status": "compressed",
+        "config_groups": cfg_groups,
+        "ignore": sorted(
+            n[: -len(".weight")]
+            for n in linear
+            if not any(n[: -len(".weight")] in m for m in groups.values())
+        ),
+        "kv_cache_scheme": None,
+        "global_compression_ratio": None,
     }
     parent = os.path.dirname(os.path.abspath(out)) or "."
-    tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(out))}.tmp-"
-                               f"{uuid.uuid4().hex}")
+    tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(out))}.tmp-{uuid.uuid4().hex}")
     os.makedirs(parent, exist_ok=True)
     os.mkdir(tmp)
     try:
@@ -285,8 +317,12 @@ def export_compressed_tensors(reader, hf_files: dict[str, bytes], out: str, *,
         if os.path.exists(tmp):
             shutil.rmtree(tmp)
     n_packed = sum(len(m) for m in groups.values())
-    return {"packed": n_packed, "dense": dense_q, "max_change": worst,
-            "strategies": sorted({s for s, _ in groups})}
+    return {
+        "packed": n_packed,
+        "dense": dense_q,
+        "max_change": worst,
+        "strategies": sorted({s for s, _ in groups}),
+    }
 
 
 def _export_cmd(args) -> int:
@@ -298,39 +334,53 @@ def _export_cmd(args) -> int:
     anc = _existing_ancestor(out)
     if not os.path.isdir(anc):
         raise OutputError(f"{args.out}: {anc} is not a folder")
-    if os.path.lexists(out) and (not os.path.isdir(out) or os.path.islink(out)
-                                 or os.listdir(out)):
+    if os.path.lexists(out) and (not os.path.isdir(out) or os.path.islink(out) or os.listdir(out)):
         raise OutputError(f"{args.out} exists and is not an empty folder")
     reader = _reader(args)
     files = _hf_files(args)
     s = export_compressed_tensors(reader, files, out, snap=args.snap)
-    note = f"; {len(s['dense'])} quantized non-Linear tensors written dense " \
-        f"({', '.join(s['dense'])})" if s["dense"] else ""
+    note = (
+        f"; {len(s['dense'])} quantized non-Linear tensors written dense ({', '.join(s['dense'])})"
+        if s["dense"]
+        else ""
+    )
     snapped = f"; --snap moved levels by at most {s['max_change']:.3g}" if args.snap else ""
-    print(f"{args.out}: compressed-tensors pack-quantized int4 ({'/'.join(s['strategies'])}), "
-          f"{s['packed']} Linear weights packed{note}{snapped}")
+    print(
+        f"{args.out}: compressed-tensors pack-quantized int4 ({'/'.join(s['strategies'])}), "
+        f"{s['packed']} Linear weights packed{note}{snapped}"
+    )
     return 0
 
 
 def add_commands(sub) -> None:
     from pipeline.encode.cli import _limits
 
-    e = sub.add_parser("export", help="write a .hwq file for another serving stack",
-                       description="Write a .hwq file whose rows are uniform grids of at most "
-                       "16 levels (quantize.method=uniform, scope channel or group, "
-                       "quantize.serve_bits: 4) as a model folder in the compressed-tensors "
-                       "pack-quantized int4 layout, which vLLM serves with its own kernels. "
-                       "Other files are refused with the reason.")
+    e = sub.add_parser(
+        "export",
+        help="write a .hwq file for another serving stack",
+        description="Write a .hwq file whose rows are uniform grids of at most "
+        "16 levels (quantize.method=uniform, scope channel or group, "
+        "quantize.serve_bits: 4) as a model folder in the compressed-tensors "
+        "pack-quantized int4 layout, which vLLM serves with its own kernels. "
+        "Other files are refused with the reason.",
+    )
     e.add_argument("file", help="a .hwq file or URL")
     e.add_argument("out", help="the model folder to write (new or empty)")
-    e.add_argument("--format", required=True, choices=["compressed-tensors"],
-                   help="the output layout")
-    e.add_argument("--snap", action="store_true",
-                   help="move levels that are near but not on a grid (hwq's uniform levels "
-                   "are bin means) to the nearest grid point; prints the largest change")
-    e.add_argument("--hf-files", metavar="FOLDER",
-                   help="where config.json and the tokenizer files are (default: the hf/ "
-                   "folder beside the .hwq file, as the encode stage writes)")
+    e.add_argument(
+        "--format", required=True, choices=["compressed-tensors"], help="the output layout"
+    )
+    e.add_argument(
+        "--snap",
+        action="store_true",
+        help="move levels that are near but not on a grid (hwq's uniform levels "
+        "are bin means) to the nearest grid point; prints the largest change",
+    )
+    e.add_argument(
+        "--hf-files",
+        metavar="FOLDER",
+        help="where config.json and the tokenizer files are (default: the hf/ "
+        "folder beside the .hwq file, as the encode stage writes)",
+    )
     e.add_argument("--endpoint-url", metavar="URL", help="S3-compatible endpoint for an s3:// file")
     _limits(e)
     e.set_defaults(func=_export_cmd)

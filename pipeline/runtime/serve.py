@@ -74,15 +74,17 @@ class Server:
     """The aiohttp application around ``model`` (a transformers causal LM in eval mode) and
     ``tokenizer``. ``start(host, port)`` binds (port 0: any free port; returns the port)."""
 
-    def __init__(self, model, tokenizer, *, name: str = "hwq",
-                 limits: ServeLimits | None = None) -> None:
+    def __init__(
+        self, model, tokenizer, *, name: str = "hwq", limits: ServeLimits | None = None
+    ) -> None:
         self.model = model
         self.tok = tokenizer
         self.name = name
         self.limits = limits or ServeLimits()
         self.created = int(time.time())
-        self._pool = ThreadPoolExecutor(max_workers=self.limits.workers,
-                                        thread_name_prefix="hwq-generate")
+        self._pool = ThreadPoolExecutor(
+            max_workers=self.limits.workers, thread_name_prefix="hwq-generate"
+        )
         self._active = 0
         self._jobs: set[_Job] = set()
         self._runner = None
@@ -101,8 +103,9 @@ class Server:
     def app(self):
         from aiohttp import web
 
-        app = web.Application(client_max_size=self.limits.max_body_bytes,
-                              middlewares=[self._errors])
+        app = web.Application(
+            client_max_size=self.limits.max_body_bytes, middlewares=[self._errors]
+        )
         app.router.add_get("/health", self._health)
         app.router.add_get("/v1/models", self._models)
         app.router.add_post("/v1/completions", self._completions)
@@ -130,12 +133,20 @@ class Server:
     # -- handlers ----------------------------------------------------------------------------
 
     @staticmethod
-    def _error(status: int, message: str, kind: str = "invalid_request_error",
-               param: str | None = None, headers: dict | None = None):
+    def _error(
+        status: int,
+        message: str,
+        kind: str = "invalid_request_error",
+        param: str | None = None,
+        headers: dict | None = None,
+    ):
         from aiohttp import web
 
-        return web.json_response({"error": {"message": message, "type": kind, "param": param,
-                                            "code": None}}, status=status, headers=headers)
+        return web.json_response(
+            {"error": {"message": message, "type": kind, "param": param, "code": None}},
+            status=status,
+            headers=headers,
+        )
 
     @property
     def _errors(self):
@@ -150,15 +161,21 @@ class Server:
             except web.HTTPException as e:
                 if e.status < 400:
                     raise
-                return self._error(e.status, e.reason if e.status != 413 else
-                                   f"request body is larger than the server's limit of "
-                                   f"{self.limits.max_body_bytes:,} bytes")
+                return self._error(
+                    e.status,
+                    e.reason
+                    if e.status != 413
+                    else f"request body is larger than the server's limit of "
+                    f"{self.limits.max_body_bytes:,} bytes",
+                )
             except (asyncio.CancelledError, ConnectionResetError):
                 raise
             except Exception as e:  # noqa: BLE001 - one request's failure, not the server's
                 log.exception("hwq serve: %s %s failed", request.method, request.path)
-                return self._error(500, f"internal error: {type(e).__name__}: {e}",
-                                   kind="server_error")
+                return self._error(
+                    500, f"internal error: {type(e).__name__}: {e}", kind="server_error"
+                )
+
         return errors
 
     async def _health(self, request):
@@ -169,15 +186,22 @@ class Server:
     async def _models(self, request):
         from aiohttp import web
 
-        return web.json_response({"object": "list", "data": [
-            {"id": self.name, "object": "model", "created": self.created, "owned_by": "hwq"}]})
+        return web.json_response(
+            {
+                "object": "list",
+                "data": [
+                    {"id": self.name, "object": "model", "created": self.created, "owned_by": "hwq"}
+                ],
+            }
+        )
 
     async def _body(self, request) -> Any:
         from aiohttp import web
 
         if (request.content_length or 0) > self.limits.max_body_bytes:
-            raise web.HTTPRequestEntityTooLarge(max_size=self.limits.max_body_bytes,
-                                                actual_size=request.content_length)
+            raise web.HTTPRequestEntityTooLarge(
+                max_size=self.limits.max_body_bytes, actual_size=request.content_length
+            )
         raw = await request.read()
         try:
             return json.loads(raw)
@@ -193,8 +217,9 @@ class Server:
         else:
             vocab = len(self.tok)
             if any(t >= vocab for t in prompt):
-                raise RequestError(f"prompt token ids must be below the vocabulary size "
-                                   f"{vocab}", param="prompt")
+                raise RequestError(
+                    f"prompt token ids must be below the vocabulary size {vocab}", param="prompt"
+                )
             ids = list(prompt)
         return await self._generate(request, req, ids, chat=False)
 
@@ -202,10 +227,13 @@ class Server:
         body = await self._body(request)
         req = parse_chat(body, self.limits)
         if not getattr(self.tok, "chat_template", None):
-            raise RequestError(f"model {self.name} has no chat template (its tokenizer "
-                               "defines none); use /v1/completions with a plain prompt")
-        text = self.tok.apply_chat_template(req["messages"], add_generation_prompt=True,
-                                            tokenize=False)
+            raise RequestError(
+                f"model {self.name} has no chat template (its tokenizer "
+                "defines none); use /v1/completions with a plain prompt"
+            )
+        text = self.tok.apply_chat_template(
+            req["messages"], add_generation_prompt=True, tokenize=False
+        )
         ids = self.tok(text, add_special_tokens=False)["input_ids"]
         return await self._generate(request, req, ids, chat=True)
 
@@ -216,19 +244,28 @@ class Server:
         if not ids:
             raise RequestError("the prompt is empty (no tokens)", param="prompt")
         if len(ids) > lim.max_prompt_tokens:
-            raise RequestError(f"the prompt has {len(ids):,} tokens; this server takes at most "
-                               f"{lim.max_prompt_tokens:,}", param="prompt")
+            raise RequestError(
+                f"the prompt has {len(ids):,} tokens; this server takes at most "
+                f"{lim.max_prompt_tokens:,}",
+                param="prompt",
+            )
         if self._context and len(ids) + req["max_tokens"] > self._context:
-            raise RequestError(f"prompt ({len(ids)} tokens) + max_tokens ({req['max_tokens']}) "
-                               f"exceeds the model's context of {self._context} tokens",
-                               param="max_tokens")
+            raise RequestError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({req['max_tokens']}) "
+                f"exceeds the model's context of {self._context} tokens",
+                param="max_tokens",
+            )
 
     async def _generate(self, request, req: dict, ids: list[int], *, chat: bool):
         self._check_prompt(ids, req)
         if self._active >= self.limits.max_concurrency:
-            return self._error(503, f"server busy: {self._active} requests in progress (limit "
-                               f"{self.limits.max_concurrency}); retry later",
-                               kind="server_busy", headers={"Retry-After": "1"})
+            return self._error(
+                503,
+                f"server busy: {self._active} requests in progress (limit "
+                f"{self.limits.max_concurrency}); retry later",
+                kind="server_busy",
+                headers={"Retry-After": "1"},
+            )
         self._active += 1
         job = _Job(ids, req, time.monotonic() + self.limits.timeout_s)
         self._jobs.add(job)
@@ -249,12 +286,16 @@ class Server:
 
     def _usage(self, job: _Job, res: _Result) -> dict:
         n = len(res.ids)
-        return {"prompt_tokens": len(job.ids), "completion_tokens": n,
-                "total_tokens": len(job.ids) + n}
+        return {
+            "prompt_tokens": len(job.ids),
+            "completion_tokens": n,
+            "total_tokens": len(job.ids) + n,
+        }
 
     def _head(self, chat: bool, rid: str, chunk: bool) -> dict:
-        obj = ("chat.completion.chunk" if chunk else "chat.completion") if chat else \
-            "text_completion"
+        obj = (
+            ("chat.completion.chunk" if chunk else "chat.completion") if chat else "text_completion"
+        )
         return {"id": rid, "object": obj, "created": int(time.time()), "model": self.name}
 
     async def _complete(self, job: _Job, chat: bool):
@@ -263,8 +304,12 @@ class Server:
         loop = asyncio.get_running_loop()
         res = await loop.run_in_executor(self._pool, self._run, job, None)
         if res.timed_out:
-            return self._error(504, f"generation did not finish within the server's "
-                               f"{self.limits.timeout_s:g} s per request", kind="timeout")
+            return self._error(
+                504,
+                f"generation did not finish within the server's "
+                f"{self.limits.timeout_s:g} s per request",
+                kind="timeout",
+            )
         text, stopped = self._text(res.ids, job.req["stop"])
         finish = "stop" if stopped else res.finish
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
@@ -273,8 +318,9 @@ class Server:
             choice["message"] = {"role": "assistant", "content": text}
         else:
             choice["text"] = text
-        return web.json_response({**self._head(chat, rid, False), "choices": [choice],
-                                  "usage": self._usage(job, res)})
+        return web.json_response(
+            {**self._head(chat, rid, False), "choices": [choice], "usage": self._usage(job, res)}
+        )
 
     async def _stream(self, request, job: _Job, chat: bool):
         from aiohttp import web
@@ -291,23 +337,29 @@ class Server:
             except BaseException as e:  # noqa: BLE001 - reported on the stream
                 post("err", e)
 
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                           "Cache-Control": "no-cache"})
+        resp = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
         await resp.prepare(request)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         stops = job.req["stop"]
         hold = max((len(s) for s in stops), default=1) - 1
 
-        async def send(delta: str | None, finish: str | None, role: bool = False,
-                       usage: dict | None = None) -> None:
+        async def send(
+            delta: str | None, finish: str | None, role: bool = False, usage: dict | None = None
+        ) -> None:
             if chat:
                 d: dict[str, Any] = {"role": "assistant"} if role else {}
                 if delta:
                     d["content"] = delta
                 choice = {"index": 0, "delta": d, "finish_reason": finish, "logprobs": None}
             else:
-                choice = {"index": 0, "text": delta or "", "finish_reason": finish,
-                          "logprobs": None}
+                choice = {
+                    "index": 0,
+                    "text": delta or "",
+                    "finish_reason": finish,
+                    "logprobs": None,
+                }
             msg = {**self._head(chat, rid, True), "choices": [choice]}
             if usage is not None:
                 msg["usage"] = usage
@@ -341,9 +393,15 @@ class Server:
                     raise value
                 res: _Result = value
                 if res.timed_out:
-                    err = {"error": {"message": f"generation did not finish within the "
-                                     f"server's {self.limits.timeout_s:g} s per request",
-                                     "type": "timeout", "param": None, "code": None}}
+                    err = {
+                        "error": {
+                            "message": f"generation did not finish within the "
+                            f"server's {self.limits.timeout_s:g} s per request",
+                            "type": "timeout",
+                            "param": None,
+                            "code": None,
+                        }
+                    }
                     await resp.write(b"data: " + json.dumps(err).encode() + b"\n\n")
                     break
                 text, stopped = self._text(res.ids, stops)
@@ -358,8 +416,14 @@ class Server:
             raise
         except Exception as e:  # noqa: BLE001 - the headers are sent: report on the stream
             log.exception("hwq serve: streamed generation failed")
-            err = {"error": {"message": f"internal error: {type(e).__name__}: {e}",
-                             "type": "server_error", "param": None, "code": None}}
+            err = {
+                "error": {
+                    "message": f"internal error: {type(e).__name__}: {e}",
+                    "type": "server_error",
+                    "param": None,
+                    "code": None,
+                }
+            }
             await resp.write(b"data: " + json.dumps(err).encode() + b"\n\n")
         finally:
             job.cancel.set()
@@ -388,8 +452,9 @@ class Server:
                     text = tok.decode(input_ids[0, n0:].tolist(), skip_special_tokens=True)
                     done = any(s in text for s in stops)
                     req["stop_hit"] = done
-                return torch.full((input_ids.shape[0],), done, dtype=torch.bool,
-                                  device=input_ids.device)
+                return torch.full(
+                    (input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device
+                )
 
         class Stream(BaseStreamer):
             def __init__(self) -> None:
@@ -408,18 +473,25 @@ class Server:
             return _Result([], "length", timed_out=True)
         sample = req["temperature"] > 0
         gc = GenerationConfig(
-            max_new_tokens=req["max_tokens"], do_sample=sample,
+            max_new_tokens=req["max_tokens"],
+            do_sample=sample,
             temperature=req["temperature"] if sample else None,
-            top_p=req["top_p"] if sample else None, top_k=None if sample else None,
-            eos_token_id=sorted(self._eos) or None, pad_token_id=self._pad)
+            top_p=req["top_p"] if sample else None,
+            top_k=None if sample else None,
+            eos_token_id=sorted(self._eos) or None,
+            pad_token_id=self._pad,
+        )
         if sample and req["seed"] is not None:
             torch.manual_seed(req["seed"])  # one worker thread by default: deterministic
         x = torch.tensor([job.ids], dtype=torch.long, device=self.model.device)
         with torch.inference_mode():
             out = self.model.generate(
-                x, attention_mask=torch.ones_like(x), generation_config=gc,
+                x,
+                attention_mask=torch.ones_like(x),
+                generation_config=gc,
                 stopping_criteria=StoppingCriteriaList([Stop()]),
-                streamer=Stream() if on_tokens is not None else None)
+                streamer=Stream() if on_tokens is not None else None,
+            )
         gen = out[0, n0:].tolist()
         ended = bool(gen) and gen[-1] in self._eos
         if job.timed_out:
@@ -431,16 +503,17 @@ class ServerThread:
     """A server on its own event loop in a background thread (tests, benchmarks):
     ``with ServerThread(model, tok, port=0) as s: s.port``."""
 
-    def __init__(self, model, tokenizer, *, host: str = "127.0.0.1", port: int = 0,
-                 **kw) -> None:
+    def __init__(self, model, tokenizer, *, host: str = "127.0.0.1", port: int = 0, **kw) -> None:
         self.server = Server(model, tokenizer, **kw)
         self.host = host
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
-                                        name="hwq-serve")
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, daemon=True, name="hwq-serve"
+        )
         self._thread.start()
         self.port = asyncio.run_coroutine_threadsafe(
-            self.server.start(host, port), self._loop).result(timeout=30)
+            self.server.start(host, port), self._loop
+        ).result(timeout=30)
 
     @property
     def url(self) -> str:
@@ -461,8 +534,15 @@ class ServerThread:
         self.close()
 
 
-def serve_forever(model, tokenizer, *, host: str = "127.0.0.1", port: int = 8000,
-                  name: str = "hwq", limits: ServeLimits | None = None) -> None:
+def serve_forever(
+    model,
+    tokenizer,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    name: str = "hwq",
+    limits: ServeLimits | None = None,
+) -> None:
     """Serve until SIGINT or SIGTERM; prints the URL once listening (port 0: the real one)."""
     import signal
 
@@ -493,31 +573,37 @@ def _serve_cmd(args) -> int:
     if (args.file is None) == (args.hf_dir is None):
         raise ValueError("give exactly one of FILE (a .hwq file) and --hf-dir FOLDER")
     if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"hwq serve: warning: listening on {args.host}, not loopback: anyone who can "
-              "reach this address can use the model (there is no authentication)",
-              file=sys.stderr)
+        print(
+            f"hwq serve: warning: listening on {args.host}, not loopback: anyone who can "
+            "reach this address can use the model (there is no authentication)",
+            file=sys.stderr,
+        )
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.hf_dir is not None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if not os.path.isfile(os.path.join(args.hf_dir, "config.json")):
-            raise FileNotFoundError(f"--hf-dir {args.hf_dir}: no config.json there (give a "
-                                    "Hugging Face model folder)")
+            raise FileNotFoundError(
+                f"--hf-dir {args.hf_dir}: no config.json there (give a Hugging Face model folder)"
+            )
         tok = AutoTokenizer.from_pretrained(args.hf_dir)
         model = AutoModelForCausalLM.from_pretrained(args.hf_dir).eval()
         name = args.name or os.path.basename(os.path.normpath(args.hf_dir))
     else:
         from pipeline.runtime import load  # the lookup-table runtime
 
-        opts = {"client_kwargs": {"endpoint_url": args.endpoint_url}} \
-            if args.endpoint_url else None
+        opts = {"client_kwargs": {"endpoint_url": args.endpoint_url}} if args.endpoint_url else None
         model, tok = load(args.file, threads=args.threads, storage_options=opts)
         name = args.name or os.path.basename(args.file.rstrip("/"))
-    limits = ServeLimits(max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens,
-                         max_prompt_tokens=args.max_prompt_tokens,
-                         max_concurrency=args.max_concurrency, workers=args.workers,
-                         timeout_s=args.timeout)
+    limits = ServeLimits(
+        max_body_bytes=args.max_body_bytes,
+        max_tokens=args.max_tokens,
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_concurrency=args.max_concurrency,
+        workers=args.workers,
+        timeout_s=args.timeout,
+    )
     serve_forever(model, tok, host=args.host, port=args.port, name=name, limits=limits)
     return 0
 
@@ -537,33 +623,73 @@ def add_commands(sub) -> None:
         return v
 
     d = ServeLimits()
-    s = sub.add_parser("serve", help="serve a .hwq file over an OpenAI-style HTTP API",
-                       description="Load a .hwq file with the lookup-table runtime (or a dense "
-                       "Hugging Face folder with --hf-dir) and answer POST /v1/completions and "
-                       "/v1/chat/completions (streaming too), GET /v1/models and /health. "
-                       "Listens on loopback unless --host says otherwise; there is no "
-                       "authentication. Ctrl-C or SIGTERM stops it.")
+    s = sub.add_parser(
+        "serve",
+        help="serve a .hwq file over an OpenAI-style HTTP API",
+        description="Load a .hwq file with the lookup-table runtime (or a dense "
+        "Hugging Face folder with --hf-dir) and answer POST /v1/completions and "
+        "/v1/chat/completions (streaming too), GET /v1/models and /health. "
+        "Listens on loopback unless --host says otherwise; there is no "
+        "authentication. Ctrl-C or SIGTERM stops it.",
+    )
     s.add_argument("file", nargs="?", help="a .hwq file or s3:// URL")
-    s.add_argument("--hf-dir", metavar="FOLDER",
-                   help="serve this Hugging Face model folder instead (dense, for comparisons)")
-    s.add_argument("--port", type=int, default=8000, help="TCP port (0: any free one; "
-                   "default 8000)")
-    s.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on (default 127.0.0.1; another prints a warning)")
+    s.add_argument(
+        "--hf-dir",
+        metavar="FOLDER",
+        help="serve this Hugging Face model folder instead (dense, for comparisons)",
+    )
+    s.add_argument(
+        "--port", type=int, default=8000, help="TCP port (0: any free one; default 8000)"
+    )
+    s.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1; another prints a warning)",
+    )
     s.add_argument("--threads", type=positive, help="torch threads (default: torch's)")
     s.add_argument("--name", help="the model id /v1/models reports (default: the file name)")
-    s.add_argument("--max-concurrency", type=positive, default=d.max_concurrency,
-                   metavar="N", help=f"requests admitted at once, running or waiting; more get "
-                   f"503 (default {d.max_concurrency})")
-    s.add_argument("--workers", type=positive, default=d.workers, metavar="N",
-                   help=f"generations running at once (default {d.workers})")
-    s.add_argument("--max-tokens", type=positive, default=d.max_tokens, metavar="N",
-                   help=f"the largest max_tokens a request may ask for (default {d.max_tokens})")
-    s.add_argument("--max-prompt-tokens", type=positive, default=d.max_prompt_tokens,
-                   metavar="N", help=f"longest prompt in tokens (default {d.max_prompt_tokens})")
-    s.add_argument("--max-body-bytes", type=parse_size, default=d.max_body_bytes,
-                   metavar="SIZE", help="largest request body (default 1M)")
-    s.add_argument("--timeout", type=float, default=d.timeout_s, metavar="SECONDS",
-                   help=f"per-request limit (default {d.timeout_s:g})")
+    s.add_argument(
+        "--max-concurrency",
+        type=positive,
+        default=d.max_concurrency,
+        metavar="N",
+        help=f"requests admitted at once, running or waiting; more get "
+        f"503 (default {d.max_concurrency})",
+    )
+    s.add_argument(
+        "--workers",
+        type=positive,
+        default=d.workers,
+        metavar="N",
+        help=f"generations running at once (default {d.workers})",
+    )
+    s.add_argument(
+        "--max-tokens",
+        type=positive,
+        default=d.max_tokens,
+        metavar="N",
+        help=f"the largest max_tokens a request may ask for (default {d.max_tokens})",
+    )
+    s.add_argument(
+        "--max-prompt-tokens",
+        type=positive,
+        default=d.max_prompt_tokens,
+        metavar="N",
+        help=f"longest prompt in tokens (default {d.max_prompt_tokens})",
+    )
+    s.add_argument(
+        "--max-body-bytes",
+        type=parse_size,
+        default=d.max_body_bytes,
+        metavar="SIZE",
+        help="largest request body (default 1M)",
+    )
+    s.add_argument(
+        "--timeout",
+        type=float,
+        default=d.timeout_s,
+        metavar="SECONDS",
+        help=f"per-request limit (default {d.timeout_s:g})",
+    )
     s.add_argument("--endpoint-url", metavar="URL", help="S3-compatible endpoint for an s3:// file")
     s.set_defaults(func=_serve_cmd)

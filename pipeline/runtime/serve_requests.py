@@ -13,8 +13,21 @@ from typing import Any
 
 __all__ = ["RequestError", "parse_completion", "parse_chat"]
 
-_COMMON = {"model", "max_tokens", "temperature", "top_p", "stop", "stream", "stream_options",
-           "seed", "n", "user", "frequency_penalty", "presence_penalty", "logprobs"}
+_COMMON = {
+    "model",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "stop",
+    "stream",
+    "stream_options",
+    "seed",
+    "n",
+    "user",
+    "frequency_penalty",
+    "presence_penalty",
+    "logprobs",
+}
 _COMPLETION = _COMMON | {"prompt", "echo"}
 _CHAT = _COMMON | {"messages", "max_completion_tokens", "top_logprobs"}
 _ROLES = ("system", "user", "assistant", "developer", "tool")
@@ -42,8 +55,10 @@ def _common(body: Any, allowed: set[str], limits, default_max: int) -> dict:
         raise RequestError("the body must be a JSON object")
     unknown = sorted(set(body) - allowed)
     if unknown:
-        raise RequestError(f"unknown field {unknown[0]!r} (this server takes: "
-                           f"{', '.join(sorted(allowed))})", param=unknown[0])
+        raise RequestError(
+            f"unknown field {unknown[0]!r} (this server takes: {', '.join(sorted(allowed))})",
+            param=unknown[0],
+        )
     b = {k: v for k, v in body.items() if v is not None}  # null: the default, as OpenAI's
 
     def need(name: str, ok: bool, what: str) -> None:
@@ -54,40 +69,57 @@ def _common(body: Any, allowed: set[str], limits, default_max: int) -> dict:
     need("user", isinstance(b.get("user"), str), "a string")
     need("stream", isinstance(b.get("stream"), bool), "true or false")
     need("seed", _is_int(b.get("seed")), "an integer")
-    need("temperature", _is_num(b.get("temperature")) and 0 <= b.get("temperature", 0) <= 2,
-         "a number in [0, 2]")
+    need(
+        "temperature",
+        _is_num(b.get("temperature")) and 0 <= b.get("temperature", 0) <= 2,
+        "a number in [0, 2]",
+    )
     need("top_p", _is_num(b.get("top_p")) and 0 < b.get("top_p", 1) <= 1, "a number in (0, 1]")
     need("n", _is_int(b.get("n")), "an integer")
     if b.get("n", 1) != 1:
-        raise RequestError("n must be 1 (this server returns one choice per request)",
-                           param="n")
+        raise RequestError("n must be 1 (this server returns one choice per request)", param="n")
     for name in ("frequency_penalty", "presence_penalty"):
         need(name, _is_num(b.get(name)), "a number")
         if b.get(name, 0) != 0:
             raise RequestError(f"{name} is not supported (only 0)", param=name)
     so = b.get("stream_options", {})
-    if not isinstance(so, dict) or set(so) - {"include_usage"} or \
-            not isinstance(so.get("include_usage", False), bool):
-        raise RequestError('stream_options must be {"include_usage": true|false}',
-                           param="stream_options")
+    if (
+        not isinstance(so, dict)
+        or set(so) - {"include_usage"}
+        or not isinstance(so.get("include_usage", False), bool)
+    ):
+        raise RequestError(
+            'stream_options must be {"include_usage": true|false}', param="stream_options"
+        )
     stop = b.get("stop", [])
     stop = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stop, list) or len(stop) > 4 or \
-            not all(isinstance(s, str) and s for s in stop):
-        raise RequestError("stop must be a non-empty string or a list of at most 4 of them",
-                           param="stop")
+    if (
+        not isinstance(stop, list)
+        or len(stop) > 4
+        or not all(isinstance(s, str) and s for s in stop)
+    ):
+        raise RequestError(
+            "stop must be a non-empty string or a list of at most 4 of them", param="stop"
+        )
     mt_name = "max_completion_tokens" if "max_completion_tokens" in b else "max_tokens"
     mt = b.get(mt_name, default_max)
     if not _is_int(mt) or mt < 1:
         raise RequestError(f"{mt_name} must be a positive integer", param=mt_name)
     if mt > limits.max_tokens:
-        raise RequestError(f"{mt_name}={mt} is above this server's limit of "
-                           f"{limits.max_tokens}", param=mt_name)
-    return {"max_tokens": mt, "temperature": float(b.get("temperature", 1.0)),
-            "top_p": float(b.get("top_p", 1.0)), "stop": stop,
-            "stream": bool(b.get("stream", False)),
-            "include_usage": bool(so.get("include_usage", False)), "seed": b.get("seed"),
-            "stop_hit": False, "_body": b}
+        raise RequestError(
+            f"{mt_name}={mt} is above this server's limit of {limits.max_tokens}", param=mt_name
+        )
+    return {
+        "max_tokens": mt,
+        "temperature": float(b.get("temperature", 1.0)),
+        "top_p": float(b.get("top_p", 1.0)),
+        "stop": stop,
+        "stream": bool(b.get("stream", False)),
+        "include_usage": bool(so.get("include_usage", False)),
+        "seed": b.get("seed"),
+        "stop_hit": False,
+        "_body": b,
+    }
 
 
 def json_type(v: Any) -> str:
@@ -96,8 +128,13 @@ def json_type(v: Any) -> str:
         return "null"
     if isinstance(v, bool):
         return "a boolean"
-    return {int: "a number", float: "a number", str: "a string", list: "an array",
-            dict: "an object"}.get(type(v), type(v).__name__)
+    return {
+        int: "a number",
+        float: "a number",
+        str: "a string",
+        list: "an array",
+        dict: "an object",
+    }.get(type(v), type(v).__name__)
 
 
 def parse_completion(body: Any, limits) -> dict:
@@ -118,9 +155,11 @@ def parse_completion(body: Any, limits) -> dict:
     elif isinstance(p, str):
         req["prompt"] = p
     else:
-        raise RequestError("prompt must be a string, a list of token ids, or a list of one "
-                           "of those (batches of several prompts are not supported)",
-                           param="prompt")
+        raise RequestError(
+            "prompt must be a string, a list of token ids, or a list of one "
+            "of those (batches of several prompts are not supported)",
+            param="prompt",
+        )
     return req
 
 
@@ -137,17 +176,19 @@ def parse_chat(body: Any, limits) -> dict:
     for i, m in enumerate(msgs):
         where = f"messages[{i}]"
         if not isinstance(m, dict) or set(m) - {"role", "content", "name"}:
-            raise RequestError(f"{where} must be an object with role and content",
-                               param="messages")
+            raise RequestError(f"{where} must be an object with role and content", param="messages")
         if m.get("role") not in _ROLES:
-            raise RequestError(f"{where}.role must be one of {', '.join(_ROLES)}",
-                               param="messages")
+            raise RequestError(f"{where}.role must be one of {', '.join(_ROLES)}", param="messages")
         c = m.get("content")
         if isinstance(c, list):  # content parts: text only
-            if not all(isinstance(x, dict) and x.get("type") == "text"
-                       and isinstance(x.get("text"), str) for x in c):
-                raise RequestError(f"{where}.content parts must be text parts "
-                                   '({"type": "text", "text": ...})', param="messages")
+            if not all(
+                isinstance(x, dict) and x.get("type") == "text" and isinstance(x.get("text"), str)
+                for x in c
+            ):
+                raise RequestError(
+                    f'{where}.content parts must be text parts ({{"type": "text", "text": ...}})',
+                    param="messages",
+                )
             c = "".join(x["text"] for x in c)
         if not isinstance(c, str):
             raise RequestError(f"{where}.content must be a string", param="messages")

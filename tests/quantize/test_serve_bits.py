@@ -29,11 +29,14 @@ def test_serve_bits_caps_k_max_and_enters_the_stage_key_only_when_set():
     assert _sections(_lm(serve_bits=3))["quantize"]["k_max"] == 8
 
 
-@pytest.mark.parametrize("quantize,words", [
-    ({"method": "kmeans", "k": 32, "serve_bits": 4}, r"quantize\.k=32 needs more than 4 bits"),
-    ({"method": "uniform", "k_max": 64, "serve_bits": 4}, r"quantize\.k_max=64 contradicts"),
-    ({"serve_bits": 5}, r"serve_bits"),
-])
+@pytest.mark.parametrize(
+    "quantize,words",
+    [
+        ({"method": "kmeans", "k": 32, "serve_bits": 4}, r"quantize\.k=32 needs more than 4 bits"),
+        ({"method": "uniform", "k_max": 64, "serve_bits": 4}, r"quantize\.k_max=64 contradicts"),
+        ({"serve_bits": 5}, r"serve_bits"),
+    ],
+)
 def test_contradictory_settings_are_config_errors(quantize, words):
     with pytest.raises((ConfigError, ValueError), match=words):
         _lm(**quantize)
@@ -41,8 +44,12 @@ def test_contradictory_settings_are_config_errors(quantize, words):
 
 def test_pruning_leaves_room_for_the_zero_level_and_network_scope_rates_are_refused():
     # LeNet-5 prunes by default: 4 bits hold 15 levels besides the pruned zero.
-    assert load_config(LENET, ["quantize.method=kmeans", "quantize.k=15",
-                               "quantize.serve_bits=4"]).quantize.k == 15
+    assert (
+        load_config(
+            LENET, ["quantize.method=kmeans", "quantize.k=15", "quantize.serve_bits=4"]
+        ).quantize.k
+        == 15
+    )
     with pytest.raises(ConfigError, match=r"quantize\.k=16 .*at most 15 levels"):
         load_config(LENET, ["quantize.method=kmeans", "quantize.k=16", "quantize.serve_bits=4"])
     with pytest.raises(ConfigError, match="scope=channel or group"):
@@ -62,6 +69,7 @@ def test_rows_solved_under_serve_bits_3_have_at_most_8_levels(method, bits):
     found = solve_rows_global_rate([(W, H)], bits, method, k_max=capped.k_max, tol=0.05)
     levels = np.concatenate([r.levels for r in found.results])
     assert levels.max() <= 8
-    free = solve_rows_global_rate([(W, H)], bits, method, k_max=_lm(method=method).quantize.k_max,
-                                  tol=0.05)
+    free = solve_rows_global_rate(
+        [(W, H)], bits, method, k_max=_lm(method=method).quantize.k_max, tol=0.05
+    )
     assert np.concatenate([r.levels for r in free.results]).max() > 8

@@ -17,8 +17,13 @@ from pipeline.cli import main
 from pipeline.runtime.export import grid_rows, pack_int4
 from testkit.models import tiny_llama_folder
 
-HF = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-      "special_tokens_map.json")
+HF = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
 
 
 def _write(tmp_path, *, method="uniform", exact=True):
@@ -55,8 +60,13 @@ def _write(tmp_path, *, method="uniform", exact=True):
     for f in HF:
         if (src / f).exists():
             shutil.copy(src / f, folder / "hf" / f)
-    write_hwq(folder / "model.hwq", ents, cbs, codebook_dtype="float16",
-              metadata={"model": "hf_causal_lm", "scope": "channel", "method": method})
+    write_hwq(
+        folder / "model.hwq",
+        ents,
+        cbs,
+        codebook_dtype="float16",
+        metadata={"model": "hf_causal_lm", "scope": "channel", "method": method},
+    )
     return folder / "model.hwq"
 
 
@@ -104,16 +114,19 @@ def exact_file(tmp_path_factory):
 
 
 def test_exported_folder_gives_the_decoded_models_logits(exact_file, tmp_path, capsys):
-    pytest.importorskip("compressed_tensors", reason="compressed-tensors is not installed "
-                        "(benchmarks/requirements-peers.txt)")
+    pytest.importorskip(
+        "compressed_tensors",
+        reason="compressed-tensors is not installed (benchmarks/requirements-peers.txt)",
+    )
     assert main(["decode", str(exact_file), "--hf-out", str(tmp_path / "dec")]) == 0
-    assert main(["export", str(exact_file), str(tmp_path / "ct"),
-                 "--format", "compressed-tensors"]) == 0
+    assert (
+        main(["export", str(exact_file), str(tmp_path / "ct"), "--format", "compressed-tensors"])
+        == 0
+    )
     assert "14 Linear weights packed" in capsys.readouterr().out  # 2 layers x 7 Linears
     qc = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
     assert qc["format"] == "pack-quantized"
-    assert {g["weights"]["strategy"] for g in qc["config_groups"].values()} == \
-        {"channel", "group"}
+    assert {g["weights"]["strategy"] for g in qc["config_groups"].values()} == {"channel", "group"}
     assert (tmp_path / "ct" / "tokenizer.json").exists()
     want, got = _logits(tmp_path / "dec"), _logits(tmp_path / "dec", _ct_state(tmp_path / "ct"))
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
@@ -137,7 +150,7 @@ def _ct_state(folder) -> dict[str, torch.Tensor]:
     for group in qc["config_groups"].values():
         scheme = QuantizationScheme(targets=group["targets"], weights=group["weights"])
         for mod in group["targets"]:
-            local = {k[len(mod) + 1:]: v for k, v in sd.items() if k.startswith(mod + ".")}
+            local = {k[len(mod) + 1 :]: v for k, v in sd.items() if k.startswith(mod + ".")}
             out[f"{mod}.weight"] = PackedQuantizationCompressor.decompress(local, scheme)["weight"]
     return out
 
@@ -148,8 +161,10 @@ def test_bin_means_are_refused_unless_snapped(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "is not a uniform grid" in err and "--snap" in err and "codebook row" in err
     assert not (tmp_path / "ct").exists()
-    assert main(["export", str(f), str(tmp_path / "ct"), "--format", "compressed-tensors",
-                 "--snap"]) == 0
+    assert (
+        main(["export", str(f), str(tmp_path / "ct"), "--format", "compressed-tensors", "--snap"])
+        == 0
+    )
     assert "--snap moved levels by at most" in capsys.readouterr().out
 
 

@@ -15,8 +15,10 @@ from pipeline.runtime.serve import ServeLimits, ServerThread
 from testkit.models import tiny_llama, tiny_tokenizer
 
 PROMPTS = ["the quick brown fox", "hessian weighted", "a lazy dog while", "the file small"]
-TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-            "{% if add_generation_prompt %}<s>assistant:{% endif %}")
+TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant:{% endif %}"
+)
 
 
 @pytest.fixture(scope="module")
@@ -29,16 +31,21 @@ def pair():
 @pytest.fixture(scope="module")
 def server(pair):
     model, tok = pair
-    with ServerThread(model, tok, name="tiny", limits=ServeLimits(
-            max_concurrency=64, max_body_bytes=64 << 10, max_tokens=64)) as s:
+    with ServerThread(
+        model,
+        tok,
+        name="tiny",
+        limits=ServeLimits(max_concurrency=64, max_body_bytes=64 << 10, max_tokens=64),
+    ) as s:
         yield s
 
 
 def _greedy(model, tok, ids: list[int], n: int) -> tuple[str, int]:
     with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False,
-                             pad_token_id=tok.eos_token_id)
-    gen = out[0, len(ids):].tolist()
+        out = model.generate(
+            torch.tensor([ids]), max_new_tokens=n, do_sample=False, pad_token_id=tok.eos_token_id
+        )
+    gen = out[0, len(ids) :].tolist()
     return tok.decode(gen, skip_special_tokens=True), len(gen)
 
 
@@ -65,15 +72,20 @@ def _get(url: str) -> dict:
 def test_completion_equals_greedy_generate_and_reports_usage(server, pair):
     model, tok = pair
     for p in PROMPTS[:2]:
-        st, _, body = _post(server.url + "/v1/completions",
-                            {"model": "tiny", "prompt": p, "max_tokens": 8, "temperature": 0})
+        st, _, body = _post(
+            server.url + "/v1/completions",
+            {"model": "tiny", "prompt": p, "max_tokens": 8, "temperature": 0},
+        )
         assert st == 200, body
         r = json.loads(body)
         want, n = _greedy(model, tok, tok(p)["input_ids"], 8)
         assert r["choices"][0]["text"] == want
         assert r["choices"][0]["finish_reason"] == "length"
-        assert r["usage"] == {"prompt_tokens": len(tok(p)["input_ids"]), "completion_tokens": n,
-                              "total_tokens": len(tok(p)["input_ids"]) + n}
+        assert r["usage"] == {
+            "prompt_tokens": len(tok(p)["input_ids"]),
+            "completion_tokens": n,
+            "total_tokens": len(tok(p)["input_ids"]) + n,
+        }
     assert _get(server.url + "/v1/models")["data"][0]["id"] == "tiny"
     assert _get(server.url + "/health")["status"] == "ok"
 
@@ -82,32 +94,40 @@ def test_stop_string_cuts_the_text(server, pair):
     model, tok = pair
     want, _ = _greedy(model, tok, tok(PROMPTS[0])["input_ids"], 16)
     stop = want.strip()[:3]
-    st, _, body = _post(server.url + "/v1/completions", {
-        "prompt": PROMPTS[0], "max_tokens": 16, "temperature": 0, "stop": [stop]})
+    st, _, body = _post(
+        server.url + "/v1/completions",
+        {"prompt": PROMPTS[0], "max_tokens": 16, "temperature": 0, "stop": [stop]},
+    )
     r = json.loads(body)
     assert st == 200 and r["choices"][0]["finish_reason"] == "stop"
-    assert r["choices"][0]["text"] == want[:want.find(stop)]
+    assert r["choices"][0]["text"] == want[: want.find(stop)]
 
 
 def test_chat_uses_the_template(server, pair):
     model, tok = pair
     msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the fox"}]
-    st, _, body = _post(server.url + "/v1/chat/completions",
-                        {"messages": msgs, "max_tokens": 6, "temperature": 0})
+    st, _, body = _post(
+        server.url + "/v1/chat/completions", {"messages": msgs, "max_tokens": 6, "temperature": 0}
+    )
     assert st == 200, body
     r = json.loads(body)
-    ids = tok(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False),
-              add_special_tokens=False)["input_ids"]
+    ids = tok(
+        tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False),
+        add_special_tokens=False,
+    )["input_ids"]
     assert r["object"] == "chat.completion"
-    assert r["choices"][0]["message"] == {"role": "assistant",
-                                          "content": _greedy(model, tok, ids, 6)[0]}
+    assert r["choices"][0]["message"] == {
+        "role": "assistant",
+        "content": _greedy(model, tok, ids, 6)[0],
+    }
 
 
 def test_chat_without_a_template_is_a_400(pair):
     model, _ = pair
     with ServerThread(model, tiny_tokenizer()) as s:
-        st, _, body = _post(s.url + "/v1/chat/completions",
-                            {"messages": [{"role": "user", "content": "hi"}]})
+        st, _, body = _post(
+            s.url + "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}
+        )
         assert st == 400 and "chat template" in json.loads(body)["error"]["message"]
 
 
@@ -123,9 +143,16 @@ def _events(raw: bytes) -> list:
 def test_streaming_sends_the_same_text_as_events(server, pair):
     model, tok = pair
     want, n = _greedy(model, tok, tok(PROMPTS[2])["input_ids"], 10)
-    st, headers, raw = _post(server.url + "/v1/completions", {
-        "prompt": PROMPTS[2], "max_tokens": 10, "temperature": 0, "stream": True,
-        "stream_options": {"include_usage": True}})
+    st, headers, raw = _post(
+        server.url + "/v1/completions",
+        {
+            "prompt": PROMPTS[2],
+            "max_tokens": 10,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    )
     assert st == 200 and headers["Content-Type"].startswith("text/event-stream")
     ev = _events(raw)
     assert ev[-1] == "[DONE]"
@@ -134,9 +161,15 @@ def test_streaming_sends_the_same_text_as_events(server, pair):
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
     assert chunks[-1]["usage"]["completion_tokens"] == n
     # chat streaming: a role delta first, then content deltas
-    st, _, raw = _post(server.url + "/v1/chat/completions", {
-        "messages": [{"role": "user", "content": "the dog"}], "max_tokens": 5,
-        "temperature": 0, "stream": True})
+    st, _, raw = _post(
+        server.url + "/v1/chat/completions",
+        {
+            "messages": [{"role": "user", "content": "the dog"}],
+            "max_tokens": 5,
+            "temperature": 0,
+            "stream": True,
+        },
+    )
     chunks = [json.loads(e) for e in _events(raw)[:-1]]
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant"}
     assert chunks[0]["object"] == "chat.completion.chunk"
@@ -163,8 +196,9 @@ def test_64_concurrent_requests_are_answered_or_refused_with_503(pair):
 
             def one(i: int) -> None:
                 p = PROMPTS[i % len(PROMPTS)]
-                st, h, body = _post(s.url + "/v1/completions",
-                                    {"prompt": p, "max_tokens": 4, "temperature": 0})
+                st, h, body = _post(
+                    s.url + "/v1/completions", {"prompt": p, "max_tokens": 4, "temperature": 0}
+                )
                 results[i] = (st, h, json.loads(body), p)
                 done.release()
 
@@ -189,23 +223,27 @@ def test_64_concurrent_requests_are_answered_or_refused_with_503(pair):
         assert _get(s.url + "/health") == {"status": "ok", "active": 0}
 
 
-@pytest.mark.parametrize("body,raw,status,words", [
-    (None, b'{"prompt": "the', 400, "not valid JSON"),
-    (None, b"[1, 2]", 400, "JSON object"),
-    ({"prompt": "x" * (65 << 10)}, None, 413, "larger than"),
-    ({"prompt": "the", "frobnicate": 1}, None, 400, "'frobnicate'"),
-    ({"prompt": "the", "n": 2}, None, 400, "n must be 1"),
-    ({"prompt": "the", "max_tokens": "8"}, None, 400, "max_tokens"),
-    ({"prompt": "the", "max_tokens": 10_000}, None, 400, "limit of 64"),
-    ({"prompt": "the", "temperature": -1}, None, 400, "temperature"),
-    ({"prompt": ["a", "b"]}, None, 400, "batches"),
-    ({"prompt": [10**9]}, None, 400, "vocabulary"),
-    ({"prompt": ""}, None, 400, "empty"),
-    ({"max_tokens": 4}, None, 400, "prompt is required"),
-    ({"prompt": "the", "stream": "yes"}, None, 400, "stream"),
-])
+@pytest.mark.parametrize(
+    "body,raw,status,words",
+    [
+        (None, b'{"prompt": "the', 400, "not valid JSON"),
+        (None, b"[1, 2]", 400, "JSON object"),
+        ({"prompt": "x" * (65 << 10)}, None, 413, "larger than"),
+        ({"prompt": "the", "frobnicate": 1}, None, 400, "'frobnicate'"),
+        ({"prompt": "the", "n": 2}, None, 400, "n must be 1"),
+        ({"prompt": "the", "max_tokens": "8"}, None, 400, "max_tokens"),
+        ({"prompt": "the", "max_tokens": 10_000}, None, 400, "limit of 64"),
+        ({"prompt": "the", "temperature": -1}, None, 400, "temperature"),
+        ({"prompt": ["a", "b"]}, None, 400, "batches"),
+        ({"prompt": [10**9]}, None, 400, "vocabulary"),
+        ({"prompt": ""}, None, 400, "empty"),
+        ({"max_tokens": 4}, None, 400, "prompt is required"),
+        ({"prompt": "the", "stream": "yes"}, None, 400, "stream"),
+    ],
+)
 def test_bad_requests_get_4xx_with_a_message_and_the_server_keeps_serving(
-        server, pair, body, raw, status, words):
+    server, pair, body, raw, status, words
+):
     st, _, out = _post(server.url + "/v1/completions", body, raw)
     assert st == status, out
     assert words in json.loads(out)["error"]["message"]
@@ -276,10 +314,24 @@ def test_hwq_serve_hf_dir_end_to_end_stops_on_sigterm(tmp_path):
     from testkit.models import tiny_llama_folder
 
     folder = tiny_llama_folder(tmp_path / "tiny")
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", "--hf-dir",
-                             str(folder), "--port", "0", "--threads", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "serve",
+            "--hf-dir",
+            str(folder),
+            "--port",
+            "0",
+            "--threads",
+            "1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     try:
         line = proc.stdout.readline()
         m = re.search(r"http://127\.0\.0\.1:(\d+)", line)

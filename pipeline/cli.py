@@ -166,14 +166,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _extra_commands():
-    """Subcommands contributed by stage packages (decode/inspect, sweep, batch, generate)."""
+    """Subcommands contributed by stage packages (decode/inspect, sweep, batch, generate,
+    serve, export)."""
     from pipeline.batch import add_commands as batch_commands
     from pipeline.encode.cli import add_commands as encode_commands
     from pipeline.runtime.cli import add_commands as runtime_commands
+    from pipeline.runtime.export import add_commands as export_commands
+    from pipeline.runtime.serve import add_commands as serve_commands
     from pipeline.stream_cli import add_commands as stream_commands
     from pipeline.sweep import add_commands as sweep_commands
 
-    return [encode_commands, sweep_commands, batch_commands, stream_commands, runtime_commands]
+    return [encode_commands, sweep_commands, batch_commands, stream_commands, runtime_commands,
+            serve_commands, export_commands]
 
 
 def main(argv: list[str] | None = None) -> int:

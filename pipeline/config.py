@@ -29,7 +29,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipeline.config_checks import parse_bytes, prune_gap, streamed_gap
+from pipeline.config_checks import check_serve_bits, parse_bytes, prune_gap, streamed_gap
 from pipeline.config_paths import resolve_paths
 from pipeline.errors import UserError
 
@@ -220,6 +220,10 @@ class QuantizeConfig(_Section):
     targets: list[str] | None = None
     ignore: list[str] = Field(default_factory=list)
     k_max: int = Field(64, ge=2, le=256)  # channel-scope ECSQ/uniform: most levels per row
+    # Servable width: every row (codebook) gets at most 2**serve_bits levels (one fewer with
+    # pruning: a pruned weight needs the zero level), so the runtime packs its indices in
+    # that many bits; None: no cap beyond k_max (docs/SERVING.md).
+    serve_bits: Literal[2, 3, 4] | None = None
     k: int | None = Field(None, ge=1)  # fixed number of clusters ...
     target_bits: float | None = Field(None, gt=0)  # ... or entropy of the indices, bits/weight
     # Per-tensor k for layer scope (Deep Compression: 256 for conv, 32 for fc); overrides k.
@@ -456,6 +460,8 @@ class RunConfig(_Section):
                              f"before each step, which hessian.estimator="
                              f"{self.hessian.estimator} cannot (it reads the training run's "
                              "Adam state); use hessian.estimator=ggn, fisher or hutchinson")
+        if self.quantize.enabled and self.quantize.serve_bits is not None:
+            check_serve_bits(self)
         return self
 
     def _check_streamed(self) -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["finetune_mode", "parse_bytes", "per_tensor", "per_tensor_gap", "prune_gap",
-           "streamed_gap"]
+__all__ = ["check_serve_bits", "finetune_mode", "parse_bytes", "per_tensor", "per_tensor_gap",
+           "prune_gap", "serve_levels", "streamed_gap"]
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
@@ -87,3 +87,41 @@ def prune_gap(cfg) -> str | None:
         return ("a pruned model of your own is quantized with quantize.scope=network or layer "
                 "(the per-row solvers do not take masks)")
     return None
+
+
+def serve_levels(cfg) -> int | None:
+    """The most levels a row may have under quantize.serve_bits: 2**bits, one fewer when
+    pruning is on (a pruned weight is a zero the runtime's table must hold too); None if
+    quantize.serve_bits is not set."""
+    bits = cfg.quantize.serve_bits
+    if bits is None:
+        return None
+    return (1 << bits) - (1 if cfg.prune.enabled else 0)
+
+
+def check_serve_bits(cfg) -> None:
+    """Fits quantize.k_max to quantize.serve_bits (per-row uniform/ECSQ), or refuses a
+    setting that contradicts it: a fixed k (k-means, uniform with k, layer_k) above the cap,
+    an explicit k_max above it, or a method whose level count has no cap (network/layer
+    uniform or ECSQ by target_bits). Raises ValueError (a config error)."""
+    q = cfg.quantize
+    cap = serve_levels(cfg)
+    why = f"quantize.serve_bits={q.serve_bits} allows at most {cap} levels a row" + (
+        " (2^bits less the zero level pruned weights need)" if cfg.prune.enabled else "")
+    ks = {"quantize.k": q.k} if q.k is not None else {}
+    ks.update({f"quantize.layer_k[{n}]": k for n, k in (q.layer_k or {}).items()})
+    for key, k in ks.items():
+        if k > cap:
+            raise ValueError(f"{key}={k} needs more than {q.serve_bits} bits a weight to "
+                             f"serve: {why}; set {key} <= {cap} or raise quantize.serve_bits")
+    if q.method in ("uniform", "ecsq") and q.k is None and q.layer_k is None:
+        if q.scope not in ("channel", "group"):
+            raise ValueError(f"quantize.serve_bits caps the levels of per-row codebooks "
+                             f"(quantize.scope=channel or group); quantize.method={q.method} "
+                             f"at scope={q.scope} sets its levels by target_bits with no cap: "
+                             "use scope=channel, or a fixed quantize.k (uniform, k-means)")
+        if "k_max" in q.model_fields_set and q.k_max > cap:
+            raise ValueError(f"quantize.k_max={q.k_max} contradicts {why}; set "
+                             f"quantize.k_max <= {cap} or leave it out")
+        # The value used, in the dump and so in the stage key.
+        q.__dict__["k_max"] = min(q.k_max, cap)

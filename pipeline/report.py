@@ -164,6 +164,13 @@ def render_markdown(report: dict) -> str:
         total = sum(enc["bits"].values()) or 1
         for k, v in enc["bits"].items():
             lines.append(f"| {k} | {v:,} | {100 * v / total:.1f}% |")
+    if isinstance(enc, dict) and enc.get("serve"):
+        sv = enc["serve"]
+        lines += ["", (f"Serves at **{sv['serve_bits']} bits** per index in a lookup-table "
+                       f"runtime (largest row codebook: {sv['levels']} levels, {sv['tensor']})."
+                       if sv.get("serve_bits") else
+                       f"Not servable by a lookup-table runtime: {sv['tensor']} has "
+                       f"{sv['levels']} levels in a row (at most 256).")]
     lines += ["", "## Stages", "", "| stage | key | cached | seconds this run | compute seconds "
               "| driver peak RSS | worker peak RSS (processes) |",
               "|---|---|---|---|---|---|---|"]

@@ -14,7 +14,25 @@ import textwrap
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["format_inspect", "inspect_rows", "inspect_totals"]
+__all__ = ["format_inspect", "inspect_rows", "inspect_totals", "serve_width", "serve_widths"]
+
+
+def serve_width(levels: int) -> int | None:
+    """The index width a lookup-table runtime packs a codebook of ``levels`` entries in:
+    2, 3, 4 or 8 bits; None above 256 levels."""
+    return next((b for b in (2, 3, 4, 8) if levels <= 1 << b), None)
+
+
+def serve_widths(rows: list[dict]) -> dict:
+    """The width a file serves at, from inspect rows: {"serve_bits" (the widest tensor's;
+    None if some tensor needs more than 8 bits or none is quantized), "levels" (its largest
+    row codebook, the zero of pruned weights counted), "tensor" (which)}."""
+    q = [r for r in rows if r["kind"] == "quantized"]
+    if not q:
+        return {"serve_bits": None, "levels": None, "tensor": None}
+    widest = max(q, key=lambda r: r["levels"])
+    return {"serve_bits": serve_width(widest["levels"]), "levels": widest["levels"],
+            "tensor": widest["name"]}
 
 
 def inspect_rows(
@@ -38,6 +56,10 @@ def inspect_rows(
         if t.kind == "raw":
             r.update(bytes=t.raw.length, kept_fraction=1.0)
         else:
+            # The largest row codebook (its header shape's last axis: per-row codebooks are
+            # cut to the widest row) and, for a pruned tensor, the zero a runtime adds.
+            levels = h.codebooks[t.codebook][0][-1] + (t.positions is not None)
+            r.update(levels=levels, serve_bits=serve_width(levels))
             ib = sum(s.length for s, _ in t.indices.chunks)
             pb = sum(s.length for s, _ in t.positions.chunks) if t.positions else 0
             r.update(
@@ -134,4 +156,11 @@ def format_inspect(rows: list[dict]) -> str:
         "own index and position bits over its elements."
     )
     lines += textwrap.wrap(note, len(head), subsequent_indent="  ")
+    w = serve_widths(rows)
+    if w["serve_bits"] is not None:
+        lines.append(f"serves at: {w['serve_bits']} bits per index (largest row codebook: "
+                     f"{w['levels']} levels, {w['tensor']})")
+    elif w["levels"] is not None:
+        lines.append(f"serves at: - ({w['tensor']} has {w['levels']} levels in a row; a "
+                     "lookup-table runtime takes at most 256)")
     return "\n".join(lines)

@@ -89,6 +89,19 @@ def _decode_and_evaluate(cfg: RunConfig, out: StageDir, expected: dict[str, torc
 
 
 def _run(ctx: StageContext) -> dict:
+    """The file, then the width it serves at (from its header: quantize.serve_bits' check)."""
+    from pipeline.encode.container import inspect_hwq
+    from pipeline.encode.inspection import serve_widths
+
+    metrics = _write_and_check(ctx)
+    enc = metrics.get("encode")
+    if isinstance(enc, dict):
+        enc["serve"] = serve_widths(inspect_hwq(
+            ctx.out.url(FILE), storage_options=ctx.out.store.storage_options))
+    return metrics
+
+
+def _write_and_check(ctx: StageContext) -> dict:
     from pipeline.encode.container import write_hwq
     from pipeline.train.stage import load_masks, load_model_state, model_stage
 

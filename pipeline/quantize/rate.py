@@ -225,7 +225,8 @@ def solve_rows_global_rate(blocks: Sequence[RowBlock | tuple], target_bits: floa
                 r0 = measure(0.0)
                 if r0 < T - tol:
                     raise ValueError(f"target_bits={T} is unreachable: λ = 0 gives "
-                                     f"{r0:.4f} bits/weight (raise k_max)")
+                                     f"{r0:.4f} bits/weight (raise k_max, or quantize.serve_bits "
+                                     "where it caps k_max)")
                 if abs(r0 - T) <= tol:
                     best = (abs(r0 - T), 0.0)
                     break

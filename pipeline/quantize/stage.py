@@ -322,6 +322,8 @@ def _sections(cfg: RunConfig) -> dict:
     # `embeddings` decides which tensors the load stage lists (its key holds it); the floor
     # only matters where an embedding is quantized, so other configs keep their keys.
     q = cfg.quantize.model_dump(mode="json", exclude={"embeddings", "embedding_floor"})
+    if q["serve_bits"] is None:  # unset: the keys of runs from before it existed stay
+        del q["serve_bits"]
     if cfg.model.name == "hf_causal_lm" and cfg.quantize.embeddings == "quantize":
         q["embedding_floor"] = cfg.quantize.embedding_floor
     return {"seed": cfg.seed, "quantize": q}

@@ -82,7 +82,8 @@ def stream_config(args) -> dict:
         "hessian": {"estimator": args.estimator, "partitions": args.partitions,
                     "groups": args.groups},
         "quantize": {"method": args.method, "scope": "channel", "target_bits": args.bits,
-                     "embeddings": "keep", "ecsq_bins": args.ecsq_bins},
+                     "embeddings": "keep", "ecsq_bins": args.ecsq_bins,
+                     **({"serve_bits": sb} if (sb := getattr(args, "serve_bits", None)) else {})},
         "finetune": ({"enabled": True, "mode": "blockwise", "block_steps": args.finetune_steps}
                      if args.finetune_steps else {"enabled": False}),
         "encode": {"coder": args.coder},
@@ -149,6 +150,9 @@ def add_commands(sub) -> None:
                    "exact solver's); 0: exact (default)")
     s.add_argument("--bits", type=_bits, default=3.0,
                    help="all-in bits per weight of the quantized tensors (default 3)")
+    s.add_argument("--serve-bits", type=int, choices=(2, 3, 4), default=None, metavar="B",
+                   help="quantize.serve_bits: at most 2^B levels a row, so that `hwq generate` "
+                        "and `hwq serve` run the file from B-bit packed indices (2, 3 or 4)")
     s.add_argument("--text", help="calibration text (file, folder or URL); default: seeded "
                    "random tokens")
     s.add_argument("--tokenizer", metavar="PATH_OR_URL",

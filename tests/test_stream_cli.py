@@ -175,3 +175,20 @@ def test_eval_without_text_is_one_line_before_ray(model, tmp_path, capsys):
     argv = ["stream", str(model), str(tmp_path / "w"), "--eval", str(text), "--eval-seq-len", "32"]
     assert main(argv) == 2
     assert "--eval needs --text" in _one_line(capsys)
+
+
+def test_serve_bits_caps_the_rows_levels_of_a_streamed_run(model, tmp_path):
+    """`--serve-bits B` is quantize.serve_bits: the run's config caps k_max at 2^B."""
+    from pipeline.cli import build_parser
+    from pipeline.config import from_dict
+    from pipeline.stream_cli import stream_config
+
+    def config(*extra):
+        args = build_parser().parse_args(["stream", str(model), str(tmp_path / "w"), *extra])
+        return from_dict(stream_config(args))
+
+    assert config().quantize.serve_bits is None
+    q = config("--method", "ecsq", "--serve-bits", "3").quantize
+    assert q.serve_bits == 3 and q.k_max == 8
+    with pytest.raises(SystemExit):
+        config("--serve-bits", "5")

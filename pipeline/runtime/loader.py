@@ -131,6 +131,10 @@ def load(
     model.eval()
     if gen is not None:
         model.generation_config = gen
+    # A folder written by an older hwq (or a GGUF's config) may say use_cache: false; without
+    # a KV cache generate() recomputes the whole prefix at every token.
+    model.config.use_cache = True
+    model.generation_config.use_cache = True
     tied = bool(getattr(config, "tie_word_embeddings", False))
     head = model.get_output_embeddings()
     head_name = next((n for n, m in model.named_modules() if m is head), None)

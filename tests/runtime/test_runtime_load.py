@@ -92,3 +92,19 @@ def test_missing_hf_folder_is_one_line(tmp_path, files):
         load(str(lone))
     with pytest.raises(ValueError, match="mode must be"):
         load(str(path), mode="turbo")
+
+
+def test_a_config_without_a_kv_cache_still_generates_with_one(tmp_path):
+    """A GGUF's config (and hf/ folders of older hwq runs) says use_cache: false; the runtime
+    turns the cache on, or generate() recomputes the whole prefix at every new token."""
+    import json
+
+    path = tiny_llama_hwq(tmp_path)
+    conf = tmp_path / "hf" / "config.json"
+    conf.write_text(json.dumps({**json.loads(conf.read_text()), "use_cache": False}))
+    model, tok = load(str(path), mode="reference", threads=1)
+    assert model.config.use_cache and model.generation_config.use_cache
+    ids = tok(PROMPTS[0], return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model(ids)
+    assert out.past_key_values is not None

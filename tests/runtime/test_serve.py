@@ -302,31 +302,36 @@ def test_a_request_past_its_deadline_is_a_504(pair):
         assert st == 200
 
 
-def test_hwq_serve_hf_dir_end_to_end_stops_on_sigterm(tmp_path):
-    """The command line: a dense folder served on a port the server picks, one request, then
-    SIGTERM ends it with status 0."""
+@pytest.mark.parametrize("source", ["hf-dir", "hwq"])
+def test_hwq_serve_end_to_end_stops_on_sigterm(tmp_path, source):
+    """The command line: a dense folder (--hf-dir) or a .hwq file through the lookup-table
+    runtime served on a port the server picks, one request answered with the greedy
+    completion, then SIGTERM ends it with status 0."""
     import os
     import re
     import signal
     import subprocess
     import sys
 
+    from testkit.hwq_models import tiny_llama_hwq
     from testkit.models import tiny_llama_folder
 
-    folder = tiny_llama_folder(tmp_path / "tiny")
+    if source == "hwq":
+        from pipeline.runtime import load
+
+        what = [str(tiny_llama_hwq(tmp_path / "tiny"))]
+        model, tok = load(what[0], mode="fast", threads=1)
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        folder = tiny_llama_folder(tmp_path / "tiny")
+        what = ["--hf-dir", str(folder)]
+        model = AutoModelForCausalLM.from_pretrained(folder).eval()
+        tok = AutoTokenizer.from_pretrained(folder)
+    want, _ = _greedy(model, tok, tok("the fox")["input_ids"], 3)
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "pipeline.cli",
-            "serve",
-            "--hf-dir",
-            str(folder),
-            "--port",
-            "0",
-            "--threads",
-            "1",
-        ],
+        [sys.executable, "-m", "pipeline.cli", "serve", *what, "--port", "0", "--threads", "1",
+         "--name", "tiny"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -337,7 +342,9 @@ def test_hwq_serve_hf_dir_end_to_end_stops_on_sigterm(tmp_path):
         m = re.search(r"http://127\.0\.0\.1:(\d+)", line)
         assert m, (line, proc.stderr.read() if proc.poll() is not None else "")
         url = f"http://127.0.0.1:{m.group(1)}"
-        st, _, out = _post(url + "/v1/completions", {"prompt": "the fox", "max_tokens": 3})
+        st, _, out = _post(url + "/v1/completions",
+                           {"prompt": "the fox", "max_tokens": 3, "temperature": 0})
+        assert json.loads(out)["choices"][0]["text"] == want
         assert st == 200 and json.loads(out)["model"] == "tiny"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0

@@ -91,29 +91,28 @@ def model_folder(name: str, blocks: int) -> Path:
 def hwq_file(name: str, folder: Path, bits: int, threads: int) -> Path:
     """`hwq stream` at `bits` bits/weight with every row's table at most 2^bits levels."""
     work = _root() / f"{name}-{folder.name}-hwq{bits}"
-    out = work / "model.hwq"
-    if out.exists():
-        return out
-    text = ["--text", str(_calibration_text())] if name == "smollm2" else []
-    cmd = [sys.executable, "-m", "pipeline.cli", "stream", str(folder), str(work / "store"),
-           "--method", "ecsq", "--bits", str(bits), "--serve-bits", str(bits),
-           "--windows", "16", "--seq-len", "256", *text, "--out", str(work),
-           "--cpus", str(threads)]
+    if (work / "store" / "report.json").exists():
+        return _encoded(work / "store")
+    if name == "smollm2":  # the model's own config (embedding quantized: the tied head
+        # runs from its codes), without fine-tuning, read from the bf16 folder
+        cmd = [sys.executable, "-m", "pipeline.cli", "run", "configs/smollm2_135m.yaml",
+               "--store", str(work / "store"),
+               "--set", f"model.path={folder}", "--set", f"quantize.target_bits={bits}",
+               "--set", f"quantize.serve_bits={bits}", "--set", "finetune.enabled=false"]
+    else:  # random weights: `hwq stream` on seeded random tokens
+        cmd = [sys.executable, "-m", "pipeline.cli", "stream", str(folder), str(work / "store"),
+               "--method", "ecsq", "--bits", str(bits), "--serve-bits", str(bits),
+               "--windows", "16", "--seq-len", "256",
+               "--cpus", str(threads)]
     print("  ", " ".join(cmd[2:]), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)
-    return out
+    return _encoded(work / "store")
 
 
-def _calibration_text() -> Path:
-    """The SmolLM2 config's calibration: Python standard-library source, as one file."""
-    import sysconfig
-
-    out = _root() / "calibration.txt"
-    if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        src = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
-        out.write_text("\n\n".join(p.read_text(errors="replace") for p in src))
-    return out
+def _encoded(store: Path) -> Path:
+    """The encode stage's model.hwq of the run in `store` (the hf/ folder lies beside it)."""
+    key = json.loads((store / "report.json").read_text())["stages"]["encode"]["key"]
+    return store / "stages" / f"encode-{key}" / "model.hwq"
 
 
 def gguf_files(name: str, folder: Path) -> dict[str, Path]:

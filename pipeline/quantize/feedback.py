@@ -67,8 +67,9 @@ def prepare_hessian(XtX: np.ndarray, h_cols: np.ndarray | None = None) -> torch.
     return H
 
 
-def layer_objective(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor, scale: torch.Tensor,
-                    rows_at_once: int = 1024) -> torch.Tensor:
+def layer_objective(
+    W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor, scale: torch.Tensor, rows_at_once: int = 1024
+) -> torch.Tensor:
     """float64 [R]: s_r (w_r − q_r) H (w_r − q_r)ᵀ of each row (W, Q [R, C], H [C, C])."""
     out = torch.empty(W.shape[0], dtype=torch.float64)
     for a in range(0, W.shape[0], rows_at_once):
@@ -87,8 +88,15 @@ def _entropy_bits(idx: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor
     return counts, bits
 
 
-def _pass(W: torch.Tensor, U: torch.Tensor, cb: torch.Tensor, ell: torch.Tensor,
-          scale: torch.Tensor, lam: float, block: int) -> torch.Tensor:
+def _pass(
+    W: torch.Tensor,
+    U: torch.Tensor,
+    cb: torch.Tensor,
+    ell: torch.Tensor,
+    scale: torch.Tensor,
+    lam: float,
+    block: int,
+) -> torch.Tensor:
     """One GPTQ sweep with the ECSQ rule: indices int64 [R, C]. W float64 [R, C] (copied),
     U the upper Cholesky factor of H⁻¹, cb [R, K] levels, ell [R, K] code lengths (inf for
     slots not to use), scale [R]."""
@@ -118,8 +126,9 @@ def _pass(W: torch.Tensor, U: torch.Tensor, cb: torch.Tensor, ell: torch.Tensor,
     return idx
 
 
-def _refit(W: torch.Tensor, H: torch.Tensor, idx: torch.Tensor, K: int,
-           counts: torch.Tensor) -> torch.Tensor:
+def _refit(
+    W: torch.Tensor, H: torch.Tensor, idx: torch.Tensor, K: int, counts: torch.Tensor
+) -> torch.Tensor:
     """float64 [R, K]: each row's levels minimising (w − E c) H (w − E c)ᵀ for its fixed
     assignment (unused slots 0; a singular system keeps NaN rows for the caller to reject)."""
     R, C = W.shape
@@ -143,11 +152,22 @@ def _refit(W: torch.Tensor, H: torch.Tensor, idx: torch.Tensor, K: int,
     return out
 
 
-def ecsq_feedback(W: np.ndarray, XtX: np.ndarray, codebooks: np.ndarray, levels: np.ndarray,
-                  counts: np.ndarray, lam: float, *, h: np.ndarray | None = None,
-                  indices: np.ndarray | None = None, damp: float = 0.01, block: int = 128,
-                  level_bits: float = 20.0, refit: bool = True, passes: int = 1
-                  ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+def ecsq_feedback(
+    W: np.ndarray,
+    XtX: np.ndarray,
+    codebooks: np.ndarray,
+    levels: np.ndarray,
+    counts: np.ndarray,
+    lam: float,
+    *,
+    h: np.ndarray | None = None,
+    indices: np.ndarray | None = None,
+    damp: float = 0.01,
+    block: int = 128,
+    level_bits: float = 20.0,
+    refit: bool = True,
+    passes: int = 1,
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Error-feedback ECSQ of one layer: (indices int64 [R, C], codebooks float32 [R, K],
     stats).
 
@@ -164,8 +184,10 @@ def ecsq_feedback(W: np.ndarray, XtX: np.ndarray, codebooks: np.ndarray, levels:
     R, C = W.shape
     K = codebooks.shape[1]
     if XtX.shape != (C, C) or codebooks.shape[0] != R or counts.shape != (R, K):
-        raise ValueError(f"shapes: W {W.shape}, XtX {XtX.shape}, codebooks {codebooks.shape}, "
-                         f"counts {counts.shape}")
+        raise ValueError(
+            f"shapes: W {W.shape}, XtX {XtX.shape}, codebooks {codebooks.shape}, "
+            f"counts {counts.shape}"
+        )
     if h is None:
         hcols, hsum = None, None
     else:
@@ -177,8 +199,9 @@ def ecsq_feedback(W: np.ndarray, XtX: np.ndarray, codebooks: np.ndarray, levels:
     if hsum is None:
         scale = torch.ones(R, dtype=torch.float64)
     else:
-        scale = torch.as_tensor(np.broadcast_to(hsum, (R,)) / max(diag_sum, 1e-300),
-                                dtype=torch.float64).clone()
+        scale = torch.as_tensor(
+            np.broadcast_to(hsum, (R,)) / max(diag_sum, 1e-300), dtype=torch.float64
+        ).clone()
     Hd = H.clone()
     Hd.diagonal().add_(damp * diag_sum / max(C, 1))
     L = torch.linalg.cholesky(Hd)
@@ -218,19 +241,26 @@ def ecsq_feedback(W: np.ndarray, XtX: np.ndarray, codebooks: np.ndarray, levels:
         win = f_total < p_total
         idx = torch.where(win[:, None], idx, pidx)
         fcb = torch.where(win[:, None], fcb, cb)
-        stats.update(objective_plain=float(p_total.sum()), rows_feedback=int(win.sum()),
-                     bits_plain=float((pbits + level_bits * (pcnt > 0).sum(1)).sum()))
+        stats.update(
+            objective_plain=float(p_total.sum()),
+            rows_feedback=int(win.sum()),
+            bits_plain=float((pbits + level_bits * (pcnt > 0).sum(1)).sum()),
+        )
         f_total = torch.where(win, f_total, p_total)
         cnt = torch.where(win[:, None], cnt, pcnt)
         ibits = torch.where(win, ibits, pbits)
-    stats.update(rows=R, objective_final=float(f_total.sum()),
-                 bits_final=float((ibits + level_bits * (cnt > 0).sum(1)).sum()),
-                 seconds=time.perf_counter() - t0)
+    stats.update(
+        rows=R,
+        objective_final=float(f_total.sum()),
+        bits_final=float((ibits + level_bits * (cnt > 0).sum(1)).sum()),
+        seconds=time.perf_counter() - t0,
+    )
     return idx.numpy(), fcb.to(torch.float32).numpy(), stats
 
 
-def compact(idx: np.ndarray, cb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray,
-                                                      np.ndarray, np.ndarray]:
+def compact(
+    idx: np.ndarray, cb: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(codebooks float32 [R, K'], indices [R, C] (code_dtype), levels int32 [R], counts int32
     [R, K'], entropy float64 [R]) of an assignment: each row's used levels only, ascending,
     padding repeating the row's last level — the `RowsResult` layout."""

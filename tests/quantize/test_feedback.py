@@ -39,15 +39,29 @@ def test_feedback_never_worse_and_keeps_the_rate(seed):
     h = np.diag(XtX).copy()
     lam = float(np.mean(h) * np.var(W) * 10.0 ** np.random.default_rng(seed).uniform(-1, 1))
     res = ecsq_rows(W, np.broadcast_to(h, (R, C)), lam, k_max=32, level_bits=20.0)
-    idx, cb, st = ecsq_feedback(W, XtX, res.codebooks, res.levels, res.counts, lam, h=h,
-                                indices=res.indices, level_bits=20.0, block=32)
+    idx, cb, st = ecsq_feedback(
+        W,
+        XtX,
+        res.codebooks,
+        res.levels,
+        res.counts,
+        lam,
+        h=h,
+        indices=res.indices,
+        level_bits=20.0,
+        block=32,
+    )
     H = prepare_hessian(XtX, h)
     one = torch.ones(R, dtype=torch.float64)
     Wt = torch.from_numpy(W).double()
 
     def total(i, c):
-        d = layer_objective(Wt, torch.gather(torch.from_numpy(c).double(), 1,
-                                             torch.from_numpy(i.astype(np.int64))), H, one)
+        d = layer_objective(
+            Wt,
+            torch.gather(torch.from_numpy(c).double(), 1, torch.from_numpy(i.astype(np.int64))),
+            H,
+            one,
+        )
         used = sum(len(np.unique(r)) for r in i)
         return float(d.sum()) + lam * (_entropy_bits(i) + 20.0 * used)
 
@@ -66,8 +80,9 @@ def test_correlated_inputs_feedback_wins_rows():
     h = np.diag(XtX).copy()
     lam = float(np.mean(h) * np.var(W))
     res = ecsq_rows(W, np.broadcast_to(h, W.shape), lam, k_max=32, level_bits=20.0)
-    _, _, st = ecsq_feedback(W, XtX, res.codebooks, res.levels, res.counts, lam, h=h,
-                             indices=res.indices)
+    _, _, st = ecsq_feedback(
+        W, XtX, res.codebooks, res.levels, res.counts, lam, h=h, indices=res.indices
+    )
     assert st["rows_feedback"] > W.shape[0] // 2
     assert st["objective_final"] < st["objective_plain"]
 
@@ -82,15 +97,30 @@ def test_diagonal_second_moment_reproduces_ecsq_decisions(seed):
     h = np.exp(rng.standard_normal(C)).astype(np.float32)
     lam = float(np.mean(h) * 0.05**2 * 0.3)
     res = ecsq_rows(W, np.broadcast_to(h, (R, C)), lam, k_max=16, level_bits=20.0)
-    idx, _, st = ecsq_feedback(W, np.diag(h), res.codebooks, res.levels, res.counts, lam, h=h,
-                               damp=0.0, refit=False, block=16)
+    idx, _, st = ecsq_feedback(
+        W,
+        np.diag(h),
+        res.codebooks,
+        res.levels,
+        res.counts,
+        lam,
+        h=h,
+        damp=0.0,
+        refit=False,
+        block=16,
+    )
     K = res.codebooks.shape[1]
     p = res.counts / C
-    ell = np.where((np.arange(K)[None] < res.levels[:, None]) & (res.counts > 0),
-                   -np.log2(np.maximum(p, 1e-300)), np.inf)
-    cost = (h[None, :, None].astype(np.float64)
-            * (W[:, :, None].astype(np.float64) - res.codebooks[:, None, :]) ** 2
-            + lam * ell[:, None, :])
+    ell = np.where(
+        (np.arange(K)[None] < res.levels[:, None]) & (res.counts > 0),
+        -np.log2(np.maximum(p, 1e-300)),
+        np.inf,
+    )
+    cost = (
+        h[None, :, None].astype(np.float64)
+        * (W[:, :, None].astype(np.float64) - res.codebooks[:, None, :]) ** 2
+        + lam * ell[:, None, :]
+    )
     assert np.array_equal(idx, cost.argmin(2))
     assert st["seconds"] >= 0
 
@@ -101,7 +131,8 @@ def test_compact_drops_unused_levels_and_sorts():
     c, i, L, n, ent = compact(idx, cb)
     assert L.tolist() == [2, 1]
     assert c.tolist() == [[-1.0, 0.5], [2.0, 2.0]]
-    assert np.array_equal(np.take_along_axis(c, i.astype(np.int64), 1),
-                          np.take_along_axis(cb, idx, 1))
+    assert np.array_equal(
+        np.take_along_axis(c, i.astype(np.int64), 1), np.take_along_axis(cb, idx, 1)
+    )
     assert n.tolist() == [[3, 1], [4, 0]]
     assert ent[1] == 0.0 and ent[0] == pytest.approx(0.8112781, abs=1e-6)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["finetune_mode", "parse_bytes", "per_tensor", "per_tensor_gap", "prune_gap",
+__all__ = ["feedback_gap", "finetune_mode", "parse_bytes", "per_tensor", "per_tensor_gap", "prune_gap",
            "streamed_gap"]
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -87,3 +87,16 @@ def prune_gap(cfg) -> str | None:
         return ("a pruned model of your own is quantized with quantize.scope=network or layer "
                 "(the per-row solvers do not take masks)")
     return None
+
+
+def feedback_gap(cfg) -> str | None:
+    """What quantize.feedback=ldl cannot run with, else None: the error feedback runs in the
+    per-tensor quantize stage (a causal LM, channel scope, ECSQ or uniform) and its X·Xᵀ in
+    the per-tensor hessian stage."""
+    if cfg.quantize.feedback == "none" or not cfg.quantize.enabled:
+        return None
+    if cfg.quantize.method not in ("ecsq", "uniform") or cfg.quantize.scope != "channel":
+        return "quantize.scope=channel with quantize.method ecsq or uniform"
+    if not cfg.hessian.enabled:
+        return "hessian.enabled=true (the hessian stage estimates each Linear's X·Xᵀ)"
+    return per_tensor_gap(cfg)

@@ -28,10 +28,19 @@ unchanged). H's diagonal is raised to the floored h's column means first, so the
 applies as it does in ECSQ; then ``damp × mean(diag H)`` is added to the diagonal (GPTQ's
 damping, for the Cholesky of a rank-deficient H).
 
-Codebook re-fit (``refit=True``): with the indices fixed, each row's levels are the
-least-squares minimiser of ``(w − E c) H (w − E c)ᵀ`` (E the row's one-hot assignment):
-``(Eᵀ H E) c = Eᵀ H w``, a K × K system per row, rounded to float16. Bits do not change
-(the indices do not), so it is kept per row only where it lowers the loss.
+Codebook re-fit (``refit=True``, the default): with the indices fixed, each row's levels
+are the least-squares minimiser of ``(w − E c) H (w − E c)ᵀ`` (E the row's one-hot
+assignment): ``(Eᵀ H E) c = Eᵀ H w``, a K × K system per row, rounded to float16. Bits do not
+change (the indices do not), so it is kept per row only where it lowers the loss. On random
+correlated layers it lowers the objective by a further 0.3–0.5 % at ~3 bits/weight and
+decides more at low rates (where the plain pass's levels fit the fed-back weights worst: on
+a 64 × 128 layer at ~1.5 bits feedback won 14 of 64 rows without it, most with it); its
+Eᵀ H E costs R·C² scattered adds per layer, 1–3× the pass.
+
+Cost per layer (R × C): two Choleskys and an inverse (C³), the column sweep (a numba kernel:
+R·K per column plus the rank-1 updates inside a block of ``block`` columns, then one BLAS
+product per block: R·C² in all) and the two objectives (R·C² each). A 576 × 1536 layer
+takes ~1.1 s on one core without the re-fit, ~3.8 s with it; 1536 × 576, 0.15 s / 0.95 s.
 
 Guarantee: :func:`ecsq_feedback` computes each row's objective
 ``s_r (w − q) H (w − q)ᵀ + λ (n H_r + b L_r)`` (undamped H, b the level cost the ECSQ pass
@@ -48,6 +57,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from numba import njit
 
 __all__ = ["ecsq_feedback", "layer_objective", "prepare_hessian"]
 
@@ -88,6 +98,35 @@ def _entropy_bits(idx: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor
     return counts, bits
 
 
+@njit(cache=True, nogil=True)
+def _block_kernel(W1, U1, cb, pen, s, idx, E1):  # pragma: no cover - numba
+    """Columns of one lazy block in order, transposed layout: W1 float64 [b, R] (updated in
+    place), U1 [b, b] the factor's block, cb/pen [R, K], s [R]; idx int64 [b, R], E1 [b, R]
+    the scaled errors (w − q) / U_jj. The cost is ((s (w − c)²) / U_jj²) + λℓ, first
+    minimum on ties (as argmin)."""
+    b, R = W1.shape
+    K = cb.shape[1]
+    for j in range(b):
+        d = U1[j, j]
+        inv = 1.0 / (d * d)
+        for r in range(R):
+            w = W1[j, r]
+            best = np.inf
+            ba = 0
+            for k in range(K):
+                diff = w - cb[r, k]
+                c = s[r] * (diff * diff) * inv + pen[r, k]
+                if c < best:
+                    best = c
+                    ba = k
+            idx[j, r] = ba
+            E1[j, r] = (w - cb[r, ba]) / d
+        for jj in range(j + 1, b):
+            u = U1[j, jj]
+            for r in range(R):
+                W1[jj, r] -= u * E1[j, r]
+
+
 def _pass(
     W: torch.Tensor,
     U: torch.Tensor,
@@ -99,31 +138,25 @@ def _pass(
 ) -> torch.Tensor:
     """One GPTQ sweep with the ECSQ rule: indices int64 [R, C]. W float64 [R, C] (copied),
     U the upper Cholesky factor of H⁻¹, cb [R, K] levels, ell [R, K] code lengths (inf for
-    slots not to use), scale [R]."""
+    slots not to use), scale [R]. A numba kernel runs the columns of each lazy block; the
+    update of the later columns by a block's errors is one BLAS product."""
     R, C = W.shape
-    W = W.clone()
-    idx = torch.empty(R, C, dtype=torch.int64)
-    pen = lam * ell  # [R, K]
-    s = scale[:, None]
-    rows = torch.arange(R)
+    WT = W.T.contiguous()  # [C, R]: a column's weights contiguous
+    idx = np.empty((C, R), np.int64)
+    pen = (lam * ell).contiguous().numpy()
+    cbn = cb.contiguous().numpy()
+    sn = scale.contiguous().numpy()
+    Un = U.contiguous().numpy()
     for i1 in range(0, C, block):
         i2 = min(i1 + block, C)
-        W1 = W[:, i1:i2].clone()
-        E1 = torch.empty(R, i2 - i1, dtype=torch.float64)
-        U1 = U[i1:i2, i1:i2]
-        for j in range(i2 - i1):
-            w = W1[:, j]
-            d = U1[j, j]
-            cost = s * (w[:, None] - cb) ** 2 / (d * d) + pen
-            a = cost.argmin(1)
-            q = cb[rows, a]
-            err = (w - q) / d
-            W1[:, j:] -= err[:, None] * U1[j, j:][None, :]
-            E1[:, j] = err
-            idx[:, i1 + j] = a
+        W1 = WT[i1:i2].clone()
+        E1 = torch.empty(i2 - i1, R, dtype=torch.float64)
+        _block_kernel(
+            W1.numpy(), np.ascontiguousarray(Un[i1:i2, i1:i2]), cbn, pen, sn, idx[i1:i2], E1.numpy()
+        )
         if i2 < C:
-            W[:, i2:] -= E1 @ U[i1:i2, i2:]
-    return idx
+            WT[i2:].addmm_(U[i1:i2, i2:].T, E1, alpha=-1)
+    return torch.from_numpy(np.ascontiguousarray(idx.T))
 
 
 def _refit(

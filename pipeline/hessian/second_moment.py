@@ -2,7 +2,8 @@
 (``quantize.feedback: ldl``; the error feedback of pipeline/quantize/feedback.py needs it).
 
 Computed by the streamed hessian stage beside the diagonal estimator, one Ray task (a unit)
-per block group over every calibration window: the task runs the blocks below its group
+per block group (hessian.groups, at least 2 so that two cores share the work) over every
+calibration window: the task runs the blocks below its group
 forward (recomputation, as the activation estimator's units do), then each block of its group
 with a forward pre-hook on every named Linear that adds ``xᵀx`` of each batch (float32
 products, float64 sums) to the block's matrices; at the end of the block the matrices are

@@ -271,7 +271,7 @@ def run_hessian_streamed(ctx: StageContext) -> dict[str, Any]:
 
         extra["second_moment"] = run_second_moments(ctx, url, opts, windows,
                                                     tensor_order(meta["quantizable"]),
-                                                    meta["shapes"], h.groups)
+                                                    meta["shapes"], max(h.groups, 2))
     return {"hessian": {**extra, "estimator": h.estimator, "residency": cfg.model.residency,
                         "samples": int(windows.shape[0]), "normalizer": total,
                         "partitions": P, "groups": len(groups),

@@ -24,9 +24,10 @@ X·Xᵀ is one per layer, so each row's loss is scaled by ``s_r = Σ_j h_rj / Σ
 row's share of the layer loss then has the same trace as its ECSQ distortion weights. For the
 activation estimator h_rj = H_jj and s_r = 1 (up to the floor), i.e. no rescaling at all.
 The error feedback itself does not depend on s_r (a per-row factor of H leaves ``U_jk / U_jj``
-unchanged). H's diagonal is raised to the floored h's column means first, so the floor
-applies as it does in ECSQ; then ``damp × mean(diag H)`` is added to the diagonal (GPTQ's
-damping, for the Cholesky of a rank-deficient H).
+unchanged). H's diagonal is raised to ``quantize.hessian_floor × mean(diag H)`` first (the
+floor ECSQ's h gets, in H's own units: h may be the Fisher, of another scale), then
+``damp × mean(diag H)`` is added to the diagonal (GPTQ's damping, for the Cholesky of a
+rank-deficient H).
 
 Codebook re-fit (``refit=True``, the default): with the indices fixed, each row's levels
 are the least-squares minimiser of ``(w − E c) H (w − E c)ᵀ`` (E the row's one-hot
@@ -64,16 +65,15 @@ __all__ = ["ecsq_feedback", "layer_objective", "prepare_hessian"]
 _FP16_MAX = 65504.0
 
 
-def prepare_hessian(XtX: np.ndarray, h_cols: np.ndarray | None = None) -> torch.Tensor:
-    """float64 [C, C]: XtX symmetrised, its diagonal raised to h_cols [C] (the floored
-    Hessian's column means) where given; columns with a zero diagonal get a tiny one."""
+def prepare_hessian(XtX: np.ndarray, floor: float = 1e-12) -> torch.Tensor:
+    """float64 [C, C]: XtX symmetrised, its diagonal raised to at least floor × its mean (the
+    relative floor ECSQ's h gets, `quantize.hessian_floor`, in X·Xᵀ's own units) and to
+    1e-30 (a column no token ever reaches)."""
     H = torch.as_tensor(np.asarray(XtX), dtype=torch.float64).clone()
     H = 0.5 * (H + H.T)
     d = torch.diagonal(H)
-    if h_cols is not None:
-        d.copy_(torch.maximum(d, torch.as_tensor(np.asarray(h_cols), dtype=torch.float64)))
     m = float(d.mean()) if d.numel() else 0.0
-    d.clamp_(min=max(m, 1e-30) * 1e-12)
+    d.clamp_(min=max(m * floor, 1e-30))
     return H
 
 
@@ -200,6 +200,7 @@ def ecsq_feedback(
     level_bits: float = 20.0,
     refit: bool = True,
     passes: int = 1,
+    floor: float = 1e-12,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Error-feedback ECSQ of one layer: (indices int64 [R, C], codebooks float32 [R, K],
     stats).
@@ -208,7 +209,8 @@ def ecsq_feedback(
     Hessian: its diagonal is h); codebooks float32 [R, K], levels int [R], counts int [R, K]:
     the plain ECSQ result at λ = `lam` (code lengths −log2(counts / C)); `indices` [R, C] its
     assignment (for the per-row comparison; None: recomputed from nothing, plain rows not
-    compared). h: the floored Hessian the ECSQ pass used, [C] or [R, C] (None: diag(XtX)).
+    compared). h: the floored Hessian the ECSQ pass used, [C] or [R, C] (None: diag(XtX)),
+    for the rows' scales s_r only; floor: XtX's diagonal floor relative to its mean.
     Returns per row the better of plain and feedback on s_r·tr-loss + λ·bits (see module
     docstring); stats: rows_feedback (rows where feedback won), objective_plain,
     objective_final (sums), bits_plain, bits_final (index bits at entropy + level bits),
@@ -221,13 +223,8 @@ def ecsq_feedback(
             f"shapes: W {W.shape}, XtX {XtX.shape}, codebooks {codebooks.shape}, "
             f"counts {counts.shape}"
         )
-    if h is None:
-        hcols, hsum = None, None
-    else:
-        hh = np.asarray(h, dtype=np.float64).reshape(-1, C)
-        hcols = hh.mean(0)
-        hsum = hh.sum(1)  # [1] or [R]
-    H = prepare_hessian(XtX, hcols)
+    hsum = None if h is None else np.asarray(h, dtype=np.float64).reshape(-1, C).sum(1)
+    H = prepare_hessian(XtX, floor)
     diag_sum = float(torch.diagonal(H).sum())
     if hsum is None:
         scale = torch.ones(R, dtype=torch.float64)

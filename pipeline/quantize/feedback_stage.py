@@ -41,7 +41,8 @@ def feedback_tensor(cfg, hess, name: str, t: torch.Tensor, h: np.ndarray,
     idx, cb, st = ecsq_feedback(W, XtX, plain.codebooks, plain.levels, plain.counts, lam,
                                 h=hh, indices=plain.indices, damp=q.feedback_damp,
                                 block=q.feedback_block,
-                                level_bits=float(plain.info.get("level_bits", 20.0)))
+                                level_bits=float(plain.info.get("level_bits", 20.0)),
+                                floor=q.hessian_floor)
     del XtX
     cb, idx, levels, counts, entropy = compact(idx, cb)
     deq = np.take_along_axis(cb, idx.astype(np.int64), axis=1)

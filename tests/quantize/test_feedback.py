@@ -51,7 +51,7 @@ def test_feedback_never_worse_and_keeps_the_rate(seed):
         level_bits=20.0,
         block=32,
     )
-    H = prepare_hessian(XtX, h)
+    H = prepare_hessian(XtX)
     one = torch.ones(R, dtype=torch.float64)
     Wt = torch.from_numpy(W).double()
 

@@ -26,8 +26,8 @@ matrix of X·Xᵀ and ``b_j = mean_r h_rj`` (h's column profile), and each row's
 by ``s_r = Σ_j h_rj / Σ_j b_j``: row r's weights are then ``s_r b_j`` on the diagonal, the
 rank-one fit of its ECSQ weights, with the same trace. For the activation estimator
 ``h_rj = (X·Xᵀ/n)_jj``, so H is X·Xᵀ/n itself and s_r = 1. (Measured on SmolLM2 with the
-Fisher: X·Xᵀ's own diagonal in place of the Fisher's column profile lost 0.06× of the
-unquantized perplexity on one text at 3.25 bits, docs/LANGUAGE_MODELS.md.)
+Fisher at 3.25 bits, docs/LANGUAGE_MODELS.md: neither this nor X·Xᵀ's own diagonal beat
+plain ECSQ's perplexity, though both lower the layer objective by ~10 %.)
 The error feedback itself does not depend on s_r (a per-row factor of H leaves ``U_jk / U_jj``
 unchanged). H's diagonal is raised to ``quantize.hessian_floor × mean(diag H)`` first (the
 floor ECSQ's h gets, in H's own units: h may be the Fisher, of another scale), then

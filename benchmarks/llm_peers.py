@@ -44,6 +44,9 @@ RESULTS = HERE / "results"
 HWQ_ROWS = [  # (row id, label, quantize overrides), in the order they run
     ("hwq-ecsq-3.25", "hwq ECSQ, global λ, 3.25 bits",
      {"method": "ecsq", "target_bits": 3.25}),
+    # error feedback across each Linear's input columns (quantize.feedback=ldl)
+    ("hwq-ecsq-3.25-ldl", "hwq ECSQ + error feedback, global λ, 3.25 bits",
+     {"method": "ecsq", "target_bits": 3.25, "feedback": "ldl"}),
     ("hwq-ecsq-4.25", "hwq ECSQ, global λ, 4.25 bits",
      {"method": "ecsq", "target_bits": 4.25}),
     ("hwq-uniform-3.25", "hwq uniform, global λ, 3.25 bits",
@@ -119,8 +122,9 @@ def markdown(doc: dict) -> str:
              f"Calibration: {doc['calibration']}. Evaluation: {doc['evaluation']}. "
              f"Machine: {doc['machine']}.", "",
              "| method | bits/weight (all-in) | " + " | ".join(f"ppl {s}" for s in sets)
-             + " | " + " | ".join(f"× unquantized ({s})" for s in sets) + " | seconds | note |",
-             "|---" * (4 + 2 * len(sets)) + "|"]
+             + " | " + " | ".join(f"× unquantized ({s})" for s in sets)
+             + " | " + " | ".join(f"KL {s}" for s in sets) + " | seconds | note |",
+             "|---" * (4 + 3 * len(sets)) + "|"]
     for r in sorted(rows, key=lambda r: (r["bits_per_weight"] or 99, r["id"])):
         ppl = [r["perplexity"].get(s) for s in sets]
         rel = [p / base["perplexity"][s] if (p and base) else None for p, s in zip(ppl, sets, strict=True)]
@@ -128,7 +132,9 @@ def markdown(doc: dict) -> str:
             "–" if r["id"] != "unquantized" else f"{doc.get('source_bits', 32)} (source)")
         lines.append(f"| {r['label']} | {bits} | "
                      + " | ".join(f"{p:.3f}" if p else "–" for p in ppl) + " | "
-                     + " | ".join(f"{x:.3f}" if x else "–" for x in rel)
+                     + " | ".join(f"{x:.3f}" if x else "–" for x in rel) + " | "
+                     + " | ".join(f"{r['kl'][s]:.4f}" if s in r.get("kl", {}) else "–"
+                                  for s in sets)
                      + f" | {r['seconds']:.0f} | {r.get('note', '')} |")
     lines += ["", "![perplexity against bits per weight](llm_peers.png)", ""]
     return "\n".join(lines)
@@ -293,9 +299,10 @@ def main(argv: list[str] | None = None) -> int:
 
         gc.collect()
         if args.only in ("all", "hwq"):
-            for rid, label, quant in HWQ_ROWS:
-                if args.rows and rid not in args.rows.split(","):
-                    continue
+            wanted = args.rows.split(",") if args.rows else None
+            rows = HWQ_ROWS if wanted is None else sorted(
+                (r for r in HWQ_ROWS if r[0] in wanted), key=lambda r: wanted.index(r[0]))
+            for rid, label, quant in rows:  # --rows: in the order given
                 block = {k: v for k, v in (("block_lr", args.block_lr),
                                            ("block_steps", args.block_steps)) if v is not None}
                 for suffix, ft in _finetune_variants(rid, args.no_finetune, block):
@@ -315,6 +322,12 @@ def main(argv: list[str] | None = None) -> int:
                           + more[1],
                           "bits_per_weight": m["bits_per_weight"],
                           "perplexity": m["decoded_perplexity_by_set"], "seconds": secs,
+                          # mean next-token KL(unquantized ‖ decoded) per set, nats
+                          "kl": m.get("decoded_kl_by_set", {}),
+                          "feedback": {
+                              "second_moment_seconds": m["hessian"].get(
+                                  "second_moment", {}).get("seconds"),
+                              **m["quantize"].get("feedback", {})},
                           "note": f"file {m['encode']['file_bytes']:,} bytes; "
                                   f"{m['encode']['compression_ratio_vs_fp32']:.1f}× vs fp32"})
         print(f"done in {time.perf_counter() - t0:.0f} s; {out / 'llm_peers.md'}", flush=True)

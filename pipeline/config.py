@@ -29,7 +29,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipeline.config_checks import check_serve_bits, parse_bytes, prune_gap, streamed_gap
+from pipeline.config_checks import (
+    check_serve_bits,
+    feedback_gap,
+    parse_bytes,
+    prune_gap,
+    streamed_gap,
+)
 from pipeline.config_paths import resolve_paths
 from pipeline.errors import UserError
 
@@ -245,6 +251,12 @@ class QuantizeConfig(_Section):
     # Quantized embeddings: each row's Hessian is raised to at least this fraction of the
     # tensor's mean, so tokens the calibration text never shows (Fisher ≈ 0) keep a few levels.
     embedding_floor: float = Field(0.1, ge=0)
+    # Error feedback across a Linear's input columns (GPTQ's update with ECSQ's decision
+    # rule, quantize/feedback.py): none, or ldl (the hessian stage also stores each decoder
+    # Linear's X·Xᵀ). Causal LMs, scope channel, method ecsq or uniform.
+    feedback: Literal["none", "ldl"] = "none"
+    feedback_damp: float = Field(0.01, ge=0)  # × mean(diag X·Xᵀ) added to the diagonal
+    feedback_block: int = Field(128, ge=1)  # columns per lazy update
 
     @model_validator(mode="after")
     def _rate(self) -> QuantizeConfig:
@@ -452,6 +464,9 @@ class RunConfig(_Section):
                              "windows drawn from its vocabulary)")
         if self.model.residency == "streamed":
             self._check_streamed()
+        why = feedback_gap(self)
+        if why:
+            raise ValueError(f"quantize.feedback=ldl needs {why}; or set quantize.feedback=none")
         if self.hessian.estimator == "activation" and lenet:
             raise ValueError("hessian.estimator=activation is for language models")
         if self.prune.enabled and self.prune.criterion == "obd" and \

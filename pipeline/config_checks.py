@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["check_serve_bits", "finetune_mode", "parse_bytes", "per_tensor", "per_tensor_gap",
-           "prune_gap", "serve_levels", "streamed_gap"]
+__all__ = ["check_serve_bits", "feedback_gap", "finetune_mode", "parse_bytes", "per_tensor",
+           "per_tensor_gap", "prune_gap", "serve_levels", "streamed_gap"]
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
@@ -125,3 +125,14 @@ def check_serve_bits(cfg) -> None:
                              f"quantize.k_max <= {cap} or leave it out")
         # The value used, in the dump and so in the stage key.
         q.__dict__["k_max"] = min(q.k_max, cap)
+def feedback_gap(cfg) -> str | None:
+    """What quantize.feedback=ldl cannot run with, else None: the error feedback runs in the
+    per-tensor quantize stage (a causal LM, channel scope, ECSQ or uniform) and its X·Xᵀ in
+    the per-tensor hessian stage."""
+    if cfg.quantize.feedback == "none" or not cfg.quantize.enabled:
+        return None
+    if cfg.quantize.method not in ("ecsq", "uniform") or cfg.quantize.scope != "channel":
+        return "quantize.scope=channel with quantize.method ecsq or uniform"
+    if not cfg.hessian.enabled:
+        return "hessian.enabled=true (the hessian stage estimates each Linear's X·Xᵀ)"
+    return per_tensor_gap(cfg)

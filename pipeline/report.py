@@ -126,6 +126,11 @@ def render_markdown(report: dict) -> str:
             f"{label} {m[f'{st}_{name}'] / m['baseline_' + name]:.3f}×"
             for st, label in (("quantized", "quantized"), ("finetuned", "fine-tuned"),
                               ("decoded", "decoded")) if f"{st}_{name}" in m) + "."]
+    if isinstance(m.get("decoded_kl"), float):
+        by = m.get("decoded_kl_by_set") or {}
+        lines += ["", f"Mean next-token KL(unquantized ‖ decoded): {m['decoded_kl']:.4g} nats"
+                  + (" (" + ", ".join(f"{k} {v:.4g}" for k, v in by.items()) + ")"
+                     if by else "") + "."]
     lines += _finetune_lines(m, metric)
     if "kept_fraction" in m:
         lines += ["", f"Kept after pruning: {_pct(m['kept_fraction'])} of all parameters "

@@ -125,3 +125,19 @@ def test_fine_tune_batches_are_checked_against_the_windows_when_the_config_loads
     from_dict({**lm, "finetune": {"batch_size": 32, "enabled": False}})  # not fine-tuned: fine
     with pytest.raises(ConfigError, match=r"data.train_samples"):
         load_config(CFG, ["data.train_samples=100"])  # LeNet-5: batch 128 of 100 images
+
+
+def test_error_feedback_is_refused_where_it_cannot_run(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "t.txt").write_text("text")
+    lm = [f"model.path={tmp_path / 'm'}", "model.name=hf_causal_lm",
+          f"data.calibration=[{tmp_path / 't.txt'}]", "finetune.enabled=false"]
+    cfg = load_config(None, [*lm, "quantize.method=ecsq", "quantize.feedback=ldl"])
+    assert cfg.quantize.feedback == "ldl" and cfg.quantize.feedback_block == 128
+    with pytest.raises(ConfigError, match="quantize.feedback=ldl needs quantize.scope=channel"):
+        load_config(None, [*lm, "quantize.scope=group", "quantize.feedback=ldl"])
+    with pytest.raises(ConfigError, match="quantize.feedback=ldl needs model.name=hf_causal_lm"):
+        load_config(CFG, ["quantize.scope=channel", "quantize.method=ecsq",
+                          "quantize.feedback=ldl"])
+    with pytest.raises(ConfigError, match="quantize.feedback=ldl needs finetune.mode=blockwise"):
+        load_config(None, [*lm[:3], "quantize.feedback=ldl"])

@@ -232,6 +232,10 @@ def test_out_is_checked_before_anything_runs(lm_files, tmp_path):
 # (resident = streamed byte for byte): slow (45 s)
 @pytest.mark.parametrize("method,extra", [pytest.param("uniform", {"target_bits": 4.0},
                                                        marks=pytest.mark.slow),
+                                          # error feedback (X·Xᵀ in the hessian stage)
+                                          pytest.param("ecsq", {"target_bits": 4.0,
+                                                                "feedback": "ldl"},
+                                                       marks=pytest.mark.slow),
                                           ("hw_kmeans", {"k": 4}),
                                           ("ecsq", {"target_bits": 4.0, "scope": "group",
                                                     "group_size": 32})])
@@ -249,7 +253,14 @@ def test_activation_estimator_and_other_channel_quantizers(lm_run, lm_files, met
         assert tensor["scope"] == "group" and tuple(book["shape"])[0] == 64 * 4
     m = r["metrics"]
     assert r["stages"]["load"]["cached"]  # shared with the first run
-    if method == "uniform":
+    if extra.get("feedback"):  # every decoder Linear's X·Xᵀ, q/k/v and gate/up shared
+        sm = m["hessian"]["second_moment"]
+        assert (sm["tensors"], sm["matrices"]) == (14, 8)
+        fb = m["quantize"]["feedback"]
+        assert fb["tensors"] == 14 and fb["rows_feedback"] > 0
+        assert fb["objective_final"] <= fb["objective_plain"]
+        assert m["decoded_kl"] > 0 and set(m["decoded_kl_by_set"]) == {"a", "b"}
+    if method == "uniform" or extra.get("feedback"):
         # channel scope without fine-tuning: the per-tensor stages a streamed run takes (the
         # load stage's copy read tensor by tensor); encode decodes every tensor bit for bit
         # and scores the decoded model (no separate score of the quantized one)

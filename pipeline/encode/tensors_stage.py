@@ -125,14 +125,16 @@ def _encode_task(cfg: RunConfig, out, url: str, opts: dict | None, tc,
             "bytes_read": w.bytes_read, "process": process_peaks(), "attempt": task_attempt()}
 
 
-def _evaluate_task(cfg: RunConfig, out, sets: dict[str, torch.Tensor], hf: list[str]) -> dict:
-    """Perplexity of the decoded file's model, decoded to a private scratch folder first."""
+def _evaluate_task(cfg: RunConfig, out, sets: dict[str, torch.Tensor], hf: list[str],
+                   ref_url: str, ref_opts: dict | None) -> dict:
+    """Perplexity of the decoded file's model, decoded to a private scratch folder first, and
+    its mean next-token KL from the unquantized model at `ref_url` (evaluate/kl.py)."""
     import shutil
     import tempfile
 
     from pipeline.encode.folder import decode_to_folder
+    from pipeline.evaluate.kl import streamed_perplexity_kl
     from pipeline.executor import private_subdir
-    from pipeline.models.load_streamed import streamed_perplexity
 
     task_threads()
     tmp = tempfile.mkdtemp(dir=private_subdir("spill"))
@@ -141,7 +143,8 @@ def _evaluate_task(cfg: RunConfig, out, sets: dict[str, torch.Tensor], hf: list[
         for rel in hf:
             with open(f"{tmp}/{rel.rsplit('/', 1)[-1]}", "wb") as f:
                 f.write(out.read_bytes(rel))
-        return streamed_perplexity(tmp, None, sets, cfg.evaluate.batch_size)
+        return streamed_perplexity_kl(tmp, None, ref_url, ref_opts, sets,
+                                      cfg.evaluate.batch_size)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -201,8 +204,10 @@ def run_encode_streamed(ctx: StageContext) -> dict[str, Any]:
     windows = load.read_safetensors(WINDOWS)
     sets = {k.removeprefix("eval/"): v for k, v in windows.items() if k.startswith("eval/")}
     if sets:
-        ev = call(_evaluate_task, cfg, out, sets, hf, cpus="worker")
+        ev = call(_evaluate_task, cfg, out, sets, hf, url, opts, cpus="worker")
         metrics.update(Workload(cfg).metric_fields("decoded", ev))
+        # KL(P_unquantized ‖ P_decoded) per predicted token, nats (llama.cpp's measure)
+        metrics.update(decoded_kl=ev["kl"], decoded_kl_by_set=ev["kl_by_set"])
     metrics["encode"] = {
         "file": out.url(FILE), "file_bytes": file_bytes, "residency": cfg.model.residency,
         "quantized_params": n_q, "params": r["params"],

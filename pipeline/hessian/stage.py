@@ -426,8 +426,11 @@ def _sections(cfg: RunConfig) -> dict:
     # The layout is part of the key: a per-tensor run (tables per block group) and a
     # whole-model run (one hessian.parquet) of the same settings write different files, and
     # with one key each would find the other's folder and recompute it.
-    return {"seed": cfg.seed, "hessian": cfg.hessian.model_dump(mode="json"),
-            "layout": "tensors" if per_tensor(cfg) else "table"}
+    key = {"seed": cfg.seed, "hessian": cfg.hessian.model_dump(mode="json"),
+           "layout": "tensors" if per_tensor(cfg) else "table"}
+    if cfg.quantize.feedback != "none":  # the stage then also writes each Linear's X·Xᵀ
+        key["second_moment"] = cfg.quantize.feedback
+    return key
 
 
 def _inputs(cfg: RunConfig) -> tuple[str, ...]:

@@ -265,7 +265,14 @@ def run_hessian_streamed(ctx: StageContext) -> dict[str, Any]:
     out.write_json(TENSORS, tensors)
     if out.store.exists(out.rel("partials")):
         out.store.remove(out.rel("partials"))
-    return {"hessian": {"estimator": h.estimator, "residency": cfg.model.residency,
+    extra = {}
+    if cfg.quantize.feedback == "ldl":  # the error feedback's X·Xᵀ (hessian/second_moment.py)
+        from pipeline.hessian.second_moment import run_second_moments
+
+        extra["second_moment"] = run_second_moments(ctx, url, opts, windows,
+                                                    tensor_order(meta["quantizable"]),
+                                                    meta["shapes"], max(h.groups, 2))
+    return {"hessian": {**extra, "estimator": h.estimator, "residency": cfg.model.residency,
                         "samples": int(windows.shape[0]), "normalizer": total,
                         "partitions": P, "groups": len(groups),
                         "block_groups": [[r.start, r.stop] for r, _ in groups],

@@ -160,6 +160,11 @@ def _tensor_task(cfg: RunConfig, out, url: str, opts: dict | None, hess, name: s
         (res,) = solve_rows_at([RowBlock(W, H, row0 + a)], lam, q.method,
                                **_opts(cfg, threads))
         parts.append(res)
+    fb = None
+    if q.feedback == "ldl" and not embedding:  # error feedback (quantize/feedback_stage.py)
+        from pipeline.quantize.feedback_stage import feedback_tensor
+
+        parts, fb = feedback_tensor(cfg, hess, name, t, h, shape, parts, lam)
     del t, h
     bits = coded_bits(parts)
     cb, idx = _ranked_codes(parts, R, C)
@@ -169,6 +174,8 @@ def _tensor_task(cfg: RunConfig, out, url: str, opts: dict | None, hess, name: s
              "all_in_bits": all_in_rate(parts), "one_level_rows": int((levels == 1).sum()),
              "weighted_distortion": float(np.concatenate([p.distortion for p in parts]).sum()
                                           / max(R * C, 1))}
+    if fb is not None:
+        layer["feedback"] = {**fb, "coded_bits": float(sum(bits.values()))}
     del parts
     idx_t = torch.from_numpy(idx)
     release_memory()
@@ -346,7 +353,9 @@ def run_quantize_tensors(ctx: StageContext) -> dict[str, Any]:
                            "shapes": {n: list(shapes[n]) for n in names}})
     out.write_json("layers.json", layers)
     w_levels = sum(layers[n]["mean_levels"] * shapes[n][0] for n in names)
-    return {"quantize": {
+    extra = {"feedback": feedback_summary(layers, names, weights)} if q.feedback != "none" \
+        else {}
+    return {"quantize": {**extra,
         "method": q.method, "scope": q.scope, "target_bits": q.target_bits,
         "residency": cfg.model.residency, "rows": at, "weights": weights,
         "lambda": lam, "aimed_rate_bits": aim, "coded_rate_bits": coded,
@@ -358,6 +367,22 @@ def run_quantize_tensors(ctx: StageContext) -> dict[str, Any]:
         "bytes_read": sum(recs[n]["fields"]["bytes_read"] for n in names),
         "weights_per_s": weights * passes / max(time.perf_counter() - t0, 1e-9),
         "seconds": round(time.perf_counter() - t0, 3)}}
+
+
+def feedback_summary(layers: dict[str, dict], names: list[str], weights: int) -> dict:
+    """The error feedback over the kept pass's tensors: rows where it beat plain ECSQ, the
+    summed objectives, the rate it moved (coded bits/weight, feedback minus plain at the same
+    λ) and its seconds."""
+    fb = [layers[n]["feedback"] for n in names if "feedback" in layers[n]]
+    plain_bits = math.fsum(f["coded_bits_plain"] for f in fb)
+    kept = math.fsum(f["coded_bits"] for f in fb)
+    return {"tensors": len(fb), "rows": sum(f["rows"] for f in fb),
+            "rows_feedback": sum(f["rows_feedback"] for f in fb),
+            "tensors_improved": sum(f["rows_feedback"] > 0 for f in fb),
+            "objective_plain": math.fsum(f["objective_plain"] for f in fb),
+            "objective_final": math.fsum(f["objective_final"] for f in fb),
+            "rate_change_bits": (kept - plain_bits) / max(weights, 1),
+            "seconds": math.fsum(f["seconds"] for f in fb)}
 
 
 def _drop(out, recs: dict[str, dict]) -> None:

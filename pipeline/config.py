@@ -30,6 +30,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.config_checks import (
+    check_finetune_batch,
     check_serve_bits,
     feedback_gap,
     parse_bytes,
@@ -433,7 +434,7 @@ class RunConfig(_Section):
                                  "worker needs at least one; set fewer workers or more windows")
             b = min(ft.batch_size, n)
             ft.__dict__["batch_size"] = b - b % ft.workers
-        self._check_finetune_batch()
+        check_finetune_batch(self)
         if self.hessian.estimator is None:
             self.hessian.__dict__["estimator"] = "ggn" if lenet else "fisher"
         if self.evaluate.metric is None:
@@ -484,30 +485,6 @@ class RunConfig(_Section):
         if why:
             raise ValueError(f"model.residency=streamed needs {why}; or set "
                              "model.residency=resident where the model fits in memory")
-
-    def _check_finetune_batch(self) -> None:
-        """A fine-tune batch the workers cannot split, or larger than the data it is drawn
-        from, fails here rather than after the stages before fine-tuning."""
-        ft = self.finetune
-        if not (ft.enabled and self.quantize.enabled) or ft.mode == "blockwise":
-            return
-        if ft.batch_size % ft.workers:
-            raise ValueError(f"finetune.batch_size={ft.batch_size} is not divisible by "
-                             f"finetune.workers={ft.workers}: each worker takes an equal share")
-        n, key = None, ""
-        if self.data.name == "text":
-            n, key = self.data.calibration_windows, "data.calibration_windows"
-        elif self.data.name == "fashion_mnist" and not self.model.trained_here:
-            # (a loaded model fine-tunes on the Hessian's calibration images)
-            n, key = self.hessian.calibration_samples, "hessian.calibration_samples"
-            if self.data.train_samples is not None and self.data.train_samples < n:
-                n, key = self.data.train_samples, "data.train_samples"
-        elif self.data.name == "fashion_mnist" and self.data.train_samples is not None:
-            n, key = self.data.train_samples, "data.train_samples"
-        if n is not None and ft.batch_size > n:
-            raise ValueError(f"finetune.batch_size={ft.batch_size} is larger than the {n} "
-                             f"samples it is drawn from ({key}); set finetune.batch_size ≤ "
-                             f"{n} or raise {key}")
 
     def resolved(self) -> dict[str, Any]:
         """Every setting with defaults filled in, as JSON-able data."""

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["check_serve_bits", "feedback_gap", "finetune_mode", "parse_bytes", "per_tensor",
-           "per_tensor_gap", "prune_gap", "serve_levels", "streamed_gap"]
+__all__ = ["check_finetune_batch", "check_serve_bits", "feedback_gap", "finetune_mode",
+           "parse_bytes", "per_tensor", "per_tensor_gap", "prune_gap", "serve_levels",
+           "streamed_gap"]
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
@@ -136,3 +137,28 @@ def feedback_gap(cfg) -> str | None:
     if not cfg.hessian.enabled:
         return "hessian.enabled=true (the hessian stage estimates each Linear's X·Xᵀ)"
     return per_tensor_gap(cfg)
+
+
+def check_finetune_batch(cfg) -> None:
+    """A fine-tune batch the workers cannot split, or larger than the data it is drawn
+    from, fails here rather than after the stages before fine-tuning."""
+    ft = cfg.finetune
+    if not (ft.enabled and cfg.quantize.enabled) or ft.mode == "blockwise":
+        return
+    if ft.batch_size % ft.workers:
+        raise ValueError(f"finetune.batch_size={ft.batch_size} is not divisible by "
+                         f"finetune.workers={ft.workers}: each worker takes an equal share")
+    n, key = None, ""
+    if cfg.data.name == "text":
+        n, key = cfg.data.calibration_windows, "data.calibration_windows"
+    elif cfg.data.name == "fashion_mnist" and not cfg.model.trained_here:
+        # (a loaded model fine-tunes on the Hessian's calibration images)
+        n, key = cfg.hessian.calibration_samples, "hessian.calibration_samples"
+        if cfg.data.train_samples is not None and cfg.data.train_samples < n:
+            n, key = cfg.data.train_samples, "data.train_samples"
+    elif cfg.data.name == "fashion_mnist" and cfg.data.train_samples is not None:
+        n, key = cfg.data.train_samples, "data.train_samples"
+    if n is not None and ft.batch_size > n:
+        raise ValueError(f"finetune.batch_size={ft.batch_size} is larger than the {n} "
+                         f"samples it is drawn from ({key}); set finetune.batch_size ≤ "
+                         f"{n} or raise {key}")

@@ -150,8 +150,7 @@ def run_second_moments(ctx, url: str, opts: dict | None, windows: Tensor, names:
     import time
 
     from pipeline.executor import map_units, task_cpus
-    from pipeline.hessian.shards import block_of
-    from pipeline.hessian.streamed_stage import group_names
+    from pipeline.hessian.shards import block_of, group_names
     from pipeline.units import Units
 
     t0 = time.perf_counter()

@@ -40,41 +40,12 @@ import torch
 from pipeline.config import RunConfig
 from pipeline.executor import map_units, task_threads
 from pipeline.graph import StageContext
+from pipeline.hessian.shards import group_names  # re-exported: the plan of the stage's units
 
 __all__ = ["run_hessian_streamed", "TENSORS", "embedding_placement", "group_names",
            "read_tensor_hessian"]
 
 TENSORS = "tensors.json"  # {tensor: {"table": rel, "sha256": hex of its float32 values}}
-
-
-def group_names(names: list[str], shapes: dict[str, list[int]], groups: int, *,
-                first: tuple[str, ...] | list[str] = (), last: tuple[str, ...] | list[str] = (),
-                blocks: int = 0) -> list[tuple[range, list[str]]]:
-    """(block range, its tensors in model order) of ≤ `groups` runs of consecutive decoder
-    blocks, balanced by the weights of the block tensors in them (`shards.block_groups`); a
-    run without any tensor to quantize is left out.
-
-    `first`: tensors outside the blocks that the group starting at block 0 computes; `last`:
-    those that the last group computes, its range then reaching the model's top (`blocks`,
-    the model's block count). See `embedding_placement`."""
-    from pipeline.hessian.shards import block_groups, block_of
-
-    outside = set(first) | set(last)
-    where = {n: block_of(n) for n in names if n not in outside}
-    counts = [0] * (max(where.values(), default=-1) + 1)
-    for n, b in where.items():
-        counts[b] += int(np.prod(shapes[n]))
-    ranges = block_groups(counts, groups) if counts else [range(0, max(blocks, 1))]
-    out = []
-    for k, rng in enumerate(ranges):
-        top = k == len(ranges) - 1
-        own = [n for n in names if (n in where and where[n] in rng)
-               or (k == 0 and n in first) or (top and n in last)]
-        if top and any(n in last for n in names):
-            rng = range(rng.start, max(rng.stop, blocks))
-        if own:
-            out.append((rng, own))
-    return out
 
 
 def embedding_placement(estimator: str, roles: dict[str, str]) -> tuple[list[str], list[str]]:

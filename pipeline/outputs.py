@@ -5,7 +5,9 @@ Stage folders are named by their keys and change with every setting; a scheduled
 serving system wants one path that always holds the newest result. `publish` copies
 
     DIR/model.hwq        the encode stage's file (its sha256 checked against the manifest)
-    DIR/hf/...           with hf_out: the decoded model as a Hugging Face folder (LMs only)
+    DIR/hf/...           language models: the config and tokenizer files, which `hwq generate`
+                         and `hwq serve` read beside the file; with hf_out, the decoded model
+                         as a whole Hugging Face folder
     DIR/output.json      written last: sha256 and size of each file, the run and stage key
 
 Each file is written atomically; output.json is removed first and written last, so it says
@@ -71,21 +73,30 @@ def publish(cfg: RunConfig, store: Store, encode: StageDir, *, out: str,
     dest.remove(OUTPUT_INDEX)  # the folder is incomplete until the new index is written
     data = encode.read_bytes("model.hwq")  # checked against the manifest's sha256
     files = {"model.hwq": {"sha256": dest.write_bytes("model.hwq", data), "bytes": len(data)}}
+    hf = _hf_sources(encode)
     if hf_out:
-        files.update(_publish_hf(encode, dest, data))
+        files.update(_publish_hf(hf, dest, data))
+    elif hf:
+        files.update(_write_folder(dest, "hf", hf))
     index = {"source": store.full_url(encode.rel("model.hwq")), "stage_key": encode.key,
              "config": cfg.name, "files": files}
     dest.write_json(OUTPUT_INDEX, index)
     return {"url": dest.full_url(""), **index}
 
 
-def _publish_hf(encode: StageDir, dest: Store, data: bytes) -> dict[str, dict[str, Any]]:
+def _hf_sources(encode: StageDir) -> dict[str, bytes]:
+    """The config and tokenizer files the encode stage wrote to hf/ ({} for other models)."""
+    from pipeline.encode.cli import _HF_FILES
+
+    return {n: encode.read_bytes(f"hf/{n}") for n in _HF_FILES
+            if encode.outputs is None or f"hf/{n}" in encode.outputs}
+
+
+def _publish_hf(hf: dict[str, bytes], dest: Store, data: bytes) -> dict[str, dict[str, Any]]:
     """Decode `data` into a Hugging Face folder (the `hwq decode --hf-out` code) and copy it
     to dest/hf/."""
-    from pipeline.encode.cli import _HF_FILES, _decode_hf
+    from pipeline.encode.cli import _decode_hf
 
-    hf = {n: encode.read_bytes(f"hf/{n}") for n in _HF_FILES
-          if encode.outputs is None or f"hf/{n}" in encode.outputs}
     if "config.json" not in hf:
         raise ConfigError("--hf-out: the encode stage holds no hf/config.json (not a Hugging "
                           "Face model)")
@@ -102,27 +113,34 @@ def _publish_hf(encode: StageDir, dest: Store, data: bytes) -> dict[str, dict[st
                                   hf_files=os.path.join(tmp, "files"), endpoint_url=None,
                                   max_output_bytes=None, max_header_bytes=None)
         _decode_hf(args)
-        # Locally: written beside the old hf/ and swapped in. On S3 (no folders to rename):
-        # written over it, then what the old one had and this one has not is deleted.
-        staging = f"hf.tmp-{uuid.uuid4().hex[:8]}" if dest.is_local else "hf"
-        files = {}
-        try:
-            for n in sorted(os.listdir(args.hf_out)):
-                with open(os.path.join(args.hf_out, n), "rb") as f:
-                    b = f.read()
-                dest.write_bytes(f"{staging}/{n}", b)
-                files[f"hf/{n}"] = {"sha256": sha256_bytes(b), "bytes": len(b)}
-            if dest.is_local:
-                _swap_in(dest, staging, "hf")
-            else:
-                for stale in set(dest.list("hf")) - {f.removeprefix("hf/") for f in files}:
-                    dest.remove(f"hf/{stale}")
-        finally:
-            if staging != "hf":
-                dest.remove(staging)
-        return files
+        made = {}
+        for n in sorted(os.listdir(args.hf_out)):
+            with open(os.path.join(args.hf_out, n), "rb") as f:
+                made[n] = f.read()
+        return _write_folder(dest, "hf", made)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_folder(dest: Store, name: str, content: dict[str, bytes]) -> dict[str, dict[str, Any]]:
+    """dest/`name`/ holding exactly `content` ({file: bytes}); returns {name/file: {sha256,
+    bytes}}. Locally: written beside the old folder and swapped in. On S3 (no folders to
+    rename): written over it, then what the old one had and this one has not is deleted."""
+    staging = f"{name}.tmp-{uuid.uuid4().hex[:8]}" if dest.is_local else name
+    files = {}
+    try:
+        for n, b in content.items():
+            dest.write_bytes(f"{staging}/{n}", b)
+            files[f"{name}/{n}"] = {"sha256": sha256_bytes(b), "bytes": len(b)}
+        if dest.is_local:
+            _swap_in(dest, staging, name)
+        else:
+            for stale in set(dest.list(name)) - {f.removeprefix(f"{name}/") for f in files}:
+                dest.remove(f"{name}/{stale}")
+    finally:
+        if staging != name:
+            dest.remove(staging)
+    return files
 
 
 def _swap_in(dest: Store, staging: str, name: str) -> None:

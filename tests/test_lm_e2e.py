@@ -218,7 +218,12 @@ def test_out_copies_the_hwq_and_the_decoded_folder_to_a_stable_path(lm_run, lm_f
     endpoint = opts["client_kwargs"]["endpoint_url"]
     compress(lm_config(lm_files, store={"endpoint_url": endpoint}), keep_ray=True,
              out=url + "/published")
-    assert Store(url + "/published", opts).read_bytes("model.hwq") == src
+    pub = Store(url + "/published", opts)
+    assert pub.read_bytes("model.hwq") == src
+    # without --hf-out: the config and tokenizer files the runtime reads beside the file
+    files = set(json.loads(pub.read_bytes("output.json"))["files"])
+    assert {"hf/config.json", "hf/tokenizer.json"} <= files and "hf/model.safetensors" not in files
+    assert set(pub.list("hf")) == {f.removeprefix("hf/") for f in files if f.startswith("hf/")}
 
 
 def test_out_is_checked_before_anything_runs(lm_files, tmp_path):

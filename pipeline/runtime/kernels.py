@@ -61,8 +61,24 @@ def _library_path(cxx: str) -> Path:
     except (OSError, subprocess.SubprocessError):
         version = ""
     h = hashlib.sha256(SOURCE.read_bytes())
-    h.update(repr((FLAGS, cxx, version)).encode())
+    # -march=native: a build is for this CPU's instruction set; a cache folder shared with
+    # another machine (an image, a network home) must not hand it a library it cannot run.
+    h.update(repr((FLAGS, cxx, version, _cpu_flags())).encode())
     return _cache_dir() / f"lut_gemv-{h.hexdigest()[:16]}.so"
+
+
+def _cpu_flags() -> str:
+    """The instruction-set flags of this CPU (Linux), else the machine name."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.machine()
 
 
 def build(*, quiet: bool = True) -> Path:

@@ -5,6 +5,9 @@ greedy `model.generate`, and the server's resident memory (psutil) is sampled be
 and after.
 
     python benchmarks/serve_load.py                      # tiny Llama, 1000 requests, 64 at once
+    python benchmarks/serve_load.py --hwq                # the tiny Llama as a .hwq file, served
+                                                         # by the lookup-table runtime
+    python benchmarks/serve_load.py --hwq FILE.hwq --requests 200 --max-tokens 16
     python benchmarks/serve_load.py --hf-dir FOLDER --requests 200 --max-tokens 16
 
 Prints a table and writes benchmarks/results/serve_load.json. The issue's target: every
@@ -50,14 +53,14 @@ PROMPTS = [
 ]
 
 
-def _start(folder: Path, args) -> tuple[subprocess.Popen, str]:
+def _start(folder: Path | None, args) -> tuple[subprocess.Popen, str]:
+    what = [str(args.hwq)] if folder is None else ["--hf-dir", str(folder)]
     cmd = [
         sys.executable,
         "-m",
         "pipeline.cli",
         "serve",
-        "--hf-dir",
-        str(folder),
+        *what,
         "--port",
         "0",
         "--threads",
@@ -82,12 +85,20 @@ def _start(folder: Path, args) -> tuple[subprocess.Popen, str]:
     return proc, f"http://127.0.0.1:{m.group(1)}"
 
 
-def _expected(folder: Path, max_tokens: int) -> dict[str, str]:
+def _expected(folder: Path | None, max_tokens: int, hwq: Path | None = None) -> dict[str, str]:
+    """Each prompt's greedy completion, computed here: by transformers from `folder`, or by
+    the runtime (fast mode, as the server runs it) from the .hwq file `hwq`."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    if hwq is not None:
+        from pipeline.runtime import load
+
+        model, tok = load(str(hwq), mode="fast", threads=1)
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder).eval()
     out = {}
     for p in PROMPTS:
         ids = tok(p, return_tensors="pt")["input_ids"]
@@ -165,6 +176,9 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--hf-dir", type=Path, help="a model folder (default: the tiny Llama)")
+    ap.add_argument("--hwq", nargs="?", const="tiny", default=None, metavar="FILE",
+                    help="serve a .hwq file through the lookup-table runtime (no FILE: the "
+                         "tiny Llama written as one, testkit/hwq_models.py)")
     ap.add_argument("--requests", type=int, default=1000)
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=8)
@@ -174,11 +188,18 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.hf_dir
-        if folder is None:
+        if args.hwq is not None:
+            folder = None
+            if args.hwq == "tiny":
+                from testkit.hwq_models import tiny_llama_hwq
+
+                args.hwq = tiny_llama_hwq(Path(tmp) / "tiny-hwq")
+            args.hwq = Path(args.hwq)
+        elif folder is None:
             from testkit.models import tiny_llama_folder
 
             folder = tiny_llama_folder(Path(tmp) / "tiny-llama")
-        want = _expected(folder, args.max_tokens)
+        want = _expected(folder, args.max_tokens, args.hwq)
         proc, url = _start(folder, args)
         try:
             ps = psutil.Process(proc.pid)
@@ -199,7 +220,9 @@ def main() -> None:
             proc.send_signal(signal.SIGTERM)
             rc = proc.wait(timeout=60)
     result = {
-        "model": str(args.hf_dir or "tiny Llama (testkit/models.py)"),
+        "model": (f"{'tiny Llama as a .hwq' if args.hwq and 'tiny-hwq' in str(args.hwq) else args.hwq}"
+                  " (hwq runtime)" if args.hwq else
+                  str(args.hf_dir or "tiny Llama (testkit/models.py)")),
         "requests": args.requests,
         "concurrency": args.concurrency,
         "max_tokens": args.max_tokens,

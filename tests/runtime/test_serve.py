@@ -302,7 +302,8 @@ def test_a_request_past_its_deadline_is_a_504(pair):
         assert st == 200
 
 
-@pytest.mark.parametrize("source", ["hf-dir", "hwq"])
+# (the dense folder is the slow one: the same command line, a server process more)
+@pytest.mark.parametrize("source", [pytest.param("hf-dir", marks=pytest.mark.slow), "hwq"])
 def test_hwq_serve_end_to_end_stops_on_sigterm(tmp_path, source):
     """The command line: a dense folder (--hf-dir) or a .hwq file through the lookup-table
     runtime served on a port the server picks, one request answered with the greedy

@@ -93,24 +93,27 @@ def hwq_file(name: str, folder: Path, bits: int, threads: int) -> Path:
     """A file whose rows have at most 2^bits levels (quantize.serve_bits), quantized at
     bits − 0.5 bits/weight all-in: entropy coding spends less than the packed width (16
     levels of a row at 4 bits reach ~3.7 bits/weight at λ = 0)."""
-    work = _root() / f"{name}-{folder.name}-hwq{bits}"
     rate = bits - 0.5
-    if (work / "store" / "report.json").exists():
-        return _encoded(work / "store")
+    store = _root() / f"{name}-{folder.name}-store"  # shared: load and Hessian computed once
+    made = _root() / f"{name}-{folder.name}-hwq{bits}.json"
+    if made.exists():
+        return Path(json.loads(made.read_text())["file"])
     if name == "smollm2":  # the model's own config (embedding quantized: the tied head
         # runs from its codes), without fine-tuning, read from the bf16 folder
         cmd = [sys.executable, "-m", "pipeline.cli", "run", "configs/smollm2_135m.yaml",
-               "--store", str(work / "store"),
+               "--store", str(store),
                "--set", f"model.path={folder}", "--set", f"quantize.target_bits={rate}",
                "--set", f"quantize.serve_bits={bits}", "--set", "finetune.enabled=false"]
     else:  # random weights: `hwq stream` on seeded random tokens
-        cmd = [sys.executable, "-m", "pipeline.cli", "stream", str(folder), str(work / "store"),
+        cmd = [sys.executable, "-m", "pipeline.cli", "stream", str(folder), str(store),
                "--method", "ecsq", "--bits", str(rate), "--serve-bits", str(bits),
                "--windows", "16", "--seq-len", "256",
                "--cpus", str(threads)]
     print("  ", " ".join(cmd[2:]), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)
-    return _encoded(work / "store")
+    out = _encoded(store)
+    made.write_text(json.dumps({"file": str(out), "command": cmd[2:]}))
+    return out
 
 
 def _encoded(store: Path) -> Path:

@@ -367,7 +367,8 @@ def report(res: dict) -> str:
                   "| row | file MB | prefill tok/s | decode tok/s | vs bf16 | peak RSS GiB | "
                   + "".join(f"ppl {t} | " for t in texts), "|---" * (6 + len(texts)) + "|"]
         bf16 = m["rows"].get("hf-bf16", {}).get("decode_tok_s")
-        for row, r in m["rows"].items():
+        for row in [x for x in ROWS if x in m["rows"]]:
+            r = m["rows"][row]
             if "error" in r:
                 lines.append(f"| {LABELS[row]} | failed: {' '.join(r['error'])[:120]} |")
                 continue
@@ -403,6 +404,12 @@ def main() -> None:
     res = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
            "load_start": _loadavg(), "threads": a.threads, "prompt_tokens": a.prompt_tokens,
            "new_tokens": a.new_tokens, "blocks": a.blocks, "models": {}}
+    out = Path(a.out)
+    settings = ("threads", "prompt_tokens", "new_tokens", "blocks")
+    if out.exists():  # rows of an earlier invocation with the same settings are kept
+        old = json.loads(out.read_text())
+        if all(old.get(k) == res[k] for k in settings):
+            res["models"] = old.get("models", {})
     _root().mkdir(parents=True, exist_ok=True)
     for model in a.models.split(","):
         folder = model_folder(model, a.blocks)
@@ -418,7 +425,8 @@ def main() -> None:
                 files[f"hwq-{b}"] = hwq_file(model, folder, b, a.threads)
         if any(r.startswith("llamacpp") for r in rows):
             files.update(gguf_files(model, folder))
-        m = res["models"][model] = {"label": label, "folder": str(folder), "rows": {}}
+        m = res["models"].setdefault(model, {"rows": {}})
+        m.update(label=label, folder=str(folder))
         for row in rows:
             if row.startswith(("hwq", "llamacpp")) and row not in files:
                 continue
@@ -427,12 +435,12 @@ def main() -> None:
                    "new": a.new_tokens, "windows": windows}
             print(f"{label}: {LABELS[row]} ...", flush=True)
             r = run_row(job)
+            r["load_avg"] = _loadavg()
             if row in files:
                 r["file_mb"] = round(files[row].stat().st_size / 1e6, 1)
             m["rows"][row] = r
             print("  ", {k: v for k, v in r.items() if k != "tokens"}, flush=True)
     res["load_end"] = _loadavg()
-    out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1))
     md = report(res)

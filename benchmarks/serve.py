@@ -111,7 +111,8 @@ def hwq_file(name: str, folder: Path, bits: int, threads: int) -> Path:
                "--set", f"quantize.serve_bits={bits}", "--set", "finetune.enabled=false"]
     else:  # random weights: `hwq stream` on seeded random tokens
         cmd = [sys.executable, "-m", "pipeline.cli", "stream", str(folder), str(store),
-               "--method", "ecsq", "--bits", str(rate), "--serve-bits", str(bits),
+               "--method", "ecsq", "--ecsq-bins", "256", "--bits", str(rate),
+               "--serve-bits", str(bits),
                "--windows", "16", "--seq-len", "256",
                "--cpus", str(threads)]
     print("  ", " ".join(cmd[2:]), flush=True)

@@ -28,7 +28,7 @@ def serve_widths(rows: list[dict]) -> dict:
     None if some tensor needs more than 8 bits or none is quantized), "levels" (its largest
     row codebook, the zero of pruned weights counted), "tensor" (which)}."""
     q = [r for r in rows if r["kind"] == "quantized"]
-    if not q:
+    if not q or any("levels" not in r for r in q):  # (rows without level counts: unknown)
         return {"serve_bits": None, "levels": None, "tensor": None}
     widest = max(q, key=lambda r: r["levels"])
     return {"serve_bits": serve_width(widest["levels"]), "levels": widest["levels"],

@@ -147,7 +147,7 @@ def _linear_weights(config: dict) -> set[str]:
 
     cfg = AutoConfig.for_model(**config)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg)
+        model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=False)
     return {f"{n}.weight" for n, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
 
 

@@ -58,8 +58,12 @@ def _tokenizer_and_config(
         check_model_type(cfg, where)
         check_config_against_weights(cfg, shapes, where)
         with building_from(where):
-            config = transformers.AutoConfig.from_pretrained(tmp)
-            tok = transformers.AutoTokenizer.from_pretrained(tmp)
+            config = transformers.AutoConfig.from_pretrained(
+                tmp, local_files_only=True, trust_remote_code=False
+            )
+            tok = transformers.AutoTokenizer.from_pretrained(
+                tmp, local_files_only=True, trust_remote_code=False
+            )
             gen = (
                 transformers.GenerationConfig.from_pretrained(tmp)
                 if "generation_config.json" in files
@@ -127,7 +131,9 @@ def load(
     shapes = {n: reader.shape(n) for n in reader.names}
     config, tok, gen = _tokenizer_and_config(path, hf_folder, storage_options, shapes)
     with params_on_meta(), building_from(f"the config of {path}"):
-        model = transformers.AutoModelForCausalLM.from_config(config, **_float32())
+        model = transformers.AutoModelForCausalLM.from_config(
+            config, trust_remote_code=False, **_float32()
+        )
     model.eval()
     if gen is not None:
         model.generation_config = gen

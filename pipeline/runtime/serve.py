@@ -587,8 +587,10 @@ def _serve_cmd(args) -> int:
             raise FileNotFoundError(
                 f"--hf-dir {args.hf_dir}: no config.json there (give a Hugging Face model folder)"
             )
-        tok = AutoTokenizer.from_pretrained(args.hf_dir)
-        model = AutoModelForCausalLM.from_pretrained(args.hf_dir).eval()
+        tok = AutoTokenizer.from_pretrained(args.hf_dir, local_files_only=True,
+                                            trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(
+            args.hf_dir, local_files_only=True, trust_remote_code=False).eval()
         name = args.name or os.path.basename(os.path.normpath(args.hf_dir))
     else:
         from pipeline.runtime import load  # the lookup-table runtime

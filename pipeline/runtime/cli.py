@@ -65,6 +65,9 @@ def _generate(args) -> int:
         storage_options=_opts(args),
         hf_folder=args.hf_files,
     )
+    if tok is None:
+        raise ValueError(f"{args.file}: its hf/ folder has no tokenizer files, and hwq generate "
+                         "reads and writes text; give the model's folder with --hf-files")
     ids = _prompt_ids(tok, args.prompt, args.chat)
     first: list[float] = []
 

@@ -61,8 +61,14 @@ def _tokenizer_and_config(
             config = transformers.AutoConfig.from_pretrained(
                 tmp, local_files_only=True, trust_remote_code=False
             )
-            tok = transformers.AutoTokenizer.from_pretrained(
-                tmp, local_files_only=True, trust_remote_code=False
+            # A model without tokenizer files (a synthetic checkpoint) runs on token ids:
+            # the tokenizer is None and generate/serve say they need one.
+            tok = (
+                transformers.AutoTokenizer.from_pretrained(
+                    tmp, local_files_only=True, trust_remote_code=False
+                )
+                if set(files) & _TOKENIZER_FILES
+                else None
             )
             gen = (
                 transformers.GenerationConfig.from_pretrained(tmp)
@@ -70,6 +76,9 @@ def _tokenizer_and_config(
                 else None
             )
     return config, tok, gen
+
+
+_TOKENIZER_FILES = {"tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json"}
 
 
 def _float32() -> dict:

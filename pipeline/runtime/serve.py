@@ -597,6 +597,8 @@ def _serve_cmd(args) -> int:
 
         opts = {"client_kwargs": {"endpoint_url": args.endpoint_url}} if args.endpoint_url else None
         model, tok = load(args.file, threads=args.threads, storage_options=opts)
+        if tok is None:
+            raise ValueError(f"{args.file}: its hf/ folder has no tokenizer files to serve text")
         name = args.name or os.path.basename(args.file.rstrip("/"))
     limits = ServeLimits(
         max_body_bytes=args.max_body_bytes,

@@ -170,10 +170,7 @@ def _write_f16_gguf(folder: Path, path: Path) -> None:
     from pipeline.models.weights import WeightsFolder
 
     cfg = AutoConfig.from_pretrained(folder)
-    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
-             "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    from testkit.models import _GGUF_NAMES as names  # llama.cpp's tensor names
 
     def permute(w, heads):
         return (w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:])

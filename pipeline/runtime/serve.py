@@ -614,17 +614,7 @@ def _serve_cmd(args) -> int:
 
 def add_commands(sub) -> None:
     from pipeline.encode.cli import parse_size
-
-    def positive(text: str) -> int:
-        import argparse
-
-        try:
-            v = int(text)
-        except ValueError:
-            v = 0
-        if v < 1:
-            raise argparse.ArgumentTypeError(f"not a positive integer: {text!r}")
-        return v
+    from pipeline.runtime.cli import _positive as positive
 
     d = ServeLimits()
     s = sub.add_parser(

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["Kernels", "build", "kernels", "lut_matmul"]
+__all__ = ["Kernels", "bind", "build", "kernels", "lut_matmul"]
 
 log = logging.getLogger(__name__)
 
@@ -161,58 +161,53 @@ def lut_matmul(
     "f32a" (int8 levels, fp32 activations), "q8_scalar" (q8 without SIMD, for tests).
     lib: the kernels to use (default: the cached build; None there: torch fallback).
     """
-    x = x.detach().to(torch.float32).contiguous()
-    b, cols = x.shape
-    if cols != p.cols:
-        raise ValueError(f"input has {cols} features, the matrix {p.cols}")
+    return bind(p, path=path, threads=threads, lib=lib)(x)
+
+
+def bind(p, *, path: str, threads: int | None = None, lib: Kernels | None = None):
+    """``call(x) -> y``: :func:`lut_matmul` with ``p``'s arguments fixed once. A decoder
+    Linear runs ~100 products a token of ~50 µs each, so the Python side is kept to one
+    ctypes call and one output allocation (the bound function keeps ``p``'s tensors alive;
+    they never move on the CPU)."""
     k = kernels() if lib is None else lib
     if path != "ref" and not p.q8_ok:
         path = "ref"
-    y = torch.empty(b, p.rows, dtype=torch.float32)
-    if b == 0 or p.rows == 0:
-        return y
+    if path not in ("ref", "q8", "q8_scalar", "f32a"):
+        raise ValueError(f"unknown kernel path {path!r}")
+    rows, cols = p.rows, p.cols
+    nthreads = _threads(threads)
     if k is None:
-        return _torch_lut(x, p)
+        fn, args = None, ()
+    elif path == "ref":
+        fn = k.lib.hwq_ref
+        args = (_ptr(p.idx), rows, p.idx.shape[1], p.bits, _ptr(p.tables), p.tables.shape[1],
+                p.group_size)  # fmt: skip
+    elif path == "f32a":
+        fn, args = k.lib.hwq_f32a, (_ptr(p.idx), rows, _ptr(p.tq), _ptr(p.ts), p.groups)
+    else:
+        fn, args = k.lib.hwq_q8, (_ptr(p.idx), rows, _ptr(p.tq), _ptr(p.ts), p.groups)
+    tail = (int(path == "q8_scalar"),) if path.startswith("q8") else ()
     # A small product runs on one thread: waking a second one costs more than it saves
     # (SmolLM2's 576×1536 at 4 bits is 0.4 MB, ~40 µs on one core; measured: 38 ms a token
     # with one kernel thread against 51–69 ms with two).
-    nt = 1 if p.rows * p.cols * b < _ONE_THREAD_WEIGHTS else _threads(threads)
-    if path == "ref":
-        k.lib.hwq_ref(
-            _ptr(x),
-            b,
-            cols,
-            _ptr(p.idx),
-            p.rows,
-            p.idx.shape[1],
-            p.bits,
-            _ptr(p.tables),
-            p.tables.shape[1],
-            p.group_size,
-            _ptr(y),
-            nt,
-        )
-    elif path in ("q8", "q8_scalar"):
-        k.lib.hwq_q8(
-            _ptr(x),
-            b,
-            cols,
-            _ptr(p.idx),
-            p.rows,
-            _ptr(p.tq),
-            _ptr(p.ts),
-            p.groups,
-            _ptr(y),
-            nt,
-            int(path == "q8_scalar"),
-        )
-    elif path == "f32a":
-        k.lib.hwq_f32a(
-            _ptr(x), b, cols, _ptr(p.idx), p.rows, _ptr(p.tq), _ptr(p.ts), p.groups, _ptr(y), nt
-        )
-    else:
-        raise ValueError(f"unknown kernel path {path!r}")
-    return y
+    one_thread_below = -(-_ONE_THREAD_WEIGHTS // max(1, rows * cols))
+
+    def call(x: torch.Tensor) -> torch.Tensor:
+        x = x.detach().to(torch.float32).contiguous()
+        b = x.shape[0]
+        if x.shape[1] != cols:
+            raise ValueError(f"input has {x.shape[1]} features, the matrix {cols}")
+        y = torch.empty(b, rows, dtype=torch.float32)
+        if b == 0 or rows == 0:
+            return y
+        if fn is None:
+            return _torch_lut(x, p)
+        nt = 1 if b < one_thread_below else nthreads
+        fn(x.data_ptr(), b, cols, *args, y.data_ptr(), nt, *tail)
+        return y
+
+    call.path = path
+    return call
 
 
 def _torch_lut(x: torch.Tensor, p, tile_rows: int = 256) -> torch.Tensor:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .kernels import lut_matmul
+from .kernels import bind
 from .transcode import Packed
 
 __all__ = ["LutLinear", "MODES"]
@@ -54,6 +54,7 @@ class LutLinear(nn.Module):
             if bias is None
             else nn.Parameter(bias.detach().to(torch.float32), requires_grad=False)
         )
+        self._call, self._bound = None, None  # the kernel call bound at the first forward
 
     def packed(self) -> Packed:
         return Packed(
@@ -74,10 +75,11 @@ class LutLinear(nn.Module):
         return self.packed().dense_rows(0, self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._bound != (self.mode, self.threads):  # first call, or mode/threads changed
+            self._call = bind(self.packed(), path=MODES[self.mode], threads=self.threads)
+            self._bound = (self.mode, self.threads)
         lead = x.shape[:-1]
-        y = lut_matmul(
-            x.reshape(-1, x.shape[-1]), self.packed(), path=MODES[self.mode], threads=self.threads
-        )
+        y = self._call(x.reshape(-1, x.shape[-1]))
         if self.bias is not None:
             y += self.bias
         return y.reshape(*lead, self.out_features).to(x.dtype)

@@ -19,9 +19,17 @@ def _levels(w: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def tiny_llama_hwq(
-    folder: str | Path, *, tied: bool = False, seed: int = 0, hidden: int = 64
+    folder: str | Path,
+    *,
+    tied: bool = False,
+    seed: int = 0,
+    hidden: int = 64,
+    style: str | None = None,
 ) -> Path:
-    """Write `folder`/model.hwq and `folder`/hf/ for a random tiny Llama; returns the file."""
+    """Write `folder`/model.hwq and `folder`/hf/ for a random tiny Llama; returns the file.
+    Its 2-D tensors cycle through five codings (per-channel, pruned, per-group, one shared
+    codebook, 40 levels a row), or all take `style` (one of those names: channel, pruned,
+    group, shared, wide)."""
     from pipeline.encode.container import TensorEntry, write_hwq
 
     from .models import tiny_llama, tiny_tokenizer
@@ -43,21 +51,21 @@ def tiny_llama_hwq(
         if w.ndim != 2:
             entries.append(TensorEntry.raw_tensor(name, w))
             continue
-        style = ["channel", "pruned", "group", "shared", "wide"][i % 5]
-        if name == "model.embed_tokens.weight":
-            style = "channel"  # a quantized tensor that is not a Linear's weight
-        if style == "shared":
+        kind = style or ["channel", "pruned", "group", "shared", "wide"][i % 5]
+        if name == "model.embed_tokens.weight" and style is None:
+            kind = "channel"  # a quantized tensor that is not a Linear's weight
+        if kind == "shared":
             codes = np.abs(w.reshape(-1, 1) - shared[None, :]).argmin(axis=1)
             entries.append(TensorEntry.quantized(name, w.shape, codes, "net"))
             continue
-        if style == "group":  # two codebooks a row, each over half the columns
+        if kind == "group":  # two codebooks a row, each over half the columns
             g = w.reshape(w.shape[0] * 2, -1)
             cb, codes = _levels(g, 8)
         else:
-            cb, codes = _levels(w, 40 if style == "wide" else 15 if style == "pruned" else 16)
+            cb, codes = _levels(w, 40 if kind == "wide" else 15 if kind == "pruned" else 16)
         cbs[name] = cb
         mask = None
-        if style == "pruned":
+        if kind == "pruned":
             mask = rng.random(w.shape) > 0.3
             codes = codes.reshape(-1)[mask.reshape(-1)]
         entries.append(TensorEntry.quantized(name, w.shape, codes.reshape(-1), name, mask=mask))

@@ -13,10 +13,16 @@ def load(
     threads: int | None = None,
     storage_options: dict | None = None,
     hf_folder: str | None = None,
+    fuse_siblings: bool = True,
 ):
     """See :func:`pipeline.runtime.loader.load`."""
     from .loader import load as _load
 
     return _load(
-        path, mode=mode, threads=threads, storage_options=storage_options, hf_folder=hf_folder
+        path,
+        mode=mode,
+        threads=threads,
+        storage_options=storage_options,
+        hf_folder=hf_folder,
+        fuse_siblings=fuse_siblings,
     )

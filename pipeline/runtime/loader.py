@@ -2,10 +2,12 @@
 
 The model is built from the config in the `hf/` folder beside the file (or `hf_folder`) with
 its parameters on the meta device; every 2-D quantized tensor that is the weight of an
-`nn.Linear` becomes a :class:`LutLinear` (transcoded, never decoded dense); every other tensor
-(embeddings, norms, biases, a quantized embedding) is decoded and put in as float32. Tied
-embeddings are tied as transformers ties them, so the model computes what `hwq decode --hf-out`
-and `from_pretrained` would, with lookup-table matmuls.
+`nn.Linear` becomes a :class:`LutLinear` and of an `nn.Embedding` a :class:`LutEmbedding`
+(transcoded, never decoded dense); every other tensor (norms, biases, raw embeddings) is
+decoded and put in as float32. A tied head runs from its quantized embedding's packed codes
+(one copy), or is tied as transformers ties it, so the model computes what `hwq decode
+--hf-out` and `from_pretrained` would, with lookup-table matmuls. Sibling LutLinears that read
+the same input (q/k/v, gate/up) are computed by one kernel call (``modules.fuse``).
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .modules import MODES, LutLinear
-from .transcode import NotServable, transcode
+from .modules import MODES, LutEmbedding, LutLinear, fuse
+from .transcode import NotServable, Packed, transcode
 
 __all__ = ["load", "load_stats"]
 
@@ -119,14 +121,17 @@ def load(
     threads: int | None = None,
     storage_options: dict | None = None,
     hf_folder: str | None = None,
+    fuse_siblings: bool = True,
 ):
     """(model, tokenizer) running from the .hwq file `path` (local path or fsspec URL).
 
     mode: "fast" (int8 levels and activations in the kernels) or "reference" (fp32 levels and
     activations: the decoded model's logits up to float32 summation order). threads: kernel
     threads (None: torch's). hf_folder: where config.json and the tokenizer files are (default:
-    the hf/ folder beside the file). The model is in eval mode, float32 outside the
-    LutLinears; ``model.hwq_runtime`` holds load statistics (see :func:`load_stats`).
+    the hf/ folder beside the file). fuse_siblings: compute q/k/v and gate/up (see
+    ``modules.FUSE``) with one kernel call each (the same numbers, fewer calls). The model is
+    in eval mode, float32 outside the LutLinears and LutEmbeddings; ``model.hwq_runtime``
+    holds load statistics (see :func:`load_stats`).
     """
     import transformers
 
@@ -154,47 +159,47 @@ def load(
     head = model.get_output_embeddings()
     head_name = next((n for n, m in model.named_modules() if m is head), None)
     modules = dict(model.named_modules())
-    stats = {"lut": 0, "dense": 0, "bits": {}, "packed_bytes": 0, "transcode_s": 0.0}
+    stats = {"lut": 0, "dense": 0, "bits": {}, "packed_bytes": 0, "transcode_s": 0.0,
+             "lut_embeddings": 0, "fused_groups": 0}  # fmt: skip
+    emb_packed: Packed | None = None  # a quantized input embedding, for a tied head
     for name in reader.names:
         mod_name, _, attr = name.rpartition(".")
         if tied and head_name and mod_name == head_name:
             continue  # transformers ties the head to the embedding; so does the runtime
         mod = modules.get(mod_name)
-        if (
-            attr == "weight"
-            and type(mod) is nn.Linear
-            and reader.quantized(name)
-            and len(shapes[name]) == 2
-        ):
-            t1 = time.perf_counter()
-            try:
-                packed = transcode(reader, name)
-            except NotServable as exc:
-                log.info("hwq runtime: %s; decoding it dense", exc)
-            else:
-                stats["transcode_s"] += time.perf_counter() - t1
-                if (packed.rows, packed.cols) != (mod.out_features, mod.in_features):
-                    raise ValueError(
-                        f"{name}: the file's {shapes[name]} does not match the "
-                        f"config's Linear [{mod.out_features}, {mod.in_features}]"
-                    )
-                lut = LutLinear(packed, mode=mode, threads=threads)
-                if mod.bias is not None:
-                    lut.bias = nn.Parameter(
-                        torch.empty(mod.out_features, device="meta"), requires_grad=False
-                    )
-                parent, _, child = mod_name.rpartition(".")
-                setattr(model.get_submodule(parent) if parent else model, child, lut)
-                modules[mod_name] = lut
-                stats["lut"] += 1
-                stats["bits"][packed.bits] = stats["bits"].get(packed.bits, 0) + 1
-                stats["packed_bytes"] += packed.nbytes
-                continue
-        _set_tensor(model, name, _dense(reader, name))
-        stats["dense"] += 1
+        kind = type(mod) if attr == "weight" else None
+        packed = None
+        if kind in (nn.Linear, nn.Embedding) and reader.quantized(name) and len(shapes[name]) == 2:
+            packed = _transcode(reader, name, stats)
+        if packed is None:
+            _set_tensor(model, name, _dense(reader, name))
+            stats["dense"] += 1
+            continue
+        want = (mod.out_features, mod.in_features) if kind is nn.Linear else tuple(mod.weight.shape)
+        if (packed.rows, packed.cols) != want:
+            raise ValueError(
+                f"{name}: the file's {shapes[name]} does not match the config's "
+                f"{kind.__name__} {list(want)}"
+            )
+        if kind is nn.Embedding:
+            new = LutEmbedding(packed, padding_idx=mod.padding_idx)
+            stats["lut_embeddings"] += 1
+            if mod is model.get_input_embeddings():
+                emb_packed = packed
+        else:
+            new = LutLinear(packed, mode=mode, threads=threads)
+            if mod.bias is not None:
+                new.bias = nn.Parameter(
+                    torch.empty(mod.out_features, device="meta"), requires_grad=False
+                )
+            stats["lut"] += 1
+            stats["bits"][packed.bits] = stats["bits"].get(packed.bits, 0) + 1
+        stats["packed_bytes"] += packed.nbytes
+        _replace(model, mod_name, new)
+        modules[mod_name] = new
     if tied:
-        model.tie_weights()
-        _tied_head(model, reader, head_name, mode, threads, stats)
+        _tie(model, head_name, emb_packed, mode, threads, stats)
+    stats["fused_groups"] = fuse(model) if fuse_siblings else 0
     missing = [
         n for n, p in [*model.named_parameters(), *model.named_buffers()] if p.device.type == "meta"
     ]
@@ -209,27 +214,37 @@ def load(
     return model, tok
 
 
-def _tied_head(model, reader, head_name: str | None, mode: str, threads, stats: dict) -> None:
-    """A tied head whose embedding is quantized runs as a LutLinear from the embedding's codes:
-    the embedding stays dense for its row lookups, but each token's logits read 4-bit indices
-    instead of the float32 matrix (the largest matmul of a small model with a large vocab)."""
-    emb = model.get_input_embeddings()
-    head = model.get_output_embeddings()
-    if head_name is None or type(head) is not nn.Linear or head.weight is not emb.weight:
-        return
-    name = next((f"{n}.weight" for n, m in model.named_modules() if m is emb), None)
-    if name not in reader.names or not reader.quantized(name) or head.bias is not None:
-        return
+def _transcode(reader, name: str, stats: dict) -> Packed | None:
+    """The tensor's Packed, or None (one log line) when it has too many levels a row."""
+    t1 = time.perf_counter()
     try:
         packed = transcode(reader, name)
-    except NotServable:
+    except NotServable as exc:
+        log.info("hwq runtime: %s; decoding it dense", exc)
+        return None
+    stats["transcode_s"] += time.perf_counter() - t1
+    return packed
+
+
+def _replace(model: nn.Module, mod_name: str, new: nn.Module) -> None:
+    parent, _, child = mod_name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def _tie(model, head_name: str | None, emb_packed, mode: str, threads, stats: dict) -> None:
+    """A tied head. If the embedding is quantized (a LutEmbedding), the head is a LutLinear
+    over the same packed codes (one copy in memory; each token's logits read 4-bit indices
+    instead of a float32 matrix, the largest product of a small model with a large vocab).
+    Otherwise transformers ties the dense tensors."""
+    head = model.get_output_embeddings()
+    if emb_packed is None or head_name is None or type(head) is not nn.Linear:
+        model.tie_weights()
         return
-    parent, _, child = head_name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child,
-            LutLinear(packed, mode=mode, threads=threads))  # fmt: skip
+    if head.bias is not None:
+        raise ValueError(f"{head_name}: a tied head with a bias is not supported by the runtime")
+    _replace(model, head_name, LutLinear(emb_packed, mode=mode, threads=threads))
     stats["lut"] += 1
-    stats["bits"][packed.bits] = stats["bits"].get(packed.bits, 0) + 1
-    stats["packed_bytes"] += packed.nbytes
+    stats["bits"][emb_packed.bits] = stats["bits"].get(emb_packed.bits, 0) + 1
 
 
 def load_stats(model: nn.Module) -> dict:

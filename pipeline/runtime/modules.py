@@ -1,7 +1,11 @@
 """`LutLinear`: a Linear layer whose weight is packed indices and per-row lookup tables
-(:class:`pipeline.runtime.transcode.Packed`), computed by the lookup-table kernels."""
+(:class:`pipeline.runtime.transcode.Packed`), computed by the lookup-table kernels;
+`LutEmbedding`: an embedding whose rows are looked up from the same layout; `fuse`: sibling
+LutLinears that read the same input (q/k/v, gate/up) computed by one kernel call."""
 
 from __future__ import annotations
+
+import threading
 
 import torch
 from torch import nn
@@ -9,7 +13,7 @@ from torch import nn
 from .kernels import bind
 from .transcode import Packed
 
-__all__ = ["LutLinear", "MODES"]
+__all__ = ["FUSE", "LutEmbedding", "LutLinear", "MODES", "fuse"]
 
 # mode -> kernel path: "reference" is fp32 levels and activations (the decoded model's
 # products up to float32 summation order); "fast" int8 levels and activations.
@@ -55,6 +59,7 @@ class LutLinear(nn.Module):
             else nn.Parameter(bias.detach().to(torch.float32), requires_grad=False)
         )
         self._call, self._bound = None, None  # the kernel call bound at the first forward
+        self._group: _Group | None = None  # set by fuse(): computed with its siblings
 
     def packed(self) -> Packed:
         return Packed(
@@ -75,6 +80,11 @@ class LutLinear(nn.Module):
         return self.packed().dense_rows(0, self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._group is not None and self._group.usable(self):
+            y = self._group.output(self, x)
+            if self.bias is not None:
+                y = y + self.bias
+            return y.to(x.dtype)
         if self._bound != (self.mode, self.threads):  # first call, or mode/threads changed
             self._call = bind(self.packed(), path=MODES[self.mode], threads=self.threads)
             self._bound = (self.mode, self.threads)
@@ -90,3 +100,121 @@ class LutLinear(nn.Module):
             f"bits={self.bits}, levels={self.levels}, group_size={self.group_size}, "
             f"mode={self.mode}, bias={self.bias is not None}"
         )
+
+
+def _gather_rows(p: Packed, ids: torch.Tensor) -> Packed:
+    """The rows ``ids`` (int64 [n]) of ``p`` as a Packed of n rows (indices and tables are
+    gathered, never unpacked beyond them)."""
+    g = p.groups
+    tables = p.tables.view(p.rows, g, -1)[ids].reshape(ids.numel() * g, -1)
+    return Packed(ids.numel(), p.cols, p.bits, p.group_size, p.idx[ids], tables, None, None,
+                  p.levels)  # fmt: skip
+
+
+class LutEmbedding(nn.Module):
+    """An embedding whose [num, dim] table is a :class:`Packed` matrix: a lookup unpacks only
+    the looked-up rows (the reference levels, float32), so a quantized embedding costs its
+    packed bytes in memory instead of num × dim floats. ``packed`` may be shared with a tied
+    head's LutLinear. Inputs: integer ids of any shape; outputs [*ids.shape, dim] float32."""
+
+    def __init__(self, packed: Packed, padding_idx: int | None = None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = packed.rows, packed.cols
+        self.padding_idx = padding_idx
+        self.bits, self.levels = packed.bits, packed.levels
+        self.register_buffer("idx", packed.idx, persistent=False)
+        self.register_buffer("tables", packed.tables, persistent=False)
+        self._packed = packed
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1).to(torch.int64)
+        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.num_embeddings):
+            raise IndexError(f"token id out of range for an embedding of {self.num_embeddings}")
+        rows = _gather_rows(self._packed, flat).dense_rows(0, flat.numel())
+        return rows.reshape(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}, "
+                f"levels={self.levels}")  # fmt: skip
+
+
+# Sibling Linears that read the same input in the architectures transformers ships (Llama,
+# Mistral, Qwen, Gemma, Phi-3 and kin: q/k/v and gate/up; BERT-like: query/key/value).
+FUSE = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "key", "value"),
+        ("w1", "w3"))  # fmt: skip
+
+
+class _Group:
+    """LutLinears computed by one kernel call over their concatenated rows. The first member
+    called with an input computes every member's output; a member called with the same input
+    object (same version) takes its slice; any other input is computed on its own."""
+
+    def __init__(self, members: list[LutLinear]):
+        p0 = members[0].packed()
+        parts = [m.packed() for m in members]
+        cat = Packed(
+            sum(p.rows for p in parts), p0.cols, p0.bits, p0.group_size,
+            torch.cat([p.idx for p in parts]), torch.cat([p.tables for p in parts]),
+            None if p0.tq is None else torch.cat([p.tq for p in parts]),
+            None if p0.ts is None else torch.cat([p.ts for p in parts]),
+            max(p.levels for p in parts),
+        )  # fmt: skip
+        self.call = bind(cat, path=MODES[members[0].mode], threads=members[0].threads)
+        self.key = (members[0].mode, members[0].threads)
+        self.slot, r0 = {}, 0
+        tg = cat.tables.shape[0] // cat.rows
+        for m in members:  # members' buffers become views of the concatenation (one copy)
+            n = m.out_features
+            self.slot[id(m)] = (r0, r0 + n)
+            m.idx = cat.idx[r0 : r0 + n]
+            m.tables = cat.tables[r0 * tg : (r0 + n) * tg]
+            if cat.tq is not None:
+                m.tq, m.ts = cat.tq[r0 * tg : (r0 + n) * tg], cat.ts[r0 * tg : (r0 + n) * tg]
+            m._group, m._bound = self, None
+            r0 += n
+        # Per thread (hwq serve generates on several): the last input, its outputs and the
+        # members that have not taken theirs.
+        self._state = threading.local()
+
+    def usable(self, m: LutLinear) -> bool:
+        return (m.mode, m.threads) == self.key
+
+    def output(self, m: LutLinear, x: torch.Tensor) -> torch.Tensor:
+        k, st = id(m), self._state
+        if not (getattr(st, "x", None) is x and st.version == _version(x) and k in st.left):
+            lead = x.shape[:-1]
+            y = self.call(x.reshape(-1, x.shape[-1]))
+            st.x, st.version, st.left = x, _version(x), set(self.slot)
+            st.y = y.reshape(*lead, y.shape[-1])
+        r0, r1 = self.slot[k]
+        out = st.y[..., r0:r1].contiguous()
+        st.left.discard(k)
+        if not st.left:  # every member served: drop the input and the outputs
+            st.x = st.y = None
+        return out
+
+
+def _version(x: torch.Tensor) -> int | None:
+    """x's in-place version counter; None for an inference-mode tensor (it has none: the
+    group then relies on the object alone, and transformers never writes into q/k/v's or
+    gate/up's input between their calls)."""
+    return None if x.is_inference() else x._version
+
+
+def fuse(model: nn.Module) -> int:
+    """Group the LutLinear siblings named in FUSE that read the same input and can share a
+    kernel call (same input width, bits, tables per row, mode and threads); returns how many
+    groups were made."""
+    made = 0
+    for parent in model.modules():
+        for names in FUSE:
+            ms = [getattr(parent, n, None) for n in names]
+            if not all(isinstance(m, LutLinear) and m._group is None for m in ms):
+                continue
+            ps = [m.packed() for m in ms]
+            if len({(p.cols, p.bits, p.group_size, p.tables.shape[1], p.tq is None,
+                     m.mode, m.threads) for p, m in zip(ps, ms, strict=True)}) != 1:  # fmt: skip
+                continue
+            _Group(ms)
+            made += 1
+    return made

@@ -19,16 +19,135 @@
 //             for it, else a portable scalar loop computing the same block sums.
 //   hwq_f32a  int8 levels, fp32 activations (measured against hwq_q8 by the benchmark).
 // Batches (b > 1) unpack each row once into a per-thread buffer and use it for every token.
+//
+// Threads: the products split their rows over a small persistent pool (hwq_parallel below)
+// instead of an OpenMP region. A decode step runs ~100-200 products of ~20-100 us each; an
+// OpenMP team whose threads sleep between regions (OMP_WAIT_POLICY=passive, which the
+// project sets so idle threads leave the cores to Ray and torch) costs ~100 us to wake, more
+// than a product, while the pool's workers spin for a short while after each job and only
+// then sleep, so back-to-back products of one token find them awake.
+#include <atomic>
 #include <cmath>
+#include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <functional>
+#include <mutex>
+#include <thread>
 #include <vector>
+#include <unistd.h>
+
+#include <algorithm>
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+
+// ---- the thread pool -------------------------------------------------------------------
+namespace {
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    asm volatile("yield");
+#endif
+}
+
+// Workers 1..n-1 (the caller is worker 0). A job is published by bumping `gen`; a worker
+// spins on it for ~kSpin pauses (~1-2 ms) after its last job, then sleeps on the condition
+// variable. `done` counts workers that finished the current job.
+struct Pool {
+    static constexpr int kSpin = 1 << 15;
+    std::vector<std::thread> threads;
+    std::atomic<uint64_t> gen{0};
+    std::atomic<int> done{0};
+    std::function<void(int)> job;
+    int active = 0;  // workers (besides the caller) taking part in the current job
+    std::mutex m;
+    std::condition_variable cv;
+    std::mutex busy;  // one job at a time (see hwq_parallel)
+    pid_t pid = getpid();
+
+    // `seen`: the generation before the job the worker was made for (read by the caller: a
+    // worker that read it itself could start after the bump and miss that job).
+    void worker(int id, uint64_t seen) {
+        for (;;) {
+            uint64_t g;
+            int spins = 0;
+            while ((g = gen.load(std::memory_order_acquire)) == seen) {
+                if (++spins < kSpin) {
+                    cpu_relax();
+                } else {
+                    std::unique_lock<std::mutex> lk(m);
+                    cv.wait(lk, [&] { return gen.load(std::memory_order_acquire) != seen; });
+                    spins = 0;
+                }
+            }
+            seen = g;
+            if (id <= active) job(id);
+            done.fetch_add(1, std::memory_order_acq_rel);
+        }
+    }
+
+    // f(i) for i in 0..n-1, i = 0 on the calling thread; returns when all are done.
+    void run(int n, const std::function<void(int)>& f) {
+        const uint64_t g0 = gen.load(std::memory_order_acquire);
+        while ((int)threads.size() < n - 1) {
+            const int id = (int)threads.size() + 1;
+            threads.emplace_back([this, id, g0] { worker(id, g0); });
+            threads.back().detach();  // never joined: the pool lives as long as the process
+        }
+        job = f;
+        active = n - 1;
+        done.store(0, std::memory_order_relaxed);
+        {
+            std::lock_guard<std::mutex> lk(m);  // a worker about to sleep sees the new gen
+            gen.fetch_add(1, std::memory_order_acq_rel);
+        }
+        cv.notify_all();
+        f(0);
+        const int all = (int)threads.size();
+        while (done.load(std::memory_order_acquire) < all) cpu_relax();
+    }
+};
+
+Pool* the_pool() {
+    // Never destroyed (detached workers may still spin at exit). A forked child has none of
+    // its parent's threads: it makes its own pool.
+    static Pool* pool = nullptr;
+    static std::mutex m;
+    std::lock_guard<std::mutex> lk(m);
+    if (pool == nullptr || pool->pid != getpid()) pool = new Pool();
+    return pool;
+}
+
+// body(r0, r1) over [0, rows) split into `threads` contiguous ranges.
+template <class F>
+void hwq_parallel(int64_t rows, int threads, F&& body) {
+    const int n = (int)std::max<int64_t>(1, std::min<int64_t>(threads, rows));
+    if (n == 1) {
+        body((int64_t)0, rows);
+        return;
+    }
+    Pool* pool = the_pool();
+    // Another thread's product holds the pool (hwq serve generates on several threads): this
+    // one runs on its caller alone rather than wait.
+    std::unique_lock<std::mutex> lk(pool->busy, std::try_to_lock);
+    if (!lk.owns_lock()) {
+        body((int64_t)0, rows);
+        return;
+    }
+    const int64_t per = (rows + n - 1) / n;
+    pool->run(n, [&](int i) {
+        const int64_t r0 = i * per, r1 = std::min<int64_t>(rows, r0 + per);
+        if (r0 < r1) body(r0, r1);
+    });
+}
+
+}  // namespace
 
 extern "C" {
 
@@ -85,8 +204,8 @@ void hwq_ref(const float* x, int64_t b, int64_t cols, const uint8_t* idx, int64_
              int64_t stride, int bits, const float* tables, int64_t L, int64_t gs, float* y,
              int threads) {
     const int64_t ng = cols / gs;
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t r = 0; r < rows; ++r) {
+    hwq_parallel(rows, threads, [&](int64_t r_begin, int64_t r_end) {
+    for (int64_t r = r_begin; r < r_end; ++r) {
         const uint8_t* row = idx + r * stride;
         for (int64_t t = 0; t < b; ++t) {
             const float* xt = x + t * cols;
@@ -98,6 +217,7 @@ void hwq_ref(const float* x, int64_t b, int64_t cols, const uint8_t* idx, int64_
             y[t * rows + r] = acc;
         }
     }
+    });
 }
 
 // Activations to int8: per token, per 32-column block, scale = max|x| / 127 and
@@ -176,11 +296,9 @@ void hwq_q8(const float* x, int64_t b, int64_t cols, const uint8_t* idx, int64_t
     const bool simd = false;
     (void)scalar;
 #endif
-#pragma omp parallel num_threads(threads)
-    {
+    hwq_parallel(rows, threads, [&](int64_t r_begin, int64_t r_end) {
         std::vector<int8_t> wbuf(b > 1 || !simd ? nblk * 32 : 0);
-#pragma omp for schedule(static)
-        for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t r = r_begin; r < r_end; ++r) {
             const uint8_t* row = idx + r * nblk * 16;
             const int8_t* trow = tq + r * ng * 16;
             const float* srow = ts + r * ng;
@@ -250,7 +368,7 @@ void hwq_q8(const float* x, int64_t b, int64_t cols, const uint8_t* idx, int64_t
                 y[t * rows + r] = acc;
             }
         }
-    }
+    });
 }
 
 // int8 levels, fp32 activations (benchmark comparison for hwq_q8): same layout and
@@ -262,11 +380,9 @@ void hwq_f32a(const float* x, int64_t b, int64_t cols, const uint8_t* idx, int64
     const int64_t cpad = nblk * 32;
     std::vector<float> xp(b * cpad, 0.0f);  // padded copy: whole blocks, zeros past cols
     for (int64_t t = 0; t < b; ++t) std::memcpy(xp.data() + t * cpad, x + t * cols, cols * 4);
-#pragma omp parallel num_threads(threads)
-    {
+    hwq_parallel(rows, threads, [&](int64_t r_begin, int64_t r_end) {
         std::vector<int8_t> wbuf(nblk * 32);
-#pragma omp for schedule(static)
-        for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t r = r_begin; r < r_end; ++r) {
             const uint8_t* row = idx + r * nblk * 16;
             const int8_t* trow = tq + r * ng * 16;
             const float* srow = ts + r * ng;
@@ -304,7 +420,7 @@ void hwq_f32a(const float* x, int64_t b, int64_t cols, const uint8_t* idx, int64
             }
 #endif
         }
-    }
+    });
 }
 
 }  // extern "C"

@@ -47,9 +47,7 @@ def test_embedding_from_codes_and_fused_calls_are_the_decoded_model(uniform):
     assert head.idx.data_ptr() == emb.idx.data_ptr()
     ids = tok(TEXT, return_tensors="pt").input_ids
     with torch.no_grad():
-        np.testing.assert_array_equal(
-            emb(ids).numpy(), dec.get_input_embeddings()(ids).numpy()
-        )
+        np.testing.assert_array_equal(emb(ids).numpy(), dec.get_input_embeddings()(ids).numpy())
     ref = _logits(dec, ids)
     got = _logits(model, ids)
     assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-3

@@ -246,9 +246,12 @@ class QuantizeConfig(_Section):
     quantize_biases: bool = False  # biases are few; stored raw unless asked
     hessian_floor: float = Field(1e-12, ge=0)  # relative floor for units dead on all samples
     # Causal LMs without `targets`: quantize the token embedding and the output head (tied
-    # weights once) per row under the same λ as the decoder Linears, or keep them as stored.
-    # (Only the load stage's key holds it, and only for hf_causal_lm.)
-    embeddings: Literal["quantize", "keep"] = "quantize"
+    # weights once) per row under the same λ as the decoder Linears; `head`: the output head
+    # only (an untied input embedding stays as stored: the activation estimator has no
+    # statistics for it, and a lookup reads one row a token while the head's product reads
+    # all of it); or keep both as stored. (Only the load stage's key holds it, and only for
+    # hf_causal_lm.)
+    embeddings: Literal["quantize", "head", "keep"] = "quantize"
     # Quantized embeddings: each row's Hessian is raised to at least this fraction of the
     # tensor's mean, so tokens the calibration text never shows (Fisher ≈ 0) keep a few levels.
     embedding_floor: float = Field(0.1, ge=0)

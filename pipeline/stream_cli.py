@@ -82,7 +82,7 @@ def stream_config(args) -> dict:
         "hessian": {"estimator": args.estimator, "partitions": args.partitions,
                     "groups": args.groups},
         "quantize": {"method": args.method, "scope": "channel", "target_bits": args.bits,
-                     "embeddings": "keep", "ecsq_bins": args.ecsq_bins,
+                     "embeddings": args.embeddings, "ecsq_bins": args.ecsq_bins,
                      **({"serve_bits": sb} if (sb := getattr(args, "serve_bits", None)) else {})},
         "finetune": ({"enabled": True, "mode": "blockwise", "block_steps": args.finetune_steps}
                      if args.finetune_steps else {"enabled": False}),
@@ -165,6 +165,10 @@ def add_commands(sub) -> None:
     s.add_argument("--seed", type=_seed, default=0,
                    help="seed of the calibration windows and quantizer inits (default 0)")
     s.add_argument("--coder", choices=("huffman", "ans"), default="huffman")
+    s.add_argument("--embeddings", choices=("keep", "head", "quantize"), default="keep",
+                   help="the token embedding and output head: keep them as stored (default), "
+                   "quantize the head only (an untied input embedding has no activation "
+                   "statistics), or both (quantize.embeddings)")
     s.add_argument("--finetune-steps", type=_int_at_least(0), default=0, metavar="N",
                    help="block-wise fine-tuning of the codebooks, N Adam steps per decoder "
                    "block (finetune.mode=blockwise); 0 (default): none")

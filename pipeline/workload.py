@@ -111,13 +111,19 @@ class Workload:
     def quantizable(self, model: nn.Module) -> list[str]:
         """The tensors the run quantizes: `quantize.targets` minus `ignore`, else the adapter's
         default plus, for causal LMs with `quantize.embeddings: quantize`, the token embedding
-        and the output head (a tied pair once, by its first name), minus `ignore`."""
+        and the output head (a tied pair once, by its first name; `head`: the head's weight
+        only), minus `ignore`."""
         q = self.cfg.quantize
         names = self.adapter.quantizable(model, q.targets, q.ignore)
         if q.targets is None and self.cfg.model.name == "hf_causal_lm" \
-                and q.embeddings == "quantize":
+                and q.embeddings in ("quantize", "head"):
             dropped = set(self.adapter._ignored(model, q.ignore)) if q.ignore else set()
             extra = set(self.embedding_names(model)) - dropped
+            if q.embeddings == "head":  # the head's weight (a tied pair: the one tensor)
+                head = getattr(model, "get_output_embeddings", lambda: None)()
+                weight = getattr(head, "weight", None)
+                params = dict(model.named_parameters())
+                extra = {n for n in extra if params[n] is weight}
             if self.cfg.hessian.estimator == "activation":
                 _activation_covers(model, extra)
             chosen = set(names) | extra

@@ -120,3 +120,28 @@ def test_untied_embedding_and_head_are_selected_and_activation_refuses_the_input
     assert names[0] == EMB and names[-1] == "lm_head.weight" and len(names) == 2 + 2 * 7
     with pytest.raises(ConfigError, match="not tied to the head"):
         quantizable_names(_cfg(folder, tmp_path / "s", "activation"), w.names, shapes, roles)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_embeddings_head_selects_the_head_alone_in_both_residencies(tmp_path, tied):
+    """quantize.embeddings=head: the output head (a tied pair's one tensor) and not an untied
+    input embedding, so the activation estimator covers it; the resident selection agrees."""
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.models.load_streamed import embedding_tensors, quantizable_names
+    from pipeline.models.weights import WeightsFolder
+    from pipeline.workload import Workload
+
+    folder = _folder(tmp_path, tied=tied)
+    roles, _ = embedding_tensors(str(folder), None)
+    w = WeightsFolder(str(folder))
+    shapes = {n: tuple(t.shape) for n, t in w.tensors.items()}
+    cfg = _cfg(folder, tmp_path / "s", "activation")
+    cfg.quantize.embeddings = "head"
+    names = quantizable_names(cfg, w.names, shapes, roles)
+    head = EMB if tied else "lm_head.weight"
+    assert head in names and len(names) == 1 + 2 * 7
+    assert tied or EMB not in names
+    cfg.model.residency = "resident"
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert sorted(Workload(cfg).quantizable(model)) == sorted(names)

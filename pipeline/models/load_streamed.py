@@ -91,15 +91,15 @@ def embedding_tensors(url: str, opts: dict | None) -> tuple[dict[str, str], dict
 
 def wants_embeddings(cfg: RunConfig) -> bool:
     """Whether the selection can hold an embedding (and so needs `embedding_tensors`)."""
-    return cfg.quantize.targets is not None or cfg.quantize.embeddings == "quantize"
+    return cfg.quantize.targets is not None or cfg.quantize.embeddings in ("quantize", "head")
 
 
 def quantizable_names(cfg: RunConfig, names: list[str], shapes: dict[str, tuple[int, ...]],
                       embeddings: dict[str, str] | None = None) -> list[str]:
     """The tensors a streamed run quantizes, in model order: `quantize.targets` minus `ignore`,
     else the decoder blocks' 2-D weights minus `ignore` plus, with `quantize.embeddings:
-    quantize`, the input embedding (first) and an untied output head (last), as the resident
-    selection (`Workload.quantizable`). embeddings: `embedding_tensors` of the model."""
+    quantize`, the input embedding (first) and an untied output head (last) (`head`: the head
+    only), as the resident selection (`Workload.quantizable`). embeddings: `embedding_tensors` of the model."""
     from pipeline.models.targets import match_names
 
     q = cfg.quantize
@@ -109,8 +109,10 @@ def quantizable_names(cfg: RunConfig, names: list[str], shapes: dict[str, tuple[
     else:
         ignored = set(match_names(names, q.ignore, where="quantize.ignore")) if q.ignore else set()
         chosen = [n for n in block_targets(names, shapes) if n not in ignored]
-        if q.embeddings == "quantize":
-            extra = [n for n in roles if n not in ignored]
+        if q.embeddings in ("quantize", "head"):
+            # head: the output head's weight (a tied pair's one tensor), not an untied input
+            extra = [n for n in roles if n not in ignored
+                     and (q.embeddings == "quantize" or roles[n] != "input")]
             chosen = ([n for n in extra if roles[n] != "head"] + chosen
                       + [n for n in extra if roles[n] == "head"])
     if not chosen:

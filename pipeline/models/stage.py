@@ -144,7 +144,7 @@ def _targets(cfg: RunConfig) -> dict[str, Any]:
     q = cfg.quantize
     out: dict[str, Any] = {"targets": q.targets, "ignore": q.ignore}
     # Quantized embeddings change the selection; `keep` is the earlier selection and key.
-    if cfg.model.name == "hf_causal_lm" and q.targets is None and q.embeddings == "quantize":
+    if cfg.model.name == "hf_causal_lm" and q.targets is None and q.embeddings != "keep":
         out["embeddings"] = q.embeddings
     return out
 

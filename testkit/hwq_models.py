@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 
 __all__ = ["tiny_llama_hwq"]
 
@@ -25,11 +26,12 @@ def tiny_llama_hwq(
     seed: int = 0,
     hidden: int = 64,
     style: str | None = None,
+    raw_embedding: bool = False,
 ) -> Path:
     """Write `folder`/model.hwq and `folder`/hf/ for a random tiny Llama; returns the file.
     Its 2-D tensors cycle through five codings (per-channel, pruned, per-group, one shared
     codebook, 40 levels a row), or all take `style` (one of those names: channel, pruned,
-    group, shared, wide)."""
+    group, shared, wide). raw_embedding: the token embedding stored unquantized, bfloat16."""
     from pipeline.encode.container import TensorEntry, write_hwq
 
     from .models import tiny_llama, tiny_tokenizer
@@ -50,6 +52,10 @@ def tiny_llama_hwq(
             continue
         if w.ndim != 2:
             entries.append(TensorEntry.raw_tensor(name, w))
+            continue
+        if raw_embedding and name == "model.embed_tokens.weight":
+            bits = t.detach().to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+            entries.append(TensorEntry.raw_tensor(name, bits, "bfloat16"))
             continue
         kind = style or ["channel", "pruned", "group", "shared", "wide"][i % 5]
         if name == "model.embed_tokens.weight" and style is None:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .modules import MODES, LutEmbedding, LutLinear, fuse
+from .modules import MODES, HalfEmbedding, LutEmbedding, LutLinear, fuse
 from .transcode import NotServable, Packed, transcode
 
 __all__ = ["load", "load_stats"]
@@ -106,11 +106,14 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
         )
 
 
-def _dense(reader, name: str) -> torch.Tensor:
+def _dense(reader, name: str, *, keep_half: bool = False) -> torch.Tensor:
+    """The tensor, float32 (or, keep_half, a 16-bit float tensor as stored)."""
     a = reader.read([name])[name]
     t = torch.from_numpy(np.ascontiguousarray(a).reshape(a.shape))
     if reader.dtype(name) == "bfloat16":
         t = t.view(torch.int16).view(torch.bfloat16)
+    if keep_half and t.dtype in (torch.bfloat16, torch.float16):
+        return t
     return t.to(torch.float32) if t.is_floating_point() else t
 
 
@@ -172,7 +175,13 @@ def load(
         if kind in (nn.Linear, nn.Embedding) and reader.quantized(name) and len(shapes[name]) == 2:
             packed = _transcode(reader, name, stats)
         if packed is None:
-            _set_tensor(model, name, _dense(reader, name))
+            t = _dense(reader, name, keep_half=kind is nn.Embedding and not tied)
+            if t.dtype != torch.float32 and t.is_floating_point():
+                # an untied raw embedding at its stored 16 bits (half the float32 bytes;
+                # a lookup reads one row a token)
+                _replace(model, mod_name, HalfEmbedding(t, mod.padding_idx))
+            else:
+                _set_tensor(model, name, t)
             stats["dense"] += 1
             continue
         want = (mod.out_features, mod.in_features) if kind is nn.Linear else tuple(mod.weight.shape)

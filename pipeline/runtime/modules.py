@@ -13,7 +13,7 @@ from torch import nn
 from .kernels import bind
 from .transcode import Packed
 
-__all__ = ["FUSE", "LutEmbedding", "LutLinear", "MODES", "fuse"]
+__all__ = ["FUSE", "HalfEmbedding", "LutEmbedding", "LutLinear", "MODES", "fuse"]
 
 # mode -> kernel path: "reference" is fp32 levels and activations (the decoded model's
 # products up to float32 summation order); "fast" int8 levels and activations.
@@ -136,6 +136,23 @@ class LutEmbedding(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}, "
                 f"levels={self.levels}")  # fmt: skip
+
+
+class HalfEmbedding(nn.Module):
+    """An unquantized embedding kept at its stored 16-bit dtype; lookups return float32 (the
+    rest of the runtime's model), exactly the float32 copy's rows."""
+
+    def __init__(self, weight: torch.Tensor, padding_idx: int | None = None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = weight.shape
+        self.padding_idx = padding_idx
+        self.weight = nn.Parameter(weight, requires_grad=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return nn.functional.embedding(ids, self.weight, self.padding_idx).float()
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, dtype={self.weight.dtype}"
 
 
 # Sibling Linears that read the same input in the architectures transformers ships (Llama,

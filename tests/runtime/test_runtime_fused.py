@@ -113,3 +113,22 @@ def test_kernel_calls_from_several_threads_share_the_pool_safely():
                 got = list(ex.map(c, xs))
                 for a, b in zip(want[path], got, strict=True):
                     assert torch.equal(a, b)
+
+
+def test_an_untied_raw_embedding_stays_at_its_stored_16_bits(tmp_path):
+    import transformers
+
+    from pipeline.runtime.modules import HalfEmbedding
+
+    path = tiny_llama_hwq(tmp_path, tied=False, style="channel", raw_embedding=True)
+    assert main(["decode", str(path), "--hf-out", str(tmp_path / "decoded")]) == 0
+    dec = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "decoded", dtype=torch.float32
+    ).eval()
+    model, tok = load(str(path), mode="reference", threads=1)
+    emb = model.get_input_embeddings()
+    assert isinstance(emb, HalfEmbedding) and emb.weight.dtype == torch.bfloat16
+    assert isinstance(model.get_output_embeddings(), LutLinear)  # the untied head: quantized
+    ids = tok(TEXT, return_tensors="pt").input_ids
+    ref, got = _logits(dec, ids), _logits(model, ids)
+    assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-3

@@ -261,7 +261,8 @@ def test_ggn_mc_is_seeded() -> None:
     assert any(not torch.equal(a.sums[k], c.sums[k]) for k in a.sums)
 
 
-@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+# the CNN's 2,000 Hessian-vector probes take ~21 s; the MLP's check the same estimator
+@pytest.mark.parametrize("kind", ["mlp", pytest.param("cnn", marks=pytest.mark.slow)])
 def test_hutchinson_converges_to_hessian_diagonal(kind: str) -> None:
     model, x, y = _setup(kind)
     hess = _dense(kind)["hessian"]

@@ -42,6 +42,10 @@ sys.path.insert(0, str(ROOT))
 RESULTS = HERE / "results"
 
 HWQ_ROWS = [  # (row id, label, quantize overrides), in the order they run
+    # the lower budgets (issue: 2.0, 2.5 and 3.0 bits/weight all-in)
+    ("hwq-ecsq-2.0", "hwq ECSQ, global λ, 2.0 bits", {"method": "ecsq", "target_bits": 2.0}),
+    ("hwq-ecsq-2.5", "hwq ECSQ, global λ, 2.5 bits", {"method": "ecsq", "target_bits": 2.5}),
+    ("hwq-ecsq-3.0", "hwq ECSQ, global λ, 3.0 bits", {"method": "ecsq", "target_bits": 3.0}),
     ("hwq-ecsq-3.25", "hwq ECSQ, global λ, 3.25 bits",
      {"method": "ecsq", "target_bits": 3.25}),
     # error feedback across each Linear's input columns (quantize.feedback=ldl)
@@ -137,7 +141,31 @@ def markdown(doc: dict) -> str:
                                   for s in sets)
                      + f" | {r['seconds']:.0f} | {r.get('note', '')} |")
     lines += ["", "![perplexity against bits per weight](llm_peers.png)", ""]
+    with_budget = [r for r in rows if r.get("budget")]
+    if with_budget:
+        cats = sorted({c for r in with_budget for c in r["budget"]})
+        lines += ["## Where hwq's bits go", "",
+                  "Bits per quantized weight by category of the .hwq file (indices: the "
+                  "entropy-coded codes; codebooks: the per-row levels, fp16; code_tables: "
+                  "the Huffman/rANS tables; positions: pruned positions; raw_tensors: "
+                  "norms and other unquantized tensors; header: the JSON header).", "",
+                  "| row | all-in | " + " | ".join(cats) + " |",
+                  "|---" * (2 + len(cats)) + "|"]
+        for r in sorted(with_budget, key=lambda r: (r["bits_per_weight"], r["id"])):
+            lines.append(f"| {r['label']} | {r['bits_per_weight']:.3f} | "
+                         + " | ".join(f"{r['budget'].get(c, 0):.3f}" for c in cats) + " |")
+        lines.append("")
     return "\n".join(lines)
+
+
+def budget(m: dict) -> dict[str, float]:
+    """{category: bits per quantized weight} of a run's .hwq (they sum to bits_per_weight)."""
+    bits = m["encode"].get("bits") or {}
+    total = sum(bits.values())
+    if not total or not m.get("bits_per_weight"):
+        return {}
+    weights = total / m["bits_per_weight"]
+    return {k: v / weights for k, v in bits.items()}
 
 
 def plot(doc: dict) -> bytes:
@@ -328,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
                               "second_moment_seconds": m["hessian"].get(
                                   "second_moment", {}).get("seconds"),
                               **m["quantize"].get("feedback", {})},
+                          "budget": budget(m),
                           "note": f"file {m['encode']['file_bytes']:,} bytes; "
                                   f"{m['encode']['compression_ratio_vs_fp32']:.1f}× vs fp32"})
         print(f"done in {time.perf_counter() - t0:.0f} s; {out / 'llm_peers.md'}", flush=True)

@@ -56,16 +56,20 @@ inline void cpu_relax() {
 #endif
 }
 
-// Workers 1..n-1 (the caller is worker 0). A job is published by bumping `gen`; a worker
-// spins on it for ~kSpin pauses (~1-2 ms) after its last job, then sleeps on the condition
-// variable. `done` counts workers that finished the current job.
+// Workers besides the caller. A job is published by bumping `gen` (and opening it); a worker
+// spins on `gen` for ~kSpin pauses (~1-2 ms) after its last job, then sleeps on the
+// condition variable. The job function takes chunks of rows from a shared counter until none
+// is left, so a worker the OS has not scheduled yet (another process on the core) delays
+// nothing: the caller takes its chunks. The caller then closes the job and waits only for
+// workers inside it (each finishing the chunk it took); a worker that wakes after the close
+// sees it closed and never touches the (by then gone) job.
 struct Pool {
     static constexpr int kSpin = 1 << 15;
     std::vector<std::thread> threads;
     std::atomic<uint64_t> gen{0};
-    std::atomic<int> done{0};
-    std::function<void(int)> job;
-    int active = 0;  // workers (besides the caller) taking part in the current job
+    std::atomic<uint64_t> open{0};  // the generation workers may still join; 0: none
+    std::atomic<int> inside{0};     // workers inside the job function
+    const std::function<void()>* job = nullptr;
     std::mutex m;
     std::condition_variable cv;
     std::mutex busy;  // one job at a time (see hwq_parallel)
@@ -73,7 +77,7 @@ struct Pool {
 
     // `seen`: the generation before the job the worker was made for (read by the caller: a
     // worker that read it itself could start after the bump and miss that job).
-    void worker(int id, uint64_t seen) {
+    void worker(uint64_t seen) {
         for (;;) {
             uint64_t g;
             int spins = 0;
@@ -87,30 +91,29 @@ struct Pool {
                 }
             }
             seen = g;
-            if (id <= active) job(id);
-            done.fetch_add(1, std::memory_order_acq_rel);
+            inside.fetch_add(1, std::memory_order_seq_cst);
+            if (open.load(std::memory_order_seq_cst) == g) (*job)();
+            inside.fetch_sub(1, std::memory_order_seq_cst);
         }
     }
 
-    // f(i) for i in 0..n-1, i = 0 on the calling thread; returns when all are done.
-    void run(int n, const std::function<void(int)>& f) {
+    // f() on the caller and on up to n - 1 workers; returns when every call has returned.
+    void run(int n, const std::function<void()>& f) {
         const uint64_t g0 = gen.load(std::memory_order_acquire);
         while ((int)threads.size() < n - 1) {
-            const int id = (int)threads.size() + 1;
-            threads.emplace_back([this, id, g0] { worker(id, g0); });
+            threads.emplace_back([this, g0] { worker(g0); });
             threads.back().detach();  // never joined: the pool lives as long as the process
         }
-        job = f;
-        active = n - 1;
-        done.store(0, std::memory_order_relaxed);
+        job = &f;
+        open.store(g0 + 1, std::memory_order_seq_cst);
         {
             std::lock_guard<std::mutex> lk(m);  // a worker about to sleep sees the new gen
-            gen.fetch_add(1, std::memory_order_acq_rel);
+            gen.store(g0 + 1, std::memory_order_release);
         }
         cv.notify_all();
-        f(0);
-        const int all = (int)threads.size();
-        while (done.load(std::memory_order_acquire) < all) cpu_relax();
+        f();
+        open.store(0, std::memory_order_seq_cst);
+        while (inside.load(std::memory_order_seq_cst) != 0) cpu_relax();
     }
 };
 
@@ -124,10 +127,10 @@ Pool* the_pool() {
     return pool;
 }
 
-// body(r0, r1) over [0, rows) split into `threads` contiguous ranges.
+// body(r0, r1) over [0, rows) in chunks of consecutive rows, on up to `threads` threads.
 template <class F>
 void hwq_parallel(int64_t rows, int threads, F&& body) {
-    const int n = (int)std::max<int64_t>(1, std::min<int64_t>(threads, rows));
+    const int n = (int)std::max<int64_t>(1, std::min<int64_t>(threads, rows / 16));
     if (n == 1) {
         body((int64_t)0, rows);
         return;
@@ -140,11 +143,16 @@ void hwq_parallel(int64_t rows, int threads, F&& body) {
         body((int64_t)0, rows);
         return;
     }
-    const int64_t per = (rows + n - 1) / n;
-    pool->run(n, [&](int i) {
-        const int64_t r0 = i * per, r1 = std::min<int64_t>(rows, r0 + per);
-        if (r0 < r1) body(r0, r1);
-    });
+    const int64_t chunk = std::max<int64_t>(16, (rows + 4 * n - 1) / (4 * n));
+    std::atomic<int64_t> next{0};
+    const std::function<void()> take = [&] {
+        for (;;) {
+            const int64_t r0 = next.fetch_add(chunk, std::memory_order_relaxed);
+            if (r0 >= rows) return;
+            body(r0, std::min<int64_t>(rows, r0 + chunk));
+        }
+    };
+    pool->run(n, take);
 }
 
 }  // namespace

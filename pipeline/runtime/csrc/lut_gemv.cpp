@@ -58,15 +58,18 @@ static inline void pack_block(const uint8_t* v, int bits, uint8_t* o) {
         for (int j = 0; j < 16; ++j) o[j] = (uint8_t)((v[j] & 15) | (v[j + 16] << 4));
         return;
     }
-    for (int j = 0; j < 8; ++j)
-        o[j] = (uint8_t)((v[j] & 3) | ((v[j + 8] & 3) << 2) | ((v[j + 16] & 3) << 4) |
-                         ((v[j + 24] & 3) << 6));
-    if (bits == 3)
-        for (int j = 0; j < 4; ++j) {
-            uint8_t h = 0;
-            for (int m = 0; m < 8; ++m) h |= (uint8_t)(((v[j + 4 * m] >> 2) & 1) << m);
-            o[8 + j] = h;
-        }
+    // As words (little-endian): word q of 8 columns, masked to 2 bits a byte, shifted by 2q
+    // and or-ed never carries between bytes; likewise the third bits, 4 columns a word.
+    uint64_t w[4], lo = 0;
+    std::memcpy(w, v, 32);
+    for (int q = 0; q < 4; ++q) lo |= (w[q] & 0x0303030303030303ull) << (2 * q);
+    std::memcpy(o, &lo, 8);
+    if (bits == 3) {
+        uint32_t h[8], hi = 0;
+        std::memcpy(h, v, 32);
+        for (int m = 0; m < 8; ++m) hi |= ((h[m] >> 2) & 0x01010101u) << m;
+        std::memcpy(o + 8, &hi, 4);
+    }
 }
 
 // uint8 [rows, cols] indices (< 2**bits) -> the 2-, 3- or 4-bit layout,

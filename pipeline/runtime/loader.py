@@ -211,7 +211,7 @@ def load(
 
 def _tied_head(model, reader, head_name: str | None, mode: str, threads, stats: dict) -> None:
     """A tied head whose embedding is quantized runs as a LutLinear from the embedding's codes:
-    the embedding stays dense for its row lookups, but each token's logits read 4-bit indices
+    the embedding stays dense for its row lookups, but each token's logits read packed indices
     instead of the float32 matrix (the largest matmul of a small model with a large vocab)."""
     emb = model.get_input_embeddings()
     head = model.get_output_embeddings()

@@ -26,8 +26,9 @@
 //             reference; 4 or 8 bits; any group size).
 //   hwq_q8    int8 levels (per-table scale), int8 activations (per 32-column block scale),
 //             exact int32 block sums, fp32 accumulation of the scaled block sums; 2, 3 or
-//             4 bits, gs a multiple of 32 or gs == cols. AVX2 (vpshufb table lookups) when compiled
-//             for it, else a portable scalar loop computing the same block sums.
+//             4 bits, gs a multiple of 32 or gs == cols. AVX2 (vpshufb table lookups) when
+//             compiled for it, else a portable scalar loop computing the same block sums.
+//             Each width is its own instantiation of the loops (templates on BITS).
 //   hwq_f32a  int8 levels, fp32 activations (measured against hwq_q8 by the benchmark).
 // Batches (b > 1) unpack each row once into a per-thread buffer and use it for every token.
 #include <cmath>

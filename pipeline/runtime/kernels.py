@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "lut_gemv.cpp"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
@@ -37,9 +37,12 @@ _SIGNATURES = {
     "hwq_abi_version": ([], ctypes.c_int),
     "hwq_has_avx2": ([], ctypes.c_int),
     "hwq_ref": ([_P, _I, _I, _P, _I, _I, ctypes.c_int, _P, _I, _I, _P, ctypes.c_int], None),
-    "hwq_q8": ([_P, _I, _I, _P, _I, _P, _P, _I, _P, ctypes.c_int, ctypes.c_int], None),
-    "hwq_f32a": ([_P, _I, _I, _P, _I, _P, _P, _I, _P, ctypes.c_int], None),
-    "hwq_pack4": ([_P, _I, _I, _P, ctypes.c_int], None),
+    "hwq_q8": (
+        [_P, _I, _I, _P, _I, ctypes.c_int, _P, _P, _I, _P, ctypes.c_int, ctypes.c_int],
+        None,
+    ),
+    "hwq_f32a": ([_P, _I, _I, _P, _I, ctypes.c_int, _P, _P, _I, _P, ctypes.c_int], None),
+    "hwq_pack": ([_P, _I, _I, ctypes.c_int, _P, ctypes.c_int], None),
     "hwq_scatter_u8": ([_P, _P, _I, _P, _I], ctypes.c_int64),
 }
 
@@ -157,7 +160,7 @@ def lut_matmul(
     (:class:`pipeline.runtime.transcode.Packed`).
 
     path: "ref" (fp32 levels, fp32 accumulation), "q8" (int8 levels and activations, the
-    fast path; 4-bit matrices whose groups are whole 32-column blocks, else "ref"),
+    fast path; 2-, 3- and 4-bit matrices whose groups are whole 32-column blocks, else "ref"),
     "f32a" (int8 levels, fp32 activations), "q8_scalar" (q8 without SIMD, for tests).
     lib: the kernels to use (default: the cached build; None there: torch fallback).
     """
@@ -183,9 +186,11 @@ def bind(p, *, path: str, threads: int | None = None, lib: Kernels | None = None
         args = (_ptr(p.idx), rows, p.idx.shape[1], p.bits, _ptr(p.tables), p.tables.shape[1],
                 p.group_size)  # fmt: skip
     elif path == "f32a":
-        fn, args = k.lib.hwq_f32a, (_ptr(p.idx), rows, _ptr(p.tq), _ptr(p.ts), p.groups)
+        fn = k.lib.hwq_f32a
+        args = (_ptr(p.idx), rows, p.bits, _ptr(p.tq), _ptr(p.ts), p.groups)
     else:
-        fn, args = k.lib.hwq_q8, (_ptr(p.idx), rows, _ptr(p.tq), _ptr(p.ts), p.groups)
+        fn = k.lib.hwq_q8
+        args = (_ptr(p.idx), rows, p.bits, _ptr(p.tq), _ptr(p.ts), p.groups)
     tail = (int(path == "q8_scalar"),) if path.startswith("q8") else ()
     # A small product runs on one thread: waking a second one costs more than it saves
     # (SmolLM2's 576×1536 at 4 bits is 0.4 MB, ~40 µs on one core; measured: 38 ms a token

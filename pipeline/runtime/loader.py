@@ -242,7 +242,7 @@ def _replace(model: nn.Module, mod_name: str, new: nn.Module) -> None:
 
 def _tie(model, head_name: str | None, emb_packed, mode: str, threads, stats: dict) -> None:
     """A tied head. If the embedding is quantized (a LutEmbedding), the head is a LutLinear
-    over the same packed codes (one copy in memory; each token's logits read 4-bit indices
+    over the same packed codes (one copy in memory; each token's logits read packed indices
     instead of a float32 matrix, the largest product of a small model with a large vocab).
     Otherwise transformers ties the dense tensors."""
     head = model.get_output_embeddings()

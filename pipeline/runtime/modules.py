@@ -23,10 +23,10 @@ MODES = {"reference": "ref", "fast": "q8"}
 class LutLinear(nn.Module):
     """y = x Ŵᵀ + bias with Ŵ[r, c] = tables[r * groups + c // group_size][idx[r, c]].
 
-    Buffers: ``idx`` uint8 [out, stride] (4- or 8-bit packed indices), ``tables`` float32
-    [out * groups, 16 or 256], for 4 bits ``tq`` int8 [out * groups, 16] and ``ts`` float32
-    [out * groups] (the fast path's int8 levels and scales); parameter ``bias`` float32 [out]
-    or None. Inputs [*, in] of any float dtype; outputs [*, out] in the input's dtype.
+    Buffers: ``idx`` uint8 [out, stride] (2-, 3-, 4- or 8-bit packed indices), ``tables``
+    float32 [out * groups, 16 or 256], below 8 bits ``tq`` int8 [out * groups, 16] and
+    ``ts`` float32 [out * groups] (the fast path's int8 levels and scales); parameter
+    ``bias`` float32 [out] or None. Inputs [*, in] of any float dtype; outputs [*, out] in the input's dtype.
 
     Args:
         packed: the transcoded weight.

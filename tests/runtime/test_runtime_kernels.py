@@ -10,6 +10,7 @@ from pipeline.runtime import kernels as K
 from pipeline.runtime.transcode import pack_indices, transcode_codes
 
 SHAPES = [(1, 1), (1, 576), (7, 1), (13, 33), (33, 576), (40, 95), (9, 64), (5, 1000)]
+LEVELS = {4: 2, 8: 3, 16: 4}  # levels a row -> the packed width transcoding picks
 
 
 def _packed(rows, cols, k=16, seed=0, groups=1):
@@ -18,6 +19,7 @@ def _packed(rows, cols, k=16, seed=0, groups=1):
     cb = rng.normal(size=(ntab, k)).astype(np.float32)
     cb[:, 0] *= 8  # an outlier level: int8 tables are scaled by it
     codes = rng.integers(0, k, size=rows * cols).astype(np.uint8 if k <= 256 else np.uint16)
+    codes[-1] = k - 1  # some table uses all k levels: the width is k's
     rc = {
         "codes": codes,
         "positions": None,
@@ -60,10 +62,12 @@ def _q8_reference(x, p):
     return exact, bound
 
 
+@pytest.mark.parametrize("k", LEVELS)
 @pytest.mark.parametrize("b", [1, 5])
 @pytest.mark.parametrize("rows,cols", SHAPES)
-def test_reference_path_matches_numpy(rows, cols, b):
-    p, codes, cb = _packed(rows, cols)
+def test_reference_path_matches_numpy(rows, cols, b, k):
+    p, codes, cb = _packed(rows, cols, k)
+    assert p.bits == LEVELS[k]
     x = np.random.default_rng(1).normal(size=(b, cols)).astype(np.float32)
     w = _dense(codes, cb, 1)
     exact = x.astype(np.float64) @ w.T
@@ -72,12 +76,13 @@ def test_reference_path_matches_numpy(rows, cols, b):
     assert np.all(np.abs(y - exact) <= bound)
 
 
+@pytest.mark.parametrize("k", LEVELS)
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("b", [1, 5])
 @pytest.mark.parametrize("rows,cols", SHAPES)
-def test_fast_path_matches_its_definition(rows, cols, b, threads):
-    p, codes, cb = _packed(rows, cols)
-    assert p.bits == 4 and p.q8_ok
+def test_fast_path_matches_its_definition(rows, cols, b, threads, k):
+    p, codes, cb = _packed(rows, cols, k)
+    assert p.bits == LEVELS[k] and p.q8_ok
     x = np.random.default_rng(2).normal(size=(b, cols)).astype(np.float32)
     x[:, ::7] *= 20  # activation outliers
     exact, bound = _q8_reference(x, p)
@@ -90,12 +95,13 @@ def test_fast_path_matches_its_definition(rows, cols, b, threads):
     assert np.abs(y - ref).max() <= 0.05 * scale
 
 
-@pytest.mark.parametrize("groups,cols", [(2, 64), (3, 96), (4, 1024)])
+@pytest.mark.parametrize("k", LEVELS)
+@pytest.mark.parametrize("groups,cols", [(2, 64), (3, 96), (3, 192), (4, 1024)])
 @pytest.mark.parametrize("b", [1, 5])
-def test_group_tables(groups, cols, b):
+def test_group_tables(groups, cols, b, k):
     rows = 11
-    p, codes, cb = _packed(rows, cols, groups=groups)
-    assert p.groups == groups and p.q8_ok
+    p, codes, cb = _packed(rows, cols, k, groups=groups)
+    assert p.groups == groups and p.q8_ok and p.bits == LEVELS[k]
     x = np.random.default_rng(3).normal(size=(b, cols)).astype(np.float32)
     w = _dense(codes, cb, groups)
     y = K.lut_matmul(torch.from_numpy(x), p, path="ref").numpy()
@@ -107,9 +113,10 @@ def test_group_tables(groups, cols, b):
         assert np.all(np.abs(y - exact) <= bound), path
 
 
-def test_groups_not_on_block_boundaries_take_the_reference_path():
-    p, codes, cb = _packed(6, 40, groups=2)  # 20-column groups
-    assert not p.q8_ok
+@pytest.mark.parametrize("k", LEVELS)
+def test_groups_not_on_block_boundaries_take_the_reference_path(k):
+    p, codes, cb = _packed(6, 40, k, groups=2)  # 20-column groups
+    assert not p.q8_ok and p.bits == LEVELS[k]
     x = np.random.default_rng(4).normal(size=(3, 40)).astype(np.float32)
     y = K.lut_matmul(torch.from_numpy(x), p, path="q8").numpy()
     np.testing.assert_allclose(y, x @ _dense(codes, cb, 2).T, rtol=1e-5, atol=1e-5)
@@ -124,17 +131,21 @@ def test_eight_bit_matrices(rows, cols):
     np.testing.assert_allclose(y, x @ _dense(codes, cb, 1).T, rtol=1e-5, atol=1e-5)
 
 
-def test_fp32_activation_path():
-    p, codes, cb = _packed(20, 95)
-    x = np.random.default_rng(6).normal(size=(2, 95)).astype(np.float32)
+@pytest.mark.parametrize("k", LEVELS)
+@pytest.mark.parametrize("b", [1, 5])
+def test_fp32_activation_path(k, b):
+    p, codes, cb = _packed(20, 95, k)
+    assert p.bits == LEVELS[k]
+    x = np.random.default_rng(6).normal(size=(b, 95)).astype(np.float32)
     tq, ts = p.tq.numpy().astype(np.float64), p.ts.numpy().astype(np.float64)
     w = tq[np.arange(20)[:, None], p.indices().astype(np.int64)] * ts[:, None]
     y = K.lut_matmul(torch.from_numpy(x), p, path="f32a").numpy()
     np.testing.assert_allclose(y, x @ w.T, rtol=1e-5, atol=1e-5)
 
 
-def test_torch_fallback_is_the_reference(monkeypatch):
-    p, codes, cb = _packed(9, 70)
+@pytest.mark.parametrize("k", LEVELS)
+def test_torch_fallback_is_the_reference(monkeypatch, k):
+    p, codes, cb = _packed(9, 70, k)
     x = np.random.default_rng(7).normal(size=(3, 70)).astype(np.float32)
     monkeypatch.setattr(K, "kernels", lambda: None)
     y = K.lut_matmul(torch.from_numpy(x), p, path="q8").numpy()
@@ -160,9 +171,26 @@ def test_build_is_cached_and_atomic(tmp_path, monkeypatch):
     assert [f.name for f in path.parent.iterdir()] == [path.name]  # no temporary left
 
 
-def test_pack_layout():
+@pytest.mark.parametrize("use_kernels", [True, False])
+def test_pack_layout(use_kernels):
+    """The documented layouts (docs/RUNTIME.md §2), byte for byte, C and numpy packing."""
     full = np.arange(40, dtype=np.uint8)[None, :] % 16
-    packed = pack_indices(full, 4)
+    packed = pack_indices(full, 4, use_kernels=use_kernels)
     assert packed.shape == (1, 32)
     assert packed[0, 0] == (0 | (0 << 4)) and packed[0, 1] == (1 | (1 << 4))
     assert packed[0, 16] == 32 % 16 and packed[0, 16 + 8] == 0  # padding: index 0
+    # 2 bits: byte j holds columns j, j + 8, j + 16, j + 24 in its bit pairs, lowest first
+    two = np.zeros((1, 40), np.uint8)
+    two[0, [1, 9, 18, 27, 33]] = [1, 2, 3, 1, 3]
+    packed = pack_indices(two, 2, use_kernels=use_kernels)
+    assert packed.shape == (1, 16)
+    assert list(packed[0, :8]) == [0, 1 | (2 << 2), 3 << 4, (1 << 6), 0, 0, 0, 0]
+    assert list(packed[0, 8:]) == [0, 3, 0, 0, 0, 0, 0, 0]  # column 33; padding 0
+    # 3 bits: low bit pairs as 2 bits, then byte j (< 4) bit m = third bit of column j + 4m
+    three = np.zeros((1, 33), np.uint8)
+    three[0, [0, 5, 31, 32]] = [4, 7, 6, 5]
+    packed = pack_indices(three, 3, use_kernels=use_kernels)
+    assert packed.shape == (1, 24)
+    assert list(packed[0, :8]) == [0, 0, 0, 0, 0, 3, 0, 2 << 6]
+    assert list(packed[0, 8:12]) == [1, 1 << 1, 0, 1 << 7]
+    assert list(packed[0, 12:]) == [1, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0]

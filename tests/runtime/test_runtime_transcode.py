@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from pipeline.encode.container import HwqReader, TensorEntry, write_hwq
-from pipeline.runtime.transcode import NotServable, pack_indices, transcode, transcode_codes
+from pipeline.runtime.transcode import (
+    NotServable,
+    pack_indices,
+    transcode,
+    transcode_codes,
+    unpack_indices,
+)
 
 
 def _write(
@@ -46,7 +52,21 @@ CASES = {
     "last_rows_pruned": dict(shape=(8, 40), k=10, density=0.7, dead_rows=(0, 5, 6, 7)),
     "bfloat16": dict(shape=(5, 40), k=15, density=0.8, dtype="bfloat16"),
     "float16": dict(shape=(5, 40), k=16, dtype="float16"),
+    "dense4": dict(shape=(6, 100), k=4),
+    "pruned3": dict(shape=(6, 100), k=3, density=0.6),
+    "pruned4_widens": dict(shape=(6, 100), k=4, density=0.6),
+    "dense8": dict(shape=(3, 576), k=8),
+    "pruned7": dict(shape=(9, 70), k=7, density=0.6),
+    "pruned8_widens": dict(shape=(9, 70), k=8, density=0.6),
+    "groups_two_bit": dict(shape=(4, 128), k=4, groups=2),
+    "shared_three_bit": dict(shape=(5, 33), k=6, shared=True, density=0.5),
 }
+# The width each case packs at: the smallest that holds its largest table's levels, the zero
+# level of a table with pruned positions counted.
+BITS = {"dense16": 4, "pruned15": 4, "pruned16_widens": 8, "shared": 4, "groups": 3,
+        "eight_bit": 8, "last_rows_pruned": 4, "bfloat16": 4, "float16": 4, "dense4": 2,
+        "pruned3": 2, "pruned4_widens": 3, "dense8": 3, "pruned7": 3, "pruned8_widens": 4,
+        "groups_two_bit": 2, "shared_three_bit": 3}  # fmt: skip
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -57,16 +77,21 @@ def test_packed_matrix_is_the_decoded_tensor(tmp_path, case):
     if r.dtype("w") == "bfloat16":  # bits -> values
         dense = torch.from_numpy(dense.view(np.int16)).view(torch.bfloat16).float().numpy()
     np.testing.assert_array_equal(p.dense_rows(0, p.rows).numpy(), dense)
-    assert p.bits == (8 if case in ("pruned16_widens", "eight_bit") else 4)
+    assert p.bits == BITS[case]
+    assert p.idx.shape[1] == (p.cols if p.bits == 8 else -(-p.cols // 32) * 4 * p.bits)
+    assert p.q8_ok == (p.bits < 8 and (p.groups == 1 or p.group_size % 32 == 0))
     if case.startswith("pruned") or case == "last_rows_pruned":
         assert (dense == 0).any()
 
 
-def test_numpy_packing_is_the_c_packing():
-    rng = np.random.default_rng(0)
-    for cols in (1, 31, 32, 33, 576, 1000):
-        full = rng.integers(0, 16, size=(3, cols)).astype(np.uint8)
-        assert np.array_equal(pack_indices(full, 4), pack_indices(full, 4, use_kernels=False))
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_numpy_packing_is_the_c_packing(bits):
+    rng = np.random.default_rng(bits)
+    for rows, cols in ((3, 1), (3, 31), (3, 32), (3, 33), (3, 576), (3, 1000), (1, 95)):
+        full = rng.integers(0, 1 << bits, size=(rows, cols)).astype(np.uint8)
+        c = pack_indices(full, bits)
+        assert np.array_equal(c, pack_indices(full, bits, use_kernels=False))
+        assert np.array_equal(unpack_indices(c, bits, cols), full)
 
 
 def test_not_servable():

@@ -1,6 +1,8 @@
 """A tiny Llama quantized per channel with the uniform method and quantize.serve_bits: 3 on
 embedded Ray: every row of the file has at most 8 levels, the report says it serves at 3
-bits, and `hwq export --snap` writes it as compressed-tensors int4."""
+bits, the runtime packs its Linears in 3 bits (2 where every row has at most 4 levels) and
+computes with them what it computes from the reference levels, and `hwq export --snap` writes
+it as compressed-tensors int4."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("transformers")
 
@@ -53,6 +56,7 @@ def test_a_file_quantized_with_serve_bits_3_serves_at_3_bits(tmp_path, ray_local
         if any(x["name"] == name and x["kind"] == "quantized" for x in reader.inspect()):
             d = reader.read_codes(name)
             assert d["codebook"].shape[-1] <= 8 and int(np.max(d["codes"])) < 8, name
+    _serves_at_3_bits(enc["file"])
     out = tmp_path / "ct"
     # hwq's uniform levels are bin means: refused as they are, written with --snap
     assert main(["export", enc["file"], str(out), "--format", "compressed-tensors"]) == 2
@@ -60,3 +64,23 @@ def test_a_file_quantized_with_serve_bits_3_serves_at_3_bits(tmp_path, ray_local
     assert main(["export", enc["file"], str(out), "--format", "compressed-tensors", "--snap"]) == 0
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["config_groups"]["group_0"]["weights"]["strategy"] == "channel"
+
+
+def _serves_at_3_bits(path: str) -> None:
+    from pipeline.encode.inspection import serve_width
+    from pipeline.runtime import load
+    from pipeline.runtime.modules import LutLinear
+
+    fast, _ = load(path, mode="fast", threads=2)
+    luts = [m for m in fast.modules() if isinstance(m, LutLinear)]
+    assert luts and max(m.bits for m in luts) == 3, fast.hwq_runtime["bits"]
+    assert all(
+        m.bits == serve_width(m.levels) and m.idx.shape[1] == -(-m.in_features // 32) * 12
+        for m in luts
+        if m.bits == 3
+    )
+    ref, _ = load(path, mode="reference", threads=1)
+    ids = torch.arange(1, 17)[None, :] % fast.config.vocab_size
+    with torch.no_grad():
+        a, b = fast(ids).logits.double(), ref(ids).logits.double()
+    assert ((a - b).abs().max() / b.abs().max()).item() < 0.05  # int8 levels and activations

@@ -2,21 +2,33 @@
 //
 //   y[t, r] = sum_c x[t, c] * W[r, c],   W[r, c] = table[r * ng + c / gs][idx[r, c]]
 //
-// Packed indices, one row after another, `stride` bytes a row:
-//   4 bits: blocks of 32 columns in 16 bytes; byte j of a block holds column j in its low
-//           nibble and column j + 16 in its high nibble (so one 128-bit load, a mask and a
-//           shift give the 32 indices in order); the last block is padded with index 0.
+// Packed indices, one row after another, `stride` bytes a row. 2, 3 and 4 bits: blocks of
+// 32 columns in 4 * bits bytes (the last block padded with index 0), laid out so that AVX2
+// unpacks a block to its 32 byte-indices in column order with a broadcast load, a shift and
+// a mask, ready for the same vpshufb 16-entry table lookup (3 bits: two lookups and a blend):
+//   4 bits: 16 bytes; byte j holds column j in its low nibble and column j + 16 in its high
+//           nibble (one 128-bit load, a mask and a shift).
+//   2 bits: 8 bytes; byte j (j < 8) holds columns j, j + 8, j + 16, j + 24 in bits 0-1, 2-3,
+//           4-5, 6-7 (the 64-bit word broadcast to four lanes, lane q shifted right by 2q,
+//           masked with 3).
+//   3 bits: 12 bytes: the low two bits of each index as a 2-bit block (8 bytes), then the
+//           third bit in 4 bytes, byte j (j < 4) bit m holding column j + 4m (the 32-bit word
+//           broadcast to eight lanes, lane m shifted left by 7 - m, puts each column's third
+//           bit in its byte's sign bit: vpblendvb picks between the low bits' lookups in
+//           entries 0-3 and 4-7).
 //   8 bits: one byte a column.
 // Tables: float32 [rows * ng, L] (reference path) or int8 [rows * ng, 16] with one float32
-// scale a table (fast path: level ~= scale * int8).
+// scale a table (fast path: level ~= scale * int8); 2- and 3-bit indices use the first 4 or
+// 8 entries of the same 16-entry tables.
 //
 // Three paths:
 //   hwq_ref   fp32 levels, fp32 activations, fp32 accumulation in column order (exact
 //             reference; 4 or 8 bits; any group size).
 //   hwq_q8    int8 levels (per-table scale), int8 activations (per 32-column block scale),
-//             exact int32 block sums, fp32 accumulation of the scaled block sums; 4 bits,
-//             gs a multiple of 32 or gs == cols. AVX2 (vpshufb table lookups) when compiled
-//             for it, else a portable scalar loop computing the same block sums.
+//             exact int32 block sums, fp32 accumulation of the scaled block sums; 2, 3 or
+//             4 bits, gs a multiple of 32 or gs == cols. AVX2 (vpshufb table lookups) when
+//             compiled for it, else a portable scalar loop computing the same block sums.
+//             Each width is its own instantiation of the loops (templates on BITS).
 //   hwq_f32a  int8 levels, fp32 activations (measured against hwq_q8 by the benchmark).
 // Batches (b > 1) unpack each row once into a per-thread buffer and use it for every token.
 //
@@ -159,7 +171,7 @@ void hwq_parallel(int64_t rows, int threads, F&& body) {
 
 extern "C" {
 
-int hwq_abi_version() { return 1; }
+int hwq_abi_version() { return 2; }
 
 int hwq_has_avx2() {
 #if defined(__AVX2__)
@@ -169,22 +181,42 @@ int hwq_has_avx2() {
 #endif
 }
 
-// uint8 [rows, cols] indices (< 16) -> the 4-bit layout, uint8 [rows, nblk * 16].
-void hwq_pack4(const uint8_t* full, int64_t rows, int64_t cols, uint8_t* out, int threads) {
-    const int64_t nblk = (cols + 31) / 32;
+// One block of 32 indices (each < 2**bits) -> its 4 * bits packed bytes (layouts above).
+static inline void pack_block(const uint8_t* v, int bits, uint8_t* o) {
+    if (bits == 4) {
+        for (int j = 0; j < 16; ++j) o[j] = (uint8_t)((v[j] & 15) | (v[j + 16] << 4));
+        return;
+    }
+    // As words (little-endian): word q of 8 columns, masked to 2 bits a byte, shifted by 2q
+    // and or-ed never carries between bytes; likewise the third bits, 4 columns a word.
+    uint64_t w[4], lo = 0;
+    std::memcpy(w, v, 32);
+    for (int q = 0; q < 4; ++q) lo |= (w[q] & 0x0303030303030303ull) << (2 * q);
+    std::memcpy(o, &lo, 8);
+    if (bits == 3) {
+        uint32_t h[8], hi = 0;
+        std::memcpy(h, v, 32);
+        for (int m = 0; m < 8; ++m) hi |= ((h[m] >> 2) & 0x01010101u) << m;
+        std::memcpy(o + 8, &hi, 4);
+    }
+}
+
+// uint8 [rows, cols] indices (< 2**bits) -> the 2-, 3- or 4-bit layout,
+// uint8 [rows, nblk * 4 * bits].
+void hwq_pack(const uint8_t* full, int64_t rows, int64_t cols, int bits, uint8_t* out,
+              int threads) {
+    const int64_t nblk = (cols + 31) / 32, bb = 4 * bits;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t r = 0; r < rows; ++r) {
         const uint8_t* in = full + r * cols;
-        uint8_t* o = out + r * nblk * 16;
+        uint8_t* o = out + r * nblk * bb;
         int64_t k = 0;
-        for (; (k + 1) * 32 <= cols; ++k)
-            for (int j = 0; j < 16; ++j)
-                o[k * 16 + j] = (uint8_t)(in[k * 32 + j] | (in[k * 32 + 16 + j] << 4));
-        for (; k < nblk; ++k)
-            for (int j = 0; j < 16; ++j) {
-                const int64_t c0 = k * 32 + j, c1 = c0 + 16;
-                o[k * 16 + j] = (uint8_t)((c0 < cols ? in[c0] : 0) | ((c1 < cols ? in[c1] : 0) << 4));
-            }
+        for (; (k + 1) * 32 <= cols; ++k) pack_block(in + k * 32, bits, o + k * bb);
+        if (k < nblk) {  // the last, partial block: padded with index 0
+            uint8_t v[32] = {0};
+            std::memcpy(v, in + k * 32, (size_t)(cols - k * 32));
+            pack_block(v, bits, o + k * bb);
+        }
     }
 }
 
@@ -203,8 +235,14 @@ int64_t hwq_scatter_u8(const int64_t* pos, const uint8_t* codes, int64_t n, uint
 
 static inline int idx_at(const uint8_t* row, int bits, int64_t c) {
     if (bits == 8) return row[c];
-    const uint8_t b = row[(c >> 5) * 16 + (c & 15)];
-    return (c & 16) ? (b >> 4) : (b & 15);
+    if (bits == 4) {
+        const uint8_t b = row[(c >> 5) * 16 + (c & 15)];
+        return (c & 16) ? (b >> 4) : (b & 15);
+    }
+    const uint8_t* blk = row + (c >> 5) * 4 * bits;
+    const int j = (int)(c & 31);
+    const int lo = (blk[j & 7] >> (2 * (j >> 3))) & 3;
+    return bits == 2 ? lo : lo | (((blk[8 + (j & 3)] >> (j >> 2)) & 1) << 2);
 }
 
 // Reference: x fp32 [b, cols], tables fp32 [rows * ng, L], y fp32 [b, rows].
@@ -248,11 +286,40 @@ void hwq_quantize_x(const float* x, int64_t b, int64_t cols, int8_t* xq, float* 
     }
 }
 
+extern "C++" {  // (templates: the bit widths' specialised loops)
 #if defined(__AVX2__)
+// One packed 2- or 4-bit block -> its 32 indices as bytes, in column order (layouts above).
+template <int BITS>
 static inline __m256i unpack32(const uint8_t* p) {
-    const __m128i m4 = _mm_set1_epi8(0x0F);
-    const __m128i v = _mm_loadu_si128((const __m128i*)p);
-    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m4), _mm_and_si128(v, m4));
+    if constexpr (BITS == 4) {
+        const __m128i m4 = _mm_set1_epi8(0x0F);
+        const __m128i v = _mm_loadu_si128((const __m128i*)p);
+        return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m4), _mm_and_si128(v, m4));
+    }
+    static_assert(BITS == 2 || BITS == 4, "3 bits: lookup32");
+    int64_t w2;
+    std::memcpy(&w2, p, 8);
+    return _mm256_and_si256(
+        _mm256_srlv_epi64(_mm256_set1_epi64x(w2), _mm256_set_epi64x(6, 4, 2, 0)),
+        _mm256_set1_epi8(3));
+}
+// The 32 levels of a packed block: table entries (tab: 16 int8, broadcast to both lanes)
+// at its indices. 3 bits: the low bits look up entries 0-3 and 4-7 and the third bit picks
+// one (shifted into each byte's sign bit, which is all vpblendvb reads: no mask, no or;
+// measured ~5% faster at batch 1 than or-ing the third bit into the index).
+template <int BITS>
+static inline __m256i lookup32(__m256i tab, const uint8_t* p) {
+    if constexpr (BITS != 3) {
+        return _mm256_shuffle_epi8(tab, unpack32<BITS>(p));
+    } else {
+        const __m256i lo = unpack32<2>(p);
+        int32_t w1;
+        std::memcpy(&w1, p + 8, 4);
+        const __m256i sel = _mm256_sllv_epi32(_mm256_set1_epi32(w1),
+                                              _mm256_set_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        return _mm256_blendv_epi8(_mm256_shuffle_epi8(tab, lo),
+                                  _mm256_shuffle_epi8(_mm256_srli_si256(tab, 4), lo), sel);
+    }
 }
 static inline __m256i load_table(const int8_t* t) {
     return _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)t));
@@ -276,23 +343,23 @@ static inline int32_t dot32_scalar(const int8_t* w, const int8_t* xq) {
     return s;
 }
 
+template <int BITS>
 static inline void unpack_row_scalar(const uint8_t* row, const int8_t* tq, int64_t nblk,
                                      int64_t gsb, int8_t* out) {
     for (int64_t k = 0; k < nblk; ++k) {
         const int8_t* tab = tq + (k / gsb) * 16;
-        for (int j = 0; j < 16; ++j) {
-            const uint8_t v = row[k * 16 + j];
-            out[k * 32 + j] = tab[v & 15];
-            out[k * 32 + 16 + j] = tab[v >> 4];
-        }
+        for (int j = 0; j < 32; ++j) out[k * 32 + j] = tab[idx_at(row, BITS, k * 32 + j)];
     }
 }
 
-// Fast path. x fp32 [b, cols]; idx 4-bit [rows, nblk * 16]; tq int8 [rows * ng, 16];
+// Fast path. x fp32 [b, cols]; idx BITS-bit [rows, nblk * 4 * BITS]; tq int8 [rows * ng, 16];
 // ts fp32 [rows * ng]; gs = cols / ng (a multiple of 32 unless ng == 1); y fp32 [b, rows].
 // scalar != 0 forces the portable loop (tests compare the two).
-void hwq_q8(const float* x, int64_t b, int64_t cols, const uint8_t* idx, int64_t rows,
-            const int8_t* tq, const float* ts, int64_t ng, float* y, int threads, int scalar) {
+template <int BITS>
+static void q8_impl(const float* x, int64_t b, int64_t cols, const uint8_t* idx, int64_t rows,
+                    const int8_t* tq, const float* ts, int64_t ng, float* y, int threads,
+                    int scalar) {
+    constexpr int64_t BB = 4 * BITS;  // bytes a packed block
     const int64_t nblk = (cols + 31) / 32;
     const int64_t gsb = ng == 1 ? nblk : (cols / ng) / 32;  // blocks a table covers
     std::vector<int8_t> xq(b * nblk * 32);
@@ -307,7 +374,7 @@ void hwq_q8(const float* x, int64_t b, int64_t cols, const uint8_t* idx, int64_t
     hwq_parallel(rows, threads, [&](int64_t r_begin, int64_t r_end) {
         std::vector<int8_t> wbuf(b > 1 || !simd ? nblk * 32 : 0);
         for (int64_t r = r_begin; r < r_end; ++r) {
-            const uint8_t* row = idx + r * nblk * 16;
+            const uint8_t* row = idx + r * nblk * BB;
             const int8_t* trow = tq + r * ng * 16;
             const float* srow = ts + r * ng;
 #if defined(__AVX2__)
@@ -319,15 +386,15 @@ void hwq_q8(const float* x, int64_t b, int64_t cols, const uint8_t* idx, int64_t
                     const int64_t k0 = g * gsb, k1 = (k0 + gsb < nblk) ? k0 + gsb : nblk;
                     int64_t k = k0;
                     for (; k + 1 < k1; k += 2) {
-                        const __m256i w0 = _mm256_shuffle_epi8(tab, unpack32(row + k * 16));
-                        const __m256i w1 = _mm256_shuffle_epi8(tab, unpack32(row + k * 16 + 16));
+                        const __m256i w0 = lookup32<BITS>(tab, row + k * BB);
+                        const __m256i w1 = lookup32<BITS>(tab, row + k * BB + BB);
                         const __m256i s0 = dot32(w0, _mm256_loadu_si256((const __m256i*)(xq.data() + k * 32)));
                         const __m256i s1 = dot32(w1, _mm256_loadu_si256((const __m256i*)(xq.data() + k * 32 + 32)));
                         acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), _mm256_set1_ps(xs[k] * sg), acc0);
                         acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), _mm256_set1_ps(xs[k + 1] * sg), acc1);
                     }
                     if (k < k1) {
-                        const __m256i w0 = _mm256_shuffle_epi8(tab, unpack32(row + k * 16));
+                        const __m256i w0 = lookup32<BITS>(tab, row + k * BB);
                         const __m256i s0 = dot32(w0, _mm256_loadu_si256((const __m256i*)(xq.data() + k * 32)));
                         acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), _mm256_set1_ps(xs[k] * sg), acc0);
                     }
@@ -339,7 +406,7 @@ void hwq_q8(const float* x, int64_t b, int64_t cols, const uint8_t* idx, int64_t
                 for (int64_t k = 0; k < nblk; ++k) {
                     const __m256i tab = load_table(trow + (k / gsb) * 16);
                     _mm256_storeu_si256((__m256i*)(wbuf.data() + k * 32),
-                                        _mm256_shuffle_epi8(tab, unpack32(row + k * 16)));
+                                        lookup32<BITS>(tab, row + k * BB));
                 }
                 for (int64_t t0 = 0; t0 < b; t0 += 4) {
                     const int nt = (int)((b - t0 < 4) ? b - t0 : 4);
@@ -365,7 +432,7 @@ void hwq_q8(const float* x, int64_t b, int64_t cols, const uint8_t* idx, int64_t
                 continue;
             }
 #endif
-            unpack_row_scalar(row, trow, nblk, gsb, wbuf.data());
+            unpack_row_scalar<BITS>(row, trow, nblk, gsb, wbuf.data());
             for (int64_t t = 0; t < b; ++t) {
                 const int8_t* xt = xq.data() + t * nblk * 32;
                 const float* st = xs.data() + t * nblk;
@@ -381,8 +448,11 @@ void hwq_q8(const float* x, int64_t b, int64_t cols, const uint8_t* idx, int64_t
 
 // int8 levels, fp32 activations (benchmark comparison for hwq_q8): same layout and
 // arguments; y = sum over blocks of scale_table * sum_j x[j] * int8level[j].
-void hwq_f32a(const float* x, int64_t b, int64_t cols, const uint8_t* idx, int64_t rows,
-              const int8_t* tq, const float* ts, int64_t ng, float* y, int threads) {
+template <int BITS>
+static void f32a_impl(const float* x, int64_t b, int64_t cols, const uint8_t* idx,
+                      int64_t rows, const int8_t* tq, const float* ts, int64_t ng, float* y,
+                      int threads) {
+    constexpr int64_t BB = 4 * BITS;
     const int64_t nblk = (cols + 31) / 32;
     const int64_t gsb = ng == 1 ? nblk : (cols / ng) / 32;
     const int64_t cpad = nblk * 32;
@@ -391,14 +461,14 @@ void hwq_f32a(const float* x, int64_t b, int64_t cols, const uint8_t* idx, int64
     hwq_parallel(rows, threads, [&](int64_t r_begin, int64_t r_end) {
         std::vector<int8_t> wbuf(nblk * 32);
         for (int64_t r = r_begin; r < r_end; ++r) {
-            const uint8_t* row = idx + r * nblk * 16;
+            const uint8_t* row = idx + r * nblk * BB;
             const int8_t* trow = tq + r * ng * 16;
             const float* srow = ts + r * ng;
 #if defined(__AVX2__)
             for (int64_t k = 0; k < nblk; ++k) {
                 const __m256i tab = load_table(trow + (k / gsb) * 16);
                 _mm256_storeu_si256((__m256i*)(wbuf.data() + k * 32),
-                                    _mm256_shuffle_epi8(tab, unpack32(row + k * 16)));
+                                    lookup32<BITS>(tab, row + k * BB));
             }
             for (int64_t t = 0; t < b; ++t) {
                 const float* xt = xp.data() + t * cpad;
@@ -415,7 +485,7 @@ void hwq_f32a(const float* x, int64_t b, int64_t cols, const uint8_t* idx, int64
                 y[t * rows + r] = hsum(acc);
             }
 #else
-            unpack_row_scalar(row, trow, nblk, gsb, wbuf.data());
+            unpack_row_scalar<BITS>(row, trow, nblk, gsb, wbuf.data());
             for (int64_t t = 0; t < b; ++t) {
                 const float* xt = xp.data() + t * cpad;
                 float acc = 0.0f;
@@ -429,6 +499,24 @@ void hwq_f32a(const float* x, int64_t b, int64_t cols, const uint8_t* idx, int64
 #endif
         }
     });
+}
+
+}  // extern "C++"
+
+// The exported entry points: bits 2, 3 or 4 (anything else is taken as 4).
+void hwq_q8(const float* x, int64_t b, int64_t cols, const uint8_t* idx, int64_t rows,
+            int bits, const int8_t* tq, const float* ts, int64_t ng, float* y, int threads,
+            int scalar) {
+    if (bits == 2) q8_impl<2>(x, b, cols, idx, rows, tq, ts, ng, y, threads, scalar);
+    else if (bits == 3) q8_impl<3>(x, b, cols, idx, rows, tq, ts, ng, y, threads, scalar);
+    else q8_impl<4>(x, b, cols, idx, rows, tq, ts, ng, y, threads, scalar);
+}
+
+void hwq_f32a(const float* x, int64_t b, int64_t cols, const uint8_t* idx, int64_t rows,
+              int bits, const int8_t* tq, const float* ts, int64_t ng, float* y, int threads) {
+    if (bits == 2) f32a_impl<2>(x, b, cols, idx, rows, tq, ts, ng, y, threads);
+    else if (bits == 3) f32a_impl<3>(x, b, cols, idx, rows, tq, ts, ng, y, threads);
+    else f32a_impl<4>(x, b, cols, idx, rows, tq, ts, ng, y, threads);
 }
 
 }  // extern "C"

@@ -142,7 +142,7 @@ def kernels() -> Kernels | None:
         return None
 
 
-_ONE_THREAD_WEIGHTS = 1 << 21  # products below this many weight-tokens run on one thread
+_ONE_THREAD_WEIGHTS = 1 << 18  # products below this many weight-tokens run on one thread
 
 
 def _ptr(t: torch.Tensor) -> int:
@@ -192,9 +192,11 @@ def bind(p, *, path: str, threads: int | None = None, lib: Kernels | None = None
         fn = k.lib.hwq_q8
         args = (_ptr(p.idx), rows, p.bits, _ptr(p.tq), _ptr(p.ts), p.groups)
     tail = (int(path == "q8_scalar"),) if path.startswith("q8") else ()
-    # A small product runs on one thread: waking a second one costs more than it saves
-    # (SmolLM2's 576×1536 at 4 bits is 0.4 MB, ~40 µs on one core; measured: 38 ms a token
-    # with one kernel thread against 51–69 ms with two).
+    # A small product runs on one thread: handing half of it to the pool's worker costs more
+    # than it saves below ~256 K weights (SmolLM2's 192×576 k/v, ~20 µs). Measured on SmolLM2
+    # at 2 threads: 29 tok/s with this threshold, 20 with 2 M (only the head and gate/up on
+    # two threads), 17 with 64 K. (With an OpenMP team, whose wake-up cost ~100 µs, 2 M was
+    # the best.)
     one_thread_below = -(-_ONE_THREAD_WEIGHTS // max(1, rows * cols))
 
     def call(x: torch.Tensor) -> torch.Tensor:

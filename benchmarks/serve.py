@@ -50,10 +50,10 @@ sys.path.insert(0, str(ROOT))
 
 RESULTS = HERE / "results"
 GiB = 1 << 30
-ROWS = ("hf-fp32", "hf-bf16", "hwq-4", "hwq-4-ref", "hwq-3", "llamacpp-q4_0", "llamacpp-q4_1")
+ROWS = ("hf-fp32", "hf-bf16", "hwq-4", "hwq-4-decoded", "hwq-3", "llamacpp-q4_0", "llamacpp-q4_1")
 LABELS = {"hf-fp32": "transformers fp32", "hf-bf16": "transformers bf16",
           "hwq-4": "hwq runtime, 4-bit tables",
-          "hwq-4-ref": "hwq runtime, 4-bit, reference mode (= decoded model)",
+          "hwq-4-decoded": "the 4-bit file decoded dense (hwq decode --hf-out), transformers fp32",
           "hwq-3": "hwq runtime, 3-bit tables",
           "llamacpp-q4_0": "llama.cpp Q4_0", "llamacpp-q4_1": "llama.cpp Q4_1 (shipped)"}
 
@@ -126,6 +126,16 @@ def hwq_file(name: str, folder: Path, bits: int, threads: int) -> Path:
     subprocess.run(cmd, check=True, cwd=ROOT)
     out = _encoded(store)
     made.write_text(json.dumps({"file": str(out), "command": cmd[2:]}))
+    return out
+
+
+def decoded_folder(path: Path) -> Path:
+    """`hwq decode FILE --hf-out` of a file (cached beside the bench's files): the model the
+    runtime's reference mode equals, which the fast mode's perplexity is compared with."""
+    out = _root() / f"decoded-{path.parent.name}"
+    if not (out / "config.json").exists():
+        subprocess.run([sys.executable, "-m", "pipeline.cli", "decode", str(path), "--hf-out",
+                        str(out)], check=True, cwd=ROOT)
     return out
 
 
@@ -260,16 +270,16 @@ def _child_torch(job: dict) -> dict:
 
     torch.set_num_threads(job["threads"])
     t0 = time.perf_counter()
-    if job["row"].startswith("hwq"):
+    if job["row"].startswith("hwq") and not job["row"].endswith("-decoded"):
         from pipeline.runtime import load
 
-        mode = "reference" if job["row"].endswith("-ref") else "fast"
-        model, _ = load(job["file"], mode=mode, threads=job["threads"])
+        model, _ = load(job["file"], mode="fast", threads=job["threads"])
     else:
         from transformers import AutoModelForCausalLM
 
-        dtype = torch.float32 if job["row"] == "hf-fp32" else torch.bfloat16
-        model = AutoModelForCausalLM.from_pretrained(job["folder"], dtype=dtype)
+        dtype = torch.bfloat16 if job["row"] == "hf-bf16" else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(job.get("decoded") or job["folder"],
+                                                     dtype=dtype)
     model.eval()
     load_s = time.perf_counter() - t0
     prompt = torch.tensor([job["prompt"]])
@@ -411,10 +421,10 @@ def report(res: dict) -> str:
                 f"| {LABELS[row]} | {r.get('file_mb', '-')} | {r['prefill_tok_s']:.1f} | "
                 f"{r['decode_tok_s']:.2f} | {ratio} | {r['peak_rss'] / GiB:.2f} | "
                 + "".join(f"{r['perplexity'].get(t, float('nan')):.3f} | " for t in texts))
-        fast, ref = m["rows"].get("hwq-4", {}), m["rows"].get("hwq-4-ref", {})
+        fast, ref = m["rows"].get("hwq-4", {}), m["rows"].get("hwq-4-decoded", {})
         if fast.get("perplexity") and ref.get("perplexity"):
-            lines.append("Fast mode's perplexity against the reference mode's (the decoded "
-                         "model's): " + ", ".join(
+            lines.append("The runtime's (fast mode's) perplexity against the decoded "
+                         "model's: " + ", ".join(
                              f"{t} {100 * (fast['perplexity'][t] / ref['perplexity'][t] - 1):+.2f}%"
                              for t in texts if t in ref["perplexity"]) + ".")
         lines.append("")
@@ -466,11 +476,13 @@ def main() -> None:
         prompt = (windows[next(iter(windows))][0][: a.prompt_tokens] if windows
                   else [rng.randrange(3, 32000) for _ in range(a.prompt_tokens)])
         files: dict[str, Path] = {}
+        decoded = None
         for b in (4, 3):
-            if f"hwq-{b}" in rows or (b == 4 and "hwq-4-ref" in rows):
+            if f"hwq-{b}" in rows or (b == 4 and "hwq-4-decoded" in rows and windows):
                 files[f"hwq-{b}"] = hwq_file(model, folder, b, a.threads)
-        if "hwq-4" in files:
-            files["hwq-4-ref"] = files["hwq-4"]
+        if "hwq-4" in files and windows:  # perplexity to compare: SmolLM2 only
+            files["hwq-4-decoded"] = files["hwq-4"]
+            decoded = decoded_folder(files["hwq-4"])
         if any(r.startswith("llamacpp") for r in rows):
             files.update(gguf_files(model, folder))
         m = res["models"].setdefault(model, {"rows": {}})
@@ -479,6 +491,7 @@ def main() -> None:
             if row.startswith(("hwq", "llamacpp")) and row not in files:
                 continue
             job = {"model": model, "row": row, "folder": str(folder),
+                   "decoded": str(decoded) if row == "hwq-4-decoded" else None,
                    "file": str(files.get(row, "")), "threads": a.threads, "prompt": prompt,
                    "new": a.new_tokens, "windows": windows}
             print(f"{label}: {LABELS[row]} ...", flush=True)

@@ -423,6 +423,7 @@ def report(res: dict) -> str:
                 + "".join(f"{r['perplexity'].get(t, float('nan')):.3f} | " for t in texts))
         fast, ref = m["rows"].get("hwq-4", {}), m["rows"].get("hwq-4-decoded", {})
         if fast.get("perplexity") and ref.get("perplexity"):
+            lines.append("")
             lines.append("The runtime's (fast mode's) perplexity against the decoded "
                          "model's: " + ", ".join(
                              f"{t} {100 * (fast['perplexity'][t] / ref['perplexity'][t] - 1):+.2f}%"

@@ -300,7 +300,7 @@ def _activation_covers(model: nn.Module, names: set[str]) -> None:
         if params[n] is not weight:
             raise ConfigError(f"hessian.estimator=activation has no statistics for {n} (an "
                               "input embedding not tied to the head): use hessian.estimator="
-                              "fisher, or quantize.embeddings=keep")
+                              "fisher, or quantize.embeddings=head (the head only) or keep")
 
 
 def unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -128,7 +128,7 @@ def quantizable_names(cfg: RunConfig, names: list[str], shapes: dict[str, tuple[
         if roles.get(n) == "input" and cfg.hessian.estimator == "activation":
             raise ConfigError(f"hessian.estimator=activation has no statistics for {n} (an "
                               "input embedding not tied to the head): use hessian.estimator="
-                              "fisher, or quantize.embeddings=keep")
+                              "fisher, or quantize.embeddings=head (the head only) or keep")
     return chosen
 
 

@@ -116,7 +116,7 @@ def add_commands(sub) -> None:
     g = sub.add_parser(
         "generate", help="generate text from a .hwq file (no dense decode)",
         description="Load a .hwq file (local path or s3:// URL) into the lookup-table runtime "
-        "(docs/RUNTIME.md): its quantized Linears run from packed 4- or 8-bit indices and "
+        "(docs/RUNTIME.md): its quantized Linears run from packed 2-, 3-, 4- or 8-bit indices and "
         "per-row tables, never decoded dense. The model's config and tokenizer come from the "
         "hf/ folder beside the file. Streams the completion to stdout (greedy unless "
         "--temperature), then one line of timings to stderr.")  # fmt: skip

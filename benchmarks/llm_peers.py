@@ -147,8 +147,9 @@ def markdown(doc: dict) -> str:
         lines += ["## Where hwq's bits go", "",
                   "Bits per quantized weight by category of the .hwq file (indices: the "
                   "entropy-coded codes; codebooks: the per-row levels, fp16; code_tables: "
-                  "the Huffman/rANS tables; positions: pruned positions; raw_tensors: "
-                  "norms and other unquantized tensors; header: the JSON header).", "",
+                  "the Huffman/rANS tables; positions: pruned positions; header: the "
+                  "quantized tensors' share of the JSON header). They sum to the all-in "
+                  "figure; the unquantized tensors (embedding, norms) are outside it.", "",
                   "| row | all-in | " + " | ".join(cats) + " |",
                   "|---" * (2 + len(cats)) + "|"]
         for r in sorted(with_budget, key=lambda r: (r["bits_per_weight"], r["id"])):
@@ -159,13 +160,18 @@ def markdown(doc: dict) -> str:
 
 
 def budget(m: dict) -> dict[str, float]:
-    """{category: bits per quantized weight} of a run's .hwq (they sum to bits_per_weight)."""
-    bits = m["encode"].get("bits") or {}
-    total = sum(bits.values())
-    if not total or not m.get("bits_per_weight"):
+    """{category: bits per quantized weight} of a run's .hwq: the file's indices, codebooks,
+    code tables and pruned positions over the quantized weights, and `header` the rest of
+    bits_per_weight (the quantized tensors' share of the header); they sum to it. Raw
+    tensors (here the embedding and the norms, which the all-in figure leaves out, as the
+    peers' do) are not in it."""
+    e = m.get("encode", {})
+    bits, q, bpw = e.get("bits") or {}, e.get("quantized_params"), m.get("bits_per_weight")
+    if not bits or not q or not bpw:
         return {}
-    weights = total / m["bits_per_weight"]
-    return {k: v / weights for k, v in bits.items()}
+    out = {k: bits.get(k, 0) / q for k in ("indices", "codebooks", "code_tables", "positions")}
+    out["header"] = max(0.0, bpw - sum(out.values()))
+    return out
 
 
 def plot(doc: dict) -> bytes:

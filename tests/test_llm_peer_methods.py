@@ -292,10 +292,11 @@ def test_gptq_only_listed_names_and_group_fallback():
 def test_the_bit_budget_sums_to_the_rows_bits_and_is_tabled():
     import llm_peers
 
-    m = {"bits_per_weight": 2.5, "encode": {"bits": {"indices": 800, "codebooks": 150,
-                                                      "code_tables": 30, "header": 20}}}
+    m = {"bits_per_weight": 2.5, "encode": {"quantized_params": 400, "bits": {
+        "indices": 800, "codebooks": 150, "code_tables": 30, "header": 600, "raw_tensors": 9000}}}
     b = llm_peers.budget(m)
     assert math.isclose(sum(b.values()), 2.5) and math.isclose(b["indices"], 2.0)
+    assert "raw_tensors" not in b and math.isclose(b["header"], 2.5 - 980 / 400)
     assert llm_peers.budget({"bits_per_weight": None, "encode": {}}) == {}
     doc = {"model": "m", "calibration": "c", "evaluation": "e", "machine": "x",
            "rows": [{"id": "unquantized", "label": "u", "bits_per_weight": None,
@@ -303,4 +304,5 @@ def test_the_bit_budget_sums_to_the_rows_bits_and_is_tabled():
                     {"id": "hwq-ecsq-2.5", "label": "hwq 2.5", "bits_per_weight": 2.5,
                      "perplexity": {"t": 12.0}, "seconds": 1, "budget": b}]}
     md = llm_peers.markdown(doc)
-    assert "Where hwq's bits go" in md and "| hwq 2.5 | 2.500 | 0.075 | 0.375 | 0.050 | 2.000 |" in md
+    assert "Where hwq's bits go" in md
+    assert "| hwq 2.5 | 2.500 | 0.075 | 0.375 | 0.050 | 2.000 | 0.000 |" in md

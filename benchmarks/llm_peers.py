@@ -46,6 +46,11 @@ HWQ_ROWS = [  # (row id, label, quantize overrides), in the order they run
     ("hwq-ecsq-2.0", "hwq ECSQ, global λ, 2.0 bits", {"method": "ecsq", "target_bits": 2.0}),
     ("hwq-ecsq-2.5", "hwq ECSQ, global λ, 2.5 bits", {"method": "ecsq", "target_bits": 2.5}),
     ("hwq-ecsq-3.0", "hwq ECSQ, global λ, 3.0 bits", {"method": "ecsq", "target_bits": 3.0}),
+    # the indices in rANS instead of Huffman (encode.coder=ans; the rate loop prices them so)
+    ("hwq-ecsq-2.0-ans", "hwq ECSQ + rANS, global λ, 2.0 bits",
+     {"method": "ecsq", "target_bits": 2.0}),
+    ("hwq-ecsq-2.5-ans", "hwq ECSQ + rANS, global λ, 2.5 bits",
+     {"method": "ecsq", "target_bits": 2.5}),
     ("hwq-ecsq-3.25", "hwq ECSQ, global λ, 3.25 bits",
      {"method": "ecsq", "target_bits": 3.25}),
     # error feedback across each Linear's input columns (quantize.feedback=ldl)
@@ -62,6 +67,8 @@ HWQ_ROWS = [  # (row id, label, quantize overrides), in the order they run
     ("hwq-hwkmeans-k16", "hwq Fisher k-means per channel, k=16",
      {"method": "hw_kmeans", "k": 16, "target_bits": None}),
 ]
+ROW_ENCODE = {"hwq-ecsq-2.0-ans": {"coder": "ans"}, "hwq-ecsq-2.5-ans": {"coder": "ans"}}
+
 # Rows also run with block-wise fine-tuning (finetune.mode=blockwise: a Ray task per decoder
 # block, its codebooks against the unquantized hidden states) beside the end-to-end one.
 BLOCKWISE_ROWS = ("hwq-ecsq-3.25", "hwq-ecsq-4.25")
@@ -343,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
                     row_id = rid + suffix
                     if row_id in done:
                         continue
-                    rep = compress(cfg, quantize=quant, finetune=ft, keep_ray=True)
+                    enc = {"encode": ROW_ENCODE[rid]} if rid in ROW_ENCODE else {}
+                    rep = compress(cfg, quantize=quant, finetune=ft, keep_ray=True, **enc)
                     m = rep["metrics"]
                     secs = sum(s["compute_seconds"] for s in rep["stages"].values())
                     fam = label.split(",")[0].replace(", k=8", "").replace(", k=16", "")

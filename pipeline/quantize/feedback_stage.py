@@ -35,7 +35,7 @@ def feedback_tensor(cfg, hess, name: str, t: torch.Tensor, h: np.ndarray,
         return parts, None
     q = cfg.quantize
     plain = RowsResult.concat(parts)
-    plain_bits = float(sum(coded_bits(parts).values()))
+    plain_bits = float(sum(coded_bits(parts, cfg.encode.coder).values()))
     W = t.to(torch.float32).numpy()
     hh = h.reshape(-1, C)  # [1, C] (activation) or [R, C]
     idx, cb, st = ecsq_feedback(W, XtX, plain.codebooks, plain.levels, plain.counts, lam,

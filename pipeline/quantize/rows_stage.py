@@ -60,12 +60,14 @@ def _kmeans_block(block, *, k: int, weighted: bool, n_init: int, iters: int, tol
                        weighted=weighted, tol=tol)
 
 
-def coded_bits(parts: list[RowsResult]) -> dict[str, float]:
+def coded_bits(parts: list[RowsResult], coder: str = "huffman") -> dict[str, float]:
     """Bits the .hwq file spends on the rows of one tensor (`parts`: its row blocks): the
-    frequency-ranked indices of the rows with L levels share one Huffman table (one table per
-    level count, as the encoder writes them), fp16 codebook entries of the levels each row
-    uses, a level count a row, and the tables' code lengths."""
-    from pipeline.encode.huffman import CodeTable
+    frequency-ranked indices of the rows with L levels share one static code (one table per
+    level count, as the encoder writes them: Huffman, or rANS with `coder` "ans", which
+    spends within a few hundredths of a percent of the entropy where Huffman cannot go below
+    a bit a symbol), fp16 codebook entries of the levels each row uses, a level count a row,
+    and the tables' bytes."""
+    from pipeline.encode.coders import make_table
 
     K = max(p.counts.shape[1] for p in parts)
     hists: dict[int, np.ndarray] = {}
@@ -80,7 +82,7 @@ def coded_bits(parts: list[RowsResult]) -> dict[str, float]:
     index = tables = 0.0
     for h in hists.values():
         if h.size > 1:
-            t = CodeTable.from_counts(h)
+            t = make_table(h, coder)
             index += t.cost_bits(h)
             tables += 8.0 * t.table_bytes()
     # The header's share: ~28 bytes a (level count) stream once compressed, measured on
@@ -119,11 +121,11 @@ def _evaluate_task(cfg, src, out) -> dict:
     return Workload(cfg).evaluate_quantized(src, QuantizedModel.read(out))
 
 
-def _coded_rate(results, owner, names, weights) -> float:
+def _coded_rate(results, owner, names, weights, coder: str = "huffman") -> float:
     total = 0.0
     for n in names:
-        total += sum(coded_bits([r for r, o in zip(results, owner, strict=True) if o == n])
-                     .values())
+        total += sum(coded_bits([r for r, o in zip(results, owner, strict=True) if o == n],
+                                coder).values())
     return total / max(weights, 1)
 
 
@@ -201,7 +203,7 @@ def run_rows(ctx: StageContext) -> dict:
             evals += found.evaluations
             results = (found.results if sample is blocks else
                        solve_rows_at(blocks, found.lam, q.method, map_fn=mapper, **opts))
-            coded = _coded_rate(results, owner, names, weights)
+            coded = _coded_rate(results, owner, names, weights, cfg.encode.coder)
             ctx.log.info("quantize: λ=%.4g: planned %.4f, coded %.4f bits/weight (target %.4f)",
                          found.lam, all_in_rate(results), coded, target)
             # Keep the pass closest to the target from below (or the lowest, if none is).

@@ -326,6 +326,10 @@ def _sections(cfg: RunConfig) -> dict:
         del q["serve_bits"]
     if cfg.model.name == "hf_causal_lm" and cfg.quantize.embeddings != "keep":
         q["embedding_floor"] = cfg.quantize.embedding_floor
+    # The per-row rate loop prices the file's indices with the encoder's coder; Huffman (the
+    # default) keeps the keys of runs from before the loop knew of rANS.
+    if cfg.encode.coder != "huffman":
+        q["coder"] = cfg.encode.coder
     return {"seed": cfg.seed, "quantize": q}
 
 

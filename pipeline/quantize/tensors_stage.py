@@ -166,7 +166,7 @@ def _tensor_task(cfg: RunConfig, out, url: str, opts: dict | None, hess, name: s
 
         parts, fb = feedback_tensor(cfg, hess, name, t, h, shape, parts, lam)
     del t, h
-    bits = coded_bits(parts)
+    bits = coded_bits(parts, cfg.encode.coder)
     cb, idx = _ranked_codes(parts, R, C)
     levels = np.concatenate([p.levels for p in parts])
     layer = {"rows": R, "cols": C, "mean_levels": float(levels.mean()),
@@ -249,14 +249,15 @@ def _tag(lam: float) -> str:
     return hashlib.sha256(repr(float(lam)).encode()).hexdigest()[:10]
 
 
-def _predicted_bits(found, shapes: list[tuple[int, int]], sampled: list[int]) -> float:
+def _predicted_bits(found, shapes: list[tuple[int, int]], sampled: list[int],
+                    coder: str = "huffman") -> float:
     """Bits the file would spend at the sample's λ: each tensor's index and codebook bits
     scaled from its sampled rows to all its rows, its tables and header share once."""
     from pipeline.quantize.rows_stage import coded_bits
 
     total = 0.0
     for res, (R, _), n in zip(found.results, shapes, sampled, strict=True):
-        b = coded_bits([res])
+        b = coded_bits([res], coder)
         total += (b["indices"] + b["codebooks"]) * R / max(n, 1) + b["tables"] + b["header"]
     return total
 
@@ -305,7 +306,8 @@ def run_quantize_tensors(ctx: StageContext) -> dict[str, Any]:
                                            tol=0.005, **_opts(cfg))
             evals += len(found.evaluations)
             lam0 = found.lam
-            pred = _predicted_bits(found, [shapes[n] for n in names], sampled) / weights + bias
+            pred = _predicted_bits(found, [shapes[n] for n in names], sampled,
+                                   cfg.encode.coder) / weights + bias
             ctx.log.info("quantize: λ=%.4g on the sample: predicted %.4f bits/weight in the "
                          "file (aim %.4f, target %.4f)", found.lam, pred, aim, target)
             # the window's middle: the stratified sample's prediction has missed the full

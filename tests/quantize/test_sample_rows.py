@@ -48,3 +48,39 @@ def test_stratified_sample_predicts_the_tensors_coded_bits_better_than_every_sth
     strat = bits(sample_rows(torch.from_numpy(W), H.reshape(-1), (R, C), every))
     assert abs(strat - whole) < abs(plain - whole)
     assert abs(strat - whole) < 0.05
+
+
+def test_coded_bits_price_the_indices_with_the_encoders_coder():
+    """At ~2 bits a weight (rows of few, skewed levels) Huffman pays well above the index
+    entropy and rANS about the entropy: the rate loop must price what the encoder writes."""
+    from pipeline.quantize.rows import index_rate
+
+    R, C = 256, 512
+    rng = np.random.default_rng(4)
+    W = (rng.standard_normal((R, C)) / 16).astype(np.float32)
+    H = np.ones((R, C), np.float32)
+    (r,) = solve_rows_at([RowBlock(W, H, 0)], 3e-3, "ecsq", k_max=64, iters=10, seed=0,
+                         bins=0)
+    # the order-0 entropy of what the encoder codes: the frequency-ranked indices, one
+    # histogram for the rows of each level count
+    ranked = -np.sort(-r.counts, axis=1)
+    entropy = 0.0
+    for L in np.unique(r.levels):
+        h = ranked[r.levels == L, :L].sum(axis=0).astype(np.float64)
+        h = h[h > 0]
+        entropy -= float((h * np.log2(h / h.sum())).sum())
+    assert index_rate([r]) * R * C <= entropy  # each row's own entropy is lower still
+    huff, ans = coded_bits([r])["indices"], coded_bits([r], "ans")["indices"]
+    assert ans < huff
+    assert abs(ans - entropy) / entropy < 0.01 < (huff - entropy) / entropy
+    assert coded_bits([r], "ans")["codebooks"] == coded_bits([r])["codebooks"]
+
+
+def test_the_coder_enters_the_quantize_key_only_when_not_huffman():
+    from pipeline.config import from_dict
+    from pipeline.quantize.stage import _sections
+
+    lm = {"model": {"name": "hf_causal_lm", "path": "DIR"}, "data": {"calibration": "c.txt"}}
+    assert "coder" not in _sections(from_dict(lm))["quantize"]  # earlier runs keep their keys
+    ans = from_dict({**lm, "encode": {"coder": "ans"}})
+    assert _sections(ans)["quantize"]["coder"] == "ans"

@@ -15,7 +15,7 @@ For each model and row, in a child process of its own (so its peak RSS is its ow
 
 Rows: transformers fp32 and bf16 (the model folder), hwq's runtime (`pipeline.runtime.load`,
 fast mode) on files whose rows have at most 16 and 8 levels (`quantize.serve_bits` 4 and 3:
-4- and 3-bit tables, run from 4-bit packed indices) quantized below that width (RATES), and
+4- and 3-bit tables and packed indices) quantized below that width (RATES), and
 llama.cpp (the `llama-cpp-python` package, built from source) on the same weights as Q4_0
 and, for SmolLM2, on the Q4_1 file it ships as. Every row uses the same number of threads
 (--threads, default 2).

@@ -132,3 +132,27 @@ def test_an_untied_raw_embedding_stays_at_its_stored_16_bits(tmp_path):
     ids = tok(TEXT, return_tensors="pt").input_ids
     ref, got = _logits(dec, ids), _logits(model, ids)
     assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-3
+
+
+def _fork_product(args):
+    p, x = args
+    return bind(p, path="q8", threads=2)(x)
+
+
+def test_a_forked_child_makes_its_own_pool():
+    """The pool's workers do not survive fork(): a child's products are still right and
+    finish (it makes its own pool; chunks no worker takes are the caller's, so even a pool
+    whose workers are gone cannot hang; the timeout would catch it)."""
+    import multiprocessing as mp
+
+    rng = np.random.default_rng(5)
+    rows, cols = 1024, 1024
+    rc = {"shape": (rows, cols), "positions": None,
+          "codes": rng.integers(0, 16, rows * cols).astype(np.uint8),
+          "codebook": rng.standard_normal((rows, 16)).astype(np.float32)}  # fmt: skip
+    p = transcode_codes(rc)
+    x = torch.randn(1, cols)
+    want = bind(p, path="q8", threads=2)(x)  # the parent's pool is running now
+    with mp.get_context("fork").Pool(1) as pool:
+        got = pool.apply_async(_fork_product, ((p, x),)).get(timeout=60)
+    assert torch.equal(got, want)

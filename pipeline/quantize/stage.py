@@ -326,9 +326,11 @@ def _sections(cfg: RunConfig) -> dict:
         del q["serve_bits"]
     if cfg.model.name == "hf_causal_lm" and cfg.quantize.embeddings != "keep":
         q["embedding_floor"] = cfg.quantize.embedding_floor
-    # The per-row rate loop prices the file's indices with the encoder's coder; Huffman (the
-    # default) keeps the keys of runs from before the loop knew of rANS.
-    if cfg.encode.coder != "huffman":
+    # The per-row stages (channel and group scope) price the file's indices with the
+    # encoder's coder (the rate loop and the coded bits they report); Huffman (the default)
+    # keeps the keys of runs from before they knew of rANS, and the network and layer scopes
+    # do not depend on it.
+    if cfg.encode.coder != "huffman" and cfg.quantize.scope in ("channel", "group"):
         q["coder"] = cfg.encode.coder
     return {"seed": cfg.seed, "quantize": q}
 

@@ -76,7 +76,7 @@ def test_coded_bits_price_the_indices_with_the_encoders_coder():
     assert coded_bits([r], "ans")["codebooks"] == coded_bits([r])["codebooks"]
 
 
-def test_the_coder_enters_the_quantize_key_only_when_not_huffman():
+def test_the_coder_enters_the_quantize_key_only_for_per_row_scopes_and_not_huffman():
     from pipeline.config import from_dict
     from pipeline.quantize.stage import _sections
 
@@ -84,3 +84,6 @@ def test_the_coder_enters_the_quantize_key_only_when_not_huffman():
     assert "coder" not in _sections(from_dict(lm))["quantize"]  # earlier runs keep their keys
     ans = from_dict({**lm, "encode": {"coder": "ans"}})
     assert _sections(ans)["quantize"]["coder"] == "ans"
+    # the network and layer scopes do not price indices per row: a new coder re-encodes only
+    net = from_dict({**lm, "encode": {"coder": "ans"}, "quantize": {"scope": "network"}})
+    assert "coder" not in _sections(net)["quantize"]

@@ -398,6 +398,8 @@ def first_token(path: Path, threads: int) -> dict:
         p.stdout.read(1)
         t = time.perf_counter() - t0
         _, err = p.communicate()
+        if p.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed: {err.decode()[-2000:]}")
         said = next((x for x in err.decode().splitlines() if "first token" in x), "")
         if best is None or t < best["process_s"]:
             best = {"process_s": round(t, 3), "echoed": echoed.decode(errors="replace"),
@@ -490,7 +492,7 @@ def main() -> None:
         for b in (4, 3):
             if f"hwq-{b}" in rows or (b == 4 and "hwq-4-decoded" in rows and windows):
                 files[f"hwq-{b}"] = hwq_file(model, folder, b, a.threads)
-        if "hwq-4" in files and windows:  # perplexity to compare: SmolLM2 only
+        if "hwq-4" in files and windows and "hwq-4-decoded" in rows:  # SmolLM2 only
             files["hwq-4-decoded"] = files["hwq-4"]
             decoded = decoded_folder(files["hwq-4"])
         if any(r.startswith("llamacpp") for r in rows):

@@ -178,7 +178,6 @@ def bind(p, *, path: str, threads: int | None = None, lib: Kernels | None = None
     if path not in ("ref", "q8", "q8_scalar", "f32a"):
         raise ValueError(f"unknown kernel path {path!r}")
     rows, cols = p.rows, p.cols
-    nthreads = _threads(threads)
     if k is None:
         fn, args = None, ()
     elif path == "ref":
@@ -209,11 +208,10 @@ def bind(p, *, path: str, threads: int | None = None, lib: Kernels | None = None
             return y
         if fn is None:
             return _torch_lut(x, p)
-        nt = 1 if b < one_thread_below else nthreads
+        nt = 1 if b < one_thread_below else _threads(threads)  # None: torch's, now
         fn(x.data_ptr(), b, cols, *args, y.data_ptr(), nt, *tail)
         return y
 
-    call.path = path
     return call
 
 

@@ -162,9 +162,11 @@ FUSE = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "key
 
 
 class _Group:
-    """LutLinears computed by one kernel call over their concatenated rows. The first member
-    called with an input computes every member's output; a member called with the same input
-    object (same version) takes its slice; any other input is computed on its own."""
+    """LutLinears computed by one kernel call over their concatenated rows. A member called
+    with an input computes every member's output for it; the others, called with the same
+    input object (same version), take their slices. A member called with any other input, or
+    a second time, starts a new call (always right; a model that fed siblings different
+    inputs would pay for the unused rows)."""
 
     def __init__(self, members: list[LutLinear]):
         p0 = members[0].packed()

@@ -58,6 +58,16 @@ HWQ_ROWS = [  # (row id, label, quantize overrides), in the order they run
      {"method": "ecsq", "target_bits": 3.25, "feedback": "ldl"}),
     ("hwq-ecsq-4.25", "hwq ECSQ, global λ, 4.25 bits",
      {"method": "ecsq", "target_bits": 4.25}),
+    # one-shot pruning (OBD with the Fisher) + ECSQ at the same all-in bits as the rows
+    # above: does pruning pay for its masks on a language model? (ROW_PRUNE)
+    ("hwq-ecsq-3.25-2of4", "hwq 2:4 OBD pruning + ECSQ, 3.25 bits",
+     {"method": "ecsq", "target_bits": 3.25}),
+    ("hwq-ecsq-3.25-keep0.9", "hwq 10% OBD pruning + ECSQ, 3.25 bits",
+     {"method": "ecsq", "target_bits": 3.25}),
+    ("hwq-ecsq-3.25-keep0.75", "hwq 25% OBD pruning + ECSQ, 3.25 bits",
+     {"method": "ecsq", "target_bits": 3.25}),
+    ("hwq-ecsq-4.25-2of4", "hwq 2:4 OBD pruning + ECSQ, 4.25 bits",
+     {"method": "ecsq", "target_bits": 4.25}),
     ("hwq-uniform-3.25", "hwq uniform, global λ, 3.25 bits",
      {"method": "uniform", "target_bits": 3.25}),
     ("hwq-uniform-4.25", "hwq uniform, global λ, 4.25 bits",
@@ -68,6 +78,12 @@ HWQ_ROWS = [  # (row id, label, quantize overrides), in the order they run
      {"method": "hw_kmeans", "k": 16, "target_bits": None}),
 ]
 ROW_ENCODE = {"hwq-ecsq-2.0-ans": {"coder": "ans"}, "hwq-ecsq-2.5-ans": {"coder": "ans"}}
+ROW_PRUNE = {  # prune settings of the one-shot pruning rows (every decoder Linear)
+    "hwq-ecsq-3.25-2of4": {"enabled": True, "n_m": "2:4", "criterion": "obd"},
+    "hwq-ecsq-3.25-keep0.9": {"enabled": True, "keep": {"*": 0.9}, "criterion": "obd"},
+    "hwq-ecsq-3.25-keep0.75": {"enabled": True, "keep": {"*": 0.75}, "criterion": "obd"},
+    "hwq-ecsq-4.25-2of4": {"enabled": True, "n_m": "2:4", "criterion": "obd"},
+}
 
 # Rows also run with block-wise fine-tuning (finetune.mode=blockwise: a Ray task per decoder
 # block, its codebooks against the unquantized hidden states) beside the end-to-end one.
@@ -351,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
                     if row_id in done:
                         continue
                     enc = {"encode": ROW_ENCODE[rid]} if rid in ROW_ENCODE else {}
+                    if rid in ROW_PRUNE:
+                        enc["prune"] = ROW_PRUNE[rid]
                     rep = compress(cfg, quantize=quant, finetune=ft, keep_ray=True, **enc)
                     m = rep["metrics"]
                     secs = sum(s["compute_seconds"] for s in rep["stages"].values())
@@ -371,6 +389,7 @@ def main(argv: list[str] | None = None) -> int:
                                   "second_moment", {}).get("seconds"),
                               **m["quantize"].get("feedback", {})},
                           "budget": budget(m),
+                          "prune": m["quantize"].get("prune"),
                           "note": f"file {m['encode']['file_bytes']:,} bytes; "
                                   f"{m['encode']['compression_ratio_vs_fp32']:.1f}× vs fp32"})
         print(f"done in {time.perf_counter() - t0:.0f} s; {out / 'llm_peers.md'}", flush=True)

@@ -34,7 +34,9 @@ from pipeline.config_checks import (
     check_serve_bits,
     feedback_gap,
     parse_bytes,
+    parse_n_m,
     prune_gap,
+    prune_method,
     streamed_gap,
 )
 from pipeline.config_paths import resolve_paths
@@ -178,12 +180,22 @@ class PruneConfig(_Section):
             "fc2.weight": 0.19,
         }
     )
+    # retrain: prune in `steps` and retrain on the model's "train" split (LeNet-5, a model of
+    # your own); one_shot: cut once by saliency inside the quantize stage, no retraining (a
+    # causal LM; docs/PRUNING.md). auto: one_shot for model.name=hf_causal_lm, else retrain.
+    method: Literal["auto", "retrain", "one_shot"] = "auto"
     # What is cut: magnitude (|w|, Han et al.) or obd (Optimal Brain Damage: ½·h·w² with the
-    # diagonal Hessian of hessian.estimator, re-estimated on the masked model before each step).
+    # diagonal Hessian of hessian.estimator; retrain: re-estimated on the masked model before
+    # each step; one_shot: the run's Hessian, so with hessian.estimator=activation it ranks
+    # as Wanda's |w|·‖x‖).
     criterion: Literal["magnitude", "obd"] = "magnitude"
     # layer: each tensor keeps exactly its `keep` fraction; global: the same total number of
-    # weights, ranked across tensors (the per-tensor fractions follow from the criterion).
-    scope: Literal["layer", "global"] = "layer"
+    # weights, ranked across tensors (the per-tensor fractions follow from the criterion);
+    # row: every output row keeps its `keep` fraction (one_shot's only scope, and its default).
+    scope: Literal["layer", "global", "row"] = "layer"
+    # one_shot: "N:M" keeps N of every M consecutive weights of a row (e.g. "2:4"); `keep`
+    # then defaults to {"*": N/M}. None: unstructured.
+    n_m: str | None = None
     steps: int = Field(3, ge=1)  # prune gradually: geometric steps towards `keep`, retrain each
     retrain_epochs: int = Field(3, ge=0)  # per step
     lr: float = Field(5e-4, gt=0)
@@ -194,6 +206,8 @@ class PruneConfig(_Section):
         for name, r in self.keep.items():
             if not 0.0 < r <= 1.0:
                 raise ValueError(f"keep ratio of {name!r} is {r}; it must be in (0, 1]")
+        if self.n_m is not None:
+            parse_n_m(self.n_m)
         return self
 
 
@@ -458,6 +472,10 @@ class RunConfig(_Section):
             if self.data.name == "fashion_mnist" and self.model.name == "hf_causal_lm":
                 raise ValueError("model.name=hf_causal_lm needs data.name=text (calibration "
                                  "and evaluation texts)")
+        elif self.prune.enabled and (prune_method(self) != "retrain" or
+                                     self.prune.scope == "row" or self.prune.n_m is not None):
+            raise ValueError("LeNet-5 prunes with retraining (prune.method=retrain, "
+                             "prune.scope=layer or global, no prune.n_m)")
         elif self.quantize.scope == "group":
             raise ValueError("quantize.scope=group is for models loaded by the load stage; "
                              "LeNet-5 uses network, layer or channel")
@@ -474,6 +492,7 @@ class RunConfig(_Section):
         if self.hessian.estimator == "activation" and lenet:
             raise ValueError("hessian.estimator=activation is for language models")
         if self.prune.enabled and self.prune.criterion == "obd" and \
+                prune_method(self) == "retrain" and \
                 self.hessian.estimator not in ("ggn", "fisher", "hutchinson"):
             raise ValueError(f"prune.criterion=obd re-estimates the Hessian on the masked model "
                              f"before each step, which hessian.estimator="

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["check_finetune_batch", "check_serve_bits", "feedback_gap", "finetune_mode",
-           "parse_bytes", "per_tensor", "per_tensor_gap", "prune_gap", "serve_levels",
+__all__ = ["check_finetune_batch", "check_serve_bits", "feedback_gap", "finetune_mode", "one_shot", "prune_method",
+           "parse_bytes", "parse_n_m", "per_tensor", "per_tensor_gap", "prune_gap", "serve_levels",
            "streamed_gap"]
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -37,6 +37,17 @@ def finetune_mode(cfg) -> str:
         return mode
     streamed = cfg.model.residency == "streamed" and cfg.model.name == "hf_causal_lm"
     return "blockwise" if streamed else "end_to_end"
+
+
+def parse_n_m(text: str) -> tuple[int, int]:
+    """(n, m) of an "N:M" pattern: n of every m consecutive weights kept, 0 < n < m ≤ 64."""
+    mt = re.fullmatch(r"\s*([0-9]+)\s*:\s*([0-9]+)\s*", str(text))
+    if not mt:
+        raise ValueError(f"prune.n_m={text!r} is not an N:M pattern such as 2:4")
+    n, m = int(mt.group(1)), int(mt.group(2))
+    if not 0 < n < m <= 64:
+        raise ValueError(f"prune.n_m={text!r}: need 0 < N < M ≤ 64 (2:4 keeps 2 of every 4)")
+    return n, m
 
 
 def per_tensor_gap(cfg) -> str | None:
@@ -70,23 +81,71 @@ def streamed_gap(cfg) -> str | None:
     return per_tensor_gap(cfg)
 
 
+def prune_method(cfg) -> str:
+    """prune.method resolved: `auto` is one_shot for a causal LM (no training split to
+    retrain on), retrain otherwise."""
+    m = cfg.prune.method
+    if m != "auto":
+        return m
+    return "one_shot" if cfg.model.name == "hf_causal_lm" else "retrain"
+
+
+def one_shot(cfg) -> bool:
+    """Whether the quantize stage prunes (one-shot pruning on)."""
+    return bool(cfg.prune.enabled) and prune_method(cfg) == "one_shot"
+
+
 def prune_gap(cfg) -> str | None:
     """Why pruning cannot run for a model hwq did not train (prune.enabled set), else None.
     A model of your own (model.name=factory) prunes by magnitude and retrains on its data's
-    "train" split, as LeNet-5 does."""
+    "train" split, as LeNet-5 does; a causal LM prunes one shot (`one_shot_gap`)."""
+    if prune_method(cfg) == "one_shot":
+        return one_shot_gap(cfg)
     if cfg.model.name != "factory":
-        return ("prune.enabled: pruning with retraining is for models trained on their own "
-                "data (model.name=lenet5 or factory); a causal LM is not pruned; set "
-                "prune.enabled=false")
+        return ("prune.method=retrain is for models trained on their own data (model.name="
+                "lenet5 or factory); a causal LM prunes with prune.method=one_shot")
     if "keep" not in cfg.prune.model_fields_set:
         return ("prune.keep: name the fraction of each tensor to keep, e.g. "
                 "{fc1.weight: 0.1} (the default names LeNet-5's tensors)")
     if cfg.prune.criterion != "magnitude":
         return ("prune.criterion=obd re-estimates the Hessian with LeNet-5's estimators; a "
                 "model of your own prunes by prune.criterion=magnitude")
+    if cfg.prune.scope == "row" or cfg.prune.n_m is not None:
+        return ("prune.scope=row and prune.n_m are one-shot settings (prune.method=one_shot); "
+                "retraining prunes per layer or globally")
     if cfg.quantize.enabled and cfg.quantize.scope in ("channel", "group"):
         return ("a pruned model of your own is quantized with quantize.scope=network or layer "
-                "(the per-row solvers do not take masks)")
+                "(its rows keep different counts, which the per-row solvers do not take)")
+    return None
+
+
+def one_shot_gap(cfg) -> str | None:
+    """What one-shot pruning cannot run with, else None. Fills in what the settings imply
+    (scope row; keep {"*": N/M} for an N:M pattern) so every dump holds the value used."""
+    p = cfg.prune
+    if cfg.model.name != "hf_causal_lm":
+        return ("prune.method=one_shot is for causal LMs (model.name=hf_causal_lm); a model "
+                "with its own data retrains (prune.method=retrain)")
+    if "scope" not in p.model_fields_set:
+        p.__dict__["scope"] = "row"
+    if p.scope != "row":
+        return (f"prune.scope={p.scope}: one-shot pruning keeps the same number of weights in "
+                "every row (prune.scope=row), so a row's kept weights quantize as one dense row")
+    if p.n_m is not None:
+        n, m = parse_n_m(p.n_m)
+        if "keep" not in p.model_fields_set:
+            p.__dict__["keep"] = {"*": n / m}
+        elif any(abs(r - n / m) > 1e-9 for r in p.keep.values()):
+            return (f"prune.keep: with prune.n_m={p.n_m} every tensor keeps {n}/{m}; name the "
+                    f"tensors with that fraction (e.g. {{'*': {n / m:g}}}) or drop prune.keep")
+    elif "keep" not in p.model_fields_set:
+        return ("prune.keep: name the fraction to keep, e.g. {'*': 0.5} (every decoder "
+                "Linear) or {'model.layers.*.mlp.*': 0.5}; or prune.n_m: '2:4'")
+    if not cfg.quantize.enabled or cfg.quantize.scope != "channel":
+        return ("quantize.scope=channel: one-shot pruning happens in the per-channel "
+                "quantizer (quantize.enabled=true)")
+    if p.criterion == "obd" and not cfg.hessian.enabled:
+        return "hessian.enabled=true: prune.criterion=obd weighs w² by the Hessian"
     return None
 
 

@@ -6,19 +6,32 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["row_levels", "level_classes", "count_dtype", "encode_codebook", "decode_codebook"]
+__all__ = ["even_rows", "row_levels", "level_classes", "count_dtype", "encode_codebook", "decode_codebook"]
+
+
+def even_rows(p) -> bool:
+    """Whether a prepared tensor's kept codes split into its codebook's rows evenly: a dense
+    tensor, or a masked one whose every row keeps the same count (one-shot pruning's masks),
+    so codes.reshape(rows, -1) is row by row. Others keep every level of their rows."""
+    if p.codes is None or p.mask is None:
+        return True
+    rows = p.shape[0] if p.shape else 0
+    if rows == 0 or p.codes.shape[0] % rows:
+        return False
+    kept = p.mask.reshape(rows, -1).sum(axis=1)
+    return bool((kept == kept[0]).all())
 
 
 def row_levels(prepared: list, cbs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """For each per-row codebook: levels each row needs (1 + its largest code over every
-    tensor using it; unmasked tensors only — a masked one keeps all k)."""
+    tensor using it; a masked tensor whose rows keep different counts needs all k)."""
     out: dict[str, np.ndarray] = {}
     for p in prepared:
         if p.codes is None or cbs[p.entry.codebook].ndim != 2:
             continue
         cb = cbs[p.entry.codebook]
         rows, k = cb.shape
-        if p.mask is not None or rows == 0:
+        if rows == 0 or (p.mask is not None and (rows != p.shape[0] or not even_rows(p))):
             need = np.full(rows, k, np.int64)
         else:
             need = p.codes.reshape(rows, -1).max(axis=1, initial=0).astype(np.int64) + 1
@@ -28,7 +41,8 @@ def row_levels(prepared: list, cbs: dict[str, np.ndarray]) -> dict[str, np.ndarr
 
 
 def level_classes(codes: np.ndarray, levels: np.ndarray) -> list[tuple[int, np.ndarray]]:
-    """The codes of a dense per-row-codebook tensor, grouped by the level count of their
+    """The codes of a dense per-row-codebook tensor (or the kept codes of one whose every row
+    keeps the same count), grouped by the level count of their
     codebook row: [(L, the codes of every row with L levels, rows in order)], L ascending,
     L >= 2 only. A one-level row's codes are all 0 and its level count says so: they are not
     stored (a code of one symbol would still spend a bit a weight)."""

@@ -180,6 +180,7 @@ def _run_loaded(ctx: StageContext) -> dict:
     state = src.read_safetensors("model.safetensors")
     masks = load_masks(ctx.inputs.get("prune"))  # a model of your own, pruned
     qm = QuantizedModel.read(ctx.inputs["quantize"], codebooks_from=ctx.inputs.get("finetune"))
+    masks = qm.all_masks(masks)  # a causal LM's, chosen by one-shot pruning
     entries, codebooks = entries_for(state, qm, masks, keep_dtype=True, raw_dtype=e.raw_dtype)
     acct = write_hwq(out.url(FILE), entries, codebooks, code_sharing=e.code_sharing,
                      fixed_length=e.fixed_length, chunk_symbols=e.chunk_symbols,

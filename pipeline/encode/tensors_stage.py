@@ -37,12 +37,15 @@ _TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
           "float64": torch.float64}
 
 
-def _expected(w, name: str, codes: tuple[np.ndarray, np.ndarray] | None, raw_dtype: str
-              ) -> np.ndarray:
-    """What tensor `name` must decode to, as the reader returns it (bf16 as uint16 bits)."""
+def _expected(w, name: str, codes: tuple | None, raw_dtype: str) -> np.ndarray:
+    """What tensor `name` must decode to, as the reader returns it (bf16 as uint16 bits).
+    codes: (indices, codebooks, mask or None) of a quantized tensor."""
     if codes is not None:
-        idx, cb = codes
-        dense = torch.from_numpy(np.take_along_axis(cb, idx.astype(np.int64), axis=1))
+        idx, cb, mask = codes
+        dense = np.take_along_axis(cb, idx.astype(np.int64), axis=1)
+        if mask is not None:
+            dense = np.where(mask, dense, np.float32(0))
+        dense = torch.from_numpy(dense)
         dt = _TORCH.get(_HWQ_DTYPE[w.info(name).dtype], torch.float32)
         return raw_array(dense.to(dt))[0]
     return raw_array(raw_cast(w.read(name), raw_dtype))[0]
@@ -58,7 +61,7 @@ def _check_decoded(path: str, opts: dict | None, w, names: list[str], codes,
     r = HwqReader(path, storage_options=opts)
     for name in names:
         got = np.asarray(r.read([name])[name])
-        c = codes.read(name) if name in codes.codes else None
+        c = codes.read_masked(name) if name in codes.codes else None
         want = _expected(w, name, c, raw_dtype)
         if got.shape != want.shape or got.dtype != want.dtype or not np.array_equal(
                 got.view(np.uint8), want.view(np.uint8)):
@@ -90,8 +93,11 @@ def _encode_task(cfg: RunConfig, out, url: str, opts: dict | None, tc,
 
     def quantized(name: str) -> TensorEntry:
         release_memory()  # what the previous tensor's encoding freed
-        idx = tc.read(name)[0].reshape(-1)
-        return TensorEntry.quantized(name, shapes[name], idx, name,
+        idx, _, mask = tc.read_masked(name)
+        if mask is not None:  # the kept weights' codes; the mask codes their positions
+            mask = mask.reshape(-1)
+            idx = idx.reshape(-1)[mask]
+        return TensorEntry.quantized(name, shapes[name], idx.reshape(-1), name, mask=mask,
                                      dtype=_HWQ_DTYPE[w.info(name).dtype])
 
     def raw(name: str) -> TensorEntry:

@@ -72,15 +72,16 @@ def _check_fields(b: int, names: list[str]):
     return check
 
 
-def _block_codes(codes, names: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """(indices, codebooks) of a block's tensors as the quantize stage wrote them."""
-    return {n: codes.read(n) for n in names}
+def _block_codes(codes, names: list[str]) -> dict[str, tuple]:
+    """(indices, codebooks, mask or None) of a block's tensors as the quantize stage wrote
+    them."""
+    return {n: codes.read_masked(n) for n in names}
 
 
 def _with(given: dict, books: dict[str, np.ndarray]) -> dict:
-    """`given`'s indices with the codebooks `books` (a block file of this stage, its rows
-    checked by `read_tuned`, its bytes by the unit record's digest)."""
-    return {n: (idx, books[n]) for n, (idx, _) in given.items()}
+    """`given`'s indices (and masks) with the codebooks `books` (a block file of this stage,
+    its rows checked by `read_tuned`, its bytes by the unit record's digest)."""
+    return {n: (idx, books[n], *rest) for n, (idx, _, *rest) in given.items()}
 
 
 def _relative(lm, b: int, codes: dict) -> dict:

@@ -81,11 +81,30 @@ def finish_codebooks(cb: np.ndarray, given: np.ndarray, idx: np.ndarray) -> np.n
     return np.ascontiguousarray(out, dtype=np.float32)
 
 
-def _weights(block: nn.Module, books: Mapping[str, Tensor], idx: Mapping[str, Tensor]
-             ) -> dict[str, Tensor]:
-    """The block's quantized weights from codebooks and indices, in the block's dtype."""
+def _weights(block: nn.Module, books: Mapping[str, Tensor], idx: Mapping[str, Tensor],
+             masks: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """The block's quantized weights from codebooks and indices, in the block's dtype; a
+    tensor with a one-shot pruning mask is exactly 0 where it is pruned (`where`, so no
+    trained value reaches a pruned weight)."""
     dtype = next((p.dtype for p in block.parameters()), torch.float32)
-    return {n: gather_codebooks(books[n], idx[n]).to(dtype) for n in books}
+    out = {}
+    for n in books:
+        w = gather_codebooks(books[n], idx[n]).to(dtype)
+        if masks and n in masks:
+            w = torch.where(masks[n], w, torch.zeros((), dtype=w.dtype))
+        out[n] = w
+    return out
+
+
+def _split(codes: Mapping[str, tuple]) -> tuple[dict, dict, dict]:
+    """(indices, codebooks, masks) as tensors from {name: (indices, codebooks[, mask])}."""
+    idx, cbs, masks = {}, {}, {}
+    for n, (i, c, *rest) in codes.items():
+        idx[n] = torch.from_numpy(np.ascontiguousarray(i))
+        cbs[n] = torch.from_numpy(np.ascontiguousarray(c, dtype=np.float32))
+        if rest and rest[0] is not None:
+            masks[n] = torch.from_numpy(np.ascontiguousarray(rest[0], dtype=bool))
+    return idx, cbs, masks
 
 
 def quantized_forward(block: nn.Module, call: tuple[tuple, dict], hidden: Tensor,
@@ -153,18 +172,17 @@ def train_block(block: nn.Module, call: tuple[tuple, dict], x: Tensor, y: Tensor
     x: the quantized model's hidden states entering the block, float [n, L, d].
     y: the unquantized model's hidden states leaving it, float [n, L, d].
     codes: tensor name relative to the block -> (indices uint8/int16 [R, C], codebooks
-        float32 [R, K]).
+        float32 [R, K]) or (indices, codebooks, mask bool [R, C] or None) for a tensor
+        one-shot pruning cut (its pruned weights stay exactly 0).
     steps: Adam steps, each on `batch` training windows (a seeded permutation per epoch).
     validation: the fraction of windows held out to decide whether the result is kept.
     """
     n_train, n_val = split_windows(int(x.shape[0]), validation)
-    idx = {n: torch.from_numpy(np.ascontiguousarray(i)) for n, (i, _) in codes.items()}
-    start = {n: torch.from_numpy(np.ascontiguousarray(c, dtype=np.float32))
-             for n, (_, c) in codes.items()}
+    idx, start, masks = _split(codes)
     cbs = {n: nn.Parameter(c.clone()) for n, c in start.items()}
 
     def weights(books: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        return _weights(block, books, idx)
+        return _weights(block, books, idx, masks)
 
     xt, yt, xv, yv = x[:n_train], y[:n_train], x[n_train:], y[n_train:]
     with torch.no_grad():
@@ -203,20 +221,20 @@ def train_block(block: nn.Module, call: tuple[tuple, dict], x: Tensor, y: Tensor
     # Selection on the held-out windows only; without any, on the training windows.
     key = "val" if n_val else "train"
     reverted = not errors[f"{key}_after"] < errors[f"{key}_before"]
-    out_books = ({n: np.ascontiguousarray(c, dtype=np.float32) for n, (_, c) in codes.items()}
-                 if reverted else trained)
+    out_books = ({n: np.ascontiguousarray(c, dtype=np.float32)
+                  for n, (_, c, *_) in codes.items()} if reverted else trained)
     return BlockResult(codebooks=out_books, reverted=reverted, steps=len(losses), errors=errors,
                        losses=losses)
 
 
 def run_quantized(block: nn.Module, call: tuple[tuple, dict], x: Tensor,
-                  codes: Mapping[str, tuple[np.ndarray, np.ndarray]], batch: int) -> Tensor:
-    """The block with codebook weights `codes` (indices, codebooks) applied to x, no grad."""
+                  codes: Mapping[str, tuple], batch: int) -> Tensor:
+    """The block with codebook weights `codes` (indices, codebooks[, mask]) applied to x,
+    no grad."""
     if x.shape[0] == 0:
         return x
-    w = _weights(block, {n: torch.from_numpy(np.ascontiguousarray(c, dtype=np.float32))
-                         for n, (_, c) in codes.items()},
-                 {n: torch.from_numpy(np.ascontiguousarray(i)) for n, (i, _) in codes.items()})
+    idx, cbs, masks = _split(codes)
+    w = _weights(block, cbs, idx, masks)
     with torch.no_grad():
         return torch.cat([quantized_forward(block, call, x[s : s + batch], w)
                           for s in range(0, x.shape[0], batch)])

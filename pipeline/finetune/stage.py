@@ -318,6 +318,7 @@ def _worker(conf: dict[str, Any]) -> None:
         masks = load_masks(conf["model"])
         model = build(cfg.model.name)
         model.load_state_dict(load_model_state(conf["model"]))
+    masks = quantized.all_masks(masks)  # and those one-shot pruning chose when quantizing
     net = QuantizedTrainable(model, quantized, masks, grad=ft.grad,
                              train_unquantized=ft.train_unquantized)
     trainable = [p for p in net.parameters() if p.requires_grad]

@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import RunConfig
-from pipeline.config_checks import per_tensor
+from pipeline.config_checks import one_shot, per_tensor
 from pipeline.data import calibration_indices
 from pipeline.executor import remote, task_threads
 from pipeline.graph import Stage, StageContext
@@ -291,6 +291,12 @@ def _run(ctx: StageContext) -> dict:
     from pipeline.train.stage import model_stage
 
     cfg, out = ctx.cfg, ctx.out
+    if one_shot(cfg):  # prune.keep's names, checked before the Hessian's hour, not after
+        from pipeline.quantize.sparsity import keeps_for
+        from pipeline.workload import MODEL_JSON
+
+        meta = ctx.inputs[model_stage(cfg)].read_json(MODEL_JSON)
+        keeps_for(meta["quantizable"], cfg.prune.keep, set(meta.get("embeddings", [])))
     if per_tensor(cfg):
         from pipeline.hessian.streamed_stage import run_hessian_streamed
 

@@ -9,7 +9,10 @@ Files in a quantize (or finetune) stage folder:
   when k ≤ 256, else int32, as safetensors has no uint16): the cluster index of every
   element. Pruned positions hold 0 and are ignored (the mask says which are kept).
 - `quantized.json` — {"scope", "method", "tensors": {name: {"codebook": str}}, "raw": [names
-  kept in fp32, e.g. biases]}.
+  kept in fp32, e.g. biases], "masked": [names one-shot pruning cut]}.
+- `masks.safetensors` — only when "masked" names tensors: {name: uint8 of the parameter's
+  shape, 1 = kept}, the masks one-shot pruning chose in this stage (a retrained model's
+  masks are the prune stage's).
 
 The dense weight of a quantized tensor is `codebook[index] * mask` (channel scope: `codebook[r,
 index[r, c]]`); everything else comes from the model stage's dense state.
@@ -75,11 +78,18 @@ class QuantizedModel:
     indices: dict[str, torch.Tensor]  # integer, full parameter shape
     assignment: dict[str, str]  # tensor name -> codebook name
     raw: list[str] = field(default_factory=list)
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)  # bool, one-shot pruning's
+
+    def all_masks(self, masks: dict[str, torch.Tensor] | None = None
+                  ) -> dict[str, torch.Tensor]:
+        """The prune stage's `masks` with this stage's one-shot masks added."""
+        return {**(masks or {}), **self.masks}
 
     def dense_state(
         self, base: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
         """A full state dict: quantized tensors rebuilt, the rest taken from `base`."""
+        masks = self.all_masks(masks)
         state = {k: v.clone() for k, v in base.items()}
         for name, cb in self.assignment.items():
             w = gather_weights(self.codebooks[cb], self.indices[name]).to(base[name].dtype)
@@ -101,7 +111,11 @@ class QuantizedModel:
             "scope": self.scope, "method": self.method,
             "tensors": {k: {"codebook": v} for k, v in self.assignment.items()},
             "raw": sorted(self.raw),
+            **({"masked": sorted(self.masks)} if self.masks else {}),
         })
+        if self.masks:
+            sd.write_safetensors("masks.safetensors",
+                                 {k: v.to(torch.uint8) for k, v in self.masks.items()})
 
     @classmethod
     def read(cls, sd: StageDir, codebooks_from: StageDir | None = None) -> QuantizedModel:
@@ -112,6 +126,7 @@ class QuantizedModel:
             scope, method = str(meta["scope"]), str(meta["method"])
             assignment = {str(k): str(v["codebook"]) for k, v in meta["tensors"].items()}
             raw = [str(r) for r in meta.get("raw", [])]
+            masked = [str(r) for r in meta.get("masked", [])]
         except (KeyError, TypeError, AttributeError) as e:
             raise sd._corrupt("quantized.json", f"not a quantized-model description ({e!r})"
                               ) from None
@@ -121,5 +136,15 @@ class QuantizedModel:
             if name not in idx or cb not in cbs:
                 raise sd._corrupt("quantized.json", f"names {name!r} / codebook {cb!r}, which "
                                   "the safetensors files do not hold")
+        masks = {}
+        if masked:
+            m = sd.read_safetensors("masks.safetensors")
+            for name in masked:
+                if name not in assignment or name not in m or m[name].dtype != torch.uint8 \
+                        or tuple(m[name].shape) != tuple(idx[name].shape) \
+                        or bool((m[name] > 1).any()):
+                    raise sd._corrupt("masks.safetensors", f"has no 0/1 mask of the shape of "
+                                      f"{name!r}")
+                masks[name] = m[name].bool()
         return cls(scope=scope, method=method, codebooks=cbs, indices=idx,
-                   assignment=assignment, raw=raw)
+                   assignment=assignment, raw=raw, masks=masks)

@@ -2,7 +2,8 @@
 from it or, for the tensors a block-wise fine-tune trained, from the finetune stage.
 
 The quantize stage writes ``codes/<i>-<λ tag>.safetensors`` per tensor (frequency-ranked
-indices uint8/int16 [R, C] and per-row codebooks float32 [R, K]) listed in ``codes.json``;
+indices uint8/int16 [R, C], per-row codebooks float32 [R, K] and, for a tensor one-shot
+pruning cut, its mask uint8 [R, C], 1 = kept) listed in ``codes.json``;
 the block-wise fine-tune writes ``codebooks/b<b>.safetensors`` per decoder block (the trained
 codebooks of the block's tensors, same shapes) listed in its ``codebooks.json``. Every file is
 read through its stage folder, so its sha256 is checked against the stage's manifest.
@@ -70,13 +71,19 @@ class TensorCodes:
 
     def read(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """(indices uint8/int16 [R, C], codebooks float32 [R, K]) of tensor `name`."""
-        from pipeline.quantize.tensors_stage import read_codes
+        idx, cb, _ = self.read_masked(name)
+        return idx, cb
 
-        idx, cb = read_codes(self.quant, self.codes[name], self.shapes[name])
+    def read_masked(self, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """`read` and the tensor's one-shot pruning mask (bool [R, C], True = kept; None
+        when it is not pruned). The weights are ``where(mask, codebook[index], 0)``."""
+        from pipeline.quantize.tensors_stage import read_codes_masked
+
+        idx, cb, mask = read_codes_masked(self.quant, self.codes[name], self.shapes[name])
         if name in self.tuned:
             t = self._tuned(name)
             if t.shape != cb.shape:
                 raise self.finetune._corrupt(self.tuned[name], f"its codebooks of {name} are "
                                              f"{list(t.shape)}, not {list(cb.shape)}")
             cb = t
-        return idx, cb
+        return idx, cb, mask

@@ -130,10 +130,19 @@ def _coded_rate(results, owner, names, weights, coder: str = "huffman") -> float
 
 
 def run_rows(ctx: StageContext) -> dict:
+    from pipeline.config_checks import one_shot, parse_n_m
     from pipeline.hessian.stage import read_hessian
     from pipeline.quantize.rate import RowBlock, solve_rows_at, solve_rows_global_rate
     from pipeline.quantize.rows import floor_hessian, index_rate, to_groups
     from pipeline.quantize.rows import rate as all_in_rate
+    from pipeline.quantize.sparsity import (
+        compact,
+        expand,
+        keeps_for,
+        position_bits,
+        row_mask,
+        saliency,
+    )
     from pipeline.train.stage import model_stage
     from pipeline.workload import MODEL_JSON, Workload
 
@@ -152,6 +161,9 @@ def run_rows(ctx: StageContext) -> dict:
     owner: list[str] = []
     row0 = 0
     group = q.scope == "group"
+    keeps = keeps_for(names, cfg.prune.keep, embeddings) if one_shot(cfg) else {}
+    masks: dict[str, np.ndarray] = {}
+    pos_bits = cut = 0.0  # the masks' bits; Σ h·w² of the pruned weights
     for n in names:
         W = _as_rows(state[n])
         if not np.isfinite(W).all():
@@ -161,6 +173,14 @@ def run_rows(ctx: StageContext) -> dict:
             H = floor_hessian(H_all[n].reshape(W.shape), q.hessian_floor)
             if n in embeddings:
                 H = embedding_floor(H, q.embedding_floor, n, ctx.log)
+        if n in keeps:  # one-shot pruning: each row's kept weights, quantized as a row
+            p = cfg.prune
+            m = masks[n] = row_mask(saliency(W, H, p.criterion), keep=keeps[n],
+                                    n_m=parse_n_m(p.n_m) if p.n_m else None)
+            pos_bits += position_bits(m, cfg.encode.coder)
+            if H is not None:
+                cut += float(np.dot(np.square(W[~m], dtype=np.float64), H[~m]))
+            W, H = compact(W, m), None if H is None else compact(H, m)
         if group:  # rows of group_size consecutive input columns
             if W.shape[1] % q.group_size:
                 raise ValueError(f"quantize.group_size={q.group_size} does not divide the "
@@ -203,7 +223,8 @@ def run_rows(ctx: StageContext) -> dict:
             evals += found.evaluations
             results = (found.results if sample is blocks else
                        solve_rows_at(blocks, found.lam, q.method, map_fn=mapper, **opts))
-            coded = _coded_rate(results, owner, names, weights, cfg.encode.coder)
+            coded = _coded_rate(results, owner, names, weights, cfg.encode.coder) + \
+                pos_bits / max(weights, 1)
             ctx.log.info("quantize: λ=%.4g: planned %.4f, coded %.4f bits/weight (target %.4f)",
                          found.lam, all_in_rate(results), coded, target)
             # Keep the pass closest to the target from below (or the lowest, if none is).
@@ -235,6 +256,8 @@ def run_rows(ctx: StageContext) -> dict:
         parts = [r for r, o in zip(results, owner, strict=True) if o == n]
         r = RowsResult.concat(parts)
         cb, idx = frequency_ranked(r)
+        if n in masks:
+            idx = expand(idx, masks[n])
         codebooks[n] = torch.from_numpy(cb)
         indices[n] = torch.from_numpy(idx).reshape(shapes[n])
         layers[n] = {"rows": r.rows, "cols": r.n,
@@ -243,11 +266,23 @@ def run_rows(ctx: StageContext) -> dict:
                      "all_in_bits": all_in_rate(r),
                      "one_level_rows": int((r.levels == 1).sum()),
                      "weighted_distortion": float(r.distortion.sum() / max(r.rows * r.n, 1))}
+        if n in masks:
+            layers[n]["cols"] = int(masks[n].shape[1])
+            layers[n]["kept_fraction"] = float(masks[n].mean())
     raw = [n for n in state if n not in set(names)]
     overall = {"index_entropy_bits": index_rate(results), "all_in_bits": all_in_rate(results)}
     del state, results
     QuantizedModel(scope=q.scope, method=q.method, codebooks=codebooks, indices=indices,
-                   assignment={n: n for n in names}, raw=raw).write(out)
+                   assignment={n: n for n in names}, raw=raw,
+                   masks={n: torch.from_numpy(m).reshape(shapes[n]) for n, m in masks.items()}
+                   ).write(out)
+    if keeps:
+        info["prune"] = {
+            "criterion": cfg.prune.criterion, "n_m": cfg.prune.n_m, "tensors": len(masks),
+            "kept_fraction": (weights - sum(int((~m).sum()) for m in masks.values()))
+            / max(weights, 1),
+            "position_bits": pos_bits / max(weights, 1),
+            "pruned_distortion": cut / max(weights, 1)}
     out.write_json("layers.json", layers)
     ev = call(_evaluate_task, cfg, src, out, cpus="worker", gpus="task")
     wl = Workload(cfg)

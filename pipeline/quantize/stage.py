@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from pipeline.config import RunConfig
-from pipeline.config_checks import per_tensor
+from pipeline.config_checks import one_shot, per_tensor
 from pipeline.executor import call, remote, task_cpus, task_threads
 from pipeline.graph import Stage, StageContext
 from pipeline.quantize.artifacts import QuantizedModel
@@ -332,6 +332,9 @@ def _sections(cfg: RunConfig) -> dict:
     # do not depend on it.
     if cfg.encode.coder != "huffman" and cfg.quantize.scope in ("channel", "group"):
         q["coder"] = cfg.encode.coder
+    if one_shot(cfg):  # the quantize stage prunes: what it cuts is part of its result
+        p = cfg.prune
+        q["prune"] = {"keep": dict(p.keep), "n_m": p.n_m, "criterion": p.criterion}
     return {"seed": cfg.seed, "quantize": q}
 
 
@@ -359,5 +362,6 @@ QUANTIZE = Stage(
     headline=("quantized_accuracy", "quantized_perplexity"),
     outputs=lambda cfg: (("codes.json", "layers.json") if per_tensor(cfg)
                          else ("codebooks.safetensors", "indices.safetensors", "quantized.json",
-                               "layers.json")),
+                               "layers.json") + (("masks.safetensors",) if one_shot(cfg)
+                                                 else ())),
 )

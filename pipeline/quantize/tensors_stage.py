@@ -35,7 +35,7 @@ from pipeline.config import RunConfig
 from pipeline.executor import BlockMap, map_units, task_cpus, task_threads
 from pipeline.graph import StageContext
 
-__all__ = ["run_quantize_tensors", "CODES", "read_codes", "sample_rows"]
+__all__ = ["run_quantize_tensors", "CODES", "read_codes", "read_codes_masked", "sample_rows"]
 
 CODES = "codes.json"  # {"lambda", "codes": {tensor: rel}, "shapes": {tensor: [R, C]}}
 _SAMPLE_WEIGHTS = 8_000_000  # the λ search's sample: about this many weights
@@ -83,7 +83,10 @@ def _tensor_and_hessian(cfg: RunConfig, url: str, opts: dict | None, hess, name:
 
 
 def _sample_task(cfg: RunConfig, url: str, opts: dict | None, hess, name: str,
-                 shape: tuple[int, int], every: int, row0: int, embedding: bool = False):
+                 shape: tuple[int, int], every: int, row0: int, embedding: bool = False,
+                 keep: float | None = None):
+    """(the tensor's sampled rows as a RowBlock — their kept weights when pruned —, the bits
+    the file spends on the tensor's mask: 0 when it is not pruned)."""
     from pipeline.quantize.rate import RowBlock
 
     task_threads()
@@ -92,8 +95,37 @@ def _sample_task(cfg: RunConfig, url: str, opts: dict | None, hess, name: str,
     W = t[torch.from_numpy(rows)].to(torch.float32).numpy()
     if not np.isfinite(W).all():
         raise ValueError(f"tensor {name} has NaN or inf weights")
-    return RowBlock(np.ascontiguousarray(W), np.ascontiguousarray(_h_rows(h, shape, rows)),
-                    row0)
+    H = np.ascontiguousarray(_h_rows(h, shape, rows))
+    pos_bits = 0.0
+    if keep is not None:
+        from pipeline.quantize.sparsity import compact, position_bits
+
+        mask = _slab_mask(cfg, W, H, keep)
+        W, H = compact(W, mask), compact(H, mask)
+        pos_bits = position_bits(_tensor_mask(cfg, t, h, shape, keep), cfg.encode.coder)
+    return RowBlock(np.ascontiguousarray(W), H, row0), pos_bits
+
+
+def _slab_mask(cfg: RunConfig, W: np.ndarray, H: np.ndarray, keep: float) -> np.ndarray:
+    """One-shot pruning mask (True = kept) of rows W [r, C] with Hessian rows H."""
+    from pipeline.quantize.sparsity import parse_n_m, row_mask, saliency
+
+    p = cfg.prune
+    n_m = parse_n_m(p.n_m) if p.n_m else None
+    return row_mask(saliency(W, H, p.criterion), keep=keep, n_m=n_m)
+
+
+def _tensor_mask(cfg: RunConfig, t: torch.Tensor, h: np.ndarray, shape: tuple[int, int],
+                 keep: float) -> np.ndarray:
+    """The whole tensor's mask, slab by slab (a row's mask depends on that row alone)."""
+    R, C = shape
+    mask = np.empty((R, C), bool)
+    step = max(1, _SLAB_WEIGHTS // max(C, 1))
+    for a in range(0, R, step):
+        b = min(R, a + step)
+        mask[a:b] = _slab_mask(cfg, t[a:b].to(torch.float32).numpy(),
+                               np.asarray(_h_rows(h, shape, slice(a, b))), keep)
+    return mask
 
 
 def sample_rows(t: torch.Tensor, h: np.ndarray, shape: tuple[int, int], every: int
@@ -133,8 +165,10 @@ def _opts(cfg: RunConfig, threads: int = 1) -> dict[str, Any]:
 
 def _tensor_task(cfg: RunConfig, out, url: str, opts: dict | None, hess, name: str, i: int,
                  shape: tuple[int, int], lam: float, row0: int, tag: str,
-                 embedding: bool = False) -> dict:
-    """Unit `t<i>-<tag>`: every row of tensor `name` at λ → its codes file and coded bits."""
+                 embedding: bool = False, keep: float | None = None) -> dict:
+    """Unit `t<i>-<tag>`: every row of tensor `name` at λ → its codes file and coded bits.
+    keep: the fraction one-shot pruning keeps of each row (None: not pruned); the kept
+    weights of each row are quantized as a dense row and the mask goes in the codes file."""
     from safetensors.torch import save
 
     from pipeline.memory import process_peaks, release_memory
@@ -151,12 +185,21 @@ def _tensor_task(cfg: RunConfig, out, url: str, opts: dict | None, hess, name: s
     R, C = shape
     step = max(1, _SLAB_WEIGHTS // max(C, 1))
     parts = []
+    mask = None if keep is None else np.empty((R, C), bool)
+    cut = 0.0  # Σ h·w² of the pruned weights
     for a in range(0, R, step):
         b = min(R, a + step)
         W = t[a:b].to(torch.float32).numpy()
         if not np.isfinite(W).all():
             raise ValueError(f"tensor {name} has NaN or inf weights")
         H = np.ascontiguousarray(_h_rows(h, shape, slice(a, b)))
+        if mask is not None:
+            from pipeline.quantize.sparsity import compact
+
+            m = mask[a:b] = _slab_mask(cfg, W, H, keep)
+            cut += float(np.einsum("ij,ij->", np.where(m, 0.0, np.square(W, dtype=np.float64)),
+                                   H))
+            W, H = compact(W, m), compact(H, m)
         (res,) = solve_rows_at([RowBlock(W, H, row0 + a)], lam, q.method,
                                **_opts(cfg, threads))
         parts.append(res)
@@ -167,13 +210,24 @@ def _tensor_task(cfg: RunConfig, out, url: str, opts: dict | None, hess, name: s
         parts, fb = feedback_tensor(cfg, hess, name, t, h, shape, parts, lam)
     del t, h
     bits = coded_bits(parts, cfg.encode.coder)
-    cb, idx = _ranked_codes(parts, R, C)
+    cb, idx = _ranked_codes(parts, R, parts[0].n if parts else C)
     levels = np.concatenate([p.levels for p in parts])
     layer = {"rows": R, "cols": C, "mean_levels": float(levels.mean()),
              "max_levels": int(levels.max()), "index_entropy_bits": index_rate(parts),
              "all_in_bits": all_in_rate(parts), "one_level_rows": int((levels == 1).sum()),
              "weighted_distortion": float(np.concatenate([p.distortion for p in parts]).sum()
                                           / max(R * C, 1))}
+    tensors = {}
+    if mask is not None:
+        from pipeline.quantize.sparsity import expand, position_bits
+
+        bits["positions"] = position_bits(mask, cfg.encode.coder)
+        idx = expand(idx, mask)
+        layer["kept_fraction"] = float(np.count_nonzero(mask)) / max(R * C, 1)
+        # the weighted distortion above is the kept weights' quantization error; this is
+        # what cutting the others cost, in the same units (Σ h·w² per weight of the tensor)
+        layer["pruned_distortion"] = cut / max(R * C, 1)
+        tensors["mask"] = torch.from_numpy(mask.view(np.uint8))
     if fb is not None:
         layer["feedback"] = {**fb, "coded_bits": float(sum(bits.values()))}
     del parts
@@ -181,7 +235,7 @@ def _tensor_task(cfg: RunConfig, out, url: str, opts: dict | None, hess, name: s
     release_memory()
     rel = f"codes/{i:05d}-{tag}.safetensors"
     out.write_bytes(rel, canonical_safetensors(save(
-        {"indices": idx_t, "codebooks": torch.from_numpy(cb.astype(np.float32))},
+        {"indices": idx_t, "codebooks": torch.from_numpy(cb.astype(np.float32)), **tensors},
         metadata={"tensor": name, "dtype": dtype, "lam": repr(lam)})))
     return Units(out).record(f"t{i:05d}-{tag}", [rel], name=name, bits=bits, layer=layer,
                              bytes_read=read, process=process_peaks())
@@ -214,20 +268,38 @@ def _ranked_codes(parts: list, R: int, C: int) -> tuple[np.ndarray, np.ndarray]:
 def read_codes(sd, rel: str, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """(indices uint8/int16 [R, C], codebooks float32 [R, K]) of one tensor's codes file, read
     through the stage folder (its sha256 checked against the manifest) and bounded by shape."""
+
+    idx, cb, _ = read_codes_masked(sd, rel, shape)
+    return idx, cb
+
+
+def read_codes_masked(sd, rel: str, shape: tuple[int, int]
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """`read_codes` and the tensor's one-shot pruning mask: bool [R, C] (True = kept), every
+    row keeping the same count, or None when the tensor is not pruned."""
     from safetensors.numpy import load
 
     data = sd.read_bytes(rel)  # checked against the manifest's sha256
     try:
         t = load(data)
         idx, cb = t["indices"], t["codebooks"]
+        mask = t.get("mask")
     except Exception as e:  # noqa: BLE001 - safetensors raises its own types on bad input
         raise sd._corrupt(rel, f"not a codes file ({type(e).__name__})") from None
     R, C = shape
     if (idx.shape != (R, C) or idx.dtype not in (np.uint8, np.int16) or cb.dtype != np.float32
             or cb.ndim != 2 or cb.shape[0] != R or not 1 <= cb.shape[1] <= 1 << 15
-            or (idx.size and not 0 <= idx.min() <= idx.max() < cb.shape[1])):
+            or (idx.size and not 0 <= idx.min() <= idx.max() < cb.shape[1])
+            or set(t) - {"indices", "codebooks", "mask"}):
         raise sd._corrupt(rel, f"not the codes of a {[R, C]} tensor")
-    return idx, cb
+    if mask is not None:
+        if mask.shape != (R, C) or mask.dtype != np.uint8 or (mask.size and mask.max() > 1):
+            raise sd._corrupt(rel, f"its mask is not a 0/1 mask of a {[R, C]} tensor")
+        mask = mask.view(bool)
+        kept = mask.sum(axis=1)
+        if R and (kept != kept[0]).any():
+            raise sd._corrupt(rel, "its mask's rows keep different counts")
+    return idx, cb, mask
 
 
 def _record_fields_wrong(fields: dict, name: str) -> str | None:
@@ -236,13 +308,22 @@ def _record_fields_wrong(fields: dict, name: str) -> str | None:
     if fields.get("name") != name:
         return f"it is the record of tensor {fields.get('name')!r}, not {name!r}"
     bits = fields.get("bits")
-    if not isinstance(bits, dict) or set(bits) != {"indices", "codebooks", "tables", "header"} \
+    if not isinstance(bits, dict) or set(bits) - {"positions"} != {
+            "indices", "codebooks", "tables", "header"} \
             or not all(type(v) in (int, float) and math.isfinite(v) and v >= 0
                        for v in bits.values()):
-        return "its bits are not four finite counts"
+        return "its bits are not four (five when pruned) finite counts"
     if not isinstance(fields.get("layer"), dict) or type(fields.get("bytes_read")) is not int:
         return "it has no layer figures or bytes read"
     return None
+
+
+def _keeps(cfg: RunConfig, names: list[str], embeddings: set[str]) -> dict[str, float]:
+    """{tensor: fraction of each row kept} under one-shot pruning; {} without it."""
+    from pipeline.config_checks import one_shot
+    from pipeline.quantize.sparsity import keeps_for
+
+    return keeps_for(names, cfg.prune.keep, embeddings) if one_shot(cfg) else {}
 
 
 def _tag(lam: float) -> str:
@@ -283,12 +364,18 @@ def run_quantize_tensors(ctx: StageContext) -> dict[str, Any]:
     every = max(1, math.ceil(weights / _SAMPLE_WEIGHTS))
     sample = [None] * len(names)
     embeddings = set(meta.get("embeddings", []))
-    for i, block in map_units(_sample_task, [(cfg, url, opts, hess, n, shapes[n], every, row0[n],
-                                              n in embeddings)
-                                             for n in names], cpus=task_cpus(1),
-                              desc="quantize sample", unit="tensor"):
-        sample[i] = block
+    keeps = _keeps(cfg, names, embeddings)
+    pos_bits = [0.0] * len(names)  # what each tensor's mask costs (one-shot pruning)
+    for i, (block, pb) in map_units(
+            _sample_task, [(cfg, url, opts, hess, n, shapes[n], every, row0[n],
+                            n in embeddings, keeps.get(n)) for n in names],
+            cpus=task_cpus(1), desc="quantize sample", unit="tensor"):
+        sample[i], pos_bits[i] = block, pb
     sampled = [b.W.shape[0] for b in sample]
+    if keeps:
+        ctx.log.info("quantize: one-shot pruning (%s, %s) of %d tensors; their masks take "
+                     "%.4f bits/weight", cfg.prune.criterion, cfg.prune.n_m or "per row",
+                     len(keeps), math.fsum(pos_bits) / weights)
     ctx.log.info("quantize: %s per channel, %d tensors, %d rows, %d weights; λ searched on "
                  "one row in %d, stratified (%d rows)", q.method, len(names), at, weights, every,
                  sum(sampled))
@@ -306,8 +393,8 @@ def run_quantize_tensors(ctx: StageContext) -> dict[str, Any]:
                                            tol=0.005, **_opts(cfg))
             evals += len(found.evaluations)
             lam0 = found.lam
-            pred = _predicted_bits(found, [shapes[n] for n in names], sampled,
-                                   cfg.encode.coder) / weights + bias
+            pred = (_predicted_bits(found, [shapes[n] for n in names], sampled,
+                                    cfg.encode.coder) + math.fsum(pos_bits)) / weights + bias
             ctx.log.info("quantize: λ=%.4g on the sample: predicted %.4f bits/weight in the "
                          "file (aim %.4f, target %.4f)", found.lam, pred, aim, target)
             # the window's middle: the stratified sample's prediction has missed the full
@@ -328,7 +415,7 @@ def run_quantize_tensors(ctx: StageContext) -> dict[str, Any]:
                 reused += 1
             else:
                 todo.append((cfg, out, url, opts, hess, n, i, shapes[n], lam, row0[n], tag,
-                             n in embeddings))
+                             n in embeddings, keeps.get(n)))
         for j, rec in map_units(_tensor_task, todo, cpus=task_cpus(1), gpus="task",
                                 desc=f"quantize pass {passes}", unit="tensor"):
             recs[todo[j][5]] = rec
@@ -357,6 +444,17 @@ def run_quantize_tensors(ctx: StageContext) -> dict[str, Any]:
     w_levels = sum(layers[n]["mean_levels"] * shapes[n][0] for n in names)
     extra = {"feedback": feedback_summary(layers, names, weights)} if q.feedback != "none" \
         else {}
+    if keeps:
+        pruned = [n for n in names if "kept_fraction" in layers[n]]
+        extra["prune"] = {
+            "criterion": cfg.prune.criterion, "n_m": cfg.prune.n_m, "tensors": len(pruned),
+            # over every quantized weight (embeddings and tensors not named included)
+            "kept_fraction": math.fsum(layers[n].get("kept_fraction", 1.0) * shapes[n][0]
+                                       * shapes[n][1] for n in names) / weights,
+            "position_bits": math.fsum(recs[n]["fields"]["bits"].get("positions", 0.0)
+                                       for n in names) / weights,
+            "pruned_distortion": math.fsum(layers[n]["pruned_distortion"] * shapes[n][0]
+                                           * shapes[n][1] for n in pruned) / weights}
     return {"quantize": {**extra,
         "method": q.method, "scope": q.scope, "target_bits": q.target_bits,
         "residency": cfg.model.residency, "rows": at, "weights": weights,

@@ -26,6 +26,7 @@ import time
 import torch
 
 from pipeline.config import RunConfig
+from pipeline.config_checks import prune_method
 from pipeline.executor import call, task_device, task_threads
 from pipeline.graph import Stage, StageContext
 from pipeline.store import StageDir
@@ -254,8 +255,9 @@ def _prune_sections(cfg: RunConfig) -> dict:
     p = cfg.prune.model_dump(mode="json")
     # The defaults (magnitude, per layer) hash as before they were settings: stores made
     # earlier keep their cache hits.
-    for k, default in (("criterion", "magnitude"), ("scope", "layer")):
-        if p[k] == default:
+    for k, default in (("criterion", "magnitude"), ("scope", "layer"), ("method", "auto"),
+                       ("method", "retrain"), ("n_m", None)):
+        if k in p and p[k] == default:
             del p[k]
     out = {"seed": cfg.seed, "prune": p}
     if cfg.prune.criterion == "obd":
@@ -286,7 +288,8 @@ PRUNE = Stage(
     inputs=lambda cfg: ("train",) if cfg.model.trained_here else ("load",),
     sections=_prune_sections,
     run=_run_prune,
-    enabled=lambda cfg: cfg.prune.enabled,
+    # one-shot pruning (a causal LM) happens inside the quantize stage
+    enabled=lambda cfg: cfg.prune.enabled and prune_method(cfg) == "retrain",
     headline=("pruned_accuracy", "kept_fraction"),
     outputs=lambda cfg: ("model.safetensors", "masks.safetensors", "history.json"),
 )
@@ -295,6 +298,6 @@ PRUNE = Stage(
 def model_stage(cfg: RunConfig) -> str:
     """The stage whose model the later stages start from: prune if enabled, else train (a
     model hwq trains) or load (any other model)."""
-    if cfg.prune.enabled:
+    if cfg.prune.enabled and prune_method(cfg) == "retrain":
         return "prune"
     return "train" if cfg.model.trained_here else "load"

@@ -154,3 +154,72 @@ def test_files_that_store_one_level_rows_still_read(tmp_path, monkeypatch):
     for f in ("old.hwq", "new.hwq"):
         np.testing.assert_array_equal(read_hwq(str(tmp_path / f))["w"],
                                       cbs["cb"][np.arange(30)[:, None], codes])
+
+
+def _even_masked_entry(rows: int = 24, cols: int = 32, keep: int = 16):
+    """A per-row-codebook tensor pruned one shot: every row keeps `keep` weights."""
+    rng = np.random.default_rng(11)
+    mask = np.zeros((rows, cols), bool)
+    for r in range(rows):
+        mask[r, rng.permutation(cols)[:keep]] = True
+    levels = rng.integers(1, 7, rows)  # some rows one level
+    codes = (rng.integers(0, 1 << 20, (rows, keep)) % levels[:, None])
+    cb = rng.standard_normal((rows, 8)).astype(np.float16).astype(np.float32)
+    entry = TensorEntry.quantized("w", (rows, cols), codes.reshape(-1), "cb", mask=mask)
+    dense = np.zeros((rows, cols), np.float32)
+    dense[mask] = np.take_along_axis(cb, codes, axis=1).reshape(-1)
+    return entry, {"cb": cb}, dense, levels
+
+
+@pytest.mark.parametrize("kw", [{}, {"coder": "ans"}, {"positions": "context"}])
+def test_rows_that_keep_the_same_count_store_ragged_levels(tmp_path, kw):
+    """One-shot pruning keeps the same count in every row: such a tensor's codebook is
+    stored ragged and its kept codes in level order (one table per level count, one-level
+    rows uncoded), as a dense tensor's; it decodes to zeros at the pruned weights."""
+    from hostile_files import split, tensor
+
+    entry, cbs, dense, _ = _even_masked_entry()
+    write_hwq(tmp_path / "a.hwq", [entry], cbs, codebook_dtype="float16", **kw)
+    np.testing.assert_array_equal(read_hwq(str(tmp_path / "a.hwq"))["w"], dense)
+    h, _ = split((tmp_path / "a.hwq").read_bytes())
+    assert tensor(h, "w")["indices"]["order"] == "levels"
+    assert h["codebooks"][0].get("ragged")
+    # rows that keep different counts keep every level of every row, in row order
+    uneven = entry.mask.copy()
+    uneven[0, np.flatnonzero(~uneven[0])[0]] = True  # row 0 keeps one more
+    codes = np.concatenate([np.zeros(1, np.int64), entry.codes])
+    e2 = TensorEntry.quantized("w", (24, 32), codes, "cb", mask=uneven)
+    write_hwq(tmp_path / "b.hwq", [e2], cbs, codebook_dtype="float16", **kw)
+    h2, _ = split((tmp_path / "b.hwq").read_bytes())
+    assert tensor(h2, "w")["indices"].get("order", "rows") == "rows"
+    assert (tmp_path / "a.hwq").stat().st_size < (tmp_path / "b.hwq").stat().st_size
+
+
+def test_a_level_ordered_pruned_tensor_with_uneven_positions_is_refused(tmp_path):
+    """Tampering: positions that do not keep n_kept / rows in every row would put the
+    level-ordered codes in the wrong rows; the reader refuses the file."""
+    import zlib
+
+    from hostile_files import join, split, tensor
+
+    from pipeline.encode.container.reader import HwqReader
+    from pipeline.encode.context import encode_mask
+
+    entry, cbs, _, _ = _even_masked_entry()
+    write_hwq(tmp_path / "a.hwq", [entry], cbs, codebook_dtype="float16",
+              positions="context")
+    h, payload = split((tmp_path / "a.hwq").read_bytes())
+    assert tensor(h, "w")["indices"]["order"] == "levels"
+    # a mask whose first row keeps one more and second one fewer: same n_kept, same streams
+    m = entry.mask.copy()
+    m[0, np.flatnonzero(~m[0])[0]] = True
+    m[1, np.flatnonzero(m[1])[0]] = False
+    data = encode_mask(m, 1)
+    pos = tensor(h, "w")["positions"]
+    (o, n, *_), = pos["chunks"]
+    assert o + n == len(payload)  # the last section: replaced in place
+    pos["chunks"][0][1] = len(data)
+    pos["chunks"][0][3] = zlib.crc32(data)
+    (tmp_path / "b.hwq").write_bytes(join(h, bytes(payload[:o]) + data))
+    with pytest.raises(ValueError, match="do not keep"):
+        HwqReader(str(tmp_path / "b.hwq")).read(["w"])

@@ -367,8 +367,14 @@ def _parse_header_inner(h: Any, file_bytes: int) -> _Header:
                     raise _Bad(f"{sec.what}: {n} symbols cannot fit in {sec.length} bytes")
         if any(tables[i].alphabet > cbshape[-1] for i in ind.tables()):
             raise _Bad(f"{what}: code table alphabet exceeds codebook size {cbshape[-1]}")
-        if ind.order == "levels" and (not codebooks[cbname][3] or d.get("positions") is not None):
-            raise _Bad(f"{what}: level-ordered indices need a ragged codebook and a dense tensor")
+        # Level order needs the level count of each code's row: a ragged codebook, and a
+        # dense tensor or a channel-scope one whose rows keep n_kept / rows each (the
+        # reader checks the decoded positions say so).
+        if ind.order == "levels" and (not codebooks[cbname][3] or (
+                d.get("positions") is not None and (
+                    scope != "channel" or not shape or n_kept % max(shape[0], 1)))):
+            raise _Bad(f"{what}: level-ordered indices need a ragged codebook and a dense "
+                       "tensor, or rows that keep the same count")
         pos = None
         if d.get("positions") is not None:
             pos = _stream(d.get("positions"), f"{what}.positions", payload, tables, version)

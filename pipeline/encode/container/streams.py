@@ -23,13 +23,21 @@ class _StreamDecoding:
     """Methods of `HwqReader` that decode streams. The reader supplies ``_h`` (the parsed
     header), ``_levels`` (level counts of ragged codebooks), ``_fail`` and ``_table``."""
 
-    def _rows_in_order(self, t: _Tensor, codes: np.ndarray) -> np.ndarray:
-        """Level-ordered codes (rows grouped by level count, ascending) back in row order."""
+    def _rows_in_order(self, t: _Tensor, codes: np.ndarray,
+                       positions: np.ndarray | None = None) -> np.ndarray:
+        """Level-ordered codes (rows grouped by level count, ascending) back in row order.
+        A pruned tensor's rows each keep n_kept / rows weights (its positions checked)."""
         levels = self._levels.get(t.codebook)
         if levels is None:
             self._fail(f"tensor {t.name!r}: level-ordered indices without level counts")
         rows = levels.shape[0]
-        per_row = t.numel // max(rows, 1)
+        per_row = (t.numel if positions is None else t.n_kept) // max(rows, 1)
+        if positions is not None and rows:
+            _, cols, _ = mask_geometry(t.shape)
+            counts = np.bincount(positions // max(cols, 1), minlength=rows)
+            if counts.shape[0] != rows or (counts != per_row).any():
+                self._fail(f"tensor {t.name!r}: level-ordered indices, but its rows do not "
+                           f"keep {per_row} weights each")
         order = np.argsort(levels, kind="stable")
         # One-level rows (first in the order) are stored without codes (all 0); files of
         # writers before that store them too, and either count is exact.
@@ -178,7 +186,7 @@ class _StreamDecoding:
         else:
             codes = self._decode_stream(t.indices, data, map_fn, dtype)
         if t.indices.order == "levels":
-            codes = self._rows_in_order(t, codes)
+            codes = self._rows_in_order(t, codes, positions)
         if codes.size and int(codes.max()) >= k:
             self._fail(f"tensor {t.name!r}: code out of range of its {k}-entry codebook")
         return codes, positions

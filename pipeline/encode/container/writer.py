@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from ..ans_table import AnsTable
-from ..codebooks import encode_codebook, level_classes, row_levels
+from ..codebooks import encode_codebook, even_rows, level_classes, row_levels
 from ..coders import encode_job, make_table, mask_geometry, table_kind
 from ..huffman import entropy_bits, pack_lengths
 from ..positions import choose_max_gap, gap_histogram, gap_symbol_counts, gaps_to_symbols
@@ -153,7 +153,8 @@ def write_hwq(
         p = kept[i] if not lazy else load(i)
         if p.codes is not None:
             p.scope = _scope(p, cbs[p.entry.codebook], refs[p.entry.codebook])
-            if p.mask is None and p.entry.codebook in levels and p.classes is None:
+            if p.entry.codebook in levels and p.classes is None and (
+                    p.mask is None or (p.scope == "channel" and even_rows(p))):
                 p.classes = level_classes(p.codes, levels[p.entry.codebook])
         return p
 

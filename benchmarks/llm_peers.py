@@ -115,6 +115,8 @@ def _finetune_variants(rid: str, no_finetune: bool, block: dict | None = None
         if rid in BLOCKWISE_ROWS:
             tag = "".join(f"-{k.removeprefix('block_')}{v:g}" for k, v in (block or {}).items())
             out.append(("+bw" + tag, {"enabled": True, "mode": "blockwise", **(block or {})}))
+            # block-wise, then end to end from its codebooks (finetune.mode=both)
+            out.append(("+both" + tag, {"enabled": True, "mode": "both", **(block or {})}))
     return out
 
 
@@ -252,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
                     "value other than the default is a row of its own)")
     ap.add_argument("--block-steps", type=int, help="block-wise rows: finetune.block_steps")
     ap.add_argument("--rows", help="only these hwq rows, comma-separated (e.g. hwq-ecsq-3.25)")
+    ap.add_argument("--variants", help="only these fine-tune variants of the hwq rows, "
+                    "comma-separated: none, ft, bw, both (default: every one the row has)")
     args = ap.parse_args(argv)
     import logging
 
@@ -362,9 +366,11 @@ def main(argv: list[str] | None = None) -> int:
             for rid, label, quant in rows:  # --rows: in the order given
                 block = {k: v for k, v in (("block_lr", args.block_lr),
                                            ("block_steps", args.block_steps)) if v is not None}
+                variants = args.variants.split(",") if args.variants else None
                 for suffix, ft in _finetune_variants(rid, args.no_finetune, block):
                     row_id = rid + suffix
-                    if row_id in done:
+                    kind = suffix.lstrip("+").split("-")[0] or "none"
+                    if row_id in done or (variants is not None and kind not in variants):
                         continue
                     enc = {"encode": ROW_ENCODE[rid]} if rid in ROW_ENCODE else {}
                     if rid in ROW_PRUNE:
@@ -374,7 +380,9 @@ def main(argv: list[str] | None = None) -> int:
                     secs = sum(s["compute_seconds"] for s in rep["stages"].values())
                     fam = label.split(",")[0].replace(", k=8", "").replace(", k=16", "")
                     more = {"+ft": (" + fine-tuning", " + FT")}.get(suffix, ("", ""))
-                    if suffix.startswith("+bw"):
+                    if suffix.startswith("+both"):
+                        more = (" + block-wise, then end-to-end fine-tuning", " + BW+FT")
+                    elif suffix.startswith("+bw"):
                         more = (" + block-wise fine-tuning" + "".join(
                             f", {k} {v:g}" for k, v in block.items()), " + BW FT")
                     keep({"id": row_id, "label": label + more[0],

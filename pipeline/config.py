@@ -309,9 +309,10 @@ class FinetuneConfig(_Section):
     zero_stage: int = Field(0, ge=0, le=3)
     bf16: bool = False
     grad: Literal["sum", "mean"] = "sum"  # centre gradient: sum (paper) or mean of members
-    # end_to_end (DeepSpeed, whole model) | blockwise (a task per decoder block, causal LMs);
+    # end_to_end (DeepSpeed, whole model) | blockwise (a task per decoder block, causal LMs)
+    # | both (block-wise, then end to end from its codebooks; a resident causal LM);
     # auto: blockwise for a streamed model, else end_to_end (docs/LARGE_MODELS.md)
-    mode: Literal["auto", "end_to_end", "blockwise"] = "auto"
+    mode: Literal["auto", "end_to_end", "blockwise", "both"] = "auto"
     block_steps: int = Field(32, ge=0)  # Adam steps per block, block_batch windows each
     block_lr: float = Field(1e-3, gt=0)  # 1e-4 barely moved SmolLM2 (docs/RESULTS.md)
     block_batch: int = Field(4, ge=1)
@@ -436,9 +437,10 @@ class RunConfig(_Section):
         """Settings whose default depends on the model: filled in here so every dump (and so
         every stage key) holds the value used."""
         lenet = self.model.trained_here
-        if self.finetune.mode == "blockwise" and self.model.name != "hf_causal_lm":
-            raise ValueError("finetune.mode=blockwise trains a causal language model's decoder "
-                             "blocks (model.name=hf_causal_lm); use finetune.mode=end_to_end")
+        if self.finetune.mode in ("blockwise", "both") and self.model.name != "hf_causal_lm":
+            raise ValueError(f"finetune.mode={self.finetune.mode} trains a causal language "
+                             "model's decoder blocks (model.name=hf_causal_lm); use "
+                             "finetune.mode=end_to_end")
         if self.data.name == "text" and self.finetune.enabled and \
                 self.finetune.mode != "blockwise" and \
                 "batch_size" not in self.finetune.model_fields_set:

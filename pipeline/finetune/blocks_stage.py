@@ -157,7 +157,10 @@ def _block_task(cfg: RunConfig, out, url: str, opts, codes, plan: list[list[str]
     return (y, h_q, h_0, calls), rec
 
 
-def run_finetune_blockwise(ctx: StageContext) -> dict[str, Any]:
+def run_finetune_blockwise(ctx: StageContext, codes=None) -> dict[str, Any]:
+    """Block-wise fine-tuning of the quantize stage's codes. codes: where they are read
+    (default: the per-tensor stages' `TensorCodes`; `finetune.mode: both` passes a
+    whole-model artifact's `ModelCodes`)."""
     from pipeline import progress
     from pipeline.finetune.blockwise import split_windows
     from pipeline.hessian.shards import block_of, num_blocks
@@ -170,7 +173,7 @@ def run_finetune_blockwise(ctx: StageContext) -> dict[str, Any]:
     cfg, out, ft = ctx.cfg, ctx.out, ctx.cfg.finetune
     t0 = time.perf_counter()
     load, quant = ctx.inputs["load"], ctx.inputs["quantize"]
-    codes = TensorCodes(quant)
+    codes = codes if codes is not None else TensorCodes(quant)
     url, opts = source_url(cfg, load)
     B = num_blocks(WeightsFolder(url, opts))
     plan: list[list[str]] = [[] for _ in range(B)]

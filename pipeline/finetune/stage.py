@@ -75,7 +75,7 @@ import torch
 
 from pipeline import hooks
 from pipeline.config import FinetuneConfig, RunConfig
-from pipeline.config_checks import per_tensor
+from pipeline.config_checks import finetune_mode, per_tensor
 from pipeline.errors import UserError
 from pipeline.finetune.checkpoint import Checkpoints
 from pipeline.graph import Stage, StageContext
@@ -305,6 +305,13 @@ def _worker(conf: dict[str, Any]) -> None:
 
     op_seconds, op_cached = _load_comm_op()
     quantized = QuantizedModel.read(conf["quantize"])
+    if conf.get("blockwise"):  # finetune.mode: both: from the block-wise phase's codebooks
+        from pipeline.quantize.codes import tuned_codebooks
+
+        shapes = {n: (int(i.shape[0]), int(i[0].numel()) if i.shape[0] else 0)
+                  for n, i in quantized.indices.items()}
+        for n, cb in tuned_codebooks(conf["out"], shapes).items():
+            quantized.codebooks[quantized.assignment[n]] = torch.from_numpy(cb)
     generic = not cfg.model.trained_here
     if generic:  # a loaded model: its adapter's loss on the calibration data
         from pipeline.workload import Workload
@@ -539,10 +546,22 @@ def _run(ctx: StageContext) -> dict[str, Any]:
         from pipeline.finetune.blocks_stage import run_finetune_blockwise
 
         return run_finetune_blockwise(ctx)
+    if finetune_mode(ctx.cfg) == "both":  # block-wise first, then end to end from there
+        from pipeline.finetune.blocks_stage import run_finetune_blockwise
+        from pipeline.quantize.codes import ModelCodes
+
+        bw = run_finetune_blockwise(ctx, ModelCodes(ctx.inputs["quantize"], ctx.inputs["load"]))
+        e2e = _run_end_to_end(ctx, blockwise=True)
+        e2e["finetune"] = {**e2e["finetune"], "mode": "both", "blockwise": bw["finetune"]}
+        if "finetuned_validation_perplexity" in bw:
+            e2e["blockwise_validation_perplexity"] = bw["finetuned_validation_perplexity"]
+        return e2e
     return _run_end_to_end(ctx)
 
 
-def _run_end_to_end(ctx: StageContext) -> dict[str, Any]:
+def _run_end_to_end(ctx: StageContext, blockwise: bool = False) -> dict[str, Any]:
+    """DeepSpeed inside Ray Train; blockwise: start from the codebooks the block-wise phase
+    of this stage wrote (finetune.mode: both)."""
     from ray.train import FailureConfig, ScalingConfig
     from ray.train import RunConfig as TrainRunConfig
     from ray.train.torch import TorchConfig
@@ -554,6 +573,7 @@ def _run_end_to_end(ctx: StageContext) -> dict[str, Any]:
     use_gpu = gpus > 0
     conf = {"cfg": cfg, "out": ctx.out, "model": ctx.inputs[model_stage(cfg)],
             "quantize": ctx.inputs["quantize"], "ckpt": ckpt, "hook": hooks.from_env(),
+            "blockwise": blockwise,
             "threads": max(1, int(cpus))}
     ckpt.clear_ray_storage()
     # What the workers will find (they check again, and unpickle weights-only, themselves).
@@ -649,5 +669,6 @@ FINETUNE = Stage(
     run=_run,
     enabled=lambda cfg: cfg.finetune.enabled and cfg.quantize.enabled,
     headline=("finetuned_accuracy", "finetuned_perplexity"),
-    outputs=lambda cfg: ("codebooks.json",) if per_tensor(cfg) else (CODEBOOKS, SUMMARY),
+    outputs=lambda cfg: ("codebooks.json",) if per_tensor(cfg) else (CODEBOOKS, SUMMARY) + (
+        ("codebooks.json",) if finetune_mode(cfg) == "both" else ()),
 )

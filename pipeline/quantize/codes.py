@@ -15,7 +15,7 @@ import re
 
 import numpy as np
 
-__all__ = ["TensorCodes", "read_tuned"]
+__all__ = ["ModelCodes", "TensorCodes", "read_tuned", "tuned_codebooks"]
 
 _TUNED_FILE = re.compile(r"codebooks/b[0-9]{5}\.safetensors")
 
@@ -87,3 +87,67 @@ class TensorCodes:
                                              f"{list(t.shape)}, not {list(cb.shape)}")
             cb = t
         return idx, cb, mask
+
+
+class ModelCodes:
+    """The interface of :class:`TensorCodes` over a whole-model quantize stage's artifact
+    (`QuantizedModel`: per-row codebooks of a causal LM), for the block-wise phase of
+    ``finetune.mode: both``. Picklable (it holds the stage folder); the artifact is read once
+    per process, when a tensor is first asked for."""
+
+    def __init__(self, quant, load) -> None:
+        """quant: the quantize stage folder; load: the load stage's (its model.json gives
+        the tensors' shapes)."""
+        import math
+
+        meta = quant.read_json("quantized.json")
+        if meta.get("scope") != "channel":
+            raise ValueError("block-wise fine-tuning trains per-row codebooks "
+                             f"(quantize.scope=channel), not {meta.get('scope')!r} ones")
+        self.quant = quant
+        self.codes: dict[str, str] = {str(n): str(n) for n in meta["tensors"]}
+        shapes = load.read_json("model.json")["shapes"]
+        self.shapes: dict[str, tuple[int, int]] = {
+            n: (int(shapes[n][0]), math.prod(int(x) for x in shapes[n][1:])) for n in self.codes}
+        self._qm = None
+
+    def __getstate__(self):
+        return {"quant": self.quant, "codes": self.codes, "shapes": self.shapes, "_qm": None}
+
+    def _model(self):
+        if self._qm is None:
+            from pipeline.quantize.artifacts import QuantizedModel
+
+            self._qm = QuantizedModel.read(self.quant)
+        return self._qm
+
+    def read_masked(self, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        qm = self._model()
+        idx = qm.indices[name]
+        R = idx.shape[0]
+        i = idx.reshape(R, -1).numpy()
+        if i.dtype != np.uint8:
+            i = i.astype(np.int16 if int(i.max(initial=0)) < 1 << 15 else np.int32)
+        m = qm.masks.get(name)
+        return (i, qm.codebooks[qm.assignment[name]].float().numpy(),
+                None if m is None else m.reshape(R, -1).numpy())
+
+    def read(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        idx, cb, _ = self.read_masked(name)
+        return idx, cb
+
+
+def tuned_codebooks(finetune, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """{tensor: float32 [R, K]} of every tensor a block-wise fine-tune (its stage folder,
+    `codebooks.json` and the block files) trained."""
+    files = finetune.read_json("codebooks.json").get("codebooks")
+    if not isinstance(files, dict) or not all(
+            n in shapes and isinstance(r, str) and _TUNED_FILE.fullmatch(r)
+            for n, r in files.items()):
+        raise finetune._corrupt("codebooks.json", "not a map of quantized tensors to block "
+                                "codebook files")
+    out: dict[str, np.ndarray] = {}
+    for rel in sorted(set(files.values())):
+        names = sorted(n for n, r in files.items() if r == rel)
+        out.update(read_tuned(finetune, rel, names, {n: shapes[n] for n in names}))
+    return out

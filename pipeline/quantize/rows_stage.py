@@ -214,7 +214,9 @@ def run_rows(ctx: StageContext) -> dict:
         # is a mean over rows), then every row is solved once at the λ found.
         sample = [RowBlock(b.W[::_SAMPLE], None if b.H is None else b.H[::_SAMPLE],
                            b.row_offset) for b in blocks] if row0 >= 64 * _SAMPLE else blocks
-        target, aim, lam0, evals = float(q.target_bits), float(q.target_bits), None, []
+        # the masks' bits (one-shot pruning) are known and do not depend on λ: aimed below
+        target, lam0, evals = float(q.target_bits), None, []
+        aim = target - pos_bits / max(weights, 1)
         passes, best = 0, None
         while passes < 3:
             passes += 1

@@ -50,6 +50,26 @@ def _seed(text: str) -> int:
     return n
 
 
+def _prune(text: str) -> dict:
+    """--prune: "N:M" or a kept fraction in (0, 1) → the prune section (one shot, OBD)."""
+    from pipeline.config_checks import parse_n_m
+
+    if ":" in text:
+        try:
+            parse_n_m(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e).replace("prune.n_m=", "")) from None
+        return {"enabled": True, "n_m": text.strip(), "criterion": "obd"}
+    try:
+        keep = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not N:M (e.g. 2:4) or a kept fraction: {text!r}"
+                                         ) from None
+    if not 0 < keep < 1:
+        raise argparse.ArgumentTypeError(f"a kept fraction is in (0, 1), got {text}")
+    return {"enabled": True, "keep": {"*": keep}, "criterion": "obd"}
+
+
 def stream_config(args) -> dict:
     """The `hwq run` config `hwq stream`'s flags stand for (a dict of sections)."""
     data: dict = {"calibration_windows": args.windows, "seq_len": args.seq_len}
@@ -88,6 +108,7 @@ def stream_config(args) -> dict:
                      if args.finetune_steps else {"enabled": False}),
         "encode": {"coder": args.coder},
         "store": store, "executor": executor,
+        **({"prune": pr} if (pr := getattr(args, "prune", None)) else {}),
     }
 
 
@@ -169,6 +190,11 @@ def add_commands(sub) -> None:
                    help="the token embedding and output head: keep them as stored (default), "
                    "quantize the head only (an untied input embedding has no activation "
                    "statistics), or both (quantize.embeddings)")
+    s.add_argument("--prune", type=_prune, metavar="N:M|KEEP",
+                   help="one-shot pruning of every decoder Linear before quantizing, by OBD "
+                   "saliency (h·w² with the run's Hessian): N of every M consecutive weights "
+                   "of a row (2:4) or a kept fraction of each row (0.75); the masks are coded "
+                   "in the file and count in --bits (prune.method=one_shot)")
     s.add_argument("--finetune-steps", type=_int_at_least(0), default=0, metavar="N",
                    help="block-wise fine-tuning of the codebooks, N Adam steps per decoder "
                    "block (finetune.mode=blockwise); 0 (default): none")

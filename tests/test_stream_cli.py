@@ -54,6 +54,9 @@ def _one_line(capsys) -> str:
         (["--eval-windows", "0"], "argument --eval-windows: must be at least 1"),
         (["--bits", "nan"], "argument --bits: must be a number of bits"),
         (["--seed", "-1"], "argument --seed: must be at least 0"),
+        (["--prune", "4:2"], "argument --prune: '4:2': need 0 < N < M"),
+        (["--prune", "1.5"], "argument --prune: a kept fraction is in (0, 1)"),
+        (["--prune", "half"], "argument --prune: not N:M"),
     ],
 )
 def test_bad_numbers_are_refused_when_parsed(model, tmp_path, capsys, args, says):
@@ -192,3 +195,21 @@ def test_serve_bits_caps_the_rows_levels_of_a_streamed_run(model, tmp_path):
     assert q.serve_bits == 3 and q.k_max == 8
     with pytest.raises(SystemExit):
         config("--serve-bits", "5")
+
+
+def test_prune_is_one_shot_pruning_of_every_decoder_linear(model, tmp_path):
+    """`--prune 2:4` / `--prune 0.75`: prune.method one_shot, OBD, every decoder Linear."""
+    from pipeline.cli import build_parser
+    from pipeline.config import from_dict
+    from pipeline.config_checks import one_shot
+    from pipeline.stream_cli import stream_config
+
+    def config(*extra):
+        args = build_parser().parse_args(["stream", str(model), str(tmp_path / "w"), *extra])
+        return from_dict(stream_config(args))
+
+    assert not config().prune.enabled
+    p = config("--prune", "2:4").prune
+    assert (p.n_m, p.keep, p.criterion, p.scope) == ("2:4", {"*": 0.5}, "obd", "row")
+    cfg = config("--prune", "0.75")
+    assert one_shot(cfg) and cfg.prune.keep == {"*": 0.75}

@@ -191,8 +191,9 @@ class PruneConfig(_Section):
     criterion: Literal["magnitude", "obd"] = "magnitude"
     # layer: each tensor keeps exactly its `keep` fraction; global: the same total number of
     # weights, ranked across tensors (the per-tensor fractions follow from the criterion);
-    # row: every output row keeps its `keep` fraction (one_shot's only scope, and its default).
-    scope: Literal["layer", "global", "row"] = "layer"
+    # row: every output row keeps its `keep` fraction (one_shot's only scope, and its default;
+    # retrain's default is layer).
+    scope: Literal["layer", "global", "row"] | None = None  # None: row one-shot, else layer
     # one_shot: "N:M" keeps N of every M consecutive weights of a row (e.g. "2:4"); `keep`
     # then defaults to {"*": N/M}. None: unstructured.
     n_m: str | None = None
@@ -460,6 +461,11 @@ class RunConfig(_Section):
             self.evaluate.__dict__["metric"] = "perplexity" if self.data.name in (
                 "text", "random_tokens") \
                 else "accuracy"
+        p = self.prune
+        if p.scope is None:  # by method, so a dumped config re-enables pruning as it was
+            p.__dict__["scope"] = "row" if prune_method(self) == "one_shot" else "layer"
+        if self.model.name == "hf_causal_lm" and "keep" not in p.model_fields_set:
+            p.__dict__["keep"] = {}  # LeNet-5's names are no language model's
         if not lenet:
             if self.prune.enabled and "prune" in self.model_fields_set and \
                     "enabled" in self.prune.model_fields_set:

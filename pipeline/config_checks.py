@@ -126,19 +126,17 @@ def one_shot_gap(cfg) -> str | None:
     if cfg.model.name != "hf_causal_lm":
         return ("prune.method=one_shot is for causal LMs (model.name=hf_causal_lm); a model "
                 "with its own data retrains (prune.method=retrain)")
-    if "scope" not in p.model_fields_set:
-        p.__dict__["scope"] = "row"
     if p.scope != "row":
         return (f"prune.scope={p.scope}: one-shot pruning keeps the same number of weights in "
                 "every row (prune.scope=row), so a row's kept weights quantize as one dense row")
     if p.n_m is not None:
         n, m = parse_n_m(p.n_m)
-        if "keep" not in p.model_fields_set:
+        if not p.keep:
             p.__dict__["keep"] = {"*": n / m}
         elif any(abs(r - n / m) > 1e-9 for r in p.keep.values()):
             return (f"prune.keep: with prune.n_m={p.n_m} every tensor keeps {n}/{m}; name the "
                     f"tensors with that fraction (e.g. {{'*': {n / m:g}}}) or drop prune.keep")
-    elif "keep" not in p.model_fields_set:
+    elif not p.keep:
         return ("prune.keep: name the fraction to keep, e.g. {'*': 0.5} (every decoder "
                 "Linear) or {'model.layers.*.mlp.*': 0.5}; or prune.n_m: '2:4'")
     if not cfg.quantize.enabled or cfg.quantize.scope != "channel":

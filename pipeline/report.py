@@ -73,6 +73,11 @@ def _finetune_lines(m: dict, metric: dict) -> list[str]:
                 "fine-tuning (it trains on the calibration/training data; fewer epochs, a "
                 "lower finetune.lr or finetune.enabled=false keep the quantized model)."]
     ft = m.get("finetune")
+    if isinstance(ft, dict) and ft.get("mode") == "both" and isinstance(ft.get("blockwise"),
+                                                                           dict):
+        out += ["", "Fine-tuning in two phases (finetune.mode=both): block-wise, then end to "
+                f"end from its codebooks ({ft.get('steps')} steps)."]
+        ft = ft["blockwise"]
     if isinstance(ft, dict) and ft.get("mode") == "blockwise" and ft.get("blocks"):
         split = "held-out" if ft.get("validation_windows") else "training"
         key = "val" if ft.get("validation_windows") else "train"
@@ -91,6 +96,19 @@ def _finetune_lines(m: dict, metric: dict) -> list[str]:
                     + f"unquantized {vp['unquantized']:.4g}, quantized {vp['quantized']:.4g}, "
                     f"fine-tuned {vp['finetuned']:.4g}."]
     return out
+
+
+def _prune_lines(m: dict) -> list[str]:
+    """One-shot pruning (a causal LM's, in the quantize stage), said in a line."""
+    p = (m.get("quantize") or {}).get("prune") if isinstance(m.get("quantize"), dict) else None
+    if not isinstance(p, dict):
+        return []
+    how = f"{p.get('n_m')} (N:M)" if p.get("n_m") else "the same fraction of every row"
+    return ["", f"One-shot pruning ({p.get('criterion')}, {how}) of {p.get('tensors')} tensors: "
+            f"{100 * p.get('kept_fraction', 1.0):.1f}% of the quantized weights kept; their "
+            f"masks take {p.get('position_bits', 0.0):.3f} bits/weight of the file; the cut "
+            f"weights' Hessian-weighted error (Σ h·w²) {p.get('pruned_distortion', 0.0):.4g} "
+            "per weight."]
 
 
 def render_markdown(report: dict) -> str:
@@ -131,6 +149,7 @@ def render_markdown(report: dict) -> str:
         lines += ["", f"Mean next-token KL(unquantized ‖ decoded): {m['decoded_kl']:.4g} nats"
                   + (" (" + ", ".join(f"{k} {v:.4g}" for k, v in by.items()) + ")"
                      if by else "") + "."]
+    lines += _prune_lines(m)
     lines += _finetune_lines(m, metric)
     if "kept_fraction" in m:
         lines += ["", f"Kept after pruning: {_pct(m['kept_fraction'])} of all parameters "

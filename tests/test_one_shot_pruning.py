@@ -203,6 +203,9 @@ def test_a_pruned_run_codes_masks_and_decodes_zeros(pruned_run):
         assert (mask.reshape(mask.shape[0], -1, 4).sum(axis=2) == 2).all()
         assert (got.float().numpy()[~mask] == 0).all()
     assert pruned == 14
+    from pipeline.report import render_markdown
+
+    assert "One-shot pruning (obd, 2:4 (N:M)) of 14 tensors: 50.0%" in render_markdown(report)
     assert np.isfinite(m["decoded_perplexity"])
     # the block-wise fine-tune ran on the pruned blocks and kept the zeros (checked above on
     # the decoded file, which uses its codebooks)

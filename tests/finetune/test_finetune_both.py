@@ -78,6 +78,10 @@ def test_both_runs_block_wise_then_end_to_end_from_its_codebooks(folder, tmp_pat
         got = torch.from_numpy(np.asarray(dec[n]).view(np.int16)).view(torch.bfloat16)
         assert torch.equal(got, torch.from_numpy(want.astype(np.float32)).to(torch.bfloat16))
     assert m["decoded_perplexity"] == pytest.approx(m["finetuned_perplexity"], rel=1e-6)
+    from pipeline.report import render_markdown
+
+    text = render_markdown(report)
+    assert "two phases (finetune.mode=both)" in text and "Block-wise fine-tuning: 2 blocks" in text
 
 
 def test_both_is_refused_where_it_cannot_run(folder, tmp_path):

@@ -215,8 +215,11 @@ def run_rows(ctx: StageContext) -> dict:
         sample = [RowBlock(b.W[::_SAMPLE], None if b.H is None else b.H[::_SAMPLE],
                            b.row_offset) for b in blocks] if row0 >= 64 * _SAMPLE else blocks
         # the masks' bits (one-shot pruning) are known and do not depend on λ: aimed below
+        # the masks' bits (one-shot pruning) are known and do not depend on λ; the blocks'
+        # rate is per kept weight: aim at what the masks leave, spread over the kept weights
         target, lam0, evals = float(q.target_bits), None, []
-        aim = target - pos_bits / max(weights, 1)
+        per_kept = weights / max(sum(b.W.size for b in blocks), 1)  # 1 when none is pruned
+        aim = target if not masks else (target - pos_bits / max(weights, 1)) * per_kept
         passes, best = 0, None
         while passes < 3:
             passes += 1
@@ -236,7 +239,7 @@ def run_rows(ctx: StageContext) -> dict:
             # Within 0.015 bit below the target, never above it.
             if target - 0.015 <= coded <= target or aim - (coded - target) <= 0:
                 break
-            aim, lam0 = aim - (coded - target) - 0.005, found.lam
+            aim, lam0 = aim - (coded - target) * per_kept - 0.005 * per_kept, found.lam
         coded, lam, aim, results = best
         best = found = None  # the rows kept are `results`
         info = {"lambda": lam, "planned_rate_bits": all_in_rate(results),

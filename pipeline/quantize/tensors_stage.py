@@ -383,6 +383,11 @@ def run_quantize_tensors(ctx: StageContext) -> dict[str, Any]:
     units = Units(out)
     target = float(q.target_bits)
     aim, lam0, evals, passes, best, reused = target, None, 0, 0, None, 0
+    per_kept = 1.0  # the sample's bits per weight over the file's, per bit of the file
+    if keeps:  # the sample's rate is per kept weight: what the masks leave, spread over them
+        per_kept = weights / max(sum(round(keeps.get(n, 1.0) * R * C)
+                                     for n, (R, C) in shapes.items()), 1)
+        aim = (target - math.fsum(pos_bits) / weights) * per_kept
     bias = 0.0  # what the full passes so far spent beyond the sample's prediction
     retried = 0  # Ray's retries of this run's tensor units (a worker killed mid-unit)
     while passes < _PASSES:
@@ -401,7 +406,7 @@ def run_quantize_tensors(ctx: StageContext) -> dict[str, Any]:
             # pass by up to ~0.006 bit (7B shape), either way
             if target - 0.0105 <= pred <= target - 0.0045 or aim - (pred - target) <= 0:
                 break
-            aim = aim - (pred - target) - 0.0075
+            aim = aim - (pred - target) * per_kept - 0.0075 * per_kept  # as is when unpruned
         lam = float(found.lam)
         tag = _tag(lam)
         passes += 1

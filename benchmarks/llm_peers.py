@@ -68,6 +68,16 @@ HWQ_ROWS = [  # (row id, label, quantize overrides), in the order they run
      {"method": "ecsq", "target_bits": 3.25}),
     ("hwq-ecsq-4.25-2of4", "hwq 2:4 OBD pruning + ECSQ, 4.25 bits",
      {"method": "ecsq", "target_bits": 4.25}),
+    # the same with rANS (encode.coder=ans): a Huffman code spends at least a bit a symbol,
+    # so gap-coded masks of 75-90% kept weights cost a bit a weight; rANS costs their entropy
+    ("hwq-ecsq-3.25-ans", "hwq ECSQ + rANS, global λ, 3.25 bits",
+     {"method": "ecsq", "target_bits": 3.25}),
+    ("hwq-ecsq-3.25-keep0.9-ans", "hwq 10% OBD pruning + ECSQ + rANS, 3.25 bits",
+     {"method": "ecsq", "target_bits": 3.25}),
+    ("hwq-ecsq-3.25-keep0.75-ans", "hwq 25% OBD pruning + ECSQ + rANS, 3.25 bits",
+     {"method": "ecsq", "target_bits": 3.25}),
+    ("hwq-ecsq-3.25-2of4-ans", "hwq 2:4 OBD pruning + ECSQ + rANS, 3.25 bits",
+     {"method": "ecsq", "target_bits": 3.25}),
     ("hwq-uniform-3.25", "hwq uniform, global λ, 3.25 bits",
      {"method": "uniform", "target_bits": 3.25}),
     ("hwq-uniform-4.25", "hwq uniform, global λ, 4.25 bits",
@@ -77,13 +87,17 @@ HWQ_ROWS = [  # (row id, label, quantize overrides), in the order they run
     ("hwq-hwkmeans-k16", "hwq Fisher k-means per channel, k=16",
      {"method": "hw_kmeans", "k": 16, "target_bits": None}),
 ]
-ROW_ENCODE = {"hwq-ecsq-2.0-ans": {"coder": "ans"}, "hwq-ecsq-2.5-ans": {"coder": "ans"}}
+ROW_ENCODE = {r: {"coder": "ans"} for r in (
+    "hwq-ecsq-2.0-ans", "hwq-ecsq-2.5-ans", "hwq-ecsq-3.25-ans", "hwq-ecsq-3.25-keep0.9-ans",
+    "hwq-ecsq-3.25-keep0.75-ans", "hwq-ecsq-3.25-2of4-ans")}
 ROW_PRUNE = {  # prune settings of the one-shot pruning rows (every decoder Linear)
     "hwq-ecsq-3.25-2of4": {"enabled": True, "n_m": "2:4", "criterion": "obd"},
     "hwq-ecsq-3.25-keep0.9": {"enabled": True, "keep": {"*": 0.9}, "criterion": "obd"},
     "hwq-ecsq-3.25-keep0.75": {"enabled": True, "keep": {"*": 0.75}, "criterion": "obd"},
     "hwq-ecsq-4.25-2of4": {"enabled": True, "n_m": "2:4", "criterion": "obd"},
 }
+ROW_PRUNE.update({r + "-ans": ROW_PRUNE[r] for r in (
+    "hwq-ecsq-3.25-keep0.9", "hwq-ecsq-3.25-keep0.75", "hwq-ecsq-3.25-2of4")})
 
 # Rows also run with block-wise fine-tuning (finetune.mode=blockwise: a Ray task per decoder
 # block, its codebooks against the unquantized hidden states) beside the end-to-end one.

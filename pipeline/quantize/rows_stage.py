@@ -197,6 +197,10 @@ def run_rows(ctx: StageContext) -> dict:
         row0 += W.shape[0]
     del H_all
     weights = sum(int(np.prod(shapes[n])) for n in names)
+    if keeps:
+        from pipeline.quantize.tensors_stage import _warn_huffman_masks
+
+        _warn_huffman_masks(ctx.log, cfg)
     ctx.log.info("quantize: %s per %s, %d tensors, %d rows, %d weights in %d Ray blocks",
                  q.method, f"group of {q.group_size}" if group else "channel", len(names),
                  row0, weights, len(blocks))

@@ -31,12 +31,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from pipeline.config_checks import (
     check_finetune_batch,
+    check_prune,
     check_serve_bits,
     feedback_gap,
     parse_bytes,
     parse_n_m,
-    prune_gap,
-    prune_method,
     streamed_gap,
 )
 from pipeline.config_paths import resolve_paths
@@ -190,9 +189,8 @@ class PruneConfig(_Section):
     # as Wanda's |w|·‖x‖).
     criterion: Literal["magnitude", "obd"] = "magnitude"
     # layer: each tensor keeps exactly its `keep` fraction; global: the same total number of
-    # weights, ranked across tensors (the per-tensor fractions follow from the criterion);
-    # row: every output row keeps its `keep` fraction (one_shot's only scope, and its default;
-    # retrain's default is layer).
+    # weights, ranked across tensors; row: every output row keeps its `keep` fraction
+    # (one_shot's only scope, and its default; retrain's default is layer).
     scope: Literal["layer", "global", "row"] | None = None  # None: row one-shot, else layer
     # one_shot: "N:M" keeps N of every M consecutive weights of a row (e.g. "2:4"); `keep`
     # then defaults to {"*": N/M}. None: unstructured.
@@ -461,29 +459,15 @@ class RunConfig(_Section):
             self.evaluate.__dict__["metric"] = "perplexity" if self.data.name in (
                 "text", "random_tokens") \
                 else "accuracy"
-        p = self.prune
-        if p.scope is None:  # by method, so a dumped config re-enables pruning as it was
-            p.__dict__["scope"] = "row" if prune_method(self) == "one_shot" else "layer"
-        if self.model.name == "hf_causal_lm" and "keep" not in p.model_fields_set:
-            p.__dict__["keep"] = {}  # LeNet-5's names are no language model's
+        check_prune(self, "prune" in self.model_fields_set and
+                    "enabled" in self.prune.model_fields_set)
         if not lenet:
-            if self.prune.enabled and "prune" in self.model_fields_set and \
-                    "enabled" in self.prune.model_fields_set:
-                why = prune_gap(self)  # a model of your own retrains on its "train" split
-                if why:
-                    raise ValueError(why)
-            else:
-                self.prune.__dict__["enabled"] = False
             if self.hessian.estimator in ("ggn", "hutchinson", "adam"):
                 raise ValueError(f"hessian.estimator={self.hessian.estimator} is for "
                                  "model.name=lenet5; use fisher or activation")
             if self.data.name == "fashion_mnist" and self.model.name == "hf_causal_lm":
                 raise ValueError("model.name=hf_causal_lm needs data.name=text (calibration "
                                  "and evaluation texts)")
-        elif self.prune.enabled and (prune_method(self) != "retrain" or
-                                     self.prune.scope == "row" or self.prune.n_m is not None):
-            raise ValueError("LeNet-5 prunes with retraining (prune.method=retrain, "
-                             "prune.scope=layer or global, no prune.n_m)")
         elif self.quantize.scope == "group":
             raise ValueError("quantize.scope=group is for models loaded by the load stage; "
                              "LeNet-5 uses network, layer or channel")
@@ -499,13 +483,6 @@ class RunConfig(_Section):
             raise ValueError(f"quantize.feedback=ldl needs {why}; or set quantize.feedback=none")
         if self.hessian.estimator == "activation" and lenet:
             raise ValueError("hessian.estimator=activation is for language models")
-        if self.prune.enabled and self.prune.criterion == "obd" and \
-                prune_method(self) == "retrain" and \
-                self.hessian.estimator not in ("ggn", "fisher", "hutchinson"):
-            raise ValueError(f"prune.criterion=obd re-estimates the Hessian on the masked model "
-                             f"before each step, which hessian.estimator="
-                             f"{self.hessian.estimator} cannot (it reads the training run's "
-                             "Adam state); use hessian.estimator=ggn, fisher or hutchinson")
         if self.quantize.enabled and self.quantize.serve_bits is not None:
             check_serve_bits(self)
         return self

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["check_finetune_batch", "check_serve_bits", "feedback_gap", "finetune_mode", "one_shot", "prune_method",
+__all__ = ["check_finetune_batch", "check_prune", "check_serve_bits", "feedback_gap", "finetune_mode", "one_shot", "prune_method",
            "parse_bytes", "parse_n_m", "per_tensor", "per_tensor_gap", "prune_gap", "serve_levels",
            "streamed_gap"]
 
@@ -93,6 +93,36 @@ def prune_method(cfg) -> str:
 def one_shot(cfg) -> bool:
     """Whether the quantize stage prunes (one-shot pruning on)."""
     return bool(cfg.prune.enabled) and prune_method(cfg) == "one_shot"
+
+
+def check_prune(cfg, given: bool) -> None:
+    """The prune section against the model (ValueError if it cannot run), with what the
+    method implies filled in: scope row (one shot) or layer; a causal LM's keep {} unless
+    given (LeNet-5's names are no language model's), so a dumped config re-enables pruning as
+    it was. given: prune.enabled was set in the config (else a model hwq did not train is
+    not pruned)."""
+    p = cfg.prune
+    if p.scope is None:
+        p.__dict__["scope"] = "row" if prune_method(cfg) == "one_shot" else "layer"
+    if cfg.model.name == "hf_causal_lm" and "keep" not in p.model_fields_set:
+        p.__dict__["keep"] = {}
+    if not cfg.model.trained_here:
+        if p.enabled and given:
+            why = prune_gap(cfg)  # a model of your own retrains on its "train" split
+            if why:
+                raise ValueError(why)
+        else:
+            p.__dict__["enabled"] = False
+    elif p.enabled and (prune_method(cfg) != "retrain" or p.scope == "row" or
+                        p.n_m is not None):
+        raise ValueError("LeNet-5 prunes with retraining (prune.method=retrain, prune.scope="
+                         "layer or global, no prune.n_m)")
+    if p.enabled and p.criterion == "obd" and prune_method(cfg) == "retrain" and \
+            cfg.hessian.estimator not in ("ggn", "fisher", "hutchinson"):
+        raise ValueError(f"prune.criterion=obd re-estimates the Hessian on the masked model "
+                         f"before each step, which hessian.estimator={cfg.hessian.estimator} "
+                         "cannot (it reads the training run's Adam state); use "
+                         "hessian.estimator=ggn, fisher or hutchinson")
 
 
 def prune_gap(cfg) -> str | None:

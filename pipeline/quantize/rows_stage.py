@@ -142,6 +142,7 @@ def run_rows(ctx: StageContext) -> dict:
         position_bits,
         row_mask,
         saliency,
+        warn_huffman_masks,
     )
     from pipeline.train.stage import model_stage
     from pipeline.workload import MODEL_JSON, Workload
@@ -198,9 +199,7 @@ def run_rows(ctx: StageContext) -> dict:
     del H_all
     weights = sum(int(np.prod(shapes[n])) for n in names)
     if keeps:
-        from pipeline.quantize.tensors_stage import _warn_huffman_masks
-
-        _warn_huffman_masks(ctx.log, cfg)
+        warn_huffman_masks(ctx.log, cfg.encode.coder)
     ctx.log.info("quantize: %s per %s, %d tensors, %d rows, %d weights in %d Ray blocks",
                  q.method, f"group of {q.group_size}" if group else "channel", len(names),
                  row0, weights, len(blocks))

@@ -35,7 +35,7 @@ import numpy as np
 from pipeline.config_checks import parse_n_m
 
 __all__ = ["compact", "expand", "keep_of", "keeps_for", "parse_n_m", "position_bits", "row_mask",
-           "saliency"]
+           "saliency", "warn_huffman_masks"]
 
 
 def keep_of(name: str, keep: dict[str, float], embeddings: set[str] | frozenset = frozenset()
@@ -163,6 +163,15 @@ def position_bits(mask: np.ndarray, coder: str = "huffman") -> float:
     max_gap, table = choose_max_gap(values, counts, coder=coder)
     return float(table.cost_bits(gap_symbol_counts(values, counts, max_gap))
                  + 8.0 * table.table_bytes())
+
+
+def warn_huffman_masks(log, coder: str) -> None:
+    """Say so when masks are gap-coded with Huffman: at least a bit per kept weight."""
+    if coder == "huffman":
+        log.warning("quantize: the masks are gap-coded with Huffman, at least a bit per kept "
+                    "weight (a 90%-kept mask costs 1 bit a weight, its entropy 0.47): "
+                    "encode.coder=ans codes them at their entropy and leaves those bits to "
+                    "the kept weights (docs/PRUNING.md)")
 
 
 def kept_fraction(mask: np.ndarray) -> float:

@@ -318,14 +318,6 @@ def _record_fields_wrong(fields: dict, name: str) -> str | None:
     return None
 
 
-def _warn_huffman_masks(log, cfg: RunConfig) -> None:
-    if cfg.encode.coder == "huffman":
-        log.warning("quantize: the masks are gap-coded with Huffman, at least a bit per kept "
-                    "weight (a 90%-kept mask costs 1 bit a weight, its entropy 0.47): "
-                    "encode.coder=ans codes them at their entropy and leaves those bits to "
-                    "the kept weights (docs/PRUNING.md)")
-
-
 def _keeps(cfg: RunConfig, names: list[str], embeddings: set[str]) -> dict[str, float]:
     """{tensor: fraction of each row kept} under one-shot pruning; {} without it."""
     from pipeline.config_checks import one_shot
@@ -354,6 +346,7 @@ def _predicted_bits(found, shapes: list[tuple[int, int]], sampled: list[int],
 def run_quantize_tensors(ctx: StageContext) -> dict[str, Any]:
     from pipeline.models.source import source_url, tensor_order
     from pipeline.quantize.rate import solve_rows_global_rate
+    from pipeline.quantize.sparsity import warn_huffman_masks
     from pipeline.units import Units
     from pipeline.workload import MODEL_JSON
 
@@ -384,7 +377,7 @@ def run_quantize_tensors(ctx: StageContext) -> dict[str, Any]:
         ctx.log.info("quantize: one-shot pruning (%s, %s) of %d tensors; their masks take "
                      "%.4f bits/weight", cfg.prune.criterion, cfg.prune.n_m or "per row",
                      len(keeps), math.fsum(pos_bits) / weights)
-        _warn_huffman_masks(ctx.log, cfg)
+        warn_huffman_masks(ctx.log, cfg.encode.coder)
     ctx.log.info("quantize: %s per channel, %d tensors, %d rows, %d weights; λ searched on "
                  "one row in %d, stratified (%d rows)", q.method, len(names), at, weights, every,
                  sum(sampled))

@@ -24,7 +24,7 @@ from pipeline.quantize.sparsity import (
     row_mask,
     saliency,
 )
-from testkit.models import tiny_sharded_bf16_folder, write_corpus
+from testkit.lm_runs import lm_folder, lm_run_config, stage_dir
 
 # -- masks ---------------------------------------------------------------------------------
 
@@ -140,33 +140,20 @@ def test_lenet_refuses_one_shot_settings():
 # -- the pipeline --------------------------------------------------------------------------
 
 
+_RUN = {"prune": {"enabled": True, "n_m": "2:4", "criterion": "obd"},
+        "finetune": {"mode": "blockwise", "block_steps": 4, "block_batch": 2, "block_lr": 1e-4}}
+
+
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("oneshot")
-    path = tiny_sharded_bf16_folder(root / "model", layers=2)
-    write_corpus(root / "corpus.txt", lines=300)
-    return path
+    return lm_folder(tmp_path_factory.mktemp("oneshot"))
 
 
 def _cfg(folder: Path, store: Path, **over) -> RunConfig:
-    d = {"name": "t", "model": {"name": "hf_causal_lm", "path": str(folder),
-                                "residency": "streamed"},
-         "data": {"name": "text", "calibration": [str(folder.parent / "corpus.txt")],
-                  "calibration_windows": 6, "seq_len": 16},
-         "hessian": {"estimator": "fisher", "partitions": 2, "groups": 1},
-         "prune": {"enabled": True, "n_m": "2:4", "criterion": "obd"},
-         "quantize": {"method": "ecsq", "target_bits": 3.0, "embeddings": "keep"},
-         "finetune": {"mode": "blockwise", "block_steps": 4, "block_batch": 2,
-                      "block_lr": 1e-4},
-         "store": {"url": str(store)}}
-    for k, v in over.items():
-        d[k] = {**d.get(k, {}), **v}
-    return RunConfig.model_validate(d)
+    return lm_run_config(folder, store, _RUN, **over)
 
 
-def _stage(store: Path, name: str) -> Path:
-    (d,) = (store / "stages").glob(f"{name}-*")
-    return d
+_stage = stage_dir
 
 
 @pytest.fixture(scope="module")

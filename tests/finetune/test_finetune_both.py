@@ -13,36 +13,24 @@ import torch
 
 from pipeline import driver
 from pipeline.config import ConfigError, RunConfig
-from testkit.models import tiny_sharded_bf16_folder, write_corpus
+from testkit.lm_runs import lm_folder, lm_run_config, stage_dir
+
+_RUN = {"model": {"residency": "resident"},
+        "prune": {"enabled": True, "keep": {"*": 0.75}, "criterion": "obd"},
+        "finetune": {"mode": "both", "block_steps": 4, "block_batch": 2, "block_lr": 1e-3,
+                     "workers": 1, "batch_size": 2, "epochs": 1, "lr": 1e-4}}
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("both")
-    path = tiny_sharded_bf16_folder(root / "model", layers=2)
-    write_corpus(root / "corpus.txt", lines=300)
-    return path
+    return lm_folder(tmp_path_factory.mktemp("both"))
 
 
 def _cfg(folder: Path, store: Path, **over) -> RunConfig:
-    d = {"name": "t", "model": {"name": "hf_causal_lm", "path": str(folder),
-                                "residency": "resident"},
-         "data": {"name": "text", "calibration": [str(folder.parent / "corpus.txt")],
-                  "calibration_windows": 6, "seq_len": 16},
-         "hessian": {"estimator": "fisher", "partitions": 2, "groups": 1},
-         "prune": {"enabled": True, "keep": {"*": 0.75}, "criterion": "obd"},
-         "quantize": {"method": "ecsq", "target_bits": 3.0, "embeddings": "keep"},
-         "finetune": {"mode": "both", "block_steps": 4, "block_batch": 2, "block_lr": 1e-3,
-                      "workers": 1, "batch_size": 2, "epochs": 1, "lr": 1e-4},
-         "store": {"url": str(store)}}
-    for k, v in over.items():
-        d[k] = {**d.get(k, {}), **v}
-    return RunConfig.model_validate(d)
+    return lm_run_config(folder, store, _RUN, **over)
 
 
-def _stage(store: Path, name: str) -> Path:
-    (d,) = (store / "stages").glob(f"{name}-*")
-    return d
+_stage = stage_dir
 
 
 def test_both_runs_block_wise_then_end_to_end_from_its_codebooks(folder, tmp_path, ray_local):

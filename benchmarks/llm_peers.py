@@ -101,7 +101,7 @@ ROW_PRUNE.update({r + "-ans": ROW_PRUNE[r] for r in (
 
 # Rows also run with block-wise fine-tuning (finetune.mode=blockwise: a Ray task per decoder
 # block, its codebooks against the unquantized hidden states) beside the end-to-end one.
-BLOCKWISE_ROWS = ("hwq-ecsq-3.25", "hwq-ecsq-4.25")
+BLOCKWISE_ROWS = ("hwq-ecsq-3.25", "hwq-ecsq-4.25", "hwq-ecsq-3.25-ans")
 
 
 def _same_settings(old, new, top: bool = True) -> bool:

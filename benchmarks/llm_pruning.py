@@ -3,8 +3,8 @@
     python benchmarks/llm_pruning.py            # SmolLM2-135M (configs/smollm2_135m.yaml)
 
 The masks are the ones hwq's quantize stage computes (`pipeline.quantize.sparsity`: every row
-keeps the same count, or N:M), by magnitude (w²) and by OBD with the run's Fisher (h·w²), at
-10% and 25% of every decoder Linear and 2:4; the pruned weights are set to 0 and nothing else
+keeps the same count, or N:M), by OBD with the run's Fisher (h·w²) at 10% and 25% of every
+decoder Linear and 2:4, and by magnitude (w²) at 25%; the pruned weights are set to 0 and nothing else
 changes. Beside `make bench-llm`'s pruning rows (pruning + ECSQ at the same all-in bits as
 ECSQ alone) this separates what the cut costs from what the rate left to the kept weights
 costs. Reuses the load and Hessian stages of `make bench-llm`'s store (.cache/bench-llm).
@@ -24,13 +24,11 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
-SETTINGS = [  # (id, criterion, keep, n_m)
-    ("magnitude-keep0.9", "magnitude", 0.9, None),
+SETTINGS = [  # (id, criterion, keep, n_m): the bench-llm pruning rows' cuts, and magnitude
     ("obd-keep0.9", "obd", 0.9, None),
-    ("magnitude-keep0.75", "magnitude", 0.75, None),
     ("obd-keep0.75", "obd", 0.75, None),
-    ("magnitude-2of4", "magnitude", None, (2, 4)),
     ("obd-2of4", "obd", None, (2, 4)),
+    ("magnitude-keep0.75", "magnitude", 0.75, None),
 ]
 
 

@@ -28,7 +28,6 @@ W and h, never on how rows were split into slabs or tasks.
 from __future__ import annotations
 
 import fnmatch
-import math
 
 import numpy as np
 
@@ -172,12 +171,3 @@ def warn_huffman_masks(log, coder: str) -> None:
                     "weight (a 90%-kept mask costs 1 bit a weight, its entropy 0.47): "
                     "encode.coder=ans codes them at their entropy and leaves those bits to "
                     "the kept weights (docs/PRUNING.md)")
-
-
-def kept_fraction(mask: np.ndarray) -> float:
-    return float(np.count_nonzero(mask)) / max(mask.size, 1)
-
-
-def expected_kept(C: int, keep: float | None, n_m: tuple[int, int] | None) -> float:
-    """The fraction of a C-wide row kept (for messages and reports)."""
-    return kept_per_row(C, keep, n_m) / max(C, 1) if C else math.nan

@@ -100,9 +100,9 @@ def _sample_task(cfg: RunConfig, url: str, opts: dict | None, hess, name: str,
     if keep is not None:
         from pipeline.quantize.sparsity import compact, position_bits
 
-        mask = _slab_mask(cfg, W, H, keep)
-        W, H = compact(W, mask), compact(H, mask)
-        pos_bits = position_bits(_tensor_mask(cfg, t, h, shape, keep), cfg.encode.coder)
+        full = _tensor_mask(cfg, t, h, shape, keep)  # a row's mask depends on that row alone
+        W, H = compact(W, full[rows]), compact(H, full[rows])
+        pos_bits = position_bits(full, cfg.encode.coder)
     return RowBlock(np.ascontiguousarray(W), H, row0), pos_bits
 
 

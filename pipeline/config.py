@@ -36,6 +36,7 @@ from pipeline.config_checks import (
     feedback_gap,
     parse_bytes,
     parse_n_m,
+    rotate_gap,
     streamed_gap,
 )
 from pipeline.config_paths import resolve_paths
@@ -228,11 +229,9 @@ class HessianConfig(_Section):
 class QuantizeConfig(_Section):
     enabled: bool = True
     method: Literal["kmeans", "hw_kmeans", "uniform", "ecsq"] = "uniform"
-    # network: one codebook; layer: one per tensor; channel: one per output channel (row).
-    # Language models quantize per channel: uniform/ecsq under one λ for every row of every
-    # tensor (target_bits is then the all-in rate, fp16 codebooks counted).
-    # group: one codebook per row and block of `group_size` input columns (the side
-    # information of group-128 quantizers, for comparisons at equal cost).
+    # network: one codebook; layer: one per tensor; channel: one per output channel (row),
+    # as language models quantize (one λ for every row; target_bits is then the all-in rate);
+    # group: one per row and block of `group_size` input columns (as group-128 quantizers).
     scope: Literal["network", "layer", "channel", "group"] = "network"
     group_size: int = Field(128, ge=2)
     # Which weights: name patterns (docs/LANGUAGE_MODELS.md); None = the adapter's default
@@ -259,11 +258,9 @@ class QuantizeConfig(_Section):
     quantize_biases: bool = False  # biases are few; stored raw unless asked
     hessian_floor: float = Field(1e-12, ge=0)  # relative floor for units dead on all samples
     # Causal LMs without `targets`: quantize the token embedding and the output head (tied
-    # weights once) per row under the same λ as the decoder Linears; `head`: the output head
-    # only (an untied input embedding stays as stored: the activation estimator has no
-    # statistics for it, and a lookup reads one row a token while the head's product reads
-    # all of it); or keep both as stored. (Only the load stage's key holds it, and only for
-    # hf_causal_lm.)
+    # weights once) per row under the decoder Linears' λ; `head`: the output head only (an
+    # untied input embedding stays as stored: the activation estimator has no statistics
+    # for it); or keep both as stored. (Only the load stage's key holds it.)
     embeddings: Literal["quantize", "head", "keep"] = "quantize"
     # Quantized embeddings: each row's Hessian is raised to at least this fraction of the
     # tensor's mean, so tokens the calibration text never shows (Fisher ≈ 0) keep a few levels.
@@ -274,6 +271,9 @@ class QuantizeConfig(_Section):
     feedback: Literal["none", "ldl"] = "none"
     feedback_damp: float = Field(0.01, ge=0)  # × mean(diag X·Xᵀ) added to the diagonal
     feedback_block: int = Field(128, ge=1)  # columns per lazy update
+    # Incoherence processing (encode/rotation.py): each decoder Linear quantized after a
+    # seeded Hadamard-based rotation of its input side, undone in decode (per-tensor stages).
+    rotate: Literal["none", "hadamard"] = "none"
 
     @model_validator(mode="after")
     def _rate(self) -> QuantizeConfig:
@@ -478,9 +478,9 @@ class RunConfig(_Section):
                              "windows drawn from its vocabulary)")
         if self.model.residency == "streamed":
             self._check_streamed()
-        why = feedback_gap(self)
-        if why:
-            raise ValueError(f"quantize.feedback=ldl needs {why}; or set quantize.feedback=none")
+        for key, gap in (("feedback=ldl", feedback_gap), ("rotate=hadamard", rotate_gap)):
+            if why := gap(self):
+                raise ValueError(f"quantize.{key} needs {why}; or set quantize.{key[:6]}=none")
         if self.hessian.estimator == "activation" and lenet:
             raise ValueError("hessian.estimator=activation is for language models")
         if self.quantize.enabled and self.quantize.serve_bits is not None:

@@ -7,7 +7,7 @@ import re
 
 __all__ = ["check_finetune_batch", "check_prune", "check_serve_bits", "feedback_gap", "finetune_mode", "one_shot", "prune_method",
            "parse_bytes", "parse_n_m", "per_tensor", "per_tensor_gap", "prune_gap", "serve_levels",
-           "streamed_gap"]
+           "rotate_gap", "streamed_gap"]
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
@@ -223,6 +223,17 @@ def feedback_gap(cfg) -> str | None:
         return "quantize.scope=channel with quantize.method ecsq or uniform"
     if not cfg.hessian.enabled:
         return "hessian.enabled=true (the hessian stage estimates each Linear's X·Xᵀ)"
+    return per_tensor_gap(cfg)
+
+
+def rotate_gap(cfg) -> str | None:
+    """What quantize.rotate=hadamard cannot run with, else None: the rotation is applied in
+    the per-tensor quantize stage and undone by the block-wise fine-tune and the decoder."""
+    if cfg.quantize.rotate == "none" or not cfg.quantize.enabled:
+        return None
+    if one_shot(cfg):
+        return ("no one-shot pruning (prune.enabled=false): a mask of rotated weights would "
+                "cut no weight of the model")
     return per_tensor_gap(cfg)
 
 

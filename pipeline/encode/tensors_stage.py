@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from pipeline.config import RunConfig
+from pipeline.encode import rotation
 from pipeline.encode.entries import quantized_bits, raw_array, raw_cast
 from pipeline.executor import call, task_threads
 from pipeline.graph import StageContext
@@ -37,14 +38,18 @@ _TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
           "float64": torch.float64}
 
 
-def _expected(w, name: str, codes: tuple | None, raw_dtype: str) -> np.ndarray:
+def _expected(w, name: str, codes: tuple | None, raw_dtype: str,
+              rotate: int | None = None) -> np.ndarray:
     """What tensor `name` must decode to, as the reader returns it (bf16 as uint16 bits).
-    codes: (indices, codebooks, mask or None) of a quantized tensor."""
+    codes: (indices, codebooks, mask or None) of a quantized tensor; rotate: the seed of its
+    rotation (`quantize.rotate`), undone on the float32 rows before the cast."""
     if codes is not None:
         idx, cb, mask = codes
         dense = np.take_along_axis(cb, idx.astype(np.int64), axis=1)
         if mask is not None:
             dense = np.where(mask, dense, np.float32(0))
+        if rotate is not None:
+            dense = rotation.inverse(dense, rotate)
         dense = torch.from_numpy(dense)
         dt = _TORCH.get(_HWQ_DTYPE[w.info(name).dtype], torch.float32)
         return raw_array(dense.to(dt))[0]
@@ -62,7 +67,7 @@ def _check_decoded(path: str, opts: dict | None, w, names: list[str], codes,
     for name in names:
         got = np.asarray(r.read([name])[name])
         c = codes.read_masked(name) if name in codes.codes else None
-        want = _expected(w, name, c, raw_dtype)
+        want = _expected(w, name, c, raw_dtype, codes.rotation(name) if c is not None else None)
         if got.shape != want.shape or got.dtype != want.dtype or not np.array_equal(
                 got.view(np.uint8), want.view(np.uint8)):
             raise RuntimeError(f"{path}: tensor {name} does not decode to the quantized "
@@ -98,7 +103,8 @@ def _encode_task(cfg: RunConfig, out, url: str, opts: dict | None, tc,
             mask = mask.reshape(-1)
             idx = idx.reshape(-1)[mask]
         return TensorEntry.quantized(name, shapes[name], idx.reshape(-1), name, mask=mask,
-                                     dtype=_HWQ_DTYPE[w.info(name).dtype])
+                                     dtype=_HWQ_DTYPE[w.info(name).dtype],
+                                     rotate=tc.rotation(name))
 
     def raw(name: str) -> TensorEntry:
         release_memory()

@@ -73,9 +73,9 @@ def _check_fields(b: int, names: list[str]):
 
 
 def _block_codes(codes, names: list[str]) -> dict[str, tuple]:
-    """(indices, codebooks, mask or None) of a block's tensors as the quantize stage wrote
-    them."""
-    return {n: codes.read_masked(n) for n in names}
+    """(indices, codebooks, mask or None, rotation seed or None) of a block's tensors as the
+    quantize stage wrote them."""
+    return {n: (*codes.read_masked(n), codes.rotation(n)) for n in names}
 
 
 def _with(given: dict, books: dict[str, np.ndarray]) -> dict:

@@ -40,6 +40,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from pipeline.encode import rotation
+
 __all__ = ["BlockResult", "gather_codebooks", "finish_codebooks", "quantized_forward",
            "relative_error", "run_quantized", "train_block", "split_windows"]
 
@@ -82,29 +84,37 @@ def finish_codebooks(cb: np.ndarray, given: np.ndarray, idx: np.ndarray) -> np.n
 
 
 def _weights(block: nn.Module, books: Mapping[str, Tensor], idx: Mapping[str, Tensor],
-             masks: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+             masks: Mapping[str, Tensor] | None = None,
+             rotations: Mapping[str, int] | None = None) -> dict[str, Tensor]:
     """The block's quantized weights from codebooks and indices, in the block's dtype; a
     tensor with a one-shot pruning mask is exactly 0 where it is pruned (`where`, so no
-    trained value reaches a pruned weight)."""
+    trained value reaches a pruned weight); a rotated one (`quantize.rotate`) is rotated
+    back in float32 (a linear map: the codebooks' gradient goes through it)."""
     dtype = next((p.dtype for p in block.parameters()), torch.float32)
     out = {}
     for n in books:
-        w = gather_codebooks(books[n], idx[n]).to(dtype)
+        w = gather_codebooks(books[n], idx[n])
+        if rotations and n in rotations:
+            w = rotation.inverse(w, rotations[n])
+        w = w.to(dtype)
         if masks and n in masks:
             w = torch.where(masks[n], w, torch.zeros((), dtype=w.dtype))
         out[n] = w
     return out
 
 
-def _split(codes: Mapping[str, tuple]) -> tuple[dict, dict, dict]:
-    """(indices, codebooks, masks) as tensors from {name: (indices, codebooks[, mask])}."""
-    idx, cbs, masks = {}, {}, {}
+def _split(codes: Mapping[str, tuple]) -> tuple[dict, dict, dict, dict]:
+    """(indices, codebooks, masks, rotations) as tensors (seeds) from {name: (indices,
+    codebooks[, mask[, rotation seed]])}."""
+    idx, cbs, masks, rots = {}, {}, {}, {}
     for n, (i, c, *rest) in codes.items():
         idx[n] = torch.from_numpy(np.ascontiguousarray(i))
         cbs[n] = torch.from_numpy(np.ascontiguousarray(c, dtype=np.float32))
         if rest and rest[0] is not None:
             masks[n] = torch.from_numpy(np.ascontiguousarray(rest[0], dtype=bool))
-    return idx, cbs, masks
+        if len(rest) > 1 and rest[1] is not None:
+            rots[n] = int(rest[1])
+    return idx, cbs, masks, rots
 
 
 def quantized_forward(block: nn.Module, call: tuple[tuple, dict], hidden: Tensor,
@@ -173,16 +183,17 @@ def train_block(block: nn.Module, call: tuple[tuple, dict], x: Tensor, y: Tensor
     y: the unquantized model's hidden states leaving it, float [n, L, d].
     codes: tensor name relative to the block -> (indices uint8/int16 [R, C], codebooks
         float32 [R, K]) or (indices, codebooks, mask bool [R, C] or None) for a tensor
-        one-shot pruning cut (its pruned weights stay exactly 0).
+        one-shot pruning cut (its pruned weights stay exactly 0), or (indices, codebooks,
+        mask, rotation seed or None) for a tensor quantized in a rotated basis.
     steps: Adam steps, each on `batch` training windows (a seeded permutation per epoch).
     validation: the fraction of windows held out to decide whether the result is kept.
     """
     n_train, n_val = split_windows(int(x.shape[0]), validation)
-    idx, start, masks = _split(codes)
+    idx, start, masks, rots = _split(codes)
     cbs = {n: nn.Parameter(c.clone()) for n, c in start.items()}
 
     def weights(books: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        return _weights(block, books, idx, masks)
+        return _weights(block, books, idx, masks, rots)
 
     xt, yt, xv, yv = x[:n_train], y[:n_train], x[n_train:], y[n_train:]
     with torch.no_grad():
@@ -233,8 +244,8 @@ def run_quantized(block: nn.Module, call: tuple[tuple, dict], x: Tensor,
     no grad."""
     if x.shape[0] == 0:
         return x
-    idx, cbs, masks = _split(codes)
-    w = _weights(block, cbs, idx, masks)
+    idx, cbs, masks, rots = _split(codes)
+    w = _weights(block, cbs, idx, masks, rots)
     with torch.no_grad():
         return torch.cat([quantized_forward(block, call, x[s : s + batch], w)
                           for s in range(0, x.shape[0], batch)])

@@ -3,7 +3,9 @@ from it or, for the tensors a block-wise fine-tune trained, from the finetune st
 
 The quantize stage writes ``codes/<i>-<λ tag>.safetensors`` per tensor (frequency-ranked
 indices uint8/int16 [R, C], per-row codebooks float32 [R, K] and, for a tensor one-shot
-pruning cut, its mask uint8 [R, C], 1 = kept) listed in ``codes.json``;
+pruning cut, its mask uint8 [R, C], 1 = kept) listed in ``codes.json`` (with the rotation
+seed of each tensor `quantize.rotate` quantized in a rotated basis: its weights are
+``rotation.inverse(codebook[index], seed)`` row by row);
 the block-wise fine-tune writes ``codebooks/b<b>.safetensors`` per decoder block (the trained
 codebooks of the block's tensors, same shapes) listed in its ``codebooks.json``. Every file is
 read through its stage folder, so its sha256 is checked against the stage's manifest.
@@ -50,6 +52,11 @@ class TensorCodes:
         self.quant = quant
         self.codes: dict[str, str] = q["codes"]
         self.shapes = {n: tuple(s) for n, s in q["shapes"].items()}
+        rot = q.get("rotations", {})
+        if not isinstance(rot, dict) or not all(
+                n in self.codes and type(s) is int and 0 <= s < 1 << 31 for n, s in rot.items()):
+            raise quant._corrupt("codes.json", "its rotations are not seeds of its tensors")
+        self.rotations: dict[str, int] = rot
         self.finetune = finetune
         self.tuned: dict[str, str] = {}
         if finetune is not None:
@@ -87,6 +94,11 @@ class TensorCodes:
                                              f"{list(t.shape)}, not {list(cb.shape)}")
             cb = t
         return idx, cb, mask
+
+    def rotation(self, name: str) -> int | None:
+        """The seed of the tensor's input-side rotation (`quantize.rotate`), None when its
+        codes are of the weights themselves."""
+        return self.rotations.get(name)
 
 
 class ModelCodes:
@@ -135,6 +147,9 @@ class ModelCodes:
     def read(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         idx, cb, _ = self.read_masked(name)
         return idx, cb
+
+    def rotation(self, name: str) -> int | None:  # the whole-model branch never rotates
+        return None
 
 
 def tuned_codebooks(finetune, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:

@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.encode import rotation
+
 __all__ = ["feedback_tensor"]
 
 
@@ -33,6 +35,9 @@ def feedback_tensor(cfg, hess, name: str, t: torch.Tensor, h: np.ndarray,
     XtX = read_second_moment(hess, name, C)
     if XtX is None:
         return parts, None
+    seed = rotation.tensor_seed(cfg.quantize.rotate, cfg.seed, C)
+    if seed is not None:  # quantize.rotate: t holds V·w per row; its moment is V·XᵀX·Vᵀ
+        XtX = np.ascontiguousarray(rotation.forward(rotation.forward(XtX, seed).T, seed))
     q = cfg.quantize
     plain = RowsResult.concat(parts)
     plain_bits = float(sum(coded_bits(parts, cfg.encode.coder).values()))

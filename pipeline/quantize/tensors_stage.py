@@ -32,12 +32,14 @@ import numpy as np
 import torch
 
 from pipeline.config import RunConfig
+from pipeline.encode import rotation
 from pipeline.executor import BlockMap, map_units, task_cpus, task_threads
 from pipeline.graph import StageContext
 
 __all__ = ["run_quantize_tensors", "CODES", "read_codes", "read_codes_masked", "sample_rows"]
 
-CODES = "codes.json"  # {"lambda", "codes": {tensor: rel}, "shapes": {tensor: [R, C]}}
+# {"lambda", "codes": {tensor: rel}, "shapes": {tensor: [R, C]}, "rotations": {tensor: seed}}
+CODES = "codes.json"
 _SAMPLE_WEIGHTS = 8_000_000  # the λ search's sample: about this many weights
 _SLAB_WEIGHTS = 1 << 20  # rows solved at once inside a tensor's task
 _PASSES = 3
@@ -79,6 +81,10 @@ def _tensor_and_hessian(cfg: RunConfig, url: str, opts: dict | None, hess, name:
     _floor_in_place(h, cfg.quantize.hessian_floor)  # as rows.floor_hessian
     if embedding:  # then as the resident quantize stage floors embeddings (rows_stage)
         _floor_in_place(h, cfg.quantize.embedding_floor)
+    seed = rotation.tensor_seed(cfg.quantize.rotate, cfg.seed, shape[1], embedding)
+    if seed is not None:  # quantize.rotate: the rows and their weights in the rotated basis
+        t = rotation.forward(t.to(torch.float32), seed)
+        h = rotation.hessian(h)
     return t, h, info.dtype, w.bytes_read
 
 
@@ -366,6 +372,9 @@ def run_quantize_tensors(ctx: StageContext) -> dict[str, Any]:
     sample = [None] * len(names)
     embeddings = set(meta.get("embeddings", []))
     keeps = _keeps(cfg, names, embeddings)
+    for n in names:  # a width the rotation cannot take fails before any task runs
+        if rotation.tensor_seed(q.rotate, cfg.seed, shapes[n][1], n in embeddings) is not None:
+            rotation.check_width(shapes[n][1], n)
     pos_bits = [0.0] * len(names)  # what each tensor's mask costs (one-shot pruning)
     for i, (block, pb) in map_units(
             _sample_task, [(cfg, url, opts, hess, n, shapes[n], every, row0[n],
@@ -445,8 +454,11 @@ def run_quantize_tensors(ctx: StageContext) -> dict[str, Any]:
     coded, lam, aim, recs = best
     codes = {n: next(iter(recs[n]["outputs"])) for n in names}
     layers = {n: recs[n]["fields"]["layer"] for n in names}
+    rotations = {n: s for n in names if (s := rotation.tensor_seed(
+        q.rotate, cfg.seed, shapes[n][1], n in embeddings)) is not None}
     out.write_json(CODES, {"lambda": lam, "codes": codes,
-                           "shapes": {n: list(shapes[n]) for n in names}})
+                           "shapes": {n: list(shapes[n]) for n in names},
+                           **({"rotations": rotations} if rotations else {})})
     out.write_json("layers.json", layers)
     w_levels = sum(layers[n]["mean_levels"] * shapes[n][0] for n in names)
     extra = {"feedback": feedback_summary(layers, names, weights)} if q.feedback != "none" \

@@ -154,6 +154,10 @@ def _linear_weights(config: dict) -> set[str]:
 def _export_tensor(reader, name: str, snap: bool) -> tuple[dict, str, int, float]:
     """One quantized Linear weight → (packed tensors, strategy, group size, largest change)."""
     d = reader.read_codes(name)
+    if d.get("rotate") is not None:
+        raise ExportError(f"tensor {name}: its codes are of a rotated basis (quantize.rotate="
+                          "hadamard), which compressed-tensors cannot express; export a file "
+                          "quantized with quantize.rotate=none")
     shape = tuple(d["shape"])
     if len(shape) != 2:
         raise ExportError(f"tensor {name}: shape {shape} is not a 2-D Linear weight")

@@ -172,7 +172,10 @@ def load(
         mod = modules.get(mod_name)
         kind = type(mod) if attr == "weight" else None
         packed = None
-        if kind in (nn.Linear, nn.Embedding) and reader.quantized(name) and len(shapes[name]) == 2:
+        rot = reader.rotation(name) if reader.quantized(name) else None
+        # a rotated embedding (its rows are looked up) is decoded dense
+        if reader.quantized(name) and len(shapes[name]) == 2 and (
+                kind is nn.Linear or (kind is nn.Embedding and rot is None)):
             packed = _transcode(reader, name, stats)
         if packed is None:
             t = _dense(reader, name, keep_half=kind is nn.Embedding and not tied)
@@ -196,7 +199,7 @@ def load(
             if mod is model.get_input_embeddings():
                 emb_packed = packed
         else:
-            new = LutLinear(packed, mode=mode, threads=threads)
+            new = LutLinear(packed, mode=mode, threads=threads, rotate=rot)
             if mod.bias is not None:
                 new.bias = nn.Parameter(
                     torch.empty(mod.out_features, device="meta"), requires_grad=False

@@ -10,6 +10,7 @@ import threading
 import torch
 from torch import nn
 
+from ..encode import rotation
 from .kernels import bind
 from .transcode import Packed
 
@@ -33,6 +34,9 @@ class LutLinear(nn.Module):
         bias: optional [out] tensor.
         mode: "fast" or "reference" (see MODES).
         threads: kernel threads (None: torch.get_num_threads()).
+        rotate: the seed of the input-side rotation the weight was quantized in
+            (`quantize.rotate`): the packed levels are of Ŵ·Vᵀ, so the input is rotated
+            (x → V·x, O(in·log in) a token) instead of the weight; None: no rotation.
     """
 
     def __init__(
@@ -42,8 +46,10 @@ class LutLinear(nn.Module):
         *,
         mode: str = "fast",
         threads: int | None = None,
+        rotate: int | None = None,
     ):
         super().__init__()
+        self.rotate = rotate
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         self.in_features, self.out_features = packed.cols, packed.rows
@@ -77,7 +83,8 @@ class LutLinear(nn.Module):
     def dense_weight(self) -> torch.Tensor:
         """Ŵ float32 [out, in] (the reference levels), decoded on demand; the forward pass
         never builds it."""
-        return self.packed().dense_rows(0, self.out_features)
+        w = self.packed().dense_rows(0, self.out_features)
+        return w if self.rotate is None else rotation.inverse(w, self.rotate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._group is not None and self._group.usable(self):
@@ -89,7 +96,8 @@ class LutLinear(nn.Module):
             self._call = bind(self.packed(), path=MODES[self.mode], threads=self.threads)
             self._bound = (self.mode, self.threads)
         lead = x.shape[:-1]
-        y = self._call(x.reshape(-1, x.shape[-1]))
+        xr = x if self.rotate is None else rotation.forward(x.to(torch.float32), self.rotate)
+        y = self._call(xr.reshape(-1, x.shape[-1]))
         if self.bias is not None:
             y += self.bias
         return y.reshape(*lead, self.out_features).to(x.dtype)
@@ -180,6 +188,7 @@ class _Group:
         )  # fmt: skip
         self.call = bind(cat, path=MODES[members[0].mode], threads=members[0].threads)
         self.key = (members[0].mode, members[0].threads)
+        self.rotate = members[0].rotate  # fuse() groups only members of one rotation
         self.slot, r0 = {}, 0
         tg = cat.tables.shape[0] // cat.rows
         for m in members:  # members' buffers become views of the concatenation (one copy)
@@ -202,7 +211,9 @@ class _Group:
         k, st = id(m), self._state
         if not (getattr(st, "x", None) is x and st.version == _version(x) and k in st.left):
             lead = x.shape[:-1]
-            y = self.call(x.reshape(-1, x.shape[-1]))
+            xr = x if self.rotate is None else rotation.forward(x.to(torch.float32),
+                                                                 self.rotate)
+            y = self.call(xr.reshape(-1, x.shape[-1]))
             st.x, st.version, st.left = x, _version(x), set(self.slot)
             st.y = y.reshape(*lead, y.shape[-1])
         r0, r1 = self.slot[k]
@@ -222,7 +233,7 @@ def _version(x: torch.Tensor) -> int | None:
 
 def fuse(model: nn.Module) -> int:
     """Group the LutLinear siblings named in FUSE that read the same input and can share a
-    kernel call (same input width, bits, tables per row, mode and threads); returns how many
+    kernel call (same input width, bits, tables per row, mode, threads and rotation); returns how many
     groups were made."""
     made = 0
     for parent in model.modules():
@@ -232,7 +243,8 @@ def fuse(model: nn.Module) -> int:
                 continue
             ps = [m.packed() for m in ms]
             if len({(p.cols, p.bits, p.group_size, p.tables.shape[1], p.tq is None,
-                     m.mode, m.threads) for p, m in zip(ps, ms, strict=True)}) != 1:  # fmt: skip
+                     m.mode, m.threads, m.rotate)
+                    for p, m in zip(ps, ms, strict=True)}) != 1:  # fmt: skip
                 continue
             _Group(ms)
             made += 1

@@ -229,8 +229,10 @@ def transcode_codes(rc: dict, name: str = "tensor") -> Packed:
     tables = np.zeros((ntab, width), np.float32)
     n = min(width, cb.shape[1])
     tables[:, :n] = cb[:, :n]
-    if rc.get("dtype") in ("bfloat16", "float16"):
-        # The decoded tensor holds the levels rounded to the stored dtype: so do the tables.
+    if rc.get("dtype") in ("bfloat16", "float16") and rc.get("rotate") is None:
+        # The decoded tensor holds the levels rounded to the stored dtype: so do the tables
+        # (a rotated tensor rounds its rotated-back weights, which no table holds: its
+        # levels stay as stored).
         t = torch.from_numpy(tables)
         tables = t.to(getattr(torch, rc["dtype"])).to(torch.float32).numpy()
     if zero_slot is not None:

@@ -120,10 +120,10 @@ def test_version_2_fields_are_refused_in_version_1_and_checked_in_2(tmp_path, mo
 
 def test_a_newer_version_is_refused_with_what_to_do(tmp_path, model):
     h, payload = _v2(tmp_path, model, coder="ans")
-    p = tmp_path / "v3.hwq"
-    h["version"] = 3
+    p = tmp_path / "v4.hwq"
+    h["version"] = 4
     p.write_bytes(hf.join(h, payload))
-    with pytest.raises(HwqFormatError, match="supports versions 1, 2.*upgrade"):
+    with pytest.raises(HwqFormatError, match="supports versions 1, 2, 3.*upgrade"):
         read_hwq(p)
 
 

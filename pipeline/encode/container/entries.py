@@ -12,7 +12,8 @@ import numpy as np
 from ..bitio import MAX_CODE_LENGTH
 from ..huffman import symbol_dtype
 from ..positions import gaps_from_mask
-from .header import _MAX_NDIM, QUANTIZED_DTYPES, RAW_DTYPES, _np_dtype
+from ..rotation import check_width
+from .header import _MAX_NDIM, QUANTIZED_DTYPES, RAW_DTYPES, ROTATE_SEED_MAX, _np_dtype
 
 
 @dataclass
@@ -30,6 +31,9 @@ class TensorEntry:
         codebook: name of a codebook in the ``codebooks`` dict: float32 [k] (one value per
             code) or [shape[0], k] (per output channel: element (r, ...) uses row r).
         raw: for kind ``raw``: the tensor itself, stored as is (little-endian).
+        rotate: for a quantized tensor whose codes are of its rows in a rotated basis
+            (`quantize.rotate`): the seed of the rotation, undone after the codebook lookup
+            on the [shape[0], rest] view; None when the codes are of the weights themselves.
     """
 
     name: str
@@ -39,6 +43,7 @@ class TensorEntry:
     mask: np.ndarray | None = None
     codebook: str | None = None
     raw: np.ndarray | None = None
+    rotate: int | None = None
 
     @property
     def kind(self) -> str:
@@ -53,8 +58,10 @@ class TensorEntry:
         codebook: str,
         mask: np.ndarray | None = None,
         dtype: str = "float32",
+        rotate: int | None = None,
     ) -> TensorEntry:
-        return cls(name, tuple(int(s) for s in shape), dtype, codes, mask, codebook, None)
+        return cls(name, tuple(int(s) for s in shape), dtype, codes, mask, codebook, None,
+                   rotate)
 
     @classmethod
     def raw_tensor(cls, name: str, array: np.ndarray, dtype: str | None = None) -> TensorEntry:
@@ -159,6 +166,12 @@ def _prepare_one(e: TensorEntry, cbs: dict[str, np.ndarray], code_sharing: str) 
     if codes.size and (int(codes.min()) < 0 or int(codes.max()) >= k):
         raise ValueError(f"{e.name}: codes out of range [0, {k}) of codebook {e.codebook!r}")
     codes = codes.astype(symbol_dtype(k), copy=False)
+    if e.rotate is not None:
+        if type(e.rotate) is not int or not 0 <= e.rotate <= ROTATE_SEED_MAX:
+            raise ValueError(f"{e.name}: a rotation seed is an int in [0, {ROTATE_SEED_MAX}]")
+        if mask is not None or not shape or not shape[0]:
+            raise ValueError(f"{e.name}: only a dense tensor with rows can be rotated")
+        check_width(numel // shape[0], e.name)
     p = _Prepared(e, shape, numel, k, codes, mask)
     p.index_group = e.codebook if code_sharing == "network" else e.name
     if mask is not None:

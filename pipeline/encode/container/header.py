@@ -22,13 +22,17 @@ from ..codebooks import count_dtype
 from ..coders import mask_geometry
 from ..context import max_decisions
 from ..positions import MAX_GAP_LIMIT
+from ..rotation import check_width
 
 MAGIC = b"HWQ1"
 FORMAT_VERSION = 2
 """Version 2 adds rANS code tables and context-coded positions and indices. A file that uses
 none of them is written as version 1, byte for byte what earlier writers produced; readers of
 version 1 refuse version 2 files by their version number."""
-READ_VERSIONS = (1, 2)
+READ_VERSIONS = (1, 2, 3)
+"""Version 3 adds input-side rotations of quantized tensors (`"rotate"`, quantize.rotate);
+a file without one is written as version 1 or 2 as before."""
+ROTATE_SEED_MAX = (1 << 31) - 1
 _PREFIX = struct.Struct("<4sHHQII")  # magic, version, flags, header_len, header_crc32, reserved
 PREFIX_BYTES = _PREFIX.size  # 24
 _ALIGN = 8  # payload starts 8-byte aligned so raw float64 tensors can be viewed in place
@@ -156,6 +160,7 @@ class _Tensor:
     indices: _Stream | None = None
     positions: _Stream | None = None
     raw: _Section | None = None
+    rotate: int | None = None  # seed of the input-side rotation (version 3), None: none
 
 
 @dataclass
@@ -226,6 +231,24 @@ def _stream(d: Any, what: str, payload: int, tables: list[_Table], version: int)
         raise _Bad(f"{what} has symbols but no code table")
     return _Stream(table, chunks, total, chunk_tables=own if order == "levels" else None,
                    order=order, coder=coder)
+
+
+def _rotation(r: Any, what: str, version: int, shape: tuple[int, ...], masked: bool
+              ) -> int | None:
+    """A quantized tensor's "rotate" ({"kind": "hadamard", "seed"}) checked: its seed."""
+    if r is None:
+        return None
+    r = _dict(r, f"{what}.rotate")
+    if version < 3 or r.get("kind") != "hadamard" or set(r) != {"kind", "seed"}:
+        raise _Bad(f"{what}.rotate: not a hadamard rotation of a version-3 file")
+    seed = _int(r.get("seed"), f"{what}.rotate.seed", 0, ROTATE_SEED_MAX)
+    if masked or not shape or not shape[0]:
+        raise _Bad(f"{what}.rotate: only a dense tensor with rows is rotated")
+    try:
+        check_width(math.prod(shape) // shape[0], what)
+    except ValueError as e:
+        raise _Bad(str(e)) from None
+    return seed
 
 
 def _parse_header(path: str, h: Any, file_bytes: int) -> _Header:
@@ -402,7 +425,8 @@ def _parse_header_inner(h: Any, file_bytes: int) -> _Header:
         elif n_kept != numel:
             raise _Bad(f"{what}: dense tensor with n_kept {n_kept} != {numel} elements")
         tensors[name] = _Tensor(
-            name, kind, shape, dtype, numel, scope, cbname, n_kept, ind, pos, None
+            name, kind, shape, dtype, numel, scope, cbname, n_kept, ind, pos, None,
+            _rotation(d.get("rotate"), what, version, shape, pos is not None),
         )
         sections += [s for s, _ in ind.chunks] + ([s for s, _ in pos.chunks] if pos else [])
 

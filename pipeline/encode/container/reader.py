@@ -20,6 +20,7 @@ from ..huffman import CodeTable, entropy_bits, fixed_lengths, symbol_dtype, unpa
 from ..inspection import inspect_rows
 from ..limits import TableCache, codebook_work, not_a_file
 from ..positions import gap_histogram
+from ..rotation import inverse as _inverse_rotation
 from .accounting import _accounting, _gap_entropy_total
 from .header import (
     _PREFIX,
@@ -65,6 +66,15 @@ def _cast_codebook(cb: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "bfloat16":
         return _f32_to_bf16_bits(cb)
     return cb.astype(dtype)
+
+
+def _unrotate(rows: np.ndarray, seed: int, dtype: str) -> np.ndarray:
+    """Float32 rows looked up in a rotated basis, rotated back (`rotation.inverse`) and cast
+    to the tensor's dtype as the reader returns it (bfloat16 as uint16 bits)."""
+    w = _inverse_rotation(rows, seed)
+    if dtype == "bfloat16":
+        return _f32_to_bf16_bits(w)
+    return w.astype(_np_dtype(dtype))
 
 
 def _unknown_name(name: str, names: list[str]) -> str:
@@ -184,6 +194,11 @@ class HwqReader(_StreamDecoding):
     def shape(self, name: str) -> tuple[int, ...]:
         """The shape of tensor `name` (header only)."""
         return tuple(self._h.tensors[name].shape)
+
+    def rotation(self, name: str) -> int | None:
+        """The seed of a quantized tensor's input-side rotation (version 3), else None."""
+        (name,) = self._check_names([name])
+        return self._h.tensors[name].rotate
 
     def quantized(self, name: str) -> bool:
         """Whether tensor `name` is stored as codes and a codebook (else raw)."""
@@ -387,7 +402,9 @@ class HwqReader(_StreamDecoding):
                 out[n] = a.astype(a.dtype.newbyteorder("="))
                 continue
             codes, positions = self._codes(t, data, map_fn)
-            cb = _cast_codebook(self._codebooks[t.codebook], t.dtype)
+            # a rotated tensor is looked up in float32, rotated back, then cast
+            cb = _cast_codebook(self._codebooks[t.codebook],
+                                "float32" if t.rotate is not None else t.dtype)
             dense = np.zeros(t.numel, cb.dtype)
             # Codebook row of flat element i: i // per_row (channel: a row of the tensor;
             # group: g consecutive elements of a row).
@@ -403,6 +420,8 @@ class HwqReader(_StreamDecoding):
                     dense[where] = cb[rows // per_row, c]
                 else:
                     dense[where] = cb[c]
+            if t.rotate is not None:
+                dense = _unrotate(dense.reshape(t.shape[0], -1), t.rotate, t.dtype)
             out[n] = dense.reshape(t.shape)
         return out
 
@@ -420,7 +439,7 @@ class HwqReader(_StreamDecoding):
         codes, positions = self._codes(t, data, None)
         return {
             "codes": codes, "positions": positions, "codebook": self._codebooks[t.codebook],
-            "shape": t.shape, "dtype": t.dtype,
+            "shape": t.shape, "dtype": t.dtype, "rotate": t.rotate,
         }  # fmt: skip
 
     def accounting(self, *, map_fn: MapFn | None = None) -> dict:

@@ -280,6 +280,8 @@ def write_hwq(
                     h_tensors.append(d)
                     continue
                 d.update(scope=p.scope, codebook=e.codebook, n_kept=int(p.codes.shape[0]))
+                if e.rotate is not None:
+                    d["rotate"] = {"kind": "hadamard", "seed": int(e.rotate)}
                 d["positions"] = None
                 for sname in ("indices", "positions"):
                     mine = [own for st, _, own in tj if st == sname]
@@ -315,6 +317,8 @@ def write_hwq(
             emit(window)
             window, pending = [], 0
         emit(window)
+        if any("rotate" in d for d in h_tensors):
+            version = 3  # readers of versions 1–2 would ignore the rotation: refuse them
         header = {
             "format": "hwq",
             "version": version,

@@ -78,6 +78,18 @@ HWQ_ROWS = [  # (row id, label, quantize overrides), in the order they run
      {"method": "ecsq", "target_bits": 3.25}),
     ("hwq-ecsq-3.25-2of4-ans", "hwq 2:4 OBD pruning + ECSQ + rANS, 3.25 bits",
      {"method": "ecsq", "target_bits": 3.25}),
+    # incoherence processing (quantize.rotate=hadamard), alone and with error feedback, at
+    # each budget, rANS-coded: does a rotation help entropy-coded scalar quantization?
+    ("hwq-ecsq-2.0-rot-ans", "hwq Hadamard rotation + ECSQ + rANS, 2.0 bits",
+     {"method": "ecsq", "target_bits": 2.0, "rotate": "hadamard"}),
+    ("hwq-ecsq-2.5-rot-ans", "hwq Hadamard rotation + ECSQ + rANS, 2.5 bits",
+     {"method": "ecsq", "target_bits": 2.5, "rotate": "hadamard"}),
+    ("hwq-ecsq-3.25-rot-ans", "hwq Hadamard rotation + ECSQ + rANS, 3.25 bits",
+     {"method": "ecsq", "target_bits": 3.25, "rotate": "hadamard"}),
+    ("hwq-ecsq-3.25-rot-ldl-ans", "hwq rotation + ECSQ + error feedback + rANS, 3.25 bits",
+     {"method": "ecsq", "target_bits": 3.25, "rotate": "hadamard", "feedback": "ldl"}),
+    ("hwq-ecsq-3.25-ldl-ans", "hwq ECSQ + error feedback + rANS, 3.25 bits",
+     {"method": "ecsq", "target_bits": 3.25, "feedback": "ldl"}),
     ("hwq-uniform-3.25", "hwq uniform, global λ, 3.25 bits",
      {"method": "uniform", "target_bits": 3.25}),
     ("hwq-uniform-4.25", "hwq uniform, global λ, 4.25 bits",
@@ -89,7 +101,9 @@ HWQ_ROWS = [  # (row id, label, quantize overrides), in the order they run
 ]
 ROW_ENCODE = {r: {"coder": "ans"} for r in (
     "hwq-ecsq-2.0-ans", "hwq-ecsq-2.5-ans", "hwq-ecsq-3.25-ans", "hwq-ecsq-3.25-keep0.9-ans",
-    "hwq-ecsq-3.25-keep0.75-ans", "hwq-ecsq-3.25-2of4-ans")}
+    "hwq-ecsq-3.25-keep0.75-ans", "hwq-ecsq-3.25-2of4-ans", "hwq-ecsq-2.0-rot-ans",
+    "hwq-ecsq-2.5-rot-ans", "hwq-ecsq-3.25-rot-ans", "hwq-ecsq-3.25-rot-ldl-ans",
+    "hwq-ecsq-3.25-ldl-ans")}
 ROW_PRUNE = {  # prune settings of the one-shot pruning rows (every decoder Linear)
     "hwq-ecsq-3.25-2of4": {"enabled": True, "n_m": "2:4", "criterion": "obd"},
     "hwq-ecsq-3.25-keep0.9": {"enabled": True, "keep": {"*": 0.9}, "criterion": "obd"},
@@ -101,7 +115,11 @@ ROW_PRUNE.update({r + "-ans": ROW_PRUNE[r] for r in (
 
 # Rows also run with block-wise fine-tuning (finetune.mode=blockwise: a Ray task per decoder
 # block, its codebooks against the unquantized hidden states) beside the end-to-end one.
-BLOCKWISE_ROWS = ("hwq-ecsq-3.25", "hwq-ecsq-4.25", "hwq-ecsq-3.25-ans")
+BLOCKWISE_ROWS = ("hwq-ecsq-3.25", "hwq-ecsq-4.25", "hwq-ecsq-3.25-ans",
+                  "hwq-ecsq-3.25-rot-ans")
+# Rows whose settings only the per-tensor stages run (a rotation): no end-to-end fine-tune.
+PER_TENSOR_ROWS = ("hwq-ecsq-2.0-rot-ans", "hwq-ecsq-2.5-rot-ans", "hwq-ecsq-3.25-rot-ans",
+                   "hwq-ecsq-3.25-rot-ldl-ans")
 
 
 def _same_settings(old, new, top: bool = True) -> bool:
@@ -125,12 +143,14 @@ def _finetune_variants(rid: str, no_finetune: bool, block: dict | None = None
     `block` settings other than the defaults, e.g. {"block_lr": 1e-3}: a row of its own)."""
     out = [("", {"enabled": False})]
     if not no_finetune:
-        out.append(("+ft", {"enabled": True, "mode": "end_to_end"}))
+        if rid not in PER_TENSOR_ROWS:
+            out.append(("+ft", {"enabled": True, "mode": "end_to_end"}))
         if rid in BLOCKWISE_ROWS:
             tag = "".join(f"-{k.removeprefix('block_')}{v:g}" for k, v in (block or {}).items())
             out.append(("+bw" + tag, {"enabled": True, "mode": "blockwise", **(block or {})}))
             # block-wise, then end to end from its codebooks (finetune.mode=both)
-            out.append(("+both" + tag, {"enabled": True, "mode": "both", **(block or {})}))
+            if rid not in PER_TENSOR_ROWS:
+                out.append(("+both" + tag, {"enabled": True, "mode": "both", **(block or {})}))
     return out
 
 

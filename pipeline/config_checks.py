@@ -7,7 +7,7 @@ import re
 
 __all__ = ["check_finetune_batch", "check_prune", "check_serve_bits", "feedback_gap", "finetune_mode", "one_shot", "prune_method",
            "parse_bytes", "parse_n_m", "per_tensor", "per_tensor_gap", "prune_gap", "serve_levels",
-           "rotate_gap", "streamed_gap"]
+           "rotate_gap", "second_moments", "streamed_gap"]
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
@@ -235,6 +235,13 @@ def rotate_gap(cfg) -> str | None:
         return ("no one-shot pruning (prune.enabled=false): a mask of rotated weights would "
                 "cut no weight of the model")
     return per_tensor_gap(cfg)
+
+
+def second_moments(cfg) -> bool:
+    """Whether the hessian stage also estimates each decoder Linear's X·Xᵀ: the error
+    feedback's matrix, and a rotation's Hessian weights (the diagonal of V·XᵀX·Vᵀ)."""
+    q = cfg.quantize
+    return q.enabled and (q.feedback == "ldl" or q.rotate == "hadamard")
 
 
 def check_finetune_batch(cfg) -> None:

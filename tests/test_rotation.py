@@ -62,6 +62,23 @@ def test_rotated_hessian_weights_are_the_diagonal_of_v_diag_h_vt():
     assert np.allclose(rotation.hessian(h).sum(axis=1), h.sum(axis=1))  # the trace is kept
 
 
+def test_with_the_layer_second_moment_rotated_weights_follow_its_rotated_diagonal():
+    """Under the Kronecker-factored Fisher F_r = g_r·M, row r's rotated weights are
+    g_r·diag(V·M·Vᵀ): each row keeps its total, spread as M's rotated diagonal."""
+    rng = np.random.default_rng(2)
+    n = 96
+    X = rng.normal(size=(400, n)) * rng.gamma(1.0, size=n) + rng.normal(size=(400, 1))
+    M = X.T @ X / 400
+    g = rng.gamma(1.0, size=(3, 1))
+    h = g * np.diag(M)[None, :]
+    V = _matrix(n, 4)
+    want = g * np.diag(V @ M @ V.T)[None, :]
+    got = rotation.hessian_from_moment(h, M.astype(np.float32), 4)
+    assert np.allclose(got, want, rtol=1e-5)
+    # the diagonal-only version misses the correlations M holds
+    assert not np.allclose(rotation.hessian(h), want, rtol=0.05)
+
+
 def test_widths_with_a_large_odd_factor_are_refused():
     with pytest.raises(ValueError, match="odd factor 257"):
         rotation.check_width(2 * 257, "w")

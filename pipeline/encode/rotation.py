@@ -28,7 +28,7 @@ import zlib
 
 import numpy as np
 
-__all__ = ["MAX_ODD", "check_width", "forward", "hessian", "inverse", "seed_for", "signs",
+__all__ = ["MAX_ODD", "check_width", "forward", "hessian", "hessian_from_moment", "inverse", "seed_for", "signs",
            "tensor_seed"]
 
 MAX_ODD = 255
@@ -171,3 +171,19 @@ def hessian(h: np.ndarray) -> np.ndarray:
         y = np.matmul(_dct(m) ** 2, y)  # H∘H = J / p
     return np.ascontiguousarray(np.broadcast_to(y, (*h.shape[:-1], m, p)).reshape(h.shape)
                                 .astype(h.dtype))
+
+
+def hessian_from_moment(h: np.ndarray, xtx: np.ndarray, seed: int) -> np.ndarray:
+    """Rotated Hessian weights from the layer's input second moment M = X·Xᵀ/n [n, n]: each
+    row keeps its total Σ_j h[r, j] (the Fisher's row sensitivity), spread over the rotated
+    columns as diag(V·M·Vᵀ) is (the Kronecker-factored Fisher E[g_r²]·M, rotated; for the
+    activation estimator, whose h is diag(M), exactly the rotated diagonal)."""
+    n = xtx.shape[0]
+    d = np.diagonal(forward(forward(np.asarray(xtx, np.float64), seed).T, seed)).copy()
+    d = np.maximum(d, 0.0)
+    total = float(d.sum())
+    if not total > 0:
+        return hessian(h)
+    rows = np.asarray(h, np.float64).reshape(-1, n).sum(axis=1, keepdims=True)
+    out = rows * (d / total)[None, :]
+    return np.ascontiguousarray(out.reshape(h.shape).astype(h.dtype))

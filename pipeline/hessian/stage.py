@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import RunConfig
-from pipeline.config_checks import one_shot, per_tensor
+from pipeline.config_checks import one_shot, per_tensor, second_moments
 from pipeline.data import calibration_indices
 from pipeline.executor import remote, task_threads
 from pipeline.graph import Stage, StageContext
@@ -434,8 +434,8 @@ def _sections(cfg: RunConfig) -> dict:
     # with one key each would find the other's folder and recompute it.
     key = {"seed": cfg.seed, "hessian": cfg.hessian.model_dump(mode="json"),
            "layout": "tensors" if per_tensor(cfg) else "table"}
-    if cfg.quantize.feedback != "none":  # the stage then also writes each Linear's X·Xᵀ
-        key["second_moment"] = cfg.quantize.feedback
+    if second_moments(cfg):  # the stage then also writes each Linear's X·Xᵀ
+        key["second_moment"] = "ldl"  # (the name the first user gave the key)
     return key
 
 

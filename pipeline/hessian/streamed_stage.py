@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from pipeline.config import RunConfig
+from pipeline.config_checks import second_moments
 from pipeline.executor import map_units, task_threads
 from pipeline.graph import StageContext
 from pipeline.hessian.shards import group_names  # re-exported: the plan of the stage's units
@@ -237,7 +238,7 @@ def run_hessian_streamed(ctx: StageContext) -> dict[str, Any]:
     if out.store.exists(out.rel("partials")):
         out.store.remove(out.rel("partials"))
     extra = {}
-    if cfg.quantize.feedback == "ldl":  # the error feedback's X·Xᵀ (hessian/second_moment.py)
+    if second_moments(cfg):  # feedback's and rotation's X·Xᵀ (hessian/second_moment.py)
         from pipeline.hessian.second_moment import run_second_moments
 
         extra["second_moment"] = run_second_moments(ctx, url, opts, windows,

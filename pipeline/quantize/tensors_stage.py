@@ -83,8 +83,11 @@ def _tensor_and_hessian(cfg: RunConfig, url: str, opts: dict | None, hess, name:
         _floor_in_place(h, cfg.quantize.embedding_floor)
     seed = rotation.tensor_seed(cfg.quantize.rotate, cfg.seed, shape[1], embedding)
     if seed is not None:  # quantize.rotate: the rows and their weights in the rotated basis
+        from pipeline.hessian.second_moment import read_second_moment
+
         t = rotation.forward(t.to(torch.float32), seed)
-        h = rotation.hessian(h)
+        xtx = read_second_moment(hess, name, shape[1])
+        h = rotation.hessian(h) if xtx is None else rotation.hessian_from_moment(h, xtx, seed)
     return t, h, info.dtype, w.bytes_read
 
 

@@ -21,6 +21,7 @@ is accepted too.
 - :func:`rtn`  round-to-nearest, asymmetric min-max per group (fp16 scale+zero).
 - :func:`hqq`  HQQ (PyPI ``hqq``), half-quadratic zero-point optimisation.
 - :func:`gptq` GPTQ through llm-compressor's ``oneshot`` (PyPI ``llmcompressor``).
+- :func:`awq`  AWQ's activation-aware scales, then round-to-nearest, through the same.
 
 The optional packages are listed in ``benchmarks/requirements-peers.txt``.
 """
@@ -33,7 +34,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-__all__ = ["rtn", "hqq", "gptq", "resolve_linears", "side_bits_per_group_layout"]
+__all__ = ["rtn", "hqq", "gptq", "awq", "resolve_linears", "side_bits_per_group_layout"]
 
 FP16_BITS = 16
 
@@ -248,12 +249,57 @@ def gptq(model: nn.Module, names: list[str], bits: int, group: int, calib_window
     the largest power-of-two group dividing all such rows is used and "note" says so.
     After oneshot the compressed-tensors wrappers are removed: each Linear holds its
     dequantized fp32 weight."""
+    from llmcompressor.modifiers.quantization import GPTQModifier
+
+    def recipe(scheme, others):
+        return GPTQModifier(config_groups={"group_0": scheme}, ignore=others,
+                            dampening_frac=dampening_frac, block_size=block_size)
+
+    return _oneshot("gptq", model, names, bits, group, calib_windows, recipe,
+                    "llm-compressor GPTQModifier, asym, fp16 scales, static actorder", pipeline)
+
+
+def awq(model: nn.Module, names: list[str], bits: int, group: int, calib_windows: torch.Tensor,
+        *, n_grid: int = 20, pipeline: str | None = None) -> dict:
+    """AWQ through llm-compressor ``oneshot``: its ``AWQModifier`` (Llama mappings: each
+    decoder block's input norm → q/k/v, v → o, post-attention norm → gate/up, up → down)
+    searches per-channel scales on the calibration activations (``n_grid`` points, duo
+    scaling) and folds them into the smoothing layers, then a ``QuantizationModifier``
+    rounds the Linears in ``names`` to asymmetric int ``bits`` per group with fp16 scales.
+    Groups, calibration and the returned summary as in :func:`gptq`. The norms' weights the
+    scales were folded into stay unquantized (as the peers' other unquantized tensors)."""
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from llmcompressor.modifiers.transform.awq import AWQModifier
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    def recipe(scheme, others):
+        return [AWQModifier(n_grid=n_grid),
+                QuantizationModifier(config_groups={"group_0": scheme}, ignore=others)]
+
+    # llm-compressor 0.14's AWQ pins its activation cache for host-to-GPU copies, which a
+    # CPU-only torch refuses ("Cannot access accelerator device"); pinning changes no value,
+    # so without an accelerator it is skipped for this call.
+    pin = IntermediatesCache.pin_memory
+    if not torch.cuda.is_available():
+        IntermediatesCache.pin_memory = lambda self, *a, **k: None
+    try:
+        return _oneshot("awq", model, names, bits, group, calib_windows, recipe,
+                        f"llm-compressor AWQModifier (n_grid {n_grid}, duo scaling) + "
+                        "QuantizationModifier, asym, fp16 scales", pipeline)
+    finally:
+        IntermediatesCache.pin_memory = pin
+
+
+def _oneshot(method: str, model: nn.Module, names: list[str], bits: int, group: int,
+             calib_windows: torch.Tensor, make_recipe, note: str,
+             pipeline: str | None = None) -> dict:
+    """Run llm-compressor's ``oneshot`` with ``make_recipe(scheme, ignored Linear names)`` on
+    the Linears in ``names`` and leave a plain model holding the dequantized weights."""
     _check_bits(bits)
     _check_group(group)
     import datasets
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from llmcompressor import oneshot
-    from llmcompressor.modifiers.quantization import GPTQModifier
 
     calib = torch.as_tensor(calib_windows)
     if calib.ndim != 2 or calib.dtype not in (torch.int64, torch.int32):
@@ -264,7 +310,6 @@ def gptq(model: nn.Module, names: list[str], bits: int, group: int, calib_window
     others = [name for name, m in model.named_modules()
               if isinstance(m, nn.Linear) and name not in target_names]
     g = _gptq_group([m.weight.shape[1] for _, m in targets], group)
-    note = "llm-compressor GPTQModifier, asym, fp16 scales, static actorder"
     if g != group:
         note += (f"; group {group} refused (row lengths "
                  f"{sorted({m.weight.shape[1] for _, m in targets})}), used group {g}")
@@ -275,8 +320,7 @@ def gptq(model: nn.Module, names: list[str], bits: int, group: int, calib_window
                                  group_size=g, scale_dtype=torch.float16),
         input_activations=None, output_activations=None,
     )
-    recipe = GPTQModifier(config_groups={"group_0": scheme}, ignore=others,
-                          dampening_frac=dampening_frac, block_size=block_size)
+    recipe = make_recipe(scheme, others)
     ds = datasets.Dataset.from_dict({
         "input_ids": calib.to(torch.int64).tolist(),
         "attention_mask": torch.ones_like(calib, dtype=torch.int64).tolist(),
@@ -292,7 +336,7 @@ def gptq(model: nn.Module, names: list[str], bits: int, group: int, calib_window
     had_qcfg = "quantization_config" in cfg.__dict__
     old_qcfg = cfg.__dict__.pop("quantization_config", None)
     try:
-        with tempfile.TemporaryDirectory(prefix="hwq_gptq_") as tmp:
+        with tempfile.TemporaryDirectory(prefix=f"hwq_{method}_") as tmp:
             cfg.save_pretrained(tmp)
             cfg._name_or_path = tmp
             kwargs = dict(model=model, recipe=recipe, dataset=ds, processor=_TokenizedOnly(),
@@ -327,7 +371,7 @@ def gptq(model: nn.Module, names: list[str], bits: int, group: int, calib_window
         params += rows * cols
         side += side_bits_per_group_layout(rows, cols, g)
     _strip_compressed_tensors(model, own_forwards)
-    return _summary("gptq", bits, g, params, side, note)
+    return _summary(method, bits, g, params, side, note)
 
 
 class _TokenizedOnly:

@@ -154,7 +154,8 @@ def _finetune_variants(rid: str, no_finetune: bool, block: dict | None = None
     return out
 
 
-PEER_ROWS = [("rtn", 3), ("hqq", 3), ("gptq", 3), ("rtn", 4), ("hqq", 4), ("gptq", 4)]
+PEER_ROWS = [("rtn", 3), ("hqq", 3), ("gptq", 3), ("rtn", 4), ("hqq", 4), ("gptq", 4),
+             ("awq", 3), ("awq", 4), ("awq", 2), ("gptq", 2)]
 
 
 def _load_avg() -> list[float]:
@@ -274,6 +275,26 @@ def _evaluate(wl, model, load) -> dict:
     return ev["by_set"]
 
 
+def _peer_kl(wl, base_model, model, load, batch: int = 2) -> dict[str, float]:
+    """Mean next-token KL(unquantized ‖ peer) per evaluation set, nats: both models in memory,
+    the same windows and positions as perplexity (pipeline.evaluate.kl's measure)."""
+    import torch
+
+    from pipeline.evaluate.kl import chunk_kl
+
+    out = {}
+    with torch.no_grad():
+        for name, windows in wl.eval_sets(load).items():
+            total, positions = 0.0, 0
+            for a in range(0, windows.shape[0], batch):
+                w = windows[a:a + batch]
+                kl = chunk_kl(base_model(w).logits[:, :-1], model(w).logits[:, :-1])
+                total += float(kl.sum())
+                positions += w.shape[0] * (w.shape[1] - 1)
+            out[name] = total / max(positions, 1)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -372,8 +393,8 @@ def main(argv: list[str] | None = None) -> int:
                 model = copy.deepcopy(base_model)
                 t = time.perf_counter()
                 try:
-                    if method == "gptq":
-                        info = peers.gptq(model, names, bits, 128, calib)
+                    if method in ("gptq", "awq"):
+                        info = getattr(peers, method)(model, names, bits, 128, calib)
                     else:
                         info = getattr(peers, method)(model, names, bits, 128)
                 except Exception as e:  # noqa: BLE001 - a peer that fails is a row that says so
@@ -385,8 +406,10 @@ def main(argv: list[str] | None = None) -> int:
                 ppl = _evaluate(wl, model, load)
                 keep({"id": rid, "label": f"{method.upper()} g{info['group']} {bits}-bit",
                       "family": {"rtn": "RTN g128", "hqq": "HQQ g128",
-                                 "gptq": "GPTQ (llm-compressor)"}[method],
+                                 "gptq": "GPTQ (llm-compressor)",
+                                 "awq": "AWQ (llm-compressor)"}[method],
                       "bits_per_weight": info["bits_per_weight"], "perplexity": ppl,
+                      "kl": _peer_kl(wl, base_model, model, load),
                       "seconds": seconds, "note": info.get("note", "")})
                 del model
         del base_model  # the hwq rows run in Ray workers: keep this process small

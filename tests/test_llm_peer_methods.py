@@ -1,6 +1,6 @@
 """Peer LLM quantizers (benchmarks/llm_peer_methods.py) on a tiny random Llama.
 
-RTN always runs; HQQ and GPTQ (llm-compressor) run when their optional packages from
+RTN always runs; HQQ, GPTQ and AWQ (llm-compressor) run when their optional packages from
 benchmarks/requirements-peers.txt are installed.
 """
 import math
@@ -287,6 +287,28 @@ def test_gptq_only_listed_names_and_group_fallback():
     for n in names:
         assert not torch.equal(sd[n], ref[n])
         assert max_distinct_row_groups(sd[n], 64) <= 16
+
+
+def test_awq_rounds_the_listed_linears_after_folding_its_scales_into_the_norms():
+    pytest.importorskip("llmcompressor")
+    m, names, ref, info = run_method(peers.awq, 4, 32, calib_windows=calib_windows())
+    bpw, side, params = expected_bpw(m, names, 4, 32)
+    assert info["method"] == "awq" and info["group"] == 32
+    assert info["quantized_params"] == params and info["bits_per_weight"] == pytest.approx(bpw)
+    sd = m.state_dict()
+    for n in names:
+        assert max_distinct_row_groups(sd[n], 32) <= 16
+    # AWQ's scales go into the layers before the balanced ones (the norms; v and up are
+    # Linears already listed): nothing else moves
+    moved = {k for k, v in sd.items() if not torch.equal(v, ref[k])} - set(names)
+    assert moved and all(k.endswith("layernorm.weight") for k in moved)
+    for name, mod in m.named_modules():
+        for attr in ("forward", "quantization_scheme", "save_pretrained"):
+            assert attr not in mod.__dict__, f"{name or 'model'} keeps {attr}"
+    x = calib_windows(2, 24)
+    with torch.no_grad():
+        base, got = tiny_llama()(x).logits, m(x).logits
+    assert rel_err(got, base) < 0.25
 
 
 def test_the_bit_budget_sums_to_the_rows_bits_and_is_tabled():

@@ -154,8 +154,8 @@ def _finetune_variants(rid: str, no_finetune: bool, block: dict | None = None
     return out
 
 
-PEER_ROWS = [("rtn", 3), ("hqq", 3), ("gptq", 3), ("rtn", 4), ("hqq", 4), ("gptq", 4),
-             ("awq", 3), ("awq", 4), ("awq", 2), ("gptq", 2)]
+PEER_ROWS = [("awq", 3), ("awq", 4), ("gptq", 2), ("awq", 2), ("rtn", 3), ("hqq", 3),
+             ("gptq", 3), ("rtn", 4), ("hqq", 4), ("gptq", 4)]  # in the order they run
 
 
 def _load_avg() -> list[float]:

@@ -8,7 +8,7 @@ from typing import Any
 
 from .models import tiny_sharded_bf16_folder, write_corpus
 
-__all__ = ["lm_folder", "lm_run_config", "stage_dir"]
+__all__ = ["decoded_model", "lm_folder", "lm_run_config", "stage_dir"]
 
 
 def lm_folder(root: Path, layers: int = 2, corpus_lines: int = 300) -> Path:
@@ -42,3 +42,26 @@ def stage_dir(store: Path, name: str) -> Path:
     """The one folder of stage `name` in a local store."""
     (d,) = (Path(store) / "stages").glob(f"{name}-*")
     return d
+
+
+def decoded_model(encode_dir: Path):
+    """(a float32 transformers model of the encode stage's `hf/` config, its state dict):
+    the weights `model.hwq` in `encode_dir` decodes to (bf16 widened), head tied as the
+    config says. Change entries of the dict and load it again to compare variants."""
+    import numpy as np
+    import torch
+    import transformers
+
+    from pipeline.encode.container import read_hwq
+
+    hf = Path(encode_dir) / "hf"
+    dense = transformers.AutoModelForCausalLM.from_config(
+        transformers.AutoConfig.from_pretrained(hf), torch_dtype=torch.float32)
+    sd = {}
+    for n, a in read_hwq(str(Path(encode_dir) / "model.hwq")).items():
+        a = np.asarray(a)
+        sd[n] = (torch.from_numpy(a.view(np.int16)).view(torch.bfloat16).float()
+                 if a.dtype == np.uint16 else torch.from_numpy(a).float())
+    dense.load_state_dict(sd, strict=False)
+    dense.tie_weights()
+    return dense, sd

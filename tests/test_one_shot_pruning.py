@@ -24,7 +24,7 @@ from pipeline.quantize.sparsity import (
     row_mask,
     saliency,
 )
-from testkit.lm_runs import lm_folder, lm_run_config, stage_dir
+from testkit.lm_runs import decoded_model, lm_folder, lm_run_config, stage_dir
 
 # -- masks ---------------------------------------------------------------------------------
 
@@ -210,9 +210,7 @@ def test_a_pruned_run_is_the_same_file_in_both_residencies(pruned_run, folder, t
 def test_the_runtime_serves_a_pruned_file(pruned_run):
     """The runtime packs a pruned row's zero as a level of its table: the file serves as
     LutLinears, and the reference mode computes the decoded model's logits."""
-    import transformers
 
-    from pipeline.encode.container import read_hwq
     from pipeline.runtime import load
     from pipeline.runtime.modules import LutLinear
 
@@ -221,17 +219,7 @@ def test_the_runtime_serves_a_pruned_file(pruned_run):
     fast, _ = load(path, mode="fast", threads=1)
     assert sum(isinstance(m, LutLinear) for m in fast.modules()) == 14
     ref, _ = load(path, mode="reference", threads=1)
-    hf = _stage(store, "encode") / "hf"
-    dense = transformers.AutoModelForCausalLM.from_config(
-        transformers.AutoConfig.from_pretrained(hf), torch_dtype=torch.float32)
-    dec = read_hwq(path)
-    sd = {}
-    for n, a in dec.items():
-        a = np.asarray(a)
-        sd[n] = (torch.from_numpy(a.view(np.int16)).view(torch.bfloat16).float()
-                 if a.dtype == np.uint16 else torch.from_numpy(a).float())
-    dense.load_state_dict(sd, strict=False)
-    dense.tie_weights()
+    dense, _ = decoded_model(_stage(store, "encode"))
     ids = torch.arange(1, 17)[None, :] % fast.config.vocab_size
     with torch.no_grad():
         want = dense(ids).logits.double()

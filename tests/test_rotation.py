@@ -19,7 +19,7 @@ from pipeline import driver
 from pipeline.config import ConfigError, RunConfig
 from pipeline.encode import rotation
 from pipeline.encode.container import HwqFormatError, HwqReader, TensorEntry, write_hwq
-from testkit.lm_runs import lm_run_config, stage_dir
+from testkit.lm_runs import decoded_model, lm_run_config, stage_dir
 from testkit.models import tiny_sharded_bf16_folder, write_corpus
 
 # -- the transform -------------------------------------------------------------------------
@@ -231,9 +231,7 @@ def test_a_rotated_run_decodes_to_its_rotated_back_codes(rotated_run):
 
 
 def test_the_runtime_serves_a_rotated_file(rotated_run):
-    import transformers
 
-    from pipeline.encode.container import read_hwq
     from pipeline.runtime import load
     from pipeline.runtime.modules import LutLinear
 
@@ -248,16 +246,7 @@ def test_the_runtime_serves_a_rotated_file(rotated_run):
     assert fast.hwq_runtime["fused_groups"] == len(groups) >= 1
     assert all(g.rotate is not None for g in groups.values())
     ref, _ = load(path, mode="reference", threads=1)
-    hf = stage_dir(store, "encode") / "hf"
-    dense = transformers.AutoModelForCausalLM.from_config(
-        transformers.AutoConfig.from_pretrained(hf), torch_dtype=torch.float32)
-    sd = {}
-    for n, a in read_hwq(path).items():
-        a = np.asarray(a)
-        sd[n] = (torch.from_numpy(a.view(np.int16)).view(torch.bfloat16).float()
-                 if a.dtype == np.uint16 else torch.from_numpy(a).float())
-    dense.load_state_dict(sd, strict=False)
-    dense.tie_weights()
+    dense, sd = decoded_model(stage_dir(store, "encode"))
     ids = torch.arange(1, 17)[None, :] % fast.config.vocab_size
     with torch.no_grad():
         decoded = dense(ids).logits.double()

@@ -7,8 +7,7 @@ serving it."""
 from __future__ import annotations
 
 import json
-import struct
-import zlib
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,9 @@ from pipeline.encode import rotation
 from pipeline.encode.container import HwqFormatError, HwqReader, TensorEntry, write_hwq
 from testkit.lm_runs import decoded_model, lm_run_config, stage_dir
 from testkit.models import tiny_sharded_bf16_folder, write_corpus
+
+sys.path.insert(0, str(Path(__file__).parent / "encode"))
+import hostile_files as hf  # noqa: E402
 
 # -- the transform -------------------------------------------------------------------------
 
@@ -112,17 +114,10 @@ def test_a_rotated_tensor_decodes_to_the_rotated_back_lookup(tmp_path, dtype):
 
 
 def _rewrite_header(blob: bytes, edit) -> bytes:
-    """The file with its header edited, checksums and padding consistent (a hostile
-    writer)."""
-    _, _, flags, hlen, _, _ = struct.unpack_from("<4sHHQII", blob)
-    raw = blob[24:24 + hlen]
-    h = json.loads(zlib.decompress(raw) if flags & 1 else raw)
-    payload = blob[-(-(24 + hlen) // 8) * 8:]
+    """The file with its header edited, every checksum right (a hostile writer)."""
+    h, payload = hf.split(blob)
     edit(h)
-    hj = json.dumps(h, separators=(",", ":")).encode()
-    start = -(-(24 + len(hj)) // 8) * 8
-    return (struct.pack("<4sHHQII", b"HWQ1", h["version"], 0, len(hj), zlib.crc32(hj), 0)
-            + hj + b"\0" * (start - 24 - len(hj)) + payload)
+    return hf.join(h, payload)
 
 
 @pytest.mark.parametrize("edit, message", [

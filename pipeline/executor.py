@@ -186,6 +186,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
             ray.init(
                 num_cpus=num_cpus,
                 include_dashboard=False,
+                _system_config=_local_system_config(num_cpus),
                 _temp_dir=temp_dir,
                 runtime_env=runtime_env,
                 log_to_driver=True,
@@ -195,6 +196,20 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         except BaseException:
             shutdown_ray()
             raise
+
+
+# Ray kills idle workers beyond a soft limit (the CPU count by default) after a second. The
+# fine-tune's Ray Train controller and workers are actors in processes of their own, so while it
+# runs the task workers of the stages before it are over the limit and die; the encode stage
+# after it then starts new ones, each importing torch and transformers again (~7 s of CPU a
+# process on the 2-core machine: a tiny model's encode stage took 12 s instead of 4). The
+# local Ray keeps that many more idle workers alive; they hold their imports, not a stage's
+# data (each task frees what it used).
+_SPARE_WORKERS = 4
+
+
+def _local_system_config(num_cpus: int | None) -> dict[str, int]:
+    return {"num_workers_soft_limit": int(num_cpus or os.cpu_count() or 1) + _SPARE_WORKERS}
 
 
 # Set by Ray's job manager in a submitted job's driver: the job's config, runtime env included.

@@ -77,13 +77,14 @@ def streamed_perplexity_kl(
 ) -> dict[str, Any]:
     """{"value": pooled perplexity, "by_set": {name: ppl}, "kl": mean KL per predicted token
     over every set, "kl_by_set": {name: mean KL}} of the model at `url` against the
-    unquantized one at `ref_url`, both streamed one decoder block at a time in float32."""
+    unquantized one at `ref_url`, both streamed one decoder block at a time in float32 (the
+    Linears widened from their stored 16-bit weights per call: a float32 block's products)."""
     from pipeline.models.stream import StreamedLM
 
     by, kl_by, nll_all, kl_all, tokens = {}, {}, 0.0, 0.0, 0
     for name, win in sets.items():
-        lm = StreamedLM(url, opts, dtype=torch.float32)
-        ref = StreamedLM(ref_url, ref_opts, dtype=torch.float32)
+        lm = StreamedLM(url, opts, dtype=torch.float32, stored_linears=True)
+        ref = StreamedLM(ref_url, ref_opts, dtype=torch.float32, stored_linears=True)
         if not (lm.plain_head and ref.plain_head):
             from pipeline.models.weights import WeightsError
 

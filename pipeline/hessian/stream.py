@@ -31,7 +31,10 @@ activation statistics of a tied pair) by the range ending at the top; other rang
 
 Peak memory: one block's weights (and, for the Fisher, its float32 sums and the gradient
 autograd is finishing), the hidden states of the windows, and the cache's budget; never the
-model. The Fisher's sums are float32 because they are a block's size (1.6 GB in float64 for a
+model. With a `StreamedLM` built with ``stored_linears=True`` the block's Linears keep a 16-bit
+checkpoint's weights and widen them per call, and square their weight's gradient themselves
+(`pipeline.models.stored_linear`): same sums, half the block's weight memory. An untied head's
+sums are dropped once emitted. The Fisher's sums are float32 because they are a block's size (1.6 GB in float64 for a
 7B block, beside its 0.8 GB of weights) and the partial tables store float32 anyway; over a
 task's n windows their relative rounding is at most ~n × 6e-8.
 
@@ -70,6 +73,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.hessian.shards import _check_range
+from pipeline.models.stored_linear import StoredLinear
 from pipeline.models.stream import ActivationCache, StreamedLM
 
 __all__ = ["activation_streamed", "embedding_roles", "fisher_streamed"]
@@ -247,22 +251,29 @@ def fisher_streamed(
         top.weight = None  # the head's storage goes with the release
         if head is not None:
             emit(head, top.head_sums.numpy(), int(n))
+            if top.tied is None:  # only a tied embedding still needs them
+                top.head_sums = None
         del hidden
         for i in reversed(range(lo, len(lm.layers))):
             block = lm.block(i)
             prefix = lm.block_prefix(i)
             # Above the range only the cotangent passes through; at lo it stops.
             want = set(by.get(i, [])) if i < hi else set()
-            tracked = [
-                (prefix + pn, p) for pn, p in block.named_parameters() if prefix + pn in want
-            ]
+            params = [(prefix + pn, p) for pn, p in block.named_parameters() if prefix + pn in want]
+            sums = {full: torch.zeros(p.shape, dtype=torch.float32) for full, p in params}
+            # A Linear holding its 16-bit weight squares that weight's gradient itself
+            # (`pipeline.models.stored_linear`); every other parameter takes a gradient here.
+            stored = _stored_linears(block, prefix, want)
+            anchor = torch.zeros(0, requires_grad=True)
+            for full, m in stored.items():
+                m.sums, m.anchor = sums[full], anchor
+            tracked = [(full, p) for full, p in params if full not in stored]
             for _, p in tracked:
                 p.requires_grad_(True)
-            sums = {full: torch.zeros(p.shape, dtype=torch.float32) for full, p in tracked}
             x_all = cache.get(i)
             pass_down = i > lo or emb is not None  # emb: the cotangent at block 0's input
             down = torch.empty_like(x_all) if pass_down else None
-            inputs_wanted = pass_down or bool(tracked)
+            inputs_wanted = pass_down or bool(params)
             # Each parameter's gradient is squared into its sum as autograd finishes it and
             # freed there: a block's gradients never exist all at once (for a 7B block, 0.8 GB
             # of float32).
@@ -271,13 +282,17 @@ def fisher_streamed(
             for s in range(n if inputs_wanted else 0):
                 x = x_all[s : s + 1].detach().requires_grad_(pass_down)
                 out = lm.call_block(block, x, *calls[i])
-                inputs = ([x] if pass_down else []) + [p for _, p in tracked]
+                inputs = (([x] if pass_down else []) + [p for _, p in tracked]
+                          + ([anchor] if stored else []))
                 torch.autograd.backward(out, grad_tensors=cot[s : s + 1], inputs=inputs)
                 if pass_down:
                     down[s : s + 1] = x.grad
                 del out, x
+                _check_single_use(stored)
             for h in hooks:
                 h.remove()
+            for m in stored.values():
+                m.sums = m.anchor = None
             lm.unload(block)
             cache.drop(i)
             for full in by.get(i, []) if i < hi else []:
@@ -290,6 +305,24 @@ def fisher_streamed(
     if emb is not None:
         emit(emb, top.embedding_sums(cot).numpy(), int(n))
     return int(n)
+
+
+def _stored_linears(block: nn.Module, prefix: str, want: set[str]) -> dict[str, StoredLinear]:
+    """{full weight name: module} of the wanted Linears of `block` holding a 16-bit weight
+    below the block's float32 compute."""
+    return {prefix + name + ".weight": m for name, m in block.named_modules()
+            if isinstance(m, StoredLinear) and prefix + name + ".weight" in want
+            and m.weight.dtype in (torch.bfloat16, torch.float16)}
+
+
+def _check_single_use(stored: dict[str, StoredLinear]) -> None:
+    """A stored Linear squares each call's gradient: right only for one call a window."""
+    for full, m in stored.items():
+        uses, m.uses = m.uses, 0
+        if uses > 1:
+            raise ValueError(f"{full}: its Linear runs {uses} times in one forward of its block; "
+                             "the streamed Fisher squares a window's gradient per call, so it "
+                             "needs one call a window")
 
 
 def _square_into(acc: Tensor) -> Callable[[Tensor], None]:

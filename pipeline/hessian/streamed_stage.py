@@ -82,8 +82,9 @@ def _partial_task(cfg: RunConfig, out, url: str, opts: dict | None, windows: tor
     task_threads()
     h = cfg.hessian
     # Forward-only statistics run in the checkpoint's dtype (sums in float64); the Fisher's
-    # gradients in float32.
-    lm = StreamedLM(url, opts, dtype="stored" if h.estimator == "activation" else torch.float32)
+    # gradients in float32, from a block whose Linears keep their 16-bit weights.
+    lm = (StreamedLM(url, opts, dtype="stored") if h.estimator == "activation"
+          else StreamedLM(url, opts, dtype=torch.float32, stored_linears=True))
     n = int(windows.numel()) if h.estimator == "activation" else int(windows.shape[0])
     rel = f"partials/p{p}-g{g}.parquet"
     with TensorTableWriter(out.url(rel), out.store.storage_options or None,

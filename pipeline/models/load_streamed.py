@@ -140,7 +140,7 @@ def streamed_perplexity(url: str, opts: dict | None, sets: dict[str, torch.Tenso
 
     by, nll, tokens = {}, 0.0, 0
     for name, win in sets.items():
-        lm = StreamedLM(url, opts, dtype=torch.float32)
+        lm = StreamedLM(url, opts, dtype=torch.float32, stored_linears=True)
         ppl = lm.perplexity(win, batch=batch)
         by[name] = ppl
         n = int(win.shape[0]) * (int(win.shape[1]) - 1)

@@ -38,6 +38,7 @@ from pipeline.models.folder_checks import (
     parse_json,
 )
 from pipeline.models.lm_loss import _LOGIT_TRANSFORMS, _chunk_nll
+from pipeline.models.stored_linear import use_stored_linears
 from pipeline.models.weights import WeightsError, WeightsFolder
 
 __all__ = ["StreamedLM", "ActivationCache"]
@@ -54,10 +55,13 @@ class StreamedLM:
     dtype: compute dtype every piece is cast to when loaded (float32 by default; "stored"
         keeps a 16-bit checkpoint's bfloat16 — half the memory, and several times faster on
         CPUs with bf16 matrix units — and uses float32 otherwise).
+    stored_linears: the decoder blocks' nn.Linear weights stay in the checkpoint's 16-bit
+        dtype and are widened to `dtype` one call at a time (`pipeline.models.stored_linear`:
+        the same products, half a block's weight memory in float32).
     """
 
     def __init__(self, url: str, storage_options: dict | None = None,
-                 dtype: torch.dtype | str = torch.float32):
+                 dtype: torch.dtype | str = torch.float32, stored_linears: bool = False):
         from transformers import AutoModelForCausalLM
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -87,6 +91,9 @@ class StreamedLM:
         self.model.eval()
         self.model.config.use_cache = False
         self.layers_name, self.layers = largest_module_list(self.model)
+        self._as_stored: set[str] = set()  # parameters read in their stored 16-bit dtype
+        if stored_linears and dtype == torch.float32:
+            self._as_stored = {f"{self.layers_name}.{n}" for n in use_stored_linears(self.layers)}
         self.names = {id(m): n for n, m in self.model.named_modules()}
         self.tied = bool(getattr(cfg, "tie_word_embeddings", False))
         self.plain_head = all(getattr(cfg, a, None) in (None, 1, 1.0) for a in _LOGIT_TRANSFORMS)
@@ -122,7 +129,10 @@ class StreamedLM:
         sd = {}
         for n, p in own.items():
             if p.device.type == "meta":
-                sd[n] = self.weights.read(self._key(prefix + n), self.dtype)
+                key = self._key(prefix + n)
+                keep = (prefix + n in self._as_stored
+                        and self.weights.info(key).dtype in ("BF16", "F16"))
+                sd[n] = self.weights.read(key, None if keep else self.dtype)
         if sd:
             missing = set(own) - set(sd)
             for n in missing:

@@ -103,7 +103,9 @@ def _block_task(cfg: RunConfig, out, url: str, opts, codes, plan: list[list[str]
 
     task_threads()
     ft = cfg.finetune
-    lm = StreamedLM(url, opts, dtype=torch.float32)
+    # float32 compute; the Linears keep a 16-bit checkpoint's weights (the targets y are the
+    # same products, and the quantized forward replaces those weights anyway)
+    lm = StreamedLM(url, opts, dtype=torch.float32, stored_linears=True)
     n = int(windows.shape[0])
     t0 = time.perf_counter()
     if state is None:  # the first task of a run: from the embeddings, replaying done blocks

@@ -24,8 +24,9 @@ error, the block keeps the quantize stage's values (`BlockResult.reverted`). Tra
 rounded to float16 (the file stores fp16 codebooks); each row's unused padding slots keep the
 quantize stage's values.
 
-Memory: one block's weights (float32), its quantized weights rebuilt in each forward, the
-codes, and the hidden states of the windows.
+Memory: one block's weights (its Linears in the checkpoint's 16-bit dtype when the block
+comes from `StreamedLM(stored_linears=True)`), its quantized weights rebuilt in float32 in each
+forward, the codes, and the hidden states of the windows.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from pipeline.encode import rotation
+from pipeline.models.stored_linear import StoredLinear
 
 __all__ = ["BlockResult", "gather_codebooks", "finish_codebooks", "quantized_forward",
            "relative_error", "run_quantized", "train_block", "split_windows"]
@@ -55,13 +57,29 @@ class _Gather(torch.autograd.Function):
     def forward(ctx, cb: Tensor, idx: Tensor) -> Tensor:  # noqa: D102
         ctx.save_for_backward(idx)
         ctx.k = cb.shape[1]
-        return cb.gather(1, idx.long())
+        out = cb.new_empty(idx.shape)
+        for a, b in _slabs(idx):  # torch indexes with int64: a slab's worth at a time
+            torch.gather(cb[a:b], 1, idx[a:b].long(), out=out[a:b])
+        return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # noqa: D102
         (idx,) = ctx.saved_tensors
-        g = grad.new_zeros(grad.shape[0], ctx.k).scatter_add_(1, idx.long(), grad)
+        g = grad.new_zeros(grad.shape[0], ctx.k)
+        for a, b in _slabs(idx):
+            g[a:b].scatter_add_(1, idx[a:b].long(), grad[a:b])
         return g, None
+
+
+_SLAB = 1 << 20  # indices widened to int64 at once (8 MB)
+
+
+def _slabs(idx: Tensor) -> list[tuple[int, int]]:
+    """Row ranges of about _SLAB indices: the int64 copy torch's gather and scatter need is
+    a slab's, not the tensor's (8 bytes a weight: 360 MB for a 7B down_proj)."""
+    R = idx.shape[0]
+    step = max(1, _SLAB // max(1, idx.shape[1] if idx.dim() > 1 else 1))
+    return [(a, min(R, a + step)) for a in range(0, R, step)]
 
 
 def gather_codebooks(cb: Tensor, idx: Tensor) -> Tensor:
@@ -90,7 +108,7 @@ def _weights(block: nn.Module, books: Mapping[str, Tensor], idx: Mapping[str, Te
     tensor with a one-shot pruning mask is exactly 0 where it is pruned (`where`, so no
     trained value reaches a pruned weight); a rotated one (`quantize.rotate`) is rotated
     back in float32 (a linear map: the codebooks' gradient goes through it)."""
-    dtype = next((p.dtype for p in block.parameters()), torch.float32)
+    dtype = compute_dtype(block)
     out = {}
     for n in books:
         w = gather_codebooks(books[n], idx[n])
@@ -101,6 +119,16 @@ def _weights(block: nn.Module, books: Mapping[str, Tensor], idx: Mapping[str, Te
             w = torch.where(masks[n], w, torch.zeros((), dtype=w.dtype))
         out[n] = w
     return out
+
+
+def compute_dtype(block: nn.Module) -> torch.dtype:
+    """The dtype `block` computes in: its parameters', except the 16-bit weights that
+    `StoredLinear`s keep below a float32 block (`StreamedLM(stored_linears=True)`)."""
+    for m in block.modules():
+        for p in m.parameters(recurse=False):
+            if not (isinstance(m, StoredLinear) and p is m.weight):
+                return p.dtype
+    return torch.float32
 
 
 def _split(codes: Mapping[str, tuple]) -> tuple[dict, dict, dict, dict]:

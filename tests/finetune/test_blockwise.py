@@ -191,3 +191,39 @@ def test_tensor_codes_take_the_fine_tuned_codebooks_and_refuse_a_bad_map(tmp_pat
                       {"t": "codebooks/b00000.safetensors"})
     with pytest.raises(ArtifactError, match="not the codebooks"):
         TensorCodes(q, f).read("t")
+
+
+def test_a_block_keeping_bf16_linears_trains_as_the_block_widened_to_float32(monkeypatch):
+    """`StreamedLM(stored_linears=True)` gives the block-wise fine-tune a float32 block whose
+    Linears hold bf16 weights: the targets, the trained codebooks and the errors are those of
+    the same block with its bf16 weights widened to float32. The gather and its gradient go
+    a row slab at a time (a small slab here): the same values as in one piece."""
+    import copy
+
+    from pipeline.finetune import blockwise
+    from pipeline.models.stored_linear import StoredLinear, use_stored_linears
+
+    block, call, x, codes = _block_and_codes()
+    for p in block.parameters():
+        p.data = p.data.to(torch.bfloat16).float()  # a bf16 checkpoint widened
+    stored = copy.deepcopy(block)
+    use_stored_linears(stored)
+    for m in stored.modules():
+        if isinstance(m, StoredLinear):
+            m.weight.data = m.weight.data.to(torch.bfloat16)
+    assert blockwise.compute_dtype(stored) == torch.float32
+
+    def run(b):
+        with torch.no_grad():
+            y = b(x, *call[0], **call[1])
+            y = y[0] if isinstance(y, tuple) else y
+        return y, train_block(b, call, x, y, codes, steps=6, lr=1e-4, batch=4,
+                              validation=0.25, seed=0)
+
+    y0, r0 = run(block)
+    monkeypatch.setattr(blockwise, "_SLAB", 100)  # several slabs per tensor
+    y1, r1 = run(stored)
+    assert torch.equal(y0, y1)
+    assert r0.errors == r1.errors and r0.losses == r1.losses
+    for n in r0.codebooks:
+        assert np.array_equal(r0.codebooks[n], r1.codebooks[n])

@@ -385,6 +385,7 @@ def run_quantize_tensors(ctx: StageContext) -> dict[str, Any]:
             cpus=task_cpus(1), desc="quantize sample", unit="tensor"):
         sample[i], pos_bits[i] = block, pb
     sampled = [b.W.shape[0] for b in sample]
+    phases = {"sample": time.perf_counter() - t0, "search": 0.0, "passes": 0.0}
     if keeps:
         ctx.log.info("quantize: one-shot pruning (%s, %s) of %d tensors; their masks take "
                      "%.4f bits/weight", cfg.prune.criterion, cfg.prune.n_m or "per row",
@@ -407,6 +408,7 @@ def run_quantize_tensors(ctx: StageContext) -> dict[str, Any]:
     while passes < _PASSES:
         # λ on the sample, aimed so the predicted file rate (corrected by the last full
         # pass's miss) is within the window
+        t_search = time.perf_counter()
         for _ in range(6):
             found = solve_rows_global_rate(sample, aim, q.method, map_fn=mapper, lam0=lam0,
                                            tol=0.005, **_opts(cfg))
@@ -424,6 +426,8 @@ def run_quantize_tensors(ctx: StageContext) -> dict[str, Any]:
         lam = float(found.lam)
         tag = _tag(lam)
         passes += 1
+        t_pass = time.perf_counter()
+        phases["search"] += t_pass - t_search
         recs: dict[str, dict] = {}
         todo = []
         for i, n in enumerate(names):
@@ -439,6 +443,7 @@ def run_quantize_tensors(ctx: StageContext) -> dict[str, Any]:
                                 desc=f"quantize pass {passes}", unit="tensor"):
             recs[todo[j][5]] = rec
             retried += rec.get("attempt", 0)
+        phases["passes"] += time.perf_counter() - t_pass
         coded = math.fsum(sum(recs[n]["fields"]["bits"].values()) for n in names) / weights
         ctx.log.info("quantize: pass %d at λ=%.4g: the file will spend %.4f bits/weight "
                      "(target %.4f; %d tensors reused)", passes, lam, coded, target,
@@ -488,6 +493,9 @@ def run_quantize_tensors(ctx: StageContext) -> dict[str, Any]:
         "units": {"total": len(names), "reused": reused, "retried": retried},
         "bytes_read": sum(recs[n]["fields"]["bytes_read"] for n in names),
         "weights_per_s": weights * passes / max(time.perf_counter() - t0, 1e-9),
+        # where the time went: sampling every tensor's rows, the λ searches on the sample,
+        # the full passes (every tensor solved and written)
+        "phase_seconds": {k: round(v, 3) for k, v in phases.items()},
         "seconds": round(time.perf_counter() - t0, 3)}}
 
 

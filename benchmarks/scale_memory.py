@@ -44,7 +44,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -161,15 +160,16 @@ def smollm2_folder(folder: Path) -> Path:
 # one streamed run, sampled
 
 
-def stream_args(model: Path, work: Path, a: argparse.Namespace) -> SimpleNamespace:
-    """The flags of `hwq stream MODEL WORK` this benchmark runs (as its parser leaves them)."""
-    return SimpleNamespace(
-        model=str(model), work=str(work), estimator=a.estimator, method=a.method, bits=a.bits,
-        ecsq_bins=a.ecsq_bins,
-        text=None, tokenizer=None, windows=a.windows, seq_len=a.seq_len, seed=0,
-        coder="huffman", eval=None, eval_seq_len=512, eval_windows=16,
-        partitions=a.partitions, groups=a.groups, cpus=2, ray_address=None, endpoint_url=None,
-        finetune_steps=a.finetune_steps)
+def stream_args(model: Path, work: Path, a: argparse.Namespace) -> argparse.Namespace:
+    """The flags of `hwq stream MODEL WORK` this benchmark runs, parsed by hwq's own parser
+    (so a flag added to `hwq stream` takes its default here too)."""
+    from pipeline.cli import build_parser
+
+    return build_parser().parse_args([
+        "stream", str(model), str(work), "--estimator", a.estimator, "--method", a.method,
+        "--bits", str(a.bits), "--ecsq-bins", str(a.ecsq_bins), "--windows", str(a.windows),
+        "--seq-len", str(a.seq_len), "--partitions", str(a.partitions), "--groups",
+        str(a.groups), "--cpus", "2", "--finetune-steps", str(a.finetune_steps)])
 
 
 def run_one(label: str, model: Path, work: Path, a: argparse.Namespace, one_tensor: str,

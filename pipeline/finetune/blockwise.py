@@ -77,8 +77,8 @@ _SLAB = 1 << 20  # indices widened to int64 at once (8 MB)
 def _slabs(idx: Tensor) -> list[tuple[int, int]]:
     """Row ranges of about _SLAB indices: the int64 copy torch's gather and scatter need is
     a slab's, not the tensor's (8 bytes a weight: 360 MB for a 7B down_proj)."""
-    R = idx.shape[0]
-    step = max(1, _SLAB // max(1, idx.shape[1] if idx.dim() > 1 else 1))
+    R, C = idx.shape
+    step = max(1, _SLAB // max(1, C))
     return [(a, min(R, a + step)) for a in range(0, R, step)]
 
 

@@ -31,12 +31,12 @@ activation statistics of a tied pair) by the range ending at the top; other rang
 
 Peak memory: one block's weights (and, for the Fisher, its float32 sums and the gradient
 autograd is finishing), the hidden states of the windows, and the cache's budget; never the
-model. With a `StreamedLM` built with ``stored_linears=True`` the block's Linears keep a 16-bit
-checkpoint's weights and widen them per call, and square their weight's gradient themselves
-(`pipeline.models.stored_linear`): same sums, half the block's weight memory. An untied head's
-sums are dropped once emitted. The Fisher's sums are float32 because they are a block's size (1.6 GB in float64 for a
+model. The Fisher's sums are float32 because they are a block's size (1.6 GB in float64 for a
 7B block, beside its 0.8 GB of weights) and the partial tables store float32 anyway; over a
-task's n windows their relative rounding is at most ~n × 6e-8.
+task's n windows their relative rounding is at most ~n × 6e-8. With a `StreamedLM` built with
+``stored_linears=True`` the block's Linears keep a 16-bit checkpoint's weights, widen them per
+call and square their weight's gradient themselves (`pipeline.models.stored_linear`): the same
+sums, half the block's weight memory. An untied head's sums are dropped once emitted.
 
 Sharding (``blocks=range(lo, hi)``, planned by `pipeline.hessian.shards`): a task computes and
 emits only the tensors of blocks lo … hi−1, for the windows it is given, still with one block

@@ -62,7 +62,7 @@ class StoredLinear(nn.Linear):
         if self.sums is not None and torch.is_grad_enabled():
             self.uses += 1
             return _SquaredWeightGrad.apply(x, w, self.bias, self.anchor, self.sums)
-        return F.linear(x, w if w.dtype == x.dtype else w.to(x.dtype), self.bias)
+        return F.linear(x, w.to(x.dtype), self.bias)  # (no copy when the dtypes agree)
 
 
 def use_stored_linears(root: nn.Module) -> list[str]:

@@ -23,7 +23,7 @@ from pipeline.errors import ExecutorError
 
 __all__ = ["cache_dir", "private_subdir", "init_ray", "shutdown_ray", "ray_has_gpus", "remote",
            "task_threads", "ray_map", "configure", "task_gpus", "worker_cpus", "task_device",
-           "task_attempt"]
+           "task_attempt", "map_units", "UnitQueue"]
 
 log = logging.getLogger(__name__)
 
@@ -456,6 +456,60 @@ def map_units(fn, calls, *, cpus: int | str = 1, gpus: float | str = 0,
         pbar.close()
         if pending:  # stopped early (an error, Ctrl-C): the rest must not write afterwards
             _cancel(pending)
+
+
+class UnitQueue:
+    """A stage's Ray tasks, at most `slots` running at once, started in the order they were
+    added; `add(..., first=True)` puts a unit at the head of the queue. Iterating yields
+    (key, result) in the order they finish, and may add units meanwhile: a follow-up unit (a
+    reduce of partials that just finished) takes the next free slot instead of waiting
+    behind every queued unit, so what it consumes is freed early. An error is raised when
+    reached; the units still running or queued are then cancelled (as `map_units`)."""
+
+    def __init__(self, *, slots: int | None = None, cpus_per_slot: int = 1,
+                 total: int | None = None, desc: str = "units", unit: str = "unit") -> None:
+        # slots: default, as many units of cpus_per_slot CPUs as the cluster runs at once
+        self.slots = max(1, int(slots) if slots is not None
+                         else _cluster_cpus() // max(1, int(cpus_per_slot)))
+        self._queued: list[tuple[Any, Any, tuple, int | str, float | str]] = []
+        self._running: dict[Any, Any] = {}  # ObjectRef -> key
+        self._total, self._desc, self._unit = total, desc, unit
+
+    def add(self, key, fn, args: tuple, *, cpus: int | str = 1, gpus: float | str = 0,
+            first: bool = False) -> None:
+        item = (key, fn, tuple(args), cpus, gpus)
+        if first:
+            self._queued.insert(0, item)
+        else:
+            self._queued.append(item)
+
+    def _start(self) -> None:
+        while self._queued and len(self._running) < self.slots:
+            key, fn, args, cpus, gpus = self._queued.pop(0)
+            self._running[remote(fn, cpus=cpus, gpus=gpus).remote(*args)] = key
+
+    def __iter__(self):
+        import ray
+
+        from pipeline import progress
+
+        pbar = progress.bar(self._total, self._desc, unit=self._unit)
+        try:
+            while True:
+                self._start()
+                if not self._running:
+                    return
+                ready, _ = ray.wait(list(self._running), num_returns=1)
+                key = self._running.pop(ready[0])
+                result = ray.get(ready[0])
+                pbar.update(1)
+                yield key, result
+        finally:
+            pbar.close()
+            self._queued.clear()
+            if self._running:  # stopped early (an error, Ctrl-C): nothing may write afterwards
+                _cancel(list(self._running))
+                self._running.clear()
 
 
 def _cancel(refs: list) -> None:

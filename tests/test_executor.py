@@ -128,3 +128,39 @@ def test_resource_requests_come_from_the_config():
     finally:
         configure(ExecutorConfig())
     assert task_cpus(1) == 1
+
+
+def _unit(name, folder, fail=False):
+    import time
+
+    time.sleep(0.05)
+    if fail:
+        raise ValueError(f"unit {name} failed")
+    Path(folder, name).write_text(name)
+    return name
+
+
+def test_a_unit_queue_starts_follow_ups_first_and_stops_on_an_error(ray_local, tmp_path):
+    """One slot: units run in the order added, a unit added with first=True while iterating
+    runs next; an error stops the queue and nothing queued behind it runs."""
+    q = executor.UnitQueue(slots=1, total=4, desc="test units")
+    for n in "abc":
+        q.add(n, _unit, (n, str(tmp_path)))
+    order = []
+    for key, result in q:
+        assert key == result
+        order.append(key)
+        if key == "a":
+            q.add("d", _unit, ("d", str(tmp_path)), first=True)
+    assert order == ["a", "d", "b", "c"]
+
+    q = executor.UnitQueue(slots=1)
+    q.add("x", _unit, ("x", str(tmp_path)), first=False)
+    q.add("bad", _unit, ("bad", str(tmp_path), True))
+    q.add("y", _unit, ("y", str(tmp_path)))
+    seen = []
+    with pytest.raises(ValueError, match="unit bad failed"):
+        for key, _ in q:
+            seen.append(key)
+    assert seen == ["x"] and not (tmp_path / "y").exists()
+    assert executor.UnitQueue(cpus_per_slot=1).slots == executor._cluster_cpus()

@@ -39,7 +39,7 @@ import torch
 
 from pipeline.config import RunConfig
 from pipeline.config_checks import second_moments
-from pipeline.executor import map_units, task_threads
+from pipeline.executor import UnitQueue, task_threads
 from pipeline.graph import StageContext
 from pipeline.hessian.shards import group_names  # re-exported: the plan of the stage's units
 
@@ -203,14 +203,18 @@ def run_hessian_streamed(ctx: StageContext) -> dict[str, Any]:
         rng, names = groups[g]
         calls.append((cfg, out, url, opts, windows[lo:hi], p, g, rng, names))
     bytes_read = 0
-    for _, r in map_units(_partial_task, calls, cpus=_task_cpus(cfg, P * len(groups)),
-                          gpus="task", desc="hessian units"):
-        bytes_read += r["bytes_read"]
-    reduces = []
     retried = 0  # Ray's retries of this run's units (a worker killed mid-unit)
-    for g in range(len(groups)):
-        if g in finals:
-            continue
+    # A group is reduced as soon as its partitions are written, in the next free slot: the
+    # partials waiting for a reduce (4 bytes a weight each: 6.5 GB per partition and group of a
+    # 7B model's Fisher) are then the running groups', not the whole model's P times over.
+    cpus = _task_cpus(cfg, P * len(groups))
+    left = {g: sum(1 for _, gg in todo if gg == g) for g in range(len(groups)) if g not in finals}
+    queue = UnitQueue(cpus_per_slot=cpus, desc="hessian units", total=len(todo) + len(left))
+
+    def reduce_when_ready(g: int) -> None:
+        nonlocal retried
+        if left[g]:
+            return
         parts = []
         for p in range(P):
             rec = records.get((p, g))
@@ -222,10 +226,21 @@ def run_hessian_streamed(ctx: StageContext) -> dict[str, Any]:
                 raise RuntimeError(f"hessian unit p{p}-g{g} finished without its record")
             parts.append({"table": next(iter(rec["outputs"])),
                           "tensor_sha256": rec["fields"]["tensor_sha256"]})
-        reduces.append((g, (out, g, groups[g][1], parts, total)))
-    for i, rec in map_units(_reduce_task, [c for _, c in reduces], desc="hessian reduce"):
-        finals[reduces[i][0]] = rec
-        retried += rec.get("attempt", 0)
+        queue.add(("reduce", g), _reduce_task, (out, g, groups[g][1], parts, total),
+                  first=True)
+
+    for (p, g), c in zip(todo, calls, strict=True):
+        queue.add(("partial", p, g), _partial_task, c, cpus=cpus, gpus="task")
+    for g in left:  # every partition reused from an earlier run's records
+        reduce_when_ready(g)
+    for key, r in queue:
+        if key[0] == "partial":
+            bytes_read += r["bytes_read"]
+            left[key[2]] -= 1
+            reduce_when_ready(key[2])
+        else:
+            finals[key[1]] = r
+            retried += r.get("attempt", 0)
     tensors = {}
     for g in range(len(groups)):
         rec = finals[g]

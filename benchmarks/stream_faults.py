@@ -20,7 +20,8 @@ a killed driver waits 10 s, not 60, for the dead driver's stage lease.
    its log says `[k/4] <stage>   running` and a worker of the stage's unit tasks has appeared
    (process title `ray::_partial_task` / `ray::_reduce_task`, `ray::_tensor_task`,
    `ray::_encode_task`, and HWQ_FAULT_TAG in its environment: this run's workers only), the
-   benchmark waits a seeded random 0.5–N s and SIGKILLs one such worker running then. Ray
+   benchmark waits a seeded random 0.5 s to 80% of the time the stage's unit tasks
+   were seen running in the baseline, and SIGKILLs one such worker running then. Ray
    retries the task. Counted from the stage's manifest: unit task starts (placement) against
    the baseline's (one more per kill), and `units.retried` / `retried` in its metrics (each
    unit record keeps the Ray attempt number of the task that wrote it); the unit killed is the
@@ -50,7 +51,6 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -75,30 +75,13 @@ def config(folder: Path, windows: int, text: str, method: str = "ecsq", ecsq_bin
     --bits 3.5 --text TEXT --windows W --seq-len 128 --partitions 2 --groups 4`."""
     from pipeline.stream_cli import stream_config
 
-    args = SimpleNamespace(
-        model=str(folder),
-        work="unused",
-        estimator="fisher",
-        method=method,
-        bits=3.5,
-        text=text,
-        tokenizer=None,
-        windows=windows,
-        seq_len=128,
-        seed=0,
-        coder="huffman",
-        eval=None,
-        eval_seq_len=512,
-        eval_windows=16,
-        partitions=2,
-        groups=4,
-        ecsq_bins=ecsq_bins,
-        until="decode",
-        out=None,
-        cpus=None,
-        ray_address=None,
-        endpoint_url=None,
-    )
+    from pipeline.cli import build_parser
+
+    # hwq's own parser: a flag added to `hwq stream` takes its default here too
+    args = build_parser().parse_args([
+        "stream", str(folder), "unused", "--estimator", "fisher", "--method", method,
+        "--bits", "3.5", "--text", text, "--windows", str(windows), "--seq-len", "128",
+        "--partitions", "2", "--groups", "4", "--ecsq-bins", str(ecsq_bins)])
     cfg = stream_config(args)
     del cfg["store"]  # given as --store per run
     cfg["executor"]["lease_ttl_s"] = 10
@@ -340,17 +323,48 @@ def driver_kill(ctx: dict, stage: str, rng: random.Random) -> dict:
     return row
 
 
+class TaskWatch:
+    """Polls a run's processes: for each stage, the first and last moment one of its unit
+    tasks was seen running (monotonic seconds). A kill moment is drawn inside that span: an
+    encode stage whose one task runs 8 of its 38 seconds is otherwise missed."""
+
+    def __init__(self, tag: str, every: float = 0.2) -> None:
+        self.tag, self.every = tag, every
+        self.seen: dict[str, list[float]] = {}
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            now = time.monotonic()
+            for stage, names in TASKS.items():
+                if _tagged(self.tag, names):
+                    span = self.seen.setdefault(stage, [now, now])
+                    span[1] = now
+
+    def stop(self) -> dict[str, float]:
+        """{stage: seconds from its first unit task seen to its last one seen}."""
+        self._stop.set()
+        self._t.join(timeout=10)
+        return {s: round(b - a, 2) for s, (a, b) in self.seen.items()}
+
+
 def baseline(ctx: dict) -> dict:
     store = ctx["work"] / "baseline"
     shutil.rmtree(store, ignore_errors=True)
     drv = Driver(ctx["cfg_path"], store, uuid.uuid4().hex)
-    if drv.wait() != 0:
+    watch = TaskWatch(drv.tag)
+    rc = drv.wait()
+    spans = watch.stop()
+    if rc != 0:
         sys.exit(f"baseline run failed:\n{drv.tail(60)}")
     out = {
         "store": store,
         "seconds": round(time.monotonic() - drv.t0, 1),
         "unit_starts": {},
         "stage_seconds": {},
+        "task_seconds": spans,
     }
     for stage in TASKS:
         f = _finished(store, stage)
@@ -400,8 +414,13 @@ def main(argv: list[str] | None = None) -> int:
         f"{base['stage_seconds']}, unit task starts {base['unit_starts']}",
         flush=True,
     )
-    # A kill moment: 0.5 s to about half the stage's baseline time after its first unit task.
-    ctx["max_delay"] = {s: max(1.0, 0.5 * t) for s, t in base["stage_seconds"].items()}
+    # A kill moment: 0.5 s to 80% of the time the stage's unit tasks were seen running in the
+    # baseline, after its first one appears (half the stage's time when none was seen).
+    ctx["max_delay"] = {s: max(1.0, 0.8 * base["task_seconds"][s])
+                        if base["task_seconds"].get(s) else max(1.0, 0.5 * t)
+                        for s, t in base["stage_seconds"].items()}
+    print(f"   unit tasks seen running for {base['task_seconds']} s; kill moments up to "
+          f"{ctx['max_delay']} s after the first", flush=True)
     rng = random.Random(a.seed)
     rows = []
     # Cheapest first (encode redoes one stage, hessian three): a run cut short keeps the most.
@@ -486,7 +505,9 @@ def render(out: dict) -> str:
         f"SmolLM2-135M (bf16 folder) streamed: Fisher over {w['calibration_windows']} "
         f"windows × {w['seq_len']} tokens of `{w['calibration'][0]}`, 2 partitions × 4 "
         f"groups, {out['config']['quantize']['method']} at 3.5 bits. Baseline run {b['seconds']} s (stages: "
-        f"{b['stage_seconds']}), model.hwq sha256 {b['sha256'][:16]}…. "
+        f"{b['stage_seconds']}; unit tasks seen running {b.get('task_seconds', '?')}), "
+        f"model.hwq sha256 {b['sha256'][:16]}…. Each kill lands a seeded random 0.5 s to "
+        "80% of the stage's unit-task time after its first unit task appears. "
         f"{ok} of {len(out['rows'])} fault runs ok. Load average "
         f"{out['loadavg_start'][0]:.1f} at start, {out['loadavg_end'][0]:.1f} at end, "
         f"{out['cpus']} CPUs."

@@ -96,10 +96,13 @@ bench: setup
 bench-paper: setup
 	$(BIN)/python benchmarks/paper_table.py --fresh
 
-# hwq against RTN, HQQ and GPTQ (llm-compressor) on SmolLM2-135M; the peers' packages are
-# installed here, beside the pinned torch, only for this benchmark.
+# hwq against RTN, HQQ, GPTQ and AWQ (llm-compressor) and llama.cpp's k-/i-quants with an
+# importance matrix on SmolLM2-135M; the peers' packages are installed here, beside the pinned
+# torch, only for this benchmark (llama-cpp-python compiles llama.cpp with the machine's cmake
+# and compiler the first time: about 15 minutes on 2 cores).
 bench-llm: setup
-	$(PIP) install -q -c constraints.txt -c $(LOCK) -r benchmarks/requirements-peers.txt
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF -DGGML_NATIVE=ON" $(PIP) install -q -c constraints.txt \
+		-c $(LOCK) -r benchmarks/requirements-peers.txt
 	# llm-compressor 0.14 asks for transformers <= 5.17; its GPTQ runs with the project's
 	# transformers, so it is installed without its dependency pins (benchmarks only).
 	$(PIP) install -q -c constraints.txt -c $(LOCK) --no-deps llmcompressor==0.14.0.1

@@ -155,7 +155,13 @@ def _finetune_variants(rid: str, no_finetune: bool, block: dict | None = None
 
 
 PEER_ROWS = [("awq", 3), ("awq", 4), ("gptq", 2), ("awq", 2), ("rtn", 3), ("hqq", 3),
-             ("gptq", 3), ("rtn", 4), ("hqq", 4), ("gptq", 4)]  # in the order they run
+             ("gptq", 3), ("rtn", 4), ("hqq", 4), ("gptq", 4),
+             # llama.cpp file types with an importance matrix (benchmarks/llm_peer_llamacpp.py)
+             ("llamacpp", "Q2_K"), ("llamacpp", "IQ3_XXS"), ("llamacpp", "Q3_K_S"),
+             ("llamacpp", "Q3_K_M"), ("llamacpp", "Q4_K_M"), ("llamacpp", "IQ4_NL"),
+             ("llamacpp", "Q4_0")]  # in the order they run
+FAMILIES = {"rtn": "RTN g128", "hqq": "HQQ g128", "gptq": "GPTQ (llm-compressor)",
+            "awq": "AWQ (llm-compressor)", "llamacpp": "llama.cpp + imatrix"}
 
 
 def _load_avg() -> list[float]:
@@ -182,7 +188,7 @@ def markdown(doc: dict) -> str:
     rows = doc["rows"]
     base = next((r for r in rows if r["id"] == "unquantized"), None)
     sets = list(base["perplexity"]) if base else []
-    lines = [f"# {doc['model']}: hwq against RTN, HQQ and GPTQ", "",
+    lines = [f"# {doc['model']}: hwq against RTN, HQQ, GPTQ, AWQ and llama.cpp", "",
              f"Calibration: {doc['calibration']}. Evaluation: {doc['evaluation']}. "
              f"Machine: {doc['machine']}.", "",
              "| method | bits/weight (all-in) | " + " | ".join(f"ppl {s}" for s in sets)
@@ -295,6 +301,29 @@ def _peer_kl(wl, base_model, model, load, batch: int = 2) -> dict[str, float]:
     return out
 
 
+def _llamacpp(wl, model, names, file_type: str, calib, imatrix):
+    """(the llama.cpp row's summary, the importance matrix): the matrix is computed on the
+    first llama.cpp row (its seconds count in that row) and reused by the others. The model
+    must come from a GGUF file: llama.cpp quantizes that file."""
+    import llm_peer_llamacpp as lc
+
+    from pipeline.executor import cache_dir
+
+    folder, name = wl.adapter.resolve()
+    if not str(name).endswith(".gguf"):
+        raise ValueError("the llama.cpp rows quantize the model's GGUF file; this model "
+                         f"is {name!r}")
+    shared = 0.0
+    if imatrix is None:
+        t = time.perf_counter()
+        imatrix = lc.importance_matrix(model, names, calib)
+        shared = time.perf_counter() - t
+    info = lc.llamacpp(model, names, file_type, Path(folder) / name, imatrix,
+                       threads=os.cpu_count() or 1, workdir=cache_dir())
+    info["shared_seconds"] = shared
+    return info, imatrix
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -309,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
                     "value other than the default is a row of its own)")
     ap.add_argument("--block-steps", type=int, help="block-wise rows: finetune.block_steps")
     ap.add_argument("--rows", help="only these hwq rows, comma-separated (e.g. hwq-ecsq-3.25)")
+    ap.add_argument("--peers", help="only these peer rows, comma-separated row ids or methods "
+                    "(e.g. llamacpp or gptq-2,awq-4; default: every peer row not yet run)")
     ap.add_argument("--variants", help="only these fine-tune variants of the hwq rows, "
                     "comma-separated: none, ft, bw, both (default: every one the row has)")
     args = ap.parse_args(argv)
@@ -350,6 +381,10 @@ def main(argv: list[str] | None = None) -> int:
                machine=f"{platform.machine()}, {os.cpu_count()} CPUs, torch "
                f"{torch.__version__}, torch threads {torch.get_num_threads()}")
     done = {r["id"] for r in doc["rows"]}
+    if args.peers:  # the rows not asked for count as done
+        wanted_peers = set(args.peers.split(","))
+        done |= {f"{m}-{b}" for m, b in PEER_ROWS
+                 if m not in wanted_peers and f"{m}-{b}" not in wanted_peers}
 
     def keep(row: dict) -> None:
         row["load_avg"] = _load_avg()
@@ -386,31 +421,37 @@ def main(argv: list[str] | None = None) -> int:
             import llm_peer_methods as peers
 
             calib = wl.calibration(load)
+            imatrix = None  # llama.cpp's importance matrix, computed once for its rows
             for method, bits in PEER_ROWS:
                 rid = f"{method}-{bits}"
                 if rid in done:
                     continue
                 model = copy.deepcopy(base_model)
                 t = time.perf_counter()
+                label = (f"llama.cpp {bits} + imatrix" if method == "llamacpp"
+                         else f"{method.upper()} {bits}-bit")
                 try:
-                    if method in ("gptq", "awq"):
+                    if method == "llamacpp":
+                        info, imatrix = _llamacpp(wl, model, names, bits, calib, imatrix)
+                    elif method in ("gptq", "awq"):
                         info = getattr(peers, method)(model, names, bits, 128, calib)
                     else:
                         info = getattr(peers, method)(model, names, bits, 128)
                 except Exception as e:  # noqa: BLE001 - a peer that fails is a row that says so
-                    keep({"id": rid, "label": f"{method.upper()} {bits}-bit", "family": method,
+                    keep({"id": rid, "label": label, "family": FAMILIES[method],
                           "bits_per_weight": None, "perplexity": {}, "seconds": 0.0,
                           "note": f"failed: {type(e).__name__}: {str(e).splitlines()[0]}"})
                     continue
-                seconds = time.perf_counter() - t
+                seconds = time.perf_counter() - t + info.pop("shared_seconds", 0.0)
                 ppl = _evaluate(wl, model, load)
-                keep({"id": rid, "label": f"{method.upper()} g{info['group']} {bits}-bit",
-                      "family": {"rtn": "RTN g128", "hqq": "HQQ g128",
-                                 "gptq": "GPTQ (llm-compressor)",
-                                 "awq": "AWQ (llm-compressor)"}[method],
+                if method != "llamacpp":
+                    label = f"{method.upper()} g{info['group']} {bits}-bit"
+                keep({"id": rid, "label": label, "family": FAMILIES[method],
                       "bits_per_weight": info["bits_per_weight"], "perplexity": ppl,
                       "kl": _peer_kl(wl, base_model, model, load),
-                      "seconds": seconds, "note": info.get("note", "")})
+                      "seconds": seconds, "note": info.get("note", ""),
+                      **{k: info[k] for k in ("file_bits_per_weight", "tensor_types")
+                         if k in info}})
                 del model
         del base_model  # the hwq rows run in Ray workers: keep this process small
         import gc

@@ -73,9 +73,8 @@ def config(folder: Path, windows: int, text: str, method: str = "ecsq", ecsq_bin
            ) -> dict:
     """The `hwq run` config of `hwq stream FOLDER WORK --estimator fisher --method ecsq
     --bits 3.5 --text TEXT --windows W --seq-len 128 --partitions 2 --groups 4`."""
-    from pipeline.stream_cli import stream_config
-
     from pipeline.cli import build_parser
+    from pipeline.stream_cli import stream_config
 
     # hwq's own parser: a flag added to `hwq stream` takes its default here too
     args = build_parser().parse_args([

@@ -1,12 +1,15 @@
 """Peer LLM quantizers (benchmarks/llm_peer_methods.py) on a tiny random Llama.
 
-RTN always runs; HQQ, GPTQ and AWQ (llm-compressor) run when their optional packages from
-benchmarks/requirements-peers.txt are installed.
+RTN and the importance matrix always run; HQQ, GPTQ and AWQ (llm-compressor) and llama.cpp
+(llama-cpp-python) run when their optional packages from benchmarks/requirements-peers.txt are
+installed.
 """
+import copy
 import math
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -328,3 +331,64 @@ def test_the_bit_budget_sums_to_the_rows_bits_and_is_tabled():
     md = llm_peers.markdown(doc)
     assert "Where hwq's bits go" in md
     assert "| hwq 2.5 | 2.500 | 0.075 | 0.375 | 0.050 | 2.000 | 0.000 |" in md
+
+
+# --------------------------------------------------------------------------- llama.cpp
+def test_the_importance_matrix_is_the_mean_squared_input_of_each_linear(model):
+    import llm_peer_llamacpp as lc
+
+    torch.manual_seed(1)
+    ids = torch.randint(0, 128, (5, 16))
+    names = layer_names(model)
+    one = lc.importance_matrix(model, names, ids, batch=1)
+    three = lc.importance_matrix(model, names, ids, batch=3)
+    assert one.keys() == {n for n in names}
+    with torch.no_grad():  # directly: block 0's q/k/v see its input norm of the embeddings
+        x = model.model.layers[0].input_layernorm(model.model.embed_tokens(ids))
+    direct = (x.double() ** 2).reshape(-1, x.shape[-1]).mean(dim=0).float().numpy()
+    for key in ("q_proj", "k_proj", "v_proj"):
+        n = f"model.layers.0.self_attn.{key}.weight"
+        torch.testing.assert_close(torch.from_numpy(one[n]), torch.from_numpy(direct))
+        torch.testing.assert_close(torch.from_numpy(three[n]), torch.from_numpy(one[n]))
+    assert one["model.layers.1.mlp.down_proj.weight"].shape == (128,)
+
+
+def test_llamacpp_rows_quantize_the_gguf_with_the_importance_matrix(tmp_path):
+    """llama.cpp's own quantizer (skipped without the llama-cpp-python package): the listed
+    Linears take the dequantized weights of the file, the bits come from the file, and the
+    importance matrix changes the rounding."""
+    pytest.importorskip("llama_cpp")
+    import llm_peer_llamacpp as lc
+
+    from testkit.models import write_llama_gguf
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        tie_word_embeddings=True)
+    torch.manual_seed(0)
+    ref = transformers.LlamaForCausalLM(cfg).eval()
+    path = write_llama_gguf(ref, tmp_path / "tiny.gguf", tokens=[f"t{i}" for i in range(128)])
+    names = layer_names(ref)
+    imatrix = lc.importance_matrix(ref, names, torch.randint(0, 128, (4, 32)))
+    before = snapshot(ref)
+    runs = {}
+    for ft, mat in (("Q4_0", imatrix), ("Q2_K", imatrix),
+                    ("Q2_K", {k: np.ones_like(v) for k, v in imatrix.items()})):
+        m = copy.deepcopy(ref)
+        info = lc.llamacpp(m, names, ft, path, mat, threads=1, workdir=tmp_path)
+        runs.setdefault(ft, []).append((m, info))
+    m, info = runs["Q4_0"][0]
+    assert info["bits_per_weight"] == pytest.approx(4.5)  # 18 bytes per 32 weights
+    assert info["tensor_types"] == {"Q4_0": len(names)}
+    after = snapshot(m)
+    for k, v in before.items():
+        if k.removesuffix(".weight").endswith(("proj",)):
+            err = float((after[k] - v).norm() / v.norm())
+            assert 0 < err < 0.2, (k, err)  # q/k rows in the model's own order, not GGUF's
+        else:
+            assert torch.equal(after[k], v), k
+    (a, ia), (b, _) = runs["Q2_K"]
+    assert "Q2_K" in ia["tensor_types"] and 2.5 < ia["bits_per_weight"] < 4
+    assert any(not torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(),
+                                                     strict=True))

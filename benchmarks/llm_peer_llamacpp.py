@@ -21,8 +21,9 @@ rows, only the decoder Linears are quantized; norms stay F32 in every GGUF.
 llama.cpp picks each tensor's type from the requested file type (Q4_K_M, for one, spends
 Q6_K on some attn_v and ffn_down), and a K- or i-quant block spans 256 weights of a row: a
 row whose length is not a multiple of 256 (SmolLM2's 576-wide q/k/v/o/gate/up rows) falls
-back to a 32-weight block type (IQ4_NL for the 2- and 3-bit types). The summary counts the
-types that were written and the bits they cost, from the file.
+back to a 32-weight block type (measured there: Q4_0 for Q2_K and Q3_K, IQ4_NL for IQ3_XXS,
+Q5_0 for Q4_K). The summary counts the types that were written and the bits they cost, from
+the file.
 """
 
 from __future__ import annotations

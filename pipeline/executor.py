@@ -15,6 +15,7 @@ import stat
 import sys
 import tempfile
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -471,22 +472,26 @@ class UnitQueue:
         # slots: default, as many units of cpus_per_slot CPUs as the cluster runs at once
         self.slots = max(1, int(slots) if slots is not None
                          else _cluster_cpus() // max(1, int(cpus_per_slot)))
-        self._queued: list[tuple[Any, Any, tuple, int | str, float | str]] = []
+        self._queued: deque = deque()  # (key, remote function, args)
         self._running: dict[Any, Any] = {}  # ObjectRef -> key
+        self._remotes: dict[tuple, Any] = {}  # one Ray remote function per (fn, resources)
         self._total, self._desc, self._unit = total, desc, unit
 
     def add(self, key, fn, args: tuple, *, cpus: int | str = 1, gpus: float | str = 0,
             first: bool = False) -> None:
-        item = (key, fn, tuple(args), cpus, gpus)
+        task = self._remotes.get((fn, cpus, gpus))
+        if task is None:
+            task = self._remotes[(fn, cpus, gpus)] = remote(fn, cpus=cpus, gpus=gpus)
+        item = (key, task, tuple(args))
         if first:
-            self._queued.insert(0, item)
+            self._queued.appendleft(item)
         else:
             self._queued.append(item)
 
     def _start(self) -> None:
         while self._queued and len(self._running) < self.slots:
-            key, fn, args, cpus, gpus = self._queued.pop(0)
-            self._running[remote(fn, cpus=cpus, gpus=gpus).remote(*args)] = key
+            key, task, args = self._queued.popleft()
+            self._running[task.remote(*args)] = key
 
     def __iter__(self):
         import ray

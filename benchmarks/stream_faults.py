@@ -62,7 +62,7 @@ from testkit.faults import seed_store  # noqa: E402
 ORDER = ["load", "hessian", "quantize", "encode"]
 # The Ray task functions that are a stage's units (their process titles are ray::<name>).
 TASKS = {
-    "hessian": ("_partial_task", "_reduce_task"),
+    "hessian": ("fisher_forward_unit", "fisher_backward_unit", "activation_unit", "_reduce_task"),
     "quantize": ("_tensor_task",),
     "encode": ("_encode_task",),
 }

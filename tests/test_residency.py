@@ -62,8 +62,8 @@ def test_streamed_run_through_the_driver(streamed_run, folder):
     meta = json.loads((load / "model.json").read_text())
     assert meta["residency"] == "streamed" and meta["source"] == str(folder)
     assert len(meta["quantizable"]) == 4 * 7
-    # P × G units, then a reduce per group
-    assert m["hessian"]["units"] == {"total": 6, "reused": 0, "computed": 6, "retried": 0}
+    # the Fisher: P × G forward units up, P × G backward units down, a reduce per group
+    assert m["hessian"]["units"] == {"total": 10, "reused": 0, "computed": 10, "retried": 0}
     assert m["hessian"]["block_groups"] == [[0, 2], [2, 4]]
     # the λ loop aims the coded rate below the target; every tensor was a unit
     q = m["quantize"]

@@ -76,7 +76,8 @@ from pipeline.hessian.shards import _check_range
 from pipeline.models.stored_linear import StoredLinear
 from pipeline.models.stream import ActivationCache, StreamedLM
 
-__all__ = ["activation_streamed", "embedding_roles", "fisher_streamed"]
+__all__ = ["activation_range", "activation_streamed", "activation_top_names", "embedding_roles",
+           "fisher_backward", "fisher_streamed", "fisher_top", "forward_range"]
 
 Emit = Callable[[str, np.ndarray, int], None]
 
@@ -132,21 +133,40 @@ def activation_streamed(
     ignored); blocks before them run forward without statistics, blocks after are not read."""
     span = _check_range(blocks, len(lm.layers))
     by = _targets_by_block(lm, names)
-    emb, head = embedding_roles(lm, names)
-    if emb is not None and not lm.tied:
-        raise ValueError(
-            f"{emb}: an input embedding not tied to the head has no activation "
-            "statistics (use the Fisher, or keep the embedding)"
-        )
-    # The head's inputs (the final norm's outputs) are the statistics of the head's weight, and
-    # of the embedding tied to it: computed by the range that reaches the top.
-    top = [n for n in (emb, head) if n is not None] if span.stop == len(lm.layers) else []
+    top = activation_top_names(lm, names, span)
     hidden, calls = lm.block_inputs(windows)
     n_tokens = int(windows.numel())
     for i in range(span.start):  # recompute this group's input
         hidden = _forward(lm, i, hidden, calls[i], batch)
         if progress:
             progress(i)
+    activation_range(lm, hidden, calls, span, by, emit, n_tokens, top=top, batch=batch,
+                     progress=progress)
+    return n_tokens
+
+
+def activation_top_names(lm: StreamedLM, names: Sequence[str], span: range) -> list[str]:
+    """The head's weight and an embedding tied to it among `names`: their statistics are the
+    head's inputs, computed by the range that reaches the top (none for other ranges).
+    ValueError: an input embedding not tied to the head (it has no activation statistics)."""
+    emb, head = embedding_roles(lm, names)
+    if emb is not None and not lm.tied:
+        raise ValueError(
+            f"{emb}: an input embedding not tied to the head has no activation "
+            "statistics (use the Fisher, or keep the embedding)"
+        )
+    return [n for n in (emb, head) if n is not None] if span.stop == len(lm.layers) else []
+
+
+def activation_range(lm: StreamedLM, hidden: Tensor, calls: list, span: range,
+                     by: dict[int, list[str]], emit: Emit, n_tokens: int, *,
+                     top: Sequence[str] = (), batch: int = 8,
+                     progress: Callable[[int], object] | None = None,
+                     need_output: bool = False) -> Tensor | None:
+    """Blocks `span` forward from `hidden` (the input of block span.start), the E[x²] sums of
+    the tensors `by` names per block emitted as each block finishes, then those of `top`
+    (the head's inputs; `activation_top_names`). Returns the output of the last block when
+    `need_output` (the next range's input), else None."""
     for i in span:
         want = by.get(i, [])
         block = lm.block(i)
@@ -169,7 +189,8 @@ def activation_streamed(
 
                 handles.append(mod.register_forward_pre_hook(hook))
         try:
-            if want or i + 1 < span.stop or top:  # else the last block's output is not needed
+            # the last block's output is needed only for the next range or the top
+            if want or i + 1 < span.stop or top or need_output:
                 hidden = lm.run_block(i, hidden, calls[i], batch=batch)
         finally:
             for h in handles:
@@ -183,7 +204,7 @@ def activation_streamed(
         sums = _head_input_squares(lm, hidden, batch)
         for full in top:
             emit(full, sums, n_tokens)
-    return n_tokens
+    return hidden if need_output else None
 
 
 def _head_input_squares(lm: StreamedLM, hidden: Tensor, batch: int) -> np.ndarray:
@@ -230,81 +251,124 @@ def fisher_streamed(
     # untied head the range's at the top. Every range computes the top's gradients anyway.
     emb = emb if lo == 0 else None
     head = head if hi == len(lm.layers) else None
-    n, L = windows.shape
+    n = int(windows.shape[0])
     hidden, calls = lm.block_inputs(windows)
     with ActivationCache(cache_bytes, spill_dir or tempfile.gettempdir()) as cache:
-        for i in range(len(lm.layers)):
+        def keep(i: int, h: Tensor) -> None:
             if i >= lo:  # the backward reaches no block below lo
-                cache.put(i, hidden)
-            hidden = _forward(lm, i, hidden, calls[i], batch)
-            if progress:
-                progress(i)
-        # The top: every window's mean NLL and its cotangent at the last block's output (and
-        # the head weight's gradient where it is wanted, see `_TopGrads`).
-        top = _TopGrads(lm, windows, head, emb if lm.tied else None)
-        cot = torch.empty_like(hidden)
-        for s in range(n):  # one window at a time: its logits chunks are all that exist
-            h = hidden[s : s + 1].detach().requires_grad_(True)
-            loss = (lm.window_nll(h, windows[s : s + 1], chunk_tokens) / (L - 1)).sum()
-            cot[s : s + 1] = top.backward(s, loss, h)
-        lm.release_head()
-        top.weight = None  # the head's storage goes with the release
-        if head is not None:
-            emit(head, top.head_sums.numpy(), int(n))
-            if top.tied is None:  # only a tied embedding still needs them
-                top.head_sums = None
+                cache.put(i, h)
+
+        hidden = forward_range(lm, hidden, calls, range(len(lm.layers)), keep, batch=batch,
+                               progress=progress)
+        cot, top = fisher_top(lm, windows, hidden, head, emb if lm.tied else None, emit,
+                              chunk_tokens=chunk_tokens)
         del hidden
-        for i in reversed(range(lo, len(lm.layers))):
-            block = lm.block(i)
-            prefix = lm.block_prefix(i)
-            # Above the range only the cotangent passes through; at lo it stops.
-            want = set(by.get(i, [])) if i < hi else set()
-            params = [(prefix + pn, p) for pn, p in block.named_parameters() if prefix + pn in want]
-            sums = {full: torch.zeros(p.shape, dtype=torch.float32) for full, p in params}
-            # A Linear holding its 16-bit weight squares that weight's gradient itself
-            # (`pipeline.models.stored_linear`); every other parameter takes a gradient here.
-            stored = _stored_linears(block, prefix, want)
-            anchor = torch.zeros(0, requires_grad=True)
-            for full, m in stored.items():
-                m.sums, m.anchor = sums[full], anchor
-            tracked = [(full, p) for full, p in params if full not in stored]
-            for _, p in tracked:
-                p.requires_grad_(True)
-            x_all = cache.get(i)
-            pass_down = i > lo or emb is not None  # emb: the cotangent at block 0's input
-            down = torch.empty_like(x_all) if pass_down else None
-            inputs_wanted = pass_down or bool(params)
-            # Each parameter's gradient is squared into its sum as autograd finishes it and
-            # freed there: a block's gradients never exist all at once (for a 7B block, 0.8 GB
-            # of float32).
-            hooks = [p.register_post_accumulate_grad_hook(_square_into(sums[full]))
-                     for full, p in tracked]
-            for s in range(n if inputs_wanted else 0):
-                x = x_all[s : s + 1].detach().requires_grad_(pass_down)
-                out = lm.call_block(block, x, *calls[i])
-                inputs = (([x] if pass_down else []) + [p for _, p in tracked]
-                          + ([anchor] if stored else []))
-                torch.autograd.backward(out, grad_tensors=cot[s : s + 1], inputs=inputs)
-                if pass_down:
-                    down[s : s + 1] = x.grad
-                del out, x
-                _check_single_use(stored)
-            for h in hooks:
-                h.remove()
-            for m in stored.values():
-                m.sums = m.anchor = None
-            lm.unload(block)
-            cache.drop(i)
-            for full in by.get(i, []) if i < hi else []:
-                emit(full, sums[full].numpy(), int(n))
-            del sums
-            if down is not None:
-                cot = down
-            if progress:
-                progress(i)
+        want = {i: v for i, v in by.items() if lo <= i < hi}
+        cot = fisher_backward(lm, calls, range(lo, len(lm.layers)), cot, cache.get, want,
+                              emit, pass_down=emb is not None, drop=cache.drop,
+                              progress=progress)
     if emb is not None:
-        emit(emb, top.embedding_sums(cot).numpy(), int(n))
-    return int(n)
+        emit(emb, top.embedding_sums(cot).numpy(), n)
+    return n
+
+
+def forward_range(lm: StreamedLM, hidden: Tensor, calls: list, span: range,
+                  keep: Callable[[int, Tensor], object] | None = None, *, batch: int = 8,
+                  progress: Callable[[int], object] | None = None) -> Tensor:
+    """Blocks `span` forward from `hidden` (the input of block span.start), one block
+    resident at a time; keep(i, input of block i) for each. Returns the last block's output."""
+    for i in span:
+        if keep is not None:
+            keep(i, hidden)
+        hidden = _forward(lm, i, hidden, calls[i], batch)
+        if progress:
+            progress(i)
+    return hidden
+
+
+def fisher_top(lm: StreamedLM, windows: Tensor, hidden: Tensor, head: str | None,
+               tied: str | None, emit: Emit, *, chunk_tokens: int = 128) -> tuple[Tensor, _TopGrads]:
+    """The top: every window's mean NLL from `hidden` (the last block's output) and its
+    cotangent there, one window at a time (its logits chunks are all that exist). With
+    `head` (an untied head's name) its sums are emitted; with `tied` (the embedding tied to
+    the head) the head's half of that weight's gradients is kept in the returned
+    `_TopGrads` for `embedding_sums`."""
+    n, L = windows.shape
+    top = _TopGrads(lm, windows, head, tied)
+    cot = torch.empty_like(hidden)
+    for s in range(n):
+        h = hidden[s : s + 1].detach().requires_grad_(True)
+        loss = (lm.window_nll(h, windows[s : s + 1], chunk_tokens) / (L - 1)).sum()
+        cot[s : s + 1] = top.backward(s, loss, h)
+    lm.release_head()
+    top.weight = None  # the head's storage goes with the release
+    if head is not None:
+        emit(head, top.head_sums.numpy(), int(n))
+        if top.tied is None:  # only a tied embedding still needs them
+            top.head_sums = None
+    return cot, top
+
+
+def fisher_backward(lm: StreamedLM, calls: list, span: range, cot: Tensor,
+                    inputs_of: Callable[[int], Tensor], want: dict[int, list[str]], emit: Emit, *,
+                    pass_down: bool = False, drop: Callable[[int], object] | None = None,
+                    progress: Callable[[int], object] | None = None) -> Tensor | None:
+    """Blocks `span` backward from `cot` (the cotangent at the last block's output), each
+    block reloaded and its forward recomputed from inputs_of(i) one window at a time; the
+    squared per-window gradients of the tensors `want` names per block summed and emitted
+    as each block finishes. Returns the cotangent at block span.start's input when
+    `pass_down` (another range below, or the embedding's gradient), else None."""
+    lo = span.start
+    n = int(cot.shape[0])
+    for i in reversed(span):
+        block = lm.block(i)
+        prefix = lm.block_prefix(i)
+        own = set(want.get(i, []))
+        params = [(prefix + pn, p) for pn, p in block.named_parameters() if prefix + pn in own]
+        sums = {full: torch.zeros(p.shape, dtype=torch.float32) for full, p in params}
+        # A Linear holding its 16-bit weight squares that weight's gradient itself
+        # (`pipeline.models.stored_linear`); every other parameter takes a gradient here.
+        stored = _stored_linears(block, prefix, own)
+        anchor = torch.zeros(0, requires_grad=True)
+        for full, m in stored.items():
+            m.sums, m.anchor = sums[full], anchor
+        tracked = [(full, p) for full, p in params if full not in stored]
+        for _, p in tracked:
+            p.requires_grad_(True)
+        x_all = inputs_of(i)
+        down_here = i > lo or pass_down
+        down = torch.empty_like(x_all) if down_here else None
+        inputs_wanted = down_here or bool(params)
+        # Each parameter's gradient is squared into its sum as autograd finishes it and
+        # freed there: a block's gradients never exist all at once (for a 7B block, 0.8 GB
+        # of float32).
+        hooks = [p.register_post_accumulate_grad_hook(_square_into(sums[full]))
+                 for full, p in tracked]
+        for s in range(n if inputs_wanted else 0):
+            x = x_all[s : s + 1].detach().requires_grad_(down_here)
+            out = lm.call_block(block, x, *calls[i])
+            inputs = (([x] if down_here else []) + [p for _, p in tracked]
+                      + ([anchor] if stored else []))
+            torch.autograd.backward(out, grad_tensors=cot[s : s + 1], inputs=inputs)
+            if down_here:
+                down[s : s + 1] = x.grad
+            del out, x
+            _check_single_use(stored)
+        for h in hooks:
+            h.remove()
+        for m in stored.values():
+            m.sums = m.anchor = None
+        lm.unload(block)
+        del x_all
+        if drop is not None:
+            drop(i)
+        for full in want.get(i, []):
+            emit(full, sums[full].numpy(), n)
+        del sums
+        cot = down
+        if progress:
+            progress(i)
+    return cot if pass_down else None
 
 
 def _stored_linears(block: nn.Module, prefix: str, want: set[str]) -> dict[str, StoredLinear]:

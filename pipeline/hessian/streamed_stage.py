@@ -1,14 +1,13 @@
 """The `hessian` stage of a streamed model: P data partitions × G block groups as Ray tasks.
 
 Units: the calibration windows are cut into P contiguous partitions and the decoder blocks
-holding quantized tensors into G groups of consecutive blocks, balanced by their weights. Unit
-(p, g) is one Ray task: it streams the model one block at a time and writes the float64 sums of
-its group's tensors over its partition's windows to ``partials/p{p}-g{g}.parquet`` (a row
-group per tensor, CRC per row). How a group gets its input activations: **recomputed** — the
-task runs the blocks below its group forward itself (one block resident at a time) rather than
-waiting for another task's hidden states; the Fisher also runs the blocks above its group (the
-loss is at the top) and back-propagates down to its group. The cost is measured by
-benchmarks/hessian_groups.py.
+holding quantized tensors into G groups of consecutive blocks, balanced by their weights. Each
+partition is a chain of Ray tasks over the groups (`pipeline.hessian.handover`): a group gets
+its input activations **handed over** through the work folder by the group below (and, for the
+Fisher, the cotangent from the group above after a forward sweep up), so every block runs
+forward once and backward once per partition; partitions run side by side. The units of group
+g write the float32 sums of its tensors over their partition's windows to
+``partials/p{p}-g{g}.parquet`` (a row group per tensor, CRC per row).
 
 The input embedding and the output head (``quantize.embeddings: quantize``) belong to no
 block; each goes to the one group that already computes what it needs. Fisher: the embedding
@@ -35,12 +34,20 @@ import time
 from typing import Any
 
 import numpy as np
-import torch
 
 from pipeline.config import RunConfig
 from pipeline.config_checks import second_moments
 from pipeline.executor import UnitQueue, task_threads
 from pipeline.graph import StageContext
+from pipeline.hessian.handover import (
+    HANDOVER,
+    activation_unit,
+    fisher_backward_unit,
+    fisher_forward_unit,
+    partial_rel,
+    plan_partition,
+    segments,
+)
 from pipeline.hessian.shards import group_names  # re-exported: the plan of the stage's units
 
 __all__ = ["run_hessian_streamed", "TENSORS", "embedding_placement", "group_names",
@@ -67,40 +74,6 @@ def embedding_placement(estimator: str, roles: dict[str, str]) -> tuple[list[str
 
 def _partition(n: int, parts: int, p: int) -> tuple[int, int]:
     return p * n // parts, (p + 1) * n // parts
-
-
-def _partial_task(cfg: RunConfig, out, url: str, opts: dict | None, windows: torch.Tensor,
-                  p: int, g: int, blocks: range, names: list[str]) -> dict:
-    """Unit (p, g): float64 sums of group g's tensors over partition p's windows."""
-    from pipeline.executor import private_subdir
-    from pipeline.hessian.stream import activation_streamed, fisher_streamed
-    from pipeline.hessian.table import TensorTableWriter
-    from pipeline.memory import process_peaks
-    from pipeline.models.stream import StreamedLM
-    from pipeline.units import Units
-
-    task_threads()
-    h = cfg.hessian
-    # Forward-only statistics run in the checkpoint's dtype (sums in float64); the Fisher's
-    # gradients in float32, from a block whose Linears keep their 16-bit weights.
-    lm = (StreamedLM(url, opts, dtype="stored") if h.estimator == "activation"
-          else StreamedLM(url, opts, dtype=torch.float32, stored_linears=True))
-    n = int(windows.numel()) if h.estimator == "activation" else int(windows.shape[0])
-    rel = f"partials/p{p}-g{g}.parquet"
-    with TensorTableWriter(out.url(rel), out.store.storage_options or None,
-                           metadata={"estimator": h.estimator, "n": n}) as table:
-        def emit(name: str, sums: np.ndarray, count: int) -> None:
-            table.add(name, sums)
-
-        if h.estimator == "activation":
-            activation_streamed(lm, windows, names, emit, blocks=blocks)
-        else:
-            fisher_streamed(lm, windows, names, emit, blocks=blocks,
-                            spill_dir=str(private_subdir("spill")))
-        table.close()
-    Units(out).record(f"p{p}-g{g}", [rel], n=n, tensor_sha256=table.tensor_sha256)
-    return {"unit": f"p{p}-g{g}", "bytes_read": lm.weights.bytes_read,
-            "process": process_peaks()}
 
 
 def _reduce_task(out, g: int, names: list[str], parts: list[dict], total: int) -> dict:
@@ -153,7 +126,7 @@ def read_tensor_hessian(hess, name: str, shape: tuple[int, int]) -> np.ndarray:
 
 def run_hessian_streamed(ctx: StageContext) -> dict[str, Any]:
     from pipeline.models.source import source_url, tensor_order
-    from pipeline.units import Units
+    from pipeline.units import UNITS_DIR, Units
     from pipeline.workload import MODEL_JSON, WINDOWS
 
     cfg, out, h = ctx.cfg, ctx.out, ctx.cfg.hessian
@@ -173,55 +146,107 @@ def run_hessian_streamed(ctx: StageContext) -> dict[str, Any]:
     groups = group_names(tensor_order(meta["quantizable"]), meta["shapes"], h.groups, first=first, last=last,
                          blocks=blocks if type(blocks) is int else 0)
     P = max(1, min(h.partitions, int(windows.shape[0])))
+    G = len(groups)
+    fisher = h.estimator == "fisher"
     units = Units(out)
     total = int(windows.numel()) if h.estimator == "activation" else int(windows.shape[0])
+    segs = segments(groups, to_top=fisher)
+    # group 0's backward also reads the top's input: the head half of a tied embedding's grads
+    top_below = fisher and G > 1 and any(r == "tied" and n in groups[0][1]
+                                         for n, r in roles.items())
 
-    finals: dict[int, dict] = {}
-    todo: list[tuple[int, int]] = []
-    records: dict[tuple[int, int], dict] = {}
-    for g in range(len(groups)):
-        own = _fields_check(groups[g][1])
-        done = units.done(f"g{g}", [f"hessian/g{g}.parquet"], own)
+    finals: dict[int, dict] = {}  # reduced groups
+    records: dict[str, dict] = {}  # unit records found or written by this run
+    for g in range(G):
+        done = units.done(f"g{g}", [f"hessian/g{g}.parquet"], _fields_check(groups[g][1]))
         if done is not None:
             finals[g] = done
+    for p in range(P):
+        for g in range(G):
+            if g not in finals:
+                rec = units.done(f"p{p}-g{g}", [partial_rel(p, g)], _fields_check(groups[g][1]))
+                if rec is not None:
+                    records[f"p{p}-g{g}"] = rec
+    need = {(p, g): g not in finals and f"p{p}-g{g}" not in records
+            for p in range(P) for g in range(G)}
+    plans = {}
+    for p in range(P):
+        if not any(need[(p, g)] for g in range(G)):
             continue
-        for p in range(P):
-            rec = units.done(f"p{p}-g{g}", [f"partials/p{p}-g{g}.parquet"], own)
-            if rec is None:
-                todo.append((p, g))
-            else:
-                records[(p, g)] = rec
+        fwd_done, down_done = [], []
+        for g in range(G):  # the handed-over files, only where a unit still has to run
+            rec = units.done(f"p{p}-g{g}-fwd")
+            fwd_done.append(rec is not None)
+            if rec is not None:
+                records[f"p{p}-g{g}-fwd"] = rec
+            rec = units.done(f"p{p}-g{g}-down") if fisher and g > 0 else None
+            down_done.append(rec is not None)
+            if rec is not None:
+                records[f"p{p}-g{g}-down"] = rec
+        plans[p] = plan_partition([need[(p, g)] for g in range(G)], fwd_done, down_done,
+                                  fisher=fisher, top_below=top_below)
+    n_run = sum(sum(f) + sum(b) for f, b in plans.values())
+    reused = len(records) + P * len(finals) + len(finals)
+    left = {g: sum(need[(p, g)] for p in range(P)) for g in range(G) if g not in finals}
     ctx.log.info("hessian: %s over %d windows of %d tokens (streamed): %d partitions × %d "
-                 "block groups %s; %d units to run, %d reused", h.estimator,
-                 windows.shape[0], windows.shape[1], P, len(groups),
-                 [f"{r.start}-{r.stop - 1}" for r, _ in groups], len(todo),
-                 len(records) + (P + 1) * len(finals))
-    reused = len(records) + (P + 1) * len(finals)
-    calls = []
-    for p, g in todo:
+                 "block groups %s, activations handed over between groups; %d units to run, "
+                 "%d reused", h.estimator, windows.shape[0], windows.shape[1], P, G,
+                 [f"{r.start}-{r.stop - 1}" for r, _ in groups], n_run + len(left), reused)
+
+    def shas(p: int) -> dict[str, str]:
+        pre = f"{HANDOVER}/p{p}/"
+        return {rel: o["sha256"] for rec in records.values() for rel, o in rec["outputs"].items()
+                if rel.startswith(pre)}
+
+    def unit_args(key: tuple) -> tuple:
+        kind, p, g = key
         lo, hi = _partition(int(windows.shape[0]), P, p)
+        common = (cfg, out, url, opts, windows[lo:hi], p, g)
         rng, names = groups[g]
-        calls.append((cfg, out, url, opts, windows[lo:hi], p, g, rng, names))
+        if kind == "act":
+            return activation_unit, common + (segs[g], rng, names, need[(p, g)], g == G - 1,
+                                              shas(p))
+        if kind == "fwd":
+            return fisher_forward_unit, common + (segs[g], shas(p))
+        return fisher_backward_unit, common + (segs[g], rng, names, need[(p, g)], shas(p))
+
+    # Each partition's units wait for those whose files they read; partitions run side by side.
+    waiting: dict[tuple, set] = {}
+    for p, (fwd, back) in plans.items():
+        for g in range(G):
+            if fisher:
+                if fwd[g]:
+                    waiting[("fwd", p, g)] = {("fwd", p, g - 1)} if g > 0 and fwd[g - 1] else set()
+                if back[g]:
+                    deps = {("fwd", p, k) for k in {g - 1, g} | ({G - 1} if g == 0 and top_below
+                                                                  else set()) if 0 <= k and fwd[k]}
+                    if g + 1 < G and back[g + 1]:
+                        deps.add(("back", p, g + 1))
+                    if g + 1 == G:
+                        deps |= {("fwd", p, k) for k in range(G) if fwd[k]}
+                    waiting[("back", p, g)] = deps
+            elif fwd[g]:
+                waiting[("act", p, g)] = {("act", p, g - 1)} if g > 0 and fwd[g - 1] else set()
     bytes_read = 0
     retried = 0  # Ray's retries of this run's units (a worker killed mid-unit)
     # A group is reduced as soon as its partitions are written, in the next free slot: the
     # partials waiting for a reduce (4 bytes a weight each: 6.5 GB per partition and group of a
     # 7B model's Fisher) are then the running groups', not the whole model's P times over.
-    cpus = _task_cpus(cfg, P * len(groups))
-    left = {g: sum(1 for _, gg in todo if gg == g) for g in range(len(groups)) if g not in finals}
-    queue = UnitQueue(cpus_per_slot=cpus, desc="hessian units", total=len(todo) + len(left))
+    cpus = _task_cpus(cfg, P)
+    queue = UnitQueue(cpus_per_slot=cpus, desc="hessian units", total=n_run + len(left))
+
+    def start_ready() -> None:
+        for key in [k for k, deps in waiting.items() if not deps]:
+            del waiting[key]
+            fn, args = unit_args(key)
+            queue.add(key, fn, args, cpus=cpus, gpus="task")
 
     def reduce_when_ready(g: int) -> None:
-        nonlocal retried
         if left[g]:
             return
         parts = []
         for p in range(P):
-            rec = records.get((p, g))
-            if rec is None:
-                rec = units.done(f"p{p}-g{g}", [f"partials/p{p}-g{g}.parquet"],
-                                 _fields_check(groups[g][1]))
-                retried += rec["attempt"] if rec is not None else 0
+            rec = records.get(f"p{p}-g{g}")
             if rec is None:
                 raise RuntimeError(f"hessian unit p{p}-g{g} finished without its record")
             parts.append({"table": next(iter(rec["outputs"])),
@@ -229,18 +254,26 @@ def run_hessian_streamed(ctx: StageContext) -> dict[str, Any]:
         queue.add(("reduce", g), _reduce_task, (out, g, groups[g][1], parts, total),
                   first=True)
 
-    for (p, g), c in zip(todo, calls, strict=True):
-        queue.add(("partial", p, g), _partial_task, c, cpus=cpus, gpus="task")
+    start_ready()
     for g in left:  # every partition reused from an earlier run's records
         reduce_when_ready(g)
     for key, r in queue:
-        if key[0] == "partial":
-            bytes_read += r["bytes_read"]
-            left[key[2]] -= 1
-            reduce_when_ready(key[2])
-        else:
+        if key[0] == "reduce":
             finals[key[1]] = r
             retried += r.get("attempt", 0)
+            continue
+        bytes_read += r["bytes_read"]
+        records.update(r["records"])
+        retried += max((rec["attempt"] for rec in r["records"].values()), default=0)
+        for deps in waiting.values():
+            deps.discard(key)
+        start_ready()
+        p, g = key[1], key[2]
+        if key[0] != "fwd" and f"p{p}-g{g}" in r["records"] and need[(p, g)]:
+            left[g] -= 1
+            reduce_when_ready(g)
+    if waiting:
+        raise RuntimeError(f"hessian units never started: {sorted(waiting)[:3]}")
     tensors = {}
     for g in range(len(groups)):
         rec = finals[g]
@@ -251,8 +284,14 @@ def run_hessian_streamed(ctx: StageContext) -> dict[str, Any]:
     if missing:
         raise RuntimeError(f"the Hessian tables hold no values of {missing[0]}")
     out.write_json(TENSORS, tensors)
-    if out.store.exists(out.rel("partials")):
-        out.store.remove(out.rel("partials"))
+    for p in range(P):  # the handed-over files go: their records first
+        for g in range(G):
+            for rel in (f"{UNITS_DIR}/p{p}-g{g}-fwd.json", f"{UNITS_DIR}/p{p}-g{g}-down.json"):
+                if out.store.exists(out.rel(rel)):
+                    out.store.remove(out.rel(rel))
+    for d in ("partials", HANDOVER):
+        if out.store.exists(out.rel(d)):
+            out.store.remove(out.rel(d))
     extra = {}
     if second_moments(cfg):  # feedback's and rotation's X·Xᵀ (hessian/second_moment.py)
         from pipeline.hessian.second_moment import run_second_moments
@@ -264,9 +303,8 @@ def run_hessian_streamed(ctx: StageContext) -> dict[str, Any]:
                         "samples": int(windows.shape[0]), "normalizer": total,
                         "partitions": P, "groups": len(groups),
                         "block_groups": [[r.start, r.stop] for r, _ in groups],
-                        "units": {"total": (P + 1) * len(groups), "reused": reused,
-                                  "computed": (P + 1) * len(groups) - reused,
-                                  "retried": retried},
+                        "units": {"total": reused + n_run + len(left), "reused": reused,
+                                  "computed": n_run + len(left), "retried": retried},
                         "bytes_read": bytes_read,
                         "seconds": round(time.perf_counter() - t0, 3)}}
 

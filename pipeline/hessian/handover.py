@@ -1,0 +1,273 @@
+"""The streamed Hessian's units: block groups hand their activations over through the work folder.
+
+A streamed model's Hessian runs P data partitions × G groups of consecutive decoder blocks as
+Ray tasks (`pipeline.hessian.streamed_stage` schedules them). A group gets its input
+activations **handed over**: the unit below it writes them to the stage's work folder
+(``handover/p{p}/``, float32 for the Fisher, the checkpoint's dtype for the activation
+statistics) and the unit of the group reads them back, checked against the writer's unit
+record. Each partition is a chain of units:
+
+``activation``  unit A(p, g) reads the input of its first block, runs its blocks forward with
+    the statistics hooks, writes its partial sums (``partials/p{p}-g{g}.parquet``) and its last
+    block's output (the next group's input).
+``fisher``  a forward sweep up, then a backward sweep down. F(p, g) runs its blocks forward and
+    writes every block's input (``x{i}``; the last group also the top's input, ``top``).
+    B(p, g) starts from the cotangent at its last block's output (the last group computes it
+    at the top: the loss, the head's gradients), reloads each block, recomputes its forward
+    from the stored input one window at a time, squares the window's parameter gradients into
+    the partial sums and writes the cotangent at its first block's input (``dx{i}``) for the
+    group below.
+
+Each block then runs forward once and backward once per partition: 4 block passes (a forward
+≈ 1, a backward with recomputation ≈ 3), against (2G + 2) when every unit recomputed its
+input from the embeddings and back-propagated from the top itself. The price is the files:
+a window's hidden states per block ([L, d] float32: 2 MB for 128 tokens of a 4096-wide model),
+all blocks' kept until the stage ends (a partition of 4 such windows over 32 blocks: 270 MB),
+and the groups of one partition run one after another (partitions run side by side).
+
+Units and their records (pipeline/units.py; a rerun repeats only unrecorded units):
+``p{p}-g{g}`` the partial sums (removed by the group's reduce), ``p{p}-g{g}-fwd`` the
+forward's files, ``p{p}-g{g}-down`` the cotangent handed down. `plan_partition` decides,
+from the records a rerun finds, which units must run again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+
+from pipeline.config import RunConfig
+
+__all__ = ["HANDOVER", "plan_partition", "activation_unit", "fisher_forward_unit",
+           "fisher_backward_unit", "x_rel", "top_rel", "dx_rel", "partial_rel"]
+
+HANDOVER = "handover"
+
+
+def x_rel(p: int, i: int) -> str:
+    """The input of block i for partition p's windows."""
+    return f"{HANDOVER}/p{p}/x{i}.safetensors"
+
+
+def top_rel(p: int) -> str:
+    """The last block's output (the final norm's input) for partition p's windows."""
+    return f"{HANDOVER}/p{p}/top.safetensors"
+
+
+def dx_rel(p: int, i: int) -> str:
+    """The loss's cotangent at block i's input for partition p's windows."""
+    return f"{HANDOVER}/p{p}/dx{i}.safetensors"
+
+
+def partial_rel(p: int, g: int) -> str:
+    return f"partials/p{p}-g{g}.parquet"
+
+
+def plan_partition(need: list[bool], fwd_done: list[bool], down_done: list[bool], *,
+                   fisher: bool, top_below: bool = False) -> tuple[list[bool], list[bool]]:
+    """(forward units to run, backward units to run) of one partition's G groups.
+
+    need[g]: group g's partial sums are wanted (not recorded, group not reduced);
+    fwd_done[g]: the files group g's forward writes are recorded; down_done[g]: the cotangent
+    at group g's first block is recorded. `top_below`: group 0's backward reads the top's
+    input too (an embedding tied to the head: its head half of the gradient).
+
+    Activation (fisher=False): the forward units are the units; one runs when its sums are
+    wanted, or when a group above runs and its input is not recorded. Fisher: a backward unit
+    runs when its sums are wanted or the group below runs and its cotangent is not recorded;
+    a forward unit runs when its files are not recorded and a backward of its group or of the
+    group above (its first input is this group's output), or the forward above, needs them."""
+    G = len(need)
+    if not fisher:
+        run = [False] * G
+        for g in reversed(range(G)):
+            run[g] = need[g] or (g + 1 < G and run[g + 1] and not fwd_done[g])
+        return run, [False] * G
+    back = [False] * G
+    for g in range(G):
+        back[g] = need[g] or (g > 0 and back[g - 1] and not down_done[g])
+    fwd = [False] * G
+    for g in reversed(range(G)):
+        wanted = (back[g] or (g + 1 < G and (back[g + 1] or fwd[g + 1]))
+                  or (g == G - 1 and top_below and back[0]))
+        fwd[g] = wanted and not fwd_done[g]
+    return fwd, back
+
+
+# -- the unit tasks (run in Ray workers) ---------------------------------------------------
+
+def _read(out, rel: str, shas: dict[str, str]) -> torch.Tensor:
+    """A handed-over tensor, checked against its writer's unit record."""
+    from safetensors.torch import load
+
+    from pipeline.store import ArtifactError, sha256_bytes
+
+    want = shas.get(rel)
+    if want is None:
+        raise RuntimeError(f"hessian: {out.url(rel)} is read before a unit recorded it")
+    data = out.store.read_bytes(out.rel(rel), None)
+    if sha256_bytes(data) != want:
+        raise ArtifactError(f"{out.url(rel)} differs from the sha256 its unit recorded; "
+                            "rerun the stage (its unit is then recomputed)")
+    return load(data)["x"]
+
+
+def _write(out, rel: str, t: torch.Tensor) -> str:
+    out.write_safetensors(rel, {"x": t})
+    return rel
+
+
+def _table(out, rel: str, estimator: str, n: int):
+    from pipeline.hessian.table import TensorTableWriter
+
+    return TensorTableWriter(out.url(rel), out.store.storage_options or None,
+                             metadata={"estimator": estimator, "n": n})
+
+
+def _result(unit: str, lm, records: dict[str, dict]) -> dict:
+    from pipeline.memory import process_peaks
+
+    return {"unit": unit, "records": records, "bytes_read": lm.weights.bytes_read,
+            "process": process_peaks()}
+
+
+def activation_unit(cfg: RunConfig, out, url: str, opts: dict | None, windows: torch.Tensor,
+                    p: int, g: int, seg: range, rng: range, names: list[str], sums: bool,
+                    last: bool, shas: dict[str, str]) -> dict:
+    """A(p, g): blocks `seg` forward from the input handed over (block 0: the embeddings),
+    E[x²] sums of the tensors of blocks `rng` (and the head's) into the partial when `sums`,
+    the output handed to the next group unless `last`."""
+    from pipeline.executor import task_threads
+    from pipeline.hessian.stream import _targets_by_block, activation_range, activation_top_names
+    from pipeline.models.stream import StreamedLM
+    from pipeline.units import Units
+
+    task_threads()
+    lm = StreamedLM(url, opts, dtype="stored")
+    hidden, calls = lm.block_inputs(windows)
+    if seg.start > 0:
+        hidden = _read(out, x_rel(p, seg.start), shas)
+    n = int(windows.numel())
+    by = ({i: v for i, v in _targets_by_block(lm, names).items() if i in rng} if sums else {})
+    top = activation_top_names(lm, names, rng) if sums else []
+    records: dict[str, dict] = {}
+    with contextlib.ExitStack() as stack:  # a failed unit's partial is aborted, not published
+        table = stack.enter_context(_table(out, partial_rel(p, g), "activation", n)) if sums else None
+        hidden = activation_range(lm, hidden, calls, seg, by,
+                                  (lambda k, v, c: table.add(k, v)) if sums else (lambda *a: None),
+                                  n, top=top, need_output=not last)
+        if not last:
+            rel = _write(out, x_rel(p, seg.stop), hidden)
+            records[f"p{p}-g{g}-fwd"] = Units(out).record(f"p{p}-g{g}-fwd", [rel])
+        if table is not None:
+            table.close()
+            records[f"p{p}-g{g}"] = Units(out).record(
+                f"p{p}-g{g}", [partial_rel(p, g)], n=n, tensor_sha256=table.tensor_sha256)
+    return _result(f"p{p}-g{g}", lm, records)
+
+
+def _fisher_lm(url: str, opts: dict | None):
+    from pipeline.models.stream import StreamedLM
+
+    # The Fisher's gradients in float32, from blocks whose Linears keep their 16-bit weights.
+    return StreamedLM(url, opts, dtype=torch.float32, stored_linears=True)
+
+
+def fisher_forward_unit(cfg: RunConfig, out, url: str, opts: dict | None, windows: torch.Tensor,
+                        p: int, g: int, seg: range | None, shas: dict[str, str]) -> dict:
+    """F(p, g): blocks `seg` forward (None: from its start to the model's top) from the input
+    handed over (block 0: the embeddings), every block's input written, and the output: the
+    next group's input, or at the top the final norm's input."""
+    from pipeline.executor import task_threads
+    from pipeline.hessian.stream import forward_range
+    from pipeline.units import Units
+
+    task_threads()
+    lm = _fisher_lm(url, opts)
+    seg = seg if seg.stop else range(seg.start, len(lm.layers))
+    hidden, calls = lm.block_inputs(windows)
+    if seg.start > 0:
+        hidden = _read(out, x_rel(p, seg.start), shas)
+    written: list[str] = []
+
+    def keep(i: int, h: torch.Tensor) -> None:
+        if i > seg.start or seg.start == 0:  # a later group's first input is its writer's
+            written.append(_write(out, x_rel(p, i), h))
+
+    hidden = forward_range(lm, hidden, calls, seg, keep)
+    top = seg.stop == len(lm.layers)
+    written.append(_write(out, top_rel(p) if top else x_rel(p, seg.stop), hidden))
+    rec = Units(out).record(f"p{p}-g{g}-fwd", written)
+    return _result(f"p{p}-g{g}-fwd", lm, {f"p{p}-g{g}-fwd": rec})
+
+
+def fisher_backward_unit(cfg: RunConfig, out, url: str, opts: dict | None, windows: torch.Tensor,
+                         p: int, g: int, seg: range, rng: range, names: list[str], sums: bool,
+                         shas: dict[str, str]) -> dict:
+    """B(p, g): blocks `seg` backward from the cotangent handed down (the top: computed from
+    the loss); the squared per-window gradients of the tensors of blocks `rng` (and the head's
+    and the embedding's, when the group holds them) into the partial when `sums`; the
+    cotangent at the first block's input handed down unless it is block 0."""
+    from pipeline.executor import task_threads
+    from pipeline.hessian.stream import (
+        _targets_by_block,
+        _TopGrads,
+        embedding_roles,
+        fisher_backward,
+        fisher_top,
+    )
+    from pipeline.units import Units
+
+    task_threads()
+    lm = _fisher_lm(url, opts)
+    seg = seg if seg.stop else range(seg.start, len(lm.layers))
+    _, calls = lm.block_inputs(windows)
+    n = int(windows.shape[0])
+    emb, head = embedding_roles(lm, names) if sums else (None, None)
+    emb = emb if seg.start == 0 else None
+    head = head if seg.stop == len(lm.layers) else None
+    records: dict[str, dict] = {}
+    with contextlib.ExitStack() as stack:  # a failed unit's partial is aborted, not published
+        table = stack.enter_context(_table(out, partial_rel(p, g), "fisher", n)) if sums else None
+        emit = (lambda k, v, c: table.add(k, v)) if sums else (lambda *a: None)
+        top = None
+        if seg.stop == len(lm.layers):
+            cot, top = fisher_top(lm, windows, _read(out, top_rel(p), shas), head,
+                                  emb if lm.tied else None, emit)
+        else:
+            cot = _read(out, dx_rel(p, seg.stop), shas)
+            if emb is not None and lm.tied:  # the head's half of the tied weight's gradient
+                _, top = fisher_top(lm, windows, _read(out, top_rel(p), shas), None, emb, emit)
+            elif emb is not None:
+                top = _TopGrads(lm, windows, None, None)
+        want = ({i: v for i, v in _targets_by_block(lm, names).items() if i in rng}
+                if sums else {})
+        down = fisher_backward(lm, calls, seg, cot, lambda i: _read(out, x_rel(p, i), shas),
+                               want, emit, pass_down=seg.start > 0 or emb is not None)
+        if seg.start > 0:
+            rel = _write(out, dx_rel(p, seg.start), down)
+            records[f"p{p}-g{g}-down"] = Units(out).record(f"p{p}-g{g}-down", [rel])
+        if emb is not None:
+            emit(emb, top.embedding_sums(down).numpy(), n)
+        if table is not None:
+            table.close()
+            records[f"p{p}-g{g}"] = Units(out).record(
+                f"p{p}-g{g}", [partial_rel(p, g)], n=n, tensor_sha256=table.tensor_sha256)
+    return _result(f"p{p}-g{g}", lm, records)
+
+
+def segments(groups: list[tuple[range, Any]], *, to_top: bool) -> list[range]:
+    """The blocks each group's units run: from its first block (block 0 for the first group)
+    to the next group's first block; the last group's to its range's end, or with `to_top`
+    (the Fisher: the loss is at the top) to the model's top (range(start, 0): resolved by the
+    unit from the model)."""
+    out = []
+    for g, (rng, _) in enumerate(groups):
+        start = 0 if g == 0 else rng.start
+        if g + 1 < len(groups):
+            out.append(range(start, groups[g + 1][0].start))
+        else:
+            out.append(range(start, 0) if to_top else range(start, rng.stop))
+    return out

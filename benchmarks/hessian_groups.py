@@ -1,4 +1,5 @@
-"""The recompute cost of sharding the streamed Hessians into G groups of consecutive blocks.
+"""The cost of sharding the streamed Hessians into G groups of consecutive blocks: recomputed
+inputs against inputs handed over (what `hwq run` does).
 
     python benchmarks/hessian_groups.py                  # SmolLM2-135M, 8 windows × 128, G = 4
     python benchmarks/hessian_groups.py --groups 2 --windows 4 --seq-len 64
@@ -9,7 +10,11 @@ subprocess, one after the other:
 
 * one task over every block (``blocks=None``), and
 * G tasks, one per group from `block_groups(block_counts(...), G)` (``blocks=range(lo, hi)``;
-  each recomputes its input from the embeddings).
+  each recomputes its input from the embeddings), and
+* the stage's handover units (`pipeline.hessian.handover`) for the same groups, one fresh
+  subprocess each in the order the stage chains them (activation: one unit a group; Fisher: a
+  forward unit a group up, then a backward unit a group down), the block inputs and cotangents
+  handed over through a temporary folder.
 
 Per task: wall seconds from building the `StreamedLM` to the last emitted tensor (the
 interpreter's start and imports excluded), peak RSS (the child's ru_maxrss, imports
@@ -101,6 +106,102 @@ def child(kind: str, folder: str, n: int, L: int, lo: int, hi: int, threads: int
     }
 
 
+def unit_child(spec: dict) -> dict:
+    """One unit of the stage's handover chain (`pipeline.hessian.handover`), partition 0."""
+    import torch
+
+    from pipeline.hessian import handover as ho
+    from pipeline.models.load_streamed import random_windows
+    from pipeline.models.weights import WeightsFolder
+    from pipeline.store import StageDir, Store
+
+    torch.set_num_threads(spec["threads"])
+    rss_imports = _status("VmRSS")
+    t0, c0 = time.perf_counter(), _cpu()
+    w = WeightsFolder(spec["folder"])
+    seg, rng = range(*spec["seg"]), range(*spec["rng"])
+    names = [k for k in _targets(w) if int(k.split(".")[2]) in rng]
+    import json as _json
+
+    vocab = _json.loads((Path(spec["folder"]) / "config.json").read_text())["vocab_size"]
+    windows = random_windows(int(vocab), spec["n"], spec["L"], 0)
+    out = StageDir(Store(spec["work"]), "hessian", "bench")
+    g, shas = spec["g"], spec["shas"]
+    args = (None, out, spec["folder"], None, windows, 0, g)
+    if spec["role"] == "act":
+        r = ho.activation_unit(*args, seg, rng, names, True, spec["last"], shas)
+    elif spec["role"] == "fwd":
+        r = ho.fisher_forward_unit(*args, seg, spec["last"], shas)
+    else:
+        r = ho.fisher_backward_unit(*args, seg, rng, names, True, spec["last"], shas)
+    return {
+        "seconds": time.perf_counter() - t0,
+        "cpu_seconds": _cpu() - c0,
+        "rss_after_imports": rss_imports,
+        "peak_rss": _status("VmHWM"),
+        "bytes_read": r["bytes_read"],
+        "shas": {k: o["sha256"] for rec in r["records"].values() for k, o in rec["outputs"].items()},
+    }
+
+
+def measure_handover(kind: str, folder: Path, groups: list[range], n: int, L: int,
+                     threads: int, one_totals: dict[str, float]) -> dict:
+    """The stage's handover units for one partition of every window, each in a fresh
+    subprocess, in the order the stage chains them; their sums checked against the one
+    task's."""
+    import tempfile
+
+    from pipeline.hessian.handover import partial_rel
+    from pipeline.hessian.table import TensorTable
+
+    B = groups[-1].stop
+    segs = [range(0 if g == 0 else r.start, groups[g + 1].start if g + 1 < len(groups) else B)
+            for g, r in enumerate(groups)]
+    order = ([("act", g) for g in range(len(groups))] if kind == "activation" else
+             [("fwd", g) for g in range(len(groups))]
+             + [("back", g) for g in reversed(range(len(groups)))])
+    shas: dict[str, str] = {}
+    units = []
+    with tempfile.TemporaryDirectory(prefix="hessian-handover-") as work:
+        for role, g in order:
+            spec = {"role": role, "g": g, "seg": [segs[g].start, segs[g].stop],
+                    "rng": [groups[g].start, groups[g].stop], "last": g == len(groups) - 1,
+                    "folder": str(folder), "n": n, "L": L, "work": work, "shas": shas,
+                    "threads": threads}
+            t0 = time.perf_counter()
+            r = subprocess.run([sys.executable, __file__, "--unit", json.dumps(spec)],
+                               capture_output=True, text=True, check=False)
+            if r.returncode:
+                raise RuntimeError(f"{kind} {role} {g} failed:\n{r.stderr[-3000:]}")
+            res = json.loads(r.stdout.strip().splitlines()[-1])
+            res["process_seconds"] = time.perf_counter() - t0
+            shas.update(res.pop("shas"))
+            units.append({"unit": f"{role} g{g} (blocks {segs[g].start}–{segs[g].stop - 1})",
+                          **res})
+            print(f"  {kind} handover {units[-1]['unit']}: {res['seconds']:.1f} s, peak RSS "
+                  f"{res['peak_rss'] / MiB:.0f} MiB", flush=True)
+        from pipeline.store import StageDir, Store
+
+        out = StageDir(Store(work), "hessian", "bench")
+        count = n * L if kind == "activation" else n
+        totals = {}
+        for g in range(len(groups)):
+            t = TensorTable(out.url(partial_rel(0, g)))
+            for name in t.names:
+                totals[name] = float(t.read(name).astype("float64").sum()) / count
+            t.close()
+        handed = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in
+                     os.walk(os.path.join(work, "stages", "hessian-bench", "handover"))
+                     for f in fs)
+    rel = (max(abs(totals[k] - v) / max(abs(v), 1e-300) for k, v in one_totals.items())
+           if set(totals) == set(one_totals) else float("nan"))
+    return {"units": units, "sum_seconds": sum(u["seconds"] for u in units),
+            "sum_cpu_seconds": sum(u["cpu_seconds"] for u in units),
+            "max_unit_peak_rss": max(u["peak_rss"] for u in units),
+            "sum_bytes_read": sum(u["bytes_read"] for u in units),
+            "handover_bytes": handed, "relative_difference": rel}
+
+
 def _spawn(kind: str, folder: Path, n: int, L: int, blocks: range | None, threads: int) -> dict:
     lo, hi = (-1, -1) if blocks is None else (blocks.start, blocks.stop)
     t0 = time.perf_counter()
@@ -161,9 +262,13 @@ def measure(kind: str, folder: Path, groups: list[range], n: int, L: int, thread
         raise RuntimeError("the groups emitted other tensors than the one task")
     rel = max(abs(merged[k] - v) / max(abs(v), 1e-300) for k, v in one["totals"].items())
     B = groups[-1].stop
+    one_totals = one["totals"]
     for r in (one, *parts):
         r.pop("totals")
+    ho = measure_handover(kind, folder, groups, n, L, threads, one_totals)
     return {
+        "handover": {**ho, "factor": ho["sum_seconds"] / one["seconds"],
+                     "cpu_factor": ho["sum_cpu_seconds"] / one["cpu_seconds"]},
         "one": one,
         "groups": [{"blocks": [g.start, g.stop], **r} for g, r in zip(groups, parts, strict=True)],
         "sum_seconds": sum(r["seconds"] for r in parts),
@@ -210,17 +315,35 @@ def report(res: dict) -> str:
             f"**{r['sum_cpu_seconds']:.1f}** | max "
             f"{r['max_group_peak_rss'] / MiB:.0f} | {r['sum_bytes_read'] / MiB:.0f} |"
         )
+        h = r.get("handover")
+        if h:
+            for u in h["units"]:
+                L.append(
+                    f"| {kind} | handover {u['unit']} | {u['seconds']:.1f} | "
+                    f"{u['cpu_seconds']:.1f} | {u['peak_rss'] / MiB:.0f} "
+                    f"({u['rss_after_imports'] / MiB:.0f}) | {u['bytes_read'] / MiB:.0f} |"
+                )
+            L.append(
+                f"| {kind} | **Σ handover units** | **{h['sum_seconds']:.1f}** | "
+                f"**{h['sum_cpu_seconds']:.1f}** | max {h['max_unit_peak_rss'] / MiB:.0f} | "
+                f"{h['sum_bytes_read'] / MiB:.0f} |"
+            )
     L += [
         "",
         "| estimator | recompute factor, wall (Σ groups / one task) | same, CPU | "
-        "block-pass model | groups' sums vs one task (max rel. diff) |",
-        "|---|---:|---:|---:|---:|",
+        "block-pass model | groups' sums vs one task (max rel. diff) | handover factor, wall "
+        "| same, CPU | handed-over MiB | handover sums vs one task |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for kind in ("activation", "fisher"):
         r = res[kind]
+        h = r.get("handover") or {}
         L.append(
             f"| {kind} | {r['factor']:.2f} | {r['cpu_factor']:.2f} | {r['modelled_factor']:.2f} | "
-            f"{r['relative_difference']:.1e} |"
+            f"{r['relative_difference']:.1e} | {h.get('factor', float('nan')):.2f} | "
+            f"{h.get('cpu_factor', float('nan')):.2f} | "
+            f"{h.get('handover_bytes', 0) / MiB:.0f} | "
+            f"{h.get('relative_difference', float('nan')):.1e} |"
         )
     L += [
         "",
@@ -234,6 +357,9 @@ def report(res: dict) -> str:
 
 
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--unit":
+        print(json.dumps(unit_child(json.loads(sys.argv[2]))))
+        return
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         kind, folder, n, L, lo, hi, threads = sys.argv[2:9]
         print(json.dumps(child(kind, folder, int(n), int(L), int(lo), int(hi), int(threads))))

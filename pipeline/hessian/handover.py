@@ -41,7 +41,8 @@ import torch
 from pipeline.config import RunConfig
 
 __all__ = ["HANDOVER", "plan_partition", "activation_unit", "fisher_forward_unit",
-           "fisher_backward_unit", "x_rel", "top_rel", "dx_rel", "partial_rel"]
+           "fisher_backward_unit", "forward_outputs", "segments", "x_rel", "top_rel", "dx_rel",
+           "partial_rel"]
 
 HANDOVER = "handover"
 
@@ -175,9 +176,15 @@ def _fisher_lm(url: str, opts: dict | None):
     return StreamedLM(url, opts, dtype=torch.float32, stored_linears=True)
 
 
+def _check_top(lm, seg: range, last: bool) -> None:
+    if seg.stop > len(lm.layers) or (last and seg.stop != len(lm.layers)):
+        raise ValueError(f"the hessian stage planned blocks up to {seg.stop}, the model has "
+                         f"{len(lm.layers)}: the model changed since it was loaded; rerun")
+
+
 def fisher_forward_unit(cfg: RunConfig, out, url: str, opts: dict | None, windows: torch.Tensor,
-                        p: int, g: int, seg: range | None, shas: dict[str, str]) -> dict:
-    """F(p, g): blocks `seg` forward (None: from its start to the model's top) from the input
+                        p: int, g: int, seg: range, last: bool, shas: dict[str, str]) -> dict:
+    """F(p, g): blocks `seg` forward (the last group: to the model's top) from the input
     handed over (block 0: the embeddings), every block's input written, and the output: the
     next group's input, or at the top the final norm's input."""
     from pipeline.executor import task_threads
@@ -186,7 +193,7 @@ def fisher_forward_unit(cfg: RunConfig, out, url: str, opts: dict | None, window
 
     task_threads()
     lm = _fisher_lm(url, opts)
-    seg = seg if seg.stop else range(seg.start, len(lm.layers))
+    _check_top(lm, seg, last)
     hidden, calls = lm.block_inputs(windows)
     if seg.start > 0:
         hidden = _read(out, x_rel(p, seg.start), shas)
@@ -197,15 +204,14 @@ def fisher_forward_unit(cfg: RunConfig, out, url: str, opts: dict | None, window
             written.append(_write(out, x_rel(p, i), h))
 
     hidden = forward_range(lm, hidden, calls, seg, keep)
-    top = seg.stop == len(lm.layers)
-    written.append(_write(out, top_rel(p) if top else x_rel(p, seg.stop), hidden))
+    written.append(_write(out, top_rel(p) if last else x_rel(p, seg.stop), hidden))
     rec = Units(out).record(f"p{p}-g{g}-fwd", written)
     return _result(f"p{p}-g{g}-fwd", lm, {f"p{p}-g{g}-fwd": rec})
 
 
 def fisher_backward_unit(cfg: RunConfig, out, url: str, opts: dict | None, windows: torch.Tensor,
                          p: int, g: int, seg: range, rng: range, names: list[str], sums: bool,
-                         shas: dict[str, str]) -> dict:
+                         last: bool, shas: dict[str, str]) -> dict:
     """B(p, g): blocks `seg` backward from the cotangent handed down (the top: computed from
     the loss); the squared per-window gradients of the tensors of blocks `rng` (and the head's
     and the embedding's, when the group holds them) into the partial when `sums`; the
@@ -222,18 +228,18 @@ def fisher_backward_unit(cfg: RunConfig, out, url: str, opts: dict | None, windo
 
     task_threads()
     lm = _fisher_lm(url, opts)
-    seg = seg if seg.stop else range(seg.start, len(lm.layers))
+    _check_top(lm, seg, last)
     _, calls = lm.block_inputs(windows)
     n = int(windows.shape[0])
     emb, head = embedding_roles(lm, names) if sums else (None, None)
     emb = emb if seg.start == 0 else None
-    head = head if seg.stop == len(lm.layers) else None
+    head = head if last else None
     records: dict[str, dict] = {}
     with contextlib.ExitStack() as stack:  # a failed unit's partial is aborted, not published
         table = stack.enter_context(_table(out, partial_rel(p, g), "fisher", n)) if sums else None
         emit = (lambda k, v, c: table.add(k, v)) if sums else (lambda *a: None)
         top = None
-        if seg.stop == len(lm.layers):
+        if last:
             cot, top = fisher_top(lm, windows, _read(out, top_rel(p), shas), head,
                                   emb if lm.tied else None, emit)
         else:
@@ -258,16 +264,26 @@ def fisher_backward_unit(cfg: RunConfig, out, url: str, opts: dict | None, windo
     return _result(f"p{p}-g{g}", lm, records)
 
 
-def segments(groups: list[tuple[range, Any]], *, to_top: bool) -> list[range]:
+def segments(groups: list[tuple[range, Any]], *, top: int | None) -> list[range]:
     """The blocks each group's units run: from its first block (block 0 for the first group)
-    to the next group's first block; the last group's to its range's end, or with `to_top`
-    (the Fisher: the loss is at the top) to the model's top (range(start, 0): resolved by the
-    unit from the model)."""
+    to the next group's first block; the last group's to its range's end, or, given `top`
+    (the model's block count: the Fisher's loss is at the top), to the top."""
     out = []
     for g, (rng, _) in enumerate(groups):
         start = 0 if g == 0 else rng.start
         if g + 1 < len(groups):
             out.append(range(start, groups[g + 1][0].start))
         else:
-            out.append(range(start, 0) if to_top else range(start, rng.stop))
+            out.append(range(start, rng.stop if top is None else top))
     return out
+
+
+def forward_outputs(p: int, seg: range, last: bool, fisher: bool) -> list[str]:
+    """The files the forward unit of segment `seg` writes (the list its record must hold):
+    the Fisher's, every block's input (block 0's only in the first segment: a later first
+    input is the writer's below) and the output; the activation unit's, its output (none at
+    the top)."""
+    if not fisher:
+        return [] if last else [x_rel(p, seg.stop)]
+    keep = [x_rel(p, i) for i in seg if i > seg.start or seg.start == 0]
+    return keep + [top_rel(p) if last else x_rel(p, seg.stop)]

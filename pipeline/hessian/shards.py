@@ -4,12 +4,14 @@ The driver plans the work units without building a module: `block_index` maps ea
 tensor to its decoder block from the names in a `WeightsFolder`'s headers, `block_counts`
 sums the target weights per block, and `block_groups` cuts the stack into ≤ G runs of
 consecutive blocks with balanced weight counts. `window_slices` cuts the calibration windows
-into P contiguous partitions. Each (partition, group) unit runs `activation_streamed` or
-`fisher_streamed` with ``blocks=group`` on its windows and emits float64 sums with counts;
-`reduce_partials` adds the partitions' sums and counts per tensor and divides once, which is
-the single-task result up to float64 summation order (the per-window numbers are computed by
-the same operations whichever unit runs them, when the forward batch does not straddle a
-partition boundary: see `pipeline.hessian.stream`).
+into P contiguous partitions. The streamed stage runs each (partition, group) as units that
+hand the group's input activations over (`pipeline.hessian.handover`); one task can also
+compute a group alone with `activation_streamed` or `fisher_streamed` and ``blocks=group``.
+Either way the unit emits float64 sums with counts; `reduce_partials` adds the partitions'
+sums and counts per tensor and divides once, which is the single-task result up to float64
+summation order (the per-window numbers are computed by the same operations whichever unit
+runs them, when the forward batch does not straddle a partition boundary: see
+`pipeline.hessian.stream`).
 """
 
 from __future__ import annotations

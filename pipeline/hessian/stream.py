@@ -40,19 +40,12 @@ sums, half the block's weight memory. An untied head's sums are dropped once emi
 
 Sharding (``blocks=range(lo, hi)``, planned by `pipeline.hessian.shards`): a task computes and
 emits only the tensors of blocks lo … hi−1, for the windows it is given, still with one block
-resident at a time. Its inputs are recomputed, not handed over: blocks 0 … lo−1 run forward
-from the embeddings (no hooks, each freed after use). The cost, in block passes over the
-task's windows (B blocks; a forward ≈ 1 unit, a backward with recomputation ≈ 3, one that
-back-propagates only the input's cotangent ≈ 2):
-
-* activation: hi forwards (lo of them recomputation); blocks ≥ hi are never read. G equal
-  groups cost Σ hi_g ≈ (G + 1)/2 × B forwards instead of B: 2.5× for G = 4.
-* Fisher: the loss needs the whole stack, so every group runs all B forwards (inputs kept
-  only for blocks ≥ lo) and the head, then a backward from the top down to lo — blocks ≥ hi
-  back-propagate the input's cotangent only (no parameter gradients), block lo no input
-  cotangent, nothing below lo runs backward. G equal groups cost G·B + 3B + (G − 1)·B =
-  (2G + 2)·B units instead of 4B, i.e. (G + 1)/2 × (2.5× for G = 4), plus G − 1 more passes
-  through the head (large for a small model with a large vocabulary).
+resident at a time. Its inputs are recomputed: blocks 0 … lo−1 run forward from the embeddings,
+and the Fisher runs every block forward and back-propagates from the top down to lo, so G
+equal groups cost about (G + 1)/2 times the single task in block passes. The streamed stage does
+not do that: its units (`pipeline.hessian.handover`) chain the pieces below — `forward_range`,
+`fisher_top`, `fisher_backward`, `activation_range` — with the block inputs and cotangents
+handed over through the work folder, which costs each block one forward and one backward.
 
 Partitions: the sums and their counts are returned together, so the sums of P
 partitions of the windows add up to the single task's (`pipeline.hessian.shards.

@@ -42,8 +42,10 @@ from pipeline.graph import StageContext
 from pipeline.hessian.handover import (
     HANDOVER,
     activation_unit,
+    dx_rel,
     fisher_backward_unit,
     fisher_forward_unit,
+    forward_outputs,
     partial_rel,
     plan_partition,
     segments,
@@ -138,7 +140,8 @@ def run_hessian_streamed(ctx: StageContext) -> dict[str, Any]:
     roles = {n: r for n, r in meta.get("embedding_roles", {}).items() if n in meta["quantizable"]}
     first, last = embedding_placement(h.estimator, roles)
     blocks = meta.get("info", {}).get("layers")
-    if last and (type(blocks) is not int or blocks < 1):  # config.json without the count
+    if (last or h.estimator == "fisher") and (type(blocks) is not int or blocks < 1):
+        # config.json without the count; the Fisher's last units run to the top
         from pipeline.hessian.shards import num_blocks
         from pipeline.models.weights import WeightsFolder
 
@@ -150,7 +153,7 @@ def run_hessian_streamed(ctx: StageContext) -> dict[str, Any]:
     fisher = h.estimator == "fisher"
     units = Units(out)
     total = int(windows.numel()) if h.estimator == "activation" else int(windows.shape[0])
-    segs = segments(groups, to_top=fisher)
+    segs = segments(groups, top=blocks if fisher else None)
     # group 0's backward also reads the top's input: the head half of a tied embedding's grads
     top_below = fisher and G > 1 and any(r == "tied" and n in groups[0][1]
                                          for n, r in roles.items())
@@ -175,11 +178,13 @@ def run_hessian_streamed(ctx: StageContext) -> dict[str, Any]:
             continue
         fwd_done, down_done = [], []
         for g in range(G):  # the handed-over files, only where a unit still has to run
-            rec = units.done(f"p{p}-g{g}-fwd")
+            rec = (units.done(f"p{p}-g{g}-fwd", forward_outputs(p, segs[g], g == G - 1, fisher))
+                   if fisher or g < G - 1 else None)
             fwd_done.append(rec is not None)
             if rec is not None:
                 records[f"p{p}-g{g}-fwd"] = rec
-            rec = units.done(f"p{p}-g{g}-down") if fisher and g > 0 else None
+            rec = (units.done(f"p{p}-g{g}-down", [dx_rel(p, segs[g].start)])
+                   if fisher and g > 0 else None)
             down_done.append(rec is not None)
             if rec is not None:
                 records[f"p{p}-g{g}-down"] = rec
@@ -207,8 +212,9 @@ def run_hessian_streamed(ctx: StageContext) -> dict[str, Any]:
             return activation_unit, common + (segs[g], rng, names, need[(p, g)], g == G - 1,
                                               shas(p))
         if kind == "fwd":
-            return fisher_forward_unit, common + (segs[g], shas(p))
-        return fisher_backward_unit, common + (segs[g], rng, names, need[(p, g)], shas(p))
+            return fisher_forward_unit, common + (segs[g], g == G - 1, shas(p))
+        return fisher_backward_unit, common + (segs[g], rng, names, need[(p, g)], g == G - 1,
+                                               shas(p))
 
     # Each partition's units wait for those whose files they read; partitions run side by side.
     waiting: dict[tuple, set] = {}

@@ -13,6 +13,7 @@ from pipeline.hessian.handover import (
     activation_unit,
     fisher_backward_unit,
     fisher_forward_unit,
+    forward_outputs,
     partial_rel,
     plan_partition,
     segments,
@@ -72,7 +73,7 @@ def _reference(kind, path, windows, names, rng):
 def _chain(kind, path, out, windows, groups, p=0):
     """One partition's units in the order the stage runs them; returns {tensor: sums}."""
     G = len(groups)
-    segs = segments(groups, to_top=kind == "fisher")
+    segs = segments(groups, top=LAYERS if kind == "fisher" else None)
     shas: dict[str, str] = {}
 
     def keep(r):
@@ -85,11 +86,12 @@ def _chain(kind, path, out, windows, groups, p=0):
                                  g == G - 1, dict(shas)))
     else:
         for g in range(G):
-            keep(fisher_forward_unit(None, out, path, None, windows, p, g, segs[g], dict(shas)))
+            keep(fisher_forward_unit(None, out, path, None, windows, p, g, segs[g], g == G - 1,
+                                     dict(shas)))
         for g in reversed(range(G)):
             rng, names = groups[g]
             keep(fisher_backward_unit(None, out, path, None, windows, p, g, segs[g], rng, names,
-                                      True, dict(shas)))
+                                      True, g == G - 1, dict(shas)))
     got = {}
     for g, (_, names) in enumerate(groups):
         t = TensorTable(out.url(partial_rel(p, g)))
@@ -123,18 +125,19 @@ def test_a_tampered_handover_file_is_refused(model, tmp_path):
     path, _, blocks = model
     groups = _groups(path, blocks, 2)
     out = StageDir(Store(str(tmp_path / "store")), "hessian", "k")
-    segs = segments(groups, to_top=True)
-    r = fisher_forward_unit(None, out, path, None, _windows(), 0, 0, segs[0], {})
+    segs = segments(groups, top=LAYERS)
+    r = fisher_forward_unit(None, out, path, None, _windows(), 0, 0, segs[0], False, {})
     (rec,) = r["records"].values()
+    assert set(rec["outputs"]) == set(forward_outputs(0, segs[0], False, True))
     shas = {k: o["sha256"] for k, o in rec["outputs"].items()}
     rel = x_rel(0, segs[1].start)
     data = bytearray(out.store.read_bytes(out.rel(rel), None))
     data[-1] ^= 1
     out.store.write_bytes(out.rel(rel), bytes(data))
     with pytest.raises(ArtifactError, match="differs from the sha256"):
-        fisher_forward_unit(None, out, path, None, _windows(), 0, 1, segs[1], shas)
+        fisher_forward_unit(None, out, path, None, _windows(), 0, 1, segs[1], True, shas)
     with pytest.raises(RuntimeError, match="before a unit recorded it"):
-        fisher_forward_unit(None, out, path, None, _windows(), 0, 1, segs[1], {})
+        fisher_forward_unit(None, out, path, None, _windows(), 0, 1, segs[1], True, {})
 
 
 def test_a_rerun_plans_only_what_its_records_miss():

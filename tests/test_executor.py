@@ -164,3 +164,20 @@ def test_a_unit_queue_starts_follow_ups_first_and_stops_on_an_error(ray_local, t
             seen.append(key)
     assert seen == ["x"] and not (tmp_path / "y").exists()
     assert executor.UnitQueue(cpus_per_slot=1).slots == executor._cluster_cpus()
+
+
+def test_block_runs_cover_every_block_once_in_order_and_balance_the_sizes():
+    import random
+
+    from pipeline.executor import balanced_runs
+
+    rnd = random.Random(0)
+    for n in range(1, 40):
+        for parts in range(1, 9):
+            sizes = [rnd.randint(1, 1000) for _ in range(n)]
+            runs = balanced_runs(sizes, parts)
+            assert len(runs) == min(parts, n)
+            assert [i for a, b in runs for i in range(a, b)] == list(range(n))
+    # equal blocks split evenly; one huge block is a run of its own
+    assert balanced_runs([1] * 8, 4) == [(0, 2), (2, 4), (4, 6), (6, 8)]
+    assert balanced_runs([100, 1, 1, 1, 1], 2) == [(0, 1), (1, 5)]

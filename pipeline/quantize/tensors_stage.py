@@ -7,8 +7,8 @@ Hessian tensor by tensor, so no process holds more than one tensor and its Hessi
 1. **λ from sampled rows.** A Ray task per tensor returns one row in s of it (with its
    Hessian rows), stratified by a high-rate estimate of each row's bits (`sample_rows`), s
    chosen so the sample holds about 8 M weights; the driver searches λ on the
-   sample so its all-in rate meets the aim (`solve_rows_global_rate`, a Ray task per tensor's
-   sample at each λ), and predicts the bits the file will spend from the sample's coded size
+   sample so its all-in rate meets the aim (`solve_rows_global_rate`; each λ's evaluation a
+   few Ray tasks over runs of the tensors' samples, `executor.BlockMap`), and predicts the bits the file will spend from the sample's coded size
    (one Huffman table per tensor and level count, as the encoder writes them).
 2. **Every tensor at that λ,** a Ray task (a unit) each: it solves its rows in slabs, writes
    ``codes/<i>-<λ tag>.safetensors`` (frequency-ranked indices uint8/uint16 [R, C] and the

@@ -18,7 +18,8 @@ a killed driver waits 10 s, not 60, for the dead driver's stage lease.
    stages upstream of the attacked one (what a resumed run finds), so the attacked stage and
    those after it are computed. The driver is a subprocess (`python -m pipeline.cli run`); when
    its log says `[k/4] <stage>   running` and a worker of the stage's unit tasks has appeared
-   (process title `ray::_partial_task` / `ray::_reduce_task`, `ray::_tensor_task`,
+   (process title `ray::fisher_forward_unit` / `ray::fisher_backward_unit` /
+   `ray::_reduce_task`, `ray::_tensor_task`,
    `ray::_encode_task`, and HWQ_FAULT_TAG in its environment: this run's workers only), the
    benchmark waits a seeded random 0.5 s to 80% of the time the stage's unit tasks
    were seen running in the baseline, and SIGKILLs one such worker running then. Ray

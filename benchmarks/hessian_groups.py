@@ -121,9 +121,7 @@ def unit_child(spec: dict) -> dict:
     w = WeightsFolder(spec["folder"])
     seg, rng = range(*spec["seg"]), range(*spec["rng"])
     names = [k for k in _targets(w) if int(k.split(".")[2]) in rng]
-    import json as _json
-
-    vocab = _json.loads((Path(spec["folder"]) / "config.json").read_text())["vocab_size"]
+    vocab = json.loads((Path(spec["folder"]) / "config.json").read_text())["vocab_size"]
     windows = random_windows(int(vocab), spec["n"], spec["L"], 0)
     out = StageDir(Store(spec["work"]), "hessian", "bench")
     g, shas = spec["g"], spec["shas"]
@@ -140,7 +138,7 @@ def unit_child(spec: dict) -> dict:
         "rss_after_imports": rss_imports,
         "peak_rss": _status("VmHWM"),
         "bytes_read": r["bytes_read"],
-        "shas": {k: o["sha256"] for rec in r["records"].values() for k, o in rec["outputs"].items()},
+        "shas": {k: o for rec in r["records"].values() for k, o in rec["outputs"].items()},
     }
 
 
@@ -160,7 +158,7 @@ def measure_handover(kind: str, folder: Path, groups: list[range], n: int, L: in
     order = ([("act", g) for g in range(len(groups))] if kind == "activation" else
              [("fwd", g) for g in range(len(groups))]
              + [("back", g) for g in reversed(range(len(groups)))])
-    shas: dict[str, str] = {}
+    shas: dict[str, dict] = {}
     units = []
     with tempfile.TemporaryDirectory(prefix="hessian-handover-") as work:
         for role, g in order:

@@ -430,7 +430,7 @@ class BlockMap:
                 self._refs[id(b)] = ref
                 self._keep.append(b)  # the id stays this block's while we hold it
             refs.append(ref)
-            sizes.append(_block_size(b))
+            sizes.append(int(getattr(b.W, "size", 0)) or 1)  # a RowBlock (weights W)
         runs = balanced_runs(sizes, _cluster_cpus() * self._per_cpu)
         out = [r for part in self._ray.get([self._task.remote(fn, *refs[a:b]) for a, b in runs])
                for r in part]
@@ -441,30 +441,21 @@ class BlockMap:
         return out
 
 
-def _block_size(block) -> int:
-    w = getattr(block, "W", None)
-    if w is None and isinstance(block, tuple | list) and block:
-        w = block[0]
-    return int(getattr(w, "size", 1)) or 1
-
-
 def balanced_runs(sizes: list[int], parts: int) -> list[tuple[int, int]]:
     """≤ `parts` consecutive (start, stop) runs covering `sizes`, cut where the running total
     passes each multiple of total / parts (every run non-empty)."""
     n = len(sizes)
     parts = max(1, min(int(parts), n))
-    total = float(sum(sizes)) or 1.0
-    runs, start, acc = [], 0, 0.0
+    total = sum(sizes) or 1
+    runs, start, acc = [], 0, 0
     for i, s in enumerate(sizes):
         acc += s
-        left = n - i - 1  # blocks after i
-        if (acc >= total * (len(runs) + 1) / parts and left >= parts - len(runs) - 1) \
-                or left == parts - len(runs) - 1:
-            if len(runs) < parts - 1:
-                runs.append((start, i + 1))
-                start = i + 1
-    if start < n:
-        runs.append((start, n))
+        cuts = parts - 1 - len(runs)  # cuts still to make, each leaving a non-empty run after
+        after = n - i - 1
+        if cuts and after >= cuts and (acc * parts >= total * (len(runs) + 1) or after == cuts):
+            runs.append((start, i + 1))
+            start = i + 1
+    runs.append((start, n))
     return runs
 
 

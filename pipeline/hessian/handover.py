@@ -34,6 +34,7 @@ from the records a rerun finds, which units must run again.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Any
 
 import torch
@@ -99,20 +100,12 @@ def plan_partition(need: list[bool], fwd_done: list[bool], down_done: list[bool]
 
 # -- the unit tasks (run in Ray workers) ---------------------------------------------------
 
-def _read(out, rel: str, shas: dict[str, str]) -> torch.Tensor:
-    """A handed-over tensor, checked against its writer's unit record."""
-    from safetensors.torch import load
-
-    from pipeline.store import ArtifactError, sha256_bytes
-
-    want = shas.get(rel)
-    if want is None:
+def _read(out, rel: str, recorded: dict[str, dict]) -> torch.Tensor:
+    """A handed-over tensor, read as a file a manifest lists: no further than the size its
+    writer's unit record gives, and refused (ArtifactError) unless its sha256 is the record's."""
+    if rel not in recorded:
         raise RuntimeError(f"hessian: {out.url(rel)} is read before a unit recorded it")
-    data = out.store.read_bytes(out.rel(rel), None)
-    if sha256_bytes(data) != want:
-        raise ArtifactError(f"{out.url(rel)} differs from the sha256 its unit recorded; "
-                            "rerun the stage (its unit is then recomputed)")
-    return load(data)["x"]
+    return dataclasses.replace(out, outputs={rel: recorded[rel]}).read_safetensors(rel)["x"]
 
 
 def _write(out, rel: str, t: torch.Tensor) -> str:
@@ -136,7 +129,7 @@ def _result(unit: str, lm, records: dict[str, dict]) -> dict:
 
 def activation_unit(cfg: RunConfig, out, url: str, opts: dict | None, windows: torch.Tensor,
                     p: int, g: int, seg: range, rng: range, names: list[str], sums: bool,
-                    last: bool, shas: dict[str, str]) -> dict:
+                    last: bool, recorded: dict[str, dict]) -> dict:
     """A(p, g): blocks `seg` forward from the input handed over (block 0: the embeddings),
     E[x²] sums of the tensors of blocks `rng` (and the head's) into the partial when `sums`,
     the output handed to the next group unless `last`."""
@@ -149,7 +142,7 @@ def activation_unit(cfg: RunConfig, out, url: str, opts: dict | None, windows: t
     lm = StreamedLM(url, opts, dtype="stored")
     hidden, calls = lm.block_inputs(windows)
     if seg.start > 0:
-        hidden = _read(out, x_rel(p, seg.start), shas)
+        hidden = _read(out, x_rel(p, seg.start), recorded)
     n = int(windows.numel())
     by = ({i: v for i, v in _targets_by_block(lm, names).items() if i in rng} if sums else {})
     top = activation_top_names(lm, names, rng) if sums else []
@@ -183,7 +176,7 @@ def _check_top(lm, seg: range, last: bool) -> None:
 
 
 def fisher_forward_unit(cfg: RunConfig, out, url: str, opts: dict | None, windows: torch.Tensor,
-                        p: int, g: int, seg: range, last: bool, shas: dict[str, str]) -> dict:
+                        p: int, g: int, seg: range, last: bool, recorded: dict[str, dict]) -> dict:
     """F(p, g): blocks `seg` forward (the last group: to the model's top) from the input
     handed over (block 0: the embeddings), every block's input written, and the output: the
     next group's input, or at the top the final norm's input."""
@@ -196,7 +189,7 @@ def fisher_forward_unit(cfg: RunConfig, out, url: str, opts: dict | None, window
     _check_top(lm, seg, last)
     hidden, calls = lm.block_inputs(windows)
     if seg.start > 0:
-        hidden = _read(out, x_rel(p, seg.start), shas)
+        hidden = _read(out, x_rel(p, seg.start), recorded)
     written: list[str] = []
 
     def keep(i: int, h: torch.Tensor) -> None:
@@ -211,7 +204,7 @@ def fisher_forward_unit(cfg: RunConfig, out, url: str, opts: dict | None, window
 
 def fisher_backward_unit(cfg: RunConfig, out, url: str, opts: dict | None, windows: torch.Tensor,
                          p: int, g: int, seg: range, rng: range, names: list[str], sums: bool,
-                         last: bool, shas: dict[str, str]) -> dict:
+                         last: bool, recorded: dict[str, dict]) -> dict:
     """B(p, g): blocks `seg` backward from the cotangent handed down (the top: computed from
     the loss); the squared per-window gradients of the tensors of blocks `rng` (and the head's
     and the embedding's, when the group holds them) into the partial when `sums`; the
@@ -240,17 +233,17 @@ def fisher_backward_unit(cfg: RunConfig, out, url: str, opts: dict | None, windo
         emit = (lambda k, v, c: table.add(k, v)) if sums else (lambda *a: None)
         top = None
         if last:
-            cot, top = fisher_top(lm, windows, _read(out, top_rel(p), shas), head,
+            cot, top = fisher_top(lm, windows, _read(out, top_rel(p), recorded), head,
                                   emb if lm.tied else None, emit)
         else:
-            cot = _read(out, dx_rel(p, seg.stop), shas)
+            cot = _read(out, dx_rel(p, seg.stop), recorded)
             if emb is not None and lm.tied:  # the head's half of the tied weight's gradient
-                _, top = fisher_top(lm, windows, _read(out, top_rel(p), shas), None, emb, emit)
+                _, top = fisher_top(lm, windows, _read(out, top_rel(p), recorded), None, emb, emit)
             elif emb is not None:
                 top = _TopGrads(lm, windows, None, None)
         want = ({i: v for i, v in _targets_by_block(lm, names).items() if i in rng}
                 if sums else {})
-        down = fisher_backward(lm, calls, seg, cot, lambda i: _read(out, x_rel(p, i), shas),
+        down = fisher_backward(lm, calls, seg, cot, lambda i: _read(out, x_rel(p, i), recorded),
                                want, emit, pass_down=seg.start > 0 or emb is not None)
         if seg.start > 0:
             rel = _write(out, dx_rel(p, seg.start), down)

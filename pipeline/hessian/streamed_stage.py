@@ -198,9 +198,10 @@ def run_hessian_streamed(ctx: StageContext) -> dict[str, Any]:
                  "%d reused", h.estimator, windows.shape[0], windows.shape[1], P, G,
                  [f"{r.start}-{r.stop - 1}" for r, _ in groups], n_run + len(left), reused)
 
-    def shas(p: int) -> dict[str, str]:
+    def recorded(p: int) -> dict[str, dict]:
+        """{file: its size and sha256} of partition p's handed-over files recorded so far."""
         pre = f"{HANDOVER}/p{p}/"
-        return {rel: o["sha256"] for rec in records.values() for rel, o in rec["outputs"].items()
+        return {rel: o for rec in records.values() for rel, o in rec["outputs"].items()
                 if rel.startswith(pre)}
 
     def unit_args(key: tuple) -> tuple:
@@ -210,11 +211,11 @@ def run_hessian_streamed(ctx: StageContext) -> dict[str, Any]:
         rng, names = groups[g]
         if kind == "act":
             return activation_unit, common + (segs[g], rng, names, need[(p, g)], g == G - 1,
-                                              shas(p))
+                                              recorded(p))
         if kind == "fwd":
-            return fisher_forward_unit, common + (segs[g], g == G - 1, shas(p))
+            return fisher_forward_unit, common + (segs[g], g == G - 1, recorded(p))
         return fisher_backward_unit, common + (segs[g], rng, names, need[(p, g)], g == G - 1,
-                                               shas(p))
+                                               recorded(p))
 
     # Each partition's units wait for those whose files they read; partitions run side by side.
     waiting: dict[tuple, set] = {}
@@ -224,12 +225,12 @@ def run_hessian_streamed(ctx: StageContext) -> dict[str, Any]:
                 if fwd[g]:
                     waiting[("fwd", p, g)] = {("fwd", p, g - 1)} if g > 0 and fwd[g - 1] else set()
                 if back[g]:
-                    deps = {("fwd", p, k) for k in {g - 1, g} | ({G - 1} if g == 0 and top_below
-                                                                  else set()) if 0 <= k and fwd[k]}
+                    # its blocks' inputs (the first one the group below writes), the top's input
+                    # for a tied embedding's group 0, and the cotangent from the group above
+                    reads = {g - 1, g} | ({G - 1} if g == 0 and top_below else set())
+                    deps = {("fwd", p, k) for k in reads if k >= 0 and fwd[k]}
                     if g + 1 < G and back[g + 1]:
                         deps.add(("back", p, g + 1))
-                    if g + 1 == G:
-                        deps |= {("fwd", p, k) for k in range(G) if fwd[k]}
                     waiting[("back", p, g)] = deps
             elif fwd[g]:
                 waiting[("act", p, g)] = {("act", p, g - 1)} if g > 0 and fwd[g - 1] else set()

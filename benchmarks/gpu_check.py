@@ -11,8 +11,12 @@ LeNet-5 trains 2 epochs on 12,000 images and fine-tunes half an epoch; SmolLM2 c
 16 windows and evaluates 4 windows per text. Fine-tuning uses as many Ray Train workers as the
 machine has GPUs (each worker asks for one). Per stage, from the run's report: seconds, the
 largest CUDA allocator peak over the stage's worker processes (`memory.workers[].gpu_peak`),
-the nodes its tasks ran on. Writes benchmarks/results/gpu_check.json and prints a table; a
-config that fails or runs out of time is recorded with its error, not dropped.
+the nodes its tasks ran on. Before the runs, the runtime's Triton kernel
+(pipeline/runtime/triton_lut.py) on the GPU: random 2-, 3-, 4- and 8-bit packed matrices at
+batch 1 and 16 against the float64 product (the largest error over its float32 bound; ≤ 1
+passes), and the time of a 4096×4096 4-bit product. Writes benchmarks/results/gpu_check.json
+and prints a table; a config that fails or runs out of time is recorded with its error, not
+dropped.
 """
 
 from __future__ import annotations
@@ -63,6 +67,52 @@ def _stage_rows(report: dict) -> list[dict]:
     return rows
 
 
+def triton_check() -> dict:
+    """The Triton lookup-table kernel on cuda:0 against the float64 product of the decoded
+    matrix, and its speed on a 7B-sized square matrix."""
+    import numpy as np
+    import torch
+
+    from pipeline.runtime.transcode import transcode_codes
+    from pipeline.runtime.triton_lut import lut_matmul_triton
+
+    out: dict = {"cases": []}
+    rng = np.random.default_rng(0)
+    worst = 0.0
+    for k in (4, 8, 16, 40):  # levels a row -> 2, 3, 4, 8 bits
+        for rows, cols, groups in ((33, 576, 1), (4096, 4096, 1), (257, 1024, 8)):
+            cb = rng.normal(size=(rows * groups, k)).astype(np.float32)
+            codes = rng.integers(0, k, rows * cols).astype(np.uint8)
+            p = transcode_codes({"codes": codes, "positions": None, "codebook": cb,
+                                 "shape": (rows, cols), "dtype": "float32"})
+            t = np.arange(rows)[:, None] * groups + np.arange(cols)[None, :] // (cols // groups)
+            w = cb[t, codes.reshape(rows, cols).astype(np.int64)].astype(np.float64)
+            gp = type(p)(p.rows, p.cols, p.bits, p.group_size, p.idx.cuda(), p.tables.cuda(),
+                         None, None, p.levels)
+            for b in (1, 16):
+                x = rng.normal(size=(b, cols)).astype(np.float32)
+                y = lut_matmul_triton(torch.from_numpy(x).cuda(), gp).cpu().numpy()
+                bound = (cols + 1) * 2.0**-23 * (np.abs(x) @ np.abs(w).T) + 1e-30
+                err = float((np.abs(y - x.astype(np.float64) @ w.T) / bound).max())
+                worst = max(worst, err)
+                out["cases"].append({"bits": p.bits, "shape": [rows, cols], "groups": groups,
+                                     "batch": b, "error_over_bound": round(err, 4)})
+                if (rows, cols, k, groups) == (4096, 4096, 16, 1):
+                    xt = torch.from_numpy(x).cuda()
+                    for _ in range(3):
+                        lut_matmul_triton(xt, gp)
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    for _ in range(50):
+                        lut_matmul_triton(xt, gp)
+                    torch.cuda.synchronize()
+                    ms = (time.perf_counter() - t0) / 50 * 1e3
+                    out[f"ms_4096x4096_4bit_batch{b}"] = round(ms, 4)
+    out["worst_error_over_bound"] = round(worst, 4)
+    out["ok"] = worst <= 1.0
+    return out
+
+
 def run_one(name: str, timeout_s: float, gpus: int) -> dict:
     config, sets = RUNS[name]
     store = ROOT / ".cache" / "gpu_check" / name
@@ -105,6 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     deadline = time.monotonic() + args.budget_s
     result = {"gpu": gpu, "host": platform.node(), "loadavg_start": os.getloadavg(),
               "runs": {}}
+    try:
+        result["triton"] = triton_check()
+    except Exception as e:  # recorded, as a failed run is
+        result["triton"] = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+    print(f"gpu-check: triton kernel {result['triton']}", flush=True)
     for i, name in enumerate(names):
         left = deadline - time.monotonic()
         share = left / (len(names) - i)  # what is left, split over the runs still to come
@@ -124,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         if r["error"]:
             print(f"| {name} | (failed) | {r['wall_s']:.0f} | {r['error']} | |")
     print(f"\nwrote {OUT.relative_to(ROOT)}")
-    return 0 if all(r["error"] is None for r in result["runs"].values()) else 1
+    ok = all(r["error"] is None for r in result["runs"].values()) and result["triton"]["ok"]
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

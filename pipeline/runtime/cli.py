@@ -64,11 +64,12 @@ def _generate(args) -> int:
         threads=args.threads,
         storage_options=_opts(args),
         hf_folder=args.hf_files,
+        device=args.device,
     )
     if tok is None:
         raise ValueError(f"{args.file}: its hf/ folder has no tokenizer files, and hwq generate "
                          "reads and writes text; give the model's folder with --hf-files")
-    ids = _prompt_ids(tok, args.prompt, args.chat)
+    ids = _prompt_ids(tok, args.prompt, args.chat).to(model.device)
     first: list[float] = []
 
     class Streamer(transformers.TextStreamer):
@@ -159,6 +160,12 @@ def add_commands(sub) -> None:
         metavar="FOLDER",
         help="where config.json and the tokenizer files are (default: the hf/ "
         "folder beside the .hwq file, as the encode stage writes)",
+    )
+    g.add_argument(
+        "--device",
+        metavar="DEV",
+        help="run on this torch device, e.g. cuda (the lookup-table products by the Triton "
+        "kernel; default: the CPU kernels)",
     )
     g.add_argument("--endpoint-url", metavar="URL", help="S3-compatible endpoint for an s3:// file")
     g.set_defaults(func=_generate)

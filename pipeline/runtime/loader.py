@@ -125,6 +125,7 @@ def load(
     storage_options: dict | None = None,
     hf_folder: str | None = None,
     fuse_siblings: bool = True,
+    device: str | None = None,
 ):
     """(model, tokenizer) running from the .hwq file `path` (local path or fsspec URL).
 
@@ -134,7 +135,9 @@ def load(
     the hf/ folder beside the file). fuse_siblings: compute q/k/v and gate/up (see
     ``modules.FUSE``) with one kernel call each (the same numbers, fewer calls). The model is
     in eval mode, float32 outside the LutLinears and LutEmbeddings; ``model.hwq_runtime``
-    holds load statistics (see :func:`load_stats`).
+    holds load statistics (see :func:`load_stats`). device: where the model runs (default
+    the CPU); on a CUDA device the LutLinears multiply with the Triton kernel
+    (`pipeline.runtime.triton_lut`) from their packed indices, moved there once.
     """
     import transformers
 
@@ -143,6 +146,7 @@ def load(
 
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    target = _device(device)
     t0 = time.perf_counter()
     reader = HwqReader(path, storage_options=storage_options)
     shapes = {n: reader.shape(n) for n in reader.names}
@@ -221,9 +225,35 @@ def load(
             f"{', ...' if len(missing) > 5 else ''}; the config and the .hwq file "
             "do not belong together"
         )
+    if target is not None:
+        model.to(target)
+        stats["device"] = str(target)
     stats["seconds"] = time.perf_counter() - t0
     model.hwq_runtime = stats
     return model, tok
+
+
+def _device(device: str | None) -> torch.device | None:
+    """The torch device to move the model to (None: stay on the CPU), checked before any
+    work: a CUDA device needs CUDA here and Triton installed."""
+    if device is None:
+        return None
+    try:
+        d = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"device {device!r} is not a torch device ({e})") from None
+    if d.type == "cpu":
+        return None
+    if d.type != "cuda":
+        raise ValueError(f"device {device!r}: the runtime runs on the CPU or a CUDA device")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: this torch has no CUDA device (the CPU needs no "
+                         "--device)")
+    from .triton_lut import available
+
+    if not available():
+        raise ValueError(f"device {device!r}: the GPU kernel needs Triton (pip install triton)")
+    return d
 
 
 def _transcode(reader, name: str, stats: dict) -> Packed | None:

@@ -14,11 +14,12 @@ from ..encode import rotation
 from .kernels import bind
 from .transcode import Packed
 
-__all__ = ["FUSE", "HalfEmbedding", "LutEmbedding", "LutLinear", "MODES", "fuse"]
+__all__ = ["BACKENDS", "FUSE", "HalfEmbedding", "LutEmbedding", "LutLinear", "MODES", "fuse"]
 
 # mode -> kernel path: "reference" is fp32 levels and activations (the decoded model's
 # products up to float32 summation order); "fast" int8 levels and activations.
 MODES = {"reference": "ref", "fast": "q8"}
+BACKENDS = ("auto", "cpu", "triton")
 
 
 class LutLinear(nn.Module):
@@ -37,6 +38,9 @@ class LutLinear(nn.Module):
         rotate: the seed of the input-side rotation the weight was quantized in
             (`quantize.rotate`): the packed levels are of Ŵ·Vᵀ, so the input is rotated
             (x → V·x, O(in·log in) a token) instead of the weight; None: no rotation.
+        backend: "auto" (the Triton kernel for an input on a CUDA device, the CPU kernels
+            otherwise), "cpu" or "triton" (`pipeline.runtime.triton_lut`; with
+            TRITON_INTERPRET=1 it runs on CPU tensors too, which is how it is tested).
     """
 
     def __init__(
@@ -47,11 +51,15 @@ class LutLinear(nn.Module):
         mode: str = "fast",
         threads: int | None = None,
         rotate: int | None = None,
+        backend: str = "auto",
     ):
         super().__init__()
         self.rotate = rotate
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        self.backend = backend
         self.in_features, self.out_features = packed.cols, packed.rows
         self.bits, self.group_size, self.levels = packed.bits, packed.group_size, packed.levels
         self.mode, self.threads = mode, threads
@@ -87,6 +95,8 @@ class LutLinear(nn.Module):
         return w if self.rotate is None else rotation.inverse(w, self.rotate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend == "triton" or (self.backend == "auto" and x.is_cuda):
+            return self._forward_triton(x)
         if self._group is not None and self._group.usable(self):
             y = self._group.output(self, x)
             if self.bias is not None:
@@ -98,6 +108,19 @@ class LutLinear(nn.Module):
         lead = x.shape[:-1]
         xr = x if self.rotate is None else rotation.forward(x.to(torch.float32), self.rotate)
         y = self._call(xr.reshape(-1, x.shape[-1]))
+        if self.bias is not None:
+            y += self.bias
+        return y.reshape(*lead, self.out_features).to(x.dtype)
+
+    def _forward_triton(self, x: torch.Tensor) -> torch.Tensor:
+        """The product by the Triton kernel on the module's own buffers (wherever
+        `.to(device)` put them; a fused group's concatenation stays on the CPU)."""
+        from .triton_lut import lut_matmul_triton
+
+        lead = x.shape[:-1]
+        xr = x if self.rotate is None else rotation.forward(x.to(torch.float32), self.rotate)
+        precision = "ieee" if self.mode == "reference" else "tf32"
+        y = lut_matmul_triton(xr.reshape(-1, x.shape[-1]), self.packed(), precision=precision)
         if self.bias is not None:
             y += self.bias
         return y.reshape(*lead, self.out_features).to(x.dtype)
@@ -135,11 +158,13 @@ class LutEmbedding(nn.Module):
         self._packed = packed
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        flat = ids.reshape(-1).to(torch.int64)
+        # The rows are unpacked on the CPU from the packed copy made at load (a lookup reads
+        # a few rows); on a CUDA model they are moved to the ids' device.
+        flat = ids.reshape(-1).to(torch.int64).cpu()
         if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.num_embeddings):
             raise IndexError(f"token id out of range for an embedding of {self.num_embeddings}")
         rows = _gather_rows(self._packed, flat).dense_rows(0, flat.numel())
-        return rows.reshape(*ids.shape, self.embedding_dim)
+        return rows.reshape(*ids.shape, self.embedding_dim).to(ids.device)
 
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}, "

@@ -81,6 +81,12 @@ def kill_ray_of(temp_dir: str) -> int:
     return n
 
 
+# Seconds a SIGTERM'd process of a test cluster gets before SIGKILL: Ray's processes that
+# exit on SIGTERM do so within a second; one that does not (a raylet waiting on its workers)
+# held each teardown for the whole wait, 10 s when it was 10.
+_GRACE_S = 3.0
+
+
 def _kill(pids: set[int], *, graceful: bool) -> int:
     """Signal `pids` and their children: SIGTERM then SIGKILL (graceful), or SIGKILL at once
     (a crash). Returns how many processes were signalled."""
@@ -98,7 +104,7 @@ def _kill(pids: set[int], *, graceful: bool) -> int:
             p.terminate() if graceful else p.kill()
         except psutil.NoSuchProcess:
             pass
-    _, alive = psutil.wait_procs(procs, timeout=10)
+    _, alive = psutil.wait_procs(procs, timeout=_GRACE_S if graceful else 10)
     for p in alive:
         try:
             p.kill()
@@ -216,7 +222,7 @@ class LocalCluster:
                 pass
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the cluster did not reach {n} live nodes in {timeout} s")
-            time.sleep(1)
+            time.sleep(0.5)
 
     # -- jobs -------------------------------------------------------------------------------
     @property
@@ -237,7 +243,7 @@ class LocalCluster:
             except Exception:
                 if time.monotonic() > deadline:
                     raise
-                time.sleep(2)
+                time.sleep(0.5)
 
     def submit(self, entrypoint: str, *, submission_id: str | None = None,
                runtime_env: dict | None = None) -> str:
@@ -250,7 +256,7 @@ class LocalCluster:
             except RuntimeError as e:
                 if "No available agent" not in str(e) or time.monotonic() > deadline:
                     raise
-                time.sleep(2)
+                time.sleep(0.5)
 
     def wait(self, job_id: str, timeout: float = 900) -> tuple[str, str]:
         """(final status, logs) of a job."""
@@ -263,7 +269,7 @@ class LocalCluster:
             if time.monotonic() > deadline:
                 client.stop_job(job_id)
                 return "TIMEOUT", client.get_job_logs(job_id)
-            time.sleep(2)
+            time.sleep(0.5)
 
     # -- lifetime ---------------------------------------------------------------------------
     def stop(self) -> None:

@@ -380,9 +380,25 @@ def task_attempt() -> int:
         return 0
 
 
-def ray_map(fn, jobs, *, cpus: int = 1) -> list:
+# Jobs holding fewer array bytes than this in all run in the calling process: a few chunks of
+# a small model (LeNet-5's file is 40 KB) are milliseconds of coding, while their Ray tasks
+# cost ~5 s on 2 cores (workers importing the coders and loading their compiled kernels).
+LOCAL_MAP_BYTES = 4 << 20
+
+
+def _job_bytes(job: Any) -> int:
+    """Bytes of the numpy arrays among a job's fields (a tuple) or of the job itself."""
+    fields = job if isinstance(job, tuple) else (job,)
+    return sum(int(getattr(f, "nbytes", 0) or 0) for f in fields)
+
+
+def ray_map(fn, jobs, *, cpus: int = 1, local_below: int = LOCAL_MAP_BYTES) -> list:
     """[fn(j) for j in jobs], each call a Ray task; results in order (a `map_fn` for the
-    encoder/decoder's chunks)."""
+    encoder/decoder's chunks). Jobs holding fewer than `local_below` array bytes in all run
+    here, in order, without Ray."""
+    jobs = list(jobs)
+    if sum(_job_bytes(j) for j in jobs) < local_below:
+        return [fn(j) for j in jobs]
     import ray
 
     task = remote(fn, cpus=cpus)

@@ -30,6 +30,14 @@ import numpy as np
 import pytest
 
 SEED = 20240611
+# Cases a base file per mutation kind, times HWQ_FUZZ_SCALE (default 1: ~8,000 cases in all,
+# ~40 s on 2 cores; HWQ_FUZZ_SCALE=4 for a longer hunt).
+SCALE = float(os.environ.get("HWQ_FUZZ_SCALE", "1"))
+
+
+def _n(base: int) -> int:
+    return max(1, round(base * SCALE))
+
 CASE_SECONDS = 2.0  # any case
 BOMB_SECONDS = 1.0  # a refusal from the header alone
 HEADROOM = 1536 << 20  # address space above the warmed-up baseline
@@ -234,18 +242,18 @@ def fuzz(folder: Path, shard: int = 0, shards: int = 1) -> dict:
         for _, s in _sections(h):
             off = s[0] if isinstance(s, list) else s["offset"]
             cuts |= {pstart + off, pstart + off + 1}
-        cuts |= {int(x) for x in rng.integers(0, n, 40)}
+        cuts |= {int(x) for x in rng.integers(0, n, _n(20))}
         for cut in sorted(c for c in cuts if 0 <= c < n):
             case("truncations", f"{bname} truncate@{cut}", ok[:cut], must_refuse=True)
 
-        for i in range(400):
+        for i in range(_n(200)):
             blob = bytearray(ok)
             for _ in range(int(rng.integers(1, 4))):
                 bit = int(rng.integers(8 * n))
                 blob[bit // 8] ^= 0x80 >> (bit % 8)
             case("bit flips", f"{bname} flip#{i}", bytes(blob), must_refuse=bytes(blob) != ok)
 
-        for i in range(200):
+        for i in range(_n(100)):
             blob = bytearray(ok)
             at, width = int(rng.integers(n)), int(rng.integers(1, 65))
             op = rng.integers(5)
@@ -263,7 +271,7 @@ def fuzz(folder: Path, shard: int = 0, shards: int = 1) -> dict:
             case("overwrites", f"{bname} overwrite#{i} op{op}@{at}+{width}", blob,
                  must_refuse=blob != ok)
 
-        for i in range(800):
+        for i in range(_n(400)):
             hh = _edit_json(h, rng)
             try:
                 blob = hf.join(hh, payload, fix_payload_len=False,
@@ -274,7 +282,7 @@ def fuzz(folder: Path, shard: int = 0, shards: int = 1) -> dict:
                  accounting=i % 4 == 0, partial=i % 3 == 0)
 
         if _sections(h):
-            for i in range(300):
+            for i in range(_n(150)):
                 hh, pl = _edit_payload(h, payload, rng)
                 case("crafted payloads", f"{bname} section#{i}", hf.join(hh, pl),
                      must_refuse=False, accounting=i % 4 == 0, partial=i % 3 == 0)

@@ -74,6 +74,18 @@ def fast_backoff(monkeypatch):
     monkeypatch.setattr(botocore.retryhandler, "delay_exponential", lambda **kw: 0.01)
     monkeypatch.setattr(botocore.retries.standard.ExponentialBackoff, "delay_amount",
                         lambda self, context: 0.01)
+    # s3fs's own retries sleep 0.1 · 1.7^i s (about 20 s over 9 tries): the same count of
+    # tries, 10 ms apart.
+    import asyncio
+    import types
+
+    import s3fs.core
+
+    real_sleep = asyncio.sleep
+    fast = types.SimpleNamespace(**{k: getattr(asyncio, k) for k in dir(asyncio)
+                                    if not k.startswith("__")})
+    fast.sleep = lambda delay, *a, **kw: real_sleep(min(delay, 0.01), *a, **kw)
+    monkeypatch.setattr(s3fs.core, "asyncio", fast)
 
 
 def _workout(store: Store, direct: Store) -> None:

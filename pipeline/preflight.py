@@ -9,6 +9,7 @@ meanwhile), which name the same keys and files.
 
 What is checked here (local sources only: a remote model folder is not downloaded for this):
 
+- the built-in Fashion-MNIST data: its four IDX files under `data.root` (embedded Ray only);
 - `model.path` of a causal LM: exists, is a model folder (config.json and safetensors
   weights) or a .gguf file, and holds tokenizer files (or is a GGUF, which carries one);
   `model.checkpoint`: exists;
@@ -50,6 +51,7 @@ def check_before_work(cfg: RunConfig) -> None:
 
     wl = Workload(cfg)
     _check_checkpoint(cfg)
+    _check_fashion_mnist(cfg)
     wl.metric  # noqa: B018 - imports a user's metric and checks its direction
     if cfg.model.name != "hf_causal_lm":
         return
@@ -88,6 +90,19 @@ def _check_checkpoint(cfg: RunConfig) -> None:
             raise PreflightError(f"model.checkpoint {ck!r} does not exist")
         if not p.is_file():
             raise PreflightError(f"model.checkpoint {ck!r} is not a regular file")
+
+
+def _check_fashion_mnist(cfg: RunConfig) -> None:
+    """The built-in dataset's IDX files under `data.root`, on an embedded Ray (whose workers
+    share this file system; a cluster's nodes may hold the data where the driver does not)."""
+    if cfg.data.name != "fashion_mnist" or cfg.executor.address is not None:
+        return
+    from pipeline.data import DatasetMissing, dataset_files
+
+    try:
+        dataset_files(cfg.data.root)
+    except DatasetMissing as e:
+        raise PreflightError(str(e)) from None
 
 
 def _check_streamed(cfg: RunConfig) -> None:

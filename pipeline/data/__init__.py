@@ -18,7 +18,7 @@ from pipeline.data.text import (
     token_ids,
 )
 
-__all__ = ["Split", "load_split", "batches", "DatasetMissing", "calibration_indices",
+__all__ = ["Split", "load_split", "batches", "DatasetMissing", "dataset_files", "calibration_indices",
            "TextSourceError", "read_text", "token_ids", "calibration_windows", "eval_windows"]
 
 _FILES = {
@@ -52,6 +52,11 @@ def _find(root: str, stem: str) -> str:
         "`dataset-fashion-mnist` (apt-get install dataset-fashion-mnist; `make setup` does it) "
         "or point the config key data.root at a folder holding the IDX files."
     )
+
+
+def dataset_files(root: str) -> list[str]:
+    """The paths of the four IDX files under `root`; DatasetMissing naming the first absent."""
+    return [_find(root, stem) for pair in _FILES.values() for stem in pair]
 
 
 def _read_idx(path: str) -> np.ndarray:

@@ -129,15 +129,12 @@ def run(
     store.check_access()
     check_against_model(cfg)
     store.write_text(f"{pre}config.yaml", yaml.safe_dump(cfg.redacted(), sort_keys=False))
-    if init_executor:
-        from pipeline.executor import init_ray
-
-        init_ray(cfg.executor.address, cfg.executor.num_cpus)
     from pipeline.executor import configure
 
     configure(cfg.executor)
-    check_store_reaches_every_node(cfg, store)
-    ledger = _ledger()
+    executor = _Executor(cfg, store, init_executor)
+    if cfg.executor.address is not None:
+        executor.start()  # a cluster is joined (and checked) before any stage, cached or not
 
     log.info("run %s: %d stages, %s model, store %s", cfg.name, len(plans),
              cfg.model.residency, store.url)
@@ -145,7 +142,7 @@ def run(
     if until is None:  # a partial run (a sweep's shared prefix) is no run of its own
         store.write_json(f"{pre}{RUN_INDEX}", {**index, "status": "running"})
     try:
-        return _run_stages(cfg, store, plans, forced, ledger, until, out, hf_out, pre, index)
+        return _run_stages(cfg, store, plans, forced, executor, until, out, hf_out, pre, index)
     except BaseException as e:
         if until is None:
             _record_failure(store, f"{pre}{RUN_INDEX}", index, e)
@@ -166,9 +163,29 @@ def _record_failure(store: Store, rel: str, index: dict[str, Any], e: BaseExcept
         log.warning("could not record the failed run in %s (%s)", rel, w)
 
 
+class _Executor:
+    """Ray for the stages that compute, started by the first of them: an embedded run whose
+    stages are all cache hits (a scheduled rerun) never starts Ray (~10 s on 2 cores)."""
+
+    def __init__(self, cfg: RunConfig, store: Store, init: bool):
+        self.cfg, self.store, self.init = cfg, store, init
+        self.started, self.ledger = False, None
+
+    def start(self):
+        """Start (or join) Ray once; the placement ledger (None without Ray)."""
+        if not self.started:
+            if self.init:
+                from pipeline.executor import init_ray
+
+                init_ray(self.cfg.executor.address, self.cfg.executor.num_cpus)
+            check_store_reaches_every_node(self.cfg, self.store)
+            self.ledger, self.started = _ledger(), True
+        return self.ledger
+
+
 def _run_stages(cfg: RunConfig, store: Store, plans: list[StagePlan], forced: set[str],
-                ledger, until: str | None, out: str | None, hf_out: bool, pre: str,
-                index: dict[str, Any]) -> dict[str, Any]:
+                executor: _Executor, until: str | None, out: str | None, hf_out: bool,
+                pre: str, index: dict[str, Any]) -> dict[str, Any]:
     """The stage loop of `run`, then the report (see `run`)."""
     dirs: dict[str, StageDir] = {}
     records: dict[str, dict[str, Any]] = {}
@@ -217,6 +234,7 @@ def _run_stages(cfg: RunConfig, store: Store, plans: list[StagePlan], forced: se
             sd.outputs = None  # being written: its own reads are of what it just wrote
             ctx = StageContext(cfg, store, sd, {n: dirs[n] for n in p.inputs}, sections=p.config)
             started = time.time()
+            ledger = executor.start()
             if ledger is not None:
                 ledger.begin(name)
             index["failed_stage"] = name  # what run.json says if this raises

@@ -55,11 +55,13 @@ def test_run_writes_report_with_the_contract(first_run):
 def test_second_run_is_all_cache_hits_and_fast(first_run):
     store, first_seconds = first_run
     t0 = time.perf_counter()
-    hwq("run", "configs/lenet5_fmnist.yaml", "--store", str(store), *QUICK)
+    p = hwq("run", "configs/lenet5_fmnist.yaml", "--store", str(store), *QUICK)
     second = time.perf_counter() - t0
     report = json.loads((store / "report.json").read_text())
     assert all(s["cached"] for s in report["stages"].values())
     assert second < first_seconds
+    # Nothing to compute: the embedded Ray is never started.
+    assert "starting embedded local Ray" not in p.stderr + p.stdout
     out = hwq("status", str(store)).stdout
     assert "train" in out and "cached" in out and "baseline_accuracy" in out
 

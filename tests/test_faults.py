@@ -22,6 +22,9 @@ def _seeded(reference: Store, dst: Store, upto: str) -> None:
     seed_store(reference, dst, {n: report["stages"][n]["key"] for n in keep})
 
 
+# (35 s: a run of its own with a fresh Ray; the kill-and-resume of every stage's units is
+# tests/test_residency.py's in `make test`, and `make bench-faults` kills every stage)
+@pytest.mark.slow
 def test_a_worker_killed_in_the_middle_of_encode_is_retried_and_changes_nothing(quick_run,
                                                                                tmp_path):
     ref = Store(str(quick_run[0]))

@@ -190,6 +190,9 @@ def test_a_flipped_codes_file_and_a_lying_unit_record_are_recomputed(reference, 
     assert (_stage(work, "encode") / "model.hwq").read_bytes() == ref_hwq.read_bytes()
 
 
+# (22 s; a hessian group's unit record against its file is also tests/hessian/
+# test_hessian_resume.py's and test_handover.py's, in `make test`)
+@pytest.mark.slow
 def test_a_flipped_hessian_table_is_recomputed(reference, bf16_folder, tmp_path):
     """One byte of a group's Hessian table: the hessian stage recomputes that group only (the
     other group's record verifies) and writes the same table."""

@@ -133,8 +133,11 @@ def run(
 
     configure(cfg.executor)
     executor = _Executor(cfg, store, init_executor)
-    if cfg.executor.address is not None:
-        executor.start()  # a cluster is joined (and checked) before any stage, cached or not
+    if cfg.executor.address is not None or not init_executor:
+        # A cluster is joined (and checked) before any stage, cached or not; a Ray the caller
+        # started (a batch, a sweep) costs nothing to use. Only an embedded Ray this run
+        # would start waits for a stage that computes.
+        executor.start()
 
     log.info("run %s: %d stages, %s model, store %s", cfg.name, len(plans),
              cfg.model.residency, store.url)
@@ -165,7 +168,9 @@ def _record_failure(store: Store, rel: str, index: dict[str, Any], e: BaseExcept
 
 class _Executor:
     """Ray for the stages that compute, started by the first of them: an embedded run whose
-    stages are all cache hits (a scheduled rerun) never starts Ray (~10 s on 2 cores)."""
+    stages are all cache hits (a scheduled rerun) never starts Ray (~10 s on 2 cores).
+    `init`: start the embedded Ray (or join the config's cluster) here; otherwise the caller
+    did."""
 
     def __init__(self, cfg: RunConfig, store: Store, init: bool):
         self.cfg, self.store, self.init = cfg, store, init

@@ -94,36 +94,36 @@ class LutLinear(nn.Module):
         w = self.packed().dense_rows(0, self.out_features)
         return w if self.rotate is None else rotation.inverse(w, self.rotate)
 
+    def _triton(self, x: torch.Tensor) -> bool:
+        return self.backend == "triton" or (self.backend == "auto" and x.is_cuda)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.backend == "triton" or (self.backend == "auto" and x.is_cuda):
-            return self._forward_triton(x)
-        if self._group is not None and self._group.usable(self):
+        # a fused group's concatenation stays on the CPU: the Triton path runs alone
+        if self._group is not None and not self._triton(x) and self._group.usable(self):
             y = self._group.output(self, x)
             if self.bias is not None:
                 y = y + self.bias
             return y.to(x.dtype)
+        lead = x.shape[:-1]
+        xr = x if self.rotate is None else rotation.forward(x.to(torch.float32), self.rotate)
+        y = self._product(xr.reshape(-1, x.shape[-1]))
+        if self.bias is not None:
+            y += self.bias
+        return y.reshape(*lead, self.out_features).to(x.dtype)
+
+    def _product(self, x2: torch.Tensor) -> torch.Tensor:
+        """x2 [n, in] (rotated) times Ŵᵀ: the Triton kernel on the module's own buffers
+        (wherever `.to(device)` put them) for a CUDA input or backend "triton", else the CPU
+        kernels."""
+        if self._triton(x2):
+            from .triton_lut import lut_matmul_triton
+
+            precision = "ieee" if self.mode == "reference" else "tf32"
+            return lut_matmul_triton(x2, self.packed(), precision=precision)
         if self._bound != (self.mode, self.threads):  # first call, or mode/threads changed
             self._call = bind(self.packed(), path=MODES[self.mode], threads=self.threads)
             self._bound = (self.mode, self.threads)
-        lead = x.shape[:-1]
-        xr = x if self.rotate is None else rotation.forward(x.to(torch.float32), self.rotate)
-        y = self._call(xr.reshape(-1, x.shape[-1]))
-        if self.bias is not None:
-            y += self.bias
-        return y.reshape(*lead, self.out_features).to(x.dtype)
-
-    def _forward_triton(self, x: torch.Tensor) -> torch.Tensor:
-        """The product by the Triton kernel on the module's own buffers (wherever
-        `.to(device)` put them; a fused group's concatenation stays on the CPU)."""
-        from .triton_lut import lut_matmul_triton
-
-        lead = x.shape[:-1]
-        xr = x if self.rotate is None else rotation.forward(x.to(torch.float32), self.rotate)
-        precision = "ieee" if self.mode == "reference" else "tf32"
-        y = lut_matmul_triton(xr.reshape(-1, x.shape[-1]), self.packed(), precision=precision)
-        if self.bias is not None:
-            y += self.bias
-        return y.reshape(*lead, self.out_features).to(x.dtype)
+        return self._call(x2)
 
     def extra_repr(self) -> str:
         return (

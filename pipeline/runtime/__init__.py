@@ -14,6 +14,8 @@ def load(
     storage_options: dict | None = None,
     hf_folder: str | None = None,
     fuse_siblings: bool = True,
+    device: str | None = None,
+    cache=True,
 ):
     """See :func:`pipeline.runtime.loader.load`."""
     from .loader import load as _load
@@ -25,4 +27,6 @@ def load(
         storage_options=storage_options,
         hf_folder=hf_folder,
         fuse_siblings=fuse_siblings,
+        device=device,
+        cache=cache,
     )

@@ -65,6 +65,7 @@ def _generate(args) -> int:
         storage_options=_opts(args),
         hf_folder=args.hf_files,
         device=args.device,
+        cache=not args.no_cache,
     )
     if tok is None:
         raise ValueError(f"{args.file}: its hf/ folder has no tokenizer files, and hwq generate "
@@ -107,6 +108,12 @@ def _generate(args) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+NO_CACHE_HELP = (
+    "do not keep the transcoded tables on disk (by default the first load of a file writes "
+    "them to $HWQ_CACHE/runtime-lut and later loads map them instead of entropy-decoding "
+    "the file; HWQ_LUT_CACHE_BYTES bounds the folder, default 16 GiB)")
 
 
 def _bits(bits: dict) -> str:
@@ -167,5 +174,6 @@ def add_commands(sub) -> None:
         help="run on this torch device, e.g. cuda (the lookup-table products by the Triton "
         "kernel; default: the CPU kernels)",
     )
+    g.add_argument("--no-cache", action="store_true", help=NO_CACHE_HELP)
     g.add_argument("--endpoint-url", metavar="URL", help="S3-compatible endpoint for an s3:// file")
     g.set_defaults(func=_generate)

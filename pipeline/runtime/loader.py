@@ -126,6 +126,7 @@ def load(
     hf_folder: str | None = None,
     fuse_siblings: bool = True,
     device: str | None = None,
+    cache: bool | str | os.PathLike = True,
 ):
     """(model, tokenizer) running from the .hwq file `path` (local path or fsspec URL).
 
@@ -137,12 +138,12 @@ def load(
     in eval mode, float32 outside the LutLinears and LutEmbeddings; ``model.hwq_runtime``
     holds load statistics (see :func:`load_stats`). device: where the model runs (default
     the CPU); on a CUDA device the LutLinears multiply with the Triton kernel
-    (`pipeline.runtime.triton_lut`) from their packed indices, moved there once.
+    (`pipeline.runtime.triton_lut`) from their packed indices, moved there once. cache: keep
+    the transcoded tensors on disk and map them on the next load of the same file instead of
+    entropy-decoding it again (True: `$HWQ_CACHE/runtime-lut`; a folder; False: off; see
+    `pipeline.runtime.lut_cache`).
     """
-    import transformers
-
     from pipeline.encode.container import HwqReader
-    from pipeline.models.folder_checks import building_from, params_on_meta
 
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -151,6 +152,46 @@ def load(
     reader = HwqReader(path, storage_options=storage_options)
     shapes = {n: reader.shape(n) for n in reader.names}
     config, tok, gen = _tokenizer_and_config(path, hf_folder, storage_options, shapes)
+    lut = _open_cache(reader, cache)
+    try:
+        model = _build(reader, config, gen, lut, shapes, mode, threads, fuse_siblings, path)
+    except BaseException:
+        if lut is not None:
+            lut.abort()
+        raise
+    stats = model.hwq_runtime
+    if lut is not None:
+        lut.commit()
+        stats["cache"] = "hit" if lut.hit else "written"
+        stats["cache_path"] = str(lut.path)
+    else:
+        stats["cache"] = "off"
+    if target is not None:
+        model.to(target)
+        stats["device"] = str(target)
+    stats["seconds"] = time.perf_counter() - t0
+    return model, tok
+
+
+def _open_cache(reader, cache):
+    """The LutCache of the file (None: off, or no usable folder: one log line)."""
+    if cache is False or cache is None:
+        return None
+    from .lut_cache import LutCache
+
+    try:
+        return LutCache(reader, None if cache is True else cache)
+    except OSError as exc:
+        log.info("hwq runtime: no cache of transcoded tables (%s)", exc)
+        return None
+
+
+def _build(reader, config, gen, lut, shapes, mode, threads, fuse_siblings, path):
+    """The model with LutLinears and LutEmbeddings in place (stats in model.hwq_runtime)."""
+    import transformers
+
+    from pipeline.models.folder_checks import building_from, params_on_meta
+
     with params_on_meta(), building_from(f"the config of {path}"):
         model = transformers.AutoModelForCausalLM.from_config(
             config, trust_remote_code=False, **_float32()
@@ -180,7 +221,7 @@ def load(
         # a rotated embedding (its rows are looked up) is decoded dense
         if reader.quantized(name) and len(shapes[name]) == 2 and (
                 kind is nn.Linear or (kind is nn.Embedding and rot is None)):
-            packed = _transcode(reader, name, stats)
+            packed = _packed(reader, name, stats, lut)
         if packed is None:
             t = _dense(reader, name, keep_half=kind is nn.Embedding and not tied)
             if t.dtype != torch.float32 and t.is_floating_point():
@@ -225,12 +266,8 @@ def load(
             f"{', ...' if len(missing) > 5 else ''}; the config and the .hwq file "
             "do not belong together"
         )
-    if target is not None:
-        model.to(target)
-        stats["device"] = str(target)
-    stats["seconds"] = time.perf_counter() - t0
     model.hwq_runtime = stats
-    return model, tok
+    return model
 
 
 def _device(device: str | None) -> torch.device | None:
@@ -256,14 +293,21 @@ def _device(device: str | None) -> torch.device | None:
     return d
 
 
-def _transcode(reader, name: str, stats: dict) -> Packed | None:
-    """The tensor's Packed, or None (one log line) when it has too many levels a row."""
+def _packed(reader, name: str, stats: dict, lut) -> Packed | None:
+    """The tensor's Packed (from the cache, or transcoded and added to the entry being
+    written), or None (one log line) when it has too many levels a row."""
     t1 = time.perf_counter()
-    try:
-        packed = transcode(reader, name)
-    except NotServable as exc:
-        log.info("hwq runtime: %s; decoding it dense", exc)
+    if lut is not None and lut.not_servable(name):
         return None
+    packed = lut.get(name) if lut is not None else None
+    if packed is None:
+        try:
+            packed = transcode(reader, name)
+        except NotServable as exc:
+            log.info("hwq runtime: %s; decoding it dense", exc)
+            packed = None
+        if lut is not None:
+            lut.put(name, packed)
     stats["transcode_s"] += time.perf_counter() - t1
     return packed
 

@@ -32,6 +32,8 @@ from pipeline.runtime.serve_requests import (
     parse_completion,
 )
 
+from .cli import NO_CACHE_HELP as _NO_CACHE
+
 __all__ = ["ServeLimits", "Server", "ServerThread", "serve_forever", "add_commands"]
 
 log = logging.getLogger(__name__)
@@ -596,7 +598,8 @@ def _serve_cmd(args) -> int:
         from pipeline.runtime import load  # the lookup-table runtime
 
         opts = {"client_kwargs": {"endpoint_url": args.endpoint_url}} if args.endpoint_url else None
-        model, tok = load(args.file, threads=args.threads, storage_options=opts)
+        model, tok = load(args.file, threads=args.threads, storage_options=opts,
+                          cache=not args.no_cache)
         if tok is None:
             raise ValueError(f"{args.file}: its hf/ folder has no tokenizer files to serve text")
         name = args.name or os.path.basename(args.file.rstrip("/"))
@@ -685,5 +688,6 @@ def add_commands(sub) -> None:
         metavar="SECONDS",
         help=f"per-request limit (default {d.timeout_s:g})",
     )
+    s.add_argument("--no-cache", action="store_true", help=_NO_CACHE)
     s.add_argument("--endpoint-url", metavar="URL", help="S3-compatible endpoint for an s3:// file")
     s.set_defaults(func=_serve_cmd)

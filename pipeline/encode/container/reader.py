@@ -109,6 +109,8 @@ class HwqReader(_StreamDecoding):
         names: tensor names in file order.
         metadata: the writer's metadata dict.
         bytes_read: bytes fetched from storage so far (prefix and header included).
+        stored_header: the prefix and header as stored (they hold every section's CRC32:
+            what identifies the file's content, e.g. for the runtime's cache).
     """
 
     def __init__(
@@ -135,7 +137,8 @@ class HwqReader(_StreamDecoding):
         self.file_bytes = int(self._fs.size(self._fpath))
         if self.file_bytes < PREFIX_BYTES:
             self._fail(f"{self.file_bytes} bytes is too short for an hwq file")
-        magic, version, flags, hlen, hcrc, reserved = _PREFIX.unpack(self._read(0, PREFIX_BYTES))
+        prefix = self._read(0, PREFIX_BYTES)
+        magic, version, flags, hlen, hcrc, reserved = _PREFIX.unpack(prefix)
         if magic != MAGIC:
             self._fail(f"bad magic {magic!r}, not an hwq file")
         if version not in READ_VERSIONS:
@@ -152,6 +155,7 @@ class HwqReader(_StreamDecoding):
         self.payload_start = _payload_start(hlen)
         blob = self._read(PREFIX_BYTES, self.payload_start)
         hjson, pad = blob[:hlen], blob[hlen:]
+        self.stored_header = bytes(prefix) + bytes(blob)
         if zlib.crc32(hjson) != hcrc:
             self._fail("header checksum mismatch")
         if any(pad):

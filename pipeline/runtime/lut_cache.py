@@ -193,9 +193,7 @@ class LutCache:
             blob = json.dumps({"key": self.key, **self._written}).encode()
             f.write(blob)
             f.write(_TAIL.pack(len(blob), MAGIC))
-            f.flush()
-            os.fsync(f.fileno())
-            f.close()
+            f.close()  # no fsync: an entry a crash cut short fails its checks and is a miss
             os.replace(tmp, self.path)
         except OSError as exc:
             f.close()

@@ -16,7 +16,12 @@ plan the same stage keys. Without a lease the second deletes the folder the firs
 Taking a lease works on any store, S3 included (which has no create-if-absent here): read it;
 if free or expired, write ours, wait `settle` seconds and read it back. Of several runs that
 wrote in that window, the last write wins and every other run sees a lease that is not its
-own. Clocks of the runs' machines are assumed to agree to well under `ttl`.
+own. Clocks of the runs' machines are assumed to agree to well under `ttl`. On a local store
+a free lease is taken by creating the file exclusively (O_EXCL): of runs that found it free,
+exactly one creates it, however long any of them was delayed between its read and its write
+(a racer delayed beyond `settle` could otherwise overwrite a lease already won, and both
+runs would compute the stage). Taking over an expired or malformed lease uses the write,
+settle and read-back on every store.
 
 The lease file is read from the store, so it is untrusted: one that is not well-formed (not a
 JSON object of the five fields, of their types), whose times are not plausible (not finite,
@@ -159,6 +164,36 @@ class StageLease:
                                          "pid": os.getpid(), "acquired": self.acquired or now,
                                          "expires": now + self.ttl})
 
+    def _still_ignored(self) -> bool:
+        """Whether the lease file still holds the content `_read` ignored (garbage to replace),
+        not a lease another run has written since."""
+        try:
+            return self.store.read_bytes(self.rel, _MAX_LEASE_BYTES) == self._ignored
+        except ArtifactError:
+            return False
+
+    def _create_exclusive(self) -> bool:
+        """Local store: put the lease file in place only if none exists; False if one does.
+        Written whole to a temporary name, then hard-linked to the lease's name (link fails
+        if the name exists), so no reader ever sees a partly written lease."""
+        path = self.store.path(self.rel)
+        folder = os.path.dirname(path)
+        os.makedirs(folder, exist_ok=True)
+        now = time.time()
+        data = json.dumps({"owner": self.owner, "host": socket.gethostname(),
+                           "pid": os.getpid(), "acquired": self.acquired or now,
+                           "expires": now + self.ttl}).encode()
+        tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:12]}")
+        with open(tmp, "xb") as f:
+            f.write(data)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+        return True
+
     # -- the protocol -----------------------------------------------------------------------
     def acquire(self, done=lambda: False) -> bool:
         """Take the lease, waiting for a live holder; returns False if `done()` became true
@@ -168,6 +203,15 @@ class StageLease:
         announced = False
         while True:
             cur = self._read(waiting=True)
+            if cur is None and self.store.is_local:
+                if not self.store.exists(self.rel):
+                    self.acquired = time.time()
+                    if self._create_exclusive():
+                        self._start_renewing()
+                        return True
+                    continue  # another run created it first: wait for it like any holder
+                if not self._still_ignored():
+                    continue  # a lease appeared since the read: read it again
             if cur is None or cur.owner == self.owner or cur.expires <= time.time():
                 if cur is not None and cur.owner != self.owner:
                     log.warning("%s: the lease of %s expired (its run stopped without "

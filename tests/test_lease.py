@@ -31,6 +31,31 @@ def test_a_second_holder_waits_and_sees_the_stage_finish(tmp_path):
     assert not store.exists("stages/q-1.lease")
 
 
+def test_a_racer_delayed_after_reading_a_free_lease_cannot_take_a_won_one(tmp_path):
+    """b reads the lease free, then stalls (longer than the settle wait) while a takes it:
+    on a local store b's late write cannot replace a's lease (it is created exclusively), so
+    b waits for a like any other run instead of both computing the stage."""
+    store = Store(str(tmp_path))
+    a = StageLease(store, "stages/q-1", ttl=30, wait=1, settle=0.05)
+    b = StageLease(store, "stages/q-1", ttl=30, wait=1, settle=0.05)
+    real, stalled = b._read, []
+
+    def stale_then_real(waiting=False):
+        if not stalled:
+            stalled.append(True)
+            assert a.acquire()  # a wins while b is between its read and its write
+            return None  # what b read before it stalled: free
+        return real(waiting)
+
+    b._read = stale_then_real
+    with pytest.raises(StageBusy):
+        b.acquire()
+    assert a._read().owner == a.owner
+    a.check()  # a's lease was never taken over
+    a.release()
+    assert not [p for p in (tmp_path / "stages").iterdir()]  # no temporary files left
+
+
 def test_a_live_holder_makes_the_other_run_stop_with_one_line(tmp_path):
     store = Store(str(tmp_path))
     a = StageLease(store, "stages/q-1", ttl=5, wait=10)

@@ -172,10 +172,11 @@ class StageLease:
         except ArtifactError:
             return False
 
-    def _create_exclusive(self) -> bool:
-        """Local store: put the lease file in place only if none exists; False if one does.
-        Written whole to a temporary name, then hard-linked to the lease's name (link fails
-        if the name exists), so no reader ever sees a partly written lease."""
+    def _create_exclusive(self) -> bool | None:
+        """Local store: put the lease file in place only if none exists; False if one does,
+        None if the file system cannot hard-link. Written whole to a temporary name, then
+        hard-linked to the lease's name (link fails if the name exists), so no reader ever
+        sees a partly written lease."""
         path = self.store.path(self.rel)
         folder = os.path.dirname(path)
         os.makedirs(folder, exist_ok=True)
@@ -190,6 +191,8 @@ class StageLease:
             os.link(tmp, path)
         except FileExistsError:
             return False
+        except OSError:  # EPERM, ENOTSUP: no hard links here
+            return None
         finally:
             os.unlink(tmp)
         return True
@@ -206,11 +209,14 @@ class StageLease:
             if cur is None and self.store.is_local:
                 if not self.store.exists(self.rel):
                     self.acquired = time.time()
-                    if self._create_exclusive():
+                    made = self._create_exclusive()
+                    if made:
                         self._start_renewing()
                         return True
-                    continue  # another run created it first: wait for it like any holder
-                if not self._still_ignored():
+                    if made is False:
+                        continue  # another run created it first: wait for it like any holder
+                    # None: this file system has no hard links; the write-and-read-back below
+                elif not self._still_ignored():
                     continue  # a lease appeared since the read: read it again
             if cur is None or cur.owner == self.owner or cur.expires <= time.time():
                 if cur is not None and cur.owner != self.owner:

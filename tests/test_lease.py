@@ -56,6 +56,22 @@ def test_a_racer_delayed_after_reading_a_free_lease_cannot_take_a_won_one(tmp_pa
     assert not [p for p in (tmp_path / "stages").iterdir()]  # no temporary files left
 
 
+def test_a_file_system_without_hard_links_takes_leases_the_portable_way(tmp_path,
+                                                                         monkeypatch):
+    def no_links(src, dst):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr("pipeline.lease.os.link", no_links)
+    store = Store(str(tmp_path))
+    a = StageLease(store, "stages/q-1", ttl=30, wait=0.5, settle=0.05)
+    assert a.acquire()
+    b = StageLease(store, "stages/q-1", ttl=30, wait=0.5, settle=0.05)
+    with pytest.raises(StageBusy):
+        b.acquire()
+    a.release()
+    assert not [p for p in (tmp_path / "stages").iterdir()]
+
+
 def test_a_live_holder_makes_the_other_run_stop_with_one_line(tmp_path):
     store = Store(str(tmp_path))
     a = StageLease(store, "stages/q-1", ttl=5, wait=10)

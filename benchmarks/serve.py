@@ -422,11 +422,11 @@ def first_token(path: Path, threads: int) -> dict:
                 "reported": said.strip()}
 
     from pipeline.encode.container import HwqReader
-    from pipeline.runtime.lut_cache import LutCache
+    from pipeline.runtime.lut_cache import entry_path
 
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     best = min((start(["--no-cache"], env) for _ in range(3)), key=lambda r: r["process_s"])
-    LutCache(HwqReader(path)).path.unlink(missing_ok=True)  # the next start writes it
+    entry_path(HwqReader(path)).unlink(missing_ok=True)  # the next start writes it
     written = start([], env)
     cached = min((start([], env) for _ in range(3)), key=lambda r: r["process_s"])
     return {**best, "writing_cache_s": written["process_s"], "cached": cached}
@@ -506,7 +506,7 @@ def main() -> None:
            "new_tokens": a.new_tokens, "blocks": a.blocks, "eval_windows": a.eval_windows,
            "models": {}}
     out = Path(a.out)
-    settings = ("threads", "prompt_tokens", "new_tokens", "blocks")
+    settings = ("threads", "prompt_tokens", "new_tokens", "blocks", "eval_windows")
     if out.exists():  # rows of an earlier invocation with the same settings are kept
         old = json.loads(out.read_text())
         if all(old.get(k) == res[k] for k in settings):

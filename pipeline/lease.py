@@ -158,11 +158,14 @@ class StageLease:
                         self.store.full_url(self.rel), printable(why))
             self._ignored = data
 
-    def _write(self) -> None:
+    def _record(self) -> dict[str, Any]:
+        """This run's lease as written: holder, acquired, and expiry ttl from now."""
         now = time.time()
-        self.store.write_json(self.rel, {"owner": self.owner, "host": socket.gethostname(),
-                                         "pid": os.getpid(), "acquired": self.acquired or now,
-                                         "expires": now + self.ttl})
+        return {"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(),
+                "acquired": self.acquired or now, "expires": now + self.ttl}
+
+    def _write(self) -> None:
+        self.store.write_json(self.rel, self._record())
 
     def _still_ignored(self) -> bool:
         """Whether the lease file still holds the content `_read` ignored (garbage to replace),
@@ -180,10 +183,7 @@ class StageLease:
         path = self.store.path(self.rel)
         folder = os.path.dirname(path)
         os.makedirs(folder, exist_ok=True)
-        now = time.time()
-        data = json.dumps({"owner": self.owner, "host": socket.gethostname(),
-                           "pid": os.getpid(), "acquired": self.acquired or now,
-                           "expires": now + self.ttl}).encode()
+        data = json.dumps(self._record()).encode()
         tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:12]}")
         with open(tmp, "xb") as f:
             f.write(data)

@@ -160,12 +160,10 @@ def load(
             lut.abort()
         raise
     stats = model.hwq_runtime
-    if lut is not None:
-        lut.commit()
-        stats["cache"] = "hit" if lut.hit else "written"
+    written = lut is not None and lut.commit()
+    stats["cache"] = "hit" if lut is not None and lut.hit else "written" if written else "off"
+    if stats["cache"] != "off":
         stats["cache_path"] = str(lut.path)
-    else:
-        stats["cache"] = "off"
     if target is not None:
         model.to(target)
         stats["device"] = str(target)

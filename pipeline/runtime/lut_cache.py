@@ -37,7 +37,7 @@ import torch
 
 from .transcode import Packed
 
-__all__ = ["LutCache", "cache_key", "default_folder"]
+__all__ = ["LutCache", "cache_key", "default_folder", "entry_path"]
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,11 @@ def cache_key(reader) -> str:
     h = hashlib.sha256(f"hwq-lut/{LAYOUT}/{reader.file_bytes}/".encode())
     h.update(reader.stored_header)
     return h.hexdigest()[:40]
+
+
+def entry_path(reader, folder: str | os.PathLike | None = None) -> Path:
+    """Where the entry of an open HwqReader's file lives (default: `default_folder()`)."""
+    return (Path(folder) if folder is not None else default_folder()) / f"{cache_key(reader)}.lut"
 
 
 def default_folder() -> Path:
@@ -75,9 +80,8 @@ class LutCache:
     write it on a miss."""
 
     def __init__(self, reader, folder: str | os.PathLike | None = None):
-        self.folder = Path(folder) if folder is not None else default_folder()
-        self.key = cache_key(reader)
-        self.path = self.folder / f"{self.key}.lut"
+        self.path = entry_path(reader, folder)
+        self.folder, self.key = self.path.parent, self.path.stem
         self.limit = _limit()
         self.hit = False
         self._index: dict = {}
@@ -116,8 +120,8 @@ class LutCache:
             raise ValueError("its key is another file's")
         end = size - _TAIL.size - n
         for t in index["tensors"].values():
-            for off, _dtype, shape, crc in t["arrays"].values():
-                nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(_dtype).itemsize
+            for off, dtype, shape, crc in t["arrays"].values():
+                nbytes = _nbytes(dtype, shape)
                 if not (len(MAGIC) <= off and off + nbytes <= end):
                     raise ValueError("an array lies outside the file")
                 if zlib.crc32(memoryview(m[off: off + nbytes])) != crc:
@@ -135,8 +139,8 @@ class LutCache:
             return None
         arrays = {}
         for field, (off, dtype, shape, _crc) in t["arrays"].items():
-            n = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-            arrays[field] = torch.from_numpy(self._map[off: off + n].view(dtype).reshape(shape))
+            a = self._map[off: off + _nbytes(dtype, shape)].view(dtype).reshape(shape)
+            arrays[field] = torch.from_numpy(a)
         return Packed(t["rows"], t["cols"], t["bits"], t["group_size"], arrays["idx"],
                       arrays["tables"], arrays.get("tq"), arrays.get("ts"), levels=t["levels"])
 
@@ -181,12 +185,12 @@ class LutCache:
                                           "group_size": p.group_size, "levels": p.levels,
                                           "arrays": arrays}
 
-    def commit(self) -> None:
+    def commit(self) -> bool:
         """Finish the entry: index, tail, rename into place; then keep the folder under its
-        limit. A failure (a full disk) leaves no entry and is one log line, not an error:
-        the model is loaded either way."""
+        limit. Whether an entry was written: a failure (a full disk) leaves none and is one
+        log line, not an error (the model is loaded either way)."""
         if self.hit or self._failed or self._out is None:
-            return
+            return False
         f, tmp = self._out
         self._out = None
         try:
@@ -200,8 +204,9 @@ class LutCache:
             tmp.unlink(missing_ok=True)
             log.warning("hwq runtime: could not cache the transcoded tables in %s (%s)",
                         self.folder, exc)
-            return
+            return False
         _evict(self.folder, self.limit, keep=self.path)
+        return True
 
     def abort(self) -> None:
         """Drop a partly written entry (the load failed)."""
@@ -210,6 +215,10 @@ class LutCache:
             self._out = None
             f.close()
             tmp.unlink(missing_ok=True)
+
+
+def _nbytes(dtype: str, shape: list[int]) -> int:
+    return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
 
 
 def _evict(folder: Path, limit: int, keep: Path) -> None:

@@ -94,7 +94,7 @@ def test_a_folder_that_cannot_be_written_leaves_the_load_working(hwq, tmp_path, 
     blocker.write_text("not a folder")
     with caplog.at_level(logging.INFO):
         m, tok = load(str(hwq), cache=blocker / "lut")
-    assert m.hwq_runtime["cache"] in ("off", "written")
+    assert m.hwq_runtime["cache"] == "off"
     assert "could not cache" in caplog.text or "no cache" in caplog.text
     assert not list(tmp_path.glob("**/*.lut")) and not list(tmp_path.glob("**/*.tmp"))
     ref, _ = load(str(hwq), cache=False)
